@@ -1,0 +1,370 @@
+/* SPDX-License-Identifier: MIT */
+/*++
+ * NAME
+ *	body 3
+ * SUMMARY
+ *	message body encoder: CRLF normalisation and dot-stuffing
+ * SYNOPSIS
+ *	#include "smtpstate.h"
+ *
+ *	void	smtps_body_init(e, dot_stuff)
+ *	struct smtps_body_encoder *e;
+ *	int	dot_stuff;
+ *
+ *	size_t	smtps_body_encode(e, in, inlen, in_used, out, outcap)
+ *	struct smtps_body_encoder *e;
+ *	const char *in;
+ *	size_t	inlen;
+ *	size_t	*in_used;
+ *	char	*out;
+ *	size_t	outcap;
+ *
+ *	size_t	smtps_body_finish(e, out, outcap, end_dot)
+ *	struct smtps_body_encoder *e;
+ *	char	*out;
+ *	size_t	outcap;
+ *	int	end_dot;
+ *
+ *	uint64_t smtps_body_encoded_length(in, len)
+ *	const char *in;
+ *	size_t	len;
+ *
+ *	int	smtps_body_is_8bit(in, len)
+ *	const char *in;
+ *	size_t	len;
+ * DESCRIPTION
+ *	This module turns a message body, as the user gave it, into the
+ *	bytes that go on the wire after DATA (dot_stuff = 1) or inside
+ *	BDAT chunks (dot_stuff = 0).
+ *
+ *	Every line ending becomes CR LF: CR LF stays, a bare CR and a bare
+ *	LF each become CR LF. With dot_stuff, a '.' that starts a line
+ *	(the start of the body counts) is doubled (RFC 5321 4.5.2). Other
+ *	bytes, NUL and 8-bit bytes included, pass through unchanged.
+ *
+ *	smtps_body_init() prepares an encoder; the body starts at a line
+ *	start.
+ *
+ *	smtps_body_encode() encodes as much of in as fits into out and
+ *	stores in *in_used how many input bytes it consumed. It never
+ *	splits the output of one input byte, so a call may consume less
+ *	than all input; with outcap >= SMTPS_BODY_STEP_MAX it consumes at
+ *	least one byte of non-empty input. The output does not depend on
+ *	how the input is split into calls.
+ *
+ *	smtps_body_finish() completes an unterminated last line with CR
+ *	LF and then, with end_dot, appends the end-of-data line ".\r\n".
+ *	It writes nothing unless outcap >= SMTPS_BODY_FINISH_MAX.
+ *
+ *	smtps_body_encoded_length() is the size the body has after
+ *	normalisation and completion of its last line, without
+ *	dot-stuffing: what BDAT announces. An empty body has length 0.
+ *
+ *	smtps_body_is_8bit() tells whether any byte has the high bit set,
+ *	that is, whether the body needs 8BITMIME.
+ *
+ *	Invariant: after smtps_body_finish(), the output holds no CR or LF
+ *	outside a CR LF pair, and no line other than the final one is a
+ *	lone ".". So no body, however hostile (for example "\n.\n" or
+ *	"\r.\r", the SMTP smuggling vectors), can end the data early.
+ * DIAGNOSTICS
+ *	smtps_body_encode() and smtps_body_finish() return the number of
+ *	bytes written; 0 with a NULL encoder or buffer.
+ * SEE ALSO
+ *	RFC 5321 2.3.8 (lines), 4.5.2 (transparency); RFC 3030 (BDAT);
+ *	RFC 6152 (8BITMIME).
+ *--*/
+
+#include <string.h>
+
+#include "smtpstate.h"
+
+/*
+ * Runs of ordinary bytes end at the next CR or LF. With SSE2 (every
+ * x86-64) one pass looks for both, 16 bytes at a time. Elsewhere two
+ * memchr() searches do it, and their results are cached across one
+ * smtps_body_encode() call: [p, next_cr) holds no CR, and next_cr is
+ * either a CR or the end of the window searched; a cached position at or
+ * before p is stale. The cache keeps each byte searched at most once per
+ * call, also for a body with no CR (or no LF) at all. Define
+ * SMTPS_BODY_NO_SSE2 to build and test the portable code on x86.
+ */
+#if defined(__SSE2__) && !defined(SMTPS_BODY_NO_SSE2)
+#define BODY_USE_SSE2
+#include <emmintrin.h>
+#endif
+
+struct body_scan {
+    const char *next_cr;		/* portable code only */
+    const char *next_lf;		/* portable code only */
+};
+
+static const char *body_eol(struct body_scan *sc, const char *p,
+			           const char *lim);
+static size_t body_count(const char *in, size_t len, int c);
+
+/* body_eol - first CR or LF in [p, lim), or lim */
+
+static const char *body_eol(struct body_scan *sc, const char *p,
+			           const char *lim)
+{
+#ifdef BODY_USE_SSE2
+    const __m128i cr = _mm_set1_epi8('\r');
+    const __m128i lf = _mm_set1_epi8('\n');
+
+    (void) sc;
+    while (lim - p >= 16) {
+	__m128i v = _mm_loadu_si128((const __m128i *) p);
+	int     hit = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, cr),
+						      _mm_cmpeq_epi8(v, lf)));
+
+	if (hit != 0)
+	    return (p + __builtin_ctz((unsigned) hit));
+	p += 16;
+    }
+    while (p < lim && *p != '\r' && *p != '\n')
+	p++;
+    return (p);
+#else
+    const char *stop;
+
+    if (sc->next_cr <= p
+	&& (sc->next_cr = memchr(p, '\r', (size_t) (lim - p))) == 0)
+	sc->next_cr = lim;
+    if (sc->next_lf <= p
+	&& (sc->next_lf = memchr(p, '\n', (size_t) (lim - p))) == 0)
+	sc->next_lf = lim;
+    stop = (sc->next_cr < sc->next_lf) ? sc->next_cr : sc->next_lf;
+    return (stop < lim ? stop : lim);
+#endif
+}
+
+/* body_count - how many times c occurs in in[0..len) */
+
+static size_t body_count(const char *in, size_t len, int c)
+{
+    const char *p = in;
+    const char *end = in + len;
+    size_t  n = 0;
+
+    while (p < end && (p = memchr(p, c, (size_t) (end - p))) != 0) {
+	n++;
+	p++;
+    }
+    return (n);
+}
+
+/* smtps_body_init - prepare an encoder for a new body */
+
+void    smtps_body_init(struct smtps_body_encoder *e, int dot_stuff)
+{
+    if (e == 0)
+	return;
+    e->dot_stuff = (dot_stuff != 0);
+    e->at_line_start = 1;
+    e->after_cr = 0;
+    e->out_total = 0;
+}
+
+/* smtps_body_encode - normalise and dot-stuff as much input as fits */
+
+size_t  smtps_body_encode(struct smtps_body_encoder *e, const char *in,
+			  size_t inlen, size_t *in_used, char *out,
+			  size_t outcap)
+{
+    const char *ip;
+    const char *iend;
+    const char *lim;
+    char   *op;
+    char   *oend;
+    size_t  room;
+    size_t  n;
+    int     at_line_start;
+    int     after_cr;
+    struct body_scan scan;
+
+    if (in_used)
+	*in_used = 0;
+    if (e == 0 || in_used == 0 || (in == 0 && inlen > 0)
+	|| (out == 0 && outcap > 0) || inlen == 0)
+	return (0);
+    ip = in;
+    iend = in + inlen;
+    op = out;
+    oend = out + outcap;
+    at_line_start = e->at_line_start;
+    after_cr = e->after_cr;
+    scan.next_cr = scan.next_lf = in;
+
+    /*
+     * One line ending or one stuffed dot per iteration, otherwise a whole
+     * run of ordinary bytes copied at once. The per-byte rules, which the
+     * runs must agree with:
+     * 
+     * CR: emit CR LF, remember the CR. LF right after a CR: emit nothing,
+     * that CR already produced the LF. Any other LF: emit CR LF. This
+     * needs no lookahead, so a CR at the end of one call and its LF at
+     * the start of the next give the same bytes as one call.
+     * 
+     * '.' at a line start with dot_stuff: emit "..". Anything else: copy.
+     */
+    while (ip < iend) {
+	unsigned char c = (unsigned char) *ip;
+
+	if (c == '\r') {
+	    if (oend - op < 2)
+		break;
+	    *op++ = '\r';
+	    *op++ = '\n';
+	    at_line_start = 1;
+	    /* Swallow the LF of a CR LF pair now when it is here. */
+	    if (iend - ip >= 2 && ip[1] == '\n') {
+		ip += 2;
+		after_cr = 0;
+	    } else {
+		ip += 1;
+		after_cr = 1;
+	    }
+	    continue;
+	}
+	if (c == '\n') {
+	    if (after_cr) {
+		ip++;
+		after_cr = 0;
+		continue;
+	    }
+	    if (oend - op < 2)
+		break;
+	    *op++ = '\r';
+	    *op++ = '\n';
+	    at_line_start = 1;
+	    ip++;
+	    continue;
+	}
+	if (c == '.' && at_line_start && e->dot_stuff) {
+	    if (oend - op < 2)
+		break;
+	    *op++ = '.';
+	    *op++ = '.';
+	    at_line_start = 0;
+	    after_cr = 0;
+	    ip++;
+	    continue;
+	}
+
+	/*
+	 * A run of ordinary bytes: up to the next CR or LF, and no longer
+	 * than the room left, since each yields exactly one byte. Dots
+	 * inside the run are not at a line start.
+	 */
+	if ((room = (size_t) (oend - op)) == 0)
+	    break;
+	lim = ((size_t) (iend - ip) > room) ? ip + room : iend;
+	n = (size_t) (body_eol(&scan, ip, lim) - ip);
+	memcpy(op, ip, n);
+	op += n;
+	ip += n;
+	at_line_start = 0;
+	after_cr = 0;
+    }
+
+    e->at_line_start = at_line_start;
+    e->after_cr = after_cr;
+    e->out_total += (uint64_t) (op - out);
+    *in_used = (size_t) (ip - in);
+    return ((size_t) (op - out));
+}
+
+/* smtps_body_finish - end the last line, then the end-of-data line */
+
+size_t  smtps_body_finish(struct smtps_body_encoder *e, char *out,
+			  size_t outcap, int end_dot)
+{
+    char   *op = out;
+
+    if (e == 0 || out == 0 || outcap < SMTPS_BODY_FINISH_MAX)
+	return (0);
+    if (!e->at_line_start) {
+	*op++ = '\r';
+	*op++ = '\n';
+    }
+    if (end_dot) {
+	*op++ = '.';
+	*op++ = '\r';
+	*op++ = '\n';
+    }
+
+    /*
+     * The body is complete: whatever follows starts a new line, and a
+     * pending CR was ended already (its CR LF is in the output).
+     */
+    e->at_line_start = 1;
+    e->after_cr = 0;
+    e->out_total += (uint64_t) (op - out);
+    return ((size_t) (op - out));
+}
+
+/* smtps_body_encoded_length - size of the normalised body, no stuffing */
+
+uint64_t smtps_body_encoded_length(const char *in, size_t len)
+{
+    const char *p;
+    const char *end;
+    uint64_t total;
+    size_t  crlf = 0;
+    size_t  bare_lf = 0;
+    unsigned char last;
+
+    if (in == 0 || len == 0)
+	return (0);
+
+    /*
+     * Each CR yields CR LF (one byte more), an LF right after a CR yields
+     * nothing (one byte less), any other LF yields CR LF (one more).
+     */
+    end = in + len;
+    for (p = in; p < end; p++) {
+	if ((p = memchr(p, '\n', (size_t) (end - p))) == 0)
+	    break;
+	if (p > in && p[-1] == '\r')
+	    crlf++;
+	else
+	    bare_lf++;
+    }
+    total = (uint64_t) len + body_count(in, len, '\r') + bare_lf - crlf;
+
+    /* An unterminated last line is completed with CR LF. */
+    last = (unsigned char) in[len - 1];
+    if (last != '\r' && last != '\n')
+	total += 2;
+    return (total);
+}
+
+/* smtps_body_is_8bit - does any byte have the high bit set */
+
+int     smtps_body_is_8bit(const char *in, size_t len)
+{
+    const unsigned char *p = (const unsigned char *) in;
+    const unsigned char *end;
+
+    if (in == 0)
+	return (0);
+    end = p + len;
+
+    /*
+     * Eight bytes at a time; memcpy keeps the loads legal at any
+     * alignment and compiles to one load.
+     */
+    while (end - p >= 8) {
+	uint64_t w;
+
+	memcpy(&w, p, sizeof(w));
+	if ((w & UINT64_C(0x8080808080808080)) != 0)
+	    return (1);
+	p += 8;
+    }
+    while (p < end)
+	if (*p++ & 0x80)
+	    return (1);
+    return (0);
+}

@@ -1,0 +1,178 @@
+/* SPDX-License-Identifier: MIT */
+/*++
+ * NAME
+ *	internal.h 3h
+ * SUMMARY
+ *	declarations shared by the C files, never seen by cffi
+ * SYNOPSIS
+ *	#include "internal.h"
+ * DESCRIPTION
+ *	The layout of machines, order snapshots, messages and sessions, and
+ *	the hooks between session.c (the dispatch loop) and states.c (the
+ *	built-in states). Nothing here is public API.
+ *--*/
+
+#ifndef SMTPS_INTERNAL_H
+#define SMTPS_INTERNAL_H
+
+#include <pthread.h>
+#include "smtpstate.h"
+
+#define SMTPS_UNUSED(x) ((void) (x))
+
+/*
+ * An order snapshot: which ids exist and in which order they run. It is
+ * immutable once published; registration publishes a new one. Sessions
+ * hold a reference, so registering while sessions run never changes the
+ * order a running session sees.
+ */
+struct smtps_order {
+    int refs;				/* atomic */
+    int count;				/* ids 0..count-1 exist */
+    int head;				/* first id in the order */
+    int next[SMTPS_MAX_STATES];		/* next id in the order, -1 at the end */
+};
+
+/*
+ * A machine: the state records (stable addresses, fields immutable after
+ * registration except next, which mirrors the newest order) and the newest
+ * order. The lock serialises registration and snapshotting.
+ */
+struct smtps_machine {
+    pthread_mutex_t lock;
+    int refs;				/* atomic; sessions hold one each */
+    int is_default;			/* never freed */
+    smtp_state states[SMTPS_MAX_STATES];
+    char names[SMTPS_MAX_STATES][SMTPS_STATE_NAME_MAX + 1];
+    struct smtps_order *order;
+};
+
+/* machine.c */
+struct smtps_order *smtps_machine_snapshot(struct smtps_machine *m);
+void smtps_order_release(struct smtps_order *o);
+void smtps_machine_retain(struct smtps_machine *m);
+
+/* states.c: the built-in state records, by enum smtps_builtin_state */
+const smtp_state *smtps_builtin_state(int id);
+
+/* message.c */
+struct smtps_rcpt {
+    char *addr;
+    char *orcpt;			/* NULL when not given */
+    unsigned notify;			/* SMTPS_NOTIFY_* (RFC 3461) */
+};
+
+struct smtps_message {
+    char *sender;			/* "" = null reverse-path */
+    struct smtps_rcpt *rcpt;
+    size_t nrcpt, rcpt_cap;
+    char *body;
+    size_t body_len;
+    int dsn_ret;			/* SMTPS_DSN_RET_* */
+    char *envid;			/* NULL when not given */
+    int needs_smtputf8;			/* a non-ASCII address (RFC 6531) */
+    int is_8bit;			/* a body byte >= 0x80 (RFC 6152) */
+    uint64_t tag;
+    struct smtps_message *qnext;	/* session queue link */
+    struct smtps_result *qresult;	/* made at submit, so none is lost */
+};
+
+int smtps_check_text(const char *s, size_t len, size_t max, int *non_ascii);
+char *smtps_strndup(const char *s, size_t len);
+
+/* result.c */
+struct smtps_result *smtps_result_new(uint64_t tag, size_t nrcpt);
+void smtps_result_set_reply(struct smtps_result_reply *dst,
+			    const struct smtps_reply *reply);
+int smtps_result_set_reason(struct smtps_result *r, const char *text);
+
+/* An output buffer: bytes queued for the driver to send. */
+struct smtps_buf {
+    char *data;
+    size_t start;			/* first unsent byte */
+    size_t end;				/* one past the last queued byte */
+    size_t cap;
+};
+
+/* One state whose setup ran and whose replies are still awaited. */
+struct smtps_inflight {
+    int state;
+    int awaiting;			/* replies setup asked for */
+    int handled;			/* replies handed to callback so far */
+    int called;				/* 0-reply states: callback(NULL) done */
+};
+
+#define SMTPS_INFLIGHT_MAX 16		/* states pipelined at once */
+#define SMTPS_OUT_HIGH 65536		/* stop producing body above this */
+#define SMTPS_OUT_MAX (1024 * 1024)	/* hard bound on queued output */
+#define SMTPS_REASON_MAX 512
+
+struct smtps_session {
+    struct smtps_machine *machine;
+    struct smtps_order *order;
+    void *user;
+    void **local;			/* per state id, from init_local_state */
+    unsigned char *local_made;		/* per state id */
+    int64_t *timeout;			/* per state id, ms; 0 = none */
+    char helo[SMTPS_HELO_MAX + 1];
+    int status;				/* enum smtps_session_status */
+
+    /* The dispatch loop. */
+    int cur;				/* the state entered last */
+    int forced_next;			/* smtp_next_state() target, -1 none */
+    struct smtps_inflight fifo[SMTPS_INFLIGHT_MAX];
+    int nfifo;
+    int draining;			/* replies to discard before pending */
+    int pending;			/* state to enter once drained, -1 none */
+    size_t reply_index;
+    int64_t now;
+    int64_t deadline;			/* absolute ms, -1 none */
+    int in_dispatch;			/* re-entrancy guard */
+    int no_lookahead;			/* setup: do not run ahead of me */
+    struct smtps_reply_parser *parser;
+    struct smtps_buf out;
+    uint64_t out_produced;		/* bytes ever queued */
+    uint64_t out_consumed;		/* bytes the driver took */
+
+    /* What the server offers. */
+    struct smtps_caps caps;
+    int use_helo;			/* EHLO was refused: HELO (RFC 5321 4.1.4) */
+    int pipelining;			/* RFC 2920 in use */
+
+    /* Messages. */
+    struct smtps_message *queue, *queue_tail;
+    size_t nqueued;
+    struct smtps_message *tx;		/* the message in its transaction */
+    struct smtps_result *txres;
+    int tx_decided;			/* txres->status is final */
+    int tx_final_replied;		/* the end-of-data reply arrived */
+    int data_sent;			/* DATA or BDAT was issued */
+    int need_reset;			/* a transaction is open on the server */
+    size_t rcpt_next;			/* next recipient to send */
+    size_t rcpt_replied;		/* RCPT replies seen */
+    size_t rcpt_accepted;
+    int rcpt_index;			/* recipient of the reply at hand, -1 */
+    int quit_requested;
+    int conn_failed;
+
+    /* The body pump. */
+    int body_active;			/* producing body bytes */
+    int body_chunking;			/* BDAT (RFC 3030) instead of DATA */
+    size_t body_off;			/* input bytes encoded so far */
+    uint64_t body_end;			/* out_produced at the end of the body */
+    struct smtps_body_encoder enc;
+
+    struct smtps_result *results, *results_tail;
+    char reason[SMTPS_REASON_MAX];	/* why the session failed or closed */
+    char state_reason[SMTPS_REASON_MAX];	/* set by a state for its failure */
+};
+
+/* session.c, for states.c */
+int smtps_session_pump_body(struct smtps_session *s);
+void smtps_session_start_body(struct smtps_session *s, int chunking);
+int smtps_session_body_done(const struct smtps_session *s);
+void smtps_session_decide(struct smtps_session *s, int status, int state,
+			  const struct smtps_reply *reply, const char *reason);
+int smtps_action_for_code(int code);
+
+#endif /* SMTPS_INTERNAL_H */

@@ -1,0 +1,514 @@
+/* SPDX-License-Identifier: MIT */
+/*++
+ * NAME
+ *	smtpstate.h 3h
+ * SUMMARY
+ *	public C API of the smtpstate SMTP client engine
+ * SYNOPSIS
+ *	#include "smtpstate.h"
+ * DESCRIPTION
+ *	This header is the whole public C surface: the state table with
+ *	Momentum's registration contract (register_smtp_client_state() and
+ *	friends), machines, the sans-I/O session, messages, results, the
+ *	reply and capability parsers and the body encoder.
+ *
+ *	The session never touches a socket. A driver feeds it the bytes the
+ *	server sent (smtps_session_feed()), writes what it asks to send
+ *	(smtps_session_output() then smtps_session_consume()), and calls
+ *	smtps_session_tick() when smtps_session_deadline() has passed. All
+ *	times are milliseconds on a monotonic clock chosen by the driver.
+ *
+ *	Threads: a machine may be used from several threads (registration
+ *	takes its lock). A session belongs to one thread at a time.
+ * DIAGNOSTICS
+ *	Functions of our own return SMTPS_OK (0) or a negative SMTPS_E*
+ *	code; smtps_strerror() names it. Momentum's functions keep their
+ *	convention: -1 or NULL on failure.
+ * SEE ALSO
+ *	RFC 5321 (SMTP), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING),
+ *	RFC 3461 (DSN), RFC 3463/2034 (enhanced status codes),
+ *	RFC 6531 (SMTPUTF8), RFC 1870 (SIZE), RFC 6152 (8BITMIME).
+ *--*/
+
+#ifndef SMTPSTATE_H
+#define SMTPSTATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Error codes. Each value is written out so that they never shift. */
+enum smtps_error {
+    SMTPS_OK = 0,
+    SMTPS_ENOMEM = -1,		/* allocation failed */
+    SMTPS_EINVAL = -2,		/* bad argument (NULL, control byte, ...) */
+    SMTPS_ETOOBIG = -3,		/* a bound was hit (line, reply, buffer) */
+    SMTPS_EPROTO = -4,		/* the peer broke the protocol */
+    SMTPS_ESTATE = -5,		/* call not allowed in this session state */
+    SMTPS_EFULL = -6,		/* a table or queue is full */
+    SMTPS_ECLOSED = -7,		/* the session is closed */
+    SMTPS_ENOTFOUND = -8		/* no such state id or name */
+};
+
+const char *smtps_strerror(int code);
+
+/*
+ * What a state's callback tells the dispatch loop. 0 is ERROR on purpose:
+ * a callback that fails without saying anything (cffi's default error
+ * value) must never read as "carry on".
+ */
+enum smtps_action {
+    SMTPS_ACT_ERROR = 0,	/* the callback failed: fail the transaction */
+    SMTPS_ACT_NEXT = 1,		/* go to the next state (smtp_next_state() or default) */
+    SMTPS_ACT_JUMP = 2,		/* go to the state set by smtp_next_state(); required */
+    SMTPS_ACT_RETRY = 3,	/* enter this same state again (setup runs again) */
+    SMTPS_ACT_TEMPFAIL_TX = 4,	/* transaction failed, temporary (4xx) */
+    SMTPS_ACT_PERMFAIL_TX = 5,	/* transaction failed, permanent (5xx) */
+    SMTPS_ACT_FAIL_CONN = 6	/* the connection is unusable: end it */
+};
+
+/* Built-in states, in their default order. One list, so that the enum,
+ * the names and the count can never drift apart. */
+#define SMTPS_BUILTIN_STATES(X) \
+    X(BANNER) X(EHLO) X(STARTTLS) X(AUTH) \
+    X(MAIL) X(RCPT) X(DATA) X(BODY) X(RSET) X(QUIT)
+
+#define SMTPS_X_ENUM(n) SMTPS_STATE_##n,
+enum smtps_builtin_state {
+    SMTPS_BUILTIN_STATES(SMTPS_X_ENUM)
+    SMTPS_STATE__COUNT
+};
+#undef SMTPS_X_ENUM
+
+#define SMTPS_MAX_STATES 64		/* built-in + custom, per machine */
+#define SMTPS_STATE_NAME_MAX 63		/* bytes, without the NUL */
+
+/*
+ * Connection stages: the classic codes senders log, so that results say
+ * where a connection was when something happened.
+ */
+#define SMTPS_STAGES(X) \
+    X(NOT_CONNECTED, 0, "not connected") \
+    X(IDLE, 1, "idle") \
+    X(MAIL, 2, "sending MAIL FROM") \
+    X(MAIL_DONE, 3, "after MAIL FROM") \
+    X(RCPT, 4, "sending RCPT TO") \
+    X(RCPT_DONE, 5, "after RCPT TO") \
+    X(DATA, 6, "sending DATA") \
+    X(DATA_DONE, 7, "after DATA") \
+    X(BODY, 8, "sending message body") \
+    X(CONFIRM, 9, "reading final confirmation") \
+    X(EHLO, 10, "sending EHLO") \
+    X(EHLO_DONE, 11, "after EHLO") \
+    X(BANNER, 12, "reading banner") \
+    X(RSET, 13, "sending RSET") \
+    X(RSET_DONE, 14, "after RSET") \
+    X(STARTTLS, 15, "sending STARTTLS") \
+    X(STARTTLS_DONE, 16, "after STARTTLS") \
+    X(TLS_HANDSHAKE, 17, "TLS handshake") \
+    X(TLS_RENEGOTIATION, 18, "TLS renegotiation") \
+    X(XCLIENT, 19, "sending XCLIENT") \
+    X(XCLIENT_DONE, 20, "after XCLIENT") \
+    X(UNKNOWN, 22, "unknown")
+
+#define SMTPS_X_STAGE(n, v, s) SMTPS_STAGE_##n = v,
+enum smtps_stage {
+    SMTPS_STAGES(SMTPS_X_STAGE)
+    SMTPS_STAGE__COUNT		/* one past the highest code */
+};
+#undef SMTPS_X_STAGE
+
+const char *smtps_stage_name(int stage);	/* "unknown" for bad codes */
+
+/* ------------------------------------------------------------------ */
+/* Replies and capabilities                                            */
+/* ------------------------------------------------------------------ */
+
+#define SMTPS_REPLY_LINE_MAX 2048	/* bytes in one reply line, CRLF included */
+#define SMTPS_REPLY_MAX 65536		/* bytes in one whole reply */
+
+/*
+ * One complete server reply. text holds every line's text (after the code
+ * and its separator), lines joined by '\n', NUL-terminated. The pointers
+ * belong to whoever produced the reply and are valid only during the call
+ * that hands the reply over.
+ */
+struct smtps_reply {
+    int code;				/* 200..599, exactly three digits */
+    char enhanced[16];			/* "5.1.1" (RFC 3463/2034) or "" */
+    const char *text;
+    size_t text_len;
+    size_t nlines;
+};
+
+struct smtps_reply_parser;		/* opaque, incremental, bounded */
+
+struct smtps_reply_parser *smtps_reply_parser_new(void);
+void smtps_reply_parser_free(struct smtps_reply_parser *p);
+
+/*
+ * Parse bytes until one reply is complete. Returns 1 when a reply is
+ * complete (*consumed says how many bytes of data it used; *out is valid
+ * until the next call on p), 0 when all data was consumed and more is
+ * needed, SMTPS_EPROTO for a malformed reply, SMTPS_ETOOBIG past a bound.
+ * After an error the parser keeps returning that error.
+ */
+int smtps_reply_parse(struct smtps_reply_parser *p, const char *data,
+		      size_t len, size_t *consumed, struct smtps_reply *out);
+
+/* EHLO extensions (bit flags) */
+#define SMTPS_EXT_PIPELINING	(1u << 0)	/* RFC 2920 */
+#define SMTPS_EXT_SIZE		(1u << 1)	/* RFC 1870 */
+#define SMTPS_EXT_8BITMIME	(1u << 2)	/* RFC 6152 */
+#define SMTPS_EXT_SMTPUTF8	(1u << 3)	/* RFC 6531 */
+#define SMTPS_EXT_STARTTLS	(1u << 4)	/* RFC 3207 */
+#define SMTPS_EXT_AUTH		(1u << 5)	/* RFC 4954 */
+#define SMTPS_EXT_DSN		(1u << 6)	/* RFC 3461 */
+#define SMTPS_EXT_CHUNKING	(1u << 7)	/* RFC 3030 */
+#define SMTPS_EXT_ENHANCEDSTATUSCODES (1u << 8)	/* RFC 2034 */
+#define SMTPS_EXT_XCLIENT	(1u << 9)	/* Postfix XCLIENT */
+#define SMTPS_EXT_BINARYMIME	(1u << 10)	/* RFC 3030 */
+
+/* AUTH mechanisms (bit flags) */
+#define SMTPS_AUTH_PLAIN	(1u << 0)
+#define SMTPS_AUTH_LOGIN	(1u << 1)
+#define SMTPS_AUTH_CRAM_MD5	(1u << 2)
+#define SMTPS_AUTH_XOAUTH2	(1u << 3)
+
+/* XCLIENT attributes (bit flags) */
+#define SMTPS_XCLIENT_NAME	(1u << 0)
+#define SMTPS_XCLIENT_ADDR	(1u << 1)
+#define SMTPS_XCLIENT_PORT	(1u << 2)
+#define SMTPS_XCLIENT_PROTO	(1u << 3)
+#define SMTPS_XCLIENT_HELO	(1u << 4)
+#define SMTPS_XCLIENT_LOGIN	(1u << 5)
+#define SMTPS_XCLIENT_DESTADDR	(1u << 6)
+#define SMTPS_XCLIENT_DESTPORT	(1u << 7)
+
+struct smtps_caps {
+    unsigned ext;			/* SMTPS_EXT_* */
+    uint64_t size_max;			/* SIZE limit; 0 = none declared */
+    unsigned auth;			/* SMTPS_AUTH_* */
+    unsigned xclient;			/* SMTPS_XCLIENT_* */
+};
+
+/*
+ * Fill caps from a 250 EHLO reply (its first line, the greeting, is
+ * skipped). Keywords match exactly, case-insensitively. Returns SMTPS_OK,
+ * or SMTPS_EINVAL for a NULL argument or a reply that is not 250.
+ */
+int smtps_caps_parse(const struct smtps_reply *ehlo, struct smtps_caps *caps);
+
+/* ------------------------------------------------------------------ */
+/* Body encoding (RFC 5321 4.5.2, 2.3.8)                               */
+/* ------------------------------------------------------------------ */
+
+/*
+ * Incremental encoder: bare CR, bare LF and CR LF all become CR LF; with
+ * dot_stuff, a '.' at the start of a line is doubled. Chunk boundaries
+ * never change the output.
+ */
+struct smtps_body_encoder {
+    int dot_stuff;			/* 1 for DATA, 0 for BDAT */
+    int at_line_start;			/* next output byte starts a line */
+    int after_cr;			/* last input byte was a CR */
+    uint64_t out_total;			/* bytes produced so far */
+};
+
+#define SMTPS_BODY_STEP_MAX 3		/* most bytes one input byte yields */
+#define SMTPS_BODY_FINISH_MAX 5		/* "\r\n.\r\n" */
+
+void smtps_body_init(struct smtps_body_encoder *e, int dot_stuff);
+
+/*
+ * Encode from in into out while both have room. Returns bytes written;
+ * *in_used says how much input was consumed. It stops early rather than
+ * split one input byte's output, so outcap < SMTPS_BODY_STEP_MAX may
+ * consume nothing.
+ */
+size_t smtps_body_encode(struct smtps_body_encoder *e, const char *in,
+			 size_t inlen, size_t *in_used, char *out,
+			 size_t outcap);
+
+/*
+ * End the body: CR LF when the last line is unterminated, then, with
+ * end_dot, the end-of-data line ".\r\n". Needs SMTPS_BODY_FINISH_MAX bytes
+ * of room; returns bytes written, or 0 when outcap is too small.
+ */
+size_t smtps_body_finish(struct smtps_body_encoder *e, char *out,
+			 size_t outcap, int end_dot);
+
+/* Length of the normalised body (unterminated last line completed), no
+ * dot-stuffing, no end-of-data line: the size BDAT announces. */
+uint64_t smtps_body_encoded_length(const char *in, size_t len);
+
+/* 1 when any byte has the high bit set (needs 8BITMIME), else 0. */
+int smtps_body_is_8bit(const char *in, size_t len);
+
+/* ------------------------------------------------------------------ */
+/* The state table: Momentum's contract                                */
+/* ------------------------------------------------------------------ */
+
+struct smtps_session;
+typedef struct smtp_state smtp_state;
+
+/*
+ * SMTPStateInitLocal - make this state's per-session data. Called once per
+ * session, the first time the state is entered; *local starts NULL.
+ * Returns 0, or a negative SMTPS_E* code (the transaction then fails).
+ */
+typedef int (*SMTPStateInitLocal) (struct smtps_session *session,
+				   void *closure, void **local);
+
+/*
+ * SMTPStateSetup - the state is entered. May queue command lines with
+ * smtps_session_send_line(). Returns the number of replies the state
+ * awaits (0 or more), or a negative SMTPS_E* code (the transaction fails).
+ * A NULL setup awaits 0 replies.
+ */
+typedef int (*SMTPStateSetup) (struct smtps_session *session, void *closure);
+
+/*
+ * SMTPStateCallback - called once per awaited reply, in order; when setup
+ * awaited 0 replies it is called once with reply == NULL. Returns an
+ * enum smtps_action. Only the action returned for the last awaited reply
+ * moves the machine; for earlier replies, any failure action fails at
+ * once and NEXT means "keep going". Required.
+ */
+typedef int (*SMTPStateCallback) (struct smtps_session *session,
+				  const struct smtps_reply *reply,
+				  void *closure);
+
+/* SMTPStateFree - release what init_local_state made; the session ends. */
+typedef void (*SMTPStateFree) (struct smtps_session *session, void *local,
+			       void *closure);
+
+/*
+ * SMTPStateToStage - the connection stage (enum smtps_stage, or a code of
+ * the module's own) the session is in while in this state. awaiting is 1
+ * while replies are still expected. NULL means SMTPS_STAGE_UNKNOWN.
+ */
+typedef int (*SMTPStateToStage) (struct smtps_session *session, int awaiting,
+				 void *closure);
+
+/* SMTPStageToString - a stage code's name. NULL means smtps_stage_name(). */
+typedef const char *(*SMTPStageToString) (int stage, void *closure);
+
+/* State flags (our extension, appended after Momentum's fields). */
+#define SMTPS_STATE_PIPELINABLE (1u << 0)	/* may run ahead under RFC 2920 */
+
+struct smtp_state {
+    size_t sizeof_smtp_state;		/* ABI guard: sizeof what the caller built */
+    const char *name;			/* unique, 1..SMTPS_STATE_NAME_MAX bytes */
+    int id;				/* assigned at registration */
+    SMTPStateInitLocal init_local_state;
+    SMTPStateSetup setup;
+    SMTPStateCallback callback;
+    SMTPStateFree free;
+    SMTPStateToStage tostage;
+    SMTPStageToString tostring;
+    smtp_state *next;			/* the next state in the order */
+    void *closure;			/* handed back untouched to every callback */
+    unsigned flags;			/* SMTPS_STATE_*; absent in older callers */
+};
+
+/* The smallest sizeof_smtp_state accepted: a struct ending at callback. */
+#define SMTPS_STATE_MIN_SIZE \
+    (offsetof(struct smtp_state, callback) + sizeof(SMTPStateCallback))
+
+/*
+ * Register a custom state after the state with id insert_after (-1: at the
+ * very front, before BANNER) in the default machine. Every field is copied
+ * (the name deep-copied) except closure, kept as given. Returns the new id,
+ * or -1 (NULL state, unknown insert_after, duplicate or empty name, NULL
+ * callback, unacceptable sizeof_smtp_state, table full).
+ */
+int register_smtp_client_state(smtp_state *state, int insert_after);
+
+/* The state with this id in the default machine, or NULL. */
+smtp_state *smtp_get_state(int id);
+
+/* The first state of the default machine; next walks the whole order. */
+smtp_state *smtp_get_state_machine(void);
+
+/*
+ * From inside a callback: make state the one entered next (NULL: the
+ * default next state). Only the id of state is used, so a pointer from any
+ * machine's table names the same id in the session's own snapshot.
+ */
+void smtp_next_state(struct smtps_session *session, smtp_state *state);
+
+/* ------------------------------------------------------------------ */
+/* Machines                                                            */
+/* ------------------------------------------------------------------ */
+
+struct smtps_machine;
+
+struct smtps_machine *smtps_default_machine(void);
+struct smtps_machine *smtps_machine_new(void);	/* the built-in order */
+void smtps_machine_free(struct smtps_machine *m);	/* drops a reference */
+
+int smtps_machine_register(struct smtps_machine *m, smtp_state *state,
+			   int insert_after);
+smtp_state *smtps_machine_get(struct smtps_machine *m, int id);
+smtp_state *smtps_machine_head(struct smtps_machine *m);
+int smtps_machine_find(struct smtps_machine *m, const char *name);	/* id or SMTPS_ENOTFOUND */
+int smtps_machine_count(struct smtps_machine *m);
+
+/* ------------------------------------------------------------------ */
+/* Messages                                                            */
+/* ------------------------------------------------------------------ */
+
+/* DSN RET (RFC 3461) */
+#define SMTPS_DSN_RET_NONE 0
+#define SMTPS_DSN_RET_FULL 1
+#define SMTPS_DSN_RET_HDRS 2
+
+/* DSN NOTIFY flags; 0 = not asked */
+#define SMTPS_NOTIFY_NEVER	(1u << 0)
+#define SMTPS_NOTIFY_SUCCESS	(1u << 1)
+#define SMTPS_NOTIFY_FAILURE	(1u << 2)
+#define SMTPS_NOTIFY_DELAY	(1u << 3)
+
+struct smtps_message;
+
+/*
+ * Addresses and parameters are validated: a control byte (below 0x20, or
+ * 0x7f), an angle bracket or a byte over SMTPS_ADDRESS_MAX gives
+ * SMTPS_EINVAL. Non-ASCII addresses mark the message as needing SMTPUTF8.
+ */
+#define SMTPS_ADDRESS_MAX 1024
+#define SMTPS_MAX_RECIPIENTS 10000
+
+struct smtps_message *smtps_message_new(void);
+void smtps_message_free(struct smtps_message *m);
+int smtps_message_set_sender(struct smtps_message *m, const char *addr,
+			     size_t len);
+int smtps_message_add_recipient(struct smtps_message *m, const char *addr,
+				size_t len, unsigned notify,
+				const char *orcpt, size_t orcpt_len);
+int smtps_message_set_body(struct smtps_message *m, const char *data,
+			   size_t len);	/* copied */
+int smtps_message_set_dsn(struct smtps_message *m, int ret,
+			  const char *envid, size_t envid_len);
+const char *smtps_message_sender(const struct smtps_message *m);
+size_t smtps_message_recipient_count(const struct smtps_message *m);
+const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
+uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes */
+uint64_t smtps_message_tag(const struct smtps_message *m);	/* set at submit */
+
+/* ------------------------------------------------------------------ */
+/* Results                                                             */
+/* ------------------------------------------------------------------ */
+
+enum smtps_status {
+    SMTPS_STATUS_DELIVERED = 1,	/* final reply 2xx */
+    SMTPS_STATUS_TEMPFAIL = 2,	/* try again later */
+    SMTPS_STATUS_PERMFAIL = 3,	/* do not try again */
+    SMTPS_STATUS_UNKNOWN = 4	/* lost after the final dot: maybe delivered (RFC 1047) */
+};
+
+/* Per-recipient status: the message statuses plus two RCPT-only ones. */
+#define SMTPS_RCPT_PENDING 0		/* no RCPT reply (never sent or drained) */
+#define SMTPS_RCPT_ACCEPTED 5		/* RCPT 2xx, transaction ended before the data */
+
+struct smtps_result_reply {
+    int code;				/* 0 when there was no reply */
+    char enhanced[16];
+    char *text;				/* NUL-terminated, never NULL */
+};
+
+struct smtps_result_rcpt {
+    int status;				/* SMTPS_STATUS_* or SMTPS_RCPT_* */
+    struct smtps_result_reply reply;	/* the RCPT reply, or the final one */
+};
+
+struct smtps_result {
+    uint64_t tag;			/* the tag given to smtps_session_submit() */
+    int status;				/* enum smtps_status */
+    int state;				/* id of the state it ended in */
+    int stage;				/* connection stage it ended in */
+    char stage_name[64];
+    struct smtps_result_reply reply;	/* the deciding reply */
+    char *reason;			/* why, when no reply says it; never NULL */
+    size_t nrcpt;
+    struct smtps_result_rcpt *rcpt;
+    struct smtps_result *next;		/* the session's queue; ignore */
+};
+
+void smtps_result_free(struct smtps_result *r);
+
+/* ------------------------------------------------------------------ */
+/* Sessions: one SMTP connection, sans I/O                             */
+/* ------------------------------------------------------------------ */
+
+enum smtps_session_status {
+    SMTPS_SESS_NEW = 0,		/* not started */
+    SMTPS_SESS_ACTIVE = 1,	/* in the dialogue */
+    SMTPS_SESS_IDLE = 2,	/* ready for a message (queue empty) */
+    SMTPS_SESS_CLOSING = 3,	/* flush the output, then close */
+    SMTPS_SESS_CLOSED = 4	/* done; every message has its result */
+};
+
+/* RFC 5321 4.5.3.2 default deadlines, milliseconds. */
+#define SMTPS_TIMEOUT_BANNER	300000
+#define SMTPS_TIMEOUT_MAIL	300000
+#define SMTPS_TIMEOUT_RCPT	300000
+#define SMTPS_TIMEOUT_DATA	120000
+#define SMTPS_TIMEOUT_BLOCK	180000
+#define SMTPS_TIMEOUT_FINAL	600000
+#define SMTPS_TIMEOUT_OTHER	300000
+
+#define SMTPS_HELO_MAX 255
+#define SMTPS_LINE_MAX 2048		/* a command line sent, CRLF included */
+
+/* A session on a snapshot of m taken now; helo is the EHLO/HELO name. */
+struct smtps_session *smtps_session_new(struct smtps_machine *m,
+					const char *helo, void *user);
+void smtps_session_free(struct smtps_session *s);
+
+/* Deadline for replies while in state id (0: disable). */
+int smtps_session_set_timeout(struct smtps_session *s, int state_id, int64_t ms);
+
+int smtps_session_start(struct smtps_session *s, int64_t now);	/* connected */
+int smtps_session_feed(struct smtps_session *s, const char *data, size_t len,
+		       int64_t now);
+size_t smtps_session_output(struct smtps_session *s, const char **data);
+void smtps_session_consume(struct smtps_session *s, size_t n, int64_t now);
+int64_t smtps_session_deadline(const struct smtps_session *s);	/* -1: none */
+int smtps_session_tick(struct smtps_session *s, int64_t now);
+void smtps_session_closed(struct smtps_session *s, const char *why, int64_t now);
+int smtps_session_status(const struct smtps_session *s);
+
+/* Takes ownership of msg on SMTPS_OK only. */
+int smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
+			 uint64_t tag);
+int smtps_session_quit(struct smtps_session *s);
+size_t smtps_session_pending(const struct smtps_session *s);	/* submitted, no result yet */
+struct smtps_result *smtps_session_next_result(struct smtps_session *s);
+
+/* For states, from inside their callbacks. */
+int smtps_session_send_line(struct smtps_session *s, const char *line,
+			    size_t len);	/* CRLF added; control bytes refused */
+const struct smtps_caps *smtps_session_caps(const struct smtps_session *s);
+int smtps_session_pipelining(const struct smtps_session *s);
+const struct smtps_message *smtps_session_message(const struct smtps_session *s);
+void *smtps_session_user(const struct smtps_session *s);
+void smtps_session_set_user(struct smtps_session *s, void *user);
+void *smtps_session_local(const struct smtps_session *s, int state_id);
+int smtps_session_state(const struct smtps_session *s);	/* current state id */
+size_t smtps_session_reply_index(const struct smtps_session *s);
+int smtps_session_set_reason(struct smtps_session *s, const char *text);
+const char *smtps_session_reason(const struct smtps_session *s);	/* why it closed */
+int smtps_session_rcpt_index(const struct smtps_session *s);	/* RCPT being answered */
+int smtps_session_set_rcpt_result(struct smtps_session *s, size_t i,
+				  const struct smtps_reply *reply);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SMTPSTATE_H */

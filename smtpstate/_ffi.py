@@ -1,0 +1,97 @@
+"""The C boundary: the compiled module, error-code checking, and the
+``extern "Python"`` trampolines through which C calls Python states.
+
+Rule: every ``lib`` call whose return is an ``SMTPS_E*`` code goes through
+:func:`check`. Rule: nothing raised in Python crosses into C; a trampoline
+records the exception on its session and returns a failure the C loop
+understands, and ``onerror`` is the backstop for what the body cannot catch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Type
+
+from smtpstate._core import ffi, lib
+from smtpstate.errors import InvalidMessageError, LocalProtocolError, SMTPStateError
+
+__all__ = ["ffi", "lib", "check", "strerror", "py_trampolines"]
+
+log = logging.getLogger("smtpstate.state")
+
+_ERRORS: Dict[int, Type[Exception]] = {
+    lib.SMTPS_ENOMEM: MemoryError,
+    lib.SMTPS_EINVAL: InvalidMessageError,
+    lib.SMTPS_ETOOBIG: InvalidMessageError,
+    lib.SMTPS_ESTATE: LocalProtocolError,
+    lib.SMTPS_ECLOSED: LocalProtocolError,
+    lib.SMTPS_EFULL: InvalidMessageError,
+}
+
+
+def strerror(code: int) -> str:
+    """The C library's text for an ``SMTPS_E*`` code."""
+    return ffi.string(lib.smtps_strerror(code)).decode("ascii", "replace")
+
+
+def check(rc: int, what: str) -> int:
+    """Return ``rc`` unless it is a negative error code; raise then.
+
+    Raises:
+        MemoryError, InvalidMessageError, LocalProtocolError or
+        SMTPStateError, the message naming ``what`` and the C error.
+    """
+    if rc >= 0:
+        return rc
+    exc = _ERRORS.get(rc, SMTPStateError)
+    raise exc(f"{what}: {strerror(rc)}")
+
+
+# The Python side of each trampoline is set by smtpstate.session, which
+# knows how to turn a C session into the Python one; kept here so that
+# the def_extern functions exist exactly once per process.
+py_trampolines: Dict[str, Callable[..., Any]] = {}
+
+
+def _failed_action(exc: Any, val: Any, tb: Any) -> int:
+    log.error("Python state failed outside its guard: %r", val)
+    return int(lib.SMTPS_ACT_PERMFAIL_TX)
+
+
+def _failed_setup(exc: Any, val: Any, tb: Any) -> int:
+    log.error("Python state setup failed outside its guard: %r", val)
+    return int(lib.SMTPS_EINVAL)
+
+
+def _failed_stage(exc: Any, val: Any, tb: Any) -> int:
+    return int(lib.SMTPS_STAGE_UNKNOWN)
+
+
+def _failed_free(exc: Any, val: Any, tb: Any) -> None:
+    log.error("Python state free failed: %r", val)
+    return None
+
+
+@ffi.def_extern(onerror=_failed_setup)
+def smtps_py_init_local(session: Any, closure: Any, local: Any) -> int:
+    return int(py_trampolines["init_local"](session, closure, local))
+
+
+@ffi.def_extern(onerror=_failed_setup)
+def smtps_py_setup(session: Any, closure: Any) -> int:
+    return int(py_trampolines["setup"](session, closure))
+
+
+@ffi.def_extern(onerror=_failed_action)
+def smtps_py_callback(session: Any, reply: Any, closure: Any) -> int:
+    return int(py_trampolines["callback"](session, reply, closure))
+
+
+@ffi.def_extern(onerror=_failed_free)
+def smtps_py_free(session: Any, local: Any, closure: Any) -> None:
+    py_trampolines["free"](session, local, closure)
+
+
+@ffi.def_extern(onerror=_failed_stage)
+def smtps_py_tostage(session: Any, awaiting: int, closure: Any) -> int:
+    return int(py_trampolines["tostage"](session, awaiting, closure))

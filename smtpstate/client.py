@@ -1,0 +1,309 @@
+"""The blocking client: one connection, one message at a time, driving the
+C session over a plain socket.
+
+It moves bytes and keeps the clock, nothing else: what to send and what a
+reply means is decided in C (and in the machine's Python states).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from typing import Any, List, Optional, Tuple
+
+from smtpstate._ffi import check, ffi, lib
+from smtpstate.errors import ConnectError, LocalProtocolError
+from smtpstate.machine import Machine, default_machine
+from smtpstate.message import Message
+from smtpstate.result import Result, result_from_c
+from smtpstate.session import Session
+
+__all__ = ["Client"]
+
+log = logging.getLogger("smtpstate.client")
+wire = logging.getLogger("smtpstate.transcript")
+
+_tags = itertools.count(1)
+
+
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _default_helo() -> str:
+    name = socket.getfqdn() or "localhost"
+    if not name.isascii() or " " in name or len(name) > 255:
+        name = "localhost"
+    return name
+
+
+class Client:
+    """A blocking SMTP client for one server.
+
+    Args:
+        host, port: the server.
+        timeout: seconds; the connect timeout and every reply deadline.
+            None keeps RFC 5321's per-stage defaults (5 minutes for most
+            replies, 10 for the final one) and a 60 s connect timeout.
+        machine: the state order to run (default: :data:`default_machine`).
+        helo: the EHLO/HELO name (default: this host's FQDN).
+        source_address: (host, port) to bind before connecting.
+        keep_transcript: record every byte sent and received in
+            :attr:`transcript` as ``("C" | "S", bytes)`` pairs.
+
+    Use it as a context manager; :meth:`send` connects when needed and
+    reuses the connection for the next message.
+    """
+
+    def __init__(self, host: str, port: int = 25, *, timeout: Optional[float] = None,
+                 machine: Optional[Machine] = None, helo: Optional[str] = None,
+                 source_address: Optional[Tuple[str, int]] = None,
+                 keep_transcript: bool = False) -> None:
+        self.host = host
+        self.port = int(port)
+        self.timeout = timeout
+        self.machine = machine if machine is not None else default_machine
+        self.helo = helo if helo is not None else _default_helo()
+        self.source_address = source_address
+        self.keep_transcript = keep_transcript
+        self.transcript: List[Tuple[str, bytes]] = []
+        self._sock: Optional[socket.socket] = None
+        self._session: Optional[Session] = None
+        self._results: List[Result] = []
+        self._lock = threading.Lock()
+
+    # -- connection ------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection and read the greeting and EHLO.
+
+        Raises:
+            ConnectError: the TCP connection failed.
+            LocalProtocolError: already connected.
+        """
+        with self._guard():
+            self._connect()
+
+    def _connect(self) -> None:
+        if self._session is not None:
+            raise LocalProtocolError("already connected; close() first")
+        connect_timeout = self.timeout if self.timeout is not None else 60.0
+        try:
+            sock = socket.create_connection((self.host, self.port), connect_timeout,
+                                            source_address=self.source_address)
+        except OSError as exc:
+            raise ConnectError(exc.errno or errno.ECONNREFUSED,
+                               f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = sock.getpeername()[:2]
+        local = sock.getsockname()[:2]
+        try:
+            session = Session(self.machine, self.helo, peer=peer, local=local)
+        except BaseException:
+            sock.close()
+            raise
+        if self.timeout is not None:
+            ms = max(1, int(self.timeout * 1000))
+            for sid, _ in self.machine.states:
+                if sid < lib.smtps_machine_count(self.machine._ptr):
+                    lib.smtps_session_set_timeout(session._ptr, sid, ms)
+        self._sock, self._session = sock, session
+        log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
+        check(lib.smtps_session_start(session._ptr, _now_ms()), "start the session")
+        self._pump(lambda: self._status() != lib.SMTPS_SESS_ACTIVE)
+
+    def close(self) -> None:
+        """Send QUIT (after any queued message) and close the connection."""
+        with self._guard():
+            self._close()
+
+    def _close(self) -> None:
+        s = self._session
+        if s is None:
+            return
+        try:
+            if self._status() in (lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
+                check(lib.smtps_session_quit(s._ptr), "quit")
+            self._pump(lambda: False)
+        finally:
+            self._drop("client closed")
+
+    def _drop(self, why: str) -> None:
+        s, sock = self._session, self._sock
+        if s is not None:
+            lib.smtps_session_closed(s._ptr, why.encode(), _now_ms())
+            self._collect()
+            s.close()
+        if sock is not None:
+            sock.close()
+        self._session, self._sock = None, None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, message: Message) -> Result:
+        """Deliver one message and return its :class:`Result`.
+
+        Connects first if needed (a failed connect gives a ``tempfail``
+        result at stage "not connected"); a connection the server closed is
+        replaced by a new one.
+
+        Raises:
+            TypeError: not a Message.
+            LocalProtocolError: called from inside one of this client's own
+                states, or from two threads at once.
+        """
+        if not isinstance(message, Message):
+            raise TypeError(f"send() takes a smtpstate.Message, not {type(message).__name__}")
+        with self._guard():
+            cmsg = message._to_c()
+            tag = next(_tags)
+            if self._session is not None and self._status() not in (
+                    lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
+                self._drop("connection no longer usable")
+            if self._session is None:
+                try:
+                    self._connect()
+                except ConnectError as exc:
+                    return self._not_connected(message, tag, str(exc))
+            session = self._session
+            assert session is not None
+            rc = lib.smtps_session_submit(session._ptr, cmsg, tag)
+            if rc == lib.SMTPS_ECLOSED:
+                # The greeting or EHLO failed: say so through a result.
+                reason = session.reason or "the server ended the connection"
+                self._drop(reason)
+                return self._not_connected(message, tag, reason)
+            check(rc, "submit the message")
+            ffi.gc(cmsg, None)                    # the session owns it now
+            session.messages[tag] = message
+            self._pump(lambda: any(r.ticket == tag for r in self._results))
+            for i, r in enumerate(self._results):
+                if r.ticket == tag:
+                    return self._results.pop(i)
+            raise AssertionError("the session ended without a result")  # a bug
+
+    def _not_connected(self, message: Message, tag: int, why: str) -> Result:
+        from smtpstate.result import RecipientResult
+        return Result(status="tempfail", reply=None,
+                      recipients=tuple(RecipientResult(a, "pending", None)
+                                       for a in message.recipients),
+                      stage="not connected", stage_code=0, state=None,
+                      reason=why, ticket=tag, message=message)
+
+    # -- the byte pump ---------------------------------------------------
+
+    def _guard(self) -> Any:
+        client = self
+
+        class _Guard:
+            def __enter__(self) -> None:
+                if not client._lock.acquire(blocking=False):
+                    raise LocalProtocolError(
+                        "this Client is already in use (a re-entrant call from one "
+                        "of its states, or another thread); one call at a time")
+
+            def __exit__(self, *exc: Any) -> None:
+                client._lock.release()
+
+        return _Guard()
+
+    def _status(self) -> int:
+        assert self._session is not None
+        return int(lib.smtps_session_status(self._session._ptr))
+
+    def _collect(self) -> None:
+        s = self._session
+        if s is None:
+            return
+        while True:
+            r = lib.smtps_session_next_result(s._ptr)
+            if r == ffi.NULL:
+                return
+            try:
+                tag = int(r.tag)
+                message = s.messages.pop(tag, None)
+                addresses = tuple(message.recipients) if message else ()
+                state = s.machine.name(r.state) if r.state >= 0 else None
+                errors = s.take_errors(tag)
+                error = "; ".join(t for _, t in errors) or None
+                self._results.append(result_from_c(
+                    r, addresses, state, error=error, ticket=tag, message=message))
+            finally:
+                lib.smtps_result_free(r)
+
+    def _pump(self, done: Any) -> None:
+        """Move bytes until done() or the session needs nothing more."""
+        s, sock = self._session, self._sock
+        assert s is not None and sock is not None
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        out = ffi.new("const char **")
+        try:
+            while True:
+                self._collect()
+                if done():
+                    return
+                status = self._status()
+                n = lib.smtps_session_output(s._ptr, out)
+                if status == lib.SMTPS_SESS_CLOSED:
+                    return
+                if status == lib.SMTPS_SESS_CLOSING and n == 0:
+                    self._drop(s.reason or "closed after QUIT")
+                    return
+                if status == lib.SMTPS_SESS_IDLE and n == 0:
+                    return
+                if n:
+                    data = bytes(ffi.buffer(out[0], n))
+                    try:
+                        sent = sock.send(data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        lib.smtps_session_closed(s._ptr, str(exc).encode(), _now_ms())
+                        continue
+                    if sent:
+                        if self.keep_transcript:
+                            self.transcript.append(("C", data[:sent]))
+                        wire.debug("C: %r", data[:sent])
+                        lib.smtps_session_consume(s._ptr, sent, _now_ms())
+                        continue
+                deadline = lib.smtps_session_deadline(s._ptr)
+                wait = None if deadline < 0 else max(0.0, (deadline - _now_ms()) / 1000)
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if n else 0)
+                sel.modify(sock, events)
+                ready = sel.select(wait)
+                if not ready:
+                    check(lib.smtps_session_tick(s._ptr, _now_ms()), "tick")
+                    continue
+                if ready[0][1] & selectors.EVENT_READ:
+                    try:
+                        chunk = sock.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        lib.smtps_session_closed(s._ptr, str(exc).encode(), _now_ms())
+                        continue
+                    if not chunk:
+                        lib.smtps_session_closed(
+                            s._ptr, b"the server closed the connection", _now_ms())
+                        continue
+                    if self.keep_transcript:
+                        self.transcript.append(("S", chunk))
+                    wire.debug("S: %r", chunk)
+                    rc = lib.smtps_session_feed(s._ptr, chunk, len(chunk), _now_ms())
+                    if rc == lib.SMTPS_ESTATE:
+                        check(rc, "feed")
+        finally:
+            sel.close()

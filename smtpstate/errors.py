@@ -1,0 +1,56 @@
+"""Exceptions of smtpstate, and the one place C error codes become them.
+
+Whose fault it is decides the class (h11's rule): ``LocalProtocolError`` and
+the ``ValueError`` clones mean the caller misused the API; a server that
+misbehaves never raises, it shows up in a :class:`~smtpstate.Result`.
+``SMTPStateError`` itself is never raised directly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "SMTPStateError",
+    "RegistrationError",
+    "InvalidMessageError",
+    "LocalProtocolError",
+    "StateCallbackError",
+    "ConnectError",
+]
+
+
+class SMTPStateError(Exception):
+    """Base of every smtpstate exception; never raised itself."""
+
+
+class RegistrationError(ValueError, SMTPStateError):
+    """A state could not be registered; the message says why."""
+
+
+class InvalidMessageError(ValueError, SMTPStateError):
+    """A message, address or parameter was refused before anything was sent."""
+
+
+class LocalProtocolError(SMTPStateError):
+    """The API was used in a way the session cannot honour (wrong time,
+    re-entrant call, closed client)."""
+
+
+class ConnectError(SMTPStateError, OSError):
+    """The TCP connection to the server could not be made."""
+
+
+class StateCallbackError(SMTPStateError):
+    """A Python state raised; its message failed, the process did not.
+
+    Attributes:
+        state: the name of the state that raised.
+        stage: the connection stage it was in.
+    The original exception is ``__cause__``.
+    """
+
+    def __init__(self, state: str, stage: Optional[str], message: str) -> None:
+        super().__init__(message)
+        self.state = state
+        self.stage = stage

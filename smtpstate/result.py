@@ -1,0 +1,145 @@
+"""What became of a message: :class:`Result`, :class:`RecipientResult` and
+the :class:`Reply` they carry, read out of the C result exactly once.
+
+A result's ``status`` is one of ``"delivered"``, ``"tempfail"`` (try again
+later), ``"permfail"`` (do not) and ``"unknown"`` (the connection died after
+the final dot and before its reply: possibly delivered, RFC 1047).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from smtpstate._ffi import ffi, lib
+
+__all__ = ["Reply", "RecipientResult", "Result", "STATUSES"]
+
+STATUSES = ("delivered", "tempfail", "permfail", "unknown")
+
+_STATUS_NAMES = {
+    lib.SMTPS_STATUS_DELIVERED: "delivered",
+    lib.SMTPS_STATUS_TEMPFAIL: "tempfail",
+    lib.SMTPS_STATUS_PERMFAIL: "permfail",
+    lib.SMTPS_STATUS_UNKNOWN: "unknown",
+    lib.SMTPS_RCPT_PENDING: "pending",
+    lib.SMTPS_RCPT_ACCEPTED: "accepted",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One server reply.
+
+    Attributes:
+        code: the three-digit reply code.
+        enhanced: the RFC 3463 enhanced status code (``"5.1.1"``) or ``""``.
+        text: every line's text, joined by newlines.
+    """
+
+    code: int
+    enhanced: str
+    text: str
+
+    @property
+    def lines(self) -> Tuple[str, ...]:
+        """The reply's lines, without their codes."""
+        return tuple(self.text.split("\n"))
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @classmethod
+    def _from_parsed(cls, c: Any) -> "Reply":
+        text = bytes(ffi.buffer(c.text, c.text_len)).decode("utf-8", "replace")
+        return cls(int(c.code), ffi.string(c.enhanced).decode("ascii", "replace"), text)
+
+    @classmethod
+    def _from_result(cls, c: Any) -> Optional["Reply"]:
+        if c.code == 0:
+            return None
+        return cls(
+            int(c.code),
+            ffi.string(c.enhanced).decode("ascii", "replace"),
+            ffi.string(c.text).decode("utf-8", "replace"),
+        )
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """One recipient's outcome.
+
+    ``status`` is a message status, or ``"accepted"`` (RCPT said yes but the
+    transaction ended before the data) or ``"pending"`` (no RCPT reply).
+    ``reply`` is the reply to its RCPT TO, when there was one.
+    """
+
+    address: str
+    status: str
+    reply: Optional[Reply]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "delivered"
+
+
+@dataclass(frozen=True)
+class Result:
+    """Exactly one per submitted message.
+
+    Attributes:
+        status: ``"delivered"``, ``"tempfail"``, ``"permfail"`` or ``"unknown"``.
+        reply: the reply that decided it (None when no reply did: a timeout,
+            a lost connection, a refusal before sending).
+        recipients: per-recipient outcomes, in the message's order.
+        stage: the connection stage it ended in (``"sending RCPT TO"``).
+        stage_code: the classic numeric code of that stage.
+        state: the name of the state it ended in, or None.
+        reason: why, in words, when no reply says it.
+        error: the text of the exception a Python state raised, or None.
+        ticket: what the caller's submission returned, if any.
+    """
+
+    status: str
+    reply: Optional[Reply]
+    recipients: Tuple[RecipientResult, ...]
+    stage: str
+    stage_code: int
+    state: Optional[str]
+    reason: str = ""
+    error: Optional[str] = None
+    ticket: Any = None
+    message: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the message was delivered."""
+        return self.status == "delivered"
+
+    def __str__(self) -> str:
+        why = str(self.reply) if self.reply else self.reason
+        return f"{self.status} ({self.stage}): {why}"
+
+
+def result_from_c(
+    c: Any, addresses: Tuple[str, ...], state_name: Optional[str], **extra: Any
+) -> Result:
+    """Copy a C ``struct smtps_result`` into a :class:`Result` (does not free it)."""
+    recipients = tuple(
+        RecipientResult(
+            addresses[i] if i < len(addresses) else "",
+            _STATUS_NAMES.get(c.rcpt[i].status, "pending"),
+            Reply._from_result(c.rcpt[i].reply),
+        )
+        for i in range(c.nrcpt)
+    )
+    return Result(
+        status=_STATUS_NAMES.get(c.status, "tempfail"),
+        reply=Reply._from_result(c.reply),
+        recipients=recipients,
+        stage=ffi.string(c.stage_name).decode("utf-8", "replace"),
+        stage_code=int(c.stage),
+        state=state_name,
+        reason=ffi.string(c.reason).decode("utf-8", "replace"),
+        **extra,
+    )

@@ -1,0 +1,265 @@
+"""The Python view of one C session, as Python states see it, and the
+bodies of the trampolines through which C calls Python states.
+
+Rule: a trampoline never lets an exception reach C. It records the
+exception on the session (the driver attaches it to the message's
+Result), tells C why with ``smtps_session_set_reason``, and returns a
+failure C understands: ``SMTPS_EINVAL`` from setup, ``PERMFAIL_TX`` from a
+callback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
+
+from smtpstate._ffi import check, ffi, lib, py_trampolines
+from smtpstate.errors import InvalidMessageError, LocalProtocolError
+from smtpstate.machine import Action, Machine, State
+from smtpstate.result import Reply
+
+__all__ = ["Session", "Capabilities"]
+
+log = logging.getLogger("smtpstate.state")
+
+_EXTENSIONS = {
+    "PIPELINING": lib.SMTPS_EXT_PIPELINING, "SIZE": lib.SMTPS_EXT_SIZE,
+    "8BITMIME": lib.SMTPS_EXT_8BITMIME, "SMTPUTF8": lib.SMTPS_EXT_SMTPUTF8,
+    "STARTTLS": lib.SMTPS_EXT_STARTTLS, "AUTH": lib.SMTPS_EXT_AUTH,
+    "DSN": lib.SMTPS_EXT_DSN, "CHUNKING": lib.SMTPS_EXT_CHUNKING,
+    "ENHANCEDSTATUSCODES": lib.SMTPS_EXT_ENHANCEDSTATUSCODES,
+    "XCLIENT": lib.SMTPS_EXT_XCLIENT, "BINARYMIME": lib.SMTPS_EXT_BINARYMIME,
+}
+_AUTH = {"PLAIN": lib.SMTPS_AUTH_PLAIN, "LOGIN": lib.SMTPS_AUTH_LOGIN,
+         "CRAM-MD5": lib.SMTPS_AUTH_CRAM_MD5, "XOAUTH2": lib.SMTPS_AUTH_XOAUTH2}
+_XCLIENT = {"NAME": lib.SMTPS_XCLIENT_NAME, "ADDR": lib.SMTPS_XCLIENT_ADDR,
+            "PORT": lib.SMTPS_XCLIENT_PORT, "PROTO": lib.SMTPS_XCLIENT_PROTO,
+            "HELO": lib.SMTPS_XCLIENT_HELO, "LOGIN": lib.SMTPS_XCLIENT_LOGIN,
+            "DESTADDR": lib.SMTPS_XCLIENT_DESTADDR,
+            "DESTPORT": lib.SMTPS_XCLIENT_DESTPORT}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the server's EHLO offered."""
+
+    extensions: FrozenSet[str]
+    size_max: int
+    auth: FrozenSet[str]
+    xclient: FrozenSet[str]
+
+    def __contains__(self, keyword: object) -> bool:
+        return isinstance(keyword, str) and keyword.upper() in self.extensions
+
+    @classmethod
+    def _from_c(cls, c: Any) -> "Capabilities":
+        return cls(
+            frozenset(k for k, v in _EXTENSIONS.items() if c.ext & v),
+            int(c.size_max),
+            frozenset(k for k, v in _AUTH.items() if c.auth & v),
+            frozenset(k for k, v in _XCLIENT.items() if c.xclient & v),
+        )
+
+
+class Session:
+    """One SMTP connection, as the states running in it see it.
+
+    Drivers (Client, Engine) create it; states receive it. It is only valid
+    while the connection lives.
+    """
+
+    def __init__(self, machine: Machine, helo: str, *,
+                 peer: Tuple[str, int] = ("", 0),
+                 local: Tuple[str, int] = ("", 0)) -> None:
+        self.machine = machine
+        self.peer = peer
+        self.local_address = local
+        self.messages: Dict[int, Any] = {}
+        self.errors: List[Tuple[Optional[int], BaseException, str]] = []
+        self._data: Dict[int, Dict[str, Any]] = {}
+        self._handle = ffi.new_handle(self)
+        ptr = lib.smtps_session_new(machine._ptr, helo.encode("ascii"), self._handle)
+        if ptr == ffi.NULL:
+            raise InvalidMessageError(
+                f"cannot start a session with HELO name {helo!r}: it must be "
+                f"1-{lib.SMTPS_HELO_MAX} printable ASCII bytes without spaces")
+        # Collected without close(): detach first, so that C never calls a
+        # Python state with a handle that may already be gone.
+        self._ptr = ffi.gc(ptr, _free_detached)
+        self._closed = False
+
+    # -- what states use ------------------------------------------------
+
+    def send(self, line: Union[str, bytes]) -> None:
+        """Queue one command line (CRLF is added).
+
+        Raises:
+            InvalidMessageError: CR, LF, NUL or another control character, an
+                empty or over-long line.
+            LocalProtocolError: the session is not in a state to send.
+        """
+        raw = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+        for b in raw:
+            if b < 0x20 or b == 0x7F:
+                raise InvalidMessageError(
+                    f"command line {raw!r} contains control byte {b:#04x}; "
+                    "CRLF is added for you and nothing else may be embedded")
+        if not raw or len(raw) + 2 > lib.SMTPS_LINE_MAX:
+            raise InvalidMessageError(
+                f"command line must be 1-{lib.SMTPS_LINE_MAX - 2} bytes")
+        check(lib.smtps_session_send_line(self._ptr, raw, len(raw)), "send a command")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the server offered in its EHLO reply (empty before it)."""
+        return Capabilities._from_c(lib.smtps_session_caps(self._ptr))
+
+    @property
+    def pipelining(self) -> bool:
+        """True when RFC 2920 pipelining is in use on this connection."""
+        return bool(lib.smtps_session_pipelining(self._ptr))
+
+    @property
+    def message(self) -> Any:
+        """The :class:`~smtpstate.Message` in its transaction, or None."""
+        m = lib.smtps_session_message(self._ptr)
+        if m == ffi.NULL:
+            return None
+        return self.messages.get(int(lib.smtps_message_tag(m)))
+
+    @property
+    def state(self) -> str:
+        """The name of the state being run."""
+        sid = lib.smtps_session_state(self._ptr)
+        return self.machine.name(sid) if sid >= 0 else ""
+
+    @property
+    def reply_index(self) -> int:
+        """Which of its awaited replies the callback is handed (0-based)."""
+        return int(lib.smtps_session_reply_index(self._ptr))
+
+    @property
+    def data(self) -> Dict[str, Any]:
+        """A dict private to the running state and this connection."""
+        return self._data.setdefault(int(lib.smtps_session_state(self._ptr)), {})
+
+    def next_state(self, state: Union[int, str, None]) -> None:
+        """Choose the state entered after this callback (None: the default).
+
+        Raises:
+            KeyError: no such state.
+        """
+        if state is None:
+            lib.smtp_next_state(self._ptr, ffi.NULL)
+            return
+        sid = self.machine.id(state) if isinstance(state, str) else int(state)
+        st = lib.smtps_machine_get(self.machine._ptr, sid)
+        if st == ffi.NULL:
+            raise KeyError(f"no state with id {sid}")
+        lib.smtp_next_state(self._ptr, st)
+
+    def fail_reason(self, text: str) -> None:
+        """Say why the state is about to fail the transaction."""
+        lib.smtps_session_set_reason(self._ptr, text.encode("utf-8", "replace"))
+
+    # -- what drivers use -------------------------------------------------
+
+    def close(self) -> None:
+        """Free the C session now, letting each state's free() run."""
+        if not self._closed:
+            self._closed = True
+            ptr = self._ptr
+            ffi.gc(ptr, None)                 # cancel the collector's free
+            self._ptr = ffi.NULL
+            lib.smtps_session_free(ptr)
+
+    @property
+    def reason(self) -> str:
+        """Why the connection failed or closed ("" while it is fine)."""
+        return ffi.string(lib.smtps_session_reason(self._ptr)).decode("utf-8", "replace")
+
+    def _record(self, state: State, exc: BaseException) -> str:
+        m = lib.smtps_session_message(self._ptr)
+        tag = int(lib.smtps_message_tag(m)) if m != ffi.NULL else None
+        text = f"state {state.name!r} raised {type(exc).__name__}: {exc}"
+        self.errors.append((tag, exc, text))
+        lib.smtps_session_set_reason(self._ptr, text.encode("utf-8", "replace"))
+        log.warning("%s", text, exc_info=exc)
+        return text
+
+    def take_errors(self, tag: Optional[int]) -> List[Tuple[BaseException, str]]:
+        """The exceptions recorded for message ``tag`` (and those raised when
+        no message was in hand, which concern every message)."""
+        out = [(e, t) for (g, e, t) in self.errors if g == tag or g is None]
+        self.errors = [x for x in self.errors if not (x[0] == tag)]
+        return out
+
+
+def _free_detached(ptr: Any) -> None:
+    lib.smtps_session_set_user(ptr, ffi.NULL)
+    lib.smtps_session_free(ptr)
+
+
+def _session_of(csession: Any) -> Session:
+    user = lib.smtps_session_user(csession)
+    if user == ffi.NULL:
+        raise LocalProtocolError("a Python state ran in a session made outside Python")
+    return ffi.from_handle(user)  # type: ignore[no-any-return]
+
+
+def _setup(csession: Any, closure: Any) -> int:
+    state: State = ffi.from_handle(closure)
+    session = _session_of(csession)
+    try:
+        n = state.setup(session)
+        if n is None:
+            n = 0
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise TypeError(f"setup() must return a count of replies >= 0, not {n!r}")
+        return n
+    except Exception as exc:
+        session._record(state, exc)
+        return int(lib.SMTPS_EINVAL)
+
+
+def _callback(csession: Any, creply: Any, closure: Any) -> int:
+    state: State = ffi.from_handle(closure)
+    session = _session_of(csession)
+    try:
+        reply = Reply._from_parsed(creply) if creply != ffi.NULL else None
+        act = state.callback(session, reply)
+        if act is None:
+            return int(Action.NEXT)
+        return int(Action(act))
+    except Exception as exc:
+        session._record(state, exc)
+        return int(Action.PERMFAIL_TX)
+
+
+def _free(csession: Any, local: Any, closure: Any) -> None:
+    state: State = ffi.from_handle(closure)
+    user = lib.smtps_session_user(csession)
+    if user == ffi.NULL:
+        return
+    session: Session = ffi.from_handle(user)
+    try:
+        state.free(session)
+    except Exception as exc:
+        log.warning("state %r free() raised %r", state.name, exc)
+
+
+def _tostage(csession: Any, awaiting: int, closure: Any) -> int:
+    state: State = ffi.from_handle(closure)
+    stage = state.stage
+    if callable(stage):
+        stage = stage(_session_of(csession), bool(awaiting))
+    return int(stage)
+
+
+def _init_local(csession: Any, closure: Any, local: Any) -> int:
+    return 0
+
+
+py_trampolines.update(setup=_setup, callback=_callback, free=_free,
+                      tostage=_tostage, init_local=_init_local)

@@ -1,0 +1,163 @@
+"""pytest fixtures: the real SMTP servers interop tests talk to.
+
+The servers themselves live in ``helpers.py``; this file only decides their
+lifetimes:
+
+* ``aiosmtpd_server`` -- a fresh recording aiosmtpd per test;
+  ``aiosmtpd_factory(**kwargs)`` starts more, with Controller/SMTP kwargs;
+* ``postfix_server`` -- one private Postfix for the whole session, handed
+  to each test with its maildir emptied and its queue drained;
+  ``postfix_factory(main_cf=..., tls=...)`` starts differently configured
+  instances (about a second each), stopped at the end of the session;
+* ``smtp_sink_server`` -- a fresh Postfix ``smtp-sink`` per test;
+  ``smtp_sink_factory(options=[...])`` for variants;
+* ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts.
+
+A server that cannot run here (Postfix not installed, not root) skips its
+tests with the reason, except in CI, where it fails them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import helpers
+
+
+# ---------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tls_ca():
+    """A throwaway certificate authority (trustme)."""
+    try:
+        import trustme
+    except ImportError:
+        helpers.missing("trustme is not installed (pip install '.[test]')")
+    return trustme.CA()
+
+
+# ---------------------------------------------------------------------------
+# aiosmtpd
+# ---------------------------------------------------------------------------
+
+
+def _require_aiosmtpd():
+    try:
+        import aiosmtpd  # noqa: F401
+    except ImportError:
+        helpers.missing("aiosmtpd is not installed (pip install '.[test]')")
+
+
+@pytest.fixture
+def aiosmtpd_factory():
+    """Start recording aiosmtpd servers: ``factory(handler=None, **kwargs)``
+    with kwargs for aiosmtpd's Controller and SMTP (``enable_SMTPUTF8``,
+    ``proxy_protocol_timeout``, ``tls_context``, ``require_starttls``,
+    ``authenticator`` ...). Each is stopped after the test."""
+    _require_aiosmtpd()
+    started = []
+
+    def factory(handler=None, **kwargs):
+        server = helpers.AiosmtpdServer(handler, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def aiosmtpd_server(aiosmtpd_factory):
+    """A recording aiosmtpd on 127.0.0.1 (SMTPUTF8 on, aiosmtpd's default
+    under Controller): ``.host``, ``.port``, ``.messages``,
+    ``.connections``, ``.wait_for_messages(n)``."""
+    return aiosmtpd_factory()
+
+
+# ---------------------------------------------------------------------------
+# Postfix smtpd
+# ---------------------------------------------------------------------------
+
+
+def _require_postfix():
+    why = helpers.PostfixServer.unavailable()
+    if why:
+        helpers.missing(why)
+
+
+@pytest.fixture(scope="session")
+def postfix_factory():
+    """Start private Postfix instances:
+    ``factory(main_cf={...}, tls=ca_or_None)``; all are stopped and removed
+    at the end of the session."""
+    started = []
+
+    def factory(main_cf=None, tls=None):
+        _require_postfix()
+        server = helpers.PostfixServer(main_cf=main_cf, tls=tls)
+        started.append(server)
+        try:
+            return server.start()
+        except helpers.PostfixError as e:
+            pytest.fail("private Postfix did not start: %s" % e, pytrace=False)
+
+    yield factory
+    for server in reversed(started):
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postfix_session(postfix_factory):
+    """The session's default private Postfix (see ``postfix_server``)."""
+    _require_postfix()
+    return postfix_factory()
+
+
+@pytest.fixture
+def postfix_server(postfix_session):
+    """A real Postfix smtpd on 127.0.0.1 (``.host``, ``.port``), shared by
+    the session, with no message left from earlier tests.
+
+    Mail to ``anything@example.test`` is delivered;
+    ``unknown*@example.test`` gets 550 5.1.1, other domains 554 5.7.1.
+    ``.wait_for_messages(n)`` returns the delivered messages as
+    ``helpers.ReceivedMessage``; ``.maillog`` and ``.log_tail()`` help
+    when something goes wrong.
+    """
+    postfix_session.clear()
+    return postfix_session
+
+
+# ---------------------------------------------------------------------------
+# smtp-sink
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def smtp_sink_factory():
+    """Start Postfix smtp-sink servers: ``factory(options=[...])`` with extra
+    smtp-sink options; each is stopped after the test."""
+    why = helpers.SmtpSinkServer.unavailable()
+    if why:
+        helpers.missing(why)
+    started = []
+
+    def factory(options=(), hostname="sink.smtpstate.test"):
+        server = helpers.SmtpSinkServer(options, hostname)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in reversed(started):
+        server.cleanup()
+
+
+@pytest.fixture
+def smtp_sink_server(smtp_sink_factory):
+    """A Postfix smtp-sink on 127.0.0.1 that accepts everything and dumps
+    each transaction: ``.host``, ``.port``, ``.wait_for_messages(n)``."""
+    return smtp_sink_factory()
