@@ -21,7 +21,7 @@ from smtpstate.errors import ConnectError, LocalProtocolError
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
 from smtpstate.result import Result, result_from_c
-from smtpstate.session import Session
+from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client"]
 
@@ -143,6 +143,17 @@ class Client:
         if sock is not None:
             sock.close()
         self._session, self._sock = None, None
+
+    @property
+    def capabilities(self) -> Optional[Capabilities]:
+        """What the server's EHLO offered, or None when not connected."""
+        return self._session.capabilities if self._session is not None else None
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open and usable."""
+        return self._session is not None and self._status() in (
+            lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE)
 
     def __enter__(self) -> "Client":
         return self

@@ -934,7 +934,7 @@ class SmtpSinkServer:
             with open(path, "rb") as f:
                 raw = f.read()
             # A transaction still being received has no end yet.
-            if raw.endswith(b"\n\n") or raw.endswith(b"\n"):
+            if raw.endswith(b"\n\n"):
                 try:
                     out.append(self.parse_dump(raw))
                 except ValueError:

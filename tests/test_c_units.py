@@ -1,0 +1,71 @@
+"""Run the table-driven C tests (``tests/c/test_*.c``) under ASan and UBSan.
+
+Each test program is compiled together with every ``csrc/*.c`` into a
+temporary directory, with the project's strict warnings plus the
+sanitizers, and run; it must exit 0. Its output (the RUN/PASS/FAIL lines)
+is shown when it does not. These tests use the source tree, not the
+installed package.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CFLAGS = [
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-O1",
+    "-g",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+    "-D_POSIX_C_SOURCE=200809L",
+    "-Iinclude",
+    "-Icsrc",
+]
+LIBS: list = []  # e.g. ["-lssl", "-lcrypto"] once a C test needs OpenSSL
+
+C_TESTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "c", "test_*.c")))
+
+
+def _sources():
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.c")))
+
+
+def _compiler():
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        helpers.missing("no C compiler (cc) found")
+    return cc
+
+
+@pytest.mark.parametrize("test_c", C_TESTS, ids=[os.path.basename(p) for p in C_TESTS])
+def test_c_program(test_c, tmp_path):
+    exe = str(tmp_path / os.path.splitext(os.path.basename(test_c))[0])
+    cmd = [_compiler(), *CFLAGS, "-o", exe, test_c, *_sources(), *LIBS]
+    build = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if build.returncode != 0:
+        pytest.fail(
+            "compile failed (exit %d): %s\n%s" % (build.returncode, " ".join(cmd), build.stdout.decode(errors="replace")),
+            pytrace=False,
+        )
+    env = dict(os.environ)
+    env.setdefault("ASAN_OPTIONS", "abort_on_error=0:detect_leaks=1")
+    env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+    run = subprocess.run([exe], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    if run.returncode != 0:
+        pytest.fail(
+            "%s exited %d:\n%s" % (test_c, run.returncode, run.stdout.decode(errors="replace")),
+            pytrace=False,
+        )
