@@ -11,6 +11,7 @@ callback.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
 
@@ -75,6 +76,7 @@ class Session:
         self.machine = machine
         self.peer = peer
         self.local_address = local
+        self.opened_at = time.monotonic()
         self.messages: Dict[int, Any] = {}
         self.errors: List[Tuple[Optional[int], BaseException, str]] = []
         self._data: Dict[int, Dict[str, Any]] = {}
