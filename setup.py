@@ -48,6 +48,7 @@ setup(
     install_requires=["cffi>=1.15"],
     cffi_modules=["smtpstate/_build.py:ffibuilder"],
     extras_require={
+        "demo": ["aiosmtpd"],
         "test": ["pytest", "aiosmtpd", "trustme", "hypothesis"],
     },
     entry_points={

@@ -148,6 +148,7 @@ struct smtps_session {
     int tx_final_replied;		/* the end-of-data reply arrived */
     int data_sent;			/* DATA or BDAT was issued */
     int need_reset;			/* a transaction is open on the server */
+    uint64_t tx_out_start;		/* out_produced when the transaction began */
     size_t rcpt_next;			/* next recipient to send */
     size_t rcpt_replied;		/* RCPT replies seen */
     size_t rcpt_accepted;

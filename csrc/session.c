@@ -87,6 +87,7 @@ static int call_callback(struct smtps_session *s, int id,
 			 const struct smtps_reply *reply);
 static void refresh_deadline(struct smtps_session *s);
 static int dot_sent(const struct smtps_session *s);
+static int awaiting_reply(const struct smtps_session *s, int id);
 static int buf_reserve(struct smtps_buf *b, size_t need);
 static int queue_bytes(struct smtps_session *s, const char *data, size_t len);
 static void set_reason(char *dst, const char *fmt, const char *a,
@@ -459,7 +460,8 @@ static void act_on(struct smtps_session *s, int id, int act,
 	return;
     }
     smtps_session_decide(s, status, id, reply, why);
-    if (!s->tx_final_replied)
+    /* Refused before a command went out (SIZE, 8BITMIME...): nothing to reset. */
+    if (!s->tx_final_replied && s->out_produced > s->tx_out_start)
 	s->need_reset = 1;
     go(s, SMTPS_STATE_RSET);
 }
@@ -478,7 +480,8 @@ void    smtps_session_decide(struct smtps_session *s, int status, int id,
 	s->tx_decided = 1;
 	r->status = status;
 	smtps_result_set_reply(&r->reply, reply);
-	set_stage(s, r, id, reply != NULL || status == SMTPS_STATUS_UNKNOWN);
+	set_stage(s, r, id, reply != NULL || status == SMTPS_STATUS_UNKNOWN
+		  || awaiting_reply(s, id));
     }
     /* Keep the first reason: it is the cause, later ones are effects. */
     if (why != NULL && r->reason[0] == 0)
@@ -515,6 +518,7 @@ static void fail_conn(struct smtps_session *s, int id,
 		              const char *why, int close_now)
 {
     char    text[SMTPS_REASON_MAX];
+    int     queue_status = status;
 
     if (why != NULL && s->reason[0] == 0)
 	snprintf(s->reason, sizeof(s->reason), "%s", why);
@@ -523,14 +527,21 @@ static void fail_conn(struct smtps_session *s, int id,
 		 reply->code, reply->text);
     s->conn_failed = 1;
     if (s->tx != NULL) {
-	if (!s->tx_decided && dot_sent(s) && !s->tx_final_replied)
-	    smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL,
-	     "connection failed after the final dot, before its reply");
+	if (!s->tx_decided && dot_sent(s) && !s->tx_final_replied) {
+	    snprintf(text, sizeof(text), "connection failed after the final "
+		     "dot, before its reply: %.400s", s->reason);
+	    smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL, text);
+	}
+	/* Mid-body, any further command would be read as message data. */
+	if (s->body_active)
+	    close_now = 1;
 	smtps_session_decide(s, status, id, reply, s->reason);
 	emit_tx(s);
+	/* This message's failure says nothing final about the others. */
+	queue_status = SMTPS_STATUS_TEMPFAIL;
     }
     snprintf(text, sizeof(text), "not attempted: %.480s", s->reason);
-    fail_queue(s, status, text);
+    fail_queue(s, queue_status, text);
 
     /*
      * After a 421, a broken reply stream or a timeout, nothing the server
@@ -584,6 +595,7 @@ static void start_tx(struct smtps_session *s)
     m->qresult = NULL;
     s->tx_decided = 0;
     s->tx_final_replied = 0;
+    s->tx_out_start = s->out_produced;
     s->data_sent = 0;
     s->rcpt_next = 0;
     s->rcpt_replied = 0;
@@ -635,6 +647,18 @@ static void push_result(struct smtps_session *s, struct smtps_result *r)
 static int dot_sent(const struct smtps_session *s)
 {
     return s->body_end > 0 && s->out_consumed >= s->body_end;
+}
+
+/* awaiting_reply - state id is in flight with replies still owed */
+
+static int awaiting_reply(const struct smtps_session *s, int id)
+{
+    int     i;
+
+    for (i = 0; i < s->nfifo; i++)
+	if (s->fifo[i].state == id && s->fifo[i].handled < s->fifo[i].awaiting)
+	    return 1;
+    return 0;
 }
 
 /* refresh_deadline - a new absolute deadline after progress */
@@ -903,7 +927,7 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
 			             int64_t now)
 {
     char    text[SMTPS_REASON_MAX];
-    int     status;
+    int     status, id;
 
     if (s == NULL || s->status == SMTPS_SESS_CLOSED)
 	return;
@@ -917,7 +941,8 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
 	snprintf(text, sizeof(text), status == SMTPS_STATUS_UNKNOWN ?
 		 "connection lost after the final dot, before its reply: %s" :
 		 "%s", s->reason[0] ? s->reason : "connection closed");
-	smtps_session_decide(s, status, s->cur, NULL, text);
+	id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
+	smtps_session_decide(s, status, id, NULL, text);
 	emit_tx(s);
     }
     fail_queue(s, SMTPS_STATUS_TEMPFAIL,

@@ -28,7 +28,7 @@ Environment:
   (``LD_PRELOAD=$(cc -print-file-name=libasan.so)``).
 
 The wrapper C that cffi generates compiles cleanly under the same strict
-flags (checked with cffi 1.17 and 2.0, gcc 12), so one extension is built
+flags (checked with cffi 1.17, 2.0 and 2.1, gcc 12), so one extension is built
 from the wrapper and ``csrc/*.c`` together. XXX If a cffi release ever
 emits code that ``-Wextra -Werror`` rejects, build ``csrc/*.c`` as a
 static library with ``build_clib`` first (brotlicffi's BuildClibBeforeExt)

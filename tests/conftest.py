@@ -103,7 +103,8 @@ def postfix_factory():
         try:
             return server.start()
         except helpers.PostfixError as e:
-            pytest.fail("private Postfix did not start: %s" % e, pytrace=False)
+            error = str(e)
+        pytest.fail("private Postfix did not start: %s" % error, pytrace=False)
 
     yield factory
     for server in reversed(started):

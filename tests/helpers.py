@@ -23,6 +23,7 @@ but fails it in CI (``CI`` set to anything but ``""``/``0``/``false``), where
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import grp
 import os
@@ -557,6 +558,8 @@ class PostfixServer:
         if why:
             raise PostfixError(why)
         self.root = _private_tempdir("smtpstate-postfix-")
+        # The fixtures stop us; this is for a test run that dies first.
+        atexit.register(self.cleanup)
         for d in ("etc", "queue", "data", "mail"):
             os.mkdir(self._p(d), 0o755)
         pf = pwd.getpwnam("postfix")
@@ -584,6 +587,24 @@ class PostfixServer:
                 self.stop()
         raise PostfixError("could not start Postfix: %s" % last)
 
+    DEFAULT_KEYWORDS = frozenset(
+        {"PIPELINING", "CHUNKING", "SMTPUTF8", "DSN", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE"}
+    )
+
+    def expected_keywords(self) -> set:
+        """The EHLO keywords this configuration must offer: Postfix's
+        defaults, less what main_cf turns off, plus STARTTLS with tls."""
+        wanted = set(self.DEFAULT_KEYWORDS)
+        cf = {k: str(v).strip().lower() for k, v in self.main_cf_overrides.items()}
+        wanted -= {w.upper() for w in re.split(r"[\s,]+", cf.get("smtpd_discard_ehlo_keywords", "")) if w}
+        if cf.get("smtputf8_enable") in ("no", "false", "0"):
+            wanted.discard("SMTPUTF8")
+        if cf.get("message_size_limit") == "0":
+            wanted.discard("SIZE")
+        if self.tls_ca is not None and cf.get("smtpd_tls_security_level", "may") not in ("none", ""):
+            wanted.add("STARTTLS")
+        return wanted
+
     def _wait_ready(self, timeout: float = 20.0) -> None:
         def probe():
             try:
@@ -592,10 +613,7 @@ class PostfixServer:
                 return None
 
         caps = wait_until(probe, timeout, interval=0.1, what="Postfix smtpd on port %d" % self.port)
-        wanted = {"PIPELINING", "CHUNKING", "SMTPUTF8", "DSN", "8BITMIME", "ENHANCEDSTATUSCODES", "SIZE"}
-        if self.tls_ca is not None:
-            wanted.add("STARTTLS")
-        absent = wanted - set(caps)
+        absent = self.expected_keywords() - set(caps)
         if absent:
             raise PostfixError("Postfix smtpd does not offer %s (EHLO: %r)" % (sorted(absent), caps))
         self.capabilities = caps
@@ -824,6 +842,7 @@ class SmtpSinkServer:
         if why:
             raise RuntimeError(why)
         self.root = _private_tempdir("smtpstate-sink-")
+        atexit.register(self.cleanup)
         os.mkdir(self.dump_dir, 0o755)
         user = None
         if os.geteuid() == 0:
