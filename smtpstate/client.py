@@ -76,6 +76,8 @@ class Client:
         self._session: Optional[Session] = None
         self._results: List[Result] = []
         self._lock = threading.Lock()
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._out = ffi.new("const char **")
 
     # -- connection ------------------------------------------------------
 
@@ -114,6 +116,8 @@ class Client:
                 if sid < lib.smtps_machine_count(self.machine._ptr):
                     lib.smtps_session_set_timeout(session._ptr, sid, ms)
         self._sock, self._session = sock, session
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(sock, selectors.EVENT_READ)
         log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
         check(lib.smtps_session_start(session._ptr, _now_ms()), "start the session")
         self._pump(lambda: self._status() != lib.SMTPS_SESS_ACTIVE)
@@ -140,9 +144,11 @@ class Client:
             lib.smtps_session_closed(s._ptr, why.encode(), _now_ms())
             self._collect()
             s.close()
+        if self._selector is not None:
+            self._selector.close()
         if sock is not None:
             sock.close()
-        self._session, self._sock = None, None
+        self._session, self._sock, self._selector = None, None, None
 
     @property
     def capabilities(self) -> Optional[Capabilities]:
@@ -215,20 +221,8 @@ class Client:
 
     # -- the byte pump ---------------------------------------------------
 
-    def _guard(self) -> Any:
-        client = self
-
-        class _Guard:
-            def __enter__(self) -> None:
-                if not client._lock.acquire(blocking=False):
-                    raise LocalProtocolError(
-                        "this Client is already in use (a re-entrant call from one "
-                        "of its states, or another thread); one call at a time")
-
-            def __exit__(self, *exc: Any) -> None:
-                client._lock.release()
-
-        return _Guard()
+    def _guard(self) -> "_Guard":
+        return _Guard(self._lock)
 
     def _status(self) -> int:
         assert self._session is not None
@@ -256,65 +250,92 @@ class Client:
 
     def _pump(self, done: Any) -> None:
         """Move bytes until done() or the session needs nothing more."""
-        s, sock = self._session, self._sock
-        assert s is not None and sock is not None
-        sel = selectors.DefaultSelector()
-        sel.register(sock, selectors.EVENT_READ)
-        out = ffi.new("const char **")
-        try:
-            while True:
-                self._collect()
-                if done():
-                    return
-                status = self._status()
-                n = lib.smtps_session_output(s._ptr, out)
-                if status == lib.SMTPS_SESS_CLOSED:
-                    return
-                if status == lib.SMTPS_SESS_CLOSING and n == 0:
-                    self._drop(s.reason or "closed after QUIT")
-                    return
-                if status == lib.SMTPS_SESS_IDLE and n == 0:
-                    return
-                if n:
-                    data = bytes(ffi.buffer(out[0], n))
-                    try:
-                        sent = sock.send(data)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        lib.smtps_session_closed(s._ptr, str(exc).encode(), _now_ms())
-                        continue
-                    if sent:
-                        if self.keep_transcript:
-                            self.transcript.append(("C", data[:sent]))
-                        wire.debug("C: %r", data[:sent])
-                        lib.smtps_session_consume(s._ptr, sent, _now_ms())
-                        continue
-                deadline = lib.smtps_session_deadline(s._ptr)
-                wait = None if deadline < 0 else max(0.0, (deadline - _now_ms()) / 1000)
-                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if n else 0)
-                sel.modify(sock, events)
-                ready = sel.select(wait)
-                if not ready:
-                    check(lib.smtps_session_tick(s._ptr, _now_ms()), "tick")
+        s, sock, sel = self._session, self._sock, self._selector
+        assert s is not None and sock is not None and sel is not None
+        ptr = s._ptr
+        out = self._out
+        events = selectors.EVENT_READ
+        self._collect()                         # submit() may have settled one
+        while True:
+            if done():
+                return
+            status = lib.smtps_session_status(ptr)
+            n = lib.smtps_session_output(ptr, out)
+            if status == lib.SMTPS_SESS_CLOSED:
+                return
+            if status == lib.SMTPS_SESS_CLOSING and n == 0:
+                self._drop(s.reason or "closed after QUIT")
+                return
+            if status == lib.SMTPS_SESS_IDLE and n == 0:
+                return
+            if n:
+                data = ffi.buffer(out[0], n)
+                try:
+                    sent = sock.send(data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._lost(str(exc))
                     continue
-                if ready[0][1] & selectors.EVENT_READ:
-                    try:
-                        chunk = sock.recv(65536)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        lib.smtps_session_closed(s._ptr, str(exc).encode(), _now_ms())
-                        continue
-                    if not chunk:
-                        lib.smtps_session_closed(
-                            s._ptr, b"the server closed the connection", _now_ms())
-                        continue
+                if sent:
                     if self.keep_transcript:
-                        self.transcript.append(("S", chunk))
-                    wire.debug("S: %r", chunk)
-                    rc = lib.smtps_session_feed(s._ptr, chunk, len(chunk), _now_ms())
-                    if rc == lib.SMTPS_ESTATE:
-                        check(rc, "feed")
-        finally:
-            sel.close()
+                        self.transcript.append(("C", bytes(data[:sent])))
+                    if wire.isEnabledFor(logging.DEBUG):
+                        wire.debug("C: %r", bytes(data[:sent]))
+                    lib.smtps_session_consume(ptr, sent, _now_ms())
+                    continue
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if n else 0)
+            if want != events:
+                sel.modify(sock, want)
+                events = want
+            deadline = lib.smtps_session_deadline(ptr)
+            wait = None if deadline < 0 else max(0.0, (deadline - _now_ms()) / 1000)
+            ready = sel.select(wait)
+            if not ready:
+                check(lib.smtps_session_tick(ptr, _now_ms()), "tick")
+                self._collect()
+                continue
+            if not ready[0][1] & selectors.EVENT_READ:
+                continue
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._lost(str(exc))
+                continue
+            if not chunk:
+                self._lost("the server closed the connection")
+                continue
+            if self.keep_transcript:
+                self.transcript.append(("S", chunk))
+            if wire.isEnabledFor(logging.DEBUG):
+                wire.debug("S: %r", chunk)
+            rc = lib.smtps_session_feed(ptr, chunk, len(chunk), _now_ms())
+            if rc == lib.SMTPS_ESTATE:          # a state called back into us
+                check(rc, "feed")
+            self._collect()                     # a broken reply is a result, not an error
+
+    def _lost(self, why: str) -> None:
+        assert self._session is not None
+        lib.smtps_session_closed(self._session._ptr, why.encode("utf-8", "replace"), _now_ms())
+        self._collect()
+
+
+class _Guard:
+    """One call at a time: a second caller (a thread, or a state calling back
+    into its own client) is refused at once instead of deadlocking."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise LocalProtocolError(
+                "this Client is already in use (a re-entrant call from one "
+                "of its states, or another thread); one call at a time")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
