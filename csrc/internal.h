@@ -149,6 +149,7 @@ struct smtps_session {
     int data_sent;			/* DATA or BDAT was issued */
     int need_reset;			/* a transaction is open on the server */
     uint64_t tx_out_start;		/* out_produced when the transaction began */
+    unsigned transactions;		/* started on this connection */
     size_t rcpt_next;			/* next recipient to send */
     size_t rcpt_replied;		/* RCPT replies seen */
     size_t rcpt_accepted;
@@ -158,6 +159,7 @@ struct smtps_session {
 
     /* The body pump. */
     int body_active;			/* producing body bytes */
+    int body_started;			/* this transaction's body began */
     int body_chunking;			/* BDAT (RFC 3030) instead of DATA */
     size_t body_off;			/* input bytes encoded so far */
     uint64_t body_end;			/* out_produced at the end of the body */

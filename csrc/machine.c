@@ -31,9 +31,9 @@
  *	(struct smtps_order), so sessions already running keep theirs.
  *
  *	sizeof_smtp_state is the ABI guard: any size from SMTPS_STATE_MIN_SIZE
- *	to sizeof(smtp_state) is accepted and the fields it lacks read as
- *	zero; a larger size comes from a newer caller whose fields we cannot
- *	honour, and is refused.
+ *	to sizeof(smtp_state) is accepted and the fields it lacks, wholly or
+ *	in part, read as zero; a larger size comes from a newer caller whose
+ *	fields we cannot honour, and is refused.
  * DIAGNOSTICS
  *	register functions return the new id or -1; lookups return NULL or
  *	SMTPS_ENOTFOUND.
@@ -49,6 +49,7 @@
 static void machine_init(struct smtps_machine *m);
 static void machine_publish(struct smtps_machine *m, struct smtps_order *o);
 static int machine_valid_id(const struct smtps_order *o, int id);
+static void machine_trim(smtp_state *copy, size_t size);
 static void make_default(void);
 
 static struct smtps_machine default_machine;
@@ -100,6 +101,24 @@ static void machine_publish(struct smtps_machine *m, struct smtps_order *o)
 static int machine_valid_id(const struct smtps_order *o, int id)
 {
     return id >= 0 && id < o->count;
+}
+
+/* machine_trim - zero the fields a short struct holds only part of */
+
+static void machine_trim(smtp_state *copy, size_t size)
+{
+#define LACKS(f) (size < offsetof(smtp_state, f) + sizeof(copy->f))
+    if (LACKS(free))
+	copy->free = NULL;
+    if (LACKS(tostage))
+	copy->tostage = NULL;
+    if (LACKS(tostring))
+	copy->tostring = NULL;
+    if (LACKS(closure))
+	copy->closure = NULL;
+    if (LACKS(flags))
+	copy->flags = 0;
+#undef LACKS
 }
 
 /* make_default - pthread_once body for the default machine */
@@ -189,10 +208,12 @@ int smtps_machine_register(struct smtps_machine *m, smtp_state *state,
 
     /*
      * Copy only the bytes the caller says it has; the rest stay zero. This
-     * is what lets an older, smaller struct register safely.
+     * is what lets an older, smaller struct register safely. A size that
+     * ends inside a field lacks that field too: never half a pointer.
      */
     memset(&copy, 0, sizeof(copy));
     memcpy(&copy, state, size);
+    machine_trim(&copy, size);
     if (copy.name == NULL || copy.callback == NULL)
 	return -1;
     name_len = strnlen(copy.name, SMTPS_STATE_NAME_MAX + 1);

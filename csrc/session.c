@@ -518,7 +518,12 @@ static void fail_conn(struct smtps_session *s, int id,
 		              const char *why, int close_now)
 {
     char    text[SMTPS_REASON_MAX];
-    int     queue_status = status;
+    /*
+     * A refusal before any transaction (554 greeting, HELO refused) is the
+     * server's word on every message; after one, the queue was simply
+     * never tried on this connection.
+     */
+    int     queue_status = s->transactions > 0 ? SMTPS_STATUS_TEMPFAIL : status;
 
     if (why != NULL && s->reason[0] == 0)
 	snprintf(s->reason, sizeof(s->reason), "%s", why);
@@ -533,12 +538,10 @@ static void fail_conn(struct smtps_session *s, int id,
 	    smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL, text);
 	}
 	/* Mid-body, any further command would be read as message data. */
-	if (s->body_active)
+	if (s->body_started && !dot_sent(s))
 	    close_now = 1;
 	smtps_session_decide(s, status, id, reply, s->reason);
 	emit_tx(s);
-	/* This message's failure says nothing final about the others. */
-	queue_status = SMTPS_STATUS_TEMPFAIL;
     }
     snprintf(text, sizeof(text), "not attempted: %.480s", s->reason);
     fail_queue(s, queue_status, text);
@@ -596,6 +599,8 @@ static void start_tx(struct smtps_session *s)
     s->tx_decided = 0;
     s->tx_final_replied = 0;
     s->tx_out_start = s->out_produced;
+    s->transactions++;
+    s->body_started = 0;
     s->data_sent = 0;
     s->rcpt_next = 0;
     s->rcpt_replied = 0;
@@ -754,14 +759,15 @@ void    smtps_session_start_body(struct smtps_session *s, int chunking)
     s->body_off = 0;
     s->body_end = 0;
     s->body_active = 1;
+    s->body_started = 1;
     s->data_sent = 1;
 }
 
-/* smtps_session_body_done - the whole body has been queued */
+/* smtps_session_body_done - the driver has taken the whole body */
 
 int     smtps_session_body_done(const struct smtps_session *s)
 {
-    return s->body_end > 0;
+    return dot_sent(s);
 }
 
 /* smtps_session_pump_body - queue body bytes up to the high-water mark */

@@ -482,6 +482,7 @@ static int body_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
+    /* It cannot have seen the final dot (or last BDAT byte) yet. */
     if (!smtps_session_body_done(s)) {
 	smtps_session_set_reason(s, "the server replied before the end of "
 				 "the message data");

@@ -131,6 +131,8 @@ class Machine:
         Raises:
             KeyError: no such state.
         """
+        if "\x00" in name:                   # C would stop at the NUL
+            raise KeyError(f"no state named {name!r} in this machine")
         rc = lib.smtps_machine_find(self._ptr, name.encode("utf-8"))
         if rc < 0:
             raise KeyError(f"no state named {name!r} in this machine")
@@ -142,7 +144,9 @@ class Machine:
         Raises:
             KeyError: no such id.
         """
-        st = lib.smtps_machine_get(self._ptr, state_id)
+        st = ffi.NULL
+        if 0 <= state_id < lib.SMTPS_MAX_STATES:   # beyond a C int: OverflowError
+            st = lib.smtps_machine_get(self._ptr, state_id)
         if st == ffi.NULL:
             raise KeyError(f"no state with id {state_id}")
         return ffi.string(st.name).decode("utf-8")
@@ -174,7 +178,8 @@ class Machine:
                     f"known: {[n for _, n in self.states]}") from None
         if isinstance(after, bool) or not isinstance(after, int):
             raise RegistrationError(f"after must be a state id or name, not {after!r}")
-        if lib.smtps_machine_get(self._ptr, after) == ffi.NULL:
+        if (not 0 <= after < lib.SMTPS_MAX_STATES
+                or lib.smtps_machine_get(self._ptr, after) == ffi.NULL):
             raise RegistrationError(f"cannot insert after id {after}: no such state")
         return after
 
@@ -191,6 +196,8 @@ class Machine:
         name = state.name
         if not isinstance(name, str) or not name:
             raise RegistrationError(f"{type(state).__name__} needs a non-empty str name")
+        if "\x00" in name:
+            raise RegistrationError(f"state name {name!r} contains a NUL character")
         raw = name.encode("utf-8")
         if len(raw) > lib.SMTPS_STATE_NAME_MAX:
             raise RegistrationError(

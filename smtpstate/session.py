@@ -240,10 +240,12 @@ def _callback(csession: Any, creply: Any, closure: Any) -> int:
 
 
 def _free(csession: Any, local: Any, closure: Any) -> None:
-    state: State = ffi.from_handle(closure)
+    # Detached (collected without close()): the machine and the handle in
+    # closure may be gone already, so touch neither.
     user = lib.smtps_session_user(csession)
     if user == ffi.NULL:
         return
+    state: State = ffi.from_handle(closure)
     session: Session = ffi.from_handle(user)
     try:
         state.free(session)

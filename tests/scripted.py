@@ -245,6 +245,10 @@ class ScriptedSession:
         st = lib.smtps_machine_get(self._machine, state_id)
         return ffi.string(st.name).decode() if st != ffi.NULL else None
 
+    def transcript(self) -> str:
+        """The conversation so far, one "C: "/"S: " line per chunk."""
+        return "\n".join(f"{who}: {data!r}" for who, data in self.wire)
+
     # -- the end ---------------------------------------------------------
 
     def finish(self) -> List[Dict[str, Any]]:
@@ -257,7 +261,7 @@ class ScriptedSession:
         assert self.pending() == 0
         tags = [r["tag"] for r in self._collected]
         assert sorted(tags) == sorted(self.tags), (
-            f"results {tags} for submitted messages {self.tags}")
+            f"results {tags} for submitted messages {self.tags}\n{self.transcript()}")
         assert lib.smtps_session_next_result(self.ptr) == ffi.NULL
         return list(self._collected)
 
