@@ -31,7 +31,6 @@ from smtpstate import BUILTIN_STATES, Action, Machine, RegistrationError, State
 from smtpstate._core import ffi, lib
 from smtpstate.session import Session
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELO = "client.example"
 PROBE_STAGE = 99                         # a stage code of our own
 
@@ -154,10 +153,11 @@ class Wire:
 def _run_isolated(code: str) -> None:
     """Run code in a fresh interpreter, so that what it registers in the
     default machine dies with it; it must print OK last."""
+    # Run from where the imported smtpstate lives (site-packages in CI, the
+    # tree in an in-place build), never from a source tree without _core.
+    home = os.path.dirname(os.path.dirname(smtpstate.__file__))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (os.path.dirname(os.path.dirname(smtpstate.__file__)),
-                    env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (home, env.get("PYTHONPATH")) if p)
     prelude = textwrap.dedent("""\
         import smtpstate
         from smtpstate import Machine, State, RegistrationError, default_machine
@@ -168,7 +168,7 @@ def _run_isolated(code: str) -> None:
                 self.name = name
         """)
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          cwd=home, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=120)
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0 and out.rstrip().endswith("OK"), out
