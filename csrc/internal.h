@@ -8,8 +8,10 @@
  *	#include "internal.h"
  * DESCRIPTION
  *	The layout of machines, order snapshots, messages and sessions, and
- *	the hooks between session.c (the dispatch loop) and states.c (the
- *	built-in states). Nothing here is public API.
+ *	the hooks between session.c (the dispatch loop), states.c (the
+ *	built-in states), tls.c (TLS over memory BIOs) and auth.c (AUTH).
+ *	Nothing here is public API, and no OpenSSL type appears here: the
+ *	TLS and AUTH records are opaque outside their own files.
  *--*/
 
 #ifndef SMTPS_INTERNAL_H
@@ -168,7 +170,17 @@ struct smtps_session {
     struct smtps_result *results, *results_tail;
     char reason[SMTPS_REASON_MAX];	/* why the session failed or closed */
     char state_reason[SMTPS_REASON_MAX];	/* set by a state for its failure */
+
+    /* TLS (RFC 3207) and AUTH (RFC 4954); NULL when not asked for. */
+    struct smtps_tls *tls;		/* tls.c */
+    struct smtps_auth *auth;		/* auth.c */
+    int tls_reehlo;			/* EHLO again after STARTTLS, then skip it */
+    int fail_state;			/* queued messages' state when the */
+    int fail_stage;			/* connection part fails; -1: none */
 };
+
+/* tls.c */
+void smtps_tls_config_retain(struct smtps_tls_config *c);
 
 /* session.c, for states.c */
 int smtps_session_pump_body(struct smtps_session *s);
@@ -177,5 +189,42 @@ int smtps_session_body_done(const struct smtps_session *s);
 void smtps_session_decide(struct smtps_session *s, int status, int state,
 			  const struct smtps_reply *reply, const char *reason);
 int smtps_action_for_code(int code);
+
+/* session.c, for tls.c and auth.c */
+int smtps_session_take_replies(struct smtps_session *s, const char *data,
+			       size_t len);
+int smtps_session_queue_raw(struct smtps_session *s, const char *data,
+			    size_t len);
+void smtps_session_fail_now(struct smtps_session *s, int state, int stage,
+			    const char *why);
+int smtps_buf_reserve(struct smtps_buf *b, size_t need);
+
+/*
+ * tls.c: OpenSSL over memory BIOs, for session.c and states.c. Once TLS is
+ * engaged (smtps_tls_begin() ran), output() hands out the ciphertext
+ * buffer, feed() takes ciphertext, and plaintext queued in s->out waits
+ * there until the handshake is done and smtps_tls_flush() encrypts it.
+ */
+int smtps_tls_mode(const struct smtps_session *s);	/* SMTPS_TLS_* */
+int smtps_tls_engaged(const struct smtps_session *s);	/* begun, maybe not up */
+int smtps_tls_handshaking(const struct smtps_session *s);
+int smtps_tls_begin(struct smtps_session *s);
+int smtps_tls_feed(struct smtps_session *s, const char *data, size_t len);
+int smtps_tls_flush(struct smtps_session *s);
+size_t smtps_tls_output(struct smtps_session *s, const char **data);
+size_t smtps_tls_consume(struct smtps_session *s, size_t n);
+void smtps_tls_discard(struct smtps_session *s);
+void smtps_tls_session_free(struct smtps_session *s);
+void smtps_wipe(void *p, size_t len);
+
+/* auth.c: the AUTH state (RFC 4954) and its helpers */
+int smtps_auth_setup(struct smtps_session *s, void *closure);
+int smtps_auth_callback(struct smtps_session *s, const struct smtps_reply *r,
+			void *closure);
+void smtps_auth_session_free(struct smtps_session *s);
+size_t smtps_base64_encode(const unsigned char *in, size_t len, char *out,
+			   size_t cap);
+int smtps_base64_decode(const char *in, size_t len, unsigned char *out,
+			size_t cap, size_t *outlen);
 
 #endif /* SMTPS_INTERNAL_H */

@@ -51,6 +51,14 @@
  *	Nothing is lost: every submitted message ends in exactly one result.
  *	After the final dot has been taken by the driver and before its reply,
  *	a lost connection gives SMTPS_STATUS_UNKNOWN (RFC 1047).
+ *
+ *	TLS (tls.c) sits between the loop and the driver. Once it is engaged,
+ *	feed() takes ciphertext and hands the plaintext to
+ *	smtps_session_take_replies(); output() hands out ciphertext; states
+ *	still queue plaintext in s->out, which every call that runs the loop
+ *	encrypts before it returns (settle()). out_consumed then counts the
+ *	plaintext whose ciphertext the driver has taken, so "the final dot
+ *	was sent" keeps its meaning.
  * DIAGNOSTICS
  *	SMTPS_ESTATE for calls made from inside a callback or in the wrong
  *	session status, SMTPS_ECLOSED after the end, SMTPS_EPROTO when the
@@ -92,6 +100,7 @@ static int buf_reserve(struct smtps_buf *b, size_t need);
 static int queue_bytes(struct smtps_session *s, const char *data, size_t len);
 static void set_reason(char *dst, const char *fmt, const char *a,
 		       const char *b);
+static void settle(struct smtps_session *s);
 
 /* state_of - the record of id in the session's machine */
 
@@ -160,6 +169,8 @@ struct smtps_session *smtps_session_new(struct smtps_machine *m,
     s->pending = -1;
     s->deadline = -1;
     s->rcpt_index = -1;
+    s->fail_state = -1;
+    s->fail_stage = -1;
     return s;
 }
 
@@ -194,6 +205,11 @@ void    smtps_session_free(struct smtps_session *s)
 	smtps_result_free(r);
     }
     smtps_reply_parser_free(s->parser);
+    smtps_tls_session_free(s);
+    /* AUTH lines passed through the output buffer: wipe it with the rest. */
+    if (s->auth != NULL && s->out.data != NULL)
+	smtps_wipe(s->out.data, s->out.cap);
+    smtps_auth_session_free(s);
     free(s->out.data);
     free(s->local);
     free(s->local_made);
@@ -548,10 +564,12 @@ static void fail_conn(struct smtps_session *s, int id,
 
     /*
      * After a 421, a broken reply stream or a timeout, nothing the server
-     * says can be trusted to match our commands: close without QUIT.
+     * says can be trusted to match our commands: close without QUIT. The
+     * same once TLS has begun but is not up: the stream is neither clear
+     * text nor usable TLS, and QUIT must never go out in clear then.
      */
     if (close_now || (reply != NULL && reply->code == 421)
-	|| id == SMTPS_STATE_QUIT) {
+	|| id == SMTPS_STATE_QUIT || smtps_tls_handshaking(s)) {
 	s->nfifo = 0;
 	s->draining = 0;
 	s->pending = -1;
@@ -575,6 +593,13 @@ static void fail_queue(struct smtps_session *s, int status, const char *why)
 	r = (struct smtps_result *) m->qresult;
 	r->status = status;
 	set_stage(s, r, -1, 0);
+	/* The connection part (STARTTLS, the handshake, AUTH) failed them. */
+	if (s->fail_stage >= 0 && s->transactions == 0) {
+	    r->state = s->fail_state;
+	    r->stage = s->fail_stage;
+	    snprintf(r->stage_name, sizeof(r->stage_name), "%s",
+		     smtps_stage_name(s->fail_stage));
+	}
 	(void) smtps_result_set_reason(r, why);
 	push_result(s, r);
 	smtps_message_free(m);
@@ -679,8 +704,13 @@ static void refresh_deadline(struct smtps_session *s)
     }
     id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
     t = id >= 0 ? s->timeout[id] : SMTPS_TIMEOUT_OTHER;
+    /*
+     * While the body is being written, each block must go within the
+     * data-block timeout (RFC 5321 4.5.3.2.5), or sooner when the caller
+     * asked for a shorter deadline for this state.
+     */
     if (s->nfifo > 0 && s->fifo[0].state == SMTPS_STATE_BODY && !dot_sent(s))
-	t = SMTPS_TIMEOUT_BLOCK;		/* RFC 5321 4.5.3.2.5 */
+	t = t > 0 && t < SMTPS_TIMEOUT_BLOCK ? t : SMTPS_TIMEOUT_BLOCK;
     s->deadline = t > 0 ? s->now + t : -1;
 }
 
@@ -712,6 +742,13 @@ static int buf_reserve(struct smtps_buf *b, size_t need)
     return SMTPS_OK;
 }
 
+/* smtps_buf_reserve - buf_reserve for tls.c's ciphertext buffer */
+
+int     smtps_buf_reserve(struct smtps_buf *b, size_t need)
+{
+    return buf_reserve(b, need);
+}
+
 /* queue_bytes - append bytes to the output */
 
 static int queue_bytes(struct smtps_session *s, const char *data, size_t len)
@@ -724,6 +761,38 @@ static int queue_bytes(struct smtps_session *s, const char *data, size_t len)
     s->out.end += len;
     s->out_produced += len;
     return SMTPS_OK;
+}
+
+/* smtps_session_queue_raw - queue bytes as they are (AUTH responses) */
+
+int     smtps_session_queue_raw(struct smtps_session *s, const char *data,
+				        size_t len)
+{
+    if (s->status != SMTPS_SESS_ACTIVE)
+	return SMTPS_ESTATE;
+    return queue_bytes(s, data, len);
+}
+
+/* smtps_session_fail_now - end the connection at once, without QUIT */
+
+void    smtps_session_fail_now(struct smtps_session *s, int state, int stage,
+			               const char *why)
+{
+    if (s->status != SMTPS_SESS_ACTIVE && s->status != SMTPS_SESS_IDLE)
+	return;
+    if (stage >= 0) {
+	s->fail_state = state;
+	s->fail_stage = stage;
+    }
+    fail_conn(s, s->cur, NULL, SMTPS_STATUS_TEMPFAIL, why, 1);
+}
+
+/* settle - before a call returns: encrypt what the states queued */
+
+static void settle(struct smtps_session *s)
+{
+    if (smtps_tls_engaged(s))
+	(void) smtps_tls_flush(s);
 }
 
 /* smtps_session_send_line - queue one command line; CRLF is added */
@@ -815,6 +884,16 @@ int     smtps_session_start(struct smtps_session *s, int64_t now)
     s->in_dispatch = 1;
     transition(s, s->order->head);
     run(s);
+
+    /*
+     * Implicit TLS (RFC 8314): the handshake comes before the banner. It
+     * begins after the states placed before BANNER have run, so that what
+     * they queued (a PROXY protocol header) still leaves in clear first.
+     */
+    if (smtps_tls_mode(s) == SMTPS_TLS_IMPLICIT && !smtps_tls_engaged(s)
+	&& s->status == SMTPS_SESS_ACTIVE)
+	(void) smtps_tls_begin(s);
+    settle(s);
     s->in_dispatch = 0;
     return SMTPS_OK;
 }
@@ -824,9 +903,7 @@ int     smtps_session_start(struct smtps_session *s, int64_t now)
 int     smtps_session_feed(struct smtps_session *s, const char *data,
 			           size_t len, int64_t now)
 {
-    struct smtps_reply reply;
-    size_t  used;
-    int     rc = SMTPS_OK;
+    int     rc;
 
     if (s == NULL || (data == NULL && len > 0))
 	return SMTPS_EINVAL;
@@ -836,6 +913,24 @@ int     smtps_session_feed(struct smtps_session *s, const char *data,
 	return SMTPS_ECLOSED;
     s->now = now;
     s->in_dispatch = 1;
+    if (smtps_tls_engaged(s))
+	rc = smtps_tls_feed(s, data, len);	/* decrypts, then takes replies */
+    else
+	rc = smtps_session_take_replies(s, data, len);
+    settle(s);
+    s->in_dispatch = 0;
+    return rc;
+}
+
+/* smtps_session_take_replies - parse plaintext replies and run the loop */
+
+int     smtps_session_take_replies(struct smtps_session *s, const char *data,
+				           size_t len)
+{
+    struct smtps_reply reply;
+    size_t  used;
+    int     rc = SMTPS_OK, clear = !smtps_tls_engaged(s);
+
     while (len > 0 && (s->status == SMTPS_SESS_ACTIVE
 		       || s->status == SMTPS_SESS_IDLE)) {
 	rc = smtps_reply_parse(s->parser, data, len, &used, &reply);
@@ -854,8 +949,26 @@ int     smtps_session_feed(struct smtps_session *s, const char *data,
 	    s->status = SMTPS_SESS_ACTIVE;
 	on_reply(s, &reply);
 	run(s);
+
+	/*
+	 * That reply started TLS (the 220 to STARTTLS). Whatever else came
+	 * in clear with it was sent before the handshake, so a man in the
+	 * middle may have written it (CVE-2011-0411, RFC 3207 5): it is
+	 * neither parsed as replies nor taken as TLS records.
+	 */
+	if (clear && smtps_tls_engaged(s)) {
+	    if (len > 0) {
+		smtps_tls_discard(s);
+		smtps_session_fail_now(s, SMTPS_STATE_STARTTLS,
+				       SMTPS_STAGE_STARTTLS_DONE,
+				       "the server sent clear text after its "
+				       "STARTTLS reply, before the TLS handshake "
+				       "(response injection?)");
+		rc = SMTPS_EPROTO;
+	    }
+	    break;
+	}
     }
-    s->in_dispatch = 0;
     return rc;
 }
 
@@ -865,6 +978,8 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 {
     if (s == NULL || data == NULL)
 	return 0;
+    if (smtps_tls_engaged(s))
+	return smtps_tls_output(s, data);	/* ciphertext */
     *data = s->out.data + s->out.start;
     return s->out.end - s->out.start;
 }
@@ -877,19 +992,25 @@ void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
 
     if (s == NULL)
 	return;
-    if (n > s->out.end - s->out.start)
-	n = s->out.end - s->out.start;
     was_sent = dot_sent(s);
     s->now = now;
-    s->out.start += n;
+    if (smtps_tls_engaged(s)) {
+	/* n is ciphertext; this is the plaintext it finished carrying. */
+	n = smtps_tls_consume(s, n);
+    } else {
+	if (n > s->out.end - s->out.start)
+	    n = s->out.end - s->out.start;
+	s->out.start += n;
+	if (s->out.start == s->out.end)
+	    s->out.start = s->out.end = 0;
+    }
     s->out_consumed += n;
-    if (s->out.start == s->out.end)
-	s->out.start = s->out.end = 0;
     if (s->body_active && smtps_session_pump_body(s) != SMTPS_OK) {
 	set_reason(s->reason, "cannot queue the message body", NULL, NULL);
 	fail_conn(s, s->cur, NULL, SMTPS_STATUS_TEMPFAIL, NULL, 1);
 	return;
     }
+    settle(s);
     /* Writing the body is progress; its last byte starts the final wait. */
     if (n > 0 && s->nfifo > 0 && s->fifo[0].state == SMTPS_STATE_BODY
 	&& (!was_sent || !dot_sent(s)))
@@ -919,8 +1040,12 @@ int     smtps_session_tick(struct smtps_session *s, int64_t now)
 	|| (s->status != SMTPS_SESS_ACTIVE && s->status != SMTPS_SESS_IDLE))
 	return SMTPS_OK;
     id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
-    snprintf(why, sizeof(why), "timeout: no reply in state %s",
-	     id >= 0 ? state_of(s, id)->name : "none");
+    if (smtps_tls_handshaking(s))
+	snprintf(why, sizeof(why), "timeout: the TLS handshake did not "
+		 "complete");
+    else
+	snprintf(why, sizeof(why), "timeout: no reply in state %s",
+		 id >= 0 ? state_of(s, id)->name : "none");
     s->in_dispatch = 1;
     fail_conn(s, id, NULL, SMTPS_STATUS_TEMPFAIL, why, 1);
     s->in_dispatch = 0;
@@ -939,7 +1064,8 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
 	return;
     s->now = now;
     if (s->reason[0] == 0 && s->status != SMTPS_SESS_CLOSING)
-	snprintf(s->reason, sizeof(s->reason), "connection lost: %s",
+	snprintf(s->reason, sizeof(s->reason), "connection lost%s: %s",
+		 smtps_tls_handshaking(s) ? " during the TLS handshake" : "",
 		 why ? why : "closed");
     if (s->tx != NULL) {
 	status = dot_sent(s) && !s->tx_final_replied ?
@@ -996,6 +1122,7 @@ int     smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
 	s->in_dispatch = 1;
 	transition(s, SMTPS_STATE_MAIL);
 	run(s);
+	settle(s);
 	s->in_dispatch = 0;
     }
     return SMTPS_OK;
@@ -1018,6 +1145,7 @@ int     smtps_session_quit(struct smtps_session *s)
 	s->in_dispatch = 1;
 	transition(s, SMTPS_STATE_MAIL);
 	run(s);
+	settle(s);
 	s->in_dispatch = 0;
     }
     return SMTPS_OK;

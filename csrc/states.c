@@ -16,9 +16,15 @@
  *	session functions.
  *
  *	BANNER	reads the greeting; 554 means QUIT only (RFC 5321 3.1).
- *	EHLO	EHLO, then HELO if EHLO is refused (RFC 5321 4.1.4).
- *	STARTTLS, AUTH
- *		pass through unless the session asked for TLS or AUTH.
+ *	EHLO	EHLO, then HELO if EHLO is refused (RFC 5321 4.1.4). After
+ *		STARTTLS it runs again and then jumps past STARTTLS.
+ *	STARTTLS
+ *		passes through unless the session asked for TLS (RFC 3207).
+ *		On 220 it starts the handshake (tls.c) and jumps back to
+ *		EHLO: what was learned in clear is forgotten. Required TLS
+ *		that is not offered or is refused ends the connection with
+ *		only QUIT sent in clear; opportunistic TLS goes on in clear.
+ *	AUTH	RFC 4954, in auth.c; passes through without credentials.
  *	MAIL	MAIL FROM with SIZE, BODY=8BITMIME, SMTPUTF8, RET, ENVID as
  *		offered and needed; refuses up front what the server cannot
  *		take (too large, 8-bit or UTF-8 without the extension).
@@ -44,8 +50,8 @@ static int banner_stage(struct smtps_session *, int, void *);
 static int ehlo_setup(struct smtps_session *, void *);
 static int ehlo_callback(struct smtps_session *, const struct smtps_reply *, void *);
 static int ehlo_stage(struct smtps_session *, int, void *);
-static int pass_setup(struct smtps_session *, void *);
-static int pass_callback(struct smtps_session *, const struct smtps_reply *, void *);
+static int starttls_setup(struct smtps_session *, void *);
+static int starttls_callback(struct smtps_session *, const struct smtps_reply *, void *);
 static int starttls_stage(struct smtps_session *, int, void *);
 static int auth_stage(struct smtps_session *, int, void *);
 static int mail_setup(struct smtps_session *, void *);
@@ -78,8 +84,8 @@ static int protocol_error(struct smtps_session *, const struct smtps_reply *,
 static const smtp_state builtins[SMTPS_STATE__COUNT] = {
     STATE(BANNER, banner, banner_stage, 0),
     STATE(EHLO, ehlo, ehlo_stage, 0),
-    STATE(STARTTLS, pass, starttls_stage, 0),
-    STATE(AUTH, pass, auth_stage, 0),
+    STATE(STARTTLS, starttls, starttls_stage, 0),
+    STATE(AUTH, smtps_auth, auth_stage, 0),
     STATE(MAIL, mail, mail_stage, SMTPS_STATE_PIPELINABLE),
     STATE(RCPT, rcpt, rcpt_stage, SMTPS_STATE_PIPELINABLE),
     STATE(DATA, data, data_stage, SMTPS_STATE_PIPELINABLE),
@@ -167,6 +173,12 @@ static int ehlo_callback(struct smtps_session *s, const struct smtps_reply *r,
 	if (!s->use_helo)
 	    (void) smtps_caps_parse(r, &s->caps);
 	s->pipelining = (s->caps.ext & SMTPS_EXT_PIPELINING) != 0;
+	/* The EHLO after STARTTLS: on past STARTTLS, never into it again. */
+	if (s->tls_reehlo) {
+	    s->tls_reehlo = 0;
+	    s->forced_next = s->order->next[SMTPS_STATE_STARTTLS];
+	    return s->forced_next >= 0 ? SMTPS_ACT_JUMP : SMTPS_ACT_NEXT;
+	}
 	return SMTPS_ACT_NEXT;
     }
     if (r->code >= 500 && !s->use_helo) {
@@ -189,24 +201,69 @@ static int ehlo_stage(struct smtps_session *s, int awaiting, void *closure)
     return awaiting ? SMTPS_STAGE_EHLO : SMTPS_STAGE_EHLO_DONE;
 }
 
-/* pass_setup - a state with nothing to do in this session */
+/* starttls_setup - STARTTLS when the session wants TLS and it is offered */
 
-static int pass_setup(struct smtps_session *s, void *closure)
+static int starttls_setup(struct smtps_session *s, void *closure)
 {
-    SMTPS_UNUSED(s);
+    int     mode = smtps_tls_mode(s), rc;
+
     SMTPS_UNUSED(closure);
-    return 0;
+    /* Not wanted, implicit, or already begun: nothing to do. */
+    if (mode == SMTPS_TLS_NONE || mode == SMTPS_TLS_IMPLICIT
+	|| smtps_tls_engaged(s))
+	return 0;
+    if (!(s->caps.ext & SMTPS_EXT_STARTTLS))
+	return 0;				/* the callback decides */
+    if ((rc = smtps_session_send_line(s, "STARTTLS", 8)) != SMTPS_OK)
+	return rc;
+    return 1;
 }
 
-/* pass_callback - go on to the next state */
+/* starttls_callback - 220 starts the handshake; a refusal may be fatal */
 
-static int pass_callback(struct smtps_session *s, const struct smtps_reply *r,
-			         void *closure)
+static int starttls_callback(struct smtps_session *s,
+			             const struct smtps_reply *r, void *closure)
 {
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(r);
+    char    why[SMTPS_REASON_MAX];
+    int     mode = smtps_tls_mode(s);
+    size_t  tlen;
+
     SMTPS_UNUSED(closure);
-    return SMTPS_ACT_NEXT;
+    if (r == NULL) {
+	if (mode != SMTPS_TLS_STARTTLS || smtps_tls_engaged(s))
+	    return SMTPS_ACT_NEXT;
+	/*
+	 * Required and not offered (or stripped by someone in the middle):
+	 * nothing more goes out in clear but QUIT. TEMPFAIL_TX with no
+	 * transaction open ends the connection, every message tempfailed.
+	 */
+	smtps_session_set_reason(s, "TLS is required, but the server does "
+				 "not offer STARTTLS");
+	s->fail_state = SMTPS_STATE_STARTTLS;
+	s->fail_stage = SMTPS_STAGE_STARTTLS;
+	return SMTPS_ACT_TEMPFAIL_TX;
+    }
+    if (r->code == 220) {
+	if (smtps_tls_begin(s) != SMTPS_OK)
+	    return SMTPS_ACT_FAIL_CONN;		/* already failed, with why */
+	s->tls_reehlo = 1;			/* RFC 3207 4.2: EHLO again */
+	s->forced_next = SMTPS_STATE_EHLO;
+	return SMTPS_ACT_JUMP;
+    }
+    if (r->code < 400)
+	return protocol_error(s, r, "STARTTLS");
+    if (mode == SMTPS_TLS_OPPORTUNISTIC)
+	return SMTPS_ACT_NEXT;			/* refused: on in clear */
+    for (tlen = 0; tlen < r->text_len && r->text[tlen] != '\n'; tlen++)
+	 /* void */ ;
+    if (tlen > 300)
+	tlen = 300;
+    snprintf(why, sizeof(why), "TLS is required, but the server refused "
+	     "STARTTLS: %d %.*s", r->code, (int) tlen, r->text);
+    smtps_session_set_reason(s, why);
+    s->fail_state = SMTPS_STATE_STARTTLS;
+    s->fail_stage = SMTPS_STAGE_STARTTLS;
+    return SMTPS_ACT_TEMPFAIL_TX;		/* even after a 5xx: not a verdict on mail */
 }
 
 /* starttls_stage - during or after STARTTLS */

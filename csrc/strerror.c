@@ -63,6 +63,12 @@ const char *smtps_strerror(int code)
 	return ("session closed");
     case SMTPS_ENOTFOUND:
 	return ("no such state");
+    case SMTPS_ETLS:
+	return ("TLS failure");
+    case SMTPS_ENOTSUP:
+	return ("not supported");
+    case SMTPS_ESYS:
+	return ("system call failed");
     default:
 	return ("unknown error");
     }

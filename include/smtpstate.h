@@ -50,7 +50,10 @@ enum smtps_error {
     SMTPS_ESTATE = -5,		/* call not allowed in this session state */
     SMTPS_EFULL = -6,		/* a table or queue is full */
     SMTPS_ECLOSED = -7,		/* the session is closed */
-    SMTPS_ENOTFOUND = -8		/* no such state id or name */
+    SMTPS_ENOTFOUND = -8,		/* no such state id or name */
+    SMTPS_ETLS = -9,		/* TLS setup or handshake failed */
+    SMTPS_ENOTSUP = -10,		/* not supported (e.g. an unknown option) */
+    SMTPS_ESYS = -11		/* a system call failed (errno says more) */
 };
 
 const char *smtps_strerror(int code);
@@ -506,6 +509,108 @@ const char *smtps_session_reason(const struct smtps_session *s);	/* why it close
 int smtps_session_rcpt_index(const struct smtps_session *s);	/* RCPT being answered */
 int smtps_session_set_rcpt_result(struct smtps_session *s, size_t i,
 				  const struct smtps_reply *reply);
+
+/* ------------------------------------------------------------------ */
+/* TLS (RFC 3207) and AUTH (RFC 4954), per session                     */
+/* ------------------------------------------------------------------ */
+
+/* TLS modes */
+#define SMTPS_TLS_NONE 0		/* never; STARTTLS is not sent */
+#define SMTPS_TLS_OPPORTUNISTIC 1	/* STARTTLS when offered; else clear (explicit opt-in) */
+#define SMTPS_TLS_STARTTLS 2		/* STARTTLS required: only QUIT in clear otherwise */
+#define SMTPS_TLS_IMPLICIT 3		/* TLS from the first byte (port 465, RFC 8314) */
+
+/*
+ * A TLS policy: an OpenSSL SSL_CTX with TLS 1.2 as the minimum, verifying
+ * peers against ca_file (PEM) or, when NULL, the system store. With
+ * insecure_no_verify the certificate and host name are NOT checked: the
+ * name says it. Shared by any number of sessions (reference counted).
+ * NULL on failure.
+ */
+struct smtps_tls_config;
+
+struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
+					      int insecure_no_verify);
+void smtps_tls_config_free(struct smtps_tls_config *c);
+
+/*
+ * Before smtps_session_start(): how this session uses TLS. servername is
+ * sent as SNI and is the name the certificate must match (NULL: no SNI,
+ * and then verification needs insecure_no_verify). cfg is retained.
+ */
+int smtps_session_set_tls(struct smtps_session *s, int mode,
+			  struct smtps_tls_config *cfg, const char *servername);
+int smtps_session_tls_active(const struct smtps_session *s);	/* 1 once the handshake is done */
+const char *smtps_session_tls_version(const struct smtps_session *s);	/* "TLSv1.3" or "" */
+
+/* AUTH mechanisms choice: 0 = the best the server offers */
+#define SMTPS_AUTH_ANY 0
+
+/*
+ * Before smtps_session_start(): authenticate as user with secret (a
+ * password, or an OAuth 2 token for XOAUTH2). mechs limits the choice to
+ * SMTPS_AUTH_* bits. Credentials are never sent before TLS is active
+ * unless allow_plaintext is 1. Copied.
+ */
+int smtps_session_set_auth(struct smtps_session *s, const char *user,
+			   const char *secret, unsigned mechs,
+			   int allow_plaintext);
+
+/* ------------------------------------------------------------------ */
+/* The engine: many sessions, nonblocking sockets, epoll, one thread   */
+/* ------------------------------------------------------------------ */
+
+struct smtps_engine;
+
+/* Where and how to deliver; copied at submit. */
+struct smtps_destination {
+    size_t sizeof_destination;		/* ABI guard */
+    const char *host;			/* name or address literal (v4 or v6) */
+    int port;
+    int tls_mode;			/* SMTPS_TLS_* */
+    struct smtps_tls_config *tls;	/* NULL: default policy when TLS is used */
+    const char *tls_servername;		/* NULL: host */
+    const char *auth_user;		/* NULL: no AUTH */
+    const char *auth_secret;
+    unsigned auth_mechs;		/* SMTPS_AUTH_ANY or SMTPS_AUTH_* bits */
+    int auth_allow_plaintext;
+    int64_t timeout_ms;			/* every reply deadline; 0: RFC 5321 defaults */
+    const char *helo;			/* NULL: the engine's */
+};
+
+struct smtps_engine_config {
+    size_t sizeof_config;		/* ABI guard */
+    int max_connections;		/* in total; 0: 1000 */
+    int max_per_destination;		/* 0: 10 */
+    int messages_per_connection;	/* 0: no limit */
+    int64_t idle_timeout_ms;		/* close an idle pooled connection; 0: 5000 */
+    int64_t connect_timeout_ms;		/* 0: 30000 */
+    const char *helo;			/* NULL: "localhost" */
+};
+
+/*
+ * An engine runs sessions on machine m (NULL: the default machine). user is
+ * handed to sessions as their smtps_session_user() pointer.
+ */
+struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
+				      const struct smtps_engine_config *cfg,
+				      void *user);
+void smtps_engine_free(struct smtps_engine *e);	/* results not taken are freed */
+
+/* Queue msg for dest; the engine owns msg on SMTPS_OK only. */
+int smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
+			const struct smtps_destination *dest, uint64_t tag);
+
+/*
+ * Run the loop until at least one result is ready, nothing is pending, or
+ * max_wait_ms passed (-1: no limit). Returns the number of results ready,
+ * or a negative SMTPS_E* code. Call it without holding the GIL (cffi
+ * releases it); Python states take it back when they are called.
+ */
+int smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms);
+struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);
+size_t smtps_engine_pending(const struct smtps_engine *e);	/* submitted, no result taken */
+size_t smtps_engine_connections(const struct smtps_engine *e);	/* open now */
 
 #ifdef __cplusplus
 }

@@ -14,6 +14,7 @@ The C core stays reachable for C-level use as ``smtpstate._core`` (``ffi``,
 """
 
 from smtpstate.client import Client
+from smtpstate.engine import Engine, Ticket, deliver
 from smtpstate.errors import (
     ConnectError,
     InvalidMessageError,
@@ -24,19 +25,23 @@ from smtpstate.errors import (
 )
 from smtpstate.machine import BUILTIN_STATES, Action, Machine, Stage, State, default_machine
 from smtpstate.message import Message, Recipient
+from smtpstate.options import Auth, Options
 from smtpstate.result import RecipientResult, Reply, Result
 from smtpstate.session import Capabilities, Session
 
 __all__ = [
     "Action",
+    "Auth",
     "BUILTIN_STATES",
     "Capabilities",
     "Client",
     "ConnectError",
+    "Engine",
     "InvalidMessageError",
     "LocalProtocolError",
     "Machine",
     "Message",
+    "Options",
     "Recipient",
     "RecipientResult",
     "RegistrationError",
@@ -47,7 +52,9 @@ __all__ = [
     "Stage",
     "State",
     "StateCallbackError",
+    "Ticket",
     "default_machine",
+    "deliver",
 ]
 
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ import os
 
 from cffi import FFI
 
-__all__ = ["ffibuilder", "make_ffibuilder", "CDEF_FILES", "STRICT_CFLAGS"]
+__all__ = ["ffibuilder", "make_ffibuilder", "CDEF_FILES", "LIBRARIES", "STRICT_CFLAGS"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -56,6 +56,8 @@ CDEF_FILES = (
     "message.h",  # messages
     "result.h",  # results
     "session.h",  # the sans-I/O session
+    "tls.h",  # TLS and AUTH options of a session
+    "engine.h",  # the engine: many sessions, epoll
     "callbacks.h",  # extern "Python" trampolines for Python states
 )
 
@@ -69,6 +71,10 @@ STRICT_CFLAGS = [
     "-fvisibility=hidden",
     "-D_POSIX_C_SOURCE=200809L",
 ]
+
+# OpenSSL (libssl, libcrypto): TLS over memory BIOs in csrc/tls.c, HMAC-MD5
+# for CRAM-MD5 in csrc/auth.c.
+LIBRARIES = ["ssl", "crypto"]
 
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 
@@ -129,6 +135,7 @@ def make_ffibuilder():
         sources=_sources(),
         include_dirs=[_rel("include"), _rel("csrc")],
         depends=depends,
+        libraries=list(LIBRARIES),
         extra_compile_args=cflags,
         extra_link_args=ldflags,
     )

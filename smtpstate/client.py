@@ -2,7 +2,13 @@
 C session over a plain socket.
 
 It moves bytes and keeps the clock, nothing else: what to send and what a
-reply means is decided in C (and in the machine's Python states).
+reply means is decided in C (and in the machine's Python states). TLS
+happens inside the C session too (OpenSSL over memory BIOs), so with TLS
+the socket carries, and the transcript shows, ciphertext.
+
+Rule: AUTH secrets never reach a log line, the transcript or a Result:
+bytes written while the session is in the AUTH state are recorded as a
+redaction notice, and the C side never puts credentials in a reason.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.errors import ConnectError, LocalProtocolError
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
+from smtpstate.options import Auth, Options
 from smtpstate.result import Result, result_from_c
 from smtpstate.session import Capabilities, Session
 
@@ -54,16 +61,44 @@ class Client:
         helo: the EHLO/HELO name (default: this host's FQDN).
         source_address: (host, port) to bind before connecting.
         keep_transcript: record every byte sent and received in
-            :attr:`transcript` as ``("C" | "S", bytes)`` pairs.
+            :attr:`transcript` as ``("C" | "S", bytes)`` pairs (ciphertext
+            once TLS is up; what is written during AUTH is redacted).
+        tls: "none", "opportunistic" (STARTTLS when offered, else clear),
+            "starttls" (required: when it is missing, refused or fails,
+            nothing but QUIT is sent in clear and every message gets a
+            ``tempfail``) or "implicit" (TLS from the first byte, port 465).
+        auth: an :class:`~smtpstate.Auth` or a ``(user, secret)`` pair.
+            Credentials are never sent in clear unless
+            ``Auth(allow_plaintext=True)``. When the server refuses them
+            (5xx), the message fails permanently, and so does every later
+            :meth:`send` of this client without connecting again: the same
+            credentials would only be refused again (and may lock the
+            account). Make a new Client to try other credentials.
+        ca_file: PEM file of the CAs to trust; None: the system store.
+        server_hostname: the name sent as SNI and required in the
+            server's certificate; None: ``host``.
+        dangerously_skip_certificate_verification: accept any certificate
+            for any name. Only for throwaway test servers.
 
     Use it as a context manager; :meth:`send` connects when needed and
     reuses the connection for the next message.
+
+    Raises:
+        InvalidMessageError: a bad option (unknown ``tls`` mode, missing
+            ``ca_file``, bad ``auth``).
     """
 
     def __init__(self, host: str, port: int = 25, *, timeout: Optional[float] = None,
                  machine: Optional[Machine] = None, helo: Optional[str] = None,
                  source_address: Optional[Tuple[str, int]] = None,
-                 keep_transcript: bool = False) -> None:
+                 keep_transcript: bool = False, tls: str = "none",
+                 auth: Union[Auth, Tuple[str, str], None] = None,
+                 ca_file: Optional[str] = None, server_hostname: Optional[str] = None,
+                 dangerously_skip_certificate_verification: bool = False) -> None:
+        self.options = Options.make(
+            tls=tls, auth=auth, ca_file=ca_file, timeout=timeout, helo=helo,
+            server_hostname=server_hostname,
+            dangerously_skip_certificate_verification=dangerously_skip_certificate_verification)
         self.host = host
         self.port = int(port)
         self.timeout = timeout
@@ -78,6 +113,8 @@ class Client:
         self._lock = threading.Lock()
         self._selector: Optional[selectors.BaseSelector] = None
         self._out = ffi.new("const char **")
+        self._keep: List[Any] = []              # cdata the C session points to
+        self._auth_refused: Optional[Result] = None
 
     # -- connection ------------------------------------------------------
 
@@ -91,7 +128,9 @@ class Client:
         with self._guard():
             self._connect()
 
-    def _connect(self) -> None:
+    def _connect(self, wait: bool = True) -> None:
+        """Connect and start the session; with ``wait``, run it until the
+        connection part (greeting, EHLO, STARTTLS, AUTH) is over."""
         if self._session is not None:
             raise LocalProtocolError("already connected; close() first")
         connect_timeout = self.timeout if self.timeout is not None else 60.0
@@ -105,22 +144,22 @@ class Client:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = sock.getpeername()[:2]
         local = sock.getsockname()[:2]
+        keep: List[Any] = []
         try:
             session = Session(self.machine, self.helo, peer=peer, local=local)
+            # TLS, AUTH and the deadlines: the same code for every driver.
+            self.options.apply(session._ptr, self.host, keep)
         except BaseException:
             sock.close()
             raise
-        if self.timeout is not None:
-            ms = max(1, int(self.timeout * 1000))
-            for sid, _ in self.machine.states:
-                if sid < lib.smtps_machine_count(self.machine._ptr):
-                    lib.smtps_session_set_timeout(session._ptr, sid, ms)
+        self._keep = keep
         self._sock, self._session = sock, session
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
         check(lib.smtps_session_start(session._ptr, _now_ms()), "start the session")
-        self._pump(lambda: self._status() != lib.SMTPS_SESS_ACTIVE)
+        if wait:
+            self._pump(lambda: self._status() != lib.SMTPS_SESS_ACTIVE)
 
     def close(self) -> None:
         """Send QUIT (after any queued message) and close the connection."""
@@ -156,6 +195,14 @@ class Client:
         return self._session.capabilities if self._session is not None else None
 
     @property
+    def tls_version(self) -> Optional[str]:
+        """"TLSv1.3" and the like while TLS is up, else None."""
+        if self._session is None:
+            return None
+        v = ffi.string(lib.smtps_session_tls_version(self._session._ptr)).decode("ascii")
+        return v or None
+
+    @property
     def connected(self) -> bool:
         """True while a connection is open and usable."""
         return self._session is not None and self._status() in (
@@ -174,7 +221,10 @@ class Client:
 
         Connects first if needed (a failed connect gives a ``tempfail``
         result at stage "not connected"); a connection the server closed is
-        replaced by a new one.
+        replaced by a new one. The message is handed to the new session
+        before its greeting is read, so that a failure while the
+        connection is set up (greeting, EHLO, STARTTLS, the TLS handshake,
+        AUTH) is this message's result, with that stage and reason.
 
         Raises:
             TypeError: not a Message.
@@ -186,17 +236,23 @@ class Client:
         with self._guard():
             cmsg = message._to_c()
             tag = next(_tags)
+            if self._auth_refused is not None:
+                return self._refused(message, tag, self._auth_refused)
             if self._session is not None and self._status() not in (
                     lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
                 self._drop("connection no longer usable")
             if self._session is None:
                 try:
-                    self._connect()
+                    self._connect(wait=False)
                 except ConnectError as exc:
                     return self._not_connected(message, tag, str(exc))
             session = self._session
             assert session is not None
+            # Mapped before submit: a state may run inside the submit call.
+            session.messages[tag] = message
             rc = lib.smtps_session_submit(session._ptr, cmsg, tag)
+            if rc < 0:
+                session.messages.pop(tag, None)
             if rc == lib.SMTPS_ECLOSED:
                 # The greeting or EHLO failed: say so through a result.
                 reason = session.reason or "the server ended the connection"
@@ -204,12 +260,20 @@ class Client:
                 return self._not_connected(message, tag, reason)
             check(rc, "submit the message")
             ffi.gc(cmsg, None)                    # the session owns it now
-            session.messages[tag] = message
             self._pump(lambda: any(r.ticket == tag for r in self._results))
             for i, r in enumerate(self._results):
                 if r.ticket == tag:
                     return self._results.pop(i)
             raise AssertionError("the session ended without a result")  # a bug
+
+    def _refused(self, message: Message, tag: int, first: Result) -> Result:
+        """A permfail like ``first`` (the server refused our credentials)."""
+        from smtpstate.result import RecipientResult
+        return Result(status="permfail", reply=None,
+                      recipients=tuple(RecipientResult(a, "pending", None)
+                                       for a in message.recipients),
+                      stage=first.stage, stage_code=first.stage_code, state=first.state,
+                      reason=f"not attempted: {first.reason}", ticket=tag, message=message)
 
     def _not_connected(self, message: Message, tag: int, why: str) -> Result:
         from smtpstate.result import RecipientResult
@@ -243,8 +307,12 @@ class Client:
                 state = s.machine.name(r.state) if r.state >= 0 else None
                 errors = s.take_errors(tag)
                 error = "; ".join(t for _, t in errors) or None
-                self._results.append(result_from_c(
-                    r, addresses, state, error=error, ticket=tag, message=message))
+                result = result_from_c(
+                    r, addresses, state, error=error, ticket=tag, message=message)
+                if (result.status == "permfail" and state == "AUTH"
+                        and self._auth_refused is None):
+                    self._auth_refused = result
+                self._results.append(result)
             finally:
                 lib.smtps_result_free(r)
 
@@ -278,10 +346,13 @@ class Client:
                     self._lost(str(exc))
                     continue
                 if sent:
-                    if self.keep_transcript:
-                        self.transcript.append(("C", bytes(data[:sent])))
-                    if wire.isEnabledFor(logging.DEBUG):
-                        wire.debug("C: %r", bytes(data[:sent]))
+                    if self.keep_transcript or wire.isEnabledFor(logging.DEBUG):
+                        chunk = bytes(data[:sent])
+                        if lib.smtps_session_state(ptr) == lib.SMTPS_STATE_AUTH:
+                            chunk = b"[%d bytes of AUTH exchange redacted]" % sent
+                        if self.keep_transcript:
+                            self.transcript.append(("C", chunk))
+                        wire.debug("C: %r", chunk)
                     lib.smtps_session_consume(ptr, sent, _now_ms())
                     continue
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if n else 0)

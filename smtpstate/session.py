@@ -68,6 +68,10 @@ class Session:
 
     Drivers (Client, Engine) create it; states receive it. It is only valid
     while the connection lives.
+
+    A Client makes one per connection, owning the C session; the Engine's C
+    loop owns its sessions and hands out non-owning views made with
+    :meth:`_wrap`, one per connection.
     """
 
     def __init__(self, machine: Machine, helo: str, *,
@@ -90,6 +94,23 @@ class Session:
         # Python state with a handle that may already be gone.
         self._ptr = ffi.gc(ptr, _free_detached)
         self._closed = False
+
+    @classmethod
+    def _wrap(cls, ptr: Any, machine: Machine, messages: Dict[int, Any]) -> "Session":
+        """A view of a C session owned by someone else (the Engine's loop):
+        it never frees the session, and ``close()`` does nothing."""
+        self = cls.__new__(cls)
+        self.machine = machine
+        self.peer = ("", 0)
+        self.local_address = ("", 0)
+        self.opened_at = time.monotonic()
+        self.messages = messages
+        self.errors = []
+        self._data = {}
+        self._handle = None
+        self._ptr = ptr
+        self._closed = True
+        return self
 
     # -- what states use ------------------------------------------------
 
@@ -203,16 +224,23 @@ def _free_detached(ptr: Any) -> None:
     lib.smtps_session_free(ptr)
 
 
-def _session_of(csession: Any) -> Session:
+def _session_of(csession: Any, entering: Optional[State] = None) -> Session:
+    """The Session a state sees. The C session's user handle is either that
+    Session (Client) or a driver running many sessions (Engine), which
+    keeps one view per C session, made on first use (``entering``: the
+    state whose setup is about to run) and dropped by :func:`_free`."""
     user = lib.smtps_session_user(csession)
     if user == ffi.NULL:
         raise LocalProtocolError("a Python state ran in a session made outside Python")
-    return ffi.from_handle(user)  # type: ignore[no-any-return]
+    owner = ffi.from_handle(user)
+    if isinstance(owner, Session):
+        return owner
+    return owner._session_view(csession, entering)  # type: ignore[no-any-return]
 
 
 def _setup(csession: Any, closure: Any) -> int:
     state: State = ffi.from_handle(closure)
-    session = _session_of(csession)
+    session = _session_of(csession, state)
     try:
         n = state.setup(session)
         if n is None:
@@ -246,11 +274,15 @@ def _free(csession: Any, local: Any, closure: Any) -> None:
     if user == ffi.NULL:
         return
     state: State = ffi.from_handle(closure)
-    session: Session = ffi.from_handle(user)
+    owner = ffi.from_handle(user)
+    session = owner if isinstance(owner, Session) else owner._session_view(csession, None)
     try:
         state.free(session)
     except Exception as exc:
         log.warning("state %r free() raised %r", state.name, exc)
+    finally:
+        if session is not owner:
+            owner._session_left(csession, state)  # the view goes with its last state
 
 
 def _tostage(csession: Any, awaiting: int, closure: Any) -> int:

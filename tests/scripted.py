@@ -14,17 +14,26 @@ Rule: a method here never hides what the session did. ``feed`` returns the
 C return code of the last call, ``sent`` returns every byte written since
 the last ``sent``, results are collected only on request (``results()``)
 or at ``finish``.
+
+TLS in memory: :class:`TLSPeer` is the server's end of a TLS connection
+(Python's ``ssl.SSLObject`` over ``ssl.MemoryBIO``), so that STARTTLS and
+implicit TLS can be scripted too: the test shuttles the session's
+ciphertext to the peer (``receive`` returns what it decrypted) and the
+peer's replies back (``send`` encrypts them). ``tls_config`` and
+``ScriptedSession.set_tls``/``set_auth`` set the session up.
 """
 
 from __future__ import annotations
 
 import itertools
+import ssl
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from smtpstate import Message
 from smtpstate._core import ffi, lib
 
-__all__ = ["ScriptedSession", "SPLITS", "STATUS", "SESSION_STATUS", "crlf_lines", "message"]
+__all__ = ["ScriptedSession", "SPLITS", "STATUS", "SESSION_STATUS", "TLSPeer", "crlf_lines",
+           "message", "tls_config"]
 
 #: The two ways a scenario feeds server bytes; parametrize over both.
 SPLITS = ("whole", "bytewise")
@@ -204,6 +213,45 @@ class ScriptedSession:
     def quit(self) -> None:
         assert lib.smtps_session_quit(self.ptr) == lib.SMTPS_OK
 
+    # -- TLS and AUTH ----------------------------------------------------
+
+    def set_tls(self, mode: str, config: Any, servername: Optional[str] = "localhost") -> int:
+        """smtps_session_set_tls; mode is "none", "opportunistic", "starttls"
+        or "implicit". Returns the C code."""
+        self._tls_keep = config
+        name = servername.encode() if servername is not None else ffi.NULL
+        return int(lib.smtps_session_set_tls(self.ptr, TLS_MODES[mode], config, name))
+
+    def set_auth(self, user: str, secret: str, mechs: int = 0,
+                 allow_plaintext: bool = False) -> int:
+        """smtps_session_set_auth; returns the C code."""
+        return int(lib.smtps_session_set_auth(self.ptr, user.encode(), secret.encode(),
+                                              mechs, 1 if allow_plaintext else 0))
+
+    @property
+    def tls_active(self) -> bool:
+        return bool(lib.smtps_session_tls_active(self.ptr))
+
+    @property
+    def tls_version(self) -> str:
+        return ffi.string(lib.smtps_session_tls_version(self.ptr)).decode()
+
+    def handshake(self, peer: "TLSPeer", rounds: int = 20) -> bytes:
+        """Shuttle ciphertext between the session and peer until neither
+        has anything to say; return the plaintext the peer decrypted (the
+        EHLO that waited for TLS, say)."""
+        got = bytearray()
+        for _ in range(rounds):
+            out = self.sent()
+            if out:
+                got += peer.receive(out)
+            back = peer.pending()
+            if back:
+                self.feed(back)
+            if not out and not back:
+                break
+        return bytes(got)
+
     def results(self) -> List[Dict[str, Any]]:
         """Collect the results finished since the last call, as dicts:
         tag, status, code, enhanced, text, stage, stage_name, state,
@@ -264,6 +312,67 @@ class ScriptedSession:
             f"results {tags} for submitted messages {self.tags}\n{self.transcript()}")
         assert lib.smtps_session_next_result(self.ptr) == ffi.NULL
         return list(self._collected)
+
+
+TLS_MODES = {"none": lib.SMTPS_TLS_NONE, "opportunistic": lib.SMTPS_TLS_OPPORTUNISTIC,
+             "starttls": lib.SMTPS_TLS_STARTTLS, "implicit": lib.SMTPS_TLS_IMPLICIT}
+
+
+def tls_config(ca_file: Optional[str] = None, insecure: bool = False) -> Any:
+    """A C TLS policy (``struct smtps_tls_config``), freed when collected."""
+    raw = lib.smtps_tls_config_new(ca_file.encode() if ca_file else ffi.NULL,
+                                   1 if insecure else 0)
+    assert raw != ffi.NULL, f"smtps_tls_config_new({ca_file!r}) failed"
+    return ffi.gc(raw, lib.smtps_tls_config_free)
+
+
+class TLSPeer:
+    """The server's end of a TLS connection, in memory.
+
+    Args:
+        context: a server-side ``ssl.SSLContext`` with its certificate.
+
+    ``receive(ciphertext)`` takes what the client wrote and returns the
+    plaintext it carried (driving the handshake first); ``send(plaintext)``
+    encrypts a reply and returns the ciphertext for the client;
+    ``pending()`` returns ciphertext the peer produced on its own
+    (handshake messages, session tickets). ``plain`` keeps everything
+    decrypted so far. TLS errors (a client alert) raise ``ssl.SSLError``.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.done = False
+        self.plain = bytearray()
+
+    def receive(self, ciphertext: bytes) -> bytes:
+        self.incoming.write(ciphertext)
+        if not self.done:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                return b""
+            self.done = True
+        out = bytearray()
+        while True:
+            try:
+                chunk = self.obj.read(1 << 16)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not chunk:
+                break
+            out += chunk
+        self.plain += out
+        return bytes(out)
+
+    def send(self, plaintext: bytes) -> bytes:
+        self.obj.write(plaintext)
+        return self.pending()
+
+    def pending(self) -> bytes:
+        return self.outgoing.read()
 
 
 def crlf_lines(*lines: Union[str, bytes]) -> bytes:

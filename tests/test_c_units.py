@@ -34,7 +34,7 @@ CFLAGS = [
     "-Iinclude",
     "-Icsrc",
 ]
-LIBS: list = []  # e.g. ["-lssl", "-lcrypto"] once a C test needs OpenSSL
+LIBS = ["-lssl", "-lcrypto"]  # csrc/tls.c and csrc/auth.c use OpenSSL
 
 C_TESTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "c", "test_*.c")))
 

@@ -1062,6 +1062,24 @@ def test_body_deadline_while_sending(make, split):
     assert r["stage_name"] == "sending message body"
 
 
+def test_body_block_deadline_honours_a_shorter_timeout(make, split):
+    """A caller's 2 s deadline for BODY also bounds each block of the body:
+    a server that stops reading cannot hold the connection for 3 minutes."""
+    s = connected(make)
+    s.set_timeout(lib.SMTPS_STATE_BODY, 2000)
+    s.submit(data=b"x" * 200_000)
+    assert s.sent() == MAIL
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == RCPT
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == b"DATA\r\n"
+    s.feed(b"354 go\r\n")
+    assert s.deadline == s.now + 2000
+    s.tick(s.now + 2000)
+    assert s.status == "CLOSING"
+    assert s.result()["status"] == "tempfail"
+
+
 # ---------------------------------------------------------------------------
 # 10. 421, unsolicited and malformed replies
 # ---------------------------------------------------------------------------

@@ -14,7 +14,10 @@ enum smtps_error {
     SMTPS_ESTATE = -5,
     SMTPS_EFULL = -6,
     SMTPS_ECLOSED = -7,
-    SMTPS_ENOTFOUND = -8
+    SMTPS_ENOTFOUND = -8,
+    SMTPS_ETLS = -9,
+    SMTPS_ENOTSUP = -10,
+    SMTPS_ESYS = -11
 };
 
 const char *smtps_strerror(int code);

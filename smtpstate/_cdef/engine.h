@@ -1,0 +1,41 @@
+/*
+ * cffi cdef for include/smtpstate.h: the engine (many sessions, epoll).
+ */
+
+struct smtps_engine;
+
+struct smtps_destination {
+    size_t sizeof_destination;
+    const char *host;
+    int port;
+    int tls_mode;
+    struct smtps_tls_config *tls;
+    const char *tls_servername;
+    const char *auth_user;
+    const char *auth_secret;
+    unsigned auth_mechs;
+    int auth_allow_plaintext;
+    int64_t timeout_ms;
+    const char *helo;
+};
+
+struct smtps_engine_config {
+    size_t sizeof_config;
+    int max_connections;
+    int max_per_destination;
+    int messages_per_connection;
+    int64_t idle_timeout_ms;
+    int64_t connect_timeout_ms;
+    const char *helo;
+};
+
+struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
+                                      const struct smtps_engine_config *cfg,
+                                      void *user);
+void smtps_engine_free(struct smtps_engine *e);
+int smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
+                        const struct smtps_destination *dest, uint64_t tag);
+int smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms);
+struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);
+size_t smtps_engine_pending(const struct smtps_engine *e);
+size_t smtps_engine_connections(const struct smtps_engine *e);

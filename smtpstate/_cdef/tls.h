@@ -1,0 +1,23 @@
+/*
+ * cffi cdef for include/smtpstate.h: TLS (RFC 3207) and AUTH (RFC 4954)
+ * options of a session.
+ */
+
+#define SMTPS_TLS_NONE ...
+#define SMTPS_TLS_OPPORTUNISTIC ...
+#define SMTPS_TLS_STARTTLS ...
+#define SMTPS_TLS_IMPLICIT ...
+#define SMTPS_AUTH_ANY ...
+
+struct smtps_tls_config;
+
+struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
+                                              int insecure_no_verify);
+void smtps_tls_config_free(struct smtps_tls_config *c);
+int smtps_session_set_tls(struct smtps_session *s, int mode,
+                          struct smtps_tls_config *cfg, const char *servername);
+int smtps_session_tls_active(const struct smtps_session *s);
+const char *smtps_session_tls_version(const struct smtps_session *s);
+int smtps_session_set_auth(struct smtps_session *s, const char *user,
+                           const char *secret, unsigned mechs,
+                           int allow_plaintext);

@@ -1,0 +1,209 @@
+"""Delivery options, the same for every driver (Client, Engine, asyncio):
+``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo`` and the loudly named
+``dangerously_skip_certificate_verification``.
+
+Rule: options are checked here, once, when they are given; drivers apply
+them to a C session with :meth:`Options.apply` or turn them into a
+``struct smtps_destination`` with :meth:`Options.destination`, and never
+interpret them on their own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+from smtpstate._ffi import check, ffi, lib
+from smtpstate.errors import InvalidMessageError
+
+__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS"]
+
+TLS_MODES = {
+    "none": lib.SMTPS_TLS_NONE,
+    "opportunistic": lib.SMTPS_TLS_OPPORTUNISTIC,
+    "starttls": lib.SMTPS_TLS_STARTTLS,
+    "implicit": lib.SMTPS_TLS_IMPLICIT,
+}
+
+AUTH_MECHANISMS = {
+    "PLAIN": lib.SMTPS_AUTH_PLAIN,
+    "LOGIN": lib.SMTPS_AUTH_LOGIN,
+    "CRAM-MD5": lib.SMTPS_AUTH_CRAM_MD5,
+    "XOAUTH2": lib.SMTPS_AUTH_XOAUTH2,
+}
+
+
+@dataclass(frozen=True)
+class Auth:
+    """SMTP AUTH credentials (RFC 4954).
+
+    Args:
+        user: the user name.
+        secret: the password, or the OAuth 2 access token for XOAUTH2.
+        mechanism: force one of PLAIN, LOGIN, CRAM-MD5, XOAUTH2; None picks
+            the best the server offers.
+        allow_plaintext: send credentials even without TLS. Off by default:
+            credentials otherwise never cross the network in clear.
+    """
+
+    user: str
+    secret: str
+    mechanism: Optional[str] = None
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        for what, value in (("user", self.user), ("secret", self.secret)):
+            if not isinstance(value, str) or not value:
+                raise InvalidMessageError(f"auth {what} must be a non-empty str")
+            if "\x00" in value:
+                raise InvalidMessageError(f"auth {what} contains a NUL character")
+        if self.mechanism is not None:
+            mech = self.mechanism.upper()
+            if mech not in AUTH_MECHANISMS:
+                raise InvalidMessageError(
+                    f"auth mechanism {self.mechanism!r} is not one of {sorted(AUTH_MECHANISMS)}")
+            object.__setattr__(self, "mechanism", mech)
+
+    def __repr__(self) -> str:                 # never show the secret
+        return (f"Auth(user={self.user!r}, secret='***', mechanism={self.mechanism!r}, "
+                f"allow_plaintext={self.allow_plaintext})")
+
+    @property
+    def mechs(self) -> int:
+        return AUTH_MECHANISMS[self.mechanism] if self.mechanism else lib.SMTPS_AUTH_ANY
+
+
+AuthLike = Union[Auth, Tuple[str, str], None]
+
+# One SSL_CTX per (ca_file, insecure) for the whole process: making one
+# loads the CA store, which costs milliseconds.
+_tls_configs: Dict[Tuple[Optional[str], bool], Any] = {}
+_tls_lock = threading.Lock()
+
+
+def _tls_config(ca_file: Optional[str], insecure: bool) -> Any:
+    key = (ca_file, insecure)
+    with _tls_lock:
+        cfg = _tls_configs.get(key)
+        if cfg is None:
+            raw = lib.smtps_tls_config_new(
+                ca_file.encode() if ca_file else ffi.NULL, 1 if insecure else 0)
+            if raw == ffi.NULL:
+                where = f"CA file {ca_file!r}" if ca_file else "the system CA store"
+                raise InvalidMessageError(f"cannot set up TLS with {where}")
+            cfg = ffi.gc(raw, lib.smtps_tls_config_free)
+            _tls_configs[key] = cfg
+        return cfg
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to talk to one destination.
+
+    Args:
+        tls: "none", "opportunistic" (STARTTLS when offered, else clear: an
+            explicit opt-in), "starttls" (required: nothing but QUIT in
+            clear when it is missing, refused or fails) or "implicit" (TLS
+            from the first byte, port 465).
+        auth: an :class:`Auth`, or a (user, secret) pair, or None.
+        ca_file: PEM file of trusted CAs; None: the system store.
+        timeout: seconds for every reply deadline (and connecting); None:
+            RFC 5321's per-stage defaults.
+        helo: the EHLO/HELO name; None: the driver's default.
+        server_hostname: the name sent as SNI and checked against the
+            certificate; None: the host connected to.
+        dangerously_skip_certificate_verification: accept any certificate
+            and host name. Only for tests against throwaway servers.
+    """
+
+    tls: str = "none"
+    auth: Optional[Auth] = None
+    ca_file: Optional[str] = None
+    timeout: Optional[float] = None
+    helo: Optional[str] = None
+    server_hostname: Optional[str] = None
+    dangerously_skip_certificate_verification: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tls not in TLS_MODES:
+            raise InvalidMessageError(f"tls={self.tls!r} is not one of {sorted(TLS_MODES)}")
+        auth: Any = self.auth
+        if isinstance(auth, tuple):
+            if len(auth) != 2:
+                raise InvalidMessageError("auth must be Auth(...) or a (user, secret) pair")
+            object.__setattr__(self, "auth", Auth(*auth))
+        elif auth is not None and not isinstance(auth, Auth):
+            raise InvalidMessageError("auth must be Auth(...) or a (user, secret) pair")
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise InvalidMessageError(f"ca_file {self.ca_file!r} does not exist")
+        if self.timeout is not None and not self.timeout > 0:
+            raise InvalidMessageError("timeout must be a positive number of seconds")
+
+    @classmethod
+    def make(cls, **kwargs: Any) -> "Options":
+        """Options from keyword arguments, refusing unknown ones by name."""
+        known = cls.__dataclass_fields__
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    @property
+    def timeout_ms(self) -> int:
+        return 0 if self.timeout is None else max(1, int(self.timeout * 1000))
+
+    def tls_config(self) -> Any:
+        """The shared C TLS policy for these options (NULL when tls="none")."""
+        if self.tls == "none":
+            return ffi.NULL
+        return _tls_config(self.ca_file, self.dangerously_skip_certificate_verification)
+
+    def apply(self, session_ptr: Any, host: str, keep: list) -> None:
+        """Set TLS, AUTH and deadlines on a C session before it starts.
+        ``keep`` receives cdata that must live as long as the session."""
+        if self.tls != "none":
+            name = (self.server_hostname or host).encode("idna")
+            keep.append(name)
+            check(lib.smtps_session_set_tls(session_ptr, TLS_MODES[self.tls],
+                                            self.tls_config(), name), "set up TLS")
+        if self.auth is not None:
+            a = self.auth
+            check(lib.smtps_session_set_auth(session_ptr, a.user.encode(), a.secret.encode(),
+                                             a.mechs, 1 if a.allow_plaintext else 0),
+                  "set up AUTH")
+        if self.timeout is not None:
+            for sid in range(lib.SMTPS_MAX_STATES):
+                if lib.smtps_session_set_timeout(session_ptr, sid, self.timeout_ms) < 0:
+                    break
+
+    def destination(self, host: str, port: int, keep: list) -> Any:
+        """A ``struct smtps_destination`` for the engine. ``keep`` receives
+        the cdata it points to, which must live until the submit call."""
+        d = ffi.new("struct smtps_destination *")
+        keep.append(d)
+
+        def cstr(value: Optional[str], codec: str = "utf-8") -> Any:
+            if value is None:
+                return ffi.NULL
+            c = ffi.new("char[]", value.encode(codec))
+            keep.append(c)
+            return c
+
+        d.sizeof_destination = ffi.sizeof("struct smtps_destination")
+        d.host = cstr(host, "idna")
+        d.port = int(port)
+        d.tls_mode = TLS_MODES[self.tls]
+        d.tls = self.tls_config()
+        if d.tls != ffi.NULL:
+            keep.append(d.tls)
+        d.tls_servername = cstr(self.server_hostname, "idna")
+        if self.auth is not None:
+            d.auth_user = cstr(self.auth.user)
+            d.auth_secret = cstr(self.auth.secret)
+            d.auth_mechs = self.auth.mechs
+            d.auth_allow_plaintext = 1 if self.auth.allow_plaintext else 0
+        d.timeout_ms = self.timeout_ms
+        d.helo = cstr(self.helo, "ascii")
+        return d

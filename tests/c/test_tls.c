@@ -1,0 +1,606 @@
+/* SPDX-License-Identifier: MIT */
+/* The man-page header nests comment openers on purpose (Postfix style). */
+#pragma GCC diagnostic ignored "-Wcomment"
+/*++
+/* NAME
+/*	test_tls 1
+/* SUMMARY
+/*	table-driven test of base64 (csrc/auth.c) and TLS in the session
+/*	(csrc/tls.c), under the sanitizers
+/* SYNOPSIS
+/*	test_tls
+/* DESCRIPTION
+/*	base64: the RFC 4648 10 vectors both ways, each output buffer
+/*	allocated at its exact size (a write past it is a heap overflow
+/*	AddressSanitizer reports), too-small buffers, and inputs the strict
+/*	decoder must refuse.
+/*
+/*	TLS: a session against a server end written here with OpenSSL on
+/*	its own BIO pair and a throwaway self-signed certificate made in
+/*	memory. Implicit TLS and STARTTLS each run a whole delivery of a
+/*	body larger than the session's output high-water mark, taking the
+/*	ciphertext in odd-sized bites, and compare what the server
+/*	decrypted byte for byte. Failures: a verifying policy refuses the
+/*	self-signed certificate; garbage after the 220 is a failed
+/*	handshake; a reply injected after the 220 is refused before any
+/*	handshake; a session freed in the middle of its handshake. Leaks of
+/*	any SSL object show up in LeakSanitizer.
+/*
+/*	Prints "RUN label", then "PASS label" or "FAIL label: why", and
+/*	finally "N passed, N failed".
+/* DIAGNOSTICS
+/*	Exit status 0 when every test passed, 1 otherwise.
+/* SEE ALSO
+/*	csrc/auth.c, csrc/tls.c, RFC 4648, RFC 3207.
+/*--*/
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "internal.h"
+
+#define WHY_MAX 512
+#define B(s) s, sizeof(s) - 1
+
+static char why[WHY_MAX];
+
+/* ------------------------------------------------------------------ */
+/* base64                                                              */
+/* ------------------------------------------------------------------ */
+
+static const struct {
+    const char *plain;
+    size_t  plen;
+    const char *coded;
+} b64_vectors[] = {
+    {B(""), ""},
+    {B("f"), "Zg=="},
+    {B("fo"), "Zm8="},
+    {B("foo"), "Zm9v"},
+    {B("foob"), "Zm9vYg=="},
+    {B("fooba"), "Zm9vYmE="},
+    {B("foobar"), "Zm9vYmFy"},
+    {B("\0alice\0s3cret"), "AGFsaWNlAHMzY3JldA=="},
+    {B("\xff\xfe\xfd"), "//79"},
+};
+
+#define NVECTORS (sizeof(b64_vectors) / sizeof(b64_vectors[0]))
+
+/* test_base64_vectors - RFC 4648 10, both ways, exact buffers */
+
+static int test_base64_vectors(void)
+{
+    size_t  i, n, clen;
+    char   *out;
+    unsigned char *back;
+    int     rc;
+
+    for (i = 0; i < NVECTORS; i++) {
+	clen = strlen(b64_vectors[i].coded);
+	out = malloc(clen + 1);
+	n = smtps_base64_encode((const unsigned char *) b64_vectors[i].plain,
+				b64_vectors[i].plen, out, clen + 1);
+	if (n != clen || memcmp(out, b64_vectors[i].coded, clen + 1) != 0) {
+	    snprintf(why, WHY_MAX, "encode vector %zu: got %zu bytes", i, n);
+	    free(out);
+	    return 0;
+	}
+	/* One byte short: refused, nothing written past the end. */
+	if (clen > 0 && smtps_base64_encode((const unsigned char *)
+					    b64_vectors[i].plain,
+					    b64_vectors[i].plen, out, clen) != 0) {
+	    snprintf(why, WHY_MAX, "encode vector %zu: short buffer taken", i);
+	    free(out);
+	    return 0;
+	}
+	free(out);
+	back = malloc(b64_vectors[i].plen + 1);
+	rc = smtps_base64_decode(b64_vectors[i].coded, clen, back,
+				 b64_vectors[i].plen, &n);
+	if (rc != SMTPS_OK || n != b64_vectors[i].plen
+	    || memcmp(back, b64_vectors[i].plain, n) != 0) {
+	    snprintf(why, WHY_MAX, "decode vector %zu: rc %d, %zu bytes", i, rc,
+		     n);
+	    free(back);
+	    return 0;
+	}
+	if (b64_vectors[i].plen > 0
+	    && smtps_base64_decode(b64_vectors[i].coded, clen, back,
+				   b64_vectors[i].plen - 1, &n) != SMTPS_ETOOBIG) {
+	    snprintf(why, WHY_MAX, "decode vector %zu: short buffer taken", i);
+	    free(back);
+	    return 0;
+	}
+	free(back);
+    }
+    return 1;
+}
+
+/* test_base64_refusals - what the strict decoder must not take */
+
+static int test_base64_refusals(void)
+{
+    static const char *bad[] = {
+	"Zg=", "Zg", "Z===", "====", "Zg==Zg==", "Zm9v!mFy", "Zm 9v",
+	"Zm9v\r\n", "=Zm9", "Zm=v",
+    };
+    unsigned char out[64];
+    size_t  i, n;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++)
+	if (smtps_base64_decode(bad[i], strlen(bad[i]), out, sizeof(out), &n)
+	    != SMTPS_EINVAL) {
+	    snprintf(why, WHY_MAX, "took \"%s\"", bad[i]);
+	    return 0;
+	}
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* A TLS server end in memory                                          */
+/* ------------------------------------------------------------------ */
+
+struct server {
+    SSL_CTX *ctx;
+    SSL    *ssl;
+    BIO    *net;
+    char    plain[1 << 21];		/* everything decrypted, in order */
+    size_t  nplain;
+};
+
+static EVP_PKEY *key;
+static X509 *cert;
+
+/* make_cert - a self-signed certificate for "localhost", made once */
+
+static int make_cert(void)
+{
+    X509_NAME *name;
+    X509_EXTENSION *ext;
+    X509V3_CTX v3;
+
+    if (cert != NULL)
+	return 1;
+    if ((key = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256")) == NULL
+	|| (cert = X509_new()) == NULL)
+	return 0;
+    X509_set_version(cert, 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
+    X509_gmtime_adj(X509_getm_notBefore(cert), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(cert), 3600);
+    X509_set_pubkey(cert, key);
+    name = X509_get_subject_name(cert);
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+			       (const unsigned char *) "localhost", -1, -1, 0);
+    X509_set_issuer_name(cert, name);
+    X509V3_set_ctx(&v3, cert, cert, NULL, NULL, 0);
+    if ((ext = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name,
+				   "DNS:localhost")) == NULL)
+	return 0;
+    X509_add_ext(cert, ext, -1);
+    X509_EXTENSION_free(ext);
+    return X509_sign(cert, key, EVP_sha256()) > 0;
+}
+
+/* server_new - a server end with the test certificate */
+
+static struct server *server_new(void)
+{
+    struct server *sv = calloc(1, sizeof(*sv));
+    BIO    *inner;
+
+    if (sv == NULL || !make_cert()
+	|| (sv->ctx = SSL_CTX_new(TLS_server_method())) == NULL
+	|| SSL_CTX_use_certificate(sv->ctx, cert) != 1
+	|| SSL_CTX_use_PrivateKey(sv->ctx, key) != 1
+	|| (sv->ssl = SSL_new(sv->ctx)) == NULL
+	|| BIO_new_bio_pair(&inner, 1 << 17, &sv->net, 1 << 17) != 1) {
+	fprintf(stderr, "server_new failed\n");
+	exit(2);
+    }
+    SSL_set_bio(sv->ssl, inner, inner);
+    SSL_set_accept_state(sv->ssl);
+    return sv;
+}
+
+/* server_free - release a server end */
+
+static void server_free(struct server *sv)
+{
+    SSL_free(sv->ssl);
+    BIO_free(sv->net);
+    SSL_CTX_free(sv->ctx);
+    free(sv);
+}
+
+/* server_take - client ciphertext in; decrypt what can be decrypted */
+
+static int server_take(struct server *sv, const char *data, size_t len)
+{
+    int     n;
+
+    while (len > 0) {
+	if ((n = BIO_write(sv->net, data, (int) len)) <= 0)
+	    return 0;
+	data += n;
+	len -= (size_t) n;
+	while ((n = SSL_read(sv->ssl, sv->plain + sv->nplain,
+			     (int) (sizeof(sv->plain) - sv->nplain))) > 0)
+	    sv->nplain += (size_t) n;
+	if (SSL_get_error(sv->ssl, n) != SSL_ERROR_WANT_READ)
+	    return 0;
+    }
+    return 1;
+}
+
+/* server_say - encrypt a reply; feed it (and anything pending) to s */
+
+static int server_say(struct server *sv, struct smtps_session *s,
+		              const char *text)
+{
+    char    buf[1 << 16];
+    int     n;
+
+    if (text != NULL && SSL_write(sv->ssl, text, (int) strlen(text)) <= 0)
+	return 0;
+    while ((n = BIO_read(sv->net, buf, sizeof(buf))) > 0)
+	if (smtps_session_feed(s, buf, (size_t) n, 0) < 0)
+	    return 0;
+    return 1;
+}
+
+/* pump - client output to the server in bites of `bite`, until none */
+
+static int pump(struct server *sv, struct smtps_session *s, size_t bite)
+{
+    const char *data;
+    size_t  n;
+
+    while ((n = smtps_session_output(s, &data)) > 0) {
+	if (n > bite)
+	    n = bite;
+	if (!server_take(sv, data, n))
+	    return 0;
+	smtps_session_consume(s, n, 0);
+	if (!server_say(sv, s, NULL))		/* handshake answers */
+	    return 0;
+    }
+    return 1;
+}
+
+/* expect_plain - the server decrypted exactly want since `from` */
+
+static int expect_plain(struct server *sv, size_t *from, const char *want,
+			        size_t len)
+{
+    if (sv->nplain - *from != len || memcmp(sv->plain + *from, want, len) != 0) {
+	snprintf(why, WHY_MAX, "server got \"%.*s\" (%zu bytes), wanted \"%.*s\"",
+		 (int) (sv->nplain - *from > 80 ? 80 : sv->nplain - *from),
+		 sv->plain + *from, sv->nplain - *from, (int) (len > 80 ? 80 : len),
+		 want);
+	return 0;
+    }
+    *from += len;
+    return 1;
+}
+
+/* session - a session with TLS in mode, an insecure (self-signed) policy */
+
+static struct smtps_session *session(int mode, int insecure)
+{
+    struct smtps_tls_config *cfg = smtps_tls_config_new(NULL, insecure);
+    struct smtps_session *s = smtps_session_new(NULL, "client.example", NULL);
+
+    if (cfg == NULL || s == NULL
+	|| smtps_session_set_tls(s, mode, cfg, "localhost") != SMTPS_OK) {
+	fprintf(stderr, "session set-up failed\n");
+	exit(2);
+    }
+    smtps_tls_config_free(cfg);			/* the session holds it */
+    return s;
+}
+
+/* message - one message with a body of n bytes of lines and dots */
+
+static struct smtps_message *message(size_t n, char **body)
+{
+    struct smtps_message *m = smtps_message_new();
+    size_t  i;
+
+    *body = malloc(n);
+    for (i = 0; i < n; i++)
+	(*body)[i] = i % 61 == 60 ? '\n' : i % 61 == 0 ? '.' : (char) ('a' + i % 26);
+    smtps_message_set_sender(m, B("a@client.example"));
+    smtps_message_add_recipient(m, B("b@server.example"), 0, NULL, 0);
+    smtps_message_set_body(m, *body, n);
+    return m;
+}
+
+/* stuffed - what the server must decrypt for that body after DATA */
+
+static char *stuffed(const char *body, size_t n, size_t *len)
+{
+    char   *out = malloc(2 * n + 8);
+    size_t  i, k = 0;
+
+    for (i = 0; i < n; i++) {
+	if (body[i] == '\n')
+	    out[k++] = '\r';
+	else if (body[i] == '.' && (i == 0 || body[i - 1] == '\n'))
+	    out[k++] = '.';
+	out[k++] = body[i];
+    }
+    if (n > 0 && body[n - 1] != '\n') {
+	out[k++] = '\r';
+	out[k++] = '\n';
+    }
+    memcpy(out + k, ".\r\n", 3);
+    *len = k + 3;
+    return out;
+}
+
+/* deliver - from IDLE: one big message, taken in odd bites */
+
+static int deliver(struct server *sv, struct smtps_session *s, size_t *from)
+{
+    struct smtps_message *m;
+    struct smtps_result *r;
+    char   *body, *want;
+    size_t  wlen;
+    int     ok = 0;
+
+    m = message(300000, &body);
+    want = stuffed(body, 300000, &wlen);
+    if (smtps_session_submit(s, m, 7) != SMTPS_OK || !pump(sv, s, 1000)
+	|| !expect_plain(sv, from, B("MAIL FROM:<a@client.example>\r\n"))
+	|| !server_say(sv, s, "250 ok\r\n") || !pump(sv, s, 1000)
+	|| !expect_plain(sv, from, B("RCPT TO:<b@server.example>\r\n"))
+	|| !server_say(sv, s, "250 ok\r\n") || !pump(sv, s, 1000)
+	|| !expect_plain(sv, from, B("DATA\r\n"))
+	|| !server_say(sv, s, "354 go\r\n") || !pump(sv, s, 7777)
+	|| !expect_plain(sv, from, want, wlen)
+	|| !server_say(sv, s, "250 2.0.0 queued\r\n"))
+	goto out;
+    if ((r = smtps_session_next_result(s)) == NULL
+	|| r->status != SMTPS_STATUS_DELIVERED || r->tag != 7) {
+	snprintf(why, WHY_MAX, "no delivered result");
+	smtps_result_free(r);
+	goto out;
+    }
+    smtps_result_free(r);
+    ok = 1;
+out:
+    if (!ok && why[0] == 0)
+	snprintf(why, WHY_MAX, "delivery failed: %s", smtps_session_reason(s));
+    free(body);
+    free(want);
+    return ok;
+}
+
+/* finish - QUIT over TLS, then free */
+
+static int finish(struct server *sv, struct smtps_session *s, size_t *from)
+{
+    int     ok;
+
+    ok = smtps_session_quit(s) == SMTPS_OK && pump(sv, s, 1 << 20)
+	&& expect_plain(sv, from, B("QUIT\r\n"))
+	&& server_say(sv, s, "221 bye\r\n")
+	&& smtps_session_status(s) == SMTPS_SESS_CLOSING;
+    smtps_session_free(s);
+    server_free(sv);
+    return ok;
+}
+
+/* test_implicit_delivery - TLS first, then a whole delivery */
+
+static int test_implicit_delivery(void)
+{
+    struct smtps_session *s = session(SMTPS_TLS_IMPLICIT, 1);
+    struct server *sv = server_new();
+    size_t  from = 0;
+
+    if (smtps_session_start(s, 0) != SMTPS_OK || !pump(sv, s, 100)
+	|| !smtps_session_tls_active(s))
+	return (snprintf(why, WHY_MAX, "no handshake: %s",
+			 smtps_session_reason(s)), 0);
+    if (!server_say(sv, s, "220 server.example\r\n") || !pump(sv, s, 3)
+	|| !expect_plain(sv, &from, B("EHLO client.example\r\n"))
+	|| !server_say(sv, s, "250 server.example\r\n")
+	|| smtps_session_status(s) != SMTPS_SESS_IDLE)
+	return (snprintf(why, WHY_MAX, "no EHLO"), 0);
+    return deliver(sv, s, &from) && finish(sv, s, &from);
+}
+
+/* test_starttls_delivery - clear EHLO, STARTTLS, EHLO again inside */
+
+static int test_starttls_delivery(void)
+{
+    struct smtps_session *s = session(SMTPS_TLS_STARTTLS, 1);
+    struct server *sv = server_new();
+    const char *data;
+    size_t  from = 0, n;
+
+    smtps_session_start(s, 0);
+    smtps_session_feed(s, B("220 server.example\r\n"), 0);
+    n = smtps_session_output(s, &data);
+    if (n != sizeof("EHLO client.example\r\n") - 1)
+	return (snprintf(why, WHY_MAX, "no clear EHLO"), 0);
+    smtps_session_consume(s, n, 0);
+    smtps_session_feed(s, B("250-server.example\r\n250-PIPELINING\r\n"
+			    "250 STARTTLS\r\n"), 0);
+    n = smtps_session_output(s, &data);
+    if (n != 10 || memcmp(data, "STARTTLS\r\n", 10) != 0)
+	return (snprintf(why, WHY_MAX, "no STARTTLS"), 0);
+    smtps_session_consume(s, n, 0);
+    smtps_session_feed(s, B("220 go ahead\r\n"), 0);
+    if (!pump(sv, s, 50) || !smtps_session_tls_active(s)
+	|| !expect_plain(sv, &from, B("EHLO client.example\r\n")))
+	return (snprintf(why, WHY_MAX, "no handshake: %s",
+			 smtps_session_reason(s)), 0);
+    /* No PIPELINING inside: MAIL, RCPT, DATA go one at a time. */
+    if (!server_say(sv, s, "250 server.example\r\n")
+	|| smtps_session_pipelining(s))
+	return (snprintf(why, WHY_MAX, "capabilities kept"), 0);
+    return deliver(sv, s, &from) && finish(sv, s, &from);
+}
+
+/* to_220 - a STARTTLS session just before the server's 220 */
+
+static struct smtps_session *to_220(int insecure, struct smtps_message **m)
+{
+    struct smtps_session *s = session(SMTPS_TLS_STARTTLS, insecure);
+    const char *data;
+    char   *body;
+
+    *m = message(10, &body);
+    free(body);
+    smtps_session_submit(s, *m, 1);
+    smtps_session_start(s, 0);
+    smtps_session_feed(s, B("220 server.example\r\n"), 0);
+    smtps_session_consume(s, smtps_session_output(s, &data), 0);
+    smtps_session_feed(s, B("250-server.example\r\n250 STARTTLS\r\n"), 0);
+    smtps_session_consume(s, smtps_session_output(s, &data), 0);
+    return s;
+}
+
+/* one_result - the single result has status and a reason containing text */
+
+static int one_result(struct smtps_session *s, int status, const char *text,
+		              int stage)
+{
+    struct smtps_result *r = smtps_session_next_result(s);
+    int     ok;
+
+    ok = r != NULL && r->status == status && strstr(r->reason, text) != NULL
+	&& r->stage == stage && smtps_session_next_result(s) == NULL;
+    if (!ok)
+	snprintf(why, WHY_MAX, "result %d \"%s\" stage %d", r ? r->status : -1,
+		 r ? r->reason : "(none)", r ? r->stage : -1);
+    smtps_result_free(r);
+    return ok;
+}
+
+/* no_clear_text - after TLS began, nothing but TLS records goes out */
+
+static int no_clear_text(struct smtps_session *s)
+{
+    const char *data;
+    size_t  n = smtps_session_output(s, &data);
+
+    return n == 0 || (data[0] >= 0x14 && data[0] <= 0x17);
+}
+
+/* test_self_signed_refused - a verifying policy fails the handshake */
+
+static int test_self_signed_refused(void)
+{
+    struct smtps_message *m;
+    struct smtps_session *s = to_220(0, &m);
+    struct server *sv = server_new();
+    int     ok;
+
+    smtps_session_feed(s, B("220 go\r\n"), 0);
+    (void) pump(sv, s, 1 << 20);		/* the server sees our alert */
+    ok = smtps_session_status(s) == SMTPS_SESS_CLOSING
+	&& !smtps_session_tls_active(s) && no_clear_text(s)
+	&& one_result(s, SMTPS_STATUS_TEMPFAIL, "TLS handshake failed: "
+		      "certificate verify failed", SMTPS_STAGE_TLS_HANDSHAKE);
+    smtps_session_free(s);
+    server_free(sv);
+    ERR_clear_error();
+    return ok;
+}
+
+/* test_garbage_after_220 - not TLS: a failed handshake, no QUIT */
+
+static int test_garbage_after_220(void)
+{
+    struct smtps_message *m;
+    struct smtps_session *s = to_220(1, &m);
+    int     ok;
+
+    smtps_session_feed(s, B("220 go\r\n"), 0);
+    smtps_session_feed(s, B("250 this is not a TLS record at all\r\n"), 0);
+    ok = smtps_session_status(s) == SMTPS_SESS_CLOSING && no_clear_text(s)
+	&& one_result(s, SMTPS_STATUS_TEMPFAIL, "TLS handshake failed",
+		      SMTPS_STAGE_TLS_HANDSHAKE);
+    smtps_session_free(s);
+    return ok;
+}
+
+/* test_injection_refused - a reply after the 220, in the same read */
+
+static int test_injection_refused(void)
+{
+    struct smtps_message *m;
+    struct smtps_session *s = to_220(1, &m);
+    const char *data;
+    int     ok;
+
+    ok = smtps_session_feed(s, B("220 go\r\n250 injected\r\n"), 0)
+	== SMTPS_EPROTO
+	&& smtps_session_status(s) == SMTPS_SESS_CLOSING
+	&& smtps_session_output(s, &data) == 0
+	&& one_result(s, SMTPS_STATUS_TEMPFAIL, "clear text after its "
+		      "STARTTLS reply", SMTPS_STAGE_STARTTLS_DONE);
+    smtps_session_free(s);
+    return ok;
+}
+
+/* test_free_mid_handshake - nothing leaks when the session just ends */
+
+static int test_free_mid_handshake(void)
+{
+    struct smtps_message *m;
+    struct smtps_session *s = to_220(1, &m);
+
+    smtps_session_feed(s, B("220 go\r\n"), 0);
+    smtps_session_free(s);
+    s = session(SMTPS_TLS_IMPLICIT, 0);
+    smtps_session_start(s, 0);
+    smtps_session_closed(s, "gone", 0);
+    smtps_session_free(s);
+    return 1;
+}
+
+int     main(void)
+{
+    static const struct {
+	const char *label;
+	int     (*fn) (void);
+    }       tests[] = {
+	{"base64 vectors", test_base64_vectors},
+	{"base64 refusals", test_base64_refusals},
+	{"implicit TLS delivery", test_implicit_delivery},
+	{"STARTTLS delivery", test_starttls_delivery},
+	{"self-signed refused", test_self_signed_refused},
+	{"garbage after 220", test_garbage_after_220},
+	{"injection refused", test_injection_refused},
+	{"free mid-handshake", test_free_mid_handshake},
+    };
+    size_t  i;
+    int     passed = 0, failed = 0;
+
+    for (i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+	printf("RUN %s\n", tests[i].label);
+	why[0] = 0;
+	if (tests[i].fn()) {
+	    printf("PASS %s\n", tests[i].label);
+	    passed++;
+	} else {
+	    printf("FAIL %s: %s\n", tests[i].label, why);
+	    failed++;
+	}
+    }
+    X509_free(cert);
+    EVP_PKEY_free(key);
+    printf("%d passed, %d failed\n", passed, failed);
+    return (failed ? 1 : 0);
+}

@@ -1,0 +1,622 @@
+"""TLS inside the session (RFC 3207 STARTTLS, RFC 8314 implicit TLS).
+
+Two halves:
+
+* scripted: the C session against :class:`scripted.TLSPeer`, a TLS server
+  end in memory (Python's ``ssl`` over ``MemoryBIO``), with exact bytes --
+  the plaintext inside TLS included -- and ciphertext fed whole or one
+  byte at a time;
+* real servers: aiosmtpd (STARTTLS and implicit TLS), Postfix (STARTTLS),
+  and a tiny scripted TCP server for what real servers never do (refuse
+  STARTTLS while offering it, inject a reply after its 220).
+
+Every failure case asserts the promise of required TLS: nothing but EHLO,
+STARTTLS and QUIT is ever sent in clear -- no MAIL, RCPT, AUTH or body --
+and each message gets a ``tempfail`` whose reason says why.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+import pytest
+
+import smtpstate
+from smtpstate import Message
+from smtpstate._core import ffi, lib
+
+from scripted import SPLITS, ScriptedSession, TLSPeer, tls_config
+
+T0 = 1_000_000
+BANNER = b"220 server.example ESMTP\r\n"
+EHLO = b"EHLO client.example\r\n"
+MAIL = b"MAIL FROM:<sender@client.example>\r\n"
+RCPT = b"RCPT TO:<rcpt@server.example>\r\n"
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+SENDER = "sender@example.test"
+RCPT_ADDR = "rcpt@example.test"
+CLEAR_FORBIDDEN = (b"MAIL", b"RCPT", b"AUTH", b"DATA", b"BDAT", b"Subject")
+
+
+def ehlo(*keywords: str) -> bytes:
+    out = [b"250-server.example\r\n" if keywords else b"250 server.example\r\n"]
+    for i, kw in enumerate(keywords):
+        out.append(b"250" + (b" " if i == len(keywords) - 1 else b"-") + kw.encode() + b"\r\n")
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Certificates
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca_file(tls_ca, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tls") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server_context(tls_ca):
+    """A server context whose certificate names localhost and 127.0.0.1."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def make(request):
+    made = []
+
+    def factory(split="whole"):
+        s = ScriptedSession(split=split, now=T0)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        s.finish()
+
+
+def to_starttls(s, cfg, *, mode="starttls", offer=("STARTTLS",), servername="localhost"):
+    """Banner and EHLO with ``offer``; returns what the client sent next."""
+    assert s.set_tls(mode, cfg, servername) == lib.SMTPS_OK
+    s.start()
+    s.feed(BANNER)
+    assert s.sent() == EHLO
+    s.feed(ehlo(*offer))
+    return s.sent()
+
+
+# ---------------------------------------------------------------------------
+# Scripted: the session and a TLS peer in memory
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_starttls_exact_bytes_and_fresh_capabilities(make, split, ca_file, server_context):
+    s = make(split)
+    cfg = tls_config(ca_file)
+    # In clear the server offers PIPELINING; after TLS it does not: the
+    # second EHLO's answer is all that counts (RFC 3207 4.2).
+    assert to_starttls(s, cfg, offer=("PIPELINING", "STARTTLS")) == b"STARTTLS\r\n"
+    s.feed(b"220 2.0.0 go ahead\r\n")
+    assert s.status == "ACTIVE" and not s.tls_active
+    peer = TLSPeer(server_context)
+    hello = s.pending_output()
+    assert hello[:1] == b"\x16", "a TLS handshake record, not clear text"
+    assert s.handshake(peer) == EHLO                # EHLO again, inside TLS
+    assert s.tls_active and s.tls_version in ("TLSv1.2", "TLSv1.3")
+    s.feed(peer.send(ehlo("SIZE 1000000")))
+    assert s.status == "IDLE"
+    s.submit()
+    assert peer.receive(s.sent()) == b"MAIL FROM:<sender@client.example> SIZE=22\r\n"  # no PIPELINING
+    s.feed(peer.send(b"250 ok\r\n"))
+    assert peer.receive(s.sent()) == RCPT
+    s.feed(peer.send(b"250 ok\r\n"))
+    assert peer.receive(s.sent()) == b"DATA\r\n"
+    s.feed(peer.send(b"354 go\r\n"))
+    assert peer.receive(s.sent()) == BODY + b".\r\n"
+    s.feed(peer.send(b"250 2.0.0 queued\r\n"))
+    r = s.result()
+    assert r["status"] == "delivered" and r["code"] == 250
+    s.quit()
+    assert peer.receive(s.sent()) == b"QUIT\r\n"
+    s.feed(peer.send(b"221 bye\r\n"))
+    assert s.status == "CLOSING"
+    # Everything the server ever decrypted, in order.
+    assert bytes(peer.plain) == (EHLO + b"MAIL FROM:<sender@client.example> SIZE=22\r\n" + RCPT
+                                 + b"DATA\r\n" + BODY + b".\r\n" + b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_implicit_tls_handshake_before_banner(make, split, ca_file, server_context):
+    s = make(split)
+    assert s.set_tls("implicit", tls_config(ca_file)) == lib.SMTPS_OK
+    s.start()
+    peer = TLSPeer(server_context)
+    assert s.pending_output()[:1] == b"\x16"       # ClientHello, before any banner
+    assert s.handshake(peer) == b""                # the client waits for the banner
+    assert s.tls_active
+    s.feed(peer.send(BANNER))
+    assert peer.receive(s.sent()) == EHLO
+    s.feed(peer.send(ehlo("PIPELINING")))
+    assert s.status == "IDLE"
+    s.submit()
+    assert peer.receive(s.sent()) == MAIL + RCPT + b"DATA\r\n"
+    s.feed(peer.send(b"250 ok\r\n250 ok\r\n354 go\r\n"))
+    assert peer.receive(s.sent()) == BODY + b".\r\n"
+    s.feed(peer.send(b"250 ok\r\n"))
+    assert s.result()["status"] == "delivered"
+
+
+def test_implicit_tls_after_a_clear_proxy_line(ca_file, server_context):
+    """A state placed before BANNER (a PROXY header) still speaks in clear,
+    before the implicit handshake."""
+    from smtpstate import Action, Machine, State
+    from smtpstate.session import Session
+
+    proxy = b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25"
+
+    class Proxy(State):
+        name = "proxy-v1"
+
+        def setup(self, session):
+            session.send(proxy)
+            return 0
+
+        def callback(self, session, reply):
+            return Action.NEXT
+
+    machine = Machine()
+    machine.register(Proxy(), after=-1)
+    session = Session(machine, "client.example")    # Python states need the Python session
+    p, pp = session._ptr, ffi.new("const char **")
+
+    def take():
+        n = lib.smtps_session_output(p, pp)
+        data = bytes(ffi.buffer(pp[0], n)) if n else b""
+        lib.smtps_session_consume(p, n, T0)
+        return data
+
+    cfg = tls_config(ca_file)
+    assert lib.smtps_session_set_tls(p, lib.SMTPS_TLS_IMPLICIT, cfg, b"localhost") == lib.SMTPS_OK
+    assert lib.smtps_session_start(p, T0) == lib.SMTPS_OK
+    out = take()
+    assert out.startswith(proxy + b"\r\n\x16"), out[:60]   # clear header, then ClientHello
+    peer = TLSPeer(server_context)
+    plain = peer.receive(out[len(proxy) + 2:])
+    for _ in range(10):
+        back = peer.pending()
+        if back:
+            assert lib.smtps_session_feed(p, back, len(back), T0) == lib.SMTPS_OK
+        out = take()
+        plain += peer.receive(out) if out else b""
+        if not back and not out:
+            break
+    assert lib.smtps_session_tls_active(p)
+    reply = peer.send(BANNER)
+    assert lib.smtps_session_feed(p, reply, len(reply), T0) == lib.SMTPS_OK
+    assert peer.receive(take()) == EHLO
+    session.close()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_injected_reply_after_starttls_220(make, split, ca_file):
+    """CVE-2011-0411: clear text after the 220 is never taken as a reply."""
+    s = make(split)
+    s.submit()
+    assert to_starttls(s, tls_config(ca_file)) == b"STARTTLS\r\n"
+    s.feed(b"220 go\r\n250 injected\r\n")
+    out = s.sent()
+    assert s.status == "CLOSING"
+    assert not any(w in out for w in CLEAR_FORBIDDEN + (b"EHLO", b"QUIT")), out
+    r = s.result()
+    assert r["status"] == "tempfail"
+    if split == "whole":
+        # In one read: recognised for what it is.
+        assert "clear text after its STARTTLS reply" in r["reason"], r
+        assert r["stage_name"] == "after STARTTLS" and r["state"] == "STARTTLS"
+    else:
+        # Byte by byte the extra bytes arrive after the handshake began,
+        # where they are a broken TLS record.
+        assert "TLS handshake failed" in r["reason"], r
+        assert r["stage_name"] == "TLS handshake"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_required_tls_not_offered_sends_only_quit(make, split, ca_file):
+    s = make(split)
+    s.submit()
+    s.submit()
+    assert to_starttls(s, tls_config(ca_file), offer=("PIPELINING",)) == b"QUIT\r\n"
+    got = s.results()
+    assert [r["status"] for r in got] == ["tempfail", "tempfail"]
+    for r in got:
+        assert "TLS is required, but the server does not offer STARTTLS" in r["reason"]
+        assert r["stage_name"] == "sending STARTTLS" and r["state"] == "STARTTLS"
+
+
+@pytest.mark.parametrize("code", [b"454 4.7.0 TLS not available", b"554 5.7.3 no"])
+def test_required_tls_refused_sends_only_quit(make, code, ca_file):
+    s = make()
+    s.submit()
+    assert to_starttls(s, tls_config(ca_file)) == b"STARTTLS\r\n"
+    s.feed(code + b"\r\n")
+    assert s.sent() == b"QUIT\r\n"
+    r = s.result()
+    assert r["status"] == "tempfail"               # even after a 5xx: not about the mail
+    assert "TLS is required, but the server refused STARTTLS: " + code[:3].decode() in r["reason"]
+
+
+def test_opportunistic_goes_on_in_clear(make, ca_file):
+    s = make()
+    assert to_starttls(s, tls_config(ca_file), mode="opportunistic", offer=()) == b""
+    assert s.status == "IDLE" and not s.tls_active
+    s.submit()
+    assert s.sent() == MAIL
+    s2 = make()
+    assert to_starttls(s2, tls_config(ca_file), mode="opportunistic") == b"STARTTLS\r\n"
+    s2.feed(b"454 4.7.0 not now\r\n")
+    assert s2.status == "IDLE"                     # refused: on in clear
+    s2.submit()
+    assert s2.sent() == MAIL
+
+
+@pytest.mark.parametrize("servername, why", [
+    ("wrong.example", "hostname mismatch"),
+    ("192.0.2.1", "ip address mismatch"),
+])
+def test_name_mismatch_fails_the_handshake(make, ca_file, server_context, servername, why):
+    s = make()
+    s.submit()
+    assert to_starttls(s, tls_config(ca_file), servername=servername) == b"STARTTLS\r\n"
+    s.feed(b"220 go\r\n")
+    peer = TLSPeer(server_context)
+    with pytest.raises(ssl.SSLError):
+        s.handshake(peer)
+    assert s.status == "CLOSING" and not s.tls_active
+    r = s.result()
+    assert r["status"] == "tempfail"
+    assert r["reason"].startswith("not attempted: TLS handshake failed: certificate verify failed")
+    assert why in r["reason"].lower(), r
+    assert r["stage"] == lib.SMTPS_STAGE_TLS_HANDSHAKE and r["stage_name"] == "TLS handshake"
+    assert EHLO not in bytes(peer.plain)
+
+
+def test_untrusted_certificate_fails_the_handshake(make, server_context, tmp_path):
+    # A CA that did not issue the server's certificate.
+    import trustme
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    s = make()
+    s.submit()
+    assert to_starttls(s, tls_config(str(other))) == b"STARTTLS\r\n"
+    s.feed(b"220 go\r\n")
+    with pytest.raises(ssl.SSLError):
+        s.handshake(TLSPeer(server_context))
+    r = s.result()
+    assert r["status"] == "tempfail" and "certificate verify failed" in r["reason"], r
+    assert s.sent() == b""
+
+
+def test_insecure_config_accepts_any_certificate(make, server_context):
+    s = make()
+    assert to_starttls(s, tls_config(None, insecure=True), servername="wrong.example") \
+        == b"STARTTLS\r\n"
+    s.feed(b"220 go\r\n")
+    assert s.handshake(TLSPeer(server_context)) == EHLO
+    assert s.tls_active
+
+
+def test_handshake_timeout_and_lost_connection(make, ca_file):
+    s = make()
+    s.submit()
+    to_starttls(s, tls_config(ca_file))
+    s.feed(b"220 go\r\n")
+    s.sent()                                        # the ClientHello; no answer
+    s.tick(s.deadline)
+    r = s.result()
+    assert r["status"] == "tempfail" and "TLS handshake did not complete" in r["reason"]
+    assert r["stage_name"] == "TLS handshake"
+    s2 = make()
+    s2.submit()
+    to_starttls(s2, tls_config(ca_file))
+    s2.feed(b"220 go\r\n")
+    s2.closed("reset by peer")
+    r = s2.result()
+    assert r["reason"] == "connection lost during the TLS handshake: reset by peer"
+    assert r["stage_name"] == "TLS handshake"
+
+
+def tls_session(make, ca_file, server_context, offer=("SIZE 100000000",)):
+    s = make()
+    to_starttls(s, tls_config(ca_file))
+    s.feed(b"220 go\r\n")
+    peer = TLSPeer(server_context)
+    assert s.handshake(peer) == EHLO
+    s.feed(peer.send(ehlo(*offer)))
+    assert s.status == "IDLE"
+    return s, peer
+
+
+@pytest.mark.parametrize("taken", ["all", "all but one byte"])
+def test_final_dot_counts_as_sent_only_once_its_ciphertext_is_taken(make, ca_file,
+                                                                    server_context, taken):
+    """RFC 1047 with TLS: "unknown" only when the ciphertext carrying the
+    dot was taken by the driver, not when SSL_write took the plaintext."""
+    s, peer = tls_session(make, ca_file, server_context, offer=())
+    s.submit()
+    peer.receive(s.sent())
+    s.feed(peer.send(b"250 ok\r\n"))
+    peer.receive(s.sent())
+    s.feed(peer.send(b"250 ok\r\n"))
+    peer.receive(s.sent())
+    s.feed(peer.send(b"354 go\r\n"))
+    out = s.pending_output()
+    assert out and BODY not in out                  # ciphertext
+    s.consume(len(out) - (1 if taken != "all" else 0))
+    s.closed("eof")
+    r = s.result()
+    if taken == "all":
+        assert r["status"] == "unknown", r
+    else:
+        assert r["status"] == "tempfail", r
+
+
+def test_large_body_streams_through_tls(make, ca_file, server_context):
+    body = b"".join(b"line %06d .dot\r\n.%d\r\n" % (i, i) for i in range(40000))  # ~1 MB
+    s, peer = tls_session(make, ca_file, server_context, offer=())
+    s.submit(data=body)
+    peer.receive(s.sent())
+    s.feed(peer.send(b"250 ok\r\n"))
+    peer.receive(s.sent())
+    s.feed(peer.send(b"250 ok\r\n"))
+    peer.receive(s.sent())
+    s.feed(peer.send(b"354 go\r\n"))
+    received = bytearray()
+    rounds = 0
+    while True:
+        out = s.pending_output()
+        if not out:
+            break
+        assert len(out) < 200_000                   # encryption waits for the driver
+        received += peer.receive(s.consume(len(out)))
+        rounds += 1
+    assert rounds > 5
+    assert bytes(received) == body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    s.feed(peer.send(b"250 ok\r\n"))
+    assert s.result()["status"] == "delivered"
+
+
+def test_set_tls_argument_checks(make, ca_file):
+    s = make()
+    cfg = tls_config(ca_file)
+    assert s.set_tls("starttls", cfg, None) == lib.SMTPS_EINVAL      # verify needs a name
+    assert s.set_tls("starttls", cfg, "bad name") == lib.SMTPS_EINVAL
+    assert s.set_tls("starttls", cfg, "x" * 254) == lib.SMTPS_EINVAL
+    assert lib.smtps_session_set_tls(s.ptr, 7, cfg, b"localhost") == lib.SMTPS_EINVAL
+    assert s.set_tls("starttls", tls_config(None, insecure=True), None) == lib.SMTPS_OK
+    assert s.set_tls("none", cfg) == lib.SMTPS_OK
+    s.start()
+    assert s.set_tls("starttls", cfg) == lib.SMTPS_ESTATE
+    assert lib.smtps_tls_config_new(b"/nonexistent/ca.pem", 0) == ffi.NULL
+    assert s.tls_version == ""
+
+
+# ---------------------------------------------------------------------------
+# Real servers
+# ---------------------------------------------------------------------------
+
+
+def msg(i: int = 0) -> Message:
+    return Message(SENDER, [RCPT_ADDR], b"Subject: tls %d\r\n\r\nover TLS\r\n.dot\r\n" % i)
+
+
+def clear_bytes(server) -> bytes:
+    """What reached the server in clear over its connections (aiosmtpd
+    records after decryption too, so call this only when TLS never came up)."""
+    return b"".join(bytes(c.received) for c in server.connections)
+
+
+def assert_only_clear_handshake(data: bytes) -> None:
+    for word in CLEAR_FORBIDDEN:
+        assert word not in data, (word, data)
+
+
+def test_aiosmtpd_required_starttls_delivers(aiosmtpd_factory, server_context, ca_file):
+    server = aiosmtpd_factory(tls_context=server_context, require_starttls=True)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
+                          ca_file=ca_file, helo="client.example") as client:
+        results = [client.send(msg(i)) for i in range(2)]
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert [r.status for r in results] == ["delivered", "delivered"], results
+    got = server.wait_for_messages(2)
+    assert [m.data for m in got] == [msg(i).data for i in range(2)]
+    assert all(m.extra["tls"] for m in got)
+    received = clear_bytes(server)
+    # One connection: EHLO and STARTTLS in clear, then everything again inside.
+    assert received.startswith(b"EHLO client.example\r\nSTARTTLS\r\nEHLO client.example\r\n")
+    assert len(server.connections) == 1
+
+
+def test_aiosmtpd_implicit_tls(aiosmtpd_factory, server_context, ca_file):
+    server = aiosmtpd_factory(ssl_context=server_context)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="implicit",
+                          ca_file=ca_file) as client:
+        result = client.send(msg())
+        # aiosmtpd sets session.ssl only after STARTTLS; the client knows.
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert result.status == "delivered", result
+    got = server.wait_for_messages(1)
+    assert got[0].data == msg().data
+
+
+def test_aiosmtpd_wrong_host_name_refuses_to_go_on(aiosmtpd_factory, server_context, ca_file):
+    server = aiosmtpd_factory(tls_context=server_context)
+    client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
+                              ca_file=ca_file, server_hostname="mail.wrong.example")
+    result = client.send(msg())
+    client.close()
+    assert result.status == "tempfail"
+    assert "TLS handshake failed" in result.reason
+    assert "hostname mismatch" in result.reason.lower()
+    assert result.stage == "TLS handshake" and result.stage_code == 17
+    assert result.state == "STARTTLS"
+    assert server.messages == []
+    assert_only_clear_handshake(clear_bytes(server))
+
+
+def test_aiosmtpd_untrusted_certificate_refuses_to_go_on(aiosmtpd_factory, server_context):
+    # No ca_file: the system store does not know the test CA.
+    server = aiosmtpd_factory(tls_context=server_context)
+    client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls")
+    result = client.send(msg())
+    client.close()
+    assert result.status == "tempfail"
+    assert "certificate verify failed" in result.reason, result.reason
+    assert server.messages == []
+    assert_only_clear_handshake(clear_bytes(server))
+
+
+def test_aiosmtpd_skip_verification_accepts_untrusted(aiosmtpd_factory, server_context):
+    server = aiosmtpd_factory(tls_context=server_context)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
+                          server_hostname="anything.example",
+                          dangerously_skip_certificate_verification=True) as client:
+        result = client.send(msg())
+    assert result.status == "delivered", result
+    assert server.wait_for_messages(1)[0].extra["tls"]
+
+
+def test_aiosmtpd_starttls_stripped(aiosmtpd_factory, ca_file):
+    server = aiosmtpd_factory()                     # no tls_context: no STARTTLS offered
+    client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
+                              ca_file=ca_file, helo="client.example")
+    first, second = client.send(msg(1)), client.send(msg(2))
+    client.close()
+    for r in (first, second):
+        assert r.status == "tempfail"
+        assert "TLS is required, but the server does not offer STARTTLS" in r.reason
+    assert server.messages == []
+    received = clear_bytes(server)
+    assert_only_clear_handshake(received)
+    assert set(received.split(b"\r\n")) <= {b"EHLO client.example", b"QUIT", b""}
+
+
+def test_aiosmtpd_opportunistic_without_starttls_delivers_in_clear(aiosmtpd_factory, ca_file):
+    server = aiosmtpd_factory()
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic",
+                          ca_file=ca_file) as client:
+        result = client.send(msg())
+        assert client.tls_version is None
+    assert result.status == "delivered"
+    got = server.wait_for_messages(1)
+    assert got[0].data == msg().data and not got[0].extra["tls"]
+
+
+def test_aiosmtpd_opportunistic_with_starttls_uses_it(aiosmtpd_factory, server_context, ca_file):
+    server = aiosmtpd_factory(tls_context=server_context)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic",
+                          ca_file=ca_file) as client:
+        assert client.send(msg()).status == "delivered"
+    assert server.wait_for_messages(1)[0].extra["tls"]
+
+
+def test_postfix_starttls_delivers_byte_for_byte(postfix_factory, tls_ca, ca_file):
+    server = postfix_factory(tls=tls_ca)
+    body = (b"From: a@example.test\r\nSubject: over TLS\r\n\r\n"
+            + b"".join(b"line %d\r\n.leading dot %d\r\n" % (i, i) for i in range(2000)))
+    with smtpstate.Client(server.host, server.port, timeout=30, tls="starttls",
+                          ca_file=ca_file) as client:
+        result = client.send(Message(SENDER, ["tls@example.test"], body))
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert result.status == "delivered", result
+    got = server.wait_for_messages(1)
+    assert got[0].data == body
+    import re
+    assert re.search(r"TLS connection established from \S*127\.0\.0\.1", open(server.maillog).read())
+
+
+# -- a scripted TCP server, for what real servers do not do ---------------------
+
+
+class ScriptedServer:
+    """One connection: a banner, then ``answer(line) -> bytes`` per command
+    line; records every byte received. Stops at QUIT or when answer returns
+    None (closing the connection)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.received = bytearray()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(b"220 scripted.example ESMTP\r\n")
+            buf = b""
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    self.received += data
+                    buf += data
+                    while b"\r\n" in buf:
+                        line, buf = buf.split(b"\r\n", 1)
+                        reply = self.answer(line)
+                        if reply is None:
+                            return
+                        conn.sendall(reply)
+                        if line == b"QUIT":
+                            return
+            except OSError:
+                return
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(5)
+
+
+def starttls_script(after_starttls: bytes):
+    def answer(line):
+        if line.startswith(b"EHLO"):
+            return b"250-scripted.example\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+        if line == b"STARTTLS":
+            return after_starttls
+        if line == b"QUIT":
+            return b"221 bye\r\n"
+        return b"250 ok\r\n"
+    return answer
+
+
+@pytest.mark.parametrize("reply", [b"454 4.7.0 TLS not available now\r\n",
+                                   b"220 go\r\n250 injected\r\n"],
+                         ids=["refused", "injected"])
+def test_scripted_server_refuses_or_injects(reply, ca_file):
+    server = ScriptedServer(starttls_script(reply))
+    try:
+        client = smtpstate.Client("127.0.0.1", server.port, timeout=10, tls="starttls",
+                                  ca_file=ca_file, helo="client.example")
+        result = client.send(msg())
+        client.close()
+        server.thread.join(5)
+    finally:
+        server.close()
+    assert result.status == "tempfail"
+    if reply.startswith(b"454"):
+        assert "refused STARTTLS: 454" in result.reason
+        assert bytes(server.received) == b"EHLO client.example\r\nSTARTTLS\r\nQUIT\r\n"
+    else:
+        assert "clear text after its STARTTLS reply" in result.reason
+        assert bytes(server.received) == b"EHLO client.example\r\nSTARTTLS\r\n"
