@@ -319,6 +319,9 @@ static int conn_setup(struct smtps_conn *c);
 static int conn_connect(struct smtps_conn *c, int64_t now);
 static void conn_connect_done(struct smtps_conn *c, int64_t now);
 static void conn_connected(struct smtps_conn *c, int64_t now);
+static void conn_record_addresses(struct smtps_conn *c);
+static int sockaddr_text(const struct sockaddr_storage *ss, char *host,
+			 size_t hostlen, int *port);
 static int conn_submit_next(struct smtps_conn *c);
 static void conn_update(struct smtps_conn *c, int64_t now);
 static int conn_flush(struct smtps_conn *c, int64_t now);
@@ -1023,6 +1026,42 @@ static void conn_connect_done(struct smtps_conn *c, int64_t now)
     (void) conn_connect(c, now);
 }
 
+/* sockaddr_text - numeric host and port of a socket address */
+
+static int sockaddr_text(const struct sockaddr_storage *ss, char *host,
+			         size_t hostlen, int *port)
+{
+    if (ss->ss_family == AF_INET) {
+	const struct sockaddr_in *in = (const struct sockaddr_in *) ss;
+
+	*port = ntohs(in->sin_port);
+	return inet_ntop(AF_INET, &in->sin_addr, host, (socklen_t) hostlen) ? 0 : -1;
+    }
+    if (ss->ss_family == AF_INET6) {
+	const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) ss;
+
+	*port = ntohs(in6->sin6_port);
+	return inet_ntop(AF_INET6, &in6->sin6_addr, host, (socklen_t) hostlen) ? 0 : -1;
+    }
+    return -1;
+}
+
+/* conn_record_addresses - tell the session both ends (for PROXY, XCLIENT) */
+
+static void conn_record_addresses(struct smtps_conn *c)
+{
+    struct sockaddr_storage peer, local;
+    socklen_t plen = sizeof(peer), llen = sizeof(local);
+    char    ph[INET6_ADDRSTRLEN], lh[INET6_ADDRSTRLEN];
+    int     pp, lp;
+
+    if (getpeername(c->fd, (struct sockaddr *) &peer, &plen) == 0
+	&& getsockname(c->fd, (struct sockaddr *) &local, &llen) == 0
+	&& sockaddr_text(&peer, ph, sizeof(ph), &pp) == 0
+	&& sockaddr_text(&local, lh, sizeof(lh), &lp) == 0)
+	(void) smtps_session_set_addresses(c->s, ph, pp, lh, lp);
+}
+
 /* conn_connected - TCP is up: bind the first message, start the session */
 
 static void conn_connected(struct smtps_conn *c, int64_t now)
@@ -1032,6 +1071,7 @@ static void conn_connected(struct smtps_conn *c, int64_t now)
     c->why[0] = 0;
     smtps_timer_cancel(&c->e->timers, &c->timer);
     conn_want(c, EPOLLIN | EPOLLRDHUP);
+    conn_record_addresses(c);
     (void) conn_submit_next(c);
     if (smtps_session_start(c->s, now) != SMTPS_OK)
 	smtps_session_closed(c->s, "the session would not start", now);

@@ -117,6 +117,9 @@ struct smtps_session {
     unsigned char *local_made;		/* per state id */
     int64_t *timeout;			/* per state id, ms; 0 = none */
     char helo[SMTPS_HELO_MAX + 1];
+    char peer_host[SMTPS_ADDRESS_TEXT_MAX + 1];	/* numeric, "" unknown */
+    char local_host[SMTPS_ADDRESS_TEXT_MAX + 1];
+    int peer_port, local_port;
     int status;				/* enum smtps_session_status */
 
     /* The dispatch loop. */

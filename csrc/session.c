@@ -1221,6 +1221,48 @@ void    smtps_session_set_user(struct smtps_session *s, void *user)
 	s->user = user;
 }
 
+/* smtps_session_set_addresses - the driver says where the connection runs */
+
+int     smtps_session_set_addresses(struct smtps_session *s, const char *peer,
+				            int peer_port, const char *local,
+				            int local_port)
+{
+    size_t  pl, ll;
+
+    if (s == NULL || peer == NULL || local == NULL
+	|| (pl = strlen(peer)) > SMTPS_ADDRESS_TEXT_MAX
+	|| (ll = strlen(local)) > SMTPS_ADDRESS_TEXT_MAX
+	|| smtps_check_text(peer, pl, SMTPS_ADDRESS_TEXT_MAX, NULL) != SMTPS_OK
+	|| smtps_check_text(local, ll, SMTPS_ADDRESS_TEXT_MAX, NULL) != SMTPS_OK
+	|| peer_port < 0 || peer_port > 65535 || local_port < 0
+	|| local_port > 65535)
+	return SMTPS_EINVAL;
+    memcpy(s->peer_host, peer, pl + 1);
+    memcpy(s->local_host, local, ll + 1);
+    s->peer_port = peer_port;
+    s->local_port = local_port;
+    return SMTPS_OK;
+}
+
+/* smtps_session_peer - the server's address, "" when unknown */
+
+const char *smtps_session_peer(const struct smtps_session *s, int *port)
+{
+    if (port != NULL)
+	*port = s ? s->peer_port : 0;
+    return s ? s->peer_host : "";
+}
+
+/* smtps_session_local_address - our end of the connection, "" when unknown */
+
+const char *smtps_session_local_address(const struct smtps_session *s,
+					        int *port)
+{
+    if (port != NULL)
+	*port = s ? s->local_port : 0;
+    return s ? s->local_host : "";
+}
+
 /* smtps_session_local - per-session data of state_id */
 
 void   *smtps_session_local(const struct smtps_session *s, int state_id)

@@ -501,6 +501,20 @@ int smtps_session_pipelining(const struct smtps_session *s);
 const struct smtps_message *smtps_session_message(const struct smtps_session *s);
 void *smtps_session_user(const struct smtps_session *s);
 void smtps_session_set_user(struct smtps_session *s, void *user);
+
+/*
+ * Drivers record the connection's addresses (numeric, e.g. "127.0.0.1",
+ * "::1") before smtps_session_start(), so that states can use them (a
+ * PROXY protocol line, XCLIENT). The getters return "" and port 0 when
+ * unknown.
+ */
+#define SMTPS_ADDRESS_TEXT_MAX 63
+int smtps_session_set_addresses(struct smtps_session *s, const char *peer,
+				int peer_port, const char *local,
+				int local_port);
+const char *smtps_session_peer(const struct smtps_session *s, int *port);
+const char *smtps_session_local_address(const struct smtps_session *s,
+					int *port);
 void *smtps_session_local(const struct smtps_session *s, int state_id);
 int smtps_session_state(const struct smtps_session *s);	/* current state id */
 size_t smtps_session_reply_index(const struct smtps_session *s);

@@ -264,8 +264,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
-        self.session.peer = (str(peer[0]), int(peer[1]))
-        self.session.local_address = (str(local[0]), int(local[1]))
+        self.session._set_addresses(peer[:2], local[:2])
         log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
         try:
             check(lib.smtps_session_start(self.ptr, self._now()), "start the session")

@@ -78,8 +78,6 @@ class Session:
                  peer: Tuple[str, int] = ("", 0),
                  local: Tuple[str, int] = ("", 0)) -> None:
         self.machine = machine
-        self.peer = peer
-        self.local_address = local
         self.opened_at = time.monotonic()
         self.messages: Dict[int, Any] = {}
         self.errors: List[Tuple[Optional[int], BaseException, str]] = []
@@ -94,6 +92,8 @@ class Session:
         # Python state with a handle that may already be gone.
         self._ptr = ffi.gc(ptr, _free_detached)
         self._closed = False
+        if peer[0] or local[0]:
+            self._set_addresses(peer, local)
 
     @classmethod
     def _wrap(cls, ptr: Any, machine: Machine, messages: Dict[int, Any]) -> "Session":
@@ -101,8 +101,6 @@ class Session:
         it never frees the session, and ``close()`` does nothing."""
         self = cls.__new__(cls)
         self.machine = machine
-        self.peer = ("", 0)
-        self.local_address = ("", 0)
         self.opened_at = time.monotonic()
         self.messages = messages
         self.errors = []
@@ -113,6 +111,26 @@ class Session:
         return self
 
     # -- what states use ------------------------------------------------
+
+    def _set_addresses(self, peer: Tuple[str, int], local: Tuple[str, int]) -> None:
+        """Drivers: record both ends of the connection (before it starts)."""
+        check(lib.smtps_session_set_addresses(
+            self._ptr, str(peer[0]).encode("ascii"), int(peer[1]),
+            str(local[0]).encode("ascii"), int(local[1])), "record the addresses")
+
+    @property
+    def peer(self) -> Tuple[str, int]:
+        """The server's numeric address and port (("", 0) when unknown)."""
+        port = ffi.new("int *")
+        host = lib.smtps_session_peer(self._ptr, port)
+        return ffi.string(host).decode("ascii"), int(port[0])
+
+    @property
+    def local_address(self) -> Tuple[str, int]:
+        """Our end of the connection (("", 0) when unknown)."""
+        port = ffi.new("int *")
+        host = lib.smtps_session_local_address(self._ptr, port)
+        return ffi.string(host).decode("ascii"), int(port[0])
 
     def send(self, line: Union[str, bytes]) -> None:
         """Queue one command line (CRLF is added).

@@ -826,3 +826,37 @@ def test_gil_released_while_the_engine_waits(scripted):
             thread.join()
     assert r.status == "tempfail"
     assert during >= 100                         # about 1000 in that second
+
+
+def test_proxy_state_before_the_banner_in_engine(aiosmtpd_factory):
+    """A Python state at -1 in the C engine sees both ends of its connection
+    and sends a PROXY v1 line before the greeting; aiosmtpd checks it."""
+    from handlers import ProxyHandler
+
+    class Proxy(State):
+        name = "PROXY"
+
+        def __init__(self) -> None:
+            self.seen: List[Any] = []
+
+        def setup(self, session) -> int:
+            (dst, dport), (src, sport) = session.peer, session.local_address
+            self.seen.append((dst, dport, src, sport))
+            session.send(f"PROXY TCP4 198.51.100.9 {dst} 50000 {dport}")
+            return 0
+
+    server = aiosmtpd_factory(ProxyHandler(), proxy_protocol_timeout=5)
+    machine = Machine()
+    proxy = Proxy()
+    machine.register(proxy, after=-1)
+    with Engine(machine=machine, max_per_destination=3) as engine:
+        tickets = [engine.submit(Message("s@client.test", [f"r{i}@example.test"],
+                                         b"Subject: p\r\n\r\nx\r\n"),
+                                 server.host, server.port, timeout=10) for i in range(6)]
+        results = list(engine.run(timeout=30))
+    assert len(results) == 6 and all(r.ok for r in results), [str(r) for r in results]
+    assert {r.ticket for r in results} == set(tickets)
+    assert proxy.seen and all(d == "127.0.0.1" and dp == server.port and s == "127.0.0.1"
+                              and sp > 0 for d, dp, s, sp in proxy.seen)
+    got = server.wait_for_messages(6)
+    assert all(str(m.extra["proxy_data"].src_addr) == "198.51.100.9" for m in got)

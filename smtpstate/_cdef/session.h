@@ -52,6 +52,13 @@ int smtps_session_pipelining(const struct smtps_session *s);
 const struct smtps_message *smtps_session_message(const struct smtps_session *s);
 void *smtps_session_user(const struct smtps_session *s);
 void smtps_session_set_user(struct smtps_session *s, void *user);
+#define SMTPS_ADDRESS_TEXT_MAX ...
+int smtps_session_set_addresses(struct smtps_session *s, const char *peer,
+                                int peer_port, const char *local,
+                                int local_port);
+const char *smtps_session_peer(const struct smtps_session *s, int *port);
+const char *smtps_session_local_address(const struct smtps_session *s,
+                                        int *port);
 void *smtps_session_local(const struct smtps_session *s, int state_id);
 int smtps_session_state(const struct smtps_session *s);
 size_t smtps_session_reply_index(const struct smtps_session *s);
