@@ -14,6 +14,7 @@
  *	struct smtps_result *smtps_engine_next_result(e)
  *	size_t	smtps_engine_pending(e)
  *	size_t	smtps_engine_connections(e)
+ *	int	smtps_engine_set_trace(e, fn, closure)
  * DESCRIPTION
  *	An engine moves bytes between sockets and sans-I/O sessions
  *	(session.c) for thousands of connections in the caller's thread. What
@@ -246,6 +247,8 @@ struct smtps_engine {
     int64_t idle_ms;
     int64_t connect_ms;
     char    helo[SMTPS_HELO_MAX + 1];
+    SMTPSTrace trace;			/* given to each new session; NULL: none */
+    void   *trace_closure;
 
     int     epfd;
     int     running;			/* inside smtps_engine_run() */
@@ -662,6 +665,7 @@ static void fail_message(struct smtps_engine *e, struct smtps_message *m,
     r->status = status;
     snprintf(text, sizeof(text), "%s%s", prefix, why);
     (void) smtps_result_set_reason(r, text);
+    smtps_bounce_classify_result(r);
     push_result(e, r);
     smtps_message_free(m);
 }
@@ -925,6 +929,8 @@ static int conn_open(struct smtps_dest *d, int64_t now)
     c->fd = -1;
     smtps_timer_init(&c->timer, TIMER_CONN);
     c->s = smtps_session_new(e->machine, d->helo ? d->helo : e->helo, e->user);
+    if (c->s != NULL && e->trace != NULL)
+	(void) smtps_session_set_trace(c->s, e->trace, e->trace_closure);
     if (c->s == NULL || (rc = conn_setup(c)) != SMTPS_OK) {
 	/* The same settings fail for every connection: fail the queue. */
 	if (c->s == NULL)
@@ -1112,7 +1118,11 @@ static void conn_collect(struct smtps_conn *c)
     struct smtps_result *r;
 
     while ((r = smtps_session_next_result(c->s)) != NULL) {
-	if (r->status == SMTPS_STATUS_DELIVERED)
+	/*
+	 * A transaction began: greeting and EHLO worked, whatever became
+	 * of that message. Its failure is its own, not the destination's.
+	 */
+	if (r->status == SMTPS_STATUS_DELIVERED || c->s->transactions > 0)
 	    c->usable = 1;
 	/* The session's word for a refusal before any transaction. */
 	else if (!c->usable && r->status == SMTPS_STATUS_PERMFAIL
@@ -1705,4 +1715,16 @@ size_t  smtps_engine_pending(const struct smtps_engine *e)
 size_t  smtps_engine_connections(const struct smtps_engine *e)
 {
     return e ? e->nconns : 0;
+}
+
+/* smtps_engine_set_trace - the transcript function of new sessions */
+
+int     smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
+			               void *closure)
+{
+    if (e == NULL)
+	return SMTPS_EINVAL;
+    e->trace = fn;
+    e->trace_closure = fn != NULL ? closure : NULL;
+    return SMTPS_OK;
 }

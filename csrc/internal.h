@@ -102,6 +102,8 @@ struct smtps_inflight {
     int awaiting;			/* replies setup asked for */
     int handled;			/* replies handed to callback so far */
     int called;				/* 0-reply states: callback(NULL) done */
+    uint64_t first_end;			/* out_produced at the end of its first
+					 * command line; 0: it sent none */
 };
 
 #define SMTPS_INFLIGHT_MAX 16		/* states pipelined at once */
@@ -152,6 +154,8 @@ struct smtps_session {
     int tx_decided;			/* txres->status is final */
     int tx_final_replied;		/* the end-of-data reply arrived */
     int data_sent;			/* DATA or BDAT was issued */
+    int data_mode;			/* DATA got its 354: until the final dot
+					 * is taken, the server reads message data */
     int need_reset;			/* a transaction is open on the server */
     uint64_t tx_out_start;		/* out_produced when the transaction began */
     unsigned transactions;		/* started on this connection */
@@ -180,6 +184,10 @@ struct smtps_session {
     int tls_reehlo;			/* EHLO again after STARTTLS, then skip it */
     int fail_state;			/* queued messages' state when the */
     int fail_stage;			/* connection part fails; -1: none */
+
+    /* The transcript, for drivers that log it; NULL: none. */
+    SMTPSTrace trace;
+    void *trace_closure;
 };
 
 /* tls.c */
@@ -200,6 +208,8 @@ int smtps_session_queue_raw(struct smtps_session *s, const char *data,
 			    size_t len);
 void smtps_session_fail_now(struct smtps_session *s, int state, int stage,
 			    const char *why);
+void smtps_session_trace(struct smtps_session *s, int kind, const char *data,
+			 size_t len);
 int smtps_buf_reserve(struct smtps_buf *b, size_t need);
 
 /*

@@ -17,6 +17,7 @@
  *	int	smtps_session_submit(s, msg, tag)
  *	int	smtps_session_quit(s)
  *	struct smtps_result *smtps_session_next_result(s)
+ *	int	smtps_session_set_trace(s, fn, closure)
  * DESCRIPTION
  *	A session runs one connection on a snapshot of its machine's order.
  *	It never touches a socket: the driver feeds received bytes, sends
@@ -36,13 +37,27 @@
  *	the state already in flight, every reply still owed is drained (read
  *	and dropped) before the new state is entered, so a reply is never
  *	paired with the wrong command. Draining answers a 354 with a lone
- *	dot and a 334 with "*", so the server is never left waiting.
+ *	dot and a 334 with "*", so the server is never left waiting; but
+ *	a 354 or 334 with more of our commands still owed a reply ends the
+ *	connection, since the server would read those commands as its data.
  *
  *	Transactions. The part of the order from MAIL up to RSET runs once per
  *	message. Reaching MAIL without a message starts the next queued one,
  *	or leaves the session IDLE; reaching RSET ends the transaction and
  *	hands out its result. RSET itself sends a command only when a failed
  *	transaction is still open on the server.
+ *
+ *	A reply is paired with a command only once the driver has taken
+ *	that command's first line: a server that answers what it has not
+ *	been sent yet (a reply "ahead", or two replies to one command) has
+ *	lost step with us, and the connection ends at once, without QUIT.
+ *
+ *	Message data. From the 354 to DATA (or the BDAT line) until the
+ *	driver has taken the final dot (the last BDAT byte), the server
+ *	reads everything as message text: no command line may be queued
+ *	then, and a transaction that fails in between (a state after DATA
+ *	raised or refused) ends the connection without a dot, without RSET
+ *	and without QUIT, so that the partial message is discarded.
  *
  *	Deadlines are absolute: set when a command is issued, renewed only by
  *	progress (a complete reply, or the driver taking body output), never
@@ -59,9 +74,18 @@
  *	encrypts before it returns (settle()). out_consumed then counts the
  *	plaintext whose ciphertext the driver has taken, so "the final dot
  *	was sent" keeps its meaning.
+ *
+ *	The transcript. With a trace function set, every command line is
+ *	traced as it is queued, every reply line as it is parsed, the
+ *	content once as given: plaintext, whatever TLS does on the wire.
+ *	What AUTH queues is traced as "[credentials redacted]".
+ *
+ *	Results get their bounce class (classify.c) when they are final,
+ *	as they join the queue the driver collects.
  * DIAGNOSTICS
  *	SMTPS_ESTATE for calls made from inside a callback or in the wrong
- *	session status, SMTPS_ECLOSED after the end, SMTPS_EPROTO when the
+ *	session status, and for a command line queued while the server
+ *	reads message data; SMTPS_ECLOSED after the end, SMTPS_EPROTO when the
  *	peer broke the protocol (the session is then CLOSING).
  * SEE ALSO
  *	states.c (the built-in states), machine.c (the order), reply.c.
@@ -85,7 +109,8 @@ static void act_on(struct smtps_session *s, int id, int act,
 static void fail_conn(struct smtps_session *s, int id,
 		      const struct smtps_reply *reply, int status,
 		      const char *why, int close_now);
-static void fail_queue(struct smtps_session *s, int status, const char *why);
+static void fail_queue(struct smtps_session *s, int id, int awaiting,
+		       int status, const char *why);
 static void start_tx(struct smtps_session *s);
 static void emit_tx(struct smtps_session *s);
 static void push_result(struct smtps_session *s, struct smtps_result *r);
@@ -95,12 +120,15 @@ static int call_callback(struct smtps_session *s, int id,
 			 const struct smtps_reply *reply);
 static void refresh_deadline(struct smtps_session *s);
 static int dot_sent(const struct smtps_session *s);
+static int in_message_data(const struct smtps_session *s);
+static void drop_output(struct smtps_session *s);
 static int awaiting_reply(const struct smtps_session *s, int id);
 static int buf_reserve(struct smtps_buf *b, size_t need);
 static int queue_bytes(struct smtps_session *s, const char *data, size_t len);
 static void set_reason(char *dst, const char *fmt, const char *a,
 		       const char *b);
 static void settle(struct smtps_session *s);
+static void trace_reply(struct smtps_session *s, const struct smtps_reply *r);
 
 /* state_of - the record of id in the session's machine */
 
@@ -249,6 +277,9 @@ static void enter(struct smtps_session *s, int id)
 {
     const smtp_state *st = state_of(s, id);
     struct smtps_inflight *e;
+    uint64_t before = s->out_produced;
+    size_t  tail;
+    const char *p, *nl;
     int     n = 0, next;
 
     if (s->nfifo >= SMTPS_INFLIGHT_MAX) {
@@ -280,6 +311,14 @@ static void enter(struct smtps_session *s, int id)
     e->awaiting = n;
     e->handled = 0;
     e->called = 0;
+    e->first_end = 0;
+    /* What setup queued is the tail of the output: find its first line. */
+    tail = (size_t) (s->out_produced - before);
+    if (n > 0 && tail > 0 && tail <= s->out.end - s->out.start) {
+	p = s->out.data + s->out.end - tail;
+	nl = memchr(p, '\n', tail);
+	e->first_end = before + (nl != NULL ? (size_t) (nl - p) + 1 : tail);
+    }
     if (s->nfifo == 1)
 	refresh_deadline(s);
 
@@ -347,8 +386,15 @@ static void transition(struct smtps_session *s, int target)
 	s->deadline = -1;
 	return;
     }
-    if (target == SMTPS_STATE_RSET && s->tx != NULL)
+    if (target == SMTPS_STATE_RSET && s->tx != NULL) {
+	/* A state jumped out of the message data: only closing ends it. */
+	if (in_message_data(s)) {
+	    fail_conn(s, s->cur, NULL, SMTPS_STATUS_TEMPFAIL,
+		      "the transaction ended inside the message data", 1);
+	    return;
+	}
 	emit_tx(s);
+    }
     enter(s, target);
 }
 
@@ -376,14 +422,33 @@ static void run(struct smtps_session *s)
 static void on_reply(struct smtps_session *s, const struct smtps_reply *r)
 {
     struct smtps_inflight *e;
+    char    why[SMTPS_REASON_MAX];
     int     act, id, i, left;
 
     if (s->draining > 0) {
 	s->draining--;
-	if (r->code == 354 && queue_bytes(s, ".\r\n", 3) == SMTPS_OK)
+
+	/*
+	 * A 354 or 334 asks for data or a SASL line. Only when it answers
+	 * our last command may the server get one (a lone dot, "*"): with
+	 * more of our pipelined commands on the wire behind it, the server
+	 * reads those as the data or the SASL line, and our dot would end
+	 * a message made of our own commands. End the connection instead.
+	 */
+	if ((r->code == 354 || r->code == 334) && s->draining > 0) {
+	    snprintf(why, sizeof(why), "the server answered a pipelined "
+		     "command with %d while more commands were on the wire",
+		     r->code);
+	    fail_conn(s, s->cur, r, SMTPS_STATUS_TEMPFAIL, why, 1);
+	    return;
+	}
+	if (r->code == 354 && queue_bytes(s, ".\r\n", 3) == SMTPS_OK) {
+	    smtps_session_trace(s, SMTPS_TRACE_SENT, ".", 1);
 	    s->draining++;
-	else if (r->code == 334 && queue_bytes(s, "*\r\n", 3) == SMTPS_OK)
+	} else if (r->code == 334 && queue_bytes(s, "*\r\n", 3) == SMTPS_OK) {
+	    smtps_session_trace(s, SMTPS_TRACE_SENT, "*", 1);
 	    s->draining++;
+	}
 	if (r->code == 421) {
 	    fail_conn(s, s->cur, r, SMTPS_STATUS_TEMPFAIL, NULL, 1);
 	    return;
@@ -402,6 +467,21 @@ static void on_reply(struct smtps_session *s, const struct smtps_reply *r)
 	return;
     }
     e = &s->fifo[0];
+
+    /*
+     * The server answered a command it cannot have read yet: it sent a
+     * reply ahead, or two to one command. Every later reply would be
+     * paired with the wrong command, so nothing it says can be trusted
+     * (BODY checks its own end: the reply must follow the final dot).
+     */
+    if (e->handled == 0 && e->state != SMTPS_STATE_BODY
+	&& s->out_consumed < e->first_end) {
+	set_reason(s->reason, "the server replied to %s before it was sent "
+		   "(a reply ahead of its command)", state_of(s, e->state)->name,
+		   NULL);
+	fail_conn(s, e->state, r, SMTPS_STATUS_TEMPFAIL, NULL, 1);
+	return;
+    }
     s->reply_index = (size_t) e->handled;
     act = call_callback(s, e->state, r);
     e = &s->fifo[0];
@@ -476,6 +556,18 @@ static void act_on(struct smtps_session *s, int id, int act,
 	return;
     }
     smtps_session_decide(s, status, id, reply, why);
+
+    /*
+     * After the 354 and before the final dot, the server takes every
+     * line as message text: RSET or QUIT now would become part of the
+     * message, and a dot would deliver it cut short. Only closing the
+     * connection makes the server discard it.
+     */
+    if (in_message_data(s)) {
+	fail_conn(s, id, reply, status, why != NULL ? why :
+		  "the transaction failed inside the message data", 1);
+	return;
+    }
     /* Refused before a command went out (SIZE, 8BITMIME...): nothing to reset. */
     if (!s->tx_final_replied && s->out_produced > s->tx_out_start)
 	s->need_reset = 1;
@@ -553,14 +645,21 @@ static void fail_conn(struct smtps_session *s, int id,
 		     "dot, before its reply: %.400s", s->reason);
 	    smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL, text);
 	}
-	/* Mid-body, any further command would be read as message data. */
-	if (s->body_started && !dot_sent(s))
+	/*
+	 * Mid-body, any further command would be read as message data, and
+	 * the rest of the body still queued ends in the final dot: sent now,
+	 * it would deliver a message we report as failed. Nothing more of
+	 * it may leave.
+	 */
+	if (in_message_data(s)) {
 	    close_now = 1;
+	    drop_output(s);
+	}
 	smtps_session_decide(s, status, id, reply, s->reason);
 	emit_tx(s);
     }
     snprintf(text, sizeof(text), "not attempted: %.480s", s->reason);
-    fail_queue(s, queue_status, text);
+    fail_queue(s, id, reply != NULL || awaiting_reply(s, id), queue_status, text);
 
     /*
      * After a 421, a broken reply stream or a timeout, nothing the server
@@ -582,7 +681,8 @@ static void fail_conn(struct smtps_session *s, int id,
 
 /* fail_queue - every queued message gets its result now */
 
-static void fail_queue(struct smtps_session *s, int status, const char *why)
+static void fail_queue(struct smtps_session *s, int id, int awaiting,
+		               int status, const char *why)
 {
     struct smtps_message *m;
     struct smtps_result *r;
@@ -599,6 +699,10 @@ static void fail_queue(struct smtps_session *s, int status, const char *why)
 	    r->stage = s->fail_stage;
 	    snprintf(r->stage_name, sizeof(r->stage_name), "%s",
 		     smtps_stage_name(s->fail_stage));
+	} else if (id >= 0 && s->transactions == 0) {
+	    /* Before any transaction (the banner, EHLO, a state of the
+	     * connection part): where the connection failed them. */
+	    set_stage(s, r, id, awaiting);
 	}
 	(void) smtps_result_set_reason(r, why);
 	push_result(s, r);
@@ -627,6 +731,7 @@ static void start_tx(struct smtps_session *s)
     s->transactions++;
     s->body_started = 0;
     s->data_sent = 0;
+    s->data_mode = 0;
     s->rcpt_next = 0;
     s->rcpt_replied = 0;
     s->rcpt_accepted = 0;
@@ -664,6 +769,7 @@ static void emit_tx(struct smtps_session *s)
 
 static void push_result(struct smtps_session *s, struct smtps_result *r)
 {
+    smtps_bounce_classify_result(r);		/* final now: give it its class */
     r->next = NULL;
     if (s->results_tail != NULL)
 	s->results_tail->next = r;
@@ -677,6 +783,22 @@ static void push_result(struct smtps_session *s, struct smtps_result *r)
 static int dot_sent(const struct smtps_session *s)
 {
     return s->body_end > 0 && s->out_consumed >= s->body_end;
+}
+
+/* in_message_data - the server reads message text, not commands, now */
+
+static int in_message_data(const struct smtps_session *s)
+{
+    return s->tx != NULL && (s->data_mode || s->body_started) && !dot_sent(s);
+}
+
+/* drop_output - send nothing more of what is queued, clear or encrypted */
+
+static void drop_output(struct smtps_session *s)
+{
+    s->out.start = s->out.end = 0;
+    s->body_active = 0;
+    smtps_tls_discard(s);
 }
 
 /* awaiting_reply - state id is in flight with replies still owed */
@@ -768,9 +890,74 @@ static int queue_bytes(struct smtps_session *s, const char *data, size_t len)
 int     smtps_session_queue_raw(struct smtps_session *s, const char *data,
 				        size_t len)
 {
+    static const char redacted[] = "[credentials redacted]";
+    char    line[64];
+    size_t  n, words;
+    int     rc;
+
     if (s->status != SMTPS_SESS_ACTIVE)
 	return SMTPS_ESTATE;
-    return queue_bytes(s, data, len);
+    if ((rc = queue_bytes(s, data, len)) != SMTPS_OK || s->trace == NULL)
+	return rc;
+
+    /*
+     * Only AUTH sends raw bytes, and what it sends is credentials: the
+     * transcript gets the command and mechanism ("AUTH PLAIN"), never
+     * what follows them.
+     */
+    for (n = 0, words = 0; n < len && n < 32 && data[n] != '\r'; n++)
+	if (data[n] == ' ' && ++words == 2)
+	    break;
+    if (len >= 5 && strncmp(data, "AUTH ", 5) == 0) {
+	snprintf(line, sizeof(line), "%.*s%s%s", (int) n, data,
+		 n < len && data[n] == ' ' ? " " : "",
+		 n < len && data[n] == ' ' ? redacted : "");
+	smtps_session_trace(s, SMTPS_TRACE_SENT, line, strlen(line));
+    } else
+	smtps_session_trace(s, SMTPS_TRACE_SENT, redacted, sizeof(redacted) - 1);
+    return SMTPS_OK;
+}
+
+/* smtps_session_trace - hand the transcript function one event */
+
+void    smtps_session_trace(struct smtps_session *s, int kind,
+			            const char *data, size_t len)
+{
+    if (s->trace != NULL)
+	s->trace(s, kind, data, len, s->trace_closure);
+}
+
+/* trace_reply - one trace event per line of a reply, as the server wrote it */
+
+static void trace_reply(struct smtps_session *s, const struct smtps_reply *r)
+{
+    char    line[SMTPS_REPLY_LINE_MAX + 8];
+    const char *p = r->text, *end = r->text + r->text_len, *nl;
+    int     n;
+
+    for (;;) {
+	nl = memchr(p, '\n', (size_t) (end - p));
+	n = snprintf(line, sizeof(line), "%03d%c%.*s", r->code,
+		     nl != NULL ? '-' : ' ', (int) ((nl ? nl : end) - p), p);
+	if (n > (int) sizeof(line) - 1)
+	    n = (int) sizeof(line) - 1;
+	smtps_session_trace(s, SMTPS_TRACE_RECEIVED, line, (size_t) n);
+	if (nl == NULL)
+	    break;
+	p = nl + 1;
+    }
+}
+
+/* smtps_session_set_trace - the driver's transcript function (NULL: none) */
+
+int     smtps_session_set_trace(struct smtps_session *s, SMTPSTrace fn,
+				        void *closure)
+{
+    if (s == NULL)
+	return SMTPS_EINVAL;
+    s->trace = fn;
+    s->trace_closure = fn != NULL ? closure : NULL;
+    return SMTPS_OK;
 }
 
 /* smtps_session_fail_now - end the connection at once, without QUIT */
@@ -807,6 +994,8 @@ int     smtps_session_send_line(struct smtps_session *s, const char *line,
 	return s && line && len ? SMTPS_ETOOBIG : SMTPS_EINVAL;
     if (s->status != SMTPS_SESS_ACTIVE)
 	return SMTPS_ESTATE;
+    if (in_message_data(s))
+	return SMTPS_ESTATE;		/* it would become message text */
     for (i = 0; i < len; i++)
 	if ((unsigned char) line[i] < 0x20 || line[i] == 0x7f)
 	    return SMTPS_EINVAL;		/* no injected commands */
@@ -816,6 +1005,7 @@ int     smtps_session_send_line(struct smtps_session *s, const char *line,
     memcpy(s->out.data + s->out.end + len, "\r\n", 2);
     s->out.end += len + 2;
     s->out_produced += len + 2;
+    smtps_session_trace(s, SMTPS_TRACE_SENT, line, len);
     return SMTPS_OK;
 }
 
@@ -830,6 +1020,12 @@ void    smtps_session_start_body(struct smtps_session *s, int chunking)
     s->body_active = 1;
     s->body_started = 1;
     s->data_sent = 1;
+    /* The transcript shows the content as given, then the dot it ends with. */
+    if (s->trace != NULL) {
+	smtps_session_trace(s, SMTPS_TRACE_DATA, s->tx->body, s->tx->body_len);
+	if (!chunking)
+	    smtps_session_trace(s, SMTPS_TRACE_SENT, ".", 1);
+    }
 }
 
 /* smtps_session_body_done - the driver has taken the whole body */
@@ -947,6 +1143,8 @@ int     smtps_session_take_replies(struct smtps_session *s, const char *data,
 	len -= used;
 	if (s->status == SMTPS_SESS_IDLE)	/* e.g. 421 idle timeout */
 	    s->status = SMTPS_SESS_ACTIVE;
+	if (s->trace != NULL)
+	    trace_reply(s, &reply);
 	on_reply(s, &reply);
 	run(s);
 
@@ -980,6 +1178,10 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 	return 0;
     if (smtps_tls_engaged(s))
 	return smtps_tls_output(s, data);	/* ciphertext */
+    if (s->out.data == NULL) {			/* nothing queued yet */
+	*data = "";
+	return 0;
+    }
     *data = s->out.data + s->out.start;
     return s->out.end - s->out.start;
 }
@@ -1077,7 +1279,8 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
 	smtps_session_decide(s, status, id, NULL, text);
 	emit_tx(s);
     }
-    fail_queue(s, SMTPS_STATUS_TEMPFAIL,
+    id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
+    fail_queue(s, id, id >= 0 && awaiting_reply(s, id), SMTPS_STATUS_TEMPFAIL,
 	       s->reason[0] ? s->reason : "connection closed");
     s->nfifo = 0;
     s->draining = 0;
@@ -1138,7 +1341,7 @@ int     smtps_session_quit(struct smtps_session *s)
 	return SMTPS_ESTATE;
     s->quit_requested = 1;
     if (s->status == SMTPS_SESS_NEW) {
-	fail_queue(s, SMTPS_STATUS_TEMPFAIL, "quit before connecting");
+	fail_queue(s, -1, 0, SMTPS_STATUS_TEMPFAIL, "quit before connecting");
 	s->status = SMTPS_SESS_CLOSED;
     } else if (s->status == SMTPS_SESS_IDLE) {
 	s->status = SMTPS_SESS_ACTIVE;

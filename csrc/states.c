@@ -497,8 +497,12 @@ static int data_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
-    if (r == NULL || r->code == 354)
+    if (r == NULL)
 	return SMTPS_ACT_NEXT;
+    if (r->code == 354) {
+	s->data_mode = 1;			/* what follows is message text */
+	return SMTPS_ACT_NEXT;
+    }
     if (r->code < 400)
 	return protocol_error(s, r, "DATA");
     return smtps_action_for_code(r->code);

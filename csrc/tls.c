@@ -458,6 +458,14 @@ static int tls_handshake(struct smtps_session *s)
 	t->phase = TLS_UP;
 	s->fail_state = -1;			/* failures are ordinary again */
 	s->fail_stage = -1;
+	if (s->trace != NULL) {
+	    char    note[160];
+
+	    snprintf(note, sizeof(note), "TLS is up: %s, %s",
+		     SSL_get_version(t->ssl),
+		     SSL_CIPHER_get_name(SSL_get_current_cipher(t->ssl)));
+	    smtps_session_trace(s, SMTPS_TRACE_NOTE, note, strlen(note));
+	}
 	return smtps_tls_flush(s);		/* the EHLO that waited */
     }
     err = SSL_get_error(t->ssl, rc);

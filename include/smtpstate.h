@@ -427,6 +427,7 @@ struct smtps_result_reply {
 struct smtps_result_rcpt {
     int status;				/* SMTPS_STATUS_* or SMTPS_RCPT_* */
     struct smtps_result_reply reply;	/* the RCPT reply, or the final one */
+    int bounce_class;			/* enum smtps_bounce_class; 0: not failed */
 };
 
 struct smtps_result {
@@ -440,9 +441,105 @@ struct smtps_result {
     size_t nrcpt;
     struct smtps_result_rcpt *rcpt;
     struct smtps_result *next;		/* the session's queue; ignore */
+    int bounce_class;			/* enum smtps_bounce_class; 0: delivered */
 };
 
 void smtps_result_free(struct smtps_result *r);
+
+/* ------------------------------------------------------------------ */
+/* Bounce classification (classify.c)                                  */
+/* ------------------------------------------------------------------ */
+
+/*
+ * The classic bounce classes senders use, with their numeric codes. One
+ * list, so that the enum and the names cannot drift apart. A result that
+ * failed, and each of its recipients that failed, carries one of these
+ * (or a class registered with smtps_bounce_register_class()); 0 means
+ * "not a failure".
+ */
+#define SMTPS_BOUNCE_CLASSES(X) \
+    X(UNDETERMINED, 1, "undetermined") \
+    X(INVALID_RECIPIENT, 10, "invalid recipient") \
+    X(SOFT_BOUNCE, 20, "soft bounce") \
+    X(DNS_FAILURE, 21, "DNS failure") \
+    X(MAILBOX_FULL, 22, "mailbox full") \
+    X(TOO_LARGE, 23, "too large") \
+    X(TIMEOUT, 24, "timeout") \
+    X(ADMIN_FAILURE, 25, "admin failure") \
+    X(NO_RCPT, 30, "generic bounce: no RCPT") \
+    X(GENERIC_BOUNCE, 40, "generic bounce") \
+    X(MAIL_BLOCK, 50, "mail block") \
+    X(SPAM_BLOCK, 51, "spam block") \
+    X(SPAM_CONTENT, 52, "spam content") \
+    X(PROHIBITED_ATTACHMENT, 53, "prohibited attachment") \
+    X(RELAYING_DENIED, 54, "relaying denied") \
+    X(AUTO_REPLY, 60, "auto-reply") \
+    X(TRANSIENT_FAILURE, 70, "transient failure") \
+    X(SUBSCRIBE, 80, "subscribe") \
+    X(UNSUBSCRIBE, 90, "unsubscribe") \
+    X(CHALLENGE_RESPONSE, 100, "challenge-response")
+
+#define SMTPS_X_BOUNCE(n, v, s) SMTPS_BOUNCE_##n = v,
+enum smtps_bounce_class {
+    SMTPS_BOUNCE_NONE = 0,		/* not a failure */
+    SMTPS_BOUNCE_CLASSES(SMTPS_X_BOUNCE)
+    SMTPS_BOUNCE_CLASS_MAX = 999	/* the highest code a class may have */
+};
+#undef SMTPS_X_BOUNCE
+
+#define SMTPS_BOUNCE_NAME_MAX 63	/* bytes in a class name, without the NUL */
+#define SMTPS_BOUNCE_USER_CLASSES 64	/* classes that may be registered */
+#define SMTPS_BOUNCE_USER_RULES 256	/* rules that may be added */
+
+/*
+ * A rule of the caller's: when a reply matches every condition given, it
+ * gets bounce_class. Rules are tried in the order added, before the
+ * built-in ones. At least one condition must be given.
+ */
+struct smtps_bounce_rule {
+    size_t sizeof_bounce_rule;		/* ABI guard */
+    int bounce_class;			/* built-in or registered */
+    int code;				/* 0: any; 2..5: first digit; 200..599: exact */
+    const char *enhanced;		/* "5.7.1", "5.7.*", "*.1.1"; NULL: any */
+    const char *text;			/* ASCII case-insensitive substring; NULL: any */
+};
+
+/*
+ * Classify a failure reply (code, RFC 3463 enhanced code or "" or NULL,
+ * its text). The enhanced code decides first when it is specific, then
+ * the text, then the code. Returns a class, or SMTPS_BOUNCE_NONE for a
+ * code below 400. Thread-safe.
+ */
+int smtps_bounce_classify(int code, const char *enhanced, const char *text,
+			  size_t text_len);
+
+/*
+ * Classify a failure no reply decided (status is SMTPS_STATUS_*): a
+ * timeout, a name that does not resolve, a lost connection, a refusal
+ * before sending. reason is the result's reason text.
+ */
+int smtps_bounce_classify_reason(int status, const char *reason);
+
+/* Set r->bounce_class and each recipient's from what r says. */
+void smtps_bounce_classify_result(struct smtps_result *r);
+
+/* A class's name, or NULL when no class has that code. */
+const char *smtps_bounce_class_name(int bounce_class);
+
+/*
+ * Register a class of one's own: code 1..SMTPS_BOUNCE_CLASS_MAX, not a
+ * built-in one; name 1..SMTPS_BOUNCE_NAME_MAX printable ASCII bytes
+ * (copied). Registering the same code with the same name again is
+ * SMTPS_OK. SMTPS_EINVAL for a bad or taken code or a bad name,
+ * SMTPS_EFULL past SMTPS_BOUNCE_USER_CLASSES.
+ */
+int smtps_bounce_register_class(int code, const char *name);
+
+/* Add a rule (copied). SMTPS_EINVAL for a bad one, SMTPS_EFULL when full. */
+int smtps_bounce_add_rule(const struct smtps_bounce_rule *rule);
+
+/* Forget every registered class and added rule. */
+void smtps_bounce_reset(void);
 
 /* ------------------------------------------------------------------ */
 /* Sessions: one SMTP connection, sans I/O                             */
@@ -523,6 +620,27 @@ const char *smtps_session_reason(const struct smtps_session *s);	/* why it close
 int smtps_session_rcpt_index(const struct smtps_session *s);	/* RCPT being answered */
 int smtps_session_set_rcpt_result(struct smtps_session *s, size_t i,
 				  const struct smtps_reply *reply);
+
+/*
+ * The transcript (our extension): a driver that wants to log the dialogue
+ * sets a trace function, called with the plaintext as it is queued or
+ * parsed, whatever TLS does to it on the wire. Nothing is copied for it
+ * when none is set. What AUTH sends is never shown: the function gets
+ * "AUTH PLAIN [credentials redacted]" and the like instead. Server text
+ * is handed over as received: control characters included, so a logger
+ * must make them harmless.
+ */
+#define SMTPS_TRACE_SENT 1		/* one command line we queued, no CRLF */
+#define SMTPS_TRACE_RECEIVED 2		/* one reply line ("250-SIZE 1000"), no CRLF */
+#define SMTPS_TRACE_DATA 3		/* the message content as given, before encoding */
+#define SMTPS_TRACE_NOTE 4		/* an event in words ("TLS is up: TLSv1.3 ...") */
+
+typedef void (*SMTPSTrace) (struct smtps_session *session, int kind,
+			    const char *data, size_t len, void *closure);
+
+/* Set (or, with NULL, remove) the trace function; any time. */
+int smtps_session_set_trace(struct smtps_session *s, SMTPSTrace fn,
+			    void *closure);
 
 /* ------------------------------------------------------------------ */
 /* TLS (RFC 3207) and AUTH (RFC 4954), per session                     */
@@ -625,6 +743,10 @@ int smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms);
 struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);
 size_t smtps_engine_pending(const struct smtps_engine *e);	/* submitted, no result taken */
 size_t smtps_engine_connections(const struct smtps_engine *e);	/* open now */
+
+/* The trace function of every session the engine makes from now on. */
+int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
+			   void *closure);
 
 #ifdef __cplusplus
 }

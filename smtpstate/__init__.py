@@ -13,10 +13,13 @@ The C core stays reachable for C-level use as ``smtpstate._core`` (``ffi``,
 ``lib``); nothing in the Python API needs it.
 """
 
+from smtpstate.classify import BounceClass
+from smtpstate.classify import classify as classify_reply
 from smtpstate.client import Client
 from smtpstate.engine import Engine, Ticket, deliver
 from smtpstate.errors import (
     ConnectError,
+    DeliveryError,
     InvalidMessageError,
     LocalProtocolError,
     RegistrationError,
@@ -33,9 +36,11 @@ __all__ = [
     "Action",
     "Auth",
     "BUILTIN_STATES",
+    "BounceClass",
     "Capabilities",
     "Client",
     "ConnectError",
+    "DeliveryError",
     "Engine",
     "InvalidMessageError",
     "LocalProtocolError",
@@ -53,6 +58,7 @@ __all__ = [
     "State",
     "StateCallbackError",
     "Ticket",
+    "classify_reply",
     "default_machine",
     "deliver",
 ]

@@ -55,6 +55,7 @@ CDEF_FILES = (
     "machine.h",  # struct smtp_state, Momentum's contract, machines
     "message.h",  # messages
     "result.h",  # results
+    "classify.h",  # bounce classification of results and replies
     "session.h",  # the sans-I/O session
     "tls.h",  # TLS and AUTH options of a session
     "engine.h",  # the engine: many sessions, epoll

@@ -95,3 +95,21 @@ def smtps_py_free(session: Any, local: Any, closure: Any) -> None:
 @ffi.def_extern(onerror=_failed_stage)
 def smtps_py_tostage(session: Any, awaiting: int, closure: Any) -> int:
     return int(py_trampolines["tostage"](session, awaiting, closure))
+
+
+def _failed_tostring(exc: Any, val: Any, tb: Any) -> Any:
+    return ffi.NULL                             # C then names the stage itself
+
+
+@ffi.def_extern(onerror=_failed_tostring)
+def smtps_py_tostring(stage: int, closure: Any) -> Any:
+    return py_trampolines["tostring"](stage, closure)
+
+
+def _failed_trace(exc: Any, val: Any, tb: Any) -> None:
+    return None                                 # a transcript never fails a delivery
+
+
+@ffi.def_extern(onerror=_failed_trace)
+def smtps_py_trace(session: Any, kind: int, data: Any, length: int, closure: Any) -> None:
+    py_trampolines["trace"](session, kind, data, length, closure)

@@ -33,20 +33,20 @@ import errno
 import itertools
 import logging
 import socket
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.errors import ConnectError
+from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Options
+from smtpstate.options import Options, check_host
 from smtpstate.result import RecipientResult, Result, result_from_c
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client", "send", "deliver"]
 
 log = logging.getLogger("smtpstate.aio")
-wire = logging.getLogger("smtpstate.transcript")
 
 _tags = itertools.count(1)
 
@@ -79,11 +79,13 @@ async def _default_helo(loop: asyncio.AbstractEventLoop) -> str:
 
 def _not_connected(message: Message, tag: int, why: str) -> Result:
     """The result of a message that never reached a usable connection."""
-    return Result(status="tempfail", reply=None,
-                  recipients=tuple(RecipientResult(str(a), "pending", None)
-                                   for a in message.recipients),
-                  stage="not connected", stage_code=0, state=None,
-                  reason=why, ticket=tag, message=message)
+    result = Result(status="tempfail", reply=None,
+                    recipients=tuple(RecipientResult(str(a), "pending", None)
+                                     for a in message.recipients),
+                    stage="not connected", stage_code=0, state=None,
+                    reason=why, ticket=tag, message=message)
+    log_result(result)
+    return result
 
 
 def _not_attempted(why: str) -> str:
@@ -93,11 +95,13 @@ def _not_attempted(why: str) -> str:
 def _refused(message: Message, tag: int, first: Result) -> Result:
     """A permfail like ``first``, for a message not tried because the
     server refused our credentials (as the blocking client does)."""
-    return Result(status="permfail", reply=None,
-                  recipients=tuple(RecipientResult(str(a), "pending", None)
-                                   for a in message.recipients),
-                  stage=first.stage, stage_code=first.stage_code, state=first.state,
-                  reason=_not_attempted(first.reason), ticket=tag, message=message)
+    result = Result(status="permfail", reply=None,
+                    recipients=tuple(RecipientResult(str(a), "pending", None)
+                                     for a in message.recipients),
+                    stage=first.stage, stage_code=first.stage_code, state=first.state,
+                    reason=_not_attempted(first.reason), ticket=tag, message=message)
+    log_result(result)
+    return result
 
 
 # Stages in which a connection fails before any transaction: a result
@@ -175,12 +179,12 @@ class _Connection(asyncio.Protocol):
         except asyncio.TimeoutError as exc:
             err = ConnectError(errno.ETIMEDOUT, f"cannot connect to {host}:{port}: "
                                f"timed out after {timeout:g} s")
-            self._lose(str(err))
+            self._lose(err.strerror)
             raise err from exc
         except OSError as exc:
             err = ConnectError(exc.errno or errno.ECONNREFUSED,
                                f"cannot connect to {host}:{port}: {exc}")
-            self._lose(str(err))
+            self._lose(err.strerror)
             raise err from exc
         except BaseException:
             if self.transport is None:         # else connection_lost follows
@@ -277,8 +281,6 @@ class _Connection(asyncio.Protocol):
             return
         if self.transcript is not None:
             self.transcript.append(("S", data))
-        if wire.isEnabledFor(logging.DEBUG):
-            wire.debug("S: %r", data)
         try:
             rc = lib.smtps_session_feed(self.ptr, data, len(data), self._now())
             if rc == lib.SMTPS_ESTATE:         # a state called back into us
@@ -320,7 +322,10 @@ class _Connection(asyncio.Protocol):
         pending = 0
         if t is not None and not t.is_closing():
             out = self._out
-            while not self.paused:
+            # A write can find the connection reset: asyncio then closes the
+            # transport and drops whatever is written after, which must not
+            # count as sent (the final dot above all).
+            while not self.paused and not t.is_closing():
                 n = lib.smtps_session_output(ptr, out)
                 if n == 0:
                     break
@@ -330,8 +335,6 @@ class _Connection(asyncio.Protocol):
                 t.write(data)                  # may call pause_writing()
                 if self.transcript is not None:
                     self.transcript.append(("C", data))
-                if wire.isEnabledFor(logging.DEBUG):
-                    wire.debug("C: %r", data)
                 # XXX Handed to the transport counts as sent: a connection
                 # lost with the final dot still in asyncio's buffer reports
                 # "unknown" instead of "tempfail" (the safe side), and the
@@ -375,6 +378,7 @@ class _Connection(asyncio.Protocol):
                                        ticket=tag, message=message)
             finally:
                 lib.smtps_result_free(r)
+            log_result(result)
             fut = self.futures.pop(tag, None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
@@ -494,12 +498,13 @@ class Client:
 
     def __init__(self, host: str, port: int = 25, *, machine: Optional[Machine] = None,
                  keep_transcript: bool = False, **options: Any) -> None:
-        self.host = host
+        self.host = check_host(host)
         self.port = int(port)
         self.options = Options.make(**options)
         self.machine = machine if machine is not None else default_machine
         self.keep_transcript = keep_transcript
         self.transcript: List[Tuple[str, bytes]] = []
+        self._tracer: Optional[Tracer] = None
         self._conn: Optional[_Connection] = None
         self._turn: Optional[asyncio.Lock] = None     # one message in flight
         self._auth_refused: Optional[Result] = None
@@ -599,6 +604,11 @@ class Client:
         except BaseException:
             session.close()
             raise
+        # The transcript (plaintext, credentials redacted) when it is logged.
+        if Tracer.wanted():
+            if self._tracer is None:
+                self._tracer = Tracer()
+            self._tracer.attach(session._ptr)
         c = _Connection(loop, session, keep,
                         self.transcript if self.keep_transcript else None)
         timeout = opts.timeout if opts.timeout is not None else _CONNECT_TIMEOUT
@@ -608,6 +618,13 @@ class Client:
         return c
 
     # -- sending ---------------------------------------------------------------
+
+    async def send_message(self, msg: Any, sender: Optional[str] = None,
+                           recipients: Optional[Sequence[str]] = None,
+                           **kwargs: Any) -> Result:
+        """Deliver a standard-library ``email.message.EmailMessage``, its
+        envelope taken from its headers (:meth:`Message.from_email`)."""
+        return await self.send(Message.from_email(msg, sender, recipients, **kwargs))
 
     async def send(self, message: Message) -> Result:
         """Deliver one message and return its :class:`Result`.

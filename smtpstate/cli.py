@@ -1,53 +1,543 @@
 """The command line: ``python -m smtpstate`` / ``smtpstate``.
 
-Commands: ``demo`` (the README's main job) and ``states`` (a machine's
-order, including states registered by a module named with ``--load``).
+Commands:
+
+* ``send`` -- one message to one server, in the spirit of swaks: the
+  envelope from ``--from``/``--to`` (or the headers of ``--data``), the
+  content from a file, stdin or a generated test message; TLS and AUTH;
+  ``-v`` prints the dialogue (plaintext, credentials redacted) on stderr.
+  The exit code says what happened (:data:`EXIT_CODES`).
+* ``states`` -- a machine's state order with each state's connection
+  stages, including states registered by modules or files named with
+  ``--load``.
+* ``demo`` -- the README's main job (:mod:`smtpstate.demo`).
+* ``bench`` -- a quick benchmark (:mod:`smtpstate.bench`).
+
+Rule: what a server said is printed through :func:`smtpstate.logs.printable`,
+never raw.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.parser
+import email.policy
+import email.utils
+import getpass
 import importlib
+import importlib.util
+import json
 import logging
+import os
+import socket
 import sys
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_CODES", "StateRow", "state_table", "parse_server", "load_machine"]
+
+log = logging.getLogger("smtpstate.cli")
+
+EXIT_CODES = {
+    "delivered": 0,   # to every recipient
+    "partial": 1,     # delivered, but some recipients were refused
+    "usage": 2,       # bad arguments (argparse's own code)
+    "tempfail": 4,    # try again later (like a 4xx reply)
+    "permfail": 5,    # will not be delivered (like a 5xx reply)
+    "unknown": 6,     # lost after the final dot: maybe delivered
+}
+"""``send``'s exit code for each outcome."""
+
+ENV_USER = "SMTPSTATE_AUTH_USER"
+ENV_PASSWORD = "SMTPSTATE_AUTH_PASSWORD"
+
+_EPILOG_SEND = f"""\
+exit codes: 0 delivered, 1 delivered to some recipients only, 2 bad arguments,
+4 temporary failure, 5 permanent failure, 6 unknown (the connection was lost
+after the final dot: the message may have been delivered).
+
+credentials: --auth-user or ${ENV_USER}; the password from ${ENV_PASSWORD},
+else asked for on the terminal (--auth-password works too, but other users
+can see command lines). They are never sent before TLS unless --auth-plaintext.
+
+examples:
+  smtpstate send --server 127.0.0.1:2525 --to bob@example.net
+  smtpstate send --server smtp.example.net:587 --tls --auth-user me \\
+      --from me@example.net --to bob@example.net --data message.eml -v
+  smtpstate send --server mx.example.net --data message.eml   # envelope from the headers
+"""
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from smtpstate.demo import run_demo
-    return run_demo(args.count)
+# ---------------------------------------------------------------------------
+# send
+# ---------------------------------------------------------------------------
 
 
-def _cmd_states(args: argparse.Namespace) -> int:
-    from smtpstate.machine import default_machine
-    for name in args.load:
-        importlib.import_module(name)        # it registers into default_machine
-    for sid, name in default_machine.states:
-        print(f"{sid:>3}  {name}")
+def parse_server(text: str, default_port: int = 25) -> Tuple[str, int]:
+    """``"host"``, ``"host:port"``, ``"[::1]:25"`` or ``"::1"`` into (host, port).
+
+    Raises:
+        ValueError: an empty host or a bad port.
+    """
+    text = text.strip()
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"no closing ']' in {text!r}")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"expected ':port' after ']' in {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port {port!r} in {text!r}")
+    return host, int(port)
+
+
+def _default_sender() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "smtpstate"
+    host = socket.getfqdn() or "localhost"
+    if "." not in host:
+        host = "localhost"
+    return f"{user}@{host}"
+
+
+def _test_message(sender: str, recipients: Sequence[str], subject: Optional[str],
+                  body: Optional[str], headers: Sequence[str]) -> bytes:
+    """A small test message, as swaks makes one."""
+    from email.message import EmailMessage
+
+    msg = EmailMessage()
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["From"] = sender
+    msg["To"] = ", ".join(recipients)
+    msg["Subject"] = subject if subject is not None else (
+        "test " + email.utils.formatdate(localtime=True))
+    msg["Message-ID"] = email.utils.make_msgid(domain=sender.rpartition("@")[2] or None)
+    msg["X-Mailer"] = "smtpstate send"
+    for h in headers:
+        name, _, value = h.partition(":")
+        del msg[name.strip()]
+        msg[name.strip()] = value.strip()
+    msg.set_content(body if body is not None else "This is a test mailing.\n")
+    return bytes(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+
+
+def _read_data(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _build_message(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    from smtpstate.errors import InvalidMessageError
+    from smtpstate.message import Message
+
+    recipients = [a.strip() for value in args.to for a in value.split(",") if a.strip()]
+    try:
+        if args.data is None:
+            if not recipients:
+                parser.error("send needs --to (or --data with To/Cc/Bcc headers)")
+            sender = args.sender if args.sender is not None else _default_sender()
+            # The envelope is checked before it goes into headers.
+            Message(sender, recipients, b"", dsn_ret=args.dsn_ret, envid=args.envid)
+            try:
+                data = _test_message(sender, recipients, args.subject, args.body, args.header)
+            except ValueError as exc:
+                parser.error(f"cannot make the test message: {exc}")
+            return Message(sender, recipients, data, dsn_ret=args.dsn_ret, envid=args.envid)
+        if args.subject is not None or args.body is not None or args.header:
+            parser.error("--subject, --body and --header make a test message; "
+                         "they cannot change --data")
+        try:
+            raw = _read_data(args.data)
+        except OSError as exc:
+            parser.error(f"cannot read --data {args.data}: {exc.strerror or exc}")
+        if recipients:
+            # An explicit envelope: the content goes exactly as given.
+            sender = args.sender if args.sender is not None else _default_sender()
+            return Message(sender, recipients, raw, dsn_ret=args.dsn_ret, envid=args.envid)
+        # The envelope from the headers, Bcc removed (smtplib.send_message).
+        parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(raw)
+        return Message.from_email(parsed, args.sender, None, dsn_ret=args.dsn_ret,
+                                  envid=args.envid)
+    except InvalidMessageError as exc:
+        parser.error(str(exc))
+
+
+def _credentials(args: argparse.Namespace,
+                 parser: argparse.ArgumentParser) -> Optional[Tuple[str, str]]:
+    user = args.auth_user or os.environ.get(ENV_USER) or None
+    if user is None:
+        if args.auth_password:
+            parser.error("--auth-password without --auth-user")
+        return None
+    secret = args.auth_password or os.environ.get(ENV_PASSWORD) or None
+    if secret is None:
+        if not sys.stdin.isatty() or args.data == "-":
+            parser.error(f"no password for {user!r}: set {ENV_PASSWORD} "
+                         "(or --auth-password)")
+        secret = getpass.getpass(f"password for {user}: ")
+    return user, secret
+
+
+def _outcome(result: Any) -> str:
+    if result.status == "delivered":
+        refused = [r for r in result.recipients if r.status != "delivered"]
+        return "partial" if refused else "delivered"
+    return result.status if result.status in EXIT_CODES else "tempfail"
+
+
+def _describe(result: Any, out: TextIO) -> None:
+    from smtpstate.logs import printable
+
+    if result.ok:
+        print(f"delivered: {printable(str(result.reply)) if result.reply else ''}", file=out)
+    else:
+        why = printable(str(result.reply) if result.reply is not None else result.reason)
+        cls = f" [{result.bounce_class}]" if result.bounce_class is not None else ""
+        print(f"{result.status} at stage {result.stage_code} ({result.stage}): {why}{cls}",
+              file=out)
+        if result.error:
+            print(f"  error: {printable(result.error)}", file=out)
+    for r in result.recipients:
+        # Delivered: the recipients that were not. Failed: those with a
+        # refusal of their own (the others share the message's fate).
+        if result.ok and r.status == "delivered":
+            continue
+        if not result.ok and (r.reply is None or r.reply.code < 400 or r.reply == result.reply):
+            continue
+        reply = f" {printable(str(r.reply))}" if r.reply is not None else ""
+        cls = f" [{r.bounce_class}]" if r.bounce_class is not None else ""
+        print(f"  {printable(r.address)}: {r.status}{reply}{cls}", file=out)
+
+
+def _as_json(result: Any) -> Dict[str, Any]:
+    def reply(r: Any) -> Optional[Dict[str, Any]]:
+        return None if r is None else {"code": r.code, "enhanced": r.enhanced, "text": r.text}
+
+    def cls(c: Any) -> Optional[Dict[str, Any]]:
+        return None if c is None else {"code": c.code, "name": c.name}
+
+    return {
+        "status": result.status, "reply": reply(result.reply), "stage": result.stage,
+        "stage_code": result.stage_code, "state": result.state, "reason": result.reason,
+        "error": result.error, "bounce_class": cls(result.bounce_class),
+        "recipients": [{"address": r.address, "status": r.status, "reply": reply(r.reply),
+                        "bounce_class": cls(r.bounce_class)} for r in result.recipients],
+    }
+
+
+def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from smtpstate.client import Client
+    from smtpstate.errors import InvalidMessageError
+    from smtpstate.logs import transcript_handler
+    from smtpstate.options import Auth
+
+    try:
+        host, port = parse_server(args.server, 465 if args.tls == "implicit" else 25)
+    except ValueError as exc:
+        parser.error(f"--server: {exc}")
+    message = _build_message(args, parser)
+    creds = _credentials(args, parser)
+    undo = None
+    if args.verbose:
+        _, undo = transcript_handler(sys.stderr.write)
+        print(f" * connecting to {host}:{port}", file=sys.stderr)
+    try:
+        auth = None
+        if creds is not None:
+            auth = Auth(creds[0], creds[1], mechanism=args.auth_mechanism,
+                        allow_plaintext=args.auth_plaintext)
+        client = Client(host, port, timeout=args.timeout, helo=args.helo, tls=args.tls,
+                        auth=auth, ca_file=args.ca_file, server_hostname=args.server_name,
+                        dangerously_skip_certificate_verification=args.insecure)
+        with client:
+            result = client.send(message)
+    except InvalidMessageError as exc:
+        parser.error(str(exc))
+    finally:
+        if undo is not None:
+            undo()
+    if args.json:
+        print(json.dumps(_as_json(result), indent=2))
+    else:
+        _describe(result, sys.stdout)
+    return EXIT_CODES[_outcome(result)]
+
+
+# ---------------------------------------------------------------------------
+# states
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """One state of a machine, as ``states`` prints it.
+
+    Attributes:
+        position: 1 for the first state run.
+        id: the state's id.
+        name: its name.
+        builtin: True for the built-in states.
+        pipelinable: it may run ahead under PIPELINING.
+        awaiting: (code, name): the stage while its replies are awaited.
+        after: (code, name): the stage once they came.
+    """
+
+    position: int
+    id: int
+    name: str
+    builtin: bool
+    pipelinable: bool
+    awaiting: Tuple[int, str]
+    after: Tuple[int, str]
+
+
+def state_table(machine: Any) -> List[StateRow]:
+    """Every state of ``machine`` in order, with the stages its own
+    ``tostage``/``tostring`` report (asked on a session that never
+    connects)."""
+    from smtpstate._ffi import ffi, lib
+    from smtpstate.machine import BUILTIN_STATES
+    from smtpstate.session import Session
+
+    session = Session(machine, "localhost")
+    rows = []
+    try:
+        for position, (sid, name) in enumerate(machine.states, 1):
+            st = lib.smtps_machine_get(machine._ptr, sid)
+            stages = []
+            for awaiting in (1, 0):
+                code = int(st.tostage(session._ptr, awaiting, st.closure)
+                           if st.tostage != ffi.NULL else lib.SMTPS_STAGE_UNKNOWN)
+                text = ffi.NULL
+                if st.tostring != ffi.NULL:
+                    text = st.tostring(code, st.closure)
+                if text == ffi.NULL:
+                    text = lib.smtps_stage_name(code)
+                stages.append((code, ffi.string(text).decode("utf-8", "replace")))
+            rows.append(StateRow(position, sid, name,
+                                 sid < len(BUILTIN_STATES) and name == BUILTIN_STATES[sid],
+                                 bool(st.flags & lib.SMTPS_STATE_PIPELINABLE),
+                                 stages[0], stages[1]))
+    finally:
+        session.close()
+    return rows
+
+
+def load_machine(specs: Sequence[str]) -> Any:
+    """Import each spec (``module``, ``module:attr``, ``file.py`` or
+    ``file.py:attr``) and return the machine to show: the last ``attr``
+    named (a Machine, or a callable returning one), else the default
+    machine, into which imported modules may have registered states.
+
+    Raises:
+        ValueError: a spec that cannot be loaded, or an attr that is no
+            Machine.
+    """
+    from smtpstate.machine import Machine, default_machine
+
+    machine = default_machine
+    for spec in specs:
+        target, attr = spec, ""
+        if ":" in spec:
+            target, attr = spec.rsplit(":", 1)
+        try:
+            if target.endswith(".py") or os.sep in target:
+                module = _load_file(target)
+            else:
+                module = importlib.import_module(target)
+        except (ImportError, OSError) as exc:
+            raise ValueError(f"cannot load {target}: {exc}") from None
+        if attr:
+            try:
+                obj = getattr(module, attr)
+            except AttributeError:
+                raise ValueError(f"{target} has no {attr!r}") from None
+            if callable(obj) and not isinstance(obj, (Machine, type)):
+                try:
+                    obj = obj()
+                except Exception as exc:
+                    raise ValueError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
+            if not isinstance(obj, Machine):
+                raise ValueError(f"{spec} is a {type(obj).__name__}, not a smtpstate.Machine")
+            machine = obj
+    return machine
+
+
+def _load_file(path: str) -> Any:
+    """Run a Python file as a module, its directory importable meanwhile
+    (as when it runs as a script)."""
+    name = "_smtpstate_load_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"not a Python file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    here = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, here)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        if here in sys.path:
+            sys.path.remove(here)
+    return module
+
+
+def _cmd_states(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        machine = load_machine(args.load)
+    except ValueError as exc:
+        parser.error(f"--load: {exc}")
+    rows = state_table(machine)
+    if args.json:
+        print(json.dumps([{
+            "position": r.position, "id": r.id, "name": r.name, "builtin": r.builtin,
+            "pipelinable": r.pipelinable,
+            "stage_awaiting": {"code": r.awaiting[0], "name": r.awaiting[1]},
+            "stage_after": {"code": r.after[0], "name": r.after[1]},
+        } for r in rows], indent=2))
+        return 0
+    width = max([len(r.name) for r in rows] + [5])
+    print(f" id  {'state':<{width}}  stage awaiting replies         stage after")
+    for r in rows:
+        during = f"{r.awaiting[0]:>2} {r.awaiting[1]}"
+        after = f"{r.after[0]:>2} {r.after[1]}"
+        notes = [] if r.builtin else ["custom"]
+        if r.pipelinable:
+            notes.append("pipelinable")
+        note = f"  ({', '.join(notes)})" if notes else ""
+        print(f"{r.id:>3}  {r.name:<{width}}  {during:<30} {after}{note}")
     return 0
 
 
+# ---------------------------------------------------------------------------
+# demo, bench
+# ---------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from smtpstate.demo import run_demo
+    if args.count < 1:
+        parser.error("--count must be at least 1")
+    return run_demo(args.count, progress=not args.no_progress)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from smtpstate.bench import main as bench
+    return bench(rounds=args.rounds, scale=0.5 if args.quick else 1.0)
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def _send_parser(sub: Any) -> None:
+    send = sub.add_parser(
+        "send", help="send one message to a server (like swaks)",
+        description="Send one message to one SMTP server and say what became of it.",
+        epilog=_EPILOG_SEND, formatter_class=argparse.RawDescriptionHelpFormatter)
+    send.add_argument("--server", "-s", default="localhost", metavar="HOST[:PORT]",
+                      help="the server (default localhost; port 25, 465 with --tls implicit)")
+    send.add_argument("--from", "-f", dest="sender", metavar="ADDR",
+                      help="the envelope sender (default: user@this-host, or the "
+                           "headers of --data when --to is not given)")
+    send.add_argument("--to", "-t", action="append", default=[], metavar="ADDR",
+                      help="a recipient (repeat, or separate with commas); without "
+                           "--to, --data's To/Cc/Bcc headers are used")
+    send.add_argument("--data", "-d", metavar="FILE",
+                      help="the message (RFC 5322, headers and body) from FILE, or "
+                           "stdin with '-'; default: a generated test message")
+    send.add_argument("--subject", help="the test message's subject")
+    send.add_argument("--body", help="the test message's body")
+    send.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
+                      help="add or replace a header of the test message")
+    send.add_argument("--tls", nargs="?", const="starttls", default="none",
+                      choices=("none", "starttls", "opportunistic", "implicit"),
+                      help="--tls alone: STARTTLS required; or opportunistic, implicit "
+                           "(port 465); default none")
+    send.add_argument("--ca-file", metavar="PEM", help="CAs to trust (default: the system's)")
+    send.add_argument("--server-name", metavar="NAME",
+                      help="the name the certificate must carry (default: the host)")
+    send.add_argument("--insecure", action="store_true",
+                      help="accept any certificate (throwaway test servers only)")
+    send.add_argument("--auth-user", "-au", metavar="USER", help=f"AUTH as USER (or ${ENV_USER})")
+    send.add_argument("--auth-password", "-ap", metavar="SECRET",
+                      help=f"the password (better: ${ENV_PASSWORD})")
+    send.add_argument("--auth-mechanism", choices=("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
+                      type=str.upper, help="only this mechanism (default: the best offered)")
+    send.add_argument("--auth-plaintext", action="store_true",
+                      help="allow AUTH without TLS")
+    send.add_argument("--helo", metavar="NAME", help="the EHLO name (default: this host's)")
+    send.add_argument("--timeout", type=float, default=60.0, metavar="SECS",
+                      help="connect and reply timeout (default 60)")
+    send.add_argument("--dsn-ret", choices=("FULL", "HDRS"), type=str.upper,
+                      help="DSN RET (RFC 3461), when the server offers DSN")
+    send.add_argument("--envid", help="DSN ENVID (RFC 3461)")
+    send.add_argument("--json", action="store_true", help="print the result as JSON")
+    send.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                      help="print the dialogue on stderr (credentials redacted)")
+    send.set_defaults(func=_cmd_send, subparser=send)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; return the exit code."""
     parser = argparse.ArgumentParser(prog="smtpstate",
                                      description="SMTP client engine with a modular state machine")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="log the protocol transcript (DEBUG)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="send: print the dialogue; other commands: log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _send_parser(sub)
+    states = sub.add_parser("states", help="print a machine's state order and stages")
+    states.add_argument("--load", action="append", default=[],
+                        metavar="MODULE[:ATTR] | FILE.py[:ATTR]",
+                        help="import a module or file first (it may register states in "
+                             "the default machine); with :ATTR, show that Machine (or "
+                             "what that function returns) instead")
+    states.add_argument("--json", action="store_true", help="print the table as JSON")
+    states.set_defaults(func=_cmd_states, subparser=states)
     demo = sub.add_parser("demo", help="deliver a batch to an embedded aiosmtpd and show it")
-    demo.add_argument("--count", type=int, default=10, help="messages to send (default 10)")
-    demo.set_defaults(func=_cmd_demo)
-    states = sub.add_parser("states", help="print the default machine's state order")
-    states.add_argument("--load", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (it may register states)")
-    states.set_defaults(func=_cmd_states)
+    demo.add_argument("--count", type=int, default=20, help="messages to send (default 20)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    demo.set_defaults(func=_cmd_demo, subparser=demo)
+    bench = sub.add_parser("bench", help="quick benchmark against Postfix smtp-sink "
+                           "(and smtp-source) on loopback")
+    bench.add_argument("--quick", action="store_true", help="half the messages (a CI smoke run)")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    bench.set_defaults(func=_cmd_bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    # send: -v shows the dialogue (a handler of its own), -vv logs the rest
+    # too; the other commands log at DEBUG with -v.
+    debug = args.verbose >= (2 if args.command == "send" else 1)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(name)s: %(message)s")
-    if getattr(args, "count", 1) < 1:
-        parser.error("--count must be at least 1")
-    return int(args.func(args))
+    try:
+        if args.command == "bench":
+            return int(args.func(args))
+        # Usage errors show the command's own usage line.
+        return int(args.func(args, getattr(args, "subparser", parser)))
+    except BrokenPipeError:
+        # The reader went away (| head): say nothing more, not even at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

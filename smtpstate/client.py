@@ -20,20 +20,20 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.errors import ConnectError, LocalProtocolError
+from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Auth, Options
+from smtpstate.options import Auth, Options, check_host
 from smtpstate.result import Result, result_from_c
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client"]
 
 log = logging.getLogger("smtpstate.client")
-wire = logging.getLogger("smtpstate.transcript")
 
 _tags = itertools.count(1)
 
@@ -99,7 +99,7 @@ class Client:
             tls=tls, auth=auth, ca_file=ca_file, timeout=timeout, helo=helo,
             server_hostname=server_hostname,
             dangerously_skip_certificate_verification=dangerously_skip_certificate_verification)
-        self.host = host
+        self.host = check_host(host)
         self.port = int(port)
         self.timeout = timeout
         self.machine = machine if machine is not None else default_machine
@@ -115,6 +115,7 @@ class Client:
         self._out = ffi.new("const char **")
         self._keep: List[Any] = []              # cdata the C session points to
         self._auth_refused: Optional[Result] = None
+        self._tracer: Optional[Tracer] = None
 
     # -- connection ------------------------------------------------------
 
@@ -152,6 +153,11 @@ class Client:
         except BaseException:
             sock.close()
             raise
+        # The transcript (plaintext, credentials redacted) when it is logged.
+        if Tracer.wanted():
+            if self._tracer is None:
+                self._tracer = Tracer()
+            self._tracer.attach(session._ptr)
         self._keep = keep
         self._sock, self._session = sock, session
         self._selector = selectors.DefaultSelector()
@@ -245,7 +251,7 @@ class Client:
                 try:
                     self._connect(wait=False)
                 except ConnectError as exc:
-                    return self._not_connected(message, tag, str(exc))
+                    return self._not_connected(message, tag, exc.strerror or str(exc))
             session = self._session
             assert session is not None
             # Mapped before submit: a state may run inside the submit call.
@@ -266,22 +272,38 @@ class Client:
                     return self._results.pop(i)
             raise AssertionError("the session ended without a result")  # a bug
 
+    def send_message(self, msg: Any, sender: Optional[str] = None,
+                     recipients: Optional[Sequence[str]] = None, **kwargs: Any) -> Result:
+        """Deliver a standard-library ``email.message.EmailMessage``, its
+        envelope taken from its headers as ``smtplib.send_message`` does
+        (see :meth:`Message.from_email`, which takes the same arguments).
+
+        Raises:
+            InvalidMessageError: no sender or recipient in the headers.
+            TypeError, LocalProtocolError: as for :meth:`send`.
+        """
+        return self.send(Message.from_email(msg, sender, recipients, **kwargs))
+
     def _refused(self, message: Message, tag: int, first: Result) -> Result:
         """A permfail like ``first`` (the server refused our credentials)."""
         from smtpstate.result import RecipientResult
-        return Result(status="permfail", reply=None,
-                      recipients=tuple(RecipientResult(a, "pending", None)
-                                       for a in message.recipients),
-                      stage=first.stage, stage_code=first.stage_code, state=first.state,
-                      reason=f"not attempted: {first.reason}", ticket=tag, message=message)
+        result = Result(status="permfail", reply=None,
+                        recipients=tuple(RecipientResult(a, "pending", None)
+                                         for a in message.recipients),
+                        stage=first.stage, stage_code=first.stage_code, state=first.state,
+                        reason=f"not attempted: {first.reason}", ticket=tag, message=message)
+        log_result(result, f"{self.host}:{self.port} ")
+        return result
 
     def _not_connected(self, message: Message, tag: int, why: str) -> Result:
         from smtpstate.result import RecipientResult
-        return Result(status="tempfail", reply=None,
-                      recipients=tuple(RecipientResult(a, "pending", None)
-                                       for a in message.recipients),
-                      stage="not connected", stage_code=0, state=None,
-                      reason=why, ticket=tag, message=message)
+        result = Result(status="tempfail", reply=None,
+                        recipients=tuple(RecipientResult(a, "pending", None)
+                                         for a in message.recipients),
+                        stage="not connected", stage_code=0, state=None,
+                        reason=why, ticket=tag, message=message)
+        log_result(result, f"{self.host}:{self.port} ")
+        return result
 
     # -- the byte pump ---------------------------------------------------
 
@@ -312,6 +334,7 @@ class Client:
                 if (result.status == "permfail" and state == "AUTH"
                         and self._auth_refused is None):
                     self._auth_refused = result
+                log_result(result, f"{self.host}:{self.port} ")
                 self._results.append(result)
             finally:
                 lib.smtps_result_free(r)
@@ -346,13 +369,11 @@ class Client:
                     self._lost(str(exc))
                     continue
                 if sent:
-                    if self.keep_transcript or wire.isEnabledFor(logging.DEBUG):
+                    if self.keep_transcript:
                         chunk = bytes(data[:sent])
                         if lib.smtps_session_state(ptr) == lib.SMTPS_STATE_AUTH:
                             chunk = b"[%d bytes of AUTH exchange redacted]" % sent
-                        if self.keep_transcript:
-                            self.transcript.append(("C", chunk))
-                        wire.debug("C: %r", chunk)
+                        self.transcript.append(("C", chunk))
                     lib.smtps_session_consume(ptr, sent, _now_ms())
                     continue
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if n else 0)
@@ -380,8 +401,6 @@ class Client:
                 continue
             if self.keep_transcript:
                 self.transcript.append(("S", chunk))
-            if wire.isEnabledFor(logging.DEBUG):
-                wire.debug("S: %r", chunk)
             rc = lib.smtps_session_feed(ptr, chunk, len(chunk), _now_ms())
             if rc == lib.SMTPS_ESTATE:          # a state called back into us
                 check(rc, "feed")

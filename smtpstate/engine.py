@@ -18,13 +18,16 @@ import collections
 import itertools
 import threading
 import time
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
+                    Tuple)
 
 from smtpstate._ffi import check, ffi, lib
+from smtpstate.classify import _of
+from smtpstate.logs import Tracer, log_result
 from smtpstate.errors import InvalidMessageError, LocalProtocolError
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
-from smtpstate.options import Options
+from smtpstate.options import Options, _printable_name, check_host, _printable_name, check_host
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
 from smtpstate.session import Session
 
@@ -89,13 +92,17 @@ class _Converter:
     """C results to :class:`Result` objects, the same as
     :func:`smtpstate.result.result_from_c` but sharing the immutable parts:
     a server says the same few things again and again, and at thousands of
-    results a second building each Reply anew is most of the Python cost."""
+    results a second building each Reply and RecipientResult anew, and the
+    frozen Result field by field, was most of the Python cost per message."""
 
     MAX = 4096                                # cached replies (then start over)
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
         self.replies: Dict[Tuple[int, bytes, bytes], Reply] = {}
+        # Keyed by (address, status, bounce class, id(reply)): the cached
+        # RecipientResult holds its reply, so the id is not reused meanwhile.
+        self.rcpts: Dict[Tuple[str, int, int, int], RecipientResult] = {}
         self.stages: Dict[bytes, str] = {}
         self.states: Dict[int, Optional[str]] = {}
 
@@ -103,15 +110,29 @@ class _Converter:
         code = c.code
         if code == 0:
             return None
-        key = (int(code), ffi.string(c.enhanced), ffi.string(c.text))
+        key = (code, ffi.string(c.enhanced), ffi.string(c.text))
         r = self.replies.get(key)
         if r is None:
             if len(self.replies) >= self.MAX:
                 self.replies.clear()
-            r = Reply(key[0], key[1].decode("ascii", "replace"),
+                self.rcpts.clear()
+            r = Reply(int(code), key[1].decode("ascii", "replace"),
                       key[2].decode("utf-8", "replace"))
             self.replies[key] = r
         return r
+
+    def recipient(self, address: str, c: Any) -> RecipientResult:
+        status, bounce = c.status, c.bounce_class
+        reply = self.reply(c.reply)
+        key = (address, status, bounce, id(reply))
+        rr = self.rcpts.get(key)
+        if rr is None:
+            if len(self.rcpts) >= self.MAX:
+                self.rcpts.clear()
+            rr = RecipientResult(address, _STATUS_NAMES.get(status, "pending"), reply,
+                                 _of(int(bounce)))
+            self.rcpts[key] = rr
+        return rr
 
     def state(self, sid: int) -> Optional[str]:
         try:
@@ -128,21 +149,61 @@ class _Converter:
         return name
 
     def result(self, c: Any, message: Optional[Message], reason: str,
-               **extra: Any) -> Result:
+               error: Optional[str], ticket: Any) -> Result:
         addresses = message.recipients if message is not None else ()
-        recipients = tuple(
-            RecipientResult(addresses[i] if i < len(addresses) else "",
-                            _STATUS_NAMES.get(c.rcpt[i].status, "pending"),
-                            self.reply(c.rcpt[i].reply))
-            for i in range(c.nrcpt))
+        n = c.nrcpt
+        if n:
+            rcpt, naddr = c.rcpt, len(addresses)
+            recipients = tuple(self.recipient(addresses[i] if i < naddr else "", rcpt[i])
+                               for i in range(n))
+        else:
+            recipients = ()
         raw = ffi.string(c.stage_name)
         stage = self.stages.get(raw)
         if stage is None:
             stage = self.stages[raw] = raw.decode("utf-8", "replace")
-        return Result(status=_STATUS_NAMES.get(c.status, "tempfail"),
-                      reply=self.reply(c.reply), recipients=recipients, stage=stage,
-                      stage_code=int(c.stage), state=self.state(c.state), reason=reason,
-                      message=message, **extra)
+        bounce = c.bounce_class
+        return _make_result({
+            "status": _STATUS_NAMES.get(c.status, "tempfail"), "reply": self.reply(c.reply),
+            "recipients": recipients, "stage": stage, "stage_code": c.stage,
+            "state": self.state(c.state), "reason": reason, "message": message,
+            "bounce_class": _of(int(bounce)) if bounce else None, "error": error,
+            "ticket": ticket})
+
+
+def _result_maker() -> Any:
+    """Result(**fields), without the frozen dataclass's one
+    object.__setattr__ call per field: the instance dict is filled at once,
+    then __post_init__ runs, as the generated __init__ would do. Falls back
+    to the constructor when Result is not that kind of class any more
+    (slots, factories, fields set outside __init__, fields we do not fill)."""
+    import dataclasses
+
+    fields = dataclasses.fields(Result)
+    filled = {"status", "reply", "recipients", "stage", "stage_code", "state", "reason",
+              "message", "bounce_class", "error", "ticket"}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING}
+    if (hasattr(Result, "__slots__") or not required <= filled
+            or not filled <= {f.name for f in fields}
+            or any(not f.init or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+                   for f in fields)):
+        return lambda values: Result(**values)
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    post = getattr(Result, "__post_init__", None)
+    new = object.__new__
+
+    def make(values: Dict[str, Any]) -> Result:
+        r = new(Result)
+        d = r.__dict__
+        d.update(defaults)
+        d.update(values)
+        if post is not None:
+            post(r)
+        return r
+    return make
+
+
+_make_result = _result_maker()
 
 
 def _default_helo() -> str:
@@ -202,6 +263,8 @@ class Engine:
         self._views: Dict[int, _ConnectionView] = {}
         self._dests: Dict[Any, Tuple[Any, list]] = {}
         self._convert = _Converter(self.machine)
+        self._tracer: Optional[Tracer] = None   # lives as long as the engine
+        self._tracing = False
         cfg = ffi.new("struct smtps_engine_config *")
         cfg.sizeof_config = ffi.sizeof("struct smtps_engine_config")
         cfg.max_connections = max_connections
@@ -209,10 +272,8 @@ class Engine:
         cfg.messages_per_connection = messages_per_connection
         cfg.idle_timeout_ms = max(1, int(idle_timeout * 1000))
         cfg.connect_timeout_ms = max(1, int(connect_timeout * 1000))
-        try:
-            chelo = self.helo.encode("ascii")
-        except UnicodeEncodeError:
-            raise InvalidMessageError(f"HELO name {self.helo!r} must be ASCII") from None
+        # C would stop at a NUL and take "a" for "a\0b": check it here.
+        chelo = _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX).encode("ascii")
         chelo_c = ffi.new("char[]", chelo)      # lives until engine_new copied it
         cfg.helo = chelo_c
         self._handle = ffi.new_handle(self)
@@ -259,19 +320,34 @@ class Engine:
             self._messages[tag] = message
         return ticket
 
+    def submit_message(self, msg: Any, host: str, port: int = 25, *,
+                       sender: Optional[str] = None,
+                       recipients: Optional[Sequence[str]] = None,
+                       dsn_ret: Optional[str] = None, envid: Optional[str] = None,
+                       **options: Any) -> Ticket:
+        """Queue a standard-library ``email.message.EmailMessage``, its
+        envelope taken from its headers as ``smtplib.send_message`` does
+        (:meth:`Message.from_email`); the rest as for :meth:`submit`.
+        The ticket's ``message`` is the :class:`~smtpstate.Message` made.
+        """
+        message = Message.from_email(msg, sender, recipients, dsn_ret=dsn_ret, envid=envid)
+        return self.submit(message, host, port, **options)
+
     def _destination(self, host: str, port: int, options: Dict[str, Any]) -> Any:
-        """A ``struct smtps_destination`` for these settings, cached."""
-        if not isinstance(host, str) or not host or len(host) > 255:
-            raise InvalidMessageError(f"host must be a name or an address, not {host!r}")
+        """A ``struct smtps_destination`` for these settings, cached. A hit
+        was validated when it was cached: the host is checked on a miss only
+        (that check walks the name, once per submit it was the costliest
+        part of submitting)."""
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidMessageError(f"port must be 1-65535, not {port!r}")
         try:
             key: Any = (host, port, tuple(sorted(options.items())))
-            hit = self._dests.get(key)
+            hit = self._dests.get(key) if type(host) is str else None
         except TypeError:                        # an unhashable option value
             key, hit = None, None
         if hit is not None:
             return hit[0]
+        check_host(host)
         opts = Options.make(**options)
         keep: list = []
         try:
@@ -312,31 +388,49 @@ class Engine:
                         f"{len(self._tickets)} message(s) still pending after {timeout} s")
                 wait = min(wait, max(1, int(left * 1000)))
             with self._guard():
+                self._sync_trace()
                 check(lib.smtps_engine_run(self._ptr, wait), "run the engine")
                 self._collect()
 
+    def _sync_trace(self) -> None:
+        """New connections log the transcript while the transcript logger
+        is on (call with the guard)."""
+        want = Tracer.wanted()
+        if want == self._tracing:
+            return
+        if want:
+            if self._tracer is None:
+                self._tracer = Tracer()
+            self._tracer.attach_engine(self._ptr)
+        else:
+            lib.smtps_engine_set_trace(self._ptr, ffi.NULL, ffi.NULL)
+        self._tracing = want
+
     def _collect(self) -> None:
         """Convert every C result ready into a Result (call with the guard)."""
+        next_result, free, null = lib.smtps_engine_next_result, lib.smtps_result_free, ffi.NULL
+        ptr, tickets, messages, errors_of = self._ptr, self._tickets, self._messages, self._errors
+        convert, ready = self._convert.result, self._ready
         while True:
-            r = lib.smtps_engine_next_result(self._ptr)
-            if r == ffi.NULL:
+            r = next_result(ptr)
+            if r == null:
                 return
             try:
-                tag = int(r.tag)
-                ticket = self._tickets.pop(tag, None)
-                message = self._messages.pop(tag, None)
+                tag = r.tag
+                ticket = tickets.pop(tag, None)
+                message = messages.pop(tag, None)
                 reason = ffi.string(r.reason).decode("utf-8", "replace")
-                errors = self._errors.pop(tag, None) or []
+                errors = errors_of.pop(tag, None) if errors_of else None
                 if self._conn_errors:
-                    errors += [t for t in self._conn_errors if t in reason]
-                result = self._convert.result(r, message, reason,
-                                              error="; ".join(errors) or None,
-                                              ticket=ticket)
+                    errors = (errors or []) + [t for t in self._conn_errors if t in reason]
+                result = convert(r, message, reason,
+                                 ("; ".join(errors) or None) if errors else None, ticket)
             finally:
-                lib.smtps_result_free(r)
+                free(r)
             if ticket is not None:
                 ticket.result = result
-            self._ready.append(result)
+            log_result(result, f"{ticket.host}:{ticket.port} " if ticket is not None else "")
+            ready.append(result)
 
     # -- Python states -------------------------------------------------------
 

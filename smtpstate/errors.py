@@ -8,7 +8,7 @@ misbehaves never raises, it shows up in a :class:`~smtpstate.Result`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "SMTPStateError",
@@ -17,6 +17,7 @@ __all__ = [
     "LocalProtocolError",
     "StateCallbackError",
     "ConnectError",
+    "DeliveryError",
 ]
 
 
@@ -38,7 +39,38 @@ class LocalProtocolError(SMTPStateError):
 
 
 class ConnectError(SMTPStateError, OSError):
-    """The TCP connection to the server could not be made."""
+    """The TCP connection to the server could not be made.
+
+    Attributes:
+        stage, stage_code: where it failed: "not connected", 0.
+    """
+
+    stage = "not connected"
+    stage_code = 0
+
+
+class DeliveryError(SMTPStateError):
+    """A message was not delivered (raised by ``Result.raise_for_status()``;
+    the drivers themselves return results, never raise this).
+
+    Attributes:
+        result: the :class:`~smtpstate.Result`.
+        status, stage, stage_code, reply, reason, bounce_class: the
+            result's, for convenience.
+    """
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+        self.status = result.status
+        self.stage = result.stage
+        self.stage_code = result.stage_code
+        self.reply = result.reply
+        self.reason = result.reason
+        self.bounce_class = result.bounce_class
+        why = str(result.reply) if result.reply is not None else result.reason
+        cls = f" [{result.bounce_class}]" if result.bounce_class is not None else ""
+        super().__init__(f"{result.status} at stage {result.stage_code} "
+                         f"({result.stage}): {why}{cls}")
 
 
 class StateCallbackError(SMTPStateError):

@@ -70,7 +70,12 @@ class State:
     Class attributes:
         name: unique within a machine, 1-63 bytes.
         pipelinable: may run ahead with MAIL/RCPT/DATA under PIPELINING.
-        stage: the :class:`Stage` (or any int) results report while in it.
+        stage: the :class:`Stage` (or any int) results report while in it,
+            or a callable ``stage(session, awaiting) -> int`` (awaiting is
+            True while replies are still expected).
+        stage_names: names of stage codes of the state's own (not in
+            :class:`Stage`), e.g. ``{30: "sending PROXY header"}``, which
+            results then report as their ``stage``.
 
     Methods are called with the :class:`~smtpstate.session.Session`:
 
@@ -86,7 +91,8 @@ class State:
 
     name: str = ""
     pipelinable: bool = False
-    stage: int = Stage.UNKNOWN
+    stage: Any = Stage.UNKNOWN
+    stage_names: Dict[int, str] = {}
 
     def setup(self, session: Any) -> int:
         return 0
@@ -213,6 +219,8 @@ class Machine:
             cstate.callback = lib.smtps_py_callback
             cstate.free = lib.smtps_py_free
             cstate.tostage = lib.smtps_py_tostage
+            if state.stage_names:
+                cstate.tostring = lib.smtps_py_tostring
             cstate.closure = handle
             cstate.flags = lib.SMTPS_STATE_PIPELINABLE if state.pipelinable else 0
             rc = lib.smtps_machine_register(self._ptr, cstate, insert_after)
@@ -225,6 +233,35 @@ class Machine:
                 raise RegistrationError(f"cannot register {name!r} after {after!r}")
             # C copied everything but the closure; the handle must live on.
             self._handles[int(rc)] = (handle, state)
+            return int(rc)
+
+    def register_c_state(self, cstate: Any, after: Union[int, str, None] = None,
+                         keep: Any = None) -> int:
+        """Insert a state written in C: ``cstate`` is a ``smtp_state *``
+        (``smtpstate._core.ffi``) whose callbacks are C function pointers,
+        e.g. filled in by a shared library of your own. C copies every
+        field but ``closure``. Returns the new state's id.
+
+        Args:
+            cstate: the filled ``smtp_state *``.
+            after: as for :meth:`register`.
+            keep: anything that must live as long as this machine (the
+                library the callbacks live in, the closure's memory).
+
+        Raises:
+            RegistrationError (a ValueError): not a ``smtp_state *``, or C
+                refused it (bad name, duplicate, no callback, table full).
+        """
+        if not isinstance(cstate, ffi.CData) or ffi.typeof(cstate) is not ffi.typeof("smtp_state *"):
+            raise RegistrationError(f"expected a cdata 'smtp_state *', got {cstate!r}")
+        insert_after = self._resolve(after)
+        with self._lock:
+            rc = lib.smtps_machine_register(self._ptr, cstate, insert_after)
+            if rc < 0:
+                raise RegistrationError(
+                    f"C refused the state (a bad or duplicate name, no callback, a bad "
+                    f"sizeof_smtp_state, or a full table) after {after!r}")
+            self._handles[int(rc)] = (keep, None)  # type: ignore[assignment]
             return int(rc)
 
     def __repr__(self) -> str:

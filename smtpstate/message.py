@@ -31,6 +31,11 @@ def _check_text(what: str, value: Any, *, allow_empty: bool = False,
         raise InvalidMessageError(f"{what} must be a str, not {type(value).__name__}")
     if not value and not allow_empty:
         raise InvalidMessageError(f"{what} is empty")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidMessageError(
+            f"{what} {value!r} is not valid Unicode (a lone surrogate?)") from None
     for ch in value:
         o = ord(ch)
         if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
@@ -43,7 +48,7 @@ def _check_text(what: str, value: Any, *, allow_empty: bool = False,
                 "without angle brackets")
         if ascii_only and o > 0x7E:
             raise InvalidMessageError(f"{what} {value!r} must be ASCII")
-    if len(value.encode("utf-8")) > limit:
+    if size > limit:
         raise InvalidMessageError(f"{what} is longer than {limit} bytes")
     return value
 
@@ -64,6 +69,12 @@ class Recipient:
 
     def __post_init__(self) -> None:
         _check_text("recipient address", self.address)
+        if isinstance(self.notify, (str, bytes)) or not isinstance(self.notify, (tuple, list)):
+            raise InvalidMessageError(
+                f"notify must be a tuple of NOTIFY values such as ('FAILURE',), "
+                f"not {self.notify!r}")
+        if not all(isinstance(n, str) for n in self.notify):
+            raise InvalidMessageError(f"NOTIFY values must be str, not {self.notify!r}")
         notify = tuple(n.upper() for n in self.notify)
         object.__setattr__(self, "notify", notify)
         for n in notify:
@@ -106,6 +117,12 @@ class Message:
         if isinstance(self.recipients, (str, bytes)):
             raise InvalidMessageError(
                 "recipients must be a list of addresses, not a single string")
+        try:
+            iter(self.recipients)
+        except TypeError:
+            raise InvalidMessageError(
+                f"recipients must be a list of addresses, not "
+                f"{type(self.recipients).__name__}") from None
         rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r)
                       for r in self.recipients)
         if not rcpts:
@@ -116,7 +133,12 @@ class Message:
         object.__setattr__(self, "_rcpts", rcpts)
         object.__setattr__(self, "recipients", tuple(r.address for r in rcpts))
         if isinstance(self.data, str):
-            object.__setattr__(self, "data", self.data.encode("utf-8"))
+            try:
+                object.__setattr__(self, "data", self.data.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise InvalidMessageError(
+                    "data is a str that is not valid Unicode (a lone surrogate?); "
+                    "give bytes") from None
         elif isinstance(self.data, (bytearray, memoryview)):
             object.__setattr__(self, "data", bytes(self.data))
         elif not isinstance(self.data, bytes):
@@ -134,28 +156,71 @@ class Message:
         """The recipients with their DSN options."""
         return self._rcpts
 
+    @classmethod
+    def from_email(cls, msg: Any, sender: Optional[str] = None,
+                   recipients: Optional[Sequence[Union[str, Recipient]]] = None,
+                   *, dsn_ret: Optional[str] = None,
+                   envid: Optional[str] = None) -> "Message":
+        """A Message from a standard-library ``email.message.EmailMessage``
+        (or ``email.message.Message``), the way ``smtplib.send_message``
+        does it.
+
+        The envelope comes from the headers unless given: the sender from
+        ``Sender``, else ``From``; the recipients from ``To``, ``Cc`` and
+        ``Bcc`` (each address once, in that order). When the message has
+        one block of ``Resent-*`` headers (RFC 5322 3.6.6), those are used
+        instead. ``Bcc`` and ``Resent-Bcc`` are never sent. The content is
+        serialised with CRLF line endings; when an address is not ASCII it
+        is serialised for SMTPUTF8 (raw UTF-8 headers), and the session asks
+        for SMTPUTF8 and, for 8-bit content, 8BITMIME, as it always does.
+
+        Args:
+            msg: the email message. It is not changed.
+            sender, recipients: the envelope, overriding the headers.
+            dsn_ret, envid: as for :class:`Message`.
+
+        Raises:
+            InvalidMessageError (a ValueError): more than one ``Resent-``
+                block, no sender or recipient found, a bad address.
+            TypeError: ``msg`` is not an email message.
+        """
+        return _from_email(cls, msg, sender, recipients, dsn_ret, envid)
+
+    def _encoded(self) -> Tuple[Any, ...]:
+        """What _to_c() hands to C, encoded once per message: a message
+        sent many times (a benchmark, a mailing) is encoded only once."""
+        enc = self.__dict__.get("_c_encoded")
+        if enc is None:
+            rcpts = []
+            for r in self._rcpts:
+                notify = 0
+                for n in r.notify:
+                    notify |= NOTIFY_VALUES[n]
+                orcpt = r.orcpt.encode("utf-8") if r.orcpt is not None else None
+                rcpts.append((r.address.encode("utf-8"), notify, orcpt,
+                              f"recipient {r.address!r}"))
+            envid = self.envid.encode("ascii") if self.envid is not None else None
+            enc = (self.sender.encode("utf-8"), tuple(rcpts), _RET_VALUES[self.dsn_ret], envid)
+            object.__setattr__(self, "_c_encoded", enc)   # frozen: not a field
+        return enc  # type: ignore[no-any-return]
+
     def _to_c(self) -> Any:
         """A new C message owned by a ffi.gc destructor (detach it on submit)."""
+        sender, rcpts, ret, envid = self._encoded()
         m = ffi.gc(lib.smtps_message_new(), lib.smtps_message_free)
         if m == ffi.NULL:
             raise MemoryError("cannot allocate a message")
-        sender = self.sender.encode("utf-8")
         check(lib.smtps_message_set_sender(m, sender, len(sender)), "sender")
-        for r in self._rcpts:
-            addr = r.address.encode("utf-8")
-            notify = 0
-            for n in r.notify:
-                notify |= NOTIFY_VALUES[n]
-            orcpt = r.orcpt.encode("utf-8") if r.orcpt is not None else ffi.NULL
+        for addr, notify, orcpt, what in rcpts:
             check(lib.smtps_message_add_recipient(
-                m, addr, len(addr), notify, orcpt,
-                len(orcpt) if r.orcpt is not None else 0), f"recipient {r.address!r}")
+                m, addr, len(addr), notify, orcpt if orcpt is not None else ffi.NULL,
+                len(orcpt) if orcpt is not None else 0), what)
         assert isinstance(self.data, bytes)
         check(lib.smtps_message_set_body(m, self.data, len(self.data)), "data")
-        envid = self.envid.encode("ascii") if self.envid is not None else ffi.NULL
-        check(lib.smtps_message_set_dsn(m, _RET_VALUES[self.dsn_ret], envid,
-                                        len(envid) if self.envid is not None else 0),
-              "DSN options")
+        if ret != lib.SMTPS_DSN_RET_NONE or envid is not None:   # else: C's default
+            check(lib.smtps_message_set_dsn(m, ret, envid if envid is not None else ffi.NULL,
+                                            len(envid) if envid is not None else 0),
+                  "DSN options")
         return m
 
 
@@ -166,3 +231,62 @@ def as_messages(items: Iterable[Message]) -> Tuple[Message, ...]:
         if not isinstance(m, Message):
             raise TypeError(f"expected Message, got {type(m).__name__}")
     return out
+
+
+def _from_email(cls: Any, msg: Any, sender: Optional[str],
+                recipients: Optional[Sequence[Union[str, Recipient]]],
+                dsn_ret: Optional[str], envid: Optional[str]) -> Message:
+    """Message.from_email's body: the envelope and content of ``msg``."""
+    import copy
+    import email.generator
+    import email.message
+    import email.policy
+    import email.utils
+    import io
+
+    if not isinstance(msg, email.message.Message):
+        raise TypeError(f"from_email() takes an email.message.EmailMessage, "
+                        f"not {type(msg).__name__}")
+    # RFC 5322 3.6.6: the newest Resent- block says who resends to whom;
+    # more than one block is ambiguous (smtplib refuses it too).
+    resent = msg.get_all("Resent-Date")
+    if resent is None:
+        prefix = ""
+    elif len(resent) == 1:
+        prefix = "Resent-"
+    else:
+        raise InvalidMessageError("the message has more than one 'Resent-' header block")
+
+    def addresses(*names: str) -> list:
+        values = [str(v) for n in names for v in (msg.get_all(prefix + n) or [])]
+        return [a for _, a in email.utils.getaddresses(values) if a]
+
+    if sender is None:
+        found = addresses("Sender") or addresses("From")
+        if not found:
+            raise InvalidMessageError(
+                f"no sender: the message has no {prefix}Sender or {prefix}From "
+                "address; give sender=")
+        sender = found[0]
+    if recipients is None:
+        recipients = list(dict.fromkeys(addresses("To", "Cc", "Bcc")))
+        if not recipients:
+            raise InvalidMessageError(
+                f"no recipients: the message has no {prefix}To, {prefix}Cc or "
+                f"{prefix}Bcc address; give recipients=")
+
+    content = copy.copy(msg)
+    del content["Bcc"]
+    del content["Resent-Bcc"]
+    wanted = [sender] + [r.address if isinstance(r, Recipient) else r for r in recipients]
+    international = any(not str(a).isascii() for a in wanted)
+    policy = msg.policy
+    if international:
+        # SMTPUTF8 (RFC 6531): headers go as raw UTF-8, as smtplib does.
+        if hasattr(policy, "utf8"):
+            policy = policy.clone(utf8=True)
+        else:                                   # compat32 has no utf8 mode
+            policy = email.policy.SMTPUTF8
+    out = io.BytesIO()
+    email.generator.BytesGenerator(out, policy=policy).flatten(content, linesep="\r\n")
+    return cls(sender, recipients, out.getvalue(), dsn_ret=dsn_ret, envid=envid)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.errors import InvalidMessageError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS"]
+__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
@@ -76,6 +76,40 @@ class Auth:
 
 
 AuthLike = Union[Auth, Tuple[str, str], None]
+
+
+def _printable_name(what: str, value: Any, limit: int = 255) -> str:
+    """A host or EHLO name: 1-limit printable ASCII characters, no space.
+    C stops at a NUL and a CR LF would end a command line, so neither may
+    ever get that far."""
+    if not isinstance(value, str):
+        raise InvalidMessageError(f"{what} must be a str, not {type(value).__name__}")
+    if not value or len(value) > limit or any(
+            not 0x21 <= ord(ch) <= 0x7E for ch in value):
+        raise InvalidMessageError(
+            f"{what} {value!r} must be 1-{limit} printable ASCII characters "
+            "without spaces or control characters")
+    return value
+
+
+def check_host(host: Any, what: str = "host") -> str:
+    """Return ``host`` (a name or an address literal) if a driver may use it.
+
+    Raises:
+        InvalidMessageError: not a str, empty, too long, or with a space,
+            NUL or other control character (the resolver would stop at a
+            NUL and connect somewhere else).
+    """
+    if not isinstance(host, str):
+        raise InvalidMessageError(f"{what} must be a str, not {type(host).__name__}")
+    # Non-ASCII is an IDN, encoded when it is used; controls never are.
+    if not host or len(host) > 255 or any(
+            ord(ch) < 0x21 or 0x7F <= ord(ch) < 0xA0 or ch.isspace() for ch in host):
+        raise InvalidMessageError(
+            f"{what} {host!r} must be a name or an address: 1-255 characters "
+            "without spaces or control characters")
+    return host
+
 
 # One SSL_CTX per (ca_file, insecure) for the whole process: making one
 # loads the CA store, which costs milliseconds.
@@ -138,8 +172,15 @@ class Options:
             raise InvalidMessageError("auth must be Auth(...) or a (user, secret) pair")
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
             raise InvalidMessageError(f"ca_file {self.ca_file!r} does not exist")
-        if self.timeout is not None and not self.timeout > 0:
-            raise InvalidMessageError("timeout must be a positive number of seconds")
+        if self.timeout is not None and (
+                isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                or not 0 < self.timeout < 10**7):
+            raise InvalidMessageError(
+                f"timeout must be a positive number of seconds, not {self.timeout!r}")
+        if self.helo is not None:
+            _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX)
+        if self.server_hostname is not None:
+            check_host(self.server_hostname, "server_hostname")
 
     @classmethod
     def make(cls, **kwargs: Any) -> "Options":

@@ -8,10 +8,13 @@ the final dot and before its reply: possibly delivered, RFC 1047).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
 from smtpstate._ffi import ffi, lib
+from smtpstate.classify import BounceClass, _of, classify_failure
+from smtpstate.errors import DeliveryError
 
 __all__ = ["Reply", "RecipientResult", "Result", "STATUSES"]
 
@@ -72,11 +75,14 @@ class RecipientResult:
     ``status`` is a message status, or ``"accepted"`` (RCPT said yes but the
     transaction ended before the data) or ``"pending"`` (no RCPT reply).
     ``reply`` is the reply to its RCPT TO, when there was one.
+    ``bounce_class`` says what kind of failure it was (None when it did
+    not fail: delivered, or accepted before the transaction ended).
     """
 
     address: str
     status: str
     reply: Optional[Reply]
+    bounce_class: Optional[BounceClass] = None
 
     @property
     def ok(self) -> bool:
@@ -98,6 +104,9 @@ class Result:
         reason: why, in words, when no reply says it.
         error: the text of the exception a Python state raised, or None.
         ticket: what the caller's submission returned, if any.
+        bounce_class: the :class:`~smtpstate.classify.BounceClass` of a
+            failure (``.code`` 10, ``.name`` "invalid recipient"); None
+            when delivered.
     """
 
     status: str
@@ -110,11 +119,39 @@ class Result:
     error: Optional[str] = None
     ticket: Any = None
     message: Any = field(default=None, repr=False, compare=False)
+    bounce_class: Optional[BounceClass] = None
+
+    def __post_init__(self) -> None:
+        # Results made in Python (a connect that failed before any C
+        # session) are classified here, as C classifies its own.
+        if self.status == "delivered" or self.bounce_class is not None:
+            return
+        cls = classify_failure(self.status, self.reply, self.reason)
+        object.__setattr__(self, "bounce_class", cls)
+        if any(r.bounce_class is None and r.status in ("pending", "tempfail", "permfail", "unknown")
+               for r in self.recipients):
+            object.__setattr__(self, "recipients", tuple(
+                dataclasses.replace(r, bounce_class=classify_failure(r.status, r.reply, "")
+                                    if r.reply is not None and r.reply.code >= 400 else cls)
+                if r.bounce_class is None and r.status in ("pending", "tempfail", "permfail",
+                                                            "unknown") else r
+                for r in self.recipients))
 
     @property
     def ok(self) -> bool:
         """True when the message was delivered."""
         return self.status == "delivered"
+
+    def raise_for_status(self) -> "Result":
+        """Return the result when delivered; raise otherwise.
+
+        Raises:
+            DeliveryError: not delivered; it carries this result, its
+                ``stage`` and ``stage_code``, ``reply`` and ``bounce_class``.
+        """
+        if not self.ok:
+            raise DeliveryError(self)
+        return self
 
     def __str__(self) -> str:
         why = str(self.reply) if self.reply else self.reason
@@ -130,6 +167,7 @@ def result_from_c(
             addresses[i] if i < len(addresses) else "",
             _STATUS_NAMES.get(c.rcpt[i].status, "pending"),
             Reply._from_result(c.rcpt[i].reply),
+            _of(int(c.rcpt[i].bounce_class)),
         )
         for i in range(c.nrcpt)
     )
@@ -141,5 +179,6 @@ def result_from_c(
         stage_code=int(c.stage),
         state=state_name,
         reason=ffi.string(c.reason).decode("utf-8", "replace"),
+        bounce_class=_of(int(c.bounce_class)),
         **extra,
     )

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
 
+from smtpstate import _ffi
 from smtpstate._ffi import check, ffi, lib, py_trampolines
 from smtpstate.errors import InvalidMessageError, LocalProtocolError
 from smtpstate.machine import Action, Machine, State
@@ -136,11 +137,21 @@ class Session:
         """Queue one command line (CRLF is added).
 
         Raises:
+            TypeError: neither str nor bytes.
             InvalidMessageError: CR, LF, NUL or another control character, an
                 empty or over-long line.
-            LocalProtocolError: the session is not in a state to send.
+            LocalProtocolError: the session is not in a state to send, or
+                the server is reading message data (after DATA's 354).
         """
-        raw = line.encode("utf-8") if isinstance(line, str) else bytes(line)
+        if isinstance(line, str):
+            try:
+                raw = line.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidMessageError(f"command line {line!r} is not valid Unicode") from None
+        elif isinstance(line, (bytes, bytearray, memoryview)):
+            raw = bytes(line)
+        else:                             # bytes(5) would be five NULs
+            raise TypeError(f"send() takes a str or bytes line, not {type(line).__name__}")
         for b in raw:
             if b < 0x20 or b == 0x7F:
                 raise InvalidMessageError(
@@ -149,7 +160,12 @@ class Session:
         if not raw or len(raw) + 2 > lib.SMTPS_LINE_MAX:
             raise InvalidMessageError(
                 f"command line must be 1-{lib.SMTPS_LINE_MAX - 2} bytes")
-        check(lib.smtps_session_send_line(self._ptr, raw, len(raw)), "send a command")
+        rc = lib.smtps_session_send_line(self._ptr, raw, len(raw))
+        if rc == lib.SMTPS_ESTATE:
+            raise LocalProtocolError(
+                f"cannot send {raw!r} now: the session is not running a state, or the "
+                "server is reading message data (after the 354, before the final dot)")
+        check(rc, "send a command")
 
     @property
     def capabilities(self) -> Capabilities:
@@ -271,6 +287,13 @@ def _setup(csession: Any, closure: Any) -> int:
         return int(lib.SMTPS_EINVAL)
 
 
+# An Action (or its int) to the int C wants, without Action(act): that enum
+# lookup cost more than the rest of the trampoline. Anything else still
+# goes through Action(act), which raises for a value that is no action.
+_ACTION_INTS = {int(a): int(a) for a in Action}
+_NEXT = int(Action.NEXT)
+
+
 def _callback(csession: Any, creply: Any, closure: Any) -> int:
     state: State = ffi.from_handle(closure)
     session = _session_of(csession)
@@ -278,7 +301,11 @@ def _callback(csession: Any, creply: Any, closure: Any) -> int:
         reply = Reply._from_parsed(creply) if creply != ffi.NULL else None
         act = state.callback(session, reply)
         if act is None:
-            return int(Action.NEXT)
+            return _NEXT
+        if type(act) is Action or type(act) is int:
+            value = _ACTION_INTS.get(act)
+            if value is not None:
+                return value
         return int(Action(act))
     except Exception as exc:
         session._record(state, exc)
@@ -311,9 +338,31 @@ def _tostage(csession: Any, awaiting: int, closure: Any) -> int:
     return int(stage)
 
 
+# Stage names handed to C as char *: C copies them at once, but each must
+# outlive the call, so one cdata per distinct name is kept for good.
+_stage_names: Dict[str, Any] = {}
+
+
+def _tostring(stage: int, closure: Any) -> Any:
+    state: State = ffi.from_handle(closure)
+    name = state.stage_names.get(stage)
+    if not isinstance(name, str) or not name:
+        return ffi.NULL
+    c = _stage_names.get(name)
+    if c is None:
+        c = _stage_names[name] = ffi.new("char[]", name.encode("utf-8", "replace")[:63])
+    return c
+
+
 def _init_local(csession: Any, closure: Any, local: Any) -> int:
     return 0
 
 
 py_trampolines.update(setup=_setup, callback=_callback, free=_free,
-                      tostage=_tostage, init_local=_init_local)
+                      tostage=_tostage, tostring=_tostring, init_local=_init_local)
+
+# The two called on every state entry and every reply go to C directly,
+# without the py_trampolines lookup and its extra frame in _ffi.py (a third
+# of a bare cffi callback's cost); same bodies, same onerror backstops.
+ffi.def_extern(name="smtps_py_setup", onerror=_ffi._failed_setup)(_setup)
+ffi.def_extern(name="smtps_py_callback", onerror=_ffi._failed_action)(_callback)

@@ -21,7 +21,8 @@ HEADER = os.path.join(ROOT, "include", "smtpstate.h")
 CDEF_DIR = os.path.join(ROOT, "smtpstate", "_cdef")
 
 # Header macros that are not constants: X-macro lists and their helpers.
-NOT_CONSTANTS = {"SMTPS_BUILTIN_STATES", "SMTPS_STAGES", "SMTPS_X_ENUM", "SMTPS_X_STAGE"}
+NOT_CONSTANTS = {"SMTPS_BUILTIN_STATES", "SMTPS_STAGES", "SMTPS_X_ENUM", "SMTPS_X_STAGE",
+                 "SMTPS_BOUNCE_CLASSES", "SMTPS_X_BOUNCE"}
 
 
 def _strip_comments(text: str) -> str:
@@ -100,6 +101,8 @@ def test_python_trampolines(cdef):
         "smtps_py_callback",
         "smtps_py_free",
         "smtps_py_tostage",
+        "smtps_py_tostring",
+        "smtps_py_trace",
     }
 
 

@@ -13,3 +13,8 @@ extern "Python" int smtps_py_callback(struct smtps_session *,
                                       const struct smtps_reply *, void *);
 extern "Python" void smtps_py_free(struct smtps_session *, void *, void *);
 extern "Python" int smtps_py_tostage(struct smtps_session *, int, void *);
+extern "Python" const char *smtps_py_tostring(int, void *);
+
+/* The transcript of the drivers' sessions (an SMTPSTrace). */
+extern "Python" void smtps_py_trace(struct smtps_session *, int, const char *,
+                                    size_t, void *);

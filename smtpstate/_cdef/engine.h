@@ -39,3 +39,5 @@ int smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms);
 struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);
 size_t smtps_engine_pending(const struct smtps_engine *e);
 size_t smtps_engine_connections(const struct smtps_engine *e);
+int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
+                           void *closure);

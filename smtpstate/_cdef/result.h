@@ -21,6 +21,7 @@ struct smtps_result_reply {
 struct smtps_result_rcpt {
     int status;
     struct smtps_result_reply reply;
+    int bounce_class;
 };
 
 struct smtps_result {
@@ -34,6 +35,7 @@ struct smtps_result {
     size_t nrcpt;
     struct smtps_result_rcpt *rcpt;
     struct smtps_result *next;
+    int bounce_class;
 };
 
 void smtps_result_free(struct smtps_result *r);

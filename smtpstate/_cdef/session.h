@@ -67,3 +67,14 @@ const char *smtps_session_reason(const struct smtps_session *s);
 int smtps_session_rcpt_index(const struct smtps_session *s);
 int smtps_session_set_rcpt_result(struct smtps_session *s, size_t i,
                                   const struct smtps_reply *reply);
+
+#define SMTPS_TRACE_SENT ...
+#define SMTPS_TRACE_RECEIVED ...
+#define SMTPS_TRACE_DATA ...
+#define SMTPS_TRACE_NOTE ...
+
+typedef void (*SMTPSTrace)(struct smtps_session *session, int kind,
+                           const char *data, size_t len, void *closure);
+
+int smtps_session_set_trace(struct smtps_session *s, SMTPSTrace fn,
+                            void *closure);

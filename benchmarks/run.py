@@ -1,0 +1,677 @@
+"""The full benchmark: smtpstate against real peers, side by side, in one
+run, with the targets of issue #4 checked in the output.
+
+Usage (from the source tree, with the package built or installed)::
+
+    python benchmarks/run.py [--rounds 3] [--placement split] [--json FILE]
+                             [--only e2e,dispatch,parsers,scale]
+
+Sections:
+
+e2e       msg/s and client CPU per message (user+sys of the client process;
+          RUSAGE_CHILDREN for smtp-source) at concurrency 1, 10, 100, 1000
+          with connections reused, for the Engine, the C engine driven from
+          C (benchmarks/c/engine_load.c: the floor under the Python API),
+          Postfix smtp-source -d, aiosmtplib and smtplib; one message per
+          connection; the Engine with a no-op Python state and with a no-op
+          C state after DATA; CPU placement (unpinned, split, same CPU).
+dispatch  ns per transition of the C loop (benchmarks/c/dispatch.c) against
+          a plain function-pointer call; ns per Python state callback (the
+          def_extern trampoline and the closure round trip) against a bare
+          cffi callback, both called from the same C loop compiled now.
+parsers   replies parsed per second and body encoding GB/s against memcpy
+          (benchmarks/c/parsers.c).
+scale     RSS per idle connection at 1,000 and 10,000 connections, plain
+          and STARTTLS; msg/s and CPU per message at 10,000 connections.
+
+Every client runs in a process of its own (benchmarks/clients.py), pinned
+per --placement; configurations are interleaved round by round; each figure
+is the best of its rounds, with the spread shown. Peers: Postfix
+smtp-sink and smtp-source (apt-get install postfix), aiosmtplib (pip
+install aiosmtplib); the TLS figure also needs aiosmtpd and trustme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+try:
+    import smtpstate  # noqa: F401
+except ImportError:                             # a source tree built in place
+    sys.path.insert(0, ROOT)
+    import smtpstate  # noqa: F401
+
+from smtpstate.bench import (Figure, Progress, Sink, find_program, make_message,  # noqa: E402
+                             raise_nofile, source_command)
+
+PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(smtpstate.__file__)))
+CONCURRENCY = (1, 10, 100, 1000)
+SCALE = (1000, 10000)
+
+
+# -- machine and build --------------------------------------------------------
+
+def machine_info() -> Dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def build(tmp: str) -> Dict[str, str]:
+    """Compile the C benchmark programs and the no-op state library."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit("no C compiler (cc) found")
+    flags = ["-O2", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-Wall", "-Wextra",
+             "-I", os.path.join(ROOT, "include"), "-I", os.path.join(ROOT, "csrc")]
+    core = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.c")))
+    out = {}
+    for prog in ("dispatch", "parsers", "engine_load"):
+        exe = os.path.join(tmp, prog)
+        subprocess.run([cc] + flags + [os.path.join(HERE, "c", prog + ".c")] + core
+                       + ["-lssl", "-lcrypto", "-o", exe], check=True)
+        out[prog] = exe
+    so = os.path.join(tmp, "noop_state.so")
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra",
+                    "-I", os.path.join(ROOT, "include"),
+                    os.path.join(HERE, "c", "noop_state.c"), "-o", so], check=True)
+    out["noop_so"] = so
+    return out
+
+
+def results_of(text: str) -> Dict[str, float]:
+    """The "RESULT name value unit" lines of a C benchmark program."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "RESULT":
+            out[parts[1]] = float(parts[2])
+    return out
+
+
+def pin_cmd(cpus: Optional[Sequence[int]]) -> List[str]:
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus and shutil.which("taskset") else []
+
+
+# -- placements ---------------------------------------------------------------
+
+def placements(name: str) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+    """(sink CPUs, client CPUs) for a placement name."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if name == "none" or len(cpus) < 2:
+        return None, None
+    if name == "split":
+        return [cpus[1]], [cpus[0]]
+    if name == "same":
+        return [cpus[0]], [cpus[0]]
+    raise SystemExit(f"unknown placement {name!r}")
+
+
+# -- runners ------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, tools: Dict[str, str], tmp: str) -> None:
+        self.tools = tools
+        self.tmp = tmp
+        self.msgfile = os.path.join(tmp, "message.eml")
+        with open(self.msgfile, "wb") as f:
+            f.write(make_message())
+        self.env = dict(os.environ)
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [PKG_PARENT] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+    def client(self, spec: Dict[str, Any], timeout: float = 900) -> Dict[str, Any]:
+        """One measurement in a fresh process (benchmarks/clients.py)."""
+        if spec["client"] == "engine_load":
+            return self.engine_load(spec, timeout)
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "clients.py"), json.dumps(spec)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{spec['client']} c={spec['conc']} failed: "
+                               f"{proc.stderr.decode(errors='replace')[-1500:]}")
+        return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+    def engine_load(self, spec: Dict[str, Any], timeout: float = 900) -> Dict[str, Any]:
+        cmd = pin_cmd(spec.get("cpus")) + [self.tools["engine_load"], "127.0.0.1",
+                                           str(spec["port"]), str(spec["n"]), str(spec["conc"]),
+                                           self.msgfile]
+        if spec.get("idle"):
+            cmd.append("idle")
+        if spec.get("ca_file"):
+            cmd.append("tls=" + spec["ca_file"])
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"engine_load failed: {proc.stderr.decode(errors='replace')}")
+        r = results_of(proc.stdout.decode())
+        out: Dict[str, Any] = {"wall": r["wall_s"], "cpu": r["cpu_s"]}
+        if spec.get("idle"):
+            out.update(rss0=r["rss0_kib"], rss1=r["rss1_kib"], connections=r["connections"],
+                       undelivered=r.get("undelivered", 0))
+        return out
+
+
+LABELS = {"engine": "Engine", "engine_load": "C engine (from C)", "source": "smtp-source",
+          "aiosmtplib": "aiosmtplib", "smtplib": "smtplib", "engine_py": "Engine + Python state",
+          "engine_c": "Engine + C state"}
+
+
+def e2e(runner: Runner, args: argparse.Namespace, progress_total: List[int]) -> Dict[str, Any]:
+    """End to end: every client at every concurrency, interleaved."""
+    sink_cpus, client_cpus = placements(args.placement)
+    have_aio = _importable("aiosmtplib")
+    configs: List[Tuple[str, int, int, bool, str]] = []   # client, conc, n, per_conn, place
+    for conc in CONCURRENCY:
+        fast = max(args.messages, 20 * conc)
+        slow = max(args.slow_messages, 20 * conc)
+        configs += [("engine", conc, fast, False, args.placement),
+                    ("engine_load", conc, fast, False, args.placement),
+                    ("source", conc, fast, False, args.placement),
+                    ("smtplib", conc, slow, False, args.placement)]
+        if have_aio:
+            configs.append(("aiosmtplib", conc, slow, False, args.placement))
+    per = args.per_connection_messages
+    configs += [("engine", 10, per, True, args.placement), ("source", 10, per, True, args.placement),
+                ("smtplib", 10, per, True, args.placement)]
+    if have_aio:
+        configs.append(("aiosmtplib", 10, per, True, args.placement))
+    configs += [("engine_py", 10, args.messages, False, args.placement),
+                ("engine_c", 10, args.messages, False, args.placement)]
+    for place in ("none", "split", "same"):
+        if place != args.placement and placements(place) != (None, None):
+            configs += [("engine", 10, args.messages, False, place),
+                        ("source", 10, args.messages, False, place)]
+    figures: Dict[str, Figure] = {}
+    progress = Progress(args.rounds * len(configs))
+    with Sink(cpus=sink_cpus) as sink:
+        runner.client({"client": "engine", "port": sink.port, "n": 200, "conc": 10,
+                       "cpus": client_cpus})                      # warm the sink up
+        for _ in range(args.rounds):
+            for client, conc, n, per_conn, place in configs:
+                key = f"{client}|{conc}|{int(per_conn)}|{place}"
+                progress.step(f"e2e {LABELS[client]} c={conc}"
+                              f"{' 1/conn' if per_conn else ''} {place}")
+                scpus, ccpus = placements(place)
+                sink.pin(scpus)
+                spec = {"client": client, "port": sink.port, "n": n, "conc": conc,
+                        "per_connection": per_conn, "cpus": ccpus, "so": runner.tools["noop_so"]}
+                r = runner.client(spec)
+                figures.setdefault(key, Figure()).add(n, r["wall"], r["cpu"])
+    progress.finish()
+    return {"figures": figures, "sink": " ".join(Sink().command),
+            "source": " ".join(source_command(find_program("smtp-source") or "smtp-source",
+                                              0, 0, 0))}
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+def dispatch(runner: Runner, args: argparse.Namespace) -> Dict[str, float]:
+    """C loop transitions, then Python callbacks against a bare cffi one."""
+    _, client_cpus = placements(args.placement)
+    out = results_of(subprocess.run(pin_cmd(client_cpus) + [runner.tools["dispatch"]],
+                                    check=True, stdout=subprocess.PIPE).stdout.decode())
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--python-callbacks",
+                           runner.tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=runner.env)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.decode(errors="replace"))
+    out.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
+    return out
+
+
+CALLBACK_CDEF = """
+extern "Python" int bench_bare(void *, const void *, void *);
+double bench_calls(uintptr_t fn, uintptr_t session, uintptr_t closure, long n);
+"""
+CALLBACK_SOURCE = r"""
+#include <stdint.h>
+#include <time.h>
+
+/* bench_calls - CPU seconds for n calls of fn, as the dispatch loop makes them */
+static double bench_calls(uintptr_t fn, uintptr_t session, uintptr_t closure, long n)
+{
+    int (*f)(void *, const void *, void *) = (int (*)(void *, const void *, void *)) fn;
+    struct timespec a, b;
+    long i;
+    volatile int sink = 0;
+
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
+    for (i = 0; i < n; i++)
+        sink += f((void *) session, NULL, (void *) closure);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
+    (void) sink;
+    return (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+}
+"""
+
+
+def python_callbacks(tmp: str) -> Dict[str, float]:
+    """In a process of its own: the Python state callback (smtpstate's
+    def_extern trampoline, closure and session round trip, a State whose
+    callback returns NEXT) and a bare def_extern callback compiled now with
+    the same signature, each called n times from the same C loop; then a
+    Python state transition (setup and callback) in the real dispatch loop."""
+    from cffi import FFI
+
+    import smtpstate
+    from smtpstate._ffi import ffi, lib
+    from smtpstate.session import Session
+
+    bffi = FFI()
+    bffi.cdef(CALLBACK_CDEF)
+    bffi.set_source("_smtps_bench_cb", CALLBACK_SOURCE)
+    bffi.compile(tmpdir=tmp, verbose=False)
+    sys.path.insert(0, tmp)
+    import _smtps_bench_cb as mod  # type: ignore[import-not-found]
+
+    @mod.ffi.def_extern()
+    def bench_bare(session: Any, reply: Any, closure: Any) -> int:
+        return 1
+
+    class Noop(smtpstate.State):
+        name = "BENCH_PY_CALLBACK"
+
+    machine = smtpstate.Machine()
+    state = Noop()
+    machine.register(state)
+    session = Session(machine, "bench.test")
+    handle = ffi.new_handle(state)
+    addr = int(ffi.cast("uintptr_t", session._ptr))
+    cl = int(ffi.cast("uintptr_t", handle))
+    py_fn = int(ffi.cast("uintptr_t", lib.smtps_py_callback))
+    bare_fn = int(mod.ffi.cast("uintptr_t", mod.lib.bench_bare))
+    n = 300000
+    best_py = best_bare = 1e9
+    for _ in range(5):
+        best_bare = min(best_bare, mod.lib.bench_calls(bare_fn, addr, cl, n))
+        best_py = min(best_py, mod.lib.bench_calls(py_fn, addr, cl, n))
+
+    # Python state transitions in the real loop: a RETRY state at the front.
+    class Retry(smtpstate.State):
+        name = "BENCH_PY_RETRY"
+        left = 0
+
+        def callback(self, session: Any, reply: Any) -> int:
+            self.left -= 1
+            return smtpstate.Action.RETRY if self.left > 0 else smtpstate.Action.NEXT
+
+    retry_machine = smtpstate.Machine()
+    retry = Retry()
+    retry_machine.register(retry, after=-1)
+    k = 100000
+    best_tr = 1e9
+    for _ in range(5):
+        s = Session(retry_machine, "bench.test")
+        retry.left = k
+        t = time.process_time()
+        lib.smtps_session_start(s._ptr, 0)
+        best_tr = min(best_tr, time.process_time() - t)
+        if retry.left != 0:
+            raise RuntimeError("the Python RETRY loop stopped early")
+        s.close()
+    return {"python_callback_ns": best_py / n * 1e9, "bare_cffi_callback_ns": best_bare / n * 1e9,
+            "python_transition_ns": best_tr / k * 1e9}
+
+
+def parsers(runner: Runner, args: argparse.Namespace) -> Dict[str, float]:
+    _, client_cpus = placements(args.placement)
+    return results_of(subprocess.run(pin_cmd(client_cpus) + [runner.tools["parsers"]],
+                                     check=True, stdout=subprocess.PIPE).stdout.decode())
+
+
+def scale(runner: Runner, args: argparse.Namespace) -> Dict[str, Any]:
+    """RSS per idle connection, and throughput at 10,000 connections."""
+    sink_cpus, client_cpus = placements(args.placement)
+    out: Dict[str, Any] = {"idle": {}, "throughput": {}}
+    biggest = max(SCALE)
+    steps = len(SCALE) * 3 + 2 * args.rounds + 2 * len(SCALE)
+    progress = Progress(steps)
+    with Sink(max_connections=biggest + 240, backlog=4096, cpus=sink_cpus,
+              timeout=900) as sink:
+        out["sink"] = " ".join(sink.command)
+        for conc in SCALE:
+            for client in ("engine", "engine_load"):
+                progress.step(f"idle plaintext {LABELS[client]} {conc} connections")
+                out["idle"][f"{client}|{conc}|plain"] = runner.client(
+                    {"client": "idle" if client == "engine" else client, "idle": True,
+                     "port": sink.port, "n": conc, "conc": conc, "cpus": client_cpus})
+            # Control: the same messages over 10 connections, so that what
+            # delivering n messages leaves in the heap is not counted as
+            # connection memory.
+            progress.step(f"idle plaintext Engine control for {conc}")
+            out["idle"][f"engine|{conc}|control"] = runner.client(
+                {"client": "idle", "port": sink.port, "n": conc, "conc": 10,
+                 "cpus": client_cpus})
+        n = max(args.messages, 5 * biggest)
+        for _ in range(args.rounds):
+            for client in ("engine", "source"):
+                progress.step(f"throughput {LABELS[client]} c={biggest}")
+                r = runner.client({"client": client, "port": sink.port, "n": n,
+                                   "conc": biggest, "cpus": client_cpus})
+                out["throughput"].setdefault(client, Figure()).add(n, r["wall"], r["cpu"])
+    tls = tls_idle(runner, args, progress)
+    out["idle"].update(tls.get("idle", {}))
+    out["tls_note"] = tls.get("note", "")
+    progress.finish()
+    return out
+
+
+def tls_idle(runner: Runner, args: argparse.Namespace, progress: Progress) -> Dict[str, Any]:
+    """RSS per idle STARTTLS connection, against benchmarks/tls_sink.py."""
+    if not (_importable("aiosmtpd") and _importable("trustme")):
+        return {"note": "skipped: the TLS sink needs aiosmtpd and trustme "
+                        "(pip install aiosmtpd trustme)"}
+    import socket
+
+    import trustme
+    _, client_cpus = placements(args.placement)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {}
+    for name, blob in (("ca", ca.cert_pem), ("cert", cert.cert_chain_pems[0]),
+                       ("key", cert.private_key_pem)):
+        paths[name] = os.path.join(runner.tmp, f"tls-{name}.pem")
+        blob.write_to_path(paths[name])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "tls_sink.py"), str(port),
+                               paths["cert"], paths["key"]], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=runner.env)
+    out: Dict[str, Any] = {"idle": {}, "note": ""}
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != b"ready":
+            raise RuntimeError(f"tls_sink did not start: {server.stderr.read().decode()}")
+        for conc in SCALE:
+            for client in ("engine", "engine_load"):
+                progress.step(f"idle STARTTLS {LABELS[client]} {conc} connections")
+                out["idle"][f"{client}|{conc}|tls"] = runner.client(
+                    {"client": "idle" if client == "engine" else client, "idle": True,
+                     "port": port, "n": conc, "conc": conc, "cpus": client_cpus,
+                     "ca_file": paths["ca"]}, timeout=1800)
+    except Exception as exc:                       # reported, not fatal
+        out["note"] = f"STARTTLS memory not measured: {exc}"
+    finally:
+        server.terminate()
+        server.wait()
+    return out
+
+
+# -- report -------------------------------------------------------------------
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, Any]] = []
+
+    def add(self, section: str, figure: str, value: float, unit: str,
+            peer: str = "", peer_value: Optional[float] = None, spread: Optional[float] = None,
+            target: str = "", met: Optional[bool] = None, ratio: Optional[float] = None) -> None:
+        if ratio is None and peer_value:
+            ratio = value / peer_value
+        self.rows.append({"section": section, "figure": figure, "value": value, "unit": unit,
+                          "spread": spread, "peer": peer, "peer_value": peer_value,
+                          "ratio": ratio, "target": target, "met": met})
+
+    def print(self) -> None:
+        head = (f"{'figure':<46} {'smtpstate':>11} {'spread':>6} {'unit':<12} "
+                f"{'peer':<22} {'peer fig.':>10} {'ratio':>7}  target")
+        section = None
+        for r in self.rows:
+            if r["section"] != section:
+                section = r["section"]
+                print(f"\n== {section}")
+                print(head)
+            spread = f"{r['spread']:.0%}" if r["spread"] is not None else ""
+            peer_v = _num(r["peer_value"]) if r["peer_value"] is not None else ""
+            ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+            verdict = ""
+            if r["target"]:
+                verdict = f"{r['target']}: {'met' if r['met'] else 'MISSED'}"
+            print(f"{r['figure']:<46} {_num(r['value']):>11} {spread:>6} {r['unit']:<12} "
+                  f"{r['peer']:<22} {peer_v:>10} {ratio:>7}  {verdict}")
+
+
+def _num(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
+    t = Table()
+    if "e2e" in data:
+        figs: Dict[str, Figure] = data["e2e"]["figures"]
+
+        def f(client: str, conc: int, per: bool = False, place: str = args.placement
+              ) -> Optional[Figure]:
+            return figs.get(f"{client}|{conc}|{int(per)}|{place}")
+
+        sec = f"end to end, msg/s (placement {args.placement})"
+        for conc in CONCURRENCY:
+            eng, src, aio = f("engine", conc), f("source", conc), f("aiosmtplib", conc)
+            for client in ("engine", "engine_load", "source", "aiosmtplib", "smtplib"):
+                x = f(client, conc)
+                if x is None:
+                    continue
+                name = f"c={conc} {LABELS[client]}" + (" -d" if client == "source" else "")
+                if client in ("engine", "engine_load") and src:
+                    tgt = met = None
+                    if client == "engine" and conc in (10, 100):
+                        tgt, met = ">= 1.5x smtp-source", x.rate >= 1.5 * src.rate
+                    t.add(sec, name, x.rate, "msg/s", "smtp-source -d", src.rate,
+                          x.rate_spread, tgt or "", met)
+                    if client == "engine" and aio:
+                        tgt = ">= 5x aiosmtplib" if conc in (10, 100) else ""
+                        t.add(sec, name, x.rate, "msg/s", "aiosmtplib", aio.rate, x.rate_spread,
+                              tgt, x.rate >= 5 * aio.rate if tgt else None)
+                else:
+                    t.add(sec, name, x.rate, "msg/s", "", None, x.rate_spread)
+        sec = f"end to end, client CPU us per message (placement {args.placement})"
+        for conc in CONCURRENCY:
+            src, aio = f("source", conc), f("aiosmtplib", conc)
+            for client in ("engine", "engine_load", "source", "aiosmtplib", "smtplib"):
+                x = f(client, conc)
+                if x is None:
+                    continue
+                name = f"c={conc} {LABELS[client]}" + (" -d" if client == "source" else "")
+                if client in ("engine", "engine_load") and src:
+                    tgt = "<= 0.5x smtp-source" if client == "engine" and conc == 10 else ""
+                    t.add(sec, name, x.cpu_us, "us/msg", "smtp-source -d", src.cpu_us,
+                          x.cpu_spread, tgt, x.cpu_us <= 0.5 * src.cpu_us if tgt else None)
+                    if client == "engine" and aio:
+                        tgt = "<= 0.1x aiosmtplib" if conc == 10 else ""
+                        t.add(sec, name, x.cpu_us, "us/msg", "aiosmtplib", aio.cpu_us,
+                              x.cpu_spread, tgt, x.cpu_us <= 0.1 * aio.cpu_us if tgt else None)
+                else:
+                    t.add(sec, name, x.cpu_us, "us/msg", "", None, x.cpu_spread)
+        sec = "one message per connection, c=10"
+        src = f("source", 10, True)
+        for client in ("engine", "source", "aiosmtplib", "smtplib"):
+            x = f(client, 10, True)
+            if x is None:
+                continue
+            peer = "smtp-source" if client != "source" and src else ""
+            t.add(sec, f"{LABELS[client]} msg/s", x.rate, "msg/s", peer,
+                  src.rate if peer and src else None, x.rate_spread)
+            t.add(sec, f"{LABELS[client]} CPU", x.cpu_us, "us/msg", peer,
+                  src.cpu_us if peer and src else None, x.cpu_spread)
+        sec = "states in the transaction (c=10, no-op state after DATA)"
+        base, py, cst = f("engine", 10), f("engine_py", 10), f("engine_c", 10)
+        if base and py and cst:
+            for name, x in (("Engine + Python state", py), ("Engine + C state", cst)):
+                t.add(sec, f"{name} msg/s", x.rate, "msg/s", "Engine", base.rate, x.rate_spread)
+                t.add(sec, f"{name} CPU", x.cpu_us, "us/msg", "Engine", base.cpu_us, x.cpu_spread)
+            added = py.cpu_us - base.cpu_us
+            t.add(sec, "Python state adds (end to end, best CPU)", added, "us/msg",
+                  "C state adds", cst.cpu_us - base.cpu_us, None, "< 1 us", added < 1.0,
+                  ratio=0.0)
+            t.rows[-1]["ratio"] = None             # a difference over a difference means nothing
+        sec = "CPU placement, c=10"
+        for place in ("none", "split", "same"):
+            eng, src = f("engine", 10, False, place), f("source", 10, False, place)
+            if eng and src:
+                t.add(sec, f"{place}: Engine msg/s", eng.rate, "msg/s", "smtp-source -d",
+                      src.rate, eng.rate_spread)
+                t.add(sec, f"{place}: Engine CPU", eng.cpu_us, "us/msg", "smtp-source -d",
+                      src.cpu_us, eng.cpu_spread)
+    if "dispatch" in data:
+        d = data["dispatch"]
+        sec = "dispatch"
+        t.add(sec, "C transition, RETRY loop (setup+callback)", d["retry_transition_ns"], "ns",
+              "function-pointer call", d["floor_call_ns"], None, "<= 5 ns",
+              d["retry_transition_ns"] <= 5)
+        t.add(sec, "C transition, RETRY loop (NULL setup)", d["retry_nosetup_transition_ns"],
+              "ns", "function-pointer call", d["floor_call_ns"])
+        t.add(sec, "C transition, cycle of 50 states", d["cycle_transition_ns"], "ns",
+              "function-pointer call", d["floor_call_ns"])
+        t.add(sec, "Python state callback (trampoline+closure)", d["python_callback_ns"], "ns",
+              "bare cffi callback", d["bare_cffi_callback_ns"], None, "<= 1.5x bare cffi",
+              d["python_callback_ns"] <= 1.5 * d["bare_cffi_callback_ns"])
+        t.add(sec, "Python state transition (setup+callback)", d["python_transition_ns"], "ns",
+              "C transition", d["retry_transition_ns"], None, "< 1000 ns (1 us/msg)",
+              d["python_transition_ns"] < 1000)
+    if "parsers" in data:
+        p = data["parsers"]
+        sec = "parsers"
+        t.add(sec, "single-line replies parsed", p["reply_single_per_s"], "replies/s")
+        t.add(sec, "10-line EHLO replies parsed", p["reply_ehlo_per_s"], "replies/s")
+        t.add(sec, "EHLO capabilities extracted", p["ehlo_caps_per_s"], "calls/s")
+        t.add(sec, "body encoding, CRLF input", p["body_crlf_gbps"], "GB/s", "memcpy",
+              p["memcpy_gbps"])
+        t.add(sec, "body encoding, bare-LF input", p["body_lf_gbps"], "GB/s", "memcpy",
+              p["memcpy_gbps"])
+    if "scale" in data:
+        s = data["scale"]
+        sec = "scale: RSS growth per idle connection"
+        idle = s["idle"]
+        for conc in SCALE:
+            ctl = idle.get(f"engine|{conc}|control")
+            for kind in ("plain", "tls"):
+                for client in ("engine", "engine_load"):
+                    r = idle.get(f"{client}|{conc}|{kind}")
+                    if not r:
+                        continue
+                    per = (r["rss1"] - r["rss0"]) / max(1, r["connections"])
+                    tgt = "< 16 KiB" if kind == "plain" and conc == 10000 else ""
+                    name = f"{conc} {kind} {LABELS[client]} ({int(r['connections'])} open)"
+                    t.add(sec, name, per, "KiB/conn", "", None, None, tgt,
+                          per < 16 if tgt else None)
+                    if client == "engine" and ctl:
+                        net = (r["rss1"] - r["rss0"] - (ctl["rss1"] - ctl["rss0"])) / max(
+                            1, r["connections"] - ctl["connections"])
+                        t.add(sec, f"{conc} {kind} Engine less control", net, "KiB/conn",
+                              "", None, None, tgt, net < 16 if tgt else None)
+        sec = f"scale: {max(SCALE)} connections"
+        th = s["throughput"]
+        if "engine" in th and "source" in th:
+            e, src = th["engine"], th["source"]
+            t.add(sec, "Engine msg/s", e.rate, "msg/s", "smtp-source -d", src.rate, e.rate_spread)
+            t.add(sec, "Engine CPU", e.cpu_us, "us/msg", "smtp-source -d", src.cpu_us,
+                  e.cpu_spread)
+    return t
+
+
+def to_json(data: Dict[str, Any]) -> Any:
+    if isinstance(data, Figure):
+        return {"messages": data.messages, "walls": data.walls, "cpus": data.cpus,
+                "msg_per_s": data.rate, "cpu_us_per_msg": data.cpu_us,
+                "rate_spread": data.rate_spread, "cpu_spread": data.cpu_spread}
+    if isinstance(data, dict):
+        return {k: to_json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [to_json(v) for v in data]
+    return data
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--messages", type=int, default=20000,
+                    help="per run for Engine, C engine and smtp-source (default 20000)")
+    ap.add_argument("--slow-messages", type=int, default=5000,
+                    help="per run for smtplib and aiosmtplib (default 5000)")
+    ap.add_argument("--per-connection-messages", type=int, default=2000)
+    ap.add_argument("--placement", default="split", choices=("split", "same", "none"),
+                    help="split: sink on one CPU, client on another; same: both on one; "
+                         "none: unpinned (default split)")
+    ap.add_argument("--only", default="e2e,dispatch,parsers,scale")
+    ap.add_argument("--json", default="benchmarks/results.json")
+    ap.add_argument("--python-callbacks", metavar="TMPDIR", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.python_callbacks:
+        print(json.dumps(python_callbacks(args.python_callbacks)))
+        return 0
+    only = set(args.only.split(","))
+    raise_nofile()
+    if not find_program("smtp-sink") or not find_program("smtp-source"):
+        raise SystemExit("smtp-sink and smtp-source are needed: apt-get install postfix")
+    info = machine_info()
+    started = time.time()
+    data: Dict[str, Any] = {"machine": info, "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="smtpstate-bench-") as tmp:
+        runner = Runner(build(tmp), tmp)
+        if "dispatch" in only:
+            data["dispatch"] = dispatch(runner, args)
+        if "parsers" in only:
+            data["parsers"] = parsers(runner, args)
+        if "e2e" in only:
+            data["e2e"] = e2e(runner, args, [])
+        if "scale" in only:
+            data["scale"] = scale(runner, args)
+    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    print(f"command: {cmd.strip()}")
+    print(f"machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}, "
+          f"Python {info['python']}; {time.time() - started:.0f} s")
+    print(f"message: {len(make_message())} bytes (four headers, 1024-byte body in 80-byte "
+          "lines), 1 recipient; smtp-source sends its own four headers and -l 1024 body bytes")
+    if "e2e" in data:
+        print(f"sink: {data['e2e']['sink']}")
+        print(f"smtp-source: {data['e2e']['source']}".replace(" -s 0 -m 0 ",
+                                                               " -s CONC -m N ")
+              .replace(":0", ":PORT"))
+    sink_cpus, client_cpus = placements(args.placement)
+    print(f"placement {args.placement}: sink on CPUs {sink_cpus or 'any'}, clients on "
+          f"{client_cpus or 'any'}; best of {args.rounds} interleaved rounds; spread = "
+          "(best - worst) / best; ratio = smtpstate / peer")
+    report(data, args).print()
+    if "scale" in data and data["scale"].get("tls_note"):
+        print(data["scale"]["tls_note"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(data), f, indent=1)
+        print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

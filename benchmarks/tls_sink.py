@@ -1,0 +1,48 @@
+"""A STARTTLS sink for the TLS memory figure: smtp-sink has no TLS, and a
+Postfix smtpd per connection cannot hold 10,000 connections on a small
+machine, so ``benchmarks/run.py`` runs this aiosmtpd server (one asyncio
+process) in a process of its own.
+
+Usage: ``python benchmarks/tls_sink.py PORT CERT_PEM KEY_PEM``. Accepts
+every message and drops it; prints "ready" once it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import ssl
+import sys
+
+
+class Drop:
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd API)
+        return "250 2.0.0 Ok: dropped"
+
+
+def main() -> int:
+    from aiosmtpd.smtp import SMTP
+
+    port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    handler = Drop()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: SMTP(handler, tls_context=ctx, require_starttls=True,
+                         hostname="tls-sink.test", timeout=600),
+            host="127.0.0.1", port=port, backlog=4096)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
