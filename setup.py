@@ -6,10 +6,43 @@ API mode); everything about compiling it lives there.
 
 import os
 import re
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildExtAlsoInPlace(build_ext):
+    """Also put the compiled core next to the sources it was built from.
+
+    ``pip install .`` runs in the checkout, and ``python -m smtpstate``
+    puts the current directory first on sys.path: run there, it would
+    import the source tree's smtpstate/, which has no _core, instead of
+    the installed package. With a copy of the same build in the source
+    tree (ignored by git, like ``python smtpstate/_build.py``'s), the
+    README's ``pip install '.[demo]' && python -m smtpstate demo`` works
+    from the checkout too. A source tree that cannot be written is left
+    alone.
+    """
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            return
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)
+            self.inplace = True
+            try:
+                target = self.get_ext_fullpath(ext.name)
+            finally:
+                self.inplace = False
+            if os.path.abspath(target).startswith(HERE + os.sep) and os.path.exists(built):
+                try:
+                    shutil.copyfile(built, target)
+                except OSError:
+                    pass
 
 
 def read(*parts):
@@ -47,9 +80,13 @@ setup(
     python_requires=">=3.9",
     install_requires=["cffi>=1.15"],
     cffi_modules=["smtpstate/_build.py:ffibuilder"],
+    cmdclass={"build_ext": BuildExtAlsoInPlace},
     extras_require={
         "demo": ["aiosmtpd"],
         "test": ["pytest", "aiosmtpd", "trustme", "hypothesis"],
+        # benchmarks/run.py's peers and its STARTTLS sink (Postfix's
+        # smtp-sink and smtp-source come from apt-get install postfix).
+        "bench": ["aiosmtplib", "aiosmtpd", "trustme"],
     },
     entry_points={
         "console_scripts": ["smtpstate=smtpstate.cli:main"],

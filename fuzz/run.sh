@@ -8,8 +8,9 @@
 # clang package; -fsanitize=fuzzer). Every target is built with
 # AddressSanitizer (LeakSanitizer included) and UBSan, no recovery.
 #
-# Each run starts from a scratch copy of fuzz/corpus/TARGET, so the tree
-# is never modified; FUZZ_MERGE=1 merges what the run found back into
+# Each run starts from a scratch copy of fuzz/corpus/TARGET and
+# fuzz/regressions/TARGET (so clang's sanitizers see every old finding
+# again), so the tree is never modified; FUZZ_MERGE=1 merges what the run found back into
 # fuzz/corpus/TARGET (only inputs that add coverage). FUZZ_WORK=DIR keeps
 # the build and the run's corpora there (default: a temporary directory,
 # removed at exit). CC=... picks the compiler (default clang).
@@ -62,6 +63,7 @@ for t in "${targets[@]}"; do
     corpus="$work/corpus-$t"
     mkdir -p "$corpus" "$work/crashes"
     cp "$here/corpus/$t"/* "$corpus"/ 2>/dev/null || true
+    cp "$here/regressions/$t"/* "$corpus"/ 2>/dev/null || true
     echo "== fuzz_$t: ${seconds}s from $(ls "$corpus" | wc -l) seed inputs"
     status=0
     "$exe" -max_total_time="$seconds" -timeout=10 -max_len=8192 \

@@ -12,7 +12,17 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Dict, Type
 
-from smtpstate._core import ffi, lib
+try:
+    from smtpstate._core import ffi, lib
+except ImportError as _exc:                     # the source tree, never built
+    import os as _os
+
+    raise ImportError(
+        f"smtpstate's compiled core (smtpstate._core) is missing from "
+        f"{_os.path.dirname(_os.path.abspath(__file__))}: this looks like the source "
+        "tree, not an installed package. Install it (pip install .) and run from "
+        "another directory (python -m puts the current one first), or build it in "
+        "place: python smtpstate/_build.py") from _exc
 from smtpstate.errors import InvalidMessageError, LocalProtocolError, SMTPStateError
 
 __all__ = ["ffi", "lib", "check", "strerror", "py_trampolines"]

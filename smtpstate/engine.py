@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
@@ -23,15 +24,17 @@ from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequen
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.classify import _of
-from smtpstate.logs import Tracer, log_result
 from smtpstate.errors import InvalidMessageError, LocalProtocolError
+from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
-from smtpstate.options import Options, _printable_name, check_host, _printable_name, check_host
+from smtpstate.options import Options, _printable_name, check_host
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
 from smtpstate.session import Session
 
 __all__ = ["Engine", "Ticket", "deliver"]
+
+log = logging.getLogger("smtpstate.engine")
 
 # Exceptions raised by states with no message in hand concern whichever
 # messages their connection then fails; C writes their text into those
@@ -286,6 +289,8 @@ class Engine:
                     "ASCII bytes without spaces")
             raise OSError("cannot make the engine (epoll or memory not available)")
         self._ptr = ptr
+        log.debug("engine ready: %d connections (%d per destination), HELO %s",
+                  max_connections, max_per_destination, self.helo)
 
     # -- submitting --------------------------------------------------------
 
@@ -492,6 +497,9 @@ class Engine:
         if self._ptr is None:
             return
         with self._guard(closing=True):
+            if self._tickets:
+                log.warning("engine closed with %d message(s) still without a result",
+                            len(self._tickets))
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
             self._views.clear()

@@ -39,7 +39,13 @@ it), and tests assert on the recorded bytes.
 For the client side, :func:`deliver` sends messages through one of the
 three drivers (``DRIVERS``: the blocking :class:`smtpstate.Client`, the C
 :class:`smtpstate.Engine`, :mod:`smtpstate.aio`) over one connection, so a
-case can show that all three behave the same.
+case can show that all three behave the same. For example::
+
+    server = HostileServer([greet(), serve({"RCPT": b"550 5.1.1 no\r\n"})])
+    (result,) = deliver("engine", [message], server, timeout=2)
+    assert result.status == "permfail"
+    assert b"DATA" not in server.conn.received        # waits for the end
+    server.stop()                                     # raises script errors
 """
 
 from __future__ import annotations
@@ -56,9 +62,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 __all__ = [
     "Conn", "DRIVERS", "HELO", "HostileServer", "ScriptError", "Servers", "Step",
     "call", "close", "deliver", "ehlo_reply", "expect", "expect_bdat", "expect_data",
-    "forever",
-    "greet", "half_close", "pause", "reset", "send", "serve", "silence", "starttls",
-    "trickle", "unstuff",
+    "forever", "greet", "half_close", "pause", "reset", "send", "serve", "silence",
+    "starttls", "trickle", "unstuff",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -610,8 +615,6 @@ class HostileServer:
                 step(conn)
             if self.drain and not conn.server_closed:
                 conn.drain()
-            elif not conn.server_closed:
-                pass
         except _Gone:
             pass
         except ScriptError as exc:

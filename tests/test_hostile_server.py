@@ -32,6 +32,7 @@ wait for a timeout wait about a second).
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 import time
 from typing import Any, List
@@ -41,9 +42,9 @@ import pytest
 import smtpstate
 from smtpstate import Message
 
-from hostile import (DRIVERS, HELO, Servers, call, close, deliver, ehlo_reply, expect,
-                     expect_data, forever, greet, pause, reset, send, serve, silence,
-                     starttls, trickle, unstuff)
+from hostile import (DRIVERS, HELO, HostileServer, ScriptError, Servers, call, close,
+                     deliver, ehlo_reply, expect, expect_data, forever, greet, pause, reset,
+                     send, serve, silence, starttls, trickle, unstuff)
 
 SENDER = "sender@client.test"
 RCPT = "rcpt@server.test"
@@ -87,6 +88,18 @@ def assert_closed_by_client(conn: Any) -> None:
     assert conn.gone, f"the client left connection {conn.index} open: {conn!r}"
 
 
+def test_the_harness_reports_a_client_that_strays():
+    """The harness itself: a client that does not follow the script is
+    reported when the server stops, with what it did instead."""
+    server = HostileServer([greet(), expect(b"HELO ")])
+    with socket.create_connection(server.address, timeout=5) as sock:
+        assert sock.recv(100) == b"220 hostile.test ESMTP\r\n"
+        sock.sendall(b"EHLO stray.test\r\n")
+    assert bytes(server.conn.received) == b"EHLO stray.test\r\n"
+    with pytest.raises(ScriptError, match=r"expected b'HELO ', got b'EHLO stray.test"):
+        server.stop()
+
+
 # ---------------------------------------------------------------------------
 # 1. The greeting
 # ---------------------------------------------------------------------------
@@ -95,17 +108,18 @@ def assert_closed_by_client(conn: Any) -> None:
 @pytest.mark.parametrize("script, status, why, sent", [
     pytest.param([pause(5)], "tempfail", "timeout: no reply in state BANNER", b"",
                  id="silence"),
-    pytest.param([send(b"421 4.3.2 busy\r\n")], "tempfail", "421 4.3.2 busy", b"",
+    pytest.param([send(b"421 4.3.2 busy\r\n")], "tempfail", r"421 4\.3\.2 busy", b"",
                  id="421"),
     pytest.param([send(b"554 5.7.1 no SMTP here\r\n"), serve()], "permfail",
-                 "refuses service (554 greeting)", QUIT, id="554"),
+                 r"refuses service \(554 greeting\)", QUIT, id="554"),
     pytest.param([send(b"250 hostile.test\r\n"), serve()], "tempfail",
                  "unexpected reply 250 to the greeting", QUIT, id="250"),
     pytest.param([send(b"220-hostile.test\r\n"), pause(5)], "tempfail",
                  "timeout: no reply in state BANNER", b"", id="teaser-then-pause"),
     pytest.param([close()], "tempfail", "the server closed the connection", b"",
                  id="immediate-close"),
-    pytest.param([reset()], "tempfail", "reset", b"", id="immediate-reset"),
+    # The reset may even come before asyncio saw its connect complete.
+    pytest.param([reset()], "tempfail", r"reset|Errno 104", b"", id="immediate-reset"),
     pytest.param([send(b"SSH-2.0-OpenSSH_9.6\r\n")], "tempfail", "malformed reply", b"",
                  id="not-smtp"),
 ])
@@ -116,7 +130,7 @@ def test_greeting_every_driver(hostile, driver, script, status, why, sent):
     started = time.monotonic()
     (r,) = deliver(driver, [msg()], server, timeout=SHORT)
     assert time.monotonic() - started < SHORT + 1.5
-    assert r.status == status and why in r.reason, r
+    assert r.status == status and re.search(why, r.reason), r
     assert [x.status for x in r.recipients] == ["pending"]
     conn = server.conn
     assert bytes(conn.received) == sent

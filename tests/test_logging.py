@@ -47,10 +47,9 @@ def test_printable(raw, shown):
 
 
 def test_loggers_are_per_component():
-    import smtpstate.aio
-    import smtpstate.client
-    import smtpstate.demo
-    import smtpstate.engine  # noqa: F401
+    import importlib
+    for module in ("aio", "client", "demo", "engine", "session", "logs"):
+        importlib.import_module("smtpstate." + module)
     names = set(logging.Logger.manager.loggerDict)
     assert {"smtpstate.client", "smtpstate.aio", "smtpstate.state", "smtpstate.result",
             "smtpstate.transcript", "smtpstate.demo"} <= names

@@ -611,3 +611,25 @@ def test_engine_one_result_per_ticket_under_random_faults(faulty_server, plans, 
     assert all(t.done and t.result is not None for t in tickets)
     if not plans:
         assert all(r.status == "delivered" for r in results)
+
+
+# -- the Python boundary: validation in Python and in C agree -------------------
+
+_addr_chars = st.one_of(st.characters(), st.sampled_from(list("\r\n\x00\x7f<> @.\x85é")))
+_addresses = st.lists(_addr_chars, max_size=30).map("".join)
+
+
+@FAST
+@given(sender=_addresses, rcpts=st.lists(_addresses, max_size=3),
+       envid=st.one_of(st.none(), _addresses))
+def test_message_validation_agrees_with_c(sender, rcpts, envid):
+    """Whatever Python accepts, C accepts too (the C checks are the last
+    line of defence, so Python must never let through what C would
+    refuse, nor refuse with anything but InvalidMessageError)."""
+    try:
+        msg = smtpstate.Message(sender, rcpts, b"body", envid=envid)
+    except smtpstate.InvalidMessageError:
+        return
+    for addr in (msg.sender, *msg.recipients):
+        assert not any(ch in addr for ch in "\r\n\x00\x7f<>"), addr
+    msg._to_c()
