@@ -1532,6 +1532,8 @@ static void conn_teardown(struct smtps_conn *c)
 	    smtps_result_free(r);
 	smtps_session_free(c->s);
     }
+    /* Its timer must leave the heap: later cancels move heap entries. */
+    smtps_timer_cancel(&c->e->timers, &c->timer);
     free(c);
 }
 

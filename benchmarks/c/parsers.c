@@ -11,7 +11,8 @@
  *	("250 2.0.0 Ok: queued as 4Xk9J2mZ3kz1\\r\\n"), parsed reply by
  *	reply with smtps_reply_parse() on one parser; replies per second.
  *
- *	reply_ehlo: the same with smtp-sink's 10-line EHLO reply;
+ *	reply_ehlo: the same with a 10-line EHLO reply (smtp-sink's, with
+ *	SIZE and CHUNKING added);
  *	replies per second. ehlo_caps: smtps_caps_parse() on the parsed
  *	EHLO reply; calls per second.
  *
