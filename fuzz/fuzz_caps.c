@@ -47,6 +47,9 @@ static const struct {
 
 #define NELEM(a) (sizeof(a) / sizeof((a)[0]))
 
+static unsigned ref_lookup(const char *tok, size_t n, int which);
+static void ref_caps(const char *text, size_t len, struct smtps_caps *c);
+
 /* ref_lookup - bit of an upper-cased token in a table, 0 if none */
 
 static unsigned ref_lookup(const char *tok, size_t n, int which)

@@ -27,6 +27,26 @@
  *		reads DATA up to the end-of-data line and BDAT chunks by
  *		their size, as a real server does.
  *
+ *	The input, read front to back (bytes past its end read as 0, which
+ *	means "the usual" everywhere: the correct reply, a round trip):
+ *
+ *	byte 0	bit 0: raw (1) or model (0); bits 1-2: TLS mode (raw only);
+ *		bit 3: AUTH with user/secret, plaintext allowed; bit 4: only
+ *		LOGIN; bit 6: 5 s reply deadlines instead of RFC 5321's
+ *	byte 1	messages submitted before the start, 1 + byte % 4
+ *	per message: a shape byte (recipients, a non-ASCII one, NOTIFY,
+ *		ORCPT, RET/ENVID) and a body byte (one of bodies[], 0xff: a
+ *		big one, 0x80 | n: the next n input bytes)
+ *	then operations, one byte each plus arguments: 0 round trip, 1 n
+ *		server bytes (raw: the next n + 1 input bytes), 2 n client
+ *		bytes taken, 3 d clock + d s (0xff: to the deadline) and
+ *		tick, 4 submit another message, 5 quit, 6 the server
+ *		misbehaves (model) or 2-byte-length raw bytes, 7 b hang up
+ *		when b >= 0xf0. The model server reads a byte per reply it
+ *		makes (0 or >= 0x40: correct; else a fault) and per EHLO.
+ *
+ *	FUZZ_TRACE=1 prints the dialogue ("S:" and "C:" lines).
+ *
  *	Invariants (a broken one aborts):
  *
  *	*	the client never writes a CR or LF outside a CR LF pair
@@ -112,6 +132,29 @@ struct fuzz {
 
 static struct smtps_tls_config *tls_cfg;
 static int trace;			/* FUZZ_TRACE set: print the dialogue */
+
+static struct smtps_message *make_message(struct fuzz *f, int i);
+static void submit(struct fuzz *f);
+static void take_results(struct fuzz *f);
+static void say(struct fuzz *f, const void *p, size_t n);
+static int correct_code(struct fuzz *f, int kind, const char *line);
+static void ehlo_reply(struct fuzz *f, int lf_only);
+static int reply(struct fuzz *f, int kind, const char *line);
+static int msg_of_mail(struct fuzz *f, const char *line);
+static void data_done(struct fuzz *f, const unsigned char *content,
+		      size_t len, int kind);
+static void server_line(struct fuzz *f, char *line, size_t len);
+static void server_read(struct fuzz *f);
+static void server_end(struct fuzz *f);
+static void show(const char *who, const void *p, size_t n);
+static void wire_check(struct fuzz *f, const unsigned char *p, size_t n);
+static size_t take_output(struct fuzz *f, size_t max);
+static size_t deliver(struct fuzz *f, size_t max);
+static void closed(struct fuzz *f, const char *why);
+static int settle(struct fuzz *f);
+static int round_trip(struct fuzz *f);
+static void tick(struct fuzz *f, unsigned d);
+int     LLVMFuzzerInitialize(int *argc, char ***argv);
 
 static const char *const bodies[] = {
     "Subject: hi\r\n\r\nhello\r\n",
