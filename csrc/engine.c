@@ -326,6 +326,7 @@ static void conn_record_addresses(struct smtps_conn *c);
 static int sockaddr_text(const struct sockaddr_storage *ss, char *host,
 			 size_t hostlen, int *port);
 static int conn_submit_next(struct smtps_conn *c);
+static struct smtps_message *conn_feed(struct smtps_session *s, void *closure);
 static void conn_update(struct smtps_conn *c, int64_t now);
 static int conn_flush(struct smtps_conn *c, int64_t now);
 static void conn_read(struct smtps_conn *c, uint32_t events, int64_t now);
@@ -931,6 +932,8 @@ static int conn_open(struct smtps_dest *d, int64_t now)
     c->s = smtps_session_new(e->machine, d->helo ? d->helo : e->helo, e->user);
     if (c->s != NULL && e->trace != NULL)
 	(void) smtps_session_set_trace(c->s, e->trace, e->trace_closure);
+    if (c->s != NULL)
+	smtps_session_set_runahead(c->s, conn_feed, c);
     if (c->s == NULL || (rc = conn_setup(c)) != SMTPS_OK) {
 	/* The same settings fail for every connection: fail the queue. */
 	if (c->s == NULL)
@@ -1109,6 +1112,29 @@ static int conn_submit_next(struct smtps_conn *c)
     smtps_result_free(r);
     c->submitted++;
     return 1;
+}
+
+/*
+ * conn_feed - the session may start the next message behind a final dot
+ * (session.c, maybe_run_ahead()). The same limits as for an idle
+ * session apply: messages_per_connection, a QUIT under way, and other
+ * destinations waiting for a connection slot. The message's result,
+ * made at submit, becomes the session's.
+ */
+
+static struct smtps_message *conn_feed(struct smtps_session *s, void *closure)
+{
+    struct smtps_conn *c = closure;
+    struct smtps_engine *e = c->e;
+    struct smtps_message *m;
+
+    SMTPS_UNUSED(s);
+    if (c->quitting || e->nstarved > e->nquitting
+	|| (e->msgs_per_conn > 0 && c->submitted >= (unsigned) e->msgs_per_conn)
+	|| (m = dest_pop(c->d)) == NULL)
+	return NULL;
+    c->submitted++;
+    return m;
 }
 
 /* conn_collect - move the session's results to the engine */

@@ -106,6 +106,35 @@ struct smtps_inflight {
 					 * command line; 0: it sent none */
 };
 
+/*
+ * What one transaction owns of the session. While the reply to one
+ * message's final dot is awaited, the next message's MAIL, RCPT and DATA
+ * may already be on the wire (RFC 2920 lets message content start a
+ * group): the earlier transaction then waits here, swapped out, until
+ * that reply arrives. See tx_swap() in session.c.
+ */
+struct smtps_txsave {
+    struct smtps_message *tx;
+    struct smtps_result *txres;
+    int tx_decided, tx_final_replied, data_sent, data_mode;
+    uint64_t tx_out_start;
+    size_t rcpt_next, rcpt_replied, rcpt_accepted;
+    int rcpt_index;
+    int body_active, body_started, body_chunking;
+    size_t body_off;
+    uint64_t body_end;
+    struct smtps_body_encoder enc;
+};
+
+/*
+ * A driver's source of further messages (the engine's destination queue):
+ * called inside the loop when a transaction could start ahead of time.
+ * It returns a message whose qresult was made for it (smtps_result_new
+ * with its tag and recipient count), or NULL for none now.
+ */
+typedef struct smtps_message *(*SMTPSFeeder) (struct smtps_session *s,
+					       void *closure);
+
 #define SMTPS_INFLIGHT_MAX 16		/* states pipelined at once */
 #define SMTPS_OUT_HIGH 65536		/* stop producing body above this */
 #define SMTPS_OUT_MAX (1024 * 1024)	/* hard bound on queued output */
@@ -188,6 +217,13 @@ struct smtps_session {
     /* The transcript, for drivers that log it; NULL: none. */
     SMTPSTrace trace;
     void *trace_closure;
+
+    /* Transactions run ahead of the previous final reply (engine only). */
+    int tx_runahead;			/* allowed */
+    int prev_open;			/* prev awaits its final reply */
+    struct smtps_txsave prev;
+    SMTPSFeeder feeder;			/* NULL: only the session's queue */
+    void *feeder_closure;
 };
 
 /* tls.c */
@@ -200,6 +236,10 @@ int smtps_session_body_done(const struct smtps_session *s);
 void smtps_session_decide(struct smtps_session *s, int status, int state,
 			  const struct smtps_reply *reply, const char *reason);
 int smtps_action_for_code(int code);
+
+/* session.c, for engine.c: start transactions ahead, fed by fn */
+void smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
+				void *closure);
 
 /* session.c, for tls.c and auth.c */
 int smtps_session_take_replies(struct smtps_session *s, const char *data,

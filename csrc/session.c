@@ -129,6 +129,14 @@ static void set_reason(char *dst, const char *fmt, const char *a,
 		       const char *b);
 static void settle(struct smtps_session *s);
 static void trace_reply(struct smtps_session *s, const struct smtps_reply *r);
+static void tx_swap(struct smtps_session *s);
+static int live_head(const struct smtps_session *s);
+static void maybe_run_ahead(struct smtps_session *s);
+static void finish_prev(struct smtps_session *s, const struct smtps_reply *r);
+static int fail_tx(struct smtps_session *s, int id,
+		   const struct smtps_reply *reply, int status);
+static void lost_tx(struct smtps_session *s, int id);
+static void enqueue(struct smtps_session *s, struct smtps_message *m);
 
 /* state_of - the record of id in the session's machine */
 
@@ -228,6 +236,9 @@ void    smtps_session_free(struct smtps_session *s)
     if (s->tx != NULL)
 	smtps_message_free(s->tx);
     smtps_result_free(s->txres);
+    if (s->prev.tx != NULL)
+	smtps_message_free(s->prev.tx);
+    smtps_result_free(s->prev.txres);
     while ((r = s->results) != NULL) {
 	s->results = r->next;
 	smtps_result_free(r);
@@ -333,20 +344,23 @@ static void enter(struct smtps_session *s, int id)
 	&& (state_of(s, next)->flags & SMTPS_STATE_PIPELINABLE)
 	&& s->status == SMTPS_SESS_ACTIVE)
 	enter(s, next);
+    else if (id == SMTPS_STATE_BODY)
+	maybe_run_ahead(s);
 }
 
 /* go - move to target once every reply still owed has been read */
 
 static void go(struct smtps_session *s, int target)
 {
-    int     i;
+    /* The earlier transaction's BODY, run past, keeps its reply. */
+    int     i, keep = s->prev_open;
 
-    if (s->nfifo > 0) {
-	if (s->draining == 0 && s->fifo[0].state == target)
+    if (s->nfifo > keep) {
+	if (s->draining == 0 && s->fifo[keep].state == target)
 	    return;				/* already in flight */
-	for (i = 0; i < s->nfifo; i++)
+	for (i = keep; i < s->nfifo; i++)
 	    s->draining += s->fifo[i].awaiting - s->fifo[i].handled;
-	s->nfifo = 0;
+	s->nfifo = keep;
     }
     if (s->draining > 0) {
 	s->pending = target;
@@ -425,6 +439,11 @@ static void on_reply(struct smtps_session *s, const struct smtps_reply *r)
     char    why[SMTPS_REASON_MAX];
     int     act, id, i, left;
 
+    /* Replies come in order: the first one owed is the earlier final dot's. */
+    if (s->prev_open) {
+	finish_prev(s, r);
+	return;
+    }
     if (s->draining > 0) {
 	s->draining--;
 
@@ -639,25 +658,16 @@ static void fail_conn(struct smtps_session *s, int id,
 	snprintf(s->reason, sizeof(s->reason), "server said %d %.400s",
 		 reply->code, reply->text);
     s->conn_failed = 1;
-    if (s->tx != NULL) {
-	if (!s->tx_decided && dot_sent(s) && !s->tx_final_replied) {
-	    snprintf(text, sizeof(text), "connection failed after the final "
-		     "dot, before its reply: %.400s", s->reason);
-	    smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL, text);
-	}
-	/*
-	 * Mid-body, any further command would be read as message data, and
-	 * the rest of the body still queued ends in the final dot: sent now,
-	 * it would deliver a message we report as failed. Nothing more of
-	 * it may leave.
-	 */
-	if (in_message_data(s)) {
-	    close_now = 1;
-	    drop_output(s);
-	}
-	smtps_session_decide(s, status, id, reply, s->reason);
-	emit_tx(s);
+    if (s->prev_open) {
+	if (id == SMTPS_STATE_BODY)
+	    id = live_head(s);			/* BODY was the earlier one's */
+	tx_swap(s);
+	s->prev_open = 0;
+	close_now |= fail_tx(s, SMTPS_STATE_BODY, reply, status);
+	tx_swap(s);
     }
+    if (s->tx != NULL)
+	close_now |= fail_tx(s, id, reply, status);
     snprintf(text, sizeof(text), "not attempted: %.480s", s->reason);
     fail_queue(s, id, reply != NULL || awaiting_reply(s, id), queue_status, text);
 
@@ -677,6 +687,35 @@ static void fail_conn(struct smtps_session *s, int id,
 	return;
     }
     go(s, SMTPS_STATE_QUIT);
+}
+
+/* fail_tx - the transaction ends with its connection; 1: close at once */
+
+static int fail_tx(struct smtps_session *s, int id,
+		           const struct smtps_reply *reply, int status)
+{
+    char    text[SMTPS_REASON_MAX];
+    int     close_now = 0;
+
+    if (!s->tx_decided && dot_sent(s) && !s->tx_final_replied) {
+	snprintf(text, sizeof(text), "connection failed after the final "
+		 "dot, before its reply: %.400s", s->reason);
+	smtps_session_decide(s, SMTPS_STATUS_UNKNOWN, id, NULL, text);
+    }
+
+    /*
+     * Mid-body, any further command would be read as message data, and
+     * the rest of the body still queued ends in the final dot: sent now,
+     * it would deliver a message we report as failed. Nothing more of it
+     * may leave.
+     */
+    if (in_message_data(s)) {
+	close_now = 1;
+	drop_output(s);
+    }
+    smtps_session_decide(s, status, id, reply, s->reason);
+    emit_tx(s);
+    return close_now;
 }
 
 /* fail_queue - every queued message gets its result now */
@@ -778,6 +817,126 @@ static void push_result(struct smtps_session *s, struct smtps_result *r)
     s->results_tail = r;
 }
 
+/*
+ * Running ahead across transactions (RFC 2920 3.1: message content may
+ * begin a group). Once a message's final dot is queued and nothing else
+ * is in flight, the next message's MAIL, RCPT and DATA are queued behind
+ * it, so both leave in one write and the server's replies to the dot
+ * and to the new commands come back together: one write and one read
+ * per message instead of two of each. The earlier transaction is
+ * swapped out into s->prev with its BODY entry left at the head of the
+ * FIFO; the first reply to arrive is its final reply (finish_prev()).
+ * Only drivers that ask for it (the engine) get this, and only when the
+ * order goes from BODY straight to RSET: no state of the caller's sits
+ * between one message's end and the next one's MAIL.
+ */
+
+/* tx_swap - exchange the live transaction with the one run past */
+
+static void tx_swap(struct smtps_session *s)
+{
+    struct smtps_txsave t = s->prev;
+
+#define SWAP(f) do { s->prev.f = s->f; s->f = t.f; } while (0)
+    SWAP(tx);
+    SWAP(txres);
+    SWAP(tx_decided);
+    SWAP(tx_final_replied);
+    SWAP(data_sent);
+    SWAP(data_mode);
+    SWAP(tx_out_start);
+    SWAP(rcpt_next);
+    SWAP(rcpt_replied);
+    SWAP(rcpt_accepted);
+    SWAP(rcpt_index);
+    SWAP(body_active);
+    SWAP(body_started);
+    SWAP(body_chunking);
+    SWAP(body_off);
+    SWAP(body_end);
+    SWAP(enc);
+#undef SWAP
+}
+
+/* live_head - the live transaction's first state in flight (or cur) */
+
+static int live_head(const struct smtps_session *s)
+{
+    int     k = s->prev_open;
+
+    return s->nfifo > k ? s->fifo[k].state : s->cur;
+}
+
+/* maybe_run_ahead - start the next transaction behind this final dot */
+
+static void maybe_run_ahead(struct smtps_session *s)
+{
+    struct smtps_message *m;
+
+    if (!s->tx_runahead || !s->pipelining || s->prev_open
+	|| s->status != SMTPS_SESS_ACTIVE || s->draining > 0
+	|| s->tx == NULL || s->tx_decided || s->body_active
+	|| s->body_end == 0 || s->nfifo != 1
+	|| s->fifo[0].state != SMTPS_STATE_BODY || s->need_reset
+	|| s->conn_failed || s->quit_requested
+	|| default_next(s, SMTPS_STATE_BODY) != SMTPS_STATE_RSET)
+	return;
+    if (s->queue == NULL) {
+	if (s->feeder == NULL
+	    || (m = s->feeder(s, s->feeder_closure)) == NULL)
+	    return;
+	enqueue(s, m);
+    }
+    tx_swap(s);					/* into s->prev: it awaits */
+    s->prev_open = 1;
+    start_tx(s);
+    enter(s, SMTPS_STATE_MAIL);
+}
+
+/* finish_prev - the final reply of the transaction run past */
+
+static void finish_prev(struct smtps_session *s, const struct smtps_reply *r)
+{
+    const char *why;
+    int     act, i, cur = s->cur, failed = 0;
+
+    for (i = 1; i < s->nfifo; i++)
+	s->fifo[i - 1] = s->fifo[i];
+    s->nfifo--;
+    s->prev_open = 0;
+    tx_swap(s);
+    s->state_reason[0] = 0;
+    s->reply_index = 0;
+    act = call_callback(s, SMTPS_STATE_BODY, r);
+    if (r->code == 421)				/* RFC 5321 3.8: it is closing */
+	act = SMTPS_ACT_FAIL_CONN;
+    why = s->state_reason[0] ? s->state_reason : NULL;
+    if (act == SMTPS_ACT_TEMPFAIL_TX || act == SMTPS_ACT_PERMFAIL_TX)
+	smtps_session_decide(s, act == SMTPS_ACT_TEMPFAIL_TX ?
+			     SMTPS_STATUS_TEMPFAIL : SMTPS_STATUS_PERMFAIL,
+			     SMTPS_STATE_BODY, r, why);
+    else if (act != SMTPS_ACT_NEXT) {
+	failed = 1;
+	smtps_session_decide(s, r->code >= 500 ? SMTPS_STATUS_PERMFAIL :
+			     SMTPS_STATUS_TEMPFAIL, SMTPS_STATE_BODY, r,
+			     why != NULL ? why : "the end of data failed");
+    }
+    emit_tx(s);
+    tx_swap(s);					/* s->prev is empty again */
+    s->cur = cur;
+
+    /*
+     * The server broke off at the final dot: the commands behind it are
+     * not to be trusted to a QUIT that drains them (a 354 would be
+     * answered with a dot). Close; the live message was only begun.
+     */
+    if (failed) {
+	fail_conn(s, live_head(s), r, SMTPS_STATUS_TEMPFAIL, why, 1);
+	return;
+    }
+    refresh_deadline(s);
+}
+
 /* dot_sent - the driver has taken the final dot (or last BDAT byte) */
 
 static int dot_sent(const struct smtps_session *s)
@@ -831,7 +990,8 @@ static void refresh_deadline(struct smtps_session *s)
      * data-block timeout (RFC 5321 4.5.3.2.5), or sooner when the caller
      * asked for a shorter deadline for this state.
      */
-    if (s->nfifo > 0 && s->fifo[0].state == SMTPS_STATE_BODY && !dot_sent(s))
+    if (s->nfifo > 0 && s->fifo[0].state == SMTPS_STATE_BODY
+	&& !(s->prev_open ? s->out_consumed >= s->prev.body_end : dot_sent(s)))
 	t = t > 0 && t < SMTPS_TIMEOUT_BLOCK ? t : SMTPS_TIMEOUT_BLOCK;
     s->deadline = t > 0 ? s->now + t : -1;
 }
@@ -1190,11 +1350,12 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 
 void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
 {
-    int     was_sent;
+    int     was_sent, was_active;
 
     if (s == NULL)
 	return;
     was_sent = dot_sent(s);
+    was_active = s->body_active;
     s->now = now;
     if (smtps_tls_engaged(s)) {
 	/* n is ciphertext; this is the plaintext it finished carrying. */
@@ -1211,6 +1372,12 @@ void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
 	set_reason(s->reason, "cannot queue the message body", NULL, NULL);
 	fail_conn(s, s->cur, NULL, SMTPS_STATUS_TEMPFAIL, NULL, 1);
 	return;
+    }
+    /* A long body has just been queued to its end: the next may follow. */
+    if (was_active && !s->body_active && !s->in_dispatch) {
+	s->in_dispatch = 1;
+	maybe_run_ahead(s);
+	s->in_dispatch = 0;
     }
     settle(s);
     /* Writing the body is progress; its last byte starts the final wait. */
@@ -1259,8 +1426,7 @@ int     smtps_session_tick(struct smtps_session *s, int64_t now)
 void    smtps_session_closed(struct smtps_session *s, const char *why,
 			             int64_t now)
 {
-    char    text[SMTPS_REASON_MAX];
-    int     status, id;
+    int     id;
 
     if (s == NULL || s->status == SMTPS_SESS_CLOSED)
 	return;
@@ -1269,23 +1435,37 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
 	snprintf(s->reason, sizeof(s->reason), "connection lost%s: %s",
 		 smtps_tls_handshaking(s) ? " during the TLS handshake" : "",
 		 why ? why : "closed");
-    if (s->tx != NULL) {
-	status = dot_sent(s) && !s->tx_final_replied ?
-	    SMTPS_STATUS_UNKNOWN : SMTPS_STATUS_TEMPFAIL;
-	snprintf(text, sizeof(text), status == SMTPS_STATUS_UNKNOWN ?
-		 "connection lost after the final dot, before its reply: %s" :
-		 "%s", s->reason[0] ? s->reason : "connection closed");
-	id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
-	smtps_session_decide(s, status, id, NULL, text);
-	emit_tx(s);
+    id = live_head(s);
+    if (s->prev_open) {
+	tx_swap(s);
+	s->prev_open = 0;
+	lost_tx(s, SMTPS_STATE_BODY);
+	tx_swap(s);
     }
-    id = s->nfifo > 0 ? s->fifo[0].state : s->cur;
+    if (s->tx != NULL)
+	lost_tx(s, id);
     fail_queue(s, id, id >= 0 && awaiting_reply(s, id), SMTPS_STATUS_TEMPFAIL,
 	       s->reason[0] ? s->reason : "connection closed");
     s->nfifo = 0;
     s->draining = 0;
     s->deadline = -1;
     s->status = SMTPS_SESS_CLOSED;
+}
+
+/* lost_tx - the connection is gone under the transaction */
+
+static void lost_tx(struct smtps_session *s, int id)
+{
+    char    text[SMTPS_REASON_MAX];
+    int     status;
+
+    status = dot_sent(s) && !s->tx_final_replied ?
+	SMTPS_STATUS_UNKNOWN : SMTPS_STATUS_TEMPFAIL;
+    snprintf(text, sizeof(text), status == SMTPS_STATUS_UNKNOWN ?
+	     "connection lost after the final dot, before its reply: %s" :
+	     "%s", s->reason[0] ? s->reason : "connection closed");
+    smtps_session_decide(s, status, id, NULL, text);
+    emit_tx(s);
 }
 
 /* smtps_session_status - where the session is (enum smtps_session_status) */
@@ -1314,12 +1494,7 @@ int     smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
 	return SMTPS_ENOMEM;
     msg->tag = tag;
     msg->qresult = r;
-    if (s->queue_tail != NULL)
-	s->queue_tail->qnext = msg;
-    else
-	s->queue = msg;
-    s->queue_tail = msg;
-    s->nqueued++;
+    enqueue(s, msg);
     if (s->status == SMTPS_SESS_IDLE) {
 	s->status = SMTPS_SESS_ACTIVE;
 	s->in_dispatch = 1;
@@ -1329,6 +1504,29 @@ int     smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
 	s->in_dispatch = 0;
     }
     return SMTPS_OK;
+}
+
+/* enqueue - append a message that carries its result to the queue */
+
+static void enqueue(struct smtps_session *s, struct smtps_message *m)
+{
+    m->qnext = NULL;
+    if (s->queue_tail != NULL)
+	s->queue_tail->qnext = m;
+    else
+	s->queue = m;
+    s->queue_tail = m;
+    s->nqueued++;
+}
+
+/* smtps_session_set_runahead - let transactions start before the last ends */
+
+void    smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
+				           void *closure)
+{
+    s->tx_runahead = 1;
+    s->feeder = fn;
+    s->feeder_closure = fn != NULL ? closure : NULL;
 }
 
 /* smtps_session_quit - end the connection once the queue is done */
@@ -1358,7 +1556,7 @@ int     smtps_session_quit(struct smtps_session *s)
 
 size_t  smtps_session_pending(const struct smtps_session *s)
 {
-    return s ? s->nqueued + (s->tx != NULL) : 0;
+    return s ? s->nqueued + (s->tx != NULL) + (size_t) s->prev_open : 0;
 }
 
 /* smtps_session_next_result - take the oldest finished result */
