@@ -32,7 +32,9 @@
  *
  *	byte 0	bit 0: raw (1) or model (0); bits 1-2: TLS mode (raw only);
  *		bit 3: AUTH with user/secret, plaintext allowed; bit 4: only
- *		LOGIN; bit 6: 5 s reply deadlines instead of RFC 5321's
+ *		LOGIN; bit 5: transactions run ahead behind the final dot
+ *		(as the engine runs them, fed from the session's queue);
+ *		bit 6: 5 s reply deadlines instead of RFC 5321's
  *	byte 1	messages submitted before the start, 1 + byte % 4
  *	per message: a shape byte (recipients, a non-ASCII one, NOTIFY,
  *		ORCPT, RET/ENVID) and a body byte (one of bodies[], 0xff: a
@@ -74,6 +76,7 @@
 
 #include "fuzz.h"
 #include "smtpstate.h"
+#include "internal.h"			/* smtps_session_set_runahead() */
 
 #define MAX_MSGS 8
 #define MAX_OPS 2000
@@ -871,6 +874,8 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	FUZZ_CHECK(smtps_session_set_auth(f.s, "user", "secret",
 					  (hdr >> 4) & 1 ? SMTPS_AUTH_LOGIN : 0,
 					  1) == 0);
+    if (hdr & 0x20)
+	smtps_session_set_runahead(f.s, NULL, NULL);
     if (hdr & 0x40)
 	for (i = 0; i < SMTPS_STATE__COUNT; i++)
 	    FUZZ_CHECK(smtps_session_set_timeout(f.s, (int) i, 5000) == 0);
