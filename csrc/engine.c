@@ -1092,24 +1092,19 @@ static void conn_connected(struct smtps_conn *c, int64_t now)
 static int conn_submit_next(struct smtps_conn *c)
 {
     struct smtps_message *m;
-    struct smtps_result *r;
     int     rc;
 
     if ((m = dest_pop(c->d)) == NULL)
 	return 0;
-    /* The session makes its own result; ours comes back if it refuses. */
-    r = m->qresult;
-    m->qresult = NULL;
-    rc = smtps_session_submit(c->s, m, m->tag);
+    /* The result made at submit becomes the session's; ours if it refuses. */
+    rc = smtps_session_submit_prepared(c->s, m);
     if (rc != SMTPS_OK) {
-	m->qresult = r;
 	m->qnext = NULL;
 	fail_message(c->e, m, SMTPS_STATUS_TEMPFAIL,
 		     "cannot hand the message to a session: ",
 		     smtps_strerror(rc));
 	return 0;
     }
-    smtps_result_free(r);
     c->submitted++;
     return 1;
 }

@@ -240,6 +240,9 @@ int smtps_action_for_code(int code);
 /* session.c, for engine.c: start transactions ahead, fed by fn */
 void smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
 				void *closure);
+/* the same, for a message whose qresult was made for it (as by feeders) */
+int smtps_session_submit_prepared(struct smtps_session *s,
+				  struct smtps_message *msg);
 
 /* session.c, for tls.c and auth.c */
 int smtps_session_take_replies(struct smtps_session *s, const char *data,

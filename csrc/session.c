@@ -1481,19 +1481,34 @@ int     smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
 			             uint64_t tag)
 {
     struct smtps_result *r;
+    int     rc;
 
     if (s == NULL || msg == NULL || msg->nrcpt == 0 || msg->qnext != NULL)
+	return SMTPS_EINVAL;
+    /* The result exists before the message is accepted: none can be lost. */
+    if ((r = smtps_result_new(tag, msg->nrcpt)) == NULL)
+	return SMTPS_ENOMEM;
+    msg->tag = tag;
+    msg->qresult = r;
+    if ((rc = smtps_session_submit_prepared(s, msg)) != SMTPS_OK) {
+	msg->qresult = NULL;
+	smtps_result_free(r);
+    }
+    return rc;
+}
+
+/* smtps_session_submit_prepared - queue a message that carries its result */
+
+int     smtps_session_submit_prepared(struct smtps_session *s,
+				              struct smtps_message *msg)
+{
+    if (msg->qnext != NULL || msg->qresult == NULL)
 	return SMTPS_EINVAL;
     if (s->in_dispatch)
 	return SMTPS_ESTATE;
     if (s->status == SMTPS_SESS_CLOSED || s->status == SMTPS_SESS_CLOSING
 	|| s->conn_failed || s->quit_requested)
 	return SMTPS_ECLOSED;
-    /* The result exists before the message is accepted: none can be lost. */
-    if ((r = smtps_result_new(tag, msg->nrcpt)) == NULL)
-	return SMTPS_ENOMEM;
-    msg->tag = tag;
-    msg->qresult = r;
     enqueue(s, msg);
     if (s->status == SMTPS_SESS_IDLE) {
 	s->status = SMTPS_SESS_ACTIVE;
