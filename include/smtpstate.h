@@ -403,6 +403,14 @@ const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
 uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes */
 uint64_t smtps_message_tag(const struct smtps_message *m);	/* set at submit */
 
+/*
+ * A new message with the sender, recipients and DSN options of envelope (a
+ * message set up as above, normally without a body, and only read here)
+ * and a copy of body: what is sent many times is built and checked once.
+ */
+struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
+					 const char *body, size_t len);
+
 /* ------------------------------------------------------------------ */
 /* Results                                                             */
 /* ------------------------------------------------------------------ */
@@ -747,6 +755,42 @@ size_t smtps_engine_connections(const struct smtps_engine *e);	/* open now */
 /* The trace function of every session the engine makes from now on. */
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
 			   void *closure);
+
+/*
+ * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits
+ * smtps_message_copy(envelope, body, len) in one call.
+ *
+ * smtps_engine_collect() takes up to max ready results (at most
+ * SMTPS_COLLECT_MAX) and writes three numbers per result into out: its
+ * tag, its shape slot and its reply slot. The shape is the whole result
+ * but its tag and deciding reply. A slot below SMTPS_COLLECT_SLOTS is one
+ * the collector described before (the result is freed); slot +
+ * SMTPS_COLLECT_SLOTS is new: read it with smtps_collector_shape() or
+ * smtps_collector_reply() before the next call. Reply slot 0: no reply.
+ * smtps_engine_run_collect() is smtps_engine_run() then
+ * smtps_engine_collect(). A collector is used by one thread at a time.
+ */
+#define SMTPS_COLLECT_SLOTS 64
+#define SMTPS_COLLECT_MAX 32
+
+struct smtps_collector;
+
+int smtps_engine_submit_copy(struct smtps_engine *e,
+			     const struct smtps_message *envelope,
+			     const char *body, size_t len,
+			     const struct smtps_destination *dest,
+			     uint64_t tag);
+struct smtps_collector *smtps_collector_new(void);
+void smtps_collector_free(struct smtps_collector *c);
+int smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
+			 uint64_t *out, size_t max);
+int smtps_engine_run_collect(struct smtps_engine *e, int64_t max_wait_ms,
+			     struct smtps_collector *c, uint64_t *out,
+			     size_t max);
+const struct smtps_result *smtps_collector_shape(const struct smtps_collector *c,
+						 size_t slot);
+const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collector *c,
+						       size_t slot);
 
 #ifdef __cplusplus
 }

@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import threading
 import time
 from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
@@ -25,7 +24,7 @@ from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequen
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.classify import _of
 from smtpstate.errors import InvalidMessageError, LocalProtocolError
-from smtpstate.logs import Tracer, log_result
+from smtpstate.logs import Tracer, log_result, result_log, transcript_log
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
 from smtpstate.options import Options, _printable_name, check_host
@@ -45,6 +44,10 @@ _DEST_CACHE_MAX = 1024
 # The longest single C call while waiting, so that signals (Ctrl-C) are
 # handled promptly even when nothing happens on the network.
 _RUN_SLICE_MS = 500
+_new = object.__new__
+_submit_copy = lib.smtps_engine_submit_copy
+_BUSY = ("this Engine is already in use (a call from one of its states, "
+         "or another thread); one call at a time")
 
 
 class Ticket:
@@ -60,6 +63,8 @@ class Ticket:
 
     __slots__ = ("id", "message", "host", "port", "result", "__weakref__")
 
+    # Engine.submit() makes its tickets without calling __init__ (it sets
+    # these same five attributes itself): keep the two in step.
     def __init__(self, tag: int, message: Message, host: str, port: int) -> None:
         self.id = tag
         self.message = message
@@ -77,6 +82,33 @@ class Ticket:
         return f"<Ticket {self.id} {self.host}:{self.port} {state}>"
 
 
+class _MessagesByTag(Dict[int, Message]):
+    """The messages of the tickets still pending, by tag, for the Session
+    views of Python states (which only call get()): a dict in type only,
+    reading the engine's tickets, so that submitting and collecting keep
+    one dict up to date instead of two."""
+
+    def __init__(self, tickets: Dict[int, Ticket]) -> None:
+        super().__init__()
+        self._tickets = tickets
+
+    def get(self, tag: int, default: Any = None) -> Any:  # type: ignore[override]
+        ticket = self._tickets.get(tag)
+        return ticket.message if ticket is not None else default
+
+    def __getitem__(self, tag: int) -> Message:
+        return self._tickets[tag].message
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self._tickets
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._tickets)
+
+
 class _ConnectionView(Session):
     """The Session a Python state sees on one engine connection. Exceptions
     it records go to the engine, which attaches them to the right Result."""
@@ -91,25 +123,49 @@ class _ConnectionView(Session):
         return text
 
 
-class _Converter:
-    """C results to :class:`Result` objects, the same as
-    :func:`smtpstate.result.result_from_c` but sharing the immutable parts:
-    a server says the same few things again and again, and at thousands of
-    results a second building each Reply and RecipientResult anew, and the
-    frozen Result field by field, was most of the Python cost per message."""
+class _Collector:
+    """C results to :class:`Result` objects, through a C collector
+    (``smtps_engine_run_collect``, csrc/batch.c): C hands out each batch
+    of results as (tag, shape slot, reply slot) numbers, and Python builds
+    what a slot means once, when C says the slot is new. A server says the
+    same few things again and again; at thousands of results a second,
+    reading every result field by field through cffi and building each
+    Reply and RecipientResult anew was most of the Python cost per message.
+
+    A shape's prototype is ``(fields, recipient info, recipients by
+    address tuple, bounce class code, needs __post_init__, needs either,
+    delivered)``.
+    """
 
     MAX = 4096                                # cached replies (then start over)
+    RCPTS_MAX = 256                           # recipient tuples per shape
 
     def __init__(self, machine: Machine) -> None:
         self.machine = machine
+        ptr = lib.smtps_collector_new()
+        if ptr == ffi.NULL:
+            raise MemoryError("cannot allocate a result collector")
+        self.ptr = ffi.gc(ptr, lib.smtps_collector_free)
+        self.out = ffi.new("uint64_t[]", 3 * _COLLECT_MAX)
+        # The first n triples of out as n rows of 3, for each n, made once:
+        # views[n].tolist() is [[tag, shape slot, reply slot], ...].
+        raw = memoryview(ffi.buffer(self.out))
+        self.views = [raw[:24 * n].cast("Q", (n, 3)) if n else raw[:0].cast("Q")
+                      for n in range(_COLLECT_MAX + 1)]
+        self.shapes: List[Any] = [None] * _SLOTS
+        self.slot_replies: List[Optional[Reply]] = [None] * _SLOTS  # [0]: no reply
         self.replies: Dict[Tuple[int, bytes, bytes], Reply] = {}
-        # Keyed by (address, status, bounce class, id(reply)): the cached
-        # RecipientResult holds its reply, so the id is not reused meanwhile.
-        self.rcpts: Dict[Tuple[str, int, int, int], RecipientResult] = {}
         self.stages: Dict[bytes, str] = {}
         self.states: Dict[int, Optional[str]] = {}
 
+    def close(self) -> None:
+        """Free the C collector and what it keeps, now."""
+        if self.ptr is not None:
+            ffi.release(self.ptr)
+            self.ptr = None
+
     def reply(self, c: Any) -> Optional[Reply]:
+        """A ``struct smtps_result_reply`` as a Reply (shared when equal)."""
         code = c.code
         if code == 0:
             return None
@@ -118,24 +174,18 @@ class _Converter:
         if r is None:
             if len(self.replies) >= self.MAX:
                 self.replies.clear()
-                self.rcpts.clear()
             r = Reply(int(code), key[1].decode("ascii", "replace"),
                       key[2].decode("utf-8", "replace"))
             self.replies[key] = r
         return r
 
-    def recipient(self, address: str, c: Any) -> RecipientResult:
-        status, bounce = c.status, c.bounce_class
-        reply = self.reply(c.reply)
-        key = (address, status, bounce, id(reply))
-        rr = self.rcpts.get(key)
-        if rr is None:
-            if len(self.rcpts) >= self.MAX:
-                self.rcpts.clear()
-            rr = RecipientResult(address, _STATUS_NAMES.get(status, "pending"), reply,
-                                 _of(int(bounce)))
-            self.rcpts[key] = rr
-        return rr
+    def new_reply(self, slot: int) -> Optional[Reply]:
+        """C says reply slot ``slot`` is new: read it."""
+        self.slot_replies[slot] = None
+        c = lib.smtps_collector_reply(self.ptr, slot)
+        r = self.reply(c) if c != ffi.NULL else None
+        self.slot_replies[slot] = r
+        return r
 
     def state(self, sid: int) -> Optional[str]:
         try:
@@ -151,62 +201,85 @@ class _Converter:
         self.states[sid] = name
         return name
 
-    def result(self, c: Any, message: Optional[Message], reason: str,
-               error: Optional[str], ticket: Any) -> Result:
-        addresses = message.recipients if message is not None else ()
-        n = c.nrcpt
-        if n:
-            rcpt, naddr = c.rcpt, len(addresses)
-            recipients = tuple(self.recipient(addresses[i] if i < naddr else "", rcpt[i])
-                               for i in range(n))
-        else:
-            recipients = ()
+    def new_shape(self, slot: int) -> Any:
+        """C says shape slot ``slot`` is new: read the result kept there
+        into a prototype."""
+        self.shapes[slot] = None
+        c = lib.smtps_collector_shape(self.ptr, slot)
+        status = _STATUS_NAMES.get(c.status, "tempfail")
         raw = ffi.string(c.stage_name)
         stage = self.stages.get(raw)
         if stage is None:
             stage = self.stages[raw] = raw.decode("utf-8", "replace")
-        bounce = c.bounce_class
-        return _make_result({
-            "status": _STATUS_NAMES.get(c.status, "tempfail"), "reply": self.reply(c.reply),
-            "recipients": recipients, "stage": stage, "stage_code": c.stage,
-            "state": self.state(c.state), "reason": reason, "message": message,
-            "bounce_class": _of(int(bounce)) if bounce else None, "error": error,
-            "ticket": ticket})
+        reason = ffi.string(c.reason).decode("utf-8", "replace") if c.reason[0] != b"\0" else ""
+        rcpt = c.rcpt
+        info = tuple((_STATUS_NAMES.get(rcpt[i].status, "pending"), self.reply(rcpt[i].reply),
+                      int(rcpt[i].bounce_class)) for i in range(c.nrcpt))
+        bounce = int(c.bounce_class)
+        # Every field, in the dataclass's order, the four that differ per
+        # result as placeholders: a Result's dict is then one copy of it
+        # (no insertion, no resize) and four replacements.
+        fields = {"status": status, "reply": None, "recipients": (), "stage": stage,
+                  "stage_code": int(c.stage), "state": self.state(c.state), "reason": reason,
+                  "error": None, "ticket": None, "message": None, "bounce_class": None}
+        delivered = status == "delivered"
+        by_address: Dict[Any, Tuple[RecipientResult, ...]] = {}
+        # __post_init__ does nothing unless a failure has no class from C;
+        # extra: the Result needs a bounce class or __post_init__.
+        post = not delivered and not bounce
+        proto = (fields, info, by_address, bounce, post, bool(bounce) or post, delivered)
+        self.shapes[slot] = proto
+        return proto
+
+    def recipients(self, proto: Any, addresses: Sequence[Any]) -> Tuple[RecipientResult, ...]:
+        """The RecipientResults of a shape for these addresses (kept)."""
+        naddr = len(addresses)
+        rcpts = tuple(RecipientResult(addresses[i] if i < naddr else "", status, reply, _of(b))
+                      for i, (status, reply, b) in enumerate(proto[1]))
+        cache = proto[2]
+        if len(cache) >= self.RCPTS_MAX:
+            cache.clear()
+        cache[addresses] = rcpts
+        return rcpts
 
 
-def _result_maker() -> Any:
-    """Result(**fields), without the frozen dataclass's one
-    object.__setattr__ call per field: the instance dict is filled at once,
-    then __post_init__ runs, as the generated __init__ would do. Falls back
-    to the constructor when Result is not that kind of class any more
-    (slots, factories, fields set outside __init__, fields we do not fill)."""
+def _fast_results() -> bool:
+    """True when a Result can be made as object.__new__ plus its instance
+    dict filled at once (then __post_init__ where it would do something),
+    which is what the generated __init__ does, without the frozen
+    dataclass's object.__setattr__ per field; False when Result is not that
+    kind of class any more (slots, factories, fields set outside __init__,
+    fields we do not fill): then the constructor is used."""
     import dataclasses
 
     fields = dataclasses.fields(Result)
-    filled = {"status", "reply", "recipients", "stage", "stage_code", "state", "reason",
-              "message", "bounce_class", "error", "ticket"}
-    required = {f.name for f in fields if f.default is dataclasses.MISSING}
-    if (hasattr(Result, "__slots__") or not required <= filled
-            or not filled <= {f.name for f in fields}
-            or any(not f.init or f.default_factory is not dataclasses.MISSING  # type: ignore[misc]
-                   for f in fields)):
-        return lambda values: Result(**values)
-    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    post = getattr(Result, "__post_init__", None)
-    new = object.__new__
-
-    def make(values: Dict[str, Any]) -> Result:
-        r = new(Result)
-        d = r.__dict__
-        d.update(defaults)
-        d.update(values)
-        if post is not None:
-            post(r)
-        return r
-    return make
+    return (not hasattr(Result, "__slots__")
+            and {f.name for f in fields} == _RESULT_FIELDS
+            and all(f.init and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+                    for f in fields))
 
 
-_make_result = _result_maker()
+_RESULT_FIELDS = {"status", "reply", "recipients", "stage", "stage_code", "state", "reason",
+                  "message", "bounce_class", "error", "ticket"}
+_FAST_RESULTS = _fast_results()
+
+
+def _level_cache(logger: logging.Logger) -> Dict[int, bool]:
+    """The dict in which ``logger`` caches its isEnabledFor() answers by
+    level, when reading it (while the logger is not disabled) is exactly
+    what isEnabledFor() does: a plain Logger. Otherwise an empty dict,
+    which makes the reader call isEnabledFor() every time. run() reads it
+    at each turn: a dict lookup where the call costs a Python frame."""
+    cache = getattr(logger, "_cache", None)
+    if (type(logger).isEnabledFor is not logging.Logger.isEnabledFor
+            or type(cache) is not dict):
+        return {}
+    return cache  # type: ignore[no-any-return]
+
+
+_post_init = getattr(Result, "__post_init__", lambda r: None)
+_SLOTS = int(lib.SMTPS_COLLECT_SLOTS)
+_COLLECT_MAX = int(lib.SMTPS_COLLECT_MAX)
 
 
 def _default_helo() -> str:
@@ -256,16 +329,23 @@ class Engine:
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()
         self._ptr: Any = None
-        self._lock = threading.Lock()
+        # The guard's token: the right to call C, one call at a time (see
+        # _Guard). Taking it is list.pop(), atomic under the GIL, which
+        # costs a third of a non-blocking Lock.acquire() and release().
+        self._token: List[bool] = [True]
         self._tags = itertools.count(1)
         self._tickets: Dict[int, Ticket] = {}
-        self._messages: Dict[int, Message] = {}
+        self._messages = _MessagesByTag(self._tickets)
         self._ready: Deque[Result] = collections.deque()
         self._errors: Dict[int, List[str]] = {}
         self._conn_errors: Dict[str, None] = {}
         self._views: Dict[int, _ConnectionView] = {}
         self._dests: Dict[Any, Tuple[Any, list]] = {}
-        self._convert = _Converter(self.machine)
+        # (host, port, options, (destination, what it points to)) of the
+        # last submit() whose destination was cached.
+        self._last_dest: Tuple[Any, Any, Any, Any] = (None, None, None, (None, None))
+        self._collector = _Collector(self.machine)
+        self._backlog: List[List[int]] = []     # see run()
         self._tracer: Optional[Tracer] = None   # lives as long as the engine
         self._tracing = False
         cfg = ffi.new("struct smtps_engine_config *")
@@ -312,17 +392,50 @@ class Engine:
             LocalProtocolError: the engine is closed, or busy in another
                 call (another thread, or a state running inside run()).
         """
-        if not isinstance(message, Message):
+        if type(message) is not Message and not isinstance(message, Message):
             raise TypeError(f"submit() takes a smtpstate.Message, not {type(message).__name__}")
-        dest = self._destination(host, port, options)
-        with self._guard():
-            cmsg = message._to_c()
+        # The destination of the last call again (the usual case: the same
+        # host and port objects, equal options) costs three comparisons; it
+        # was validated when it was made. Otherwise the cache, which only
+        # takes exact str hosts and int ports (an equal float port must
+        # not pass), then validation.
+        last = self._last_dest
+        if host is last[0] and port is last[1] and options == last[2]:
+            dest = last[3][0]
+        else:
+            dest = self._destination(host, port, options)
+            if type(port) is not int:
+                port = int(port)                 # an int subclass, validated
+        # The guard, inline (see _Guard): one call at a time, none after close().
+        token = self._token
+        try:
+            taken = token.pop()
+        except IndexError:
+            raise LocalProtocolError(_BUSY) from None
+        try:
+            ptr = self._ptr
+            if ptr is None:
+                raise LocalProtocolError("this Engine is closed")
+            envelope = message._c_envelope
+            if envelope is None:
+                envelope = message._envelope()
+            data = message.data
             tag = next(self._tags)
-            check(lib.smtps_engine_submit(self._ptr, cmsg, dest, tag), "submit the message")
-            ffi.gc(cmsg, None)                    # the engine owns it now
-            ticket = Ticket(tag, message, host, int(port))
+            # One C call: a copy of the message's prepared envelope, with
+            # the body, queued; nothing for Python to own or detach.
+            rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+            if rc:
+                check(rc, "submit the message")
+            # Ticket(tag, message, host, port), without the call to __init__.
+            ticket = _new(Ticket)
+            ticket.id = tag
+            ticket.message = message
+            ticket.host = host
+            ticket.port = port
+            ticket.result = None
             self._tickets[tag] = ticket
-            self._messages[tag] = message
+        finally:
+            token.append(taken)
         return ticket
 
     def submit_message(self, msg: Any, host: str, port: int = 25, *,
@@ -339,19 +452,25 @@ class Engine:
         return self.submit(message, host, port, **options)
 
     def _destination(self, host: str, port: int, options: Dict[str, Any]) -> Any:
-        """A ``struct smtps_destination`` for these settings, cached. A hit
-        was validated when it was cached: the host is checked on a miss only
-        (that check walks the name, once per submit it was the costliest
-        part of submitting)."""
+        """A ``struct smtps_destination`` for these settings, cached, and
+        remembered for submit()'s shortcut. A hit was validated when it was
+        cached: the host is checked on a miss only (that check walks the
+        name, once per submit it was the costliest part of submitting)."""
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidMessageError(f"port must be 1-65535, not {port!r}")
-        try:
-            key: Any = (host, port, tuple(sorted(options.items())))
-            hit = self._dests.get(key) if type(host) is str else None
-        except TypeError:                        # an unhashable option value
-            key, hit = None, None
-        if hit is not None:
-            return hit[0]
+        # The key submit() looks up (options in the caller's order: another
+        # order is another entry, as valid). Only exact types are cached:
+        # an equal float port or str subclass host must not hit later.
+        key: Any = None
+        if type(host) is str and type(port) is int:
+            key = (host, port, *options.items()) if options else (host, port)
+            try:
+                hit = self._dests.get(key)
+            except TypeError:                    # an unhashable option value
+                key, hit = None, None
+            if hit is not None:
+                self._last_dest = (host, port, options, hit)
+                return hit[0]
         check_host(host)
         opts = Options.make(**options)
         keep: list = []
@@ -362,7 +481,9 @@ class Engine:
         if key is not None:
             if len(self._dests) >= _DEST_CACHE_MAX:
                 self._dests.clear()
-            self._dests[key] = (dest, keep)
+            entry = (dest, keep)
+            self._dests[key] = entry
+            self._last_dest = (host, port, options, entry)
         return dest
 
     # -- running -------------------------------------------------------------
@@ -379,23 +500,133 @@ class Engine:
                 deliveries go on with the next call.
             LocalProtocolError: the engine is closed or busy elsewhere.
         """
+        # The whole loop is here, not in helper methods: a generator keeps
+        # its locals between results, and at tens of thousands of results a
+        # second, what each turn of the loop sets up costs as much as the
+        # C work behind it. Each turn is one C call under the guard (run
+        # the loop, then describe the results ready; csrc/batch.c), then
+        # Results made from the descriptions (_Collector), then yields,
+        # outside the guard so that the caller may submit meanwhile.
         deadline = None if timeout is None else time.monotonic() + timeout
+        ready, tickets, errors_of, conn_errors = (self._ready, self._tickets, self._errors,
+                                                  self._conn_errors)
+        coll, token = self._collector, self._token
+        shapes, replies, new_shape, new_reply = (coll.shapes, coll.slot_replies,
+                                                 coll.new_shape, coll.new_reply)
+        run_collect, cptr, out, views = lib.smtps_engine_run_collect, coll.ptr, coll.out, coll.views
+        slots, new, fast = _SLOTS, object.__new__, _FAST_RESULTS
+        # Logger.isEnabledFor(), inline: the logger's own answer cache
+        # (logging clears it in place whenever levels change), else the call.
+        tlog, tlog_cache = transcript_log, _level_cache(transcript_log)
+        rlog, rlog_cache = result_log, _level_cache(result_log)
+        DEBUG, INFO = logging.DEBUG, logging.INFO
         while True:
-            while self._ready:
-                yield self._ready.popleft()
-            if not self._tickets:
+            while ready:
+                yield ready.popleft()
+            if not tickets:
                 return
             wait = _RUN_SLICE_MS
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(
-                        f"{len(self._tickets)} message(s) still pending after {timeout} s")
+                        f"{len(tickets)} message(s) still pending after {timeout} s")
                 wait = min(wait, max(1, int(left * 1000)))
-            with self._guard():
-                self._sync_trace()
-                check(lib.smtps_engine_run(self._ptr, wait), "run the engine")
-                self._collect()
+            # The guard, inline (see _Guard).
+            try:
+                taken = token.pop()
+            except IndexError:
+                raise LocalProtocolError(_BUSY) from None
+            try:
+                ptr = self._ptr
+                if ptr is None:
+                    raise LocalProtocolError("this Engine is closed")
+                want = tlog_cache.get(DEBUG)
+                if want is None or tlog.disabled:
+                    want = tlog.isEnabledFor(DEBUG)       # what Tracer.wanted() says
+                if want != self._tracing:
+                    self._sync_trace()
+                if self._backlog:
+                    # What an exception cut short last time, first: C's
+                    # collector is as it left it until its next call.
+                    vals, self._backlog = self._backlog, []
+                else:
+                    n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
+                    if n <= 0:
+                        if n < 0:
+                            check(n, "run the engine")
+                        continue
+                    vals = views[n].tolist()
+
+                log_failed = rlog_cache.get(INFO)
+                if log_failed is None or rlog.disabled:
+                    log_failed = rlog.isEnabledFor(INFO)
+                log_ok = log_failed and rlog.isEnabledFor(DEBUG)
+                # Python states' exceptions, to attach: recorded while C ran.
+                errors = errors_of or conn_errors
+                before, ticket = len(ready), None
+                try:
+                    for tag, shape, rslot in vals:
+                        # A known slot whose prototype an exception kept us
+                        # from making is read now (C keeps it until its
+                        # next call).
+                        proto = shapes[shape] if shape < slots else new_shape(shape - slots)
+                        if proto is None:
+                            proto = new_shape(shape)
+                        reply = replies[rslot] if rslot < slots else new_reply(rslot - slots)
+                        if reply is None and 0 < rslot < slots:
+                            reply = new_reply(rslot)
+                        fields, _, by_address, bounce, post, extra, delivered = proto
+                        ticket = tickets.pop(tag, None)
+                        if ticket is not None:
+                            message = ticket.message
+                            addresses = message.recipients
+                        else:
+                            message, addresses = None, ()
+                        recipients = by_address.get(addresses)
+                        if recipients is None:
+                            recipients = coll.recipients(proto, addresses)
+                        if fast:
+                            result = new(Result)
+                            d = result.__dict__
+                            d.update(fields)
+                            d["reply"] = reply
+                            d["recipients"] = recipients
+                            d["ticket"] = ticket
+                            d["message"] = message
+                            if errors:
+                                d["error"] = self._error_of(tag, fields["reason"])
+                            if extra:
+                                if bounce:
+                                    d["bounce_class"] = _of(bounce)
+                                if post:
+                                    _post_init(result)
+                        else:
+                            result = Result(**dict(
+                                fields, reply=reply, recipients=recipients, ticket=ticket,
+                                message=message, bounce_class=_of(bounce),
+                                error=self._error_of(tag, fields["reason"]) if errors else None))
+                        if ticket is not None:
+                            ticket.result = result
+                        ready.append(result)
+                        if log_ok if delivered else log_failed:
+                            log_result(result, f"{ticket.host}:{ticket.port} "
+                                       if ticket is not None else "")
+                except BaseException:
+                    # (Ctrl-C) The results not in ready yet wait in the
+                    # backlog; a ticket taken for one of them goes back,
+                    # so that none is lost or handed out twice. (Nothing
+                    # takes from ready meanwhile: the loop never yields.)
+                    done = len(ready) - before
+                    if done < len(vals):
+                        self._backlog = vals[done:]
+                        if (ticket is not None and ticket.id == vals[done][0]
+                                and ticket.id not in tickets):
+                            ticket.result = None
+                            tickets[ticket.id] = ticket
+                    raise
+            finally:
+                token.append(taken)
 
     def _sync_trace(self) -> None:
         """New connections log the transcript while the transcript logger
@@ -411,31 +642,12 @@ class Engine:
             lib.smtps_engine_set_trace(self._ptr, ffi.NULL, ffi.NULL)
         self._tracing = want
 
-    def _collect(self) -> None:
-        """Convert every C result ready into a Result (call with the guard)."""
-        next_result, free, null = lib.smtps_engine_next_result, lib.smtps_result_free, ffi.NULL
-        ptr, tickets, messages, errors_of = self._ptr, self._tickets, self._messages, self._errors
-        convert, ready = self._convert.result, self._ready
-        while True:
-            r = next_result(ptr)
-            if r == null:
-                return
-            try:
-                tag = r.tag
-                ticket = tickets.pop(tag, None)
-                message = messages.pop(tag, None)
-                reason = ffi.string(r.reason).decode("utf-8", "replace")
-                errors = errors_of.pop(tag, None) if errors_of else None
-                if self._conn_errors:
-                    errors = (errors or []) + [t for t in self._conn_errors if t in reason]
-                result = convert(r, message, reason,
-                                 ("; ".join(errors) or None) if errors else None, ticket)
-            finally:
-                free(r)
-            if ticket is not None:
-                ticket.result = result
-            log_result(result, f"{ticket.host}:{ticket.port} " if ticket is not None else "")
-            ready.append(result)
+    def _error_of(self, tag: int, reason: str) -> Optional[str]:
+        """The text of what Python states raised for message ``tag``."""
+        errors = self._errors.pop(tag, None) if self._errors else None
+        if self._conn_errors:
+            errors = (errors or []) + [t for t in self._conn_errors if t in reason]
+        return ("; ".join(errors) or None) if errors else None
 
     # -- Python states -------------------------------------------------------
 
@@ -502,6 +714,7 @@ class Engine:
                             len(self._tickets))
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
+            self._collector.close()
             self._views.clear()
 
     def __enter__(self) -> "Engine":
@@ -529,24 +742,26 @@ class Engine:
 
 
 class _Guard:
-    """One call at a time, and none after close()."""
+    """One call at a time, and none after close(): the engine's token is
+    taken for the call (list.pop() is atomic under the GIL) and given back
+    after it; a call that finds it taken raises instead of waiting."""
 
-    __slots__ = ("engine", "closing")
+    __slots__ = ("engine", "closing", "taken")
 
     def __init__(self, engine: Engine, closing: bool) -> None:
         self.engine, self.closing = engine, closing
 
     def __enter__(self) -> None:
-        if not self.engine._lock.acquire(blocking=False):
-            raise LocalProtocolError(
-                "this Engine is already in use (a call from one of its states, "
-                "or another thread); one call at a time")
+        try:
+            self.taken = self.engine._token.pop()
+        except IndexError:
+            raise LocalProtocolError(_BUSY) from None
         if self.engine._ptr is None and not self.closing:
-            self.engine._lock.release()
+            self.engine._token.append(self.taken)
             raise LocalProtocolError("this Engine is closed")
 
     def __exit__(self, *exc: Any) -> None:
-        self.engine._lock.release()
+        self.engine._token.append(self.taken)
 
 
 def deliver(messages: Iterable[Message], host: str, port: int = 25, *,

@@ -8,7 +8,7 @@ the checks here exist to fail early with a message that says what to fix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.errors import InvalidMessageError
@@ -111,6 +111,9 @@ class Message:
     dsn_ret: Optional[str] = None
     envid: Optional[str] = None
     _rcpts: Tuple[Recipient, ...] = field(init=False, repr=False, compare=False)
+    # The C envelope, made by the first _envelope() call and then kept in
+    # the instance (a class default of None until then; not a field).
+    _c_envelope: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         _check_text("sender", self.sender, allow_empty=True)
@@ -204,8 +207,15 @@ class Message:
             object.__setattr__(self, "_c_encoded", enc)   # frozen: not a field
         return enc  # type: ignore[no-any-return]
 
-    def _to_c(self) -> Any:
-        """A new C message owned by a ffi.gc destructor (detach it on submit)."""
+    def _envelope(self) -> Any:
+        """The C message every submission copies (``smtps_message_copy``):
+        sender, recipients and DSN options, checked by C once per Message,
+        without the body, which C copies from ``data`` at each submission
+        (so that a large body is not held twice for the Message's life).
+        Kept in the instance: the fields of a frozen Message never change."""
+        env = self._c_envelope
+        if env is not None:
+            return env
         sender, rcpts, ret, envid = self._encoded()
         m = ffi.gc(lib.smtps_message_new(), lib.smtps_message_free)
         if m == ffi.NULL:
@@ -215,13 +225,27 @@ class Message:
             check(lib.smtps_message_add_recipient(
                 m, addr, len(addr), notify, orcpt if orcpt is not None else ffi.NULL,
                 len(orcpt) if orcpt is not None else 0), what)
-        assert isinstance(self.data, bytes)
-        check(lib.smtps_message_set_body(m, self.data, len(self.data)), "data")
         if ret != lib.SMTPS_DSN_RET_NONE or envid is not None:   # else: C's default
             check(lib.smtps_message_set_dsn(m, ret, envid if envid is not None else ffi.NULL,
                                             len(envid) if envid is not None else 0),
                   "DSN options")
+        object.__setattr__(self, "_c_envelope", m)            # frozen: not a field
         return m
+
+    def _to_c(self) -> Any:
+        """A new C message owned by a ffi.gc destructor (detach it on submit)."""
+        assert isinstance(self.data, bytes)
+        m = lib.smtps_message_copy(self._envelope(), self.data, len(self.data))
+        if m == ffi.NULL:
+            raise MemoryError("cannot allocate a message")
+        return ffi.gc(m, lib.smtps_message_free)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # Pickle and copy the fields, not the C envelope (cdata does not
+        # pickle; a copy makes its own when it is first submitted).
+        state = dict(self.__dict__)
+        state.pop("_c_envelope", None)
+        return state
 
 
 def as_messages(items: Iterable[Message]) -> Tuple[Message, ...]:

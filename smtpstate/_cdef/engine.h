@@ -41,3 +41,26 @@ size_t smtps_engine_pending(const struct smtps_engine *e);
 size_t smtps_engine_connections(const struct smtps_engine *e);
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
                            void *closure);
+
+/* Fast paths for drivers (batch.c). */
+#define SMTPS_COLLECT_SLOTS ...
+#define SMTPS_COLLECT_MAX ...
+
+struct smtps_collector;
+
+int smtps_engine_submit_copy(struct smtps_engine *e,
+                             const struct smtps_message *envelope,
+                             const char *body, size_t len,
+                             const struct smtps_destination *dest,
+                             uint64_t tag);
+struct smtps_collector *smtps_collector_new(void);
+void smtps_collector_free(struct smtps_collector *c);
+int smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
+                         uint64_t *out, size_t max);
+int smtps_engine_run_collect(struct smtps_engine *e, int64_t max_wait_ms,
+                             struct smtps_collector *c, uint64_t *out,
+                             size_t max);
+const struct smtps_result *smtps_collector_shape(const struct smtps_collector *c,
+                                                 size_t slot);
+const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collector *c,
+                                                       size_t slot);

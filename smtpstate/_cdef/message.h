@@ -32,3 +32,5 @@ size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
 uint64_t smtps_message_size(const struct smtps_message *m);
 uint64_t smtps_message_tag(const struct smtps_message *m);
+struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
+                                         const char *body, size_t len);
