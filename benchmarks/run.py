@@ -237,9 +237,11 @@ def dispatch(runner: Runner, args: argparse.Namespace) -> Dict[str, float]:
     _, client_cpus = placements(args.placement)
     out = results_of(subprocess.run(pin_cmd(client_cpus) + [runner.tools["dispatch"]],
                                     check=True, stdout=subprocess.PIPE).stdout.decode())
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--python-callbacks",
-                           runner.tmp], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env=runner.env)
+    # Pinned like the C program: the two callbacks are compared within one
+    # process, and a migration between CPUs mid-loop would count for one.
+    proc = subprocess.run(pin_cmd(client_cpus) + [sys.executable, os.path.abspath(__file__),
+                                                  "--python-callbacks", runner.tmp],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=runner.env)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.decode(errors="replace"))
     out.update(json.loads(proc.stdout.decode().strip().splitlines()[-1]))
@@ -275,9 +277,17 @@ static double bench_calls(uintptr_t fn, uintptr_t session, uintptr_t closure, lo
 def python_callbacks(tmp: str) -> Dict[str, float]:
     """In a process of its own: the Python state callback (smtpstate's
     def_extern trampoline, closure and session round trip, a State whose
-    callback returns NEXT) and a bare def_extern callback compiled now with
-    the same signature, each called n times from the same C loop; then a
-    Python state transition (setup and callback) in the real dispatch loop."""
+    own callback returns NEXT) and a bare def_extern callback compiled now
+    with the same signature, each called n times from the same C loop; then
+    Python state transitions in the real dispatch loop: a state with its own
+    setup and callback (both called per transition), and one with only a
+    callback (registered without a setup, so one Python call per transition).
+
+    The states return actions bound once (``NEXT = Action.NEXT``), as a
+    state should: on Python 3.11 reading an enum member from its class
+    (``Action.NEXT``) costs about 0.1 us by itself (EnumType's __getattr__
+    hook slows every attribute read on the class), which is the state's
+    own cost, not the trampoline's."""
     from cffi import FFI
 
     import smtpstate
@@ -295,8 +305,13 @@ def python_callbacks(tmp: str) -> Dict[str, float]:
     def bench_bare(session: Any, reply: Any, closure: Any) -> int:
         return 1
 
+    NEXT, RETRY = smtpstate.Action.NEXT, smtpstate.Action.RETRY
+
     class Noop(smtpstate.State):
         name = "BENCH_PY_CALLBACK"
+
+        def callback(self, session: Any, reply: Any) -> int:
+            return NEXT
 
     machine = smtpstate.Machine()
     state = Noop()
@@ -313,31 +328,44 @@ def python_callbacks(tmp: str) -> Dict[str, float]:
         best_bare = min(best_bare, mod.lib.bench_calls(bare_fn, addr, cl, n))
         best_py = min(best_py, mod.lib.bench_calls(py_fn, addr, cl, n))
 
-    # Python state transitions in the real loop: a RETRY state at the front.
+    # Python state transitions in the real loop: a RETRY state at the front,
+    # with a setup of its own (registered with smtpstate's setup trampoline,
+    # so C calls it on every entry) and without one.
     class Retry(smtpstate.State):
         name = "BENCH_PY_RETRY"
         left = 0
 
         def callback(self, session: Any, reply: Any) -> int:
             self.left -= 1
-            return smtpstate.Action.RETRY if self.left > 0 else smtpstate.Action.NEXT
+            return RETRY if self.left > 0 else NEXT
 
-    retry_machine = smtpstate.Machine()
-    retry = Retry()
-    retry_machine.register(retry, after=-1)
-    k = 100000
-    best_tr = 1e9
-    for _ in range(5):
-        s = Session(retry_machine, "bench.test")
-        retry.left = k
-        t = time.process_time()
-        lib.smtps_session_start(s._ptr, 0)
-        best_tr = min(best_tr, time.process_time() - t)
-        if retry.left != 0:
-            raise RuntimeError("the Python RETRY loop stopped early")
-        s.close()
+    class RetrySetup(Retry):
+        name = "BENCH_PY_RETRY_SETUP"
+
+        def setup(self, session: Any) -> int:
+            return 0
+
+    def transition_ns(retry: Retry, setup: Any) -> float:
+        m = smtpstate.Machine()
+        sid = m.register(retry, after=-1)
+        if lib.smtps_machine_get(m._ptr, sid).setup != setup:
+            raise RuntimeError(f"{retry.name} was registered with another setup")
+        k = 100000
+        best = 1e9
+        for _ in range(5):
+            s = Session(m, "bench.test")
+            retry.left = k
+            t = time.process_time()
+            lib.smtps_session_start(s._ptr, 0)
+            best = min(best, time.process_time() - t)
+            if retry.left != 0:
+                raise RuntimeError("the Python RETRY loop stopped early")
+            s.close()
+        return best / k * 1e9
+
     return {"python_callback_ns": best_py / n * 1e9, "bare_cffi_callback_ns": best_bare / n * 1e9,
-            "python_transition_ns": best_tr / k * 1e9}
+            "python_transition_ns": transition_ns(RetrySetup(), lib.smtps_py_setup),
+            "python_transition_nosetup_ns": transition_ns(Retry(), ffi.NULL)}
 
 
 def parsers(runner: Runner, args: argparse.Namespace) -> Dict[str, float]:
@@ -584,6 +612,10 @@ def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
         t.add(sec, "Python state transition (setup+callback)", d["python_transition_ns"], "ns",
               "C transition", d["retry_transition_ns"], None,
               "Python state adds < 1 us/msg", d["python_transition_ns"] < 1000)
+        if "python_transition_nosetup_ns" in d:
+            t.add(sec, "Python state transition (callback only)",
+                  d["python_transition_nosetup_ns"], "ns", "C transition",
+                  d["retry_nosetup_transition_ns"])
     if "parsers" in data:
         p = data["parsers"]
         sec = "parsers"

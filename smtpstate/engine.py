@@ -29,7 +29,7 @@ from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
 from smtpstate.options import Options, _printable_name, check_host
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
-from smtpstate.session import Session
+from smtpstate.session import Session, _bind, _unbind
 
 __all__ = ["Engine", "Ticket", "deliver"]
 
@@ -339,7 +339,7 @@ class Engine:
         self._ready: Deque[Result] = collections.deque()
         self._errors: Dict[int, List[str]] = {}
         self._conn_errors: Dict[str, None] = {}
-        self._views: Dict[int, _ConnectionView] = {}
+        self._views: Dict[Any, _ConnectionView] = {}   # by C session pointer
         self._dests: Dict[Any, Tuple[Any, list]] = {}
         # (host, port, options, (destination, what it points to)) of the
         # last submit() whose destination was cached.
@@ -652,14 +652,17 @@ class Engine:
     # -- Python states -------------------------------------------------------
 
     def _session_view(self, csession: Any, entering: Optional[State]) -> Session:
-        """The view of C session ``csession`` that states see (made once)."""
-        key = int(ffi.cast("uintptr_t", csession))
-        view = self._views.get(key)
+        """The view of C session ``csession`` that states see (made once;
+        the trampolines then find it in ``smtpstate.session._SESSIONS``).
+        ``entering``: a state entered for the first time on this
+        connection, whose free() the view now awaits."""
+        view = self._views.get(csession)      # cdata: hashed by address
         if view is None:
             view = _ConnectionView._wrap(csession, self.machine, self._messages)
             view.engine = self
             view.entered = set()
-            self._views[key] = view
+            self._views[csession] = view
+            _bind(csession, view)
         if entering is not None:
             view.entered.add(id(entering))
         return view
@@ -667,13 +670,13 @@ class Engine:
     def _session_left(self, csession: Any, state: State) -> None:
         """State ``state`` was freed with its C session; the view goes with
         the last one, before C can reuse the address for a new session."""
-        key = int(ffi.cast("uintptr_t", csession))
-        view = self._views.get(key)
+        view = self._views.get(csession)
         if view is None:
             return
         view.entered.discard(id(state))
         if not view.entered:
-            del self._views[key]
+            del self._views[csession]
+            _unbind(csession, view)
 
     def _state_failed(self, tag: Optional[int], text: str) -> None:
         if tag is not None:
@@ -715,6 +718,8 @@ class Engine:
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
             self._collector.close()
+            for csession, view in self._views.items():
+                _unbind(csession, view)
             self._views.clear()
 
     def __enter__(self) -> "Engine":

@@ -60,6 +60,17 @@ class Stage(enum.IntEnum):
     UNKNOWN = 22
 
 
+# Action.NEXT looked up once: an enum member read from its class goes
+# through EnumType's __getattr__ hook, about 0.1 us a time on Python 3.11.
+_NEXT = Action.NEXT
+
+
+def _overrides(state: "State", method: str) -> bool:
+    """True when state has a method of its own, not State's."""
+    return (getattr(type(state), method, None) is not getattr(State, method)
+            or method in getattr(state, "__dict__", {}))
+
+
 BUILTIN_STATES = ("BANNER", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT",
                   "DATA", "BODY", "RSET", "QUIT")
 
@@ -87,6 +98,11 @@ class State:
 
     An exception from any of them fails the message in hand (its Result
     carries the error), or the connection when no message is in hand.
+
+    A state whose class does not override ``setup`` is registered without
+    one (C then enters it awaiting no reply, as this ``setup`` would say),
+    so no Python call is made for it: that is decided when it is
+    registered, and assigning ``setup`` afterwards has no effect.
     """
 
     name: str = ""
@@ -98,7 +114,7 @@ class State:
         return 0
 
     def callback(self, session: Any, reply: Any) -> Optional[int]:
-        return Action.NEXT
+        return _NEXT
 
     def free(self, session: Any) -> None:
         return None
@@ -215,8 +231,14 @@ class Machine:
             cname = ffi.new("char[]", raw)
             cstate.sizeof_smtp_state = ffi.sizeof("smtp_state")
             cstate.name = cname
-            cstate.setup = lib.smtps_py_setup
+            # State.setup sends nothing and awaits nothing: a NULL setup
+            # says the same to C without a call into Python per entry.
+            if _overrides(state, "setup"):
+                cstate.setup = lib.smtps_py_setup
             cstate.callback = lib.smtps_py_callback
+            # Once per state and connection: the Engine learns which of a
+            # connection's states will be freed (setup may not be called).
+            cstate.init_local_state = lib.smtps_py_init_local
             cstate.free = lib.smtps_py_free
             cstate.tostage = lib.smtps_py_tostage
             if state.stage_names:

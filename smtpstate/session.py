@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple, Union
 
@@ -93,6 +94,7 @@ class Session:
         # Python state with a handle that may already be gone.
         self._ptr = ffi.gc(ptr, _free_detached)
         self._closed = False
+        _bind(ptr, self)
         if peer[0] or local[0]:
             self._set_addresses(peer, local)
 
@@ -229,6 +231,10 @@ class Session:
             ptr = self._ptr
             ffi.gc(ptr, None)                 # cancel the collector's free
             self._ptr = ffi.NULL
+            # Before C frees it (free() trampolines find their Session
+            # through the user handle), so that a session allocated at the
+            # same address meanwhile is never taken for this one.
+            _unbind(ptr, self)
             lib.smtps_session_free(ptr)
 
     @property
@@ -254,15 +260,45 @@ class Session:
 
 
 def _free_detached(ptr: Any) -> None:
+    _SESSIONS.pop(ptr, None)            # its Session is gone already
     lib.smtps_session_set_user(ptr, ffi.NULL)
     lib.smtps_session_free(ptr)
+
+
+# The Session each live C session shows its states, keyed by the C session
+# pointer (cdata compare and hash by address), held weakly: a Client's
+# Session must stay collectable, and the Engine holds its views itself.
+# This spares the trampolines called per entry and reply a C call
+# (smtps_session_user(), which cffi makes by releasing and retaking the
+# GIL) and the address arithmetic the Engine's lookup needed. An entry is
+# removed before its C session is freed, so a session allocated later at
+# the same address never finds it, and when its Session dies, so that a
+# reference found here is alive; a miss takes the general path below.
+_SESSIONS: Dict[Any, "weakref.ref[Session]"] = {}
+
+
+def _bind(csession: Any, session: Session) -> None:
+    """Drivers: ``session`` is what states running in ``csession`` see."""
+    def gone(ref: "weakref.ref[Session]") -> None:
+        if _SESSIONS.get(csession) is ref:
+            del _SESSIONS[csession]
+
+    _SESSIONS[csession] = weakref.ref(session, gone)
+
+
+def _unbind(csession: Any, session: Session) -> None:
+    """Drivers: ``csession`` is about to be freed (or its view dropped)."""
+    ref = _SESSIONS.get(csession)
+    if ref is not None and ref() in (session, None):
+        del _SESSIONS[csession]
 
 
 def _session_of(csession: Any, entering: Optional[State] = None) -> Session:
     """The Session a state sees. The C session's user handle is either that
     Session (Client) or a driver running many sessions (Engine), which
     keeps one view per C session, made on first use (``entering``: the
-    state whose setup is about to run) and dropped by :func:`_free`."""
+    state being entered for the first time on this connection) and dropped
+    by :func:`_free`. The trampolines try ``_SESSIONS`` first."""
     user = lib.smtps_session_user(csession)
     if user == ffi.NULL:
         raise LocalProtocolError("a Python state ran in a session made outside Python")
@@ -272,44 +308,61 @@ def _session_of(csession: Any, entering: Optional[State] = None) -> Session:
     return owner._session_view(csession, entering)  # type: ignore[no-any-return]
 
 
+# What a callback returns, to the int C wants, without Action(act) (an
+# enum lookup that cost more than the rest of the trampoline): an Action
+# goes back as it is (cffi takes an int subclass); an action's int (equal
+# to its member, so found too) and None (NEXT) through this dict. Anything
+# else still goes through Action(act), which raises for a value that is
+# no action.
+_ACTION_INTS: Dict[Any, int] = {a: int(a) for a in Action}
+_ACTION_INTS[None] = int(Action.NEXT)
+_PERMFAIL_TX = int(Action.PERMFAIL_TX)
+_EINVAL = int(lib.SMTPS_EINVAL)
+_from_handle = ffi.from_handle
+
+# The two trampolines below run on every state entry and every reply: each
+# step is a few bytecodes (module-level names, a subscript, no calls that
+# are not needed); try costs nothing until something raises.
+
+
 def _setup(csession: Any, closure: Any) -> int:
-    state: State = ffi.from_handle(closure)
-    session = _session_of(csession, state)
+    # Registered only for states that override State.setup (machine.py).
+    state: State = _from_handle(closure)
+    try:
+        session = _SESSIONS[csession]()       # alive: see _bind()
+    except KeyError:
+        session = _session_of(csession, state)
     try:
         n = state.setup(session)
+        if n.__class__ is int and n >= 0:
+            return n  # type: ignore[no-any-return]
         if n is None:
-            n = 0
+            return 0
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise TypeError(f"setup() must return a count of replies >= 0, not {n!r}")
-        return n
+        return int(n)
     except Exception as exc:
         session._record(state, exc)
-        return int(lib.SMTPS_EINVAL)
-
-
-# An Action (or its int) to the int C wants, without Action(act): that enum
-# lookup cost more than the rest of the trampoline. Anything else still
-# goes through Action(act), which raises for a value that is no action.
-_ACTION_INTS = {int(a): int(a) for a in Action}
-_NEXT = int(Action.NEXT)
+        return _EINVAL
 
 
 def _callback(csession: Any, creply: Any, closure: Any) -> int:
-    state: State = ffi.from_handle(closure)
-    session = _session_of(csession)
+    state: State = _from_handle(closure)
     try:
-        reply = Reply._from_parsed(creply) if creply != ffi.NULL else None
-        act = state.callback(session, reply)
-        if act is None:
-            return _NEXT
-        if type(act) is Action or type(act) is int:
-            value = _ACTION_INTS.get(act)
-            if value is not None:
-                return value
-        return int(Action(act))
+        session = _SESSIONS[csession]()       # alive: see _bind()
+    except KeyError:
+        session = _session_of(csession)
+    try:
+        act = state.callback(session, Reply._from_parsed(creply) if creply else None)
+        if act.__class__ is Action:
+            return act  # type: ignore[no-any-return]
+        try:
+            return _ACTION_INTS[act]
+        except (KeyError, TypeError):           # no action, or unhashable
+            return int(Action(act))
     except Exception as exc:
         session._record(state, exc)
-        return int(Action.PERMFAIL_TX)
+        return _PERMFAIL_TX
 
 
 def _free(csession: Any, local: Any, closure: Any) -> None:
@@ -334,7 +387,10 @@ def _tostage(csession: Any, awaiting: int, closure: Any) -> int:
     state: State = ffi.from_handle(closure)
     stage = state.stage
     if callable(stage):
-        stage = stage(_session_of(csession), bool(awaiting))
+        ref = _SESSIONS.get(csession)
+        session = ref() if ref is not None else None
+        stage = stage(session if session is not None else _session_of(csession),
+                      bool(awaiting))
     return int(stage)
 
 
@@ -355,6 +411,10 @@ def _tostring(stage: int, closure: Any) -> Any:
 
 
 def _init_local(csession: Any, closure: Any, local: Any) -> int:
+    # First entry of a Python state on this connection: the Engine counts
+    # it among the states whose free() its view of the connection awaits
+    # (Engine._session_view), whether or not the state has a setup.
+    _session_of(csession, ffi.from_handle(closure))
     return 0
 
 

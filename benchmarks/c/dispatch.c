@@ -17,8 +17,9 @@
  *	retry: a machine with one no-op C state before BANNER whose
  *	callback returns SMTPS_ACT_RETRY until its counter runs out. Each
  *	RETRY is one transition: the loop re-enters the state (its setup
- *	runs, it joins the in-flight FIFO), then hands it its NULL reply
- *	(its callback runs) and acts on the answer.
+ *	runs), then hands it its NULL reply (its callback runs) and acts
+ *	on the answer. Such a state awaits no reply, so it takes the
+ *	loop's tight path (run() in csrc/session.c), not the in-flight FIFO.
  *
  *	retry_nosetup: the same with a NULL setup (allowed: it awaits no
  *	reply), so that one indirect call per transition is left, as in
