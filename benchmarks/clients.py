@@ -63,8 +63,22 @@ def noop_python_machine() -> Any:
     """A Machine with a no-op Python state after DATA."""
     import smtpstate
 
+    # The twin of benchmarks/c/noop_state.c: a setup that counts and sends
+    # nothing, a callback that goes on. Both are overridden, so both cross
+    # into Python for every message (a state overriding neither would cost
+    # no Python call at all).
+    next_action = smtpstate.Action.NEXT
+
     class Noop(smtpstate.State):
         name = "BENCH_PY_NOOP"
+        calls = 0
+
+        def setup(self, session: Any) -> int:
+            self.calls += 1
+            return 0
+
+        def callback(self, session: Any, reply: Any) -> Any:
+            return next_action
 
     m = smtpstate.Machine()
     m.register(Noop(), after="DATA")
