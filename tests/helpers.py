@@ -775,8 +775,12 @@ class PostfixServer:
         """
         deadline = time.monotonic() + timeout
         while True:
+            # The queue first: read after it, the maildir holds every copy
+            # of what left the queue (read before, a copy delivered in
+            # between would be missing from a message found "complete").
+            idle = not self.queue_files()
             msgs = self.messages()
-            if len(msgs) >= count and not self.queue_files():
+            if len(msgs) >= count and idle:
                 return msgs
             if time.monotonic() >= deadline:
                 raise PostfixError(
