@@ -39,12 +39,15 @@
  *	room, and the destination waits, first come first served, for a
  *	connection to end.
  *
- *	One message per session at a time: a message is submitted to a
- *	session when it is connected (before smtps_session_start(), so that
- *	a refused greeting is reported on that message in the server's own
- *	words) and then whenever the session is IDLE again. The other
- *	messages wait in the destination's queue, where any connection can
- *	take them. After messages_per_connection messages, or idle_timeout_ms
+ *	One message per session at a time, and one more behind its final
+ *	dot: a message is submitted to a session when it is connected
+ *	(before smtps_session_start(), so that a refused greeting is
+ *	reported on that message in the server's own words) and then
+ *	whenever the session is IDLE again; with PIPELINING, the session
+ *	also takes the next one from the queue (conn_feed()) once a final
+ *	dot is queued, so that its commands leave in the same write. The
+ *	other messages wait in the destination's queue, where any
+ *	connection can take them. After messages_per_connection messages, or idle_timeout_ms
  *	in the pool, a connection is ended with QUIT; the session decides
  *	whether RSET is needed between messages.
  *

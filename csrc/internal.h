@@ -240,7 +240,7 @@ int smtps_action_for_code(int code);
 /* session.c, for engine.c: start transactions ahead, fed by fn */
 void smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
 				void *closure);
-/* the same, for a message whose qresult was made for it (as by feeders) */
+/* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg);
 
