@@ -98,20 +98,22 @@
 /* Bytes of text (plus recipient records) above which a slot is transient. */
 #define SMTPS_COLLECT_KEEP 8192
 
-struct shape_slot {
+/* What the clock and the lookups need of any slot: its first member. */
+struct slot_mark {
     uint64_t hash;
-    struct smtps_result *r;		/* NULL: empty */
     int     used;			/* hit since the clock hand passed */
     int     fresh;			/* made in the current call: keep */
     int     transient;			/* free at the start of the next call */
 };
 
+struct shape_slot {
+    struct slot_mark m;
+    struct smtps_result *r;		/* NULL: empty */
+};
+
 struct reply_slot {
-    uint64_t hash;
+    struct slot_mark m;
     struct smtps_result_reply reply;	/* text NULL: empty */
-    int     used;
-    int     fresh;
-    int     transient;
 };
 
 struct smtps_collector {
@@ -331,8 +333,7 @@ static void shape_clear(struct shape_slot *s)
 {
     smtps_result_free(s->r);
     s->r = NULL;
-    s->hash = 0;
-    s->used = s->transient = 0;
+    memset(&s->m, 0, sizeof(s->m));
 }
 
 /* reply_clear - empty a reply slot (never slot 0) */
@@ -341,8 +342,7 @@ static void reply_clear(struct reply_slot *s)
 {
     free(s->reply.text);
     memset(&s->reply, 0, sizeof(s->reply));
-    s->hash = 0;
-    s->used = s->transient = 0;
+    memset(&s->m, 0, sizeof(s->m));
 }
 
 /* smtps_collector_free - free a collector and what it remembers */
@@ -367,43 +367,26 @@ void    smtps_collector_free(struct smtps_collector *c)
  * call makes at most SMTPS_COLLECT_MAX slots fresh.
  */
 
-/* shape_victim - the shape slot to reuse */
+/*
+ * clock_victim - the slot to reuse among the SMTPS_COLLECT_SLOTS slots of
+ * stride bytes at slots (each begins with its slot_mark), the hand going
+ * round from first. Only a filled slot can have been hit (used).
+ */
 
-static size_t shape_victim(struct smtps_collector *c)
+static size_t clock_victim(void *slots, size_t stride, size_t *hand,
+			           size_t first)
 {
-    struct shape_slot *s;
+    struct slot_mark *m;
     size_t  n, i;
 
     for (n = 0; n < 2 * SMTPS_COLLECT_SLOTS; n++) {
-	i = c->shape_hand;
-	c->shape_hand = i + 1 < SMTPS_COLLECT_SLOTS ? i + 1 : 0;
-	s = &c->shape[i];
-	if (s->fresh)
+	i = *hand;
+	*hand = i + 1 < SMTPS_COLLECT_SLOTS ? i + 1 : first;
+	m = (struct slot_mark *) ((char *) slots + i * stride);
+	if (m->fresh)
 	    continue;
-	if (s->r != NULL && s->used) {
-	    s->used = 0;
-	    continue;
-	}
-	return i;
-    }
-    abort();					/* see above: our bug */
-}
-
-/* reply_victim - the reply slot to reuse (never slot 0) */
-
-static size_t reply_victim(struct smtps_collector *c)
-{
-    struct reply_slot *s;
-    size_t  n, i;
-
-    for (n = 0; n < 2 * SMTPS_COLLECT_SLOTS; n++) {
-	i = c->reply_hand;
-	c->reply_hand = i + 1 < SMTPS_COLLECT_SLOTS ? i + 1 : 1;
-	s = &c->reply[i];
-	if (s->fresh)
-	    continue;
-	if (s->reply.text != NULL && s->used) {
-	    s->used = 0;
+	if (m->used) {
+	    m->used = 0;
 	    continue;
 	}
 	return i;
@@ -427,14 +410,14 @@ static uint64_t collect_reply(struct smtps_collector *c,
     /* A server that says the same again: no hash, one comparison. */
     s = &c->reply[c->reply_mru];
     if (s->reply.text != NULL && reply_equal(&s->reply, r)) {
-	s->used = 1;
+	s->m.used = 1;
 	return c->reply_mru;
     }
     h = hash_reply(0xcbf29ce484222325ULL, r, &len);
     for (i = 1; i < SMTPS_COLLECT_SLOTS; i++) {
 	s = &c->reply[i];
-	if (s->reply.text != NULL && s->hash == h && reply_equal(&s->reply, r)) {
-	    s->used = 1;
+	if (s->reply.text != NULL && s->m.hash == h && reply_equal(&s->reply, r)) {
+	    s->m.used = 1;
 	    c->reply_mru = i;
 	    return i;
 	}
@@ -445,17 +428,17 @@ static uint64_t collect_reply(struct smtps_collector *c,
      */
     if ((text = smtps_strndup(text_of(r->text), len)) == NULL)
 	return 0;
-    i = reply_victim(c);
+    i = clock_victim(c->reply, sizeof(c->reply[0]), &c->reply_hand, 1);
     s = &c->reply[i];
     reply_clear(s);
-    s->hash = h;
+    s->m.hash = h;
     s->reply.code = r->code;
     memcpy(s->reply.enhanced, r->enhanced, sizeof(s->reply.enhanced));
     s->reply.enhanced[sizeof(s->reply.enhanced) - 1] = 0;
     s->reply.text = text;
-    s->fresh = 1;
-    s->transient = len > SMTPS_COLLECT_KEEP;
-    c->ntransient += s->transient;
+    s->m.fresh = 1;
+    s->m.transient = len > SMTPS_COLLECT_KEEP;
+    c->ntransient += s->m.transient;
     c->reply_mru = i;
     fresh[(*nfresh)++] = i;
     return i + SMTPS_COLLECT_SLOTS;
@@ -474,28 +457,28 @@ static uint64_t collect_shape(struct smtps_collector *c,
     /* The same outcome as the last one: no hash, one comparison. */
     s = &c->shape[c->shape_mru];
     if (s->r != NULL && shape_equal(s->r, r)) {
-	s->used = 1;
+	s->m.used = 1;
 	smtps_result_free(r);
 	return c->shape_mru;
     }
     h = hash_shape(r, &bytes);
     for (i = 0; i < SMTPS_COLLECT_SLOTS; i++) {
 	s = &c->shape[i];
-	if (s->r != NULL && s->hash == h && shape_equal(s->r, r)) {
-	    s->used = 1;
+	if (s->r != NULL && s->m.hash == h && shape_equal(s->r, r)) {
+	    s->m.used = 1;
 	    c->shape_mru = i;
 	    smtps_result_free(r);
 	    return i;
 	}
     }
-    i = shape_victim(c);
+    i = clock_victim(c->shape, sizeof(c->shape[0]), &c->shape_hand, 0);
     s = &c->shape[i];
     shape_clear(s);
-    s->hash = h;
+    s->m.hash = h;
     s->r = r;
-    s->fresh = 1;
-    s->transient = bytes > SMTPS_COLLECT_KEEP;
-    c->ntransient += s->transient;
+    s->m.fresh = 1;
+    s->m.transient = bytes > SMTPS_COLLECT_KEEP;
+    c->ntransient += s->m.transient;
     c->shape_mru = i;
     fresh[(*nfresh)++] = i;
     return i + SMTPS_COLLECT_SLOTS;
@@ -517,9 +500,9 @@ int     smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
     /* The caller has read everything the last call described by now. */
     if (c->ntransient > 0) {
 	for (i = 0; i < SMTPS_COLLECT_SLOTS; i++) {
-	    if (c->shape[i].transient)
+	    if (c->shape[i].m.transient)
 		shape_clear(&c->shape[i]);
-	    if (i > 0 && c->reply[i].transient)
+	    if (i > 0 && c->reply[i].m.transient)
 		reply_clear(&c->reply[i]);
 	}
 	c->ntransient = 0;
@@ -532,9 +515,9 @@ int     smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
     }
     /* Fresh only protects a slot within the call that filled it. */
     for (i = 0; i < nshape; i++)
-	c->shape[shape_fresh[i]].fresh = 0;
+	c->shape[shape_fresh[i]].m.fresh = 0;
     for (i = 0; i < nreply; i++)
-	c->reply[reply_fresh[i]].fresh = 0;
+	c->reply[reply_fresh[i]].m.fresh = 0;
     return (int) n;
 }
 
