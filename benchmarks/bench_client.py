@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import smtplib
-import socket
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
 import smtpstate
+from smtpstate.bench import Sink
 
-SMTP_SINK = "/usr/lib/postfix/sbin/smtp-sink"
 
 SENDER = "bench@client.test"
 RCPT = "sink@example.test"
@@ -41,25 +37,6 @@ def make_message() -> bytes:
     body = line * 12 + b"y" * 62 + b"\r\n"
     assert len(body) == 1024
     return headers + body
-
-
-def start_sink() -> Tuple[subprocess.Popen, int]:
-    path = SMTP_SINK if os.path.exists(SMTP_SINK) else shutil.which("smtp-sink")
-    if not path:
-        raise SystemExit("smtp-sink not found: apt-get install postfix")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen([path, "-u", "nobody", "-m", "1024", f"127.0.0.1:{port}", "1024"])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("smtp-sink did not start")
 
 
 def cpu() -> float:
@@ -96,7 +73,8 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     body = make_message()
-    proc, port = start_sink()
+    sink_server = Sink().start()
+    port = sink_server.port
     clients = {"smtpstate.Client": run_smtpstate, "smtplib": run_smtplib}
     best: Dict[str, Tuple[float, float]] = {}
     try:
@@ -107,8 +85,7 @@ def main() -> int:
                 if prev is None or wall < prev[0]:
                     best[name] = (wall, used)
     finally:
-        proc.terminate()
-        proc.wait()
+        sink_server.stop()
     print(f"command: python benchmarks/bench_client.py --messages {args.messages} "
           f"--rounds {args.rounds}")
     print(f"message: {len(body)} bytes, 1 recipient, one connection, sequential; "

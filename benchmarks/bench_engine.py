@@ -26,13 +26,13 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List, Tuple
 
 import smtpstate
+from smtpstate.bench import Sink
 
 SENDER = "bench@client.test"
 RCPT = "sink@example.test"
@@ -59,23 +59,6 @@ def make_message() -> bytes:
     body = (line * (PAYLOAD // len(line) + 1))[:PAYLOAD - 2] + b"\r\n"
     assert len(body) == PAYLOAD
     return headers + body
-
-
-def start_sink(sink: str) -> Tuple[subprocess.Popen, int]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    cmd = [sink, "-u", "nobody", "-m", "1024", f"127.0.0.1:{port}", "1024"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("smtp-sink did not start")
 
 
 def cpu(who: int) -> float:
@@ -119,11 +102,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    sink = find("smtp-sink", "/usr/lib/postfix/sbin", "/usr/sbin")
     source = find("smtp-source", "/usr/sbin", "/usr/lib/postfix/sbin")
     data = make_message()
     msg = smtpstate.Message(SENDER, [RCPT], data)
-    proc, port = start_sink(sink)
+    sink_server = Sink().start()
+    port = sink_server.port
     best: Dict[Tuple[str, int], Tuple[float, float]] = {}
     try:
         for _ in range(args.rounds):                 # interleaved: the machine drifts
@@ -137,11 +120,10 @@ def main() -> int:
                     if prev is None or wall < prev[0]:
                         best[(name, conc)] = (wall, used)
     finally:
-        proc.terminate()
-        proc.wait()
+        sink_server.stop()
     print(f"command: python benchmarks/bench_engine.py --messages {args.messages} "
           f"--rounds {args.rounds} --concurrency {args.concurrency}")
-    print(f"peer: {sink} -u nobody -m 1024 127.0.0.1:PORT 1024")
+    print(f"peer: {' '.join(sink_server.command)}")
     print(f"C client: {' '.join(source_cmd(source, 0, args.messages, 0))[:-len(':0')]}"
           .replace(" -s 0 ", " -s CONCURRENCY ") + ":PORT")
     print(f"message: {len(data)} bytes ({PAYLOAD} after the headers), 1 recipient; "
