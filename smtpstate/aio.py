@@ -41,7 +41,7 @@ from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
 from smtpstate.options import Options, check_host
-from smtpstate.result import RecipientResult, Result, result_from_c
+from smtpstate.result import RecipientResult, Result
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client", "send", "deliver"]
@@ -362,24 +362,9 @@ class _Connection(asyncio.Protocol):
 
     def _collect(self) -> None:
         """Resolve the futures of every result the session has finished."""
-        s = self.session
-        while True:
-            r = lib.smtps_session_next_result(self.ptr)
-            if r == ffi.NULL:
-                return
-            try:
-                tag = int(r.tag)
-                message = s.messages.pop(tag, None)
-                addresses = tuple(message.recipients) if message else ()
-                state = s.machine.name(r.state) if r.state >= 0 else None
-                errors = s.take_errors(tag)
-                error = "; ".join(t for _, t in errors) or None
-                result = result_from_c(r, addresses, state, error=error,
-                                       ticket=tag, message=message)
-            finally:
-                lib.smtps_result_free(r)
+        while (result := self.session.next_result()) is not None:
             log_result(result)
-            fut = self.futures.pop(tag, None)
+            fut = self.futures.pop(result.ticket, None)
             if fut is not None and not fut.done():
                 fut.set_result(result)
             else:

@@ -28,7 +28,7 @@ from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
 from smtpstate.options import Auth, Options, check_host
-from smtpstate.result import Result, result_from_c
+from smtpstate.result import Result
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client"]
@@ -318,26 +318,12 @@ class Client:
         s = self._session
         if s is None:
             return
-        while True:
-            r = lib.smtps_session_next_result(s._ptr)
-            if r == ffi.NULL:
-                return
-            try:
-                tag = int(r.tag)
-                message = s.messages.pop(tag, None)
-                addresses = tuple(message.recipients) if message else ()
-                state = s.machine.name(r.state) if r.state >= 0 else None
-                errors = s.take_errors(tag)
-                error = "; ".join(t for _, t in errors) or None
-                result = result_from_c(
-                    r, addresses, state, error=error, ticket=tag, message=message)
-                if (result.status == "permfail" and state == "AUTH"
-                        and self._auth_refused is None):
-                    self._auth_refused = result
-                log_result(result, f"{self.host}:{self.port} ")
-                self._results.append(result)
-            finally:
-                lib.smtps_result_free(r)
+        while (result := s.next_result()) is not None:
+            if (result.status == "permfail" and result.state == "AUTH"
+                    and self._auth_refused is None):
+                self._auth_refused = result
+            log_result(result, f"{self.host}:{self.port} ")
+            self._results.append(result)
 
     def _pump(self, done: Any) -> None:
         """Move bytes until done() or the session needs nothing more."""

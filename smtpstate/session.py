@@ -20,7 +20,7 @@ from smtpstate import _ffi
 from smtpstate._ffi import check, ffi, lib, py_trampolines
 from smtpstate.errors import InvalidMessageError, LocalProtocolError
 from smtpstate.machine import Action, Machine, State
-from smtpstate.result import Reply
+from smtpstate.result import Reply, Result, result_from_c
 
 __all__ = ["Session", "Capabilities"]
 
@@ -250,6 +250,24 @@ class Session:
         lib.smtps_session_set_reason(self._ptr, text.encode("utf-8", "replace"))
         log.warning("%s", text, exc_info=exc)
         return text
+
+    def next_result(self) -> Optional[Result]:
+        """Drivers: the oldest result the session has finished, as a
+        :class:`Result` with its message and the exceptions recorded for it,
+        or None when there is none yet."""
+        r = lib.smtps_session_next_result(self._ptr)
+        if r == ffi.NULL:
+            return None
+        try:
+            tag = int(r.tag)
+            message = self.messages.pop(tag, None)
+            addresses = tuple(message.recipients) if message else ()
+            state = self.machine.name(r.state) if r.state >= 0 else None
+            error = "; ".join(t for _, t in self.take_errors(tag)) or None
+            return result_from_c(r, addresses, state, error=error, ticket=tag,
+                                 message=message)
+        finally:
+            lib.smtps_result_free(r)
 
     def take_errors(self, tag: Optional[int]) -> List[Tuple[BaseException, str]]:
         """The exceptions recorded for message ``tag`` (and those raised when
