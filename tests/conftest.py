@@ -39,6 +39,24 @@ def tls_ca():
     return trustme.CA()
 
 
+@pytest.fixture(scope="session")
+def tls_ca_file(tls_ca, tmp_path_factory):
+    """The CA certificate of ``tls_ca``, as a PEM file (for ``ca_file=``)."""
+    path = tmp_path_factory.mktemp("tls-ca") / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tls_server_context(tls_ca):
+    """A server context whose certificate, from ``tls_ca``, names localhost
+    and 127.0.0.1."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
 # ---------------------------------------------------------------------------
 # aiosmtpd
 # ---------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import time
 from typing import Awaitable, Callable, List, Optional, Tuple
 
@@ -303,27 +302,13 @@ def test_flow_control_with_a_slow_reader(monkeypatch):
 # TLS runs inside the C session; the asyncio transport stays plain TCP.
 
 
-@pytest.fixture(scope="module")
-def ca_file(tls_ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("aio-tls") / "ca.pem"
-    tls_ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def server_context(tls_ca):
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
-    return ctx
-
-
-def test_starttls_in_the_c_session(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(tls_context=server_context, require_starttls=True)
+def test_starttls_in_the_c_session(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(tls_context=tls_server_context, require_starttls=True)
     messages = [Message(SENDER, [f"t{i}@example.test"], _body(i)) for i in range(3)]
 
     async def main():
         async with aio.Client(server.host, server.port, timeout=20, tls="starttls",
-                              ca_file=ca_file, helo="client.test",
+                              ca_file=tls_ca_file, helo="client.test",
                               keep_transcript=True) as client:
             results = await asyncio.gather(*(client.send(m) for m in messages))
             version = client.tls_version
@@ -340,14 +325,14 @@ def test_starttls_in_the_c_session(aiosmtpd_factory, server_context, ca_file):
     assert b"MAIL FROM" not in sent and b"line one" not in sent
 
 
-def test_implicit_tls_and_a_wrong_name(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(ssl_context=server_context)
+def test_implicit_tls_and_a_wrong_name(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(ssl_context=tls_server_context)
 
     async def main():
         ok = await aio.send(Message(SENDER, ["r@example.test"], _body(0)), server.host,
-                            server.port, timeout=20, tls="implicit", ca_file=ca_file)
+                            server.port, timeout=20, tls="implicit", ca_file=tls_ca_file)
         wrong = await aio.send(Message(SENDER, ["r@example.test"], _body(1)), server.host,
-                               server.port, timeout=20, tls="implicit", ca_file=ca_file,
+                               server.port, timeout=20, tls="implicit", ca_file=tls_ca_file,
                                server_hostname="mail.wrong.example")
         return ok, wrong
 

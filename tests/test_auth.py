@@ -325,27 +325,13 @@ def _auth_handler(users):
     return AuthHandler()
 
 
-@pytest.fixture(scope="module")
-def ca_file(tls_ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("auth") / "ca.pem"
-    tls_ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def server_context(tls_ca):
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
-    return ctx
-
-
 @pytest.fixture
-def auth_server(aiosmtpd_factory, server_context):
+def auth_server(aiosmtpd_factory, tls_server_context):
     """aiosmtpd with STARTTLS and AUTH (offered only after TLS, aiosmtpd's
     default auth_require_tls=True) for USER/SECRET."""
     def factory(**kwargs):
         handler = _auth_handler({USER: SECRET})
-        kwargs.setdefault("tls_context", server_context)
+        kwargs.setdefault("tls_context", tls_server_context)
         server = aiosmtpd_factory(handler, authenticator=handler.authenticator, **kwargs)
         return server, handler
     return factory
@@ -360,13 +346,13 @@ def all_received(server) -> bytes:
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"])
-def test_aiosmtpd_each_mechanism_over_starttls(auth_server, ca_file, mechanism):
+def test_aiosmtpd_each_mechanism_over_starttls(auth_server, tls_ca_file, mechanism):
     server, handler = auth_server()
     # In clear aiosmtpd offers no AUTH at all: it comes with TLS.
     assert "AUTH" not in helpers.ehlo_keywords(server.host, server.port)
     auth = Auth(USER, SECRET, mechanism=mechanism)
     with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                          ca_file=ca_file, auth=auth) as client:
+                          ca_file=tls_ca_file, auth=auth) as client:
         results = [client.send(msg(i)) for i in range(2)]
     assert [r.status for r in results] == ["delivered", "delivered"], results
     assert handler.attempts == [(mechanism, USER, True)]     # once per connection
@@ -374,23 +360,23 @@ def test_aiosmtpd_each_mechanism_over_starttls(auth_server, ca_file, mechanism):
     assert all(m.extra["tls"] and m.extra["auth_data"].login == USER.encode() for m in got)
 
 
-def test_aiosmtpd_default_choice(auth_server, ca_file):
+def test_aiosmtpd_default_choice(auth_server, tls_ca_file):
     server, handler = auth_server()
     with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                          ca_file=ca_file, auth=(USER, SECRET)) as client:
+                          ca_file=tls_ca_file, auth=(USER, SECRET)) as client:
         assert client.send(msg()).status == "delivered"
     assert handler.attempts == [("CRAM-MD5", USER, True)]    # the best both know
     server2, handler2 = auth_server(auth_exclude_mechanism=["CRAM-MD5"])
     with smtpstate.Client(server2.host, server2.port, timeout=20, tls="starttls",
-                          ca_file=ca_file, auth=(USER, SECRET)) as client:
+                          ca_file=tls_ca_file, auth=(USER, SECRET)) as client:
         assert client.send(msg()).status == "delivered"
     assert handler2.attempts == [("PLAIN", USER, True)]
 
 
-def test_aiosmtpd_wrong_password_is_permanent_and_tried_once(auth_server, ca_file, caplog):
+def test_aiosmtpd_wrong_password_is_permanent_and_tried_once(auth_server, tls_ca_file, caplog):
     server, handler = auth_server()
     client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                              ca_file=ca_file, auth=Auth(USER, "wrong-" + SECRET, "PLAIN"))
+                              ca_file=tls_ca_file, auth=Auth(USER, "wrong-" + SECRET, "PLAIN"))
     with caplog.at_level(logging.DEBUG, logger="smtpstate"):
         first, second = client.send(msg(1)), client.send(msg(2))
     client.close()
@@ -441,10 +427,10 @@ def test_aiosmtpd_plaintext_allowed_and_never_logged(auth_server, caplog):
     assert repr(auth).count(SECRET) == 0
 
 
-def test_aiosmtpd_no_common_mechanism(auth_server, ca_file):
+def test_aiosmtpd_no_common_mechanism(auth_server, tls_ca_file):
     server, handler = auth_server(auth_exclude_mechanism=["CRAM-MD5", "XOAUTH2"])
     client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                              ca_file=ca_file, auth=Auth(USER, SECRET, "CRAM-MD5"))
+                              ca_file=tls_ca_file, auth=Auth(USER, SECRET, "CRAM-MD5"))
     result = client.send(msg())
     client.close()
     assert result.status == "tempfail"

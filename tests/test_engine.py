@@ -747,21 +747,6 @@ def test_required_tls_not_offered(scripted):
     assert {c.split()[0] for c in server.commands} <= {b"EHLO", b"QUIT"}
 
 
-@pytest.fixture(scope="module")
-def tls_server_context(tls_ca):
-    import ssl
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
-    return ctx
-
-
-@pytest.fixture(scope="module")
-def tls_ca_file(tls_ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tls") / "ca.pem"
-    tls_ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
 def test_starttls_and_implicit_tls_many_connections(aiosmtpd_factory, tls_server_context,
                                                      tls_ca_file):
     starttls = aiosmtpd_factory(tls_context=tls_server_context, require_starttls=True)

@@ -48,23 +48,8 @@ def ehlo(*keywords: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Certificates
+# Scripted sessions (certificates: tls_ca_file, tls_server_context in conftest)
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca_file(tls_ca, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tls") / "ca.pem"
-    tls_ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def server_context(tls_ca):
-    """A server context whose certificate names localhost and 127.0.0.1."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
-    return ctx
 
 
 @pytest.fixture
@@ -97,15 +82,15 @@ def to_starttls(s, cfg, *, mode="starttls", offer=("STARTTLS",), servername="loc
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_starttls_exact_bytes_and_fresh_capabilities(make, split, ca_file, server_context):
+def test_starttls_exact_bytes_and_fresh_capabilities(make, split, tls_ca_file, tls_server_context):
     s = make(split)
-    cfg = tls_config(ca_file)
+    cfg = tls_config(tls_ca_file)
     # In clear the server offers PIPELINING; after TLS it does not: the
     # second EHLO's answer is all that counts (RFC 3207 4.2).
     assert to_starttls(s, cfg, offer=("PIPELINING", "STARTTLS")) == b"STARTTLS\r\n"
     s.feed(b"220 2.0.0 go ahead\r\n")
     assert s.status == "ACTIVE" and not s.tls_active
-    peer = TLSPeer(server_context)
+    peer = TLSPeer(tls_server_context)
     hello = s.pending_output()
     assert hello[:1] == b"\x16", "a TLS handshake record, not clear text"
     assert s.handshake(peer) == EHLO                # EHLO again, inside TLS
@@ -133,11 +118,11 @@ def test_starttls_exact_bytes_and_fresh_capabilities(make, split, ca_file, serve
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_implicit_tls_handshake_before_banner(make, split, ca_file, server_context):
+def test_implicit_tls_handshake_before_banner(make, split, tls_ca_file, tls_server_context):
     s = make(split)
-    assert s.set_tls("implicit", tls_config(ca_file)) == lib.SMTPS_OK
+    assert s.set_tls("implicit", tls_config(tls_ca_file)) == lib.SMTPS_OK
     s.start()
-    peer = TLSPeer(server_context)
+    peer = TLSPeer(tls_server_context)
     assert s.pending_output()[:1] == b"\x16"       # ClientHello, before any banner
     assert s.handshake(peer) == b""                # the client waits for the banner
     assert s.tls_active
@@ -153,7 +138,7 @@ def test_implicit_tls_handshake_before_banner(make, split, ca_file, server_conte
     assert s.result()["status"] == "delivered"
 
 
-def test_implicit_tls_after_a_clear_proxy_line(ca_file, server_context):
+def test_implicit_tls_after_a_clear_proxy_line(tls_ca_file, tls_server_context):
     """A state placed before BANNER (a PROXY header) still speaks in clear,
     before the implicit handshake."""
     from smtpstate import Action, Machine, State
@@ -182,12 +167,12 @@ def test_implicit_tls_after_a_clear_proxy_line(ca_file, server_context):
         lib.smtps_session_consume(p, n, T0)
         return data
 
-    cfg = tls_config(ca_file)
+    cfg = tls_config(tls_ca_file)
     assert lib.smtps_session_set_tls(p, lib.SMTPS_TLS_IMPLICIT, cfg, b"localhost") == lib.SMTPS_OK
     assert lib.smtps_session_start(p, T0) == lib.SMTPS_OK
     out = take()
     assert out.startswith(proxy + b"\r\n\x16"), out[:60]   # clear header, then ClientHello
-    peer = TLSPeer(server_context)
+    peer = TLSPeer(tls_server_context)
     plain = peer.receive(out[len(proxy) + 2:])
     for _ in range(10):
         back = peer.pending()
@@ -205,11 +190,11 @@ def test_implicit_tls_after_a_clear_proxy_line(ca_file, server_context):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_injected_reply_after_starttls_220(make, split, ca_file):
+def test_injected_reply_after_starttls_220(make, split, tls_ca_file):
     """CVE-2011-0411: clear text after the 220 is never taken as a reply."""
     s = make(split)
     s.submit()
-    assert to_starttls(s, tls_config(ca_file)) == b"STARTTLS\r\n"
+    assert to_starttls(s, tls_config(tls_ca_file)) == b"STARTTLS\r\n"
     s.feed(b"220 go\r\n250 injected\r\n")
     out = s.sent()
     assert s.status == "CLOSING"
@@ -228,11 +213,11 @@ def test_injected_reply_after_starttls_220(make, split, ca_file):
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_required_tls_not_offered_sends_only_quit(make, split, ca_file):
+def test_required_tls_not_offered_sends_only_quit(make, split, tls_ca_file):
     s = make(split)
     s.submit()
     s.submit()
-    assert to_starttls(s, tls_config(ca_file), offer=("PIPELINING",)) == b"QUIT\r\n"
+    assert to_starttls(s, tls_config(tls_ca_file), offer=("PIPELINING",)) == b"QUIT\r\n"
     got = s.results()
     assert [r["status"] for r in got] == ["tempfail", "tempfail"]
     for r in got:
@@ -241,10 +226,10 @@ def test_required_tls_not_offered_sends_only_quit(make, split, ca_file):
 
 
 @pytest.mark.parametrize("code", [b"454 4.7.0 TLS not available", b"554 5.7.3 no"])
-def test_required_tls_refused_sends_only_quit(make, code, ca_file):
+def test_required_tls_refused_sends_only_quit(make, code, tls_ca_file):
     s = make()
     s.submit()
-    assert to_starttls(s, tls_config(ca_file)) == b"STARTTLS\r\n"
+    assert to_starttls(s, tls_config(tls_ca_file)) == b"STARTTLS\r\n"
     s.feed(code + b"\r\n")
     assert s.sent() == b"QUIT\r\n"
     r = s.result()
@@ -252,14 +237,14 @@ def test_required_tls_refused_sends_only_quit(make, code, ca_file):
     assert "TLS is required, but the server refused STARTTLS: " + code[:3].decode() in r["reason"]
 
 
-def test_opportunistic_goes_on_in_clear(make, ca_file):
+def test_opportunistic_goes_on_in_clear(make, tls_ca_file):
     s = make()
-    assert to_starttls(s, tls_config(ca_file), mode="opportunistic", offer=()) == b""
+    assert to_starttls(s, tls_config(tls_ca_file), mode="opportunistic", offer=()) == b""
     assert s.status == "IDLE" and not s.tls_active
     s.submit()
     assert s.sent() == MAIL
     s2 = make()
-    assert to_starttls(s2, tls_config(ca_file), mode="opportunistic") == b"STARTTLS\r\n"
+    assert to_starttls(s2, tls_config(tls_ca_file), mode="opportunistic") == b"STARTTLS\r\n"
     s2.feed(b"454 4.7.0 not now\r\n")
     assert s2.status == "IDLE"                     # refused: on in clear
     s2.submit()
@@ -270,12 +255,12 @@ def test_opportunistic_goes_on_in_clear(make, ca_file):
     ("wrong.example", "hostname mismatch"),
     ("192.0.2.1", "ip address mismatch"),
 ])
-def test_name_mismatch_fails_the_handshake(make, ca_file, server_context, servername, why):
+def test_name_mismatch_fails_the_handshake(make, tls_ca_file, tls_server_context, servername, why):
     s = make()
     s.submit()
-    assert to_starttls(s, tls_config(ca_file), servername=servername) == b"STARTTLS\r\n"
+    assert to_starttls(s, tls_config(tls_ca_file), servername=servername) == b"STARTTLS\r\n"
     s.feed(b"220 go\r\n")
-    peer = TLSPeer(server_context)
+    peer = TLSPeer(tls_server_context)
     with pytest.raises(ssl.SSLError):
         s.handshake(peer)
     assert s.status == "CLOSING" and not s.tls_active
@@ -287,7 +272,7 @@ def test_name_mismatch_fails_the_handshake(make, ca_file, server_context, server
     assert EHLO not in bytes(peer.plain)
 
 
-def test_untrusted_certificate_fails_the_handshake(make, server_context, tmp_path):
+def test_untrusted_certificate_fails_the_handshake(make, tls_server_context, tmp_path):
     # A CA that did not issue the server's certificate.
     import trustme
     other = tmp_path / "other-ca.pem"
@@ -297,25 +282,25 @@ def test_untrusted_certificate_fails_the_handshake(make, server_context, tmp_pat
     assert to_starttls(s, tls_config(str(other))) == b"STARTTLS\r\n"
     s.feed(b"220 go\r\n")
     with pytest.raises(ssl.SSLError):
-        s.handshake(TLSPeer(server_context))
+        s.handshake(TLSPeer(tls_server_context))
     r = s.result()
     assert r["status"] == "tempfail" and "certificate verify failed" in r["reason"], r
     assert s.sent() == b""
 
 
-def test_insecure_config_accepts_any_certificate(make, server_context):
+def test_insecure_config_accepts_any_certificate(make, tls_server_context):
     s = make()
     assert to_starttls(s, tls_config(None, insecure=True), servername="wrong.example") \
         == b"STARTTLS\r\n"
     s.feed(b"220 go\r\n")
-    assert s.handshake(TLSPeer(server_context)) == EHLO
+    assert s.handshake(TLSPeer(tls_server_context)) == EHLO
     assert s.tls_active
 
 
-def test_handshake_timeout_and_lost_connection(make, ca_file):
+def test_handshake_timeout_and_lost_connection(make, tls_ca_file):
     s = make()
     s.submit()
-    to_starttls(s, tls_config(ca_file))
+    to_starttls(s, tls_config(tls_ca_file))
     s.feed(b"220 go\r\n")
     s.sent()                                        # the ClientHello; no answer
     s.tick(s.deadline)
@@ -324,7 +309,7 @@ def test_handshake_timeout_and_lost_connection(make, ca_file):
     assert r["stage_name"] == "TLS handshake"
     s2 = make()
     s2.submit()
-    to_starttls(s2, tls_config(ca_file))
+    to_starttls(s2, tls_config(tls_ca_file))
     s2.feed(b"220 go\r\n")
     s2.closed("reset by peer")
     r = s2.result()
@@ -332,11 +317,11 @@ def test_handshake_timeout_and_lost_connection(make, ca_file):
     assert r["stage_name"] == "TLS handshake"
 
 
-def tls_session(make, ca_file, server_context, offer=("SIZE 100000000",)):
+def tls_session(make, tls_ca_file, tls_server_context, offer=("SIZE 100000000",)):
     s = make()
-    to_starttls(s, tls_config(ca_file))
+    to_starttls(s, tls_config(tls_ca_file))
     s.feed(b"220 go\r\n")
-    peer = TLSPeer(server_context)
+    peer = TLSPeer(tls_server_context)
     assert s.handshake(peer) == EHLO
     s.feed(peer.send(ehlo(*offer)))
     assert s.status == "IDLE"
@@ -344,11 +329,11 @@ def tls_session(make, ca_file, server_context, offer=("SIZE 100000000",)):
 
 
 @pytest.mark.parametrize("taken", ["all", "all but one byte"])
-def test_final_dot_counts_as_sent_only_once_its_ciphertext_is_taken(make, ca_file,
-                                                                    server_context, taken):
+def test_final_dot_counts_as_sent_only_once_its_ciphertext_is_taken(make, tls_ca_file,
+                                                                    tls_server_context, taken):
     """RFC 1047 with TLS: "unknown" only when the ciphertext carrying the
     dot was taken by the driver, not when SSL_write took the plaintext."""
-    s, peer = tls_session(make, ca_file, server_context, offer=())
+    s, peer = tls_session(make, tls_ca_file, tls_server_context, offer=())
     s.submit()
     peer.receive(s.sent())
     s.feed(peer.send(b"250 ok\r\n"))
@@ -367,9 +352,9 @@ def test_final_dot_counts_as_sent_only_once_its_ciphertext_is_taken(make, ca_fil
         assert r["status"] == "tempfail", r
 
 
-def test_large_body_streams_through_tls(make, ca_file, server_context):
+def test_large_body_streams_through_tls(make, tls_ca_file, tls_server_context):
     body = b"".join(b"line %06d .dot\r\n.%d\r\n" % (i, i) for i in range(40000))  # ~1 MB
-    s, peer = tls_session(make, ca_file, server_context, offer=())
+    s, peer = tls_session(make, tls_ca_file, tls_server_context, offer=())
     s.submit(data=body)
     peer.receive(s.sent())
     s.feed(peer.send(b"250 ok\r\n"))
@@ -392,9 +377,9 @@ def test_large_body_streams_through_tls(make, ca_file, server_context):
     assert s.result()["status"] == "delivered"
 
 
-def test_set_tls_argument_checks(make, ca_file):
+def test_set_tls_argument_checks(make, tls_ca_file):
     s = make()
-    cfg = tls_config(ca_file)
+    cfg = tls_config(tls_ca_file)
     assert s.set_tls("starttls", cfg, None) == lib.SMTPS_EINVAL      # verify needs a name
     assert s.set_tls("starttls", cfg, "bad name") == lib.SMTPS_EINVAL
     assert s.set_tls("starttls", cfg, "x" * 254) == lib.SMTPS_EINVAL
@@ -427,10 +412,10 @@ def assert_only_clear_handshake(data: bytes) -> None:
         assert word not in data, (word, data)
 
 
-def test_aiosmtpd_required_starttls_delivers(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(tls_context=server_context, require_starttls=True)
+def test_aiosmtpd_required_starttls_delivers(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(tls_context=tls_server_context, require_starttls=True)
     with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                          ca_file=ca_file, helo="client.example") as client:
+                          ca_file=tls_ca_file, helo="client.example") as client:
         results = [client.send(msg(i)) for i in range(2)]
         assert client.tls_version in ("TLSv1.2", "TLSv1.3")
     assert [r.status for r in results] == ["delivered", "delivered"], results
@@ -443,10 +428,10 @@ def test_aiosmtpd_required_starttls_delivers(aiosmtpd_factory, server_context, c
     assert len(server.connections) == 1
 
 
-def test_aiosmtpd_implicit_tls(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(ssl_context=server_context)
+def test_aiosmtpd_implicit_tls(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(ssl_context=tls_server_context)
     with smtpstate.Client(server.host, server.port, timeout=20, tls="implicit",
-                          ca_file=ca_file) as client:
+                          ca_file=tls_ca_file) as client:
         result = client.send(msg())
         # aiosmtpd sets session.ssl only after STARTTLS; the client knows.
         assert client.tls_version in ("TLSv1.2", "TLSv1.3")
@@ -455,10 +440,10 @@ def test_aiosmtpd_implicit_tls(aiosmtpd_factory, server_context, ca_file):
     assert got[0].data == msg().data
 
 
-def test_aiosmtpd_wrong_host_name_refuses_to_go_on(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(tls_context=server_context)
+def test_aiosmtpd_wrong_host_name_refuses_to_go_on(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(tls_context=tls_server_context)
     client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                              ca_file=ca_file, server_hostname="mail.wrong.example")
+                              ca_file=tls_ca_file, server_hostname="mail.wrong.example")
     result = client.send(msg())
     client.close()
     assert result.status == "tempfail"
@@ -470,9 +455,9 @@ def test_aiosmtpd_wrong_host_name_refuses_to_go_on(aiosmtpd_factory, server_cont
     assert_only_clear_handshake(clear_bytes(server))
 
 
-def test_aiosmtpd_untrusted_certificate_refuses_to_go_on(aiosmtpd_factory, server_context):
-    # No ca_file: the system store does not know the test CA.
-    server = aiosmtpd_factory(tls_context=server_context)
+def test_aiosmtpd_untrusted_certificate_refuses_to_go_on(aiosmtpd_factory, tls_server_context):
+    # No tls_ca_file: the system store does not know the test CA.
+    server = aiosmtpd_factory(tls_context=tls_server_context)
     client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls")
     result = client.send(msg())
     client.close()
@@ -482,8 +467,8 @@ def test_aiosmtpd_untrusted_certificate_refuses_to_go_on(aiosmtpd_factory, serve
     assert_only_clear_handshake(clear_bytes(server))
 
 
-def test_aiosmtpd_skip_verification_accepts_untrusted(aiosmtpd_factory, server_context):
-    server = aiosmtpd_factory(tls_context=server_context)
+def test_aiosmtpd_skip_verification_accepts_untrusted(aiosmtpd_factory, tls_server_context):
+    server = aiosmtpd_factory(tls_context=tls_server_context)
     with smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
                           server_hostname="anything.example",
                           dangerously_skip_certificate_verification=True) as client:
@@ -492,10 +477,10 @@ def test_aiosmtpd_skip_verification_accepts_untrusted(aiosmtpd_factory, server_c
     assert server.wait_for_messages(1)[0].extra["tls"]
 
 
-def test_aiosmtpd_starttls_stripped(aiosmtpd_factory, ca_file):
+def test_aiosmtpd_starttls_stripped(aiosmtpd_factory, tls_ca_file):
     server = aiosmtpd_factory()                     # no tls_context: no STARTTLS offered
     client = smtpstate.Client(server.host, server.port, timeout=20, tls="starttls",
-                              ca_file=ca_file, helo="client.example")
+                              ca_file=tls_ca_file, helo="client.example")
     first, second = client.send(msg(1)), client.send(msg(2))
     client.close()
     for r in (first, second):
@@ -507,10 +492,10 @@ def test_aiosmtpd_starttls_stripped(aiosmtpd_factory, ca_file):
     assert set(received.split(b"\r\n")) <= {b"EHLO client.example", b"QUIT", b""}
 
 
-def test_aiosmtpd_opportunistic_without_starttls_delivers_in_clear(aiosmtpd_factory, ca_file):
+def test_aiosmtpd_opportunistic_without_starttls_delivers_in_clear(aiosmtpd_factory, tls_ca_file):
     server = aiosmtpd_factory()
     with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic",
-                          ca_file=ca_file) as client:
+                          ca_file=tls_ca_file) as client:
         result = client.send(msg())
         assert client.tls_version is None
     assert result.status == "delivered"
@@ -518,20 +503,20 @@ def test_aiosmtpd_opportunistic_without_starttls_delivers_in_clear(aiosmtpd_fact
     assert got[0].data == msg().data and not got[0].extra["tls"]
 
 
-def test_aiosmtpd_opportunistic_with_starttls_uses_it(aiosmtpd_factory, server_context, ca_file):
-    server = aiosmtpd_factory(tls_context=server_context)
+def test_aiosmtpd_opportunistic_with_starttls_uses_it(aiosmtpd_factory, tls_server_context, tls_ca_file):
+    server = aiosmtpd_factory(tls_context=tls_server_context)
     with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic",
-                          ca_file=ca_file) as client:
+                          ca_file=tls_ca_file) as client:
         assert client.send(msg()).status == "delivered"
     assert server.wait_for_messages(1)[0].extra["tls"]
 
 
-def test_postfix_starttls_delivers_byte_for_byte(postfix_factory, tls_ca, ca_file):
+def test_postfix_starttls_delivers_byte_for_byte(postfix_factory, tls_ca, tls_ca_file):
     server = postfix_factory(tls=tls_ca)
     body = (b"From: a@example.test\r\nSubject: over TLS\r\n\r\n"
             + b"".join(b"line %d\r\n.leading dot %d\r\n" % (i, i) for i in range(2000)))
     with smtpstate.Client(server.host, server.port, timeout=30, tls="starttls",
-                          ca_file=ca_file) as client:
+                          ca_file=tls_ca_file) as client:
         result = client.send(Message(SENDER, ["tls@example.test"], body))
         assert client.tls_version in ("TLSv1.2", "TLSv1.3")
     assert result.status == "delivered", result
@@ -603,11 +588,11 @@ def starttls_script(after_starttls: bytes):
 @pytest.mark.parametrize("reply", [b"454 4.7.0 TLS not available now\r\n",
                                    b"220 go\r\n250 injected\r\n"],
                          ids=["refused", "injected"])
-def test_scripted_server_refuses_or_injects(reply, ca_file):
+def test_scripted_server_refuses_or_injects(reply, tls_ca_file):
     server = ScriptedServer(starttls_script(reply))
     try:
         client = smtpstate.Client("127.0.0.1", server.port, timeout=10, tls="starttls",
-                                  ca_file=ca_file, helo="client.example")
+                                  ca_file=tls_ca_file, helo="client.example")
         result = client.send(msg())
         client.close()
         server.thread.join(5)
