@@ -40,7 +40,7 @@ from smtpstate.errors import ConnectError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Options, check_host
+from smtpstate.options import Options, _check_count, check_host
 from smtpstate.result import RecipientResult, Result
 from smtpstate.session import Capabilities, Session
 
@@ -470,7 +470,7 @@ class Client:
 
     Raises:
         TypeError: an unknown option.
-        InvalidMessageError: a known option with a bad value.
+        InvalidOptionError: a known option with a bad value.
 
     :meth:`send` connects when needed and reuses the connection. Any number
     of ``send()`` calls may run at once; they take turns, in call order,
@@ -507,7 +507,7 @@ class Client:
 
         Raises:
             ConnectError: the TCP connection failed or timed out.
-            InvalidMessageError: options the C session refused (HELO name,
+            InvalidOptionError: options the C session refused (HELO name,
                 TLS set-up).
         """
         conn = await self._connection()
@@ -571,7 +571,7 @@ class Client:
         """The open connection, or a new one still connecting.
 
         Raises:
-            InvalidMessageError: options the C session refused.
+            InvalidOptionError: options the C session refused.
         """
         c = self._conn
         if c is not None and c.usable:
@@ -626,7 +626,7 @@ class Client:
 
         Raises:
             TypeError: not a Message.
-            InvalidMessageError: options the C session refused.
+            InvalidOptionError: options the C session refused.
         """
         if not isinstance(message, Message):
             raise TypeError(f"send() takes a smtpstate.Message, not {type(message).__name__}")
@@ -676,7 +676,7 @@ async def send(message: Message, host: str, port: int = 25, *,
 
     Raises:
         TypeError: not a Message, or an unknown option.
-        InvalidMessageError: a bad option value.
+        InvalidOptionError: a bad option value.
     """
     async with Client(host, port, machine=machine, **options) as client:
         return await client.send(message)
@@ -709,15 +709,14 @@ async def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
 
     Raises:
         TypeError: something that is not a Message, or an unknown option.
-        ValueError: concurrency below 1.
-        InvalidMessageError: a bad option value.
+        InvalidOptionError: a bad option value, or a concurrency that is
+            not an int >= 1.
     """
     msgs = list(messages)
     for m in msgs:
         if not isinstance(m, Message):
             raise TypeError(f"deliver() takes smtpstate.Message objects, not {type(m).__name__}")
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
+    _check_count(concurrency, "concurrency")
     Options.make(**options)                    # refuse bad options before connecting
     results: List[Optional[Result]] = [None] * len(msgs)
     todo = collections.deque(range(len(msgs)))

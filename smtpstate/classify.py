@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Union
 
 from smtpstate._ffi import check, ffi, lib
-from smtpstate.errors import InvalidMessageError
+from smtpstate.errors import InvalidOptionError
 
 __all__ = [
     "BounceClass",
@@ -218,19 +218,19 @@ def register_class(code: int, name: str) -> BounceClass:
     Registering the same code with the same name again is harmless.
 
     Raises:
-        InvalidMessageError (a ValueError): a bad or taken code, a bad name.
+        InvalidOptionError (a ValueError): a bad or taken code, a bad name.
     """
     if isinstance(code, bool) or not isinstance(code, int):
-        raise InvalidMessageError(f"a bounce class code is an int, not {code!r}")
+        raise InvalidOptionError(f"a bounce class code is an int, not {code!r}")
     if not isinstance(name, str) or not name.isascii():
-        raise InvalidMessageError(f"a bounce class name is an ASCII str, not {name!r}")
+        raise InvalidOptionError(f"a bounce class name is an ASCII str, not {name!r}")
     if not 1 <= code <= lib.SMTPS_BOUNCE_CLASS_MAX:
-        raise InvalidMessageError(f"bounce class codes are 1-{lib.SMTPS_BOUNCE_CLASS_MAX}")
+        raise InvalidOptionError(f"bounce class codes are 1-{lib.SMTPS_BOUNCE_CLASS_MAX}")
     if any(c.code == code for c in BUILTIN_CLASSES.values()):
-        raise InvalidMessageError(f"{code} is the built-in class {bounce_class(code)}")
+        raise InvalidOptionError(f"{code} is the built-in class {bounce_class(code)}")
     rc = lib.smtps_bounce_register_class(code, name.encode("ascii"))
     if rc == lib.SMTPS_EINVAL and lib.smtps_bounce_class_name(code) != ffi.NULL:
-        raise InvalidMessageError(f"bounce class {code} is taken: {bounce_class(code)}")
+        raise InvalidOptionError(f"bounce class {code} is taken: {bounce_class(code)}")
     check(rc, f"register bounce class {code} {name!r}")
     return bounce_class(code)
 
@@ -252,21 +252,21 @@ def add_rule(cls: Union[BounceClass, int], *, code: int = 0, enhanced: Optional[
             reason (``text="cannot resolve"``).
 
     Raises:
-        InvalidMessageError (a ValueError): no condition, an unknown class,
+        InvalidOptionError (a ValueError): no condition, an unknown class,
             a bad code or pattern.
     """
     number = cls.code if isinstance(cls, BounceClass) else cls
     if isinstance(number, bool) or not isinstance(number, int):
-        raise InvalidMessageError(f"not a bounce class: {cls!r}")
+        raise InvalidOptionError(f"not a bounce class: {cls!r}")
     try:
         bounce_class(number)
     except KeyError:
-        raise InvalidMessageError(
+        raise InvalidOptionError(
             f"no bounce class {number}: register_class() it first") from None
     if code == 0 and enhanced is None and text is None:
-        raise InvalidMessageError("a rule needs a code, an enhanced code or a text")
+        raise InvalidOptionError("a rule needs a code, an enhanced code or a text")
     if text is not None and (not isinstance(text, str) or not text.isascii() or not text):
-        raise InvalidMessageError(f"rule text must be a non-empty ASCII str, not {text!r}")
+        raise InvalidOptionError(f"rule text must be a non-empty ASCII str, not {text!r}")
     rule = ffi.new("struct smtps_bounce_rule *")
     rule.sizeof_bounce_rule = ffi.sizeof("struct smtps_bounce_rule")
     rule.bounce_class = number
@@ -280,7 +280,7 @@ def add_rule(cls: Union[BounceClass, int], *, code: int = 0, enhanced: Optional[
         rule.text = keep[-1]
     rc = lib.smtps_bounce_add_rule(rule)
     if rc == lib.SMTPS_EINVAL:
-        raise InvalidMessageError(
+        raise InvalidOptionError(
             f"bad rule: code {code!r} (0, 2-5 or 200-599), enhanced {enhanced!r} "
             "(like '5.7.1' or '5.*.*')")
     check(rc, "add a bounce rule")

@@ -239,7 +239,7 @@ def _as_json(result: Any) -> Dict[str, Any]:
 
 def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from smtpstate.client import Client
-    from smtpstate.errors import InvalidMessageError
+    from smtpstate.errors import InvalidMessageError, InvalidOptionError
     from smtpstate.logs import transcript_handler
     from smtpstate.options import Auth
 
@@ -263,7 +263,7 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         dangerously_skip_certificate_verification=args.insecure)
         with client:
             result = client.send(message)
-    except InvalidMessageError as exc:
+    except (InvalidMessageError, InvalidOptionError) as exc:
         parser.error(str(exc))
     finally:
         if undo is not None:

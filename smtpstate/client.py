@@ -84,7 +84,7 @@ class Client:
     reuses the connection for the next message.
 
     Raises:
-        InvalidMessageError: a bad option (unknown ``tls`` mode, missing
+        InvalidOptionError: a bad option (unknown ``tls`` mode, missing
             ``ca_file``, bad ``auth``).
     """
 

@@ -23,11 +23,12 @@ from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequen
 
 from smtpstate._ffi import check, ffi, lib
 from smtpstate.classify import _of
-from smtpstate.errors import InvalidMessageError, LocalProtocolError
+from smtpstate.errors import InvalidOptionError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result, result_log, transcript_log
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
-from smtpstate.options import Options, _printable_name, check_host
+from smtpstate.options import (Options, _check_count, _check_seconds, _printable_name,
+                               check_host)
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
 from smtpstate.session import Session, _bind, _unbind
 
@@ -306,7 +307,7 @@ class Engine:
             option overrides it per destination.
 
     Raises:
-        InvalidMessageError: a bad limit, timeout or HELO name.
+        InvalidOptionError: a bad limit, timeout or HELO name.
         OSError: the engine could not be made (epoll, memory).
 
     One thread at a time: a call made while another is running (from a
@@ -318,14 +319,11 @@ class Engine:
                  messages_per_connection: int = 0, idle_timeout: float = 5.0,
                  connect_timeout: float = 30.0, machine: Optional[Machine] = None,
                  helo: Optional[str] = None) -> None:
-        for name, value, low in (("max_connections", max_connections, 1),
-                                 ("max_per_destination", max_per_destination, 1),
-                                 ("messages_per_connection", messages_per_connection, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
-                raise InvalidMessageError(f"{name} must be an int >= {low}, not {value!r}")
-        for name, secs in (("idle_timeout", idle_timeout), ("connect_timeout", connect_timeout)):
-            if not isinstance(secs, (int, float)) or not 0 < secs < 10**7:
-                raise InvalidMessageError(f"{name} must be a positive number of seconds")
+        _check_count(max_connections, "max_connections")
+        _check_count(max_per_destination, "max_per_destination")
+        _check_count(messages_per_connection, "messages_per_connection", 0)
+        _check_seconds(idle_timeout, "idle_timeout")
+        _check_seconds(connect_timeout, "connect_timeout")
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()
         self._ptr: Any = None
@@ -364,7 +362,7 @@ class Engine:
         if ptr == ffi.NULL:
             if (not chelo or b" " in chelo or len(chelo) > lib.SMTPS_HELO_MAX
                     or any(b < 0x21 or b == 0x7F for b in chelo)):
-                raise InvalidMessageError(
+                raise InvalidOptionError(
                     f"HELO name {self.helo!r} must be 1-{lib.SMTPS_HELO_MAX} printable "
                     "ASCII bytes without spaces")
             raise OSError("cannot make the engine (epoll or memory not available)")
@@ -388,7 +386,8 @@ class Engine:
 
         Raises:
             TypeError: not a Message, or an unknown option.
-            InvalidMessageError: a bad host, port or option value.
+            InvalidOptionError: a bad host, port or option value.
+            InvalidMessageError: the message, refused by C's own checks.
             LocalProtocolError: the engine is closed, or busy in another
                 call (another thread, or a state running inside run()).
         """
@@ -457,7 +456,7 @@ class Engine:
         cached: the host is checked on a miss only (that check walks the
         name, once per submit it was the costliest part of submitting)."""
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidMessageError(f"port must be 1-65535, not {port!r}")
+            raise InvalidOptionError(f"port must be 1-65535, not {port!r}")
         # The key submit() looks up (options in the caller's order: another
         # order is another entry, as valid). Only exact types are cached:
         # an equal float port or str subclass host must not hit later.
@@ -477,7 +476,7 @@ class Engine:
         try:
             dest = opts.destination(host, port, keep)
         except UnicodeError:
-            raise InvalidMessageError(f"host {host!r} is not a valid host name") from None
+            raise InvalidOptionError(f"host {host!r} is not a valid host name") from None
         if key is not None:
             if len(self._dests) >= _DEST_CACHE_MAX:
                 self._dests.clear()
@@ -782,11 +781,10 @@ def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
 
     Raises:
         TypeError: an item is not a Message, or an unknown option.
-        InvalidMessageError: a bad host, port or option.
+        InvalidOptionError: a bad host, port or option.
     """
     batch = as_messages(messages)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise InvalidMessageError(f"concurrency must be an int >= 1, not {concurrency!r}")
+    _check_count(concurrency, "concurrency")
     with Engine(max_connections=concurrency, max_per_destination=concurrency) as engine:
         tickets = [engine.submit(m, host, port, **options) for m in batch]
         for _ in engine.run():

@@ -14,6 +14,7 @@ __all__ = [
     "SMTPStateError",
     "RegistrationError",
     "InvalidMessageError",
+    "InvalidOptionError",
     "LocalProtocolError",
     "StateCallbackError",
     "ConnectError",
@@ -30,7 +31,15 @@ class RegistrationError(ValueError, SMTPStateError):
 
 
 class InvalidMessageError(ValueError, SMTPStateError):
-    """A message, address or parameter was refused before anything was sent."""
+    """The message itself was refused before anything was sent: its
+    addresses, its content, its DSN values."""
+
+
+class InvalidOptionError(ValueError, SMTPStateError):
+    """Anything given to smtpstate that is not the message was refused: a
+    delivery option (``tls``, ``auth``, ``timeout``, ``helo``, ``ca_file``,
+    ``server_hostname``), a host or port, an Engine limit, a concurrency,
+    a bounce class or rule. Raised before anything is sent."""
 
 
 class LocalProtocolError(SMTPStateError):

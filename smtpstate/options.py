@@ -15,8 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
-from smtpstate._ffi import check, ffi, lib
-from smtpstate.errors import InvalidMessageError
+from smtpstate._ffi import check, ffi, lib, strerror
+from smtpstate.errors import InvalidOptionError
 
 __all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host"]
 
@@ -56,13 +56,13 @@ class Auth:
     def __post_init__(self) -> None:
         for what, value in (("user", self.user), ("secret", self.secret)):
             if not isinstance(value, str) or not value:
-                raise InvalidMessageError(f"auth {what} must be a non-empty str")
+                raise InvalidOptionError(f"auth {what} must be a non-empty str")
             if "\x00" in value:
-                raise InvalidMessageError(f"auth {what} contains a NUL character")
+                raise InvalidOptionError(f"auth {what} contains a NUL character")
         if self.mechanism is not None:
             mech = self.mechanism.upper()
             if mech not in AUTH_MECHANISMS:
-                raise InvalidMessageError(
+                raise InvalidOptionError(
                     f"auth mechanism {self.mechanism!r} is not one of {sorted(AUTH_MECHANISMS)}")
             object.__setattr__(self, "mechanism", mech)
 
@@ -83,10 +83,10 @@ def _printable_name(what: str, value: Any, limit: int = 255) -> str:
     C stops at a NUL and a CR LF would end a command line, so neither may
     ever get that far."""
     if not isinstance(value, str):
-        raise InvalidMessageError(f"{what} must be a str, not {type(value).__name__}")
+        raise InvalidOptionError(f"{what} must be a str, not {type(value).__name__}")
     if not value or len(value) > limit or any(
             not 0x21 <= ord(ch) <= 0x7E for ch in value):
-        raise InvalidMessageError(
+        raise InvalidOptionError(
             f"{what} {value!r} must be 1-{limit} printable ASCII characters "
             "without spaces or control characters")
     return value
@@ -96,19 +96,53 @@ def check_host(host: Any, what: str = "host") -> str:
     """Return ``host`` (a name or an address literal) if a driver may use it.
 
     Raises:
-        InvalidMessageError: not a str, empty, too long, or with a space,
+        InvalidOptionError: not a str, empty, too long, or with a space,
             NUL or other control character (the resolver would stop at a
             NUL and connect somewhere else).
     """
     if not isinstance(host, str):
-        raise InvalidMessageError(f"{what} must be a str, not {type(host).__name__}")
+        raise InvalidOptionError(f"{what} must be a str, not {type(host).__name__}")
     # Non-ASCII is an IDN, encoded when it is used; controls never are.
     if not host or len(host) > 255 or any(
             ord(ch) < 0x21 or 0x7F <= ord(ch) < 0xA0 or ch.isspace() for ch in host):
-        raise InvalidMessageError(
+        raise InvalidOptionError(
             f"{what} {host!r} must be a name or an address: 1-255 characters "
             "without spaces or control characters")
     return host
+
+
+def _check_count(value: Any, what: str, low: int = 1) -> int:
+    """Return ``value`` if it is an int from ``low`` to 2**31 - 1 (what C
+    keeps it in): a limit, a concurrency. Not a bool, not a float.
+
+    Raises:
+        InvalidOptionError: it is not.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < 2**31:
+        raise InvalidOptionError(f"{what} must be an int >= {low}, not {value!r}")
+    return int(value)
+
+
+def _check_seconds(value: Any, what: str) -> float:
+    """Return ``value`` if it is a positive number of seconds (not a bool),
+    below 10**7 (C keeps milliseconds).
+
+    Raises:
+        InvalidOptionError: it is not.
+    """
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not 0 < value < 10**7):
+        raise InvalidOptionError(f"{what} must be a positive number of seconds, not {value!r}")
+    return value
+
+
+def _check_option(rc: int, what: str) -> None:
+    """check() for the calls that apply options to a C session: C refusing
+    a value (SMTPS_EINVAL, SMTPS_ETOOBIG) is a bad option here, not a bad
+    message, whatever check() would call it."""
+    if rc in (lib.SMTPS_EINVAL, lib.SMTPS_ETOOBIG):
+        raise InvalidOptionError(f"{what}: {strerror(rc)}")
+    check(rc, what)
 
 
 # One SSL_CTX per (ca_file, insecure) for the whole process: making one
@@ -126,7 +160,7 @@ def _tls_config(ca_file: Optional[str], insecure: bool) -> Any:
                 ca_file.encode() if ca_file else ffi.NULL, 1 if insecure else 0)
             if raw == ffi.NULL:
                 where = f"CA file {ca_file!r}" if ca_file else "the system CA store"
-                raise InvalidMessageError(f"cannot set up TLS with {where}")
+                raise InvalidOptionError(f"cannot set up TLS with {where}")
             cfg = ffi.gc(raw, lib.smtps_tls_config_free)
             _tls_configs[key] = cfg
         return cfg
@@ -162,21 +196,18 @@ class Options:
 
     def __post_init__(self) -> None:
         if self.tls not in TLS_MODES:
-            raise InvalidMessageError(f"tls={self.tls!r} is not one of {sorted(TLS_MODES)}")
+            raise InvalidOptionError(f"tls={self.tls!r} is not one of {sorted(TLS_MODES)}")
         auth: Any = self.auth
         if isinstance(auth, tuple):
             if len(auth) != 2:
-                raise InvalidMessageError("auth must be Auth(...) or a (user, secret) pair")
+                raise InvalidOptionError("auth must be Auth(...) or a (user, secret) pair")
             object.__setattr__(self, "auth", Auth(*auth))
         elif auth is not None and not isinstance(auth, Auth):
-            raise InvalidMessageError("auth must be Auth(...) or a (user, secret) pair")
+            raise InvalidOptionError("auth must be Auth(...) or a (user, secret) pair")
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
-            raise InvalidMessageError(f"ca_file {self.ca_file!r} does not exist")
-        if self.timeout is not None and (
-                isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
-                or not 0 < self.timeout < 10**7):
-            raise InvalidMessageError(
-                f"timeout must be a positive number of seconds, not {self.timeout!r}")
+            raise InvalidOptionError(f"ca_file {self.ca_file!r} does not exist")
+        if self.timeout is not None:
+            _check_seconds(self.timeout, "timeout")
         if self.helo is not None:
             _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX)
         if self.server_hostname is not None:
@@ -205,15 +236,21 @@ class Options:
         """Set TLS, AUTH and deadlines on a C session before it starts.
         ``keep`` receives cdata that must live as long as the session."""
         if self.tls != "none":
-            name = (self.server_hostname or host).encode("idna")
+            server_name = self.server_hostname or host
+            try:
+                name = server_name.encode("idna")
+            except UnicodeError:
+                raise InvalidOptionError(
+                    f"{server_name!r} is not a valid host name") from None
             keep.append(name)
-            check(lib.smtps_session_set_tls(session_ptr, TLS_MODES[self.tls],
-                                            self.tls_config(), name), "set up TLS")
+            _check_option(lib.smtps_session_set_tls(session_ptr, TLS_MODES[self.tls],
+                                                    self.tls_config(), name), "set up TLS")
         if self.auth is not None:
             a = self.auth
-            check(lib.smtps_session_set_auth(session_ptr, a.user.encode(), a.secret.encode(),
-                                             a.mechs, 1 if a.allow_plaintext else 0),
-                  "set up AUTH")
+            _check_option(lib.smtps_session_set_auth(session_ptr, a.user.encode(),
+                                                     a.secret.encode(), a.mechs,
+                                                     1 if a.allow_plaintext else 0),
+                          "set up AUTH")
         if self.timeout is not None:
             for sid in range(lib.SMTPS_MAX_STATES):
                 if lib.smtps_session_set_timeout(session_ptr, sid, self.timeout_ms) < 0:

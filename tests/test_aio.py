@@ -17,7 +17,7 @@ from typing import Awaitable, Callable, List, Optional, Tuple
 import pytest
 
 from smtpstate import Action, ConnectError, Machine, Message, State, aio
-from smtpstate.errors import InvalidMessageError
+from smtpstate.errors import InvalidOptionError
 from smtpstate.options import Auth
 
 SENDER = "sender@client.test"
@@ -612,10 +612,10 @@ def test_deliver_moves_messages_off_connections_refused_with_421():
 def test_options_are_checked():
     with pytest.raises(TypeError, match="unknown option"):
         aio.Client("127.0.0.1", 25, tls_mode="starttls")
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(InvalidOptionError):
         aio.Client("127.0.0.1", 25, timeout=0)
     with pytest.raises(TypeError):
         _run(aio.deliver(["not a message"], "127.0.0.1", 25))
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidOptionError):
         _run(aio.deliver([], "127.0.0.1", 25, concurrency=0))
     assert _run(aio.deliver([], "127.0.0.1", 25)) == []

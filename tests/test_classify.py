@@ -131,7 +131,7 @@ def test_register_class_and_rules():
     q = classify.register_class(200, "quarantined")
     assert q == BounceClass(200, "quarantined")
     assert classify.register_class(200, "quarantined") == q       # harmless again
-    with pytest.raises(smtpstate.InvalidMessageError, match="taken"):
+    with pytest.raises(smtpstate.InvalidOptionError, match="taken"):
         classify.register_class(200, "other")
     with pytest.raises(ValueError, match="built-in"):
         classify.register_class(10, "mine")

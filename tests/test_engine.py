@@ -27,7 +27,7 @@ import pytest
 import smtpstate
 from handlers import RefusingHandler
 from smtpstate import Action, Engine, Machine, Message, State, Ticket, deliver
-from smtpstate.errors import InvalidMessageError, LocalProtocolError
+from smtpstate.errors import InvalidOptionError, LocalProtocolError
 
 SENDER = "sender@client.test"
 
@@ -582,7 +582,7 @@ def test_deliver_empty_and_bad_arguments():
         deliver([b"not a message"], "127.0.0.1", 25)
     with pytest.raises(TypeError):
         deliver([Message(SENDER, ["r@example.test"], b"x")], "127.0.0.1", 25, bogus=1)
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(InvalidOptionError):
         deliver([Message(SENDER, ["r@example.test"], b"x")], "127.0.0.1", 25, concurrency=0)
 
 
@@ -670,16 +670,16 @@ def test_engine_api_misuse(scripted):
         engine.submit(Message(SENDER, ["r@example.test"], b"x"), server.host, server.port,
                       nonsense=True)
     for bad_host in ("", "a b", "x" * 300):
-        with pytest.raises(InvalidMessageError):
+        with pytest.raises(InvalidOptionError):
             engine.submit(Message(SENDER, ["r@example.test"], b"x"), bad_host, 25)
     for bad_port in (0, 70000, "25"):
-        with pytest.raises(InvalidMessageError):
+        with pytest.raises(InvalidOptionError):
             engine.submit(Message(SENDER, ["r@example.test"], b"x"), "127.0.0.1", bad_port)
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(InvalidOptionError):
         Engine(max_connections=0)
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(InvalidOptionError):
         Engine(idle_timeout=-1)
-    with pytest.raises(InvalidMessageError):
+    with pytest.raises(InvalidOptionError):
         Engine(helo="bad helo")
     ticket = engine.submit(Message(SENDER, ["r@example.test"], b"x\r\n"), server.host,
                            server.port, timeout=10)

@@ -23,8 +23,8 @@ from typing import Any, Optional
 import pytest
 
 import smtpstate
-from smtpstate import (Action, Auth, Client, Engine, InvalidMessageError, Machine,
-                       Message, Recipient, State, aio)
+from smtpstate import (Action, Auth, Client, Engine, InvalidMessageError, InvalidOptionError,
+                       Machine, Message, Recipient, State, aio)
 from smtpstate._core import ffi, lib
 
 from hostile import DRIVERS, HELO, Servers, deliver, greet, send, serve
@@ -177,15 +177,15 @@ def test_bad_ehlo_name_is_refused_before_connecting(hostile, bad):
     server = hostile([greet(), serve()])
     if bad is None:                                   # None means "the default"
         return
-    with pytest.raises(InvalidMessageError, match="HELO name"):
+    with pytest.raises(InvalidOptionError, match="HELO name"):
         Client(server.host, server.port, helo=bad)
-    with pytest.raises(InvalidMessageError, match="HELO name"):
+    with pytest.raises(InvalidOptionError, match="HELO name"):
         aio.Client(server.host, server.port, helo=bad)
     with Engine(helo=HELO) as engine:
-        with pytest.raises(InvalidMessageError, match="HELO name"):
+        with pytest.raises(InvalidOptionError, match="HELO name"):
             engine.submit(msg(), server.host, server.port, helo=bad)
     if isinstance(bad, str):
-        with pytest.raises(InvalidMessageError, match="HELO name"):
+        with pytest.raises(InvalidOptionError, match="HELO name"):
             Engine(helo=bad)
     assert server.conns == []
 
@@ -198,12 +198,12 @@ BAD_HOSTS = ["127.0.0.1\x00.evil.test", "127.0.0.1\r\n", "a b", "", "x" * 256, 1
 def test_bad_host_is_refused(bad):
     """A NUL would end the name in C and in the resolver: "127.0.0.1\\0.evil"
     would quietly connect to 127.0.0.1."""
-    with pytest.raises(InvalidMessageError, match="host"):
+    with pytest.raises(InvalidOptionError, match="host"):
         Client(bad, 25)
-    with pytest.raises(InvalidMessageError, match="host"):
+    with pytest.raises(InvalidOptionError, match="host"):
         aio.Client(bad, 25)
     with Engine(helo=HELO) as engine:
-        with pytest.raises(InvalidMessageError, match="host"):
+        with pytest.raises(InvalidOptionError, match="host"):
             engine.submit(msg(), bad, 25)
 
 
@@ -225,12 +225,12 @@ def test_bad_host_is_refused(bad):
     (dict(ca_file="/nonexistent/ca.pem", tls="starttls"), "ca_file"),
 ])
 def test_bad_options_every_driver(options, match):
-    with pytest.raises(InvalidMessageError, match=match):
+    with pytest.raises(InvalidOptionError, match=match):
         Client("127.0.0.1", 25, **options)
-    with pytest.raises(InvalidMessageError, match=match):
+    with pytest.raises(InvalidOptionError, match=match):
         aio.Client("127.0.0.1", 25, **options)
     with Engine(helo=HELO) as engine:
-        with pytest.raises(InvalidMessageError, match=match):
+        with pytest.raises(InvalidOptionError, match=match):
             engine.submit(msg(), "127.0.0.1", 25, **options)
 
 
@@ -239,6 +239,28 @@ def test_unknown_option_is_a_type_error():
         Client("127.0.0.1", 25, timout=5)
     with pytest.raises(TypeError, match="unknown option"):
         aio.Client("127.0.0.1", 25, starttls=True)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: Engine(max_connections=0), "max_connections"),
+    (lambda: Engine(messages_per_connection=-1), "messages_per_connection"),
+    (lambda: Engine(connect_timeout=True), "connect_timeout"),
+    (lambda: Engine(idle_timeout="5"), "idle_timeout"),
+    (lambda: smtpstate.deliver([], "127.0.0.1", 25, concurrency=0), "concurrency"),
+    (lambda: asyncio.run(aio.deliver([], "127.0.0.1", 25, concurrency=0)), "concurrency"),
+    (lambda: asyncio.run(aio.deliver([], "127.0.0.1", 25, concurrency=2.5)), "concurrency"),
+    (lambda: smtpstate.classify.register_class(0, "zero"), "1-"),
+    (lambda: smtpstate.classify.add_rule(smtpstate.classify.TIMEOUT), "needs"),
+    (lambda: Auth("user", ""), "secret"),
+])
+def test_what_is_not_the_message_raises_invalid_option_error(make, match):
+    """The class says whose input was wrong: an option, limit or setting is
+    never reported as a bad message (and is still a ValueError)."""
+    with pytest.raises(InvalidOptionError, match=match) as caught:
+        make()
+    assert isinstance(caught.value, ValueError)
+    assert isinstance(caught.value, smtpstate.SMTPStateError)
+    assert not isinstance(caught.value, InvalidMessageError)
 
 
 def test_credentials_with_line_breaks_stay_inside_base64(hostile):
@@ -615,8 +637,8 @@ def test_state_calling_its_own_engine(hostile, what):
     (lambda: Recipient(RCPT, notify=("NEVER", "DELAY")), InvalidMessageError, "NEVER"),
     (lambda: Recipient(RCPT, notify=("SOMETIMES",)), InvalidMessageError, "NOTIFY"),
     (lambda: Recipient(RCPT, orcpt=b"o@x"), InvalidMessageError, "ORCPT"),
-    (lambda: Auth("user", None), InvalidMessageError, "secret"),
-    (lambda: Auth("user", "s", mechanism="GSSAPI"), InvalidMessageError, "mechanism"),
+    (lambda: Auth("user", None), InvalidOptionError, "secret"),
+    (lambda: Auth("user", "s", mechanism="GSSAPI"), InvalidOptionError, "mechanism"),
     (lambda: Machine().register("not a state"), smtpstate.RegistrationError, "State"),
     (lambda: Client("127.0.0.1", 25).send(b"raw bytes"), TypeError, "Message"),
     (lambda: Client("127.0.0.1", 25).send(None), TypeError, "Message"),
