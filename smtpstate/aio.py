@@ -40,7 +40,7 @@ from smtpstate.errors import ConnectError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Options, _check_count, check_host
+from smtpstate.options import Options, _check_count, check_host, check_port
 from smtpstate.result import RecipientResult, Result
 from smtpstate.session import Capabilities, Session
 
@@ -470,7 +470,8 @@ class Client:
 
     Raises:
         TypeError: an unknown option.
-        InvalidOptionError: a known option with a bad value.
+        InvalidOptionError: a bad host or port (an int from 1 to 65535),
+            or a known option with a bad value.
 
     :meth:`send` connects when needed and reuses the connection. Any number
     of ``send()`` calls may run at once; they take turns, in call order,
@@ -484,7 +485,7 @@ class Client:
     def __init__(self, host: str, port: int = 25, *, machine: Optional[Machine] = None,
                  keep_transcript: bool = False, **options: Any) -> None:
         self.host = check_host(host)
-        self.port = int(port)
+        self.port = check_port(port)
         self.options = Options.make(**options)
         self.machine = machine if machine is not None else default_machine
         self.keep_transcript = keep_transcript
@@ -676,7 +677,8 @@ async def send(message: Message, host: str, port: int = 25, *,
 
     Raises:
         TypeError: not a Message, or an unknown option.
-        InvalidOptionError: a bad option value.
+        InvalidOptionError: a bad host, port or option value (before
+            anything is connected).
     """
     async with Client(host, port, machine=machine, **options) as client:
         return await client.send(message)
@@ -709,15 +711,19 @@ async def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
 
     Raises:
         TypeError: something that is not a Message, or an unknown option.
-        InvalidOptionError: a bad option value, or a concurrency that is
-            not an int >= 1.
+        InvalidOptionError: a bad host, port or option value, or a
+            concurrency that is not an int >= 1 (before anything is
+            connected).
     """
     msgs = list(messages)
     for m in msgs:
         if not isinstance(m, Message):
             raise TypeError(f"deliver() takes smtpstate.Message objects, not {type(m).__name__}")
     _check_count(concurrency, "concurrency")
-    Options.make(**options)                    # refuse bad options before connecting
+    # Refused before connecting, as Client would refuse them in each worker.
+    check_host(host)
+    check_port(port)
+    Options.make(**options)
     results: List[Optional[Result]] = [None] * len(msgs)
     todo = collections.deque(range(len(msgs)))
     workers = min(concurrency, len(msgs))

@@ -27,7 +27,7 @@ from smtpstate.errors import ConnectError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Auth, Options, check_host
+from smtpstate.options import Auth, Options, check_host, check_port
 from smtpstate.result import Result
 from smtpstate.session import Capabilities, Session
 
@@ -84,7 +84,8 @@ class Client:
     reuses the connection for the next message.
 
     Raises:
-        InvalidOptionError: a bad option (unknown ``tls`` mode, missing
+        InvalidOptionError: a bad host or port (an int from 1 to 65535),
+            or a bad option (unknown ``tls`` mode, missing
             ``ca_file``, bad ``auth``).
     """
 
@@ -100,7 +101,7 @@ class Client:
             server_hostname=server_hostname,
             dangerously_skip_certificate_verification=dangerously_skip_certificate_verification)
         self.host = check_host(host)
-        self.port = int(port)
+        self.port = check_port(port)
         self.timeout = timeout
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()

@@ -28,7 +28,7 @@ from smtpstate.logs import Tracer, log_result, result_log, transcript_log
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
 from smtpstate.options import (Options, _check_count, _check_seconds, _printable_name,
-                               check_host)
+                               check_host, check_port)
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
 from smtpstate.session import Session, _bind, _unbind
 
@@ -378,7 +378,7 @@ class Engine:
         Args:
             message: the :class:`~smtpstate.Message`.
             host: a name, or an IPv4 or IPv6 address literal.
-            port: the TCP port.
+            port: the TCP port, an int from 1 to 65535.
             **options: those of :class:`~smtpstate.options.Options`: ``tls``,
                 ``auth``, ``ca_file``, ``timeout``, ``helo``,
                 ``server_hostname``,
@@ -455,8 +455,7 @@ class Engine:
         remembered for submit()'s shortcut. A hit was validated when it was
         cached: the host is checked on a miss only (that check walks the
         name, once per submit it was the costliest part of submitting)."""
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidOptionError(f"port must be 1-65535, not {port!r}")
+        check_port(port)
         # The key submit() looks up (options in the caller's order: another
         # order is another entry, as valid). Only exact types are cached:
         # an equal float port or str subclass host must not hit later.
@@ -785,6 +784,10 @@ def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
     """
     batch = as_messages(messages)
     _check_count(concurrency, "concurrency")
+    # Refused before the engine exists, even with no message to submit.
+    check_host(host)
+    check_port(port)
+    Options.make(**options)
     with Engine(max_connections=concurrency, max_per_destination=concurrency) as engine:
         tickets = [engine.submit(m, host, port, **options) for m in batch]
         for _ in engine.run():

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 from smtpstate._ffi import check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host"]
+__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host", "check_port"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
@@ -109,6 +109,23 @@ def check_host(host: Any, what: str = "host") -> str:
             f"{what} {host!r} must be a name or an address: 1-255 characters "
             "without spaces or control characters")
     return host
+
+
+def check_port(port: Any, what: str = "port") -> int:
+    """Return ``port`` if a driver may connect to it: the one port check of
+    every driver (Client, Engine, deliver, asyncio).
+
+    Only an ``int`` is taken: a float would be truncated (8025.9 is not a
+    port anyone meant) and a str is a caller's slip that would otherwise
+    surface later, and differently in each driver.
+
+    Raises:
+        InvalidOptionError: not an int (a bool is not one either), or
+            outside 1-65535 (C would wrap 70000 round to 4464).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidOptionError(f"{what} must be an int from 1 to 65535, not {port!r}")
+    return int(port)                           # an int subclass (IntEnum) as a plain int
 
 
 def _check_count(value: Any, what: str, low: int = 1) -> int:

@@ -18,6 +18,7 @@ the Python ones to show the C ones hold.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Optional
 
 import pytest
@@ -205,6 +206,46 @@ def test_bad_host_is_refused(bad):
     with Engine(helo=HELO) as engine:
         with pytest.raises(InvalidOptionError, match="host"):
             engine.submit(msg(), bad, 25)
+
+
+#: Ports every driver must refuse, made from the server's own port: C's
+#: 16-bit field would turn port + 65536 into port, int() would truncate
+#: port + 0.9 to it, and int("port") would parse it. Refused, none of them
+#: may reach the server.
+BAD_PORTS = {
+    "wraps to it": lambda port: port + 65536,
+    "float": lambda port: port + 0.9,
+    "whole float": lambda port: float(port),
+    "str": lambda port: str(port),
+    "bool": lambda port: True,
+    "zero": lambda port: 0,
+    "negative": lambda port: -port,
+    "None": lambda port: None,
+}
+
+
+@pytest.mark.parametrize("make_bad", BAD_PORTS.values(), ids=BAD_PORTS.keys())
+def test_bad_port_is_refused_by_every_driver(hostile, make_bad):
+    server = hostile([greet(), serve()])
+    bad = make_bad(server.port)
+    named = re.escape(repr(bad))                        # the error names the value
+    with pytest.raises(InvalidOptionError, match=named):
+        Client(server.host, bad, helo=HELO)
+    with pytest.raises(InvalidOptionError, match=named):
+        aio.Client(server.host, bad, helo=HELO)
+    with pytest.raises(InvalidOptionError, match=named):
+        asyncio.run(aio.send(msg(), server.host, bad, helo=HELO, timeout=LONG))
+    with pytest.raises(InvalidOptionError, match=named):
+        asyncio.run(aio.deliver([msg()], server.host, bad, helo=HELO, timeout=LONG))
+    with Engine(helo=HELO) as engine:
+        with pytest.raises(InvalidOptionError, match=named):
+            engine.submit(msg(), server.host, bad)
+    with pytest.raises(InvalidOptionError, match=named):
+        smtpstate.deliver([msg()], server.host, bad, helo=HELO, timeout=LONG)
+    # The same server, its port given right: it was reachable all along.
+    (ok,) = deliver("client", [msg()], server, timeout=LONG)
+    assert ok.ok, ok
+    assert len(server.conns) == 1
 
 
 @pytest.mark.parametrize("options, match", [
