@@ -83,6 +83,11 @@ class Client:
     Use it as a context manager; :meth:`send` connects when needed and
     reuses the connection for the next message.
 
+    One call at a time: a call, or a read of :attr:`capabilities`,
+    :attr:`tls_version` or :attr:`connected`, made while another call runs
+    (from another thread, or from one of the client's own states) raises
+    LocalProtocolError instead of waiting or racing the C session.
+
     Raises:
         InvalidOptionError: a bad host or port (an int from 1 to 65535),
             or a bad option (unknown ``tls`` mode, missing
@@ -196,24 +201,44 @@ class Client:
             sock.close()
         self._session, self._sock, self._selector = None, None, None
 
+    # The three properties below read the C session, which a call running
+    # in another thread changes and may free: they take the guard too.
+
     @property
     def capabilities(self) -> Optional[Capabilities]:
-        """What the server's EHLO offered, or None when not connected."""
-        return self._session.capabilities if self._session is not None else None
+        """What the server's EHLO offered, or None when not connected.
+
+        Raises:
+            LocalProtocolError: another call of this client is running (in
+                another thread, or this is one of its states: a state reads
+                ``session.capabilities`` instead).
+        """
+        with self._guard():
+            return self._session.capabilities if self._session is not None else None
 
     @property
     def tls_version(self) -> Optional[str]:
-        """"TLSv1.3" and the like while TLS is up, else None."""
-        if self._session is None:
-            return None
-        v = ffi.string(lib.smtps_session_tls_version(self._session._ptr)).decode("ascii")
-        return v or None
+        """"TLSv1.3" and the like while TLS is up, else None.
+
+        Raises:
+            LocalProtocolError: as for :attr:`capabilities`.
+        """
+        with self._guard():
+            if self._session is None:
+                return None
+            v = ffi.string(lib.smtps_session_tls_version(self._session._ptr)).decode("ascii")
+            return v or None
 
     @property
     def connected(self) -> bool:
-        """True while a connection is open and usable."""
-        return self._session is not None and self._status() in (
-            lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE)
+        """True while a connection is open and usable.
+
+        Raises:
+            LocalProtocolError: as for :attr:`capabilities`.
+        """
+        with self._guard():
+            return self._session is not None and self._status() in (
+                lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE)
 
     def __enter__(self) -> "Client":
         return self

@@ -696,8 +696,16 @@ class Engine:
 
     @property
     def connections(self) -> int:
-        """Connections open or being opened now."""
-        return int(lib.smtps_engine_connections(self._ptr)) if self._ptr is not None else 0
+        """Connections open or being opened now; 0 once closed.
+
+        Raises:
+            LocalProtocolError: another call is running (in another thread,
+                or this is one of the engine's states inside :meth:`run`):
+                C's count is not ours to read until it returns.
+        """
+        with self._guard(closing=True):           # closed: 0, not an error
+            ptr = self._ptr
+            return int(lib.smtps_engine_connections(ptr)) if ptr is not None else 0
 
     @property
     def closed(self) -> bool:
@@ -738,7 +746,11 @@ class Engine:
     def __repr__(self) -> str:
         if self._ptr is None:
             return "<Engine closed>"
-        return f"<Engine pending={self.pending} connections={self.connections}>"
+        try:
+            connections = str(self.connections)
+        except LocalProtocolError:               # busy elsewhere; a repr never raises
+            connections = "?"
+        return f"<Engine pending={self.pending} connections={connections}>"
 
     def _guard(self, closing: bool = False) -> "_Guard":
         return _Guard(self, closing)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, Optional
+import threading
+from typing import Any, List, Optional, Tuple
 
 import pytest
 
 import smtpstate
 from smtpstate import (Action, Auth, Client, Engine, InvalidMessageError, InvalidOptionError,
-                       Machine, Message, Recipient, State, aio)
+                       LocalProtocolError, Machine, Message, Recipient, State, aio)
 from smtpstate._core import ffi, lib
 
 from hostile import DRIVERS, HELO, Servers, deliver, greet, send, serve
@@ -620,10 +621,13 @@ class CallsBack(State):
             self.target.connect()
         elif self.what == "run":
             list(self.target.run(timeout=1))
+        else:                                    # a property that reads C
+            getattr(self.target, self.what)
         return 0
 
 
-@pytest.mark.parametrize("what", ["send", "close", "connect"])
+@pytest.mark.parametrize("what", ["send", "close", "connect", "capabilities", "tls_version",
+                                  "connected"])
 def test_state_calling_its_own_client(hostile, what):
     """One call at a time: the re-entrant call raises LocalProtocolError in
     the state, which fails that message only; the connection goes on."""
@@ -640,7 +644,7 @@ def test_state_calling_its_own_client(hostile, what):
     assert bytes(server.conn.received) == EHLO + MAIL + QUIT
 
 
-@pytest.mark.parametrize("what", ["run", "close"])
+@pytest.mark.parametrize("what", ["run", "close", "connections"])
 def test_state_calling_its_own_engine(hostile, what):
     state = CallsBack(what)
     machine = Machine()
@@ -652,6 +656,83 @@ def test_state_calling_its_own_engine(hostile, what):
         list(engine.run(timeout=10))
     assert t.result.status == "permfail" and "LocalProtocolError" in t.result.error
     assert bytes(server.conn.received) == EHLO + MAIL + QUIT
+
+
+class Holds(State):
+    """Holds its driver's call open (in C, the guard taken) until released,
+    so that another thread can be caught calling in meanwhile."""
+
+    name = "HOLDS"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def setup(self, session) -> int:
+        self.entered.set()
+        self.release.wait(LONG)
+        return 0
+
+
+def _in_thread(fn: Any) -> Tuple[threading.Thread, List[Any]]:
+    """Run fn() in a thread; the list gets its return value or exception."""
+    out: List[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:             # handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_client_properties_refuse_another_thread_while_a_call_runs(hostile):
+    """capabilities, tls_version and connected read the C session: while
+    send() runs in one thread, another thread reading them would race C
+    (and could find the session freed under it)."""
+    state = Holds()
+    machine = Machine()
+    machine.register(state, after="MAIL")
+    server = hostile([greet(), serve()])
+    with Client(server.host, server.port, machine=machine, helo=HELO, timeout=LONG) as client:
+        thread, out = _in_thread(lambda: client.send(msg()))
+        try:
+            assert state.entered.wait(LONG)
+            for name in ("capabilities", "tls_version", "connected"):
+                with pytest.raises(LocalProtocolError, match="already in use"):
+                    getattr(client, name)
+        finally:
+            state.release.set()
+            thread.join(LONG)
+        (r,) = out
+        assert isinstance(r, smtpstate.Result) and r.ok, r
+        # The call over, they answer again.
+        assert client.connected and client.tls_version is None
+        assert isinstance(client.capabilities, smtpstate.Capabilities)
+
+
+def test_engine_connections_refuses_another_thread_while_run_runs(hostile):
+    state = Holds()
+    machine = Machine()
+    machine.register(state, after="MAIL")
+    server = hostile([greet(), serve()])
+    with Engine(machine=machine, helo=HELO) as engine:
+        t = engine.submit(msg(), server.host, server.port, timeout=LONG)
+        thread, out = _in_thread(lambda: list(engine.run(timeout=2 * LONG)))
+        try:
+            assert state.entered.wait(LONG)
+            with pytest.raises(LocalProtocolError, match="already in use"):
+                engine.connections
+            assert repr(engine) == "<Engine pending=1 connections=?>"   # never raises
+        finally:
+            state.release.set()
+            thread.join(2 * LONG)
+        assert out == [[t.result]] and t.result.ok, out
+        assert engine.connections in (0, 1)      # the call over: one idle, or none
+    assert engine.connections == 0              # closed
 
 
 # ---------------------------------------------------------------------------
