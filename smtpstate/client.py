@@ -135,9 +135,11 @@ class Client:
         with self._guard():
             self._connect()
 
-    def _connect(self, wait: bool = True) -> None:
+    def _connect(self, wait: bool = True, start: bool = True) -> None:
         """Connect and start the session; with ``wait``, run it until the
-        connection part (greeting, EHLO, STARTTLS, AUTH) is over."""
+        connection part (greeting, EHLO, STARTTLS, AUTH) is over. Without
+        ``start``, the session is left new, for a message to be submitted
+        before :meth:`_start`."""
         if self._session is not None:
             raise LocalProtocolError("already connected; close() first")
         connect_timeout = self.timeout if self.timeout is not None else 60.0
@@ -169,7 +171,13 @@ class Client:
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
-        check(lib.smtps_session_start(session._ptr, _now_ms()), "start the session")
+        if start:
+            self._start(wait)
+
+    def _start(self, wait: bool = False) -> None:
+        """Start the new session (states placed before BANNER run now)."""
+        assert self._session is not None
+        check(lib.smtps_session_start(self._session._ptr, _now_ms()), "start the session")
         if wait:
             self._pump(lambda: self._status() != lib.SMTPS_SESS_ACTIVE)
 
@@ -273,9 +281,10 @@ class Client:
             if self._session is not None and self._status() not in (
                     lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
                 self._drop("connection no longer usable")
-            if self._session is None:
+            fresh = self._session is None
+            if fresh:
                 try:
-                    self._connect(wait=False)
+                    self._connect(wait=False, start=False)
                 except ConnectError as exc:
                     return self._not_connected(message, tag, exc.strerror or str(exc))
             session = self._session
@@ -285,13 +294,21 @@ class Client:
             rc = lib.smtps_session_submit(session._ptr, cmsg, tag)
             if rc < 0:
                 session.messages.pop(tag, None)
+                if fresh:                         # never started: nothing to QUIT
+                    self._drop("the message was not taken")
             if rc == lib.SMTPS_ECLOSED:
-                # The greeting or EHLO failed: say so through a result.
+                # The session ended between the check above and the submit:
+                # say so through a result.
                 reason = session.reason or "the server ended the connection"
                 self._drop(reason)
                 return self._not_connected(message, tag, reason)
             check(rc, "submit the message")
             ffi.gc(cmsg, None)                    # the session owns it now
+            if fresh:
+                # Started with the message in it, as the Engine and aio
+                # start theirs: a state before BANNER that fails at once
+                # fails this message, in that state and with its error.
+                self._start()
             self._pump(lambda: any(r.ticket == tag for r in self._results))
             for i, r in enumerate(self._results):
                 if r.ticket == tag:

@@ -62,11 +62,22 @@ class DeliveryError(SMTPStateError):
     """A message was not delivered (raised by ``Result.raise_for_status()``;
     the drivers themselves return results, never raise this).
 
+    ``DeliveryError(result)`` for a result that a Python state failed (its
+    ``error`` is set) is a :class:`StateCallbackError`, the way
+    ``OSError(errno.ENOENT, ...)`` is a ``FileNotFoundError``: so
+    ``raise_for_status()`` says whose fault it was without knowing the
+    subclasses.
+
     Attributes:
         result: the :class:`~smtpstate.Result`.
         status, stage, stage_code, reply, reason, bounce_class: the
             result's, for convenience.
     """
+
+    def __new__(cls, result: Any, *args: Any) -> "DeliveryError":
+        if cls is DeliveryError and getattr(result, "error", None):
+            cls = StateCallbackError
+        return super().__new__(cls, result, *args)
 
     def __init__(self, result: Any) -> None:
         self.result = result
@@ -76,22 +87,42 @@ class DeliveryError(SMTPStateError):
         self.reply = result.reply
         self.reason = result.reason
         self.bounce_class = result.bounce_class
+        super().__init__(self._describe(result))
+
+    @staticmethod
+    def _describe(result: Any) -> str:
         why = str(result.reply) if result.reply is not None else result.reason
         cls = f" [{result.bounce_class}]" if result.bounce_class is not None else ""
-        super().__init__(f"{result.status} at stage {result.stage_code} "
-                         f"({result.stage}): {why}{cls}")
+        return f"{result.status} at stage {result.stage_code} ({result.stage}): {why}{cls}"
 
 
-class StateCallbackError(SMTPStateError):
-    """A Python state raised; its message failed, the process did not.
+class StateCallbackError(DeliveryError):
+    """A message was not delivered because a Python state raised: a bug in
+    that state, not the server's doing. Its message failed; the process,
+    the connection's other messages and the driver did not.
+
+    Raised by ``Result.raise_for_status()`` for a result whose ``error`` is
+    set; a :class:`DeliveryError` like any other failure, so ``except
+    DeliveryError`` still sees every message that was not delivered.
 
     Attributes:
-        state: the name of the state that raised.
-        stage: the connection stage it was in.
-    The original exception is ``__cause__``.
+        state: the name of the state the message failed in, which is the
+            state that raised (a raising state fails its message there).
+        error: what it raised, in words, as ``Result.error``:
+            ``"state 'CHECK' raised KeyError: 'x'"``.
+        And every attribute of :class:`DeliveryError`.
+
+    The exception object itself is not kept by the Result (its traceback
+    was logged on the ``smtpstate.state`` logger when it was raised), so
+    ``__cause__`` is None.
     """
 
-    def __init__(self, state: str, stage: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.state = state
-        self.stage = stage
+    def __init__(self, result: Any) -> None:
+        super().__init__(result)
+        self.state: Optional[str] = result.state
+        self.error: str = result.error
+
+    @staticmethod
+    def _describe(result: Any) -> str:
+        text = DeliveryError._describe(result)
+        return text if result.error in text else f"{text}; {result.error}"

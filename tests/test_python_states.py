@@ -11,8 +11,10 @@ from typing import List, Optional
 import pytest
 from handlers import ProxyHandler, RefusingHandler
 
-from smtpstate import (Action, Client, InvalidMessageError, Machine, Message,
-                       RegistrationError, Reply, Stage, State)
+from smtpstate import (Action, Client, DeliveryError, InvalidMessageError, Machine, Message,
+                       RegistrationError, Reply, Stage, State, StateCallbackError)
+
+from hostile import DRIVERS, deliver
 
 SENDER = "sender@client.test"
 BODY = b"Subject: states\r\n\r\nhello\r\n"
@@ -178,6 +180,36 @@ def test_exception_before_banner_fails_the_connection(aiosmtpd_server):
     client.close()
     assert result.status in ("permfail", "tempfail") and not result.ok
     assert "early" in result.reason
+    assert aiosmtpd_server.messages == []
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("after", ["MAIL", -1], ids=["after-MAIL", "before-BANNER"])
+def test_raise_for_status_says_a_state_raised(aiosmtpd_server, driver, after):
+    """A message a Python state failed by raising is a StateCallbackError
+    (a DeliveryError) naming the state; one a state failed on purpose, and
+    one the server refused, are plain DeliveryErrors."""
+    machine = Machine()
+    machine.register(Raises("fragile", "callback"), after=after)
+    server = (aiosmtpd_server.host, aiosmtpd_server.port)
+    (bad,) = deliver(driver, [Message(SENDER, ["r@example.test"], BODY)], server,
+                     machine=machine, timeout=30)
+    assert not bad.ok and "KeyError" in (bad.error or ""), bad
+    with pytest.raises(StateCallbackError) as info:
+        bad.raise_for_status()
+    exc = info.value
+    assert isinstance(exc, DeliveryError) and exc.result is bad
+    assert exc.state == "fragile" and exc.error == bad.error
+    assert (exc.status, exc.stage_code) == (bad.status, bad.stage_code)
+    assert "state 'fragile' raised KeyError" in str(exc)
+    # Failed on purpose by a state that did not raise: not a bug, no subclass.
+    machine = Machine()
+    machine.register(VerifyOnly(), after="RCPT")
+    (verified,) = deliver(driver, [Message(SENDER, ["r@example.test"], BODY)], server,
+                          machine=machine, timeout=30)
+    with pytest.raises(DeliveryError) as info:
+        verified.raise_for_status()
+    assert type(info.value) is DeliveryError and verified.error is None
     assert aiosmtpd_server.messages == []
 
 
