@@ -11,7 +11,14 @@ Quick start::
 
 The C core stays reachable for C-level use as ``smtpstate._core`` (``ffi``,
 ``lib``); nothing in the Python API needs it.
+
+``smtpstate.aio`` (and ``cli``, ``demo``, ``bench``) are imported on first
+use, not with the package: ``import smtpstate`` then ``smtpstate.aio.send(...)``
+works, and a program that never touches asyncio does not pay for it.
 """
+
+from importlib import import_module
+from typing import Any, List
 
 from smtpstate.classify import BounceClass
 from smtpstate.classify import classify as classify_reply
@@ -66,3 +73,24 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Submodules imported when first used, not here: aio imports asyncio, which
+# costs more at start-up than the whole package, and the others are the
+# command line's.
+_LAZY_SUBMODULES = frozenset({"aio", "bench", "cli", "demo"})
+
+
+def __getattr__(name: str) -> Any:
+    """``smtpstate.aio`` and the other lazy submodules, imported on first
+    access (PEP 562); importing sets the attribute, so this runs once each.
+
+    Raises:
+        AttributeError: no such attribute or submodule.
+    """
+    if name in _LAZY_SUBMODULES:
+        return import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)

@@ -619,3 +619,39 @@ def test_options_are_checked():
     with pytest.raises(InvalidOptionError):
         _run(aio.deliver([], "127.0.0.1", 25, concurrency=0))
     assert _run(aio.deliver([], "127.0.0.1", 25)) == []
+
+
+_PACKAGE_ONLY = """
+import sys
+import smtpstate
+# The package alone: asyncio and the driver are not imported with it.
+assert "smtpstate.aio" not in sys.modules and "asyncio" not in sys.modules
+assert "aio" in dir(smtpstate)
+import asyncio
+message = smtpstate.Message("sender@client.test", ["r@example.test"], b"Subject: lazy\\r\\n\\r\\nhi\\r\\n")
+result = asyncio.run(smtpstate.aio.send(message, "127.0.0.1", int(sys.argv[1]), timeout=30))
+assert smtpstate.aio is sys.modules["smtpstate.aio"]
+try:
+    smtpstate.no_such_thing
+except AttributeError as exc:
+    assert "no_such_thing" in str(exc)
+else:
+    raise AssertionError("smtpstate.no_such_thing did not raise")
+print(result.status)
+"""
+
+
+def test_aio_reachable_from_the_package_without_importing_it(aiosmtpd_server):
+    """import smtpstate, then smtpstate.aio.send(...): the submodule is
+    imported on first use (a fresh interpreter: this one imported it)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    p = subprocess.run([sys.executable, "-c", _PACKAGE_ONLY, str(aiosmtpd_server.port)],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=tempfile.gettempdir())       # the installed package
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["delivered"]
+    (got,) = aiosmtpd_server.wait_for_messages(1)
+    assert b"Subject: lazy" in got.data
