@@ -313,6 +313,12 @@ class Engine:
     One thread at a time: a call made while another is running (from a
     second thread, or from a state inside :meth:`run`) raises
     LocalProtocolError instead of corrupting the loop.
+
+    As a context manager, the engine delivers before it closes: leaving
+    the ``with`` block normally runs it until every message submitted has
+    its result (``submit()`` without ``run()`` still sends), as
+    ``concurrent.futures`` executors wait on exit; an exception leaving the
+    block closes it at once (see :meth:`__exit__`).
     """
 
     def __init__(self, *, max_connections: int = 1000, max_per_destination: int = 10,
@@ -713,14 +719,14 @@ class Engine:
 
     def close(self) -> None:
         """Close every connection (QUIT where it costs nothing) and free the
-        engine. Messages without a result by now never get one: call
-        :meth:`run` to the end first."""
+        engine. Messages without a result by now never get one (they are
+        logged as dropped): call :meth:`run` to the end first, or leave a
+        ``with`` block without an exception, which does."""
         if self._ptr is None:
             return
         with self._guard(closing=True):
             if self._tickets:
-                log.warning("engine closed with %d message(s) still without a result",
-                            len(self._tickets))
+                self._log_dropped()
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
             self._collector.close()
@@ -728,11 +734,41 @@ class Engine:
                 _unbind(csession, view)
             self._views.clear()
 
+    def _log_dropped(self, shown: int = 10) -> None:
+        """One warning naming the tickets close() leaves without a result
+        (the first ``shown`` of them)."""
+        tickets = list(self._tickets.values())
+        listed = ", ".join(repr(t) for t in tickets[:shown])
+        more = f" and {len(tickets) - shown} more" if len(tickets) > shown else ""
+        log.warning("engine closed with %d message(s) still without a result: %s%s",
+                    len(tickets), listed, more)
+
     def __enter__(self) -> "Engine":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """Leave the ``with`` block: deliver what is pending, then close.
+
+        Without an exception, :meth:`run` goes on until every message
+        submitted has its result (on its :class:`Ticket`), as a
+        ``concurrent.futures`` executor waits for its work on exit. With an
+        exception on its way out, the engine closes at once instead and
+        logs the messages dropped without a result. An engine closed in
+        the block is left as it is.
+
+        An interrupt (Ctrl-C) while it delivers closes it at once, as an
+        exception in the block does, and propagates.
+
+        Raises:
+            LocalProtocolError: the engine is busy in another call (another
+                thread): it is then neither run nor closed.
+        """
+        try:
+            if exc_type is None and self._ptr is not None:
+                for _ in self.run():
+                    pass
+        finally:
+            self.close()
 
     def __del__(self) -> None:
         # Free with self still alive: sessions' Python states are called

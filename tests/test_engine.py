@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import socket
 import threading
 import time
@@ -730,6 +731,42 @@ def test_run_timeout_raises_and_resumes(scripted):
         assert engine.pending == 1
         (r,) = _run_all(engine, timeout=20)
     assert r.ticket is t and r.status == "tempfail" and "timeout" in r.reason
+
+
+def test_leaving_the_with_block_delivers_what_is_pending(smtp_sink_server):
+    """As a concurrent.futures executor waits for its work on exit: submit()
+    without run() still delivers, by the end of the block."""
+    messages = [Message(SENDER, [f"r{i}@example.test"], _body(i, "exit")) for i in range(3)]
+    with Engine(helo="client.test") as engine:
+        tickets = [engine.submit(m, smtp_sink_server.host, smtp_sink_server.port, timeout=30)
+                   for m in messages]
+        first = next(engine.run(timeout=30))            # one taken, two left to the exit
+    assert engine.closed and first.ok
+    assert [t.result.status for t in tickets] == ["delivered"] * 3, tickets
+    got = smtp_sink_server.wait_for_messages(3)
+    assert sorted(m.data for m in got) == sorted(m.data for m in messages)
+
+
+def test_an_exception_leaving_the_with_block_drops_what_is_pending(aiosmtpd_server, caplog):
+    """An exception on its way out is not held up by deliveries: the engine
+    closes at once and says what it dropped."""
+    caplog.set_level(logging.WARNING, logger="smtpstate.engine")
+    with pytest.raises(KeyError, match="on the way out"):
+        with Engine(helo="client.test") as engine:
+            t = engine.submit(Message(SENDER, ["r@example.test"], b"x\r\n"),
+                              aiosmtpd_server.host, aiosmtpd_server.port, timeout=30)
+            raise KeyError("on the way out")
+    assert engine.closed and t.result is None
+    (record,) = [r for r in caplog.records if r.name == "smtpstate.engine"]
+    assert "1 message(s) still without a result" in record.getMessage()
+    assert f"127.0.0.1:{aiosmtpd_server.port}" in record.getMessage()   # which ones
+    assert aiosmtpd_server.connections == [] and aiosmtpd_server.messages == []
+    # Closed inside the block: leaving it neither runs nor raises.
+    with Engine(helo="client.test") as engine:
+        engine.submit(Message(SENDER, ["r@example.test"], b"x\r\n"),
+                      aiosmtpd_server.host, aiosmtpd_server.port, timeout=30)
+        engine.close()
+    assert aiosmtpd_server.connections == []
 
 
 def test_required_tls_not_offered(scripted):
