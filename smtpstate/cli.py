@@ -32,7 +32,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO, Tuple
 
 __all__ = ["main", "EXIT_CODES", "StateRow", "state_table", "parse_server", "load_machine"]
 
@@ -68,6 +68,16 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error said in one line and a hint to --help:
+    the whole usage (twenty lines for send) buried the one line that
+    mattered. Subcommands' parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CODES["usage"], f"{self.prog}: error: {message}\n"
+                                       f"Try '{self.prog} --help' for more information.\n")
+
+
 # ---------------------------------------------------------------------------
 # send
 # ---------------------------------------------------------------------------
@@ -97,6 +107,37 @@ def parse_server(text: str, default_port: int = 25) -> Tuple[str, int]:
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"bad port {port!r} in {text!r}")
     return host, int(port)
+
+
+def _header_arg(text: str) -> str:
+    """--header's value, if it is 'Name: value' with a field name of
+    printable ASCII and no space (RFC 5322 2.2): without the colon, the
+    test message used to carry an empty header named after the text.
+
+    Raises:
+        argparse.ArgumentTypeError: it is not.
+    """
+    name, colon, _ = text.partition(":")
+    name = name.strip()
+    if not colon:
+        raise argparse.ArgumentTypeError(f"{text!r} has no colon: give 'Name: value'")
+    if not name or any(not 0x21 <= ord(c) <= 0x7E for c in name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: the header name must be printable ASCII without spaces "
+            "('Name: value')")
+    return text
+
+
+# Message.from_email() ends a refusal with the Python argument that would
+# supply what the headers lack; on the command line that is an option.
+_OPTION_FOR_ARGUMENT = (("give sender=", "give --from"), ("give recipients=", "give --to"))
+
+
+def _as_options(text: str) -> str:
+    """``text`` with Python argument hints turned into the options' names."""
+    for argument, option in _OPTION_FOR_ARGUMENT:
+        text = text.replace(argument, option)
+    return text
 
 
 def _default_sender() -> str:
@@ -171,7 +212,7 @@ def _build_message(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         return Message.from_email(parsed, args.sender, None, dsn_ret=args.dsn_ret,
                                   envid=args.envid)
     except InvalidMessageError as exc:
-        parser.error(str(exc))
+        parser.error(_as_options(str(exc)))
 
 
 def _credentials(args: argparse.Namespace,
@@ -465,7 +506,7 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--subject", help="the test message's subject")
     send.add_argument("--body", help="the test message's body")
     send.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
-                      help="add or replace a header of the test message")
+                      type=_header_arg, help="add or replace a header of the test message")
     send.add_argument("--tls", nargs="?", const="starttls", default="none",
                       choices=("none", "starttls", "opportunistic", "implicit"),
                       help="--tls alone: STARTTLS required; or opportunistic, implicit "
@@ -496,8 +537,8 @@ def _send_parser(sub: Any) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code."""
-    parser = argparse.ArgumentParser(prog="smtpstate",
-                                     description="SMTP client engine with a modular state machine")
+    parser = _Parser(prog="smtpstate",
+                     description="SMTP client engine with a modular state machine")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="send: print the dialogue; other commands: log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -518,8 +559,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                            "(and smtp-source) on loopback")
     bench.add_argument("--quick", action="store_true", help="half the messages (a CI smoke run)")
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    bench.set_defaults(func=_cmd_bench)
-    args = parser.parse_args(argv)
+    bench.set_defaults(func=_cmd_bench, subparser=bench)
+    # An unknown option is the command's error, said with its own name
+    # (parse_args would blame "smtpstate" for "smtpstate send --bogus").
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     # send: -v shows the dialogue (a handler of its own), -vv logs the rest
     # too; the other commands log at DEBUG with -v.
     debug = args.verbose >= (2 if args.command == "send" else 1)

@@ -220,6 +220,47 @@ def test_usage_errors_exit_2(argv, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, prog, message", [
+    (["send", "-s", "host:0", "-t", "a@b"], "smtpstate send", "--server: bad port '0'"),
+    (["send", "-t", "a@b", "--bogus"], "smtpstate send", "unrecognized arguments: --bogus"),
+    (["states", "--load", "no_such_module_anywhere"], "smtpstate states", "--load"),
+    ([], "smtpstate", "required: COMMAND"),
+])
+def test_usage_error_is_one_line_and_a_hint(argv, prog, message):
+    """The error, then where to look; not the whole usage before it."""
+    p = run(*argv)
+    assert p.returncode == 2
+    first, hint = p.stderr.decode().splitlines()
+    assert first.startswith(f"{prog}: error: ") and message in first, first
+    assert hint == f"Try '{prog} --help' for more information."
+
+
+def test_data_without_from_header_names_the_option(aiosmtpd_server, tmp_path, capsys):
+    eml = tmp_path / "no-from.eml"
+    eml.write_bytes(b"To: bob@example.test\nSubject: no sender\n\nhello\n")
+    with pytest.raises(SystemExit) as info:
+        main(["send", "-s", f"{aiosmtpd_server.host}:{aiosmtpd_server.port}",
+              "--data", str(eml)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "no sender" in err and "give --from" in err and "sender=" not in err, err
+    assert aiosmtpd_server.connections == []
+
+
+@pytest.mark.parametrize("header", ["NoColon", ": no name", "Bad Name: value"])
+def test_header_must_be_name_colon_value(aiosmtpd_server, capsys, header):
+    """Without a colon the test message used to carry an empty header named
+    after the text; now nothing is sent."""
+    with pytest.raises(SystemExit) as info:
+        main(["send", "-s", f"{aiosmtpd_server.host}:{aiosmtpd_server.port}",
+              "-t", "bob@example.test", "--header", header])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("smtpstate send: error: argument --header/-H: ")
+    assert repr(header) in err and "'Name: value'" in err, err
+    assert aiosmtpd_server.connections == []
+
+
 def test_password_needed_without_terminal():
     p = run("send", "-s", "127.0.0.1:9", "-t", "a@b", "--auth-user", "me", "--data", "-",
             env={"SMTPSTATE_AUTH_PASSWORD": ""})
