@@ -74,10 +74,29 @@ def test_xclient_with_postfix(postfix_factory):
     server.clear()
     out = ok(run_example("xclient.py", "--server", f"{server.host}:{server.port}",
                          "--addr", "198.51.100.23", "--name", "relay.example"))
-    assert "XCLIENT sent: yes" in out and "result: delivered" in out
+    assert "XCLIENT sent: yes, accepted: 220 " in out and "result: delivered" in out
     [got] = server.wait_for_messages(1)
     # Postfix believed us: the Received header names the client we claimed.
     assert "(relay.example [198.51.100.23])" in got.extra["received"]
+
+
+def test_xclient_with_smtp_sink(smtp_sink_server):
+    """smtp-sink offers XCLIENT (NAME HELO) and takes it with a 250, no new
+    greeting, as Postfix before 2.3 did: the session goes on, and the
+    example says it was sent and accepted."""
+    out = ok(run_example("xclient.py", "--server",
+                         f"{smtp_sink_server.host}:{smtp_sink_server.port}"))
+    assert "result: delivered" in out
+    assert "XCLIENT sent: yes, accepted: 250 2.0.0 Ok" in out
+    [got] = smtp_sink_server.wait_for_messages(1)
+    assert got.rcpt_tos == ["bob@example.test"] and b"Subject: via XCLIENT" in got.data
+
+
+def test_xclient_not_sent_says_why(smtp_sink_factory):
+    """smtp-sink -C offers no XCLIENT: it is not sent, and not claimed."""
+    server = smtp_sink_factory(options=["-C"])
+    out = ok(run_example("xclient.py", "--server", f"{server.host}:{server.port}"))
+    assert "result: delivered" in out and "XCLIENT sent: no (not offered)" in out
 
 
 def test_xclient_refused_reports_its_stage(postfix_factory):
