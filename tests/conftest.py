@@ -14,7 +14,8 @@ lifetimes:
 * ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts.
 
 A server that cannot run here (Postfix not installed, not root) skips its
-tests with the reason, except in CI, where it fails them.
+tests with the reason, except in CI, where it fails them; so does a test
+marked ``@helpers.requires(available, reason)`` (the two hooks below).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from __future__ import annotations
 import pytest
 
 import helpers
+
+
+def pytest_configure(config):
+    helpers.register_markers(config)
+
+
+def pytest_runtest_setup(item):
+    helpers.check_prerequisites(item)
 
 
 # ---------------------------------------------------------------------------

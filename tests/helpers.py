@@ -16,9 +16,14 @@ All three report messages as ``ReceivedMessage``: the envelope and the
 content exactly as the server took it (dot-unstuffed, CRLF line endings,
 without the end-of-data line), so a test can compare bytes.
 
-Missing programs: ``missing(reason)`` skips the test on a developer machine
-but fails it in CI (``CI`` set to anything but ``""``/``0``/``false``), where
-``.ci/run`` must have installed everything.
+Missing prerequisites: ``missing(reason)`` skips the test on a developer
+machine but fails it in CI (``CI`` set to anything but ``""``/``0``/``false``/
+``no``), where ``.ci/run`` must have installed everything. Nothing in tests/
+calls ``pytest.skip``, ``pytest.mark.skipif`` or ``pytest.importorskip``
+itself: ``missing()`` inside a test or fixture, ``requires(available,
+reason)`` as the marker (conftest.py acts on it before each test), and
+``import_or_missing(name)`` for a module-level import
+(``test_fixtures_smoke.py`` checks that it stays so).
 """
 
 from __future__ import annotations
@@ -49,10 +54,14 @@ __all__ = [
     "SmtpSinkServer",
     "ehlo_keywords",
     "find_program",
+    "check_prerequisites",
     "free_port",
+    "import_or_missing",
     "in_ci",
     "lf_to_crlf",
     "missing",
+    "register_markers",
+    "requires",
     "wait_until",
 ]
 
@@ -73,11 +82,53 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def missing(reason: str) -> None:
-    """Skip the current test for a missing prerequisite; fail it in CI."""
+def missing(reason: str, module_level: bool = False) -> None:
+    """Skip the current test (with ``module_level``, the whole test module,
+    from its top level) for a missing prerequisite; fail it in CI."""
     if in_ci():
         pytest.fail("%s (CI must provide it: see .ci/run)" % reason, pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=module_level)
+
+
+def import_or_missing(name: str) -> Any:
+    """``pytest.importorskip`` through :func:`missing`: the module, or the
+    test module that imports it at its top skipped (failed in CI)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing("%s is not installed (pip install '.[test]')" % name, module_level=True)
+
+
+#: The marker :func:`requires` puts on a test.
+PREREQUISITE_MARKER = "prerequisite"
+
+
+def requires(available: bool, reason: str) -> Any:
+    """``pytest.mark.skipif`` through :func:`missing`, as a marker::
+
+        @requires(have_ipv6(), "no IPv6 loopback (::1) here")
+        def test_ipv6(): ...
+
+    runs the test when ``available``; otherwise the test is ``missing(reason)``
+    (conftest.py calls :func:`check_prerequisites` before each test)."""
+    return getattr(pytest.mark, PREREQUISITE_MARKER)(available=bool(available), reason=reason)
+
+
+def register_markers(config: Any) -> None:
+    """pytest_configure: declare the :func:`requires` marker."""
+    config.addinivalue_line(
+        "markers", "%s(available, reason): run only when available, else "
+        "helpers.missing(reason): skipped here, failed in CI" % PREREQUISITE_MARKER)
+
+
+def check_prerequisites(item: Any) -> None:
+    """pytest_runtest_setup: a test marked by :func:`requires` with its
+    prerequisite unavailable is ``missing()``."""
+    for mark in item.iter_markers(PREREQUISITE_MARKER):
+        if not mark.kwargs["available"]:
+            missing(mark.kwargs["reason"])
 
 
 def find_program(name: str, *dirs: str) -> Optional[str]:

@@ -27,6 +27,7 @@ import pytest
 
 import smtpstate
 from handlers import RefusingHandler
+from helpers import missing, requires
 from smtpstate import Action, Engine, Machine, Message, State, Ticket, deliver
 from smtpstate.errors import InvalidOptionError, LocalProtocolError
 
@@ -389,7 +390,7 @@ def _resolves_quickly(name: str, limit: float = 3.0) -> bool:
 def test_unresolvable_host_is_tempfail_not_connected():
     name = "no-such-host.smtpstate.invalid"
     if not _resolves_quickly(name):
-        pytest.skip("the resolver takes too long to fail for .invalid here")
+        missing("the resolver takes too long to fail for .invalid here")
     with Engine(helo="client.test", connect_timeout=10) as engine:
         tickets = [engine.submit(Message(SENDER, ["r@example.test"], _body(i)), name, 25)
                    for i in range(3)]
@@ -402,13 +403,13 @@ def test_unresolvable_host_is_tempfail_not_connected():
 
 def test_names_are_resolved(smtp_sink_server):
     if not _resolves_quickly("localhost"):
-        pytest.skip("localhost does not resolve quickly here")
+        missing("localhost does not resolve quickly here")
     try:
         infos = socket.getaddrinfo("localhost", smtp_sink_server.port, type=socket.SOCK_STREAM)
     except OSError:
-        pytest.skip("localhost does not resolve here")
+        missing("localhost does not resolve here")
     if not any(i[4][0] == "127.0.0.1" for i in infos):
-        pytest.skip("localhost is not 127.0.0.1 here")
+        missing("localhost is not 127.0.0.1 here")
     results = deliver([Message(SENDER, ["r@example.test"], _body(i)) for i in range(3)],
                       "localhost", smtp_sink_server.port, concurrency=2, timeout=10)
     # Addresses other than 127.0.0.1 (::1) may refuse; one of them works.
@@ -431,7 +432,7 @@ def _have_ipv6_loopback() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+@requires(_have_ipv6_loopback(), "no IPv6 loopback (::1) here")
 def test_ipv6_loopback(scripted):
     server = scripted.start("accept", host="::1")
     with Engine(helo="client.test") as engine:
@@ -444,7 +445,7 @@ def test_ipv6_loopback(scripted):
     assert sorted(server.messages) == sorted(_body(i, "v6") for i in range(3))
 
 
-@pytest.mark.skipif(not _have_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+@requires(_have_ipv6_loopback(), "no IPv6 loopback (::1) here")
 def test_ipv6_refused():
     port = _closed_port("::1")
     (r,) = deliver([Message(SENDER, ["r@example.test"], b"x\r\n")], "::1", port, timeout=5)

@@ -1,11 +1,18 @@
 """The real-server fixtures work: each server, driven by Python's smtplib,
 takes a message with leading dots and 8-bit bytes and gives back exactly
-the bytes that were sent (before dot-stuffing, which smtplib does)."""
+the bytes that were sent (before dot-stuffing, which smtplib does). And a
+missing prerequisite is never skipped in CI: every skip goes through
+helpers.missing(), which fails there, and .ci/run says it is CI."""
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 import smtplib
 import ssl
+import subprocess
+import sys
 
 import pytest
 
@@ -143,3 +150,90 @@ def test_smtp_sink_many(smtp_sink_server, n):
     msgs = smtp_sink_server.wait_for_messages(n)
     assert sorted(m.rcpt_tos[0] for m in msgs) == ["r%d@example.test" % i for i in range(n)]
     assert all(m.data == EXPECTED for m in msgs)
+
+
+# ---------------------------------------------------------------------------
+# Missing prerequisites: skipped on a developer machine, failed in CI
+# ---------------------------------------------------------------------------
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+# Ways to skip that would bypass helpers.missing() and pass unseen in CI.
+_DIRECT_SKIP = re.compile(r"pytest\s*\.\s*(skip\s*\(|importorskip\b|mark\s*\.\s*skip)")
+
+
+def test_no_test_skips_around_missing():
+    offenders = []
+    for path in sorted(glob.glob(os.path.join(TESTS, "**", "*.py"), recursive=True)):
+        if os.path.basename(path) == "helpers.py":          # the one place that may
+            continue
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if _DIRECT_SKIP.search(line):
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert offenders == [], "use helpers.missing/requires/import_or_missing:\n" + \
+        "\n".join(offenders)
+
+
+def test_ci_script_sets_ci_before_the_tests():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    exported = lines.index("export CI=true")
+    first_pytest = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert exported < first_pytest
+
+
+_PREREQUISITES = '''
+import helpers
+import pytest
+
+helpers.import_or_missing("no_such_module_smtpstate_test")
+
+
+def test_never_collected():
+    pass
+'''
+
+_MARKED = '''
+import helpers
+
+
+@helpers.requires(False, "the prerequisite is absent")
+def test_marked():
+    pass
+
+
+@helpers.requires(True, "present")
+def test_runs():
+    pass
+
+
+def test_missing_inside():
+    helpers.missing("absent inside the test")
+'''
+
+
+@pytest.mark.parametrize("ci", ["true", ""], ids=["CI", "developer"])
+def test_missing_prerequisites_fail_only_in_ci(tmp_path, ci):
+    """The three helpers, through the suite's own conftest.py hooks, in a
+    pytest of its own: every absent prerequisite fails the run in CI and is
+    skipped elsewhere; a present one runs."""
+    (tmp_path / "test_module_level.py").write_text(_PREREQUISITES)
+    (tmp_path / "test_marked.py").write_text(_MARKED)
+    env = {**os.environ, "CI": ci, "PYTHONPATH": TESTS}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-p",
+                        "no:cacheprovider", "-rA", "--continue-on-collection-errors",
+                        "--rootdir", str(tmp_path), str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=env)
+    out = p.stdout + p.stderr
+    if ci:
+        assert p.returncode != 0, out
+        assert "PASSED test_marked.py::test_runs" in out
+        assert "FAILED test_marked.py::test_missing_inside" in out
+        assert "ERROR test_marked.py::test_marked" in out          # in its setup
+        assert "ERROR test_module_level.py" in out                  # at collection
+        assert out.count("CI must provide it") >= 3, out
+    else:
+        assert p.returncode == 0, out
+        assert "1 passed, 3 skipped" in out, out

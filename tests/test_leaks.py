@@ -22,6 +22,7 @@ import gc
 import pytest
 
 import smtpstate
+from helpers import missing
 from scripted import ScriptedSession, crlf_lines
 from smtpstate import Action, Machine, State
 
@@ -42,7 +43,7 @@ def _allocated() -> int:
         return int(asan())
     mallinfo2 = getattr(_libc, "mallinfo2", None)
     if mallinfo2 is None:
-        pytest.skip("neither ASan's counter nor glibc's mallinfo2() is available")
+        missing("neither ASan's counter nor glibc's mallinfo2() is available")
     mallinfo2.restype = _Mallinfo2
     info = mallinfo2()
     return int(info.uordblks + info.hblkhd)

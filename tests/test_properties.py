@@ -32,8 +32,9 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from helpers import import_or_missing
 
-hypothesis = pytest.importorskip("hypothesis")
+hypothesis = import_or_missing("hypothesis")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
