@@ -951,6 +951,21 @@ class SmtpSinkServer:
         if self.root and os.path.isdir(self.root):
             shutil.rmtree(self.root, ignore_errors=True)
 
+    # What smtp-sink -v logs of each command it reads: the line as the
+    # client sent it ("." for the end of data), after the program's name.
+    _COMMAND_LOG = re.compile(r"^\S*smtp-sink: ((?:[A-Z][A-Z0-9]{2,}\b.*)|\.)$")
+
+    def commands(self) -> List[str]:
+        """The command lines smtp-sink read, in order, over every
+        connection, from its log: only when started with ``-v`` ("show the
+        SMTP conversations"). AUTH lines carry their credentials."""
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+        except (AttributeError, OSError):
+            return []
+        return [m.group(1) for m in map(self._COMMAND_LOG.match, text.splitlines()) if m]
+
     def _dump_files(self) -> List[str]:
         try:
             names = os.listdir(self.dump_dir)

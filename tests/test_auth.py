@@ -439,11 +439,19 @@ def test_aiosmtpd_no_common_mechanism(auth_server, tls_ca_file):
     assert handler.attempts == []
 
 
-def test_smtp_sink_accepts_plain_in_clear_when_allowed(smtp_sink_server):
+def test_smtp_sink_accepts_plain_in_clear_when_allowed(smtp_sink_factory):
+    sink = smtp_sink_factory(options=["-v"])          # -v: it logs every command read
     auth = Auth(USER, SECRET, allow_plaintext=True)
-    with smtpstate.Client(smtp_sink_server.host, smtp_sink_server.port, timeout=20,
-                          auth=auth) as client:
+    with smtpstate.Client(sink.host, sink.port, timeout=20, auth=auth) as client:
         result = client.send(msg())
         assert "AUTH" in client.capabilities
     assert result.status == "delivered", result
-    assert smtp_sink_server.wait_for_messages(1)[0].data == msg().data
+    assert sink.wait_for_messages(1)[0].data == msg().data
+    # The server read AUTH PLAIN (the best it offers) with these credentials,
+    # in clear as allowed, between EHLO and MAIL.
+    commands = helpers.wait_until(
+        lambda: (lambda c: c if "QUIT" in c else None)(sink.commands()),
+        what="smtp-sink's log of the dialogue")
+    plain = base64.b64encode(b"\0" + USER.encode() + b"\0" + SECRET.encode()).decode()
+    at = commands.index(f"AUTH PLAIN {plain}")
+    assert commands[at - 1].startswith("EHLO ") and commands[at + 1].startswith("MAIL FROM:")

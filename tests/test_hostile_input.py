@@ -169,7 +169,7 @@ def test_esmtp_parameters_are_xtext_encoded(hostile):
 # ---------------------------------------------------------------------------
 
 BAD_NAMES = ["", "a b", "a\r\nMAIL FROM:<x@y>", "a\nb", "a\x00b", "a\tb", "héllo",
-             "x" * 256, 5, b"bytes.test", None]
+             "x" * 256, 5, b"bytes.test"]
 
 
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=[repr(b)[:20] for b in BAD_NAMES])
@@ -177,8 +177,6 @@ def test_bad_ehlo_name_is_refused_before_connecting(hostile, bad):
     """Every driver refuses the name when it is given, not when the first
     connection is already open."""
     server = hostile([greet(), serve()])
-    if bad is None:                                   # None means "the default"
-        return
     with pytest.raises(InvalidOptionError, match="HELO name"):
         Client(server.host, server.port, helo=bad)
     with pytest.raises(InvalidOptionError, match="HELO name"):
@@ -190,6 +188,18 @@ def test_bad_ehlo_name_is_refused_before_connecting(hostile, bad):
         with pytest.raises(InvalidOptionError, match="HELO name"):
             Engine(helo=bad)
     assert server.conns == []
+
+
+def test_ehlo_name_none_means_the_default(hostile):
+    """helo=None is not a bad name but "the default": every driver takes it
+    and says EHLO with this host's name."""
+    server = hostile([greet(), serve()])
+    default = smtpstate.client._default_helo()
+    for driver in DRIVERS:
+        (r,) = deliver(driver, [msg()], server, helo=None, timeout=LONG)
+        assert r.ok, (driver, r)
+    conns = server.wait(len(DRIVERS))
+    assert [c.commands[0] for c in conns] == [b"EHLO %s\r\n" % default.encode()] * len(DRIVERS)
 
 
 BAD_HOSTS = ["127.0.0.1\x00.evil.test", "127.0.0.1\r\n", "a b", "", "x" * 256, 127001,
