@@ -628,7 +628,8 @@ import smtpstate
 assert "smtpstate.aio" not in sys.modules and "asyncio" not in sys.modules
 assert "aio" in dir(smtpstate)
 import asyncio
-message = smtpstate.Message("sender@client.test", ["r@example.test"], b"Subject: lazy\\r\\n\\r\\nhi\\r\\n")
+message = smtpstate.Message("sender@client.test", ["r@example.test"],
+                            b"Subject: lazy\\r\\n\\r\\nhi\\r\\n")
 result = asyncio.run(smtpstate.aio.send(message, "127.0.0.1", int(sys.argv[1]), timeout=30))
 assert smtpstate.aio is sys.modules["smtpstate.aio"]
 try:
