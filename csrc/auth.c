@@ -5,27 +5,30 @@
  * SUMMARY
  *	the AUTH state (RFC 4954): PLAIN, LOGIN, CRAM-MD5, XOAUTH2
  * SYNOPSIS
- *	#include "smtpstate.h"
- *
- *	int	smtps_session_set_auth(s, user, secret, mechs, allow_plaintext)
- *
  *	#include "internal.h"
  *
+ *	int	smtps_auth_init_local(s, closure, &local)
  *	int	smtps_auth_setup(s, closure)
  *	int	smtps_auth_callback(s, reply, closure)
- *	void	smtps_auth_session_free(s)
+ *	void	smtps_auth_free(s, local, closure)
  *	size_t	smtps_base64_encode(in, len, out, cap)
  *	int	smtps_base64_decode(in, len, out, cap, &outlen)
  * DESCRIPTION
- *	The built-in AUTH state. Without credentials it passes through.
- *	With them it refuses to go on (the connection fails, nothing is
- *	sent but QUIT) when TLS is not active and plaintext was not allowed,
- *	when the server offers no AUTH, or none of the allowed mechanisms.
+ *	The built-in AUTH state, written as any state of a caller's would
+ *	be: it keeps its dialogue in per-connection data made by its
+ *	init_local_state and released by its free, and it speaks to the
+ *	session only through functions. The credentials are the session's
+ *	(smtps_session_set_auth(), session_info.c): read here, wiped there.
  *
- *	The mechanism is the first of CRAM-MD5, PLAIN, LOGIN, XOAUTH2 that
- *	both sides allow; by default (SMTPS_AUTH_ANY) the caller allows the
- *	first three: XOAUTH2 takes a token, not a password, so it is used
- *	only when asked for.
+ *	Without credentials it passes through. With them it refuses to go on
+ *	(the connection fails, nothing is sent but QUIT) when TLS is not
+ *	active and plaintext was not allowed, when the server offers no AUTH,
+ *	or none of the allowed mechanisms.
+ *
+ *	The mechanism is the first of SMTPS_AUTH_MECHS (smtpstate.h: CRAM-MD5,
+ *	PLAIN, LOGIN, XOAUTH2) that both sides allow; by default
+ *	(SMTPS_AUTH_ANY) the caller allows the first three: XOAUTH2 takes a
+ *	token, not a password, so it is used only when asked for.
  *
  *	Setup sends; the callback reads. The first setup sends the AUTH
  *	command (PLAIN and XOAUTH2 with their initial response, RFC 4954 4);
@@ -37,18 +40,15 @@
  *	..."), since the same credentials will be refused again; a 4xx one
  *	temporarily.
  *
- *	Secrets: the user name and secret are copied at set-up and wiped
- *	with OPENSSL_cleanse() when the session is freed; each response is
- *	built in a buffer wiped right after it is queued (session.c wipes
- *	the output buffer at free). No reason text ever contains them.
+ *	Secrets: each response is built in a buffer wiped right after it is
+ *	queued (with smtps_session_queue_secret(), which keeps it out of the
+ *	transcript); the output buffer is wiped by the session. No reason
+ *	text ever contains them.
  * DIAGNOSTICS
- *	smtps_session_set_auth(): SMTPS_EINVAL (empty or over-long user or
- *	secret, unknown mechanism bits, a 0x01 byte with XOAUTH2),
- *	SMTPS_ESTATE (already started), SMTPS_ENOMEM.
  *	smtps_base64_decode(): SMTPS_EINVAL (not base64), SMTPS_ETOOBIG.
  * SEE ALSO
  *	RFC 4954 (AUTH), RFC 4616 (PLAIN), RFC 2195 (CRAM-MD5), RFC 4648
- *	(base64), Google's XOAUTH2 protocol; states.c, session.c.
+ *	(base64), Google's XOAUTH2 protocol; states.c, session_info.c.
  *--*/
 
 #include <stdio.h>
@@ -60,20 +60,11 @@
 
 #include "internal.h"
 
-#define AUTH_USER_MAX 512		/* bytes of user name */
-#define AUTH_SECRET_MAX 8192		/* bytes of password or token */
 #define AUTH_CHALLENGE_MAX 1024		/* decoded CRAM-MD5 challenge */
-#define AUTH_ALL (SMTPS_AUTH_PLAIN | SMTPS_AUTH_LOGIN | SMTPS_AUTH_CRAM_MD5 \
-		  | SMTPS_AUTH_XOAUTH2)
 #define AUTH_DEFAULT (SMTPS_AUTH_PLAIN | SMTPS_AUTH_LOGIN | SMTPS_AUTH_CRAM_MD5)
 
-struct smtps_auth {
-    char   *user;
-    size_t  user_len;
-    char   *secret;
-    size_t  secret_len;
-    unsigned mechs;			/* allowed SMTPS_AUTH_* (0: AUTH_DEFAULT) */
-    int     allow_plaintext;
+/* The AUTH state's per-connection data: where the dialogue stands. */
+struct auth_local {
     unsigned mech;			/* chosen */
     int     step;			/* challenges answered */
     int     verdict;			/* setup sent nothing: the callback's action */
@@ -83,30 +74,32 @@ struct smtps_auth {
     size_t  resp_cap;			/* bytes allocated, all wiped */
 };
 
-/* Preference order, best first (and the names for reasons). */
+/* The mechanisms, best first (smtpstate.h's list is in that order). */
+#define SMTPS_X_MECH_ROW(n, b, s) {SMTPS_AUTH_##n, s},
 static const struct auth_mech {
     unsigned bit;
     const char *name;
 } auth_mechs[] = {
-    {SMTPS_AUTH_CRAM_MD5, "CRAM-MD5"},
-    {SMTPS_AUTH_PLAIN, "PLAIN"},
-    {SMTPS_AUTH_LOGIN, "LOGIN"},
-    {SMTPS_AUTH_XOAUTH2, "XOAUTH2"},
+    SMTPS_AUTH_MECHS(SMTPS_X_MECH_ROW)
 };
+#undef SMTPS_X_MECH_ROW
 
 #define AUTH_NMECHS (sizeof(auth_mechs) / sizeof(auth_mechs[0]))
 
 static void wipe_free(char *p, size_t len);
-static void drop_resp(struct smtps_auth *a);
+static void drop_resp(struct auth_local *a);
 static const char *mech_name(unsigned bit);
 static void mech_list(char *out, size_t cap, unsigned bits);
-static int refuse(struct smtps_session *s, struct smtps_auth *a,
+static int refuse(struct smtps_session *s, struct auth_local *a,
 		  const char *why);
-static int make_line(struct smtps_auth *a, const char *prefix,
+static int make_line(struct auth_local *a, const char *prefix,
 		     const unsigned char *payload, size_t len);
-static int first_line(struct smtps_session *s, struct smtps_auth *a);
-static int answer(struct smtps_auth *a, const struct smtps_reply *r);
-static int cram_md5(struct smtps_auth *a, const struct smtps_reply *r);
+static int first_line(const struct smtps_credentials *c,
+		      struct auth_local *a);
+static int answer(const struct smtps_credentials *c, struct auth_local *a,
+		  const struct smtps_reply *r);
+static int cram_md5(const struct smtps_credentials *c, struct auth_local *a,
+		    const struct smtps_reply *r);
 static int b64_value(int c);
 
 /* ------------------------------------------------------------------ */
@@ -209,72 +202,11 @@ static void wipe_free(char *p, size_t len)
 
 /* drop_resp - forget the pending response, wiping it */
 
-static void drop_resp(struct smtps_auth *a)
+static void drop_resp(struct auth_local *a)
 {
     wipe_free(a->resp, a->resp_cap);
     a->resp = NULL;
     a->resp_len = a->resp_cap = 0;
-}
-
-/* smtps_auth_session_free - wipe and release the session's credentials */
-
-void    smtps_auth_session_free(struct smtps_session *s)
-{
-    struct smtps_auth *a = s->auth;
-
-    if (a == NULL)
-	return;
-    drop_resp(a);
-    wipe_free(a->user, a->user_len);
-    wipe_free(a->secret, a->secret_len);
-    smtps_wipe(a, sizeof(*a));
-    free(a);
-    s->auth = NULL;
-}
-
-/* smtps_session_set_auth - credentials for AUTH; before start */
-
-int     smtps_session_set_auth(struct smtps_session *s, const char *user,
-			               const char *secret, unsigned mechs,
-			               int allow_plaintext)
-{
-    struct smtps_auth *a;
-    size_t  ulen, slen;
-
-    if (s == NULL)
-	return SMTPS_EINVAL;
-    if (s->status != SMTPS_SESS_NEW)
-	return SMTPS_ESTATE;
-    if (user == NULL && secret == NULL) {	/* no AUTH after all */
-	smtps_auth_session_free(s);
-	return SMTPS_OK;
-    }
-    if (user == NULL || secret == NULL || (mechs & ~AUTH_ALL) != 0)
-	return SMTPS_EINVAL;
-    ulen = strlen(user);
-    slen = strlen(secret);
-    if (ulen == 0 || ulen > AUTH_USER_MAX || slen == 0
-	|| slen > AUTH_SECRET_MAX)
-	return SMTPS_EINVAL;
-    /* 0x01 separates XOAUTH2's fields. */
-    if ((mechs & SMTPS_AUTH_XOAUTH2)
-	&& (memchr(user, 1, ulen) != NULL || memchr(secret, 1, slen) != NULL))
-	return SMTPS_EINVAL;
-    if ((a = calloc(1, sizeof(*a))) == NULL)
-	return SMTPS_ENOMEM;
-    if ((a->user = smtps_strndup(user, ulen)) == NULL
-	|| (a->secret = smtps_strndup(secret, slen)) == NULL) {
-	wipe_free(a->user, ulen);
-	free(a);
-	return SMTPS_ENOMEM;
-    }
-    a->user_len = ulen;
-    a->secret_len = slen;
-    a->mechs = mechs;
-    a->allow_plaintext = allow_plaintext != 0;
-    smtps_auth_session_free(s);			/* a second call replaces */
-    s->auth = a;
-    return SMTPS_OK;
 }
 
 /* ------------------------------------------------------------------ */
@@ -310,19 +242,17 @@ static void mech_list(char *out, size_t cap, unsigned bits)
 
 /* refuse - AUTH cannot happen here: the connection ends, with why */
 
-static int refuse(struct smtps_session *s, struct smtps_auth *a,
+static int refuse(struct smtps_session *s, struct auth_local *a,
 		          const char *why)
 {
     smtps_session_set_reason(s, why);
-    s->fail_state = SMTPS_STATE_AUTH;
-    s->fail_stage = SMTPS_STAGE_UNKNOWN;
     a->verdict = SMTPS_ACT_FAIL_CONN;
     return 0;					/* nothing sent, no reply awaited */
 }
 
 /* make_line - a->resp = prefix + base64(payload) + CRLF */
 
-static int make_line(struct smtps_auth *a, const char *prefix,
+static int make_line(struct auth_local *a, const char *prefix,
 		             const unsigned char *payload, size_t len)
 {
     size_t  plen = strlen(prefix), cap = plen + (len + 2) / 3 * 4 + 3, n;
@@ -342,31 +272,30 @@ static int make_line(struct smtps_auth *a, const char *prefix,
 
 /* first_line - the AUTH command, with the initial response if any */
 
-static int first_line(struct smtps_session *s, struct smtps_auth *a)
+static int first_line(const struct smtps_credentials *c, struct auth_local *a)
 {
     unsigned char *p;
     size_t  len, n;
     int     rc;
 
-    SMTPS_UNUSED(s);
     switch (a->mech) {
     case SMTPS_AUTH_PLAIN:			/* RFC 4616: authzid NUL user NUL pass */
-	len = a->user_len + a->secret_len + 2;
+	len = c->user_len + c->secret_len + 2;
 	if ((p = malloc(len)) == NULL)
 	    return SMTPS_ENOMEM;
 	p[0] = 0;
-	memcpy(p + 1, a->user, a->user_len);
-	p[1 + a->user_len] = 0;
-	memcpy(p + 2 + a->user_len, a->secret, a->secret_len);
+	memcpy(p + 1, c->user, c->user_len);
+	p[1 + c->user_len] = 0;
+	memcpy(p + 2 + c->user_len, c->secret, c->secret_len);
 	rc = make_line(a, "AUTH PLAIN ", p, len);
 	wipe_free((char *) p, len);
 	return rc;
     case SMTPS_AUTH_XOAUTH2:			/* user=U ^A auth=Bearer T ^A ^A */
-	len = a->user_len + a->secret_len + sizeof("user=\1auth=Bearer \1\1") - 1;
+	len = c->user_len + c->secret_len + sizeof("user=\1auth=Bearer \1\1") - 1;
 	if ((p = malloc(len + 1)) == NULL)
 	    return SMTPS_ENOMEM;
 	n = (size_t) snprintf((char *) p, len + 1, "user=%s\1auth=Bearer %s\1\1",
-			      a->user, a->secret);
+			      c->user, c->secret);
 	rc = n == len ? make_line(a, "AUTH XOAUTH2 ", p, len) : SMTPS_EINVAL;
 	wipe_free((char *) p, len + 1);
 	return rc;
@@ -379,33 +308,66 @@ static int first_line(struct smtps_session *s, struct smtps_auth *a)
     }
 }
 
+/*
+ * smtps_auth_init_local - the dialogue's record, once per connection that
+ * has credentials (without them the state only passes through)
+ */
+
+int     smtps_auth_init_local(struct smtps_session *s, void *closure,
+			              void **local)
+{
+    SMTPS_UNUSED(closure);
+    if (smtps_session_credentials(s) == NULL)
+	return SMTPS_OK;
+    if ((*local = calloc(1, sizeof(struct auth_local))) == NULL)
+	return SMTPS_ENOMEM;
+    return SMTPS_OK;
+}
+
+/* smtps_auth_free - wipe and release the dialogue's record */
+
+void    smtps_auth_free(struct smtps_session *s, void *local, void *closure)
+{
+    struct auth_local *a = local;
+
+    SMTPS_UNUSED(s);
+    SMTPS_UNUSED(closure);
+    if (a == NULL)
+	return;
+    drop_resp(a);
+    smtps_wipe(a, sizeof(*a));
+    free(a);
+}
+
 /* smtps_auth_setup - send the AUTH command, or the answer to a challenge */
 
 int     smtps_auth_setup(struct smtps_session *s, void *closure)
 {
-    struct smtps_auth *a = s->auth;
+    const struct smtps_credentials *c = smtps_session_credentials(s);
+    struct auth_local *a = smtps_session_local(s, SMTPS_STATE_AUTH);
+    const struct smtps_caps *caps = smtps_session_caps(s);
     char    why[SMTPS_REASON_MAX], offered[64], allowed[64];
     unsigned usable;
     size_t  i;
     int     rc;
 
     SMTPS_UNUSED(closure);
-    if (a == NULL)
+    if (c == NULL || a == NULL)
 	return 0;				/* no credentials: pass through */
     if (a->step == 0) {
 	a->verdict = 0;
 	a->cancelled = 0;
-	if (!smtps_session_tls_active(s) && !a->allow_plaintext)
+	if (!smtps_session_tls_active(s) && !c->allow_plaintext)
 	    return refuse(s, a, "refusing to send AUTH credentials in clear: "
 			  "TLS is not active and plaintext AUTH is not "
 			  "allowed");
-	if (!(s->caps.ext & SMTPS_EXT_AUTH))
+	if (!(caps->ext & SMTPS_EXT_AUTH))
 	    return refuse(s, a, "AUTH credentials are configured but the "
 			  "server does not offer AUTH");
-	usable = (a->mechs ? a->mechs : AUTH_DEFAULT) & s->caps.auth;
+	usable = (c->mechs ? c->mechs : AUTH_DEFAULT) & caps->auth;
 	if (usable == 0) {
-	    mech_list(offered, sizeof(offered), s->caps.auth);
-	    mech_list(allowed, sizeof(allowed), a->mechs ? a->mechs :
+	    mech_list(offered, sizeof(offered), caps->auth);
+	    mech_list(allowed, sizeof(allowed), c->mechs ? c->mechs :
 		      AUTH_DEFAULT);
 	    snprintf(why, sizeof(why), "no AUTH mechanism in common "
 		     "(the server offers: %s; allowed: %s)", offered, allowed);
@@ -416,19 +378,20 @@ int     smtps_auth_setup(struct smtps_session *s, void *closure)
 		a->mech = auth_mechs[i].bit;
 		break;
 	    }
-	if ((rc = first_line(s, a)) != SMTPS_OK)
+	if ((rc = first_line(c, a)) != SMTPS_OK)
 	    return rc;
     }
     if (a->resp == NULL)
 	return SMTPS_EINVAL;			/* a challenge left no answer */
-    rc = smtps_session_queue_raw(s, a->resp, a->resp_len);
+    rc = smtps_session_queue_secret(s, a->resp, a->resp_len);
     drop_resp(a);
     return rc == SMTPS_OK ? 1 : rc;
 }
 
 /* cram_md5 - RFC 2195: user SP hex(HMAC-MD5(secret, challenge)) */
 
-static int cram_md5(struct smtps_auth *a, const struct smtps_reply *r)
+static int cram_md5(const struct smtps_credentials *c, struct auth_local *a,
+		            const struct smtps_reply *r)
 {
     static const char hex[] = "0123456789abcdef";
     unsigned char challenge[AUTH_CHALLENGE_MAX], digest[EVP_MAX_MD_SIZE];
@@ -444,17 +407,17 @@ static int cram_md5(struct smtps_auth *a, const struct smtps_reply *r)
     if (smtps_base64_decode(r->text, tlen, challenge, sizeof(challenge),
 			    &clen) != SMTPS_OK)
 	return SMTPS_EINVAL;
-    if (HMAC(EVP_md5(), a->secret, (int) a->secret_len, challenge, clen,
+    if (HMAC(EVP_md5(), c->secret, (int) c->secret_len, challenge, clen,
 	     digest, &dlen) == NULL || dlen != 16)
 	return SMTPS_ENOTSUP;			/* no MD5 here (FIPS) */
-    len = a->user_len + 1 + 2 * dlen;
+    len = c->user_len + 1 + 2 * dlen;
     if ((p = malloc(len)) == NULL)
 	return SMTPS_ENOMEM;
-    memcpy(p, a->user, a->user_len);
-    p[a->user_len] = ' ';
+    memcpy(p, c->user, c->user_len);
+    p[c->user_len] = ' ';
     for (i = 0; i < dlen; i++) {
-	p[a->user_len + 1 + 2 * i] = hex[digest[i] >> 4];
-	p[a->user_len + 2 + 2 * i] = hex[digest[i] & 15];
+	p[c->user_len + 1 + 2 * i] = hex[digest[i] >> 4];
+	p[c->user_len + 2 + 2 * i] = hex[digest[i] & 15];
     }
     rc = make_line(a, "", (unsigned char *) p, len);
     wipe_free(p, len);
@@ -464,20 +427,21 @@ static int cram_md5(struct smtps_auth *a, const struct smtps_reply *r)
 
 /* answer - the response to the a->step'th challenge, or "*" to cancel */
 
-static int answer(struct smtps_auth *a, const struct smtps_reply *r)
+static int answer(const struct smtps_credentials *c, struct auth_local *a,
+		          const struct smtps_reply *r)
 {
     int     rc = SMTPS_EINVAL;
 
     switch (a->mech) {
     case SMTPS_AUTH_LOGIN:			/* "Username:", then "Password:" */
 	if (a->step == 0)
-	    rc = make_line(a, "", (unsigned char *) a->user, a->user_len);
+	    rc = make_line(a, "", (unsigned char *) c->user, c->user_len);
 	else if (a->step == 1)
-	    rc = make_line(a, "", (unsigned char *) a->secret, a->secret_len);
+	    rc = make_line(a, "", (unsigned char *) c->secret, c->secret_len);
 	break;
     case SMTPS_AUTH_CRAM_MD5:
 	if (a->step == 0)
-	    rc = cram_md5(a, r);
+	    rc = cram_md5(c, a, r);
 	break;
     case SMTPS_AUTH_XOAUTH2:			/* an error in JSON: answer empty */
 	if (a->step == 0)
@@ -500,21 +464,22 @@ static int answer(struct smtps_auth *a, const struct smtps_reply *r)
 int     smtps_auth_callback(struct smtps_session *s,
 			            const struct smtps_reply *r, void *closure)
 {
-    struct smtps_auth *a = s->auth;
+    const struct smtps_credentials *c = smtps_session_credentials(s);
+    struct auth_local *a = smtps_session_local(s, SMTPS_STATE_AUTH);
     char    why[SMTPS_REASON_MAX];
     size_t  tlen;
 
     SMTPS_UNUSED(closure);
     if (r == NULL)				/* setup sent nothing */
 	return a != NULL && a->verdict ? a->verdict : SMTPS_ACT_NEXT;
-    if (a == NULL)				/* cannot be: setup awaited nothing */
+    if (c == NULL || a == NULL)			/* cannot be: setup awaited nothing */
 	return SMTPS_ACT_FAIL_CONN;
     if (r->code >= 200 && r->code < 300 && !a->cancelled) {
 	a->step = 0;
 	return SMTPS_ACT_NEXT;			/* 235 (RFC 4954 6) */
     }
     if (r->code == 334 && !a->cancelled) {
-	if (answer(a, r) != SMTPS_OK) {
+	if (answer(c, a, r) != SMTPS_OK) {
 	    smtps_session_set_reason(s, "authentication failed: out of memory");
 	    return SMTPS_ACT_FAIL_CONN;
 	}
@@ -522,8 +487,6 @@ int     smtps_auth_callback(struct smtps_session *s,
 	return SMTPS_ACT_RETRY;			/* setup sends the answer */
     }
     a->step = 0;
-    s->fail_state = SMTPS_STATE_AUTH;
-    s->fail_stage = SMTPS_STAGE_UNKNOWN;
     if (a->cancelled) {
 	/* Our limitation, not a verdict on the credentials: temporary. */
 	snprintf(why, sizeof(why), "authentication failed: the server sent "

@@ -10,7 +10,7 @@
  *	int	smtps_bounce_classify(code, enhanced, text, text_len)
  *	int	smtps_bounce_classify_reason(status, reason)
  *	void	smtps_bounce_classify_result(r)
- *	const char *smtps_bounce_class_name(bounce_class)
+ *	int	smtps_bounce_class_name(bounce_class, out, cap)
  *	int	smtps_bounce_register_class(code, name)
  *	int	smtps_bounce_add_rule(rule)
  *	void	smtps_bounce_reset()
@@ -41,7 +41,8 @@
  *	Results are classified once, when a session or the engine hands
  *	them to the driver: a failed recipient with a failing RCPT reply by
  *	that reply, any other recipient of a failed message by the message's
- *	class, accepted and delivered ones not at all (0).
+ *	class, delivered ones and those the message was not sent to not at
+ *	all (0). A partial delivery takes its first failed recipient's class.
  *
  *	The registered classes and rules are process-wide, guarded by one
  *	mutex; the built-in tables are constant.
@@ -53,6 +54,7 @@
  *--*/
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -494,8 +496,8 @@ void    smtps_bounce_classify_result(struct smtps_result *r)
 
     if (r == NULL)
 	return;
-    if (r->status == SMTPS_STATUS_DELIVERED)
-	r->bounce_class = SMTPS_BOUNCE_NONE;
+    if (r->status == SMTPS_STATUS_DELIVERED || r->status == SMTPS_STATUS_PARTIAL)
+	r->bounce_class = SMTPS_BOUNCE_NONE;	/* a partial: see below */
     else if (r->status == SMTPS_STATUS_UNKNOWN)
 	r->bounce_class = SMTPS_BOUNCE_UNDETERMINED;
     else if (r->reply.code >= 400)
@@ -518,13 +520,16 @@ void    smtps_bounce_classify_result(struct smtps_result *r)
 	case SMTPS_STATUS_UNKNOWN:
 	    rc->bounce_class = SMTPS_BOUNCE_UNDETERMINED;
 	    break;
-	case SMTPS_RCPT_PENDING:		/* never tried: the message's fate */
+	case SMTPS_RCPT_PENDING:		/* not final: never handed out */
 	    rc->bounce_class = r->bounce_class;
 	    break;
-	default:				/* delivered, accepted */
+	default:				/* delivered, not sent */
 	    rc->bounce_class = SMTPS_BOUNCE_NONE;
 	    break;
 	}
+	/* A partial delivery failed as its first failed recipient did. */
+	if (r->status == SMTPS_STATUS_PARTIAL && r->bounce_class == SMTPS_BOUNCE_NONE)
+	    r->bounce_class = rc->bounce_class;
     }
 }
 
@@ -532,29 +537,40 @@ void    smtps_bounce_classify_result(struct smtps_result *r)
 
 static int known_class(int code)
 {
-    return smtps_bounce_class_name(code) != NULL;
+    char    name[SMTPS_BOUNCE_NAME_MAX + 1];
+
+    return smtps_bounce_class_name(code, name, sizeof(name)) == SMTPS_OK;
 }
 
-/* smtps_bounce_class_name - the name of a class, NULL if none */
+/* smtps_bounce_class_name - copy the name of a class out */
 
-const char *smtps_bounce_class_name(int bounce_class)
+int     smtps_bounce_class_name(int bounce_class, char *out, size_t cap)
 {
-    const char *name = NULL;
     size_t  i;
-    int     j;
+    int     j, rc = SMTPS_ENOTFOUND;
 
+    if (out == NULL || cap == 0)
+	return SMTPS_EINVAL;
     for (i = 0; i < NELEM(builtin_classes); i++)
-	if (builtin_classes[i].code == bounce_class)
-	    return builtin_classes[i].name;
+	if (builtin_classes[i].code == bounce_class) {
+	    snprintf(out, cap, "%s", builtin_classes[i].name);
+	    return SMTPS_OK;
+	}
+
+    /*
+     * A registered name lives in a table that a reset (or a registration
+     * after it) rewrites: it is copied while the lock is held, never
+     * handed out by address.
+     */
     pthread_mutex_lock(&lock);
     for (j = 0; j < nuser_classes; j++)
 	if (user_classes[j].code == bounce_class) {
-	    /* Never changed nor freed once registered, until a reset. */
-	    name = user_classes[j].name;
+	    snprintf(out, cap, "%s", user_classes[j].name);
+	    rc = SMTPS_OK;
 	    break;
 	}
     pthread_mutex_unlock(&lock);
-    return name;
+    return rc;
 }
 
 /* smtps_bounce_register_class - a class of the caller's own */

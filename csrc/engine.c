@@ -93,8 +93,9 @@
  *
  *	smtps_engine_run() processes submissions, expired deadlines and
  *	socket events until a result is ready, nothing is pending, max_wait_ms
- *	has passed or a signal interrupted the wait (so that the caller can
- *	handle it). Idle pooled connections are only timed out while it runs.
+ *	has passed, a signal interrupted the wait or a state interrupted its
+ *	session (SMTPS_EINTR: Ctrl-C in a Python state), so that the caller
+ *	can handle it. Idle pooled connections are only timed out while it runs.
  *	smtps_engine_submit() only queues, so it may even be called from a
  *	state running inside smtps_engine_run().
  *
@@ -255,6 +256,7 @@ struct smtps_engine {
 
     int     epfd;
     int     running;			/* inside smtps_engine_run() */
+    int     interrupted;		/* a session's state asked to stop */
     struct smtps_resolver *resolver;	/* made for the first name */
     struct smtps_timer_heap timers;
 
@@ -279,7 +281,6 @@ struct smtps_engine {
     char    rbuf[SMTPS_ENGINE_READ];
 };
 
-static int64_t now_ms(void);
 static void raise_nofile(rlim_t want);
 static int check_name(const char *s, size_t max, int no_space);
 static int str_eq(const char *a, const char *b);
@@ -328,13 +329,13 @@ static void conn_connected(struct smtps_conn *c, int64_t now);
 static void conn_record_addresses(struct smtps_conn *c);
 static int sockaddr_text(const struct sockaddr_storage *ss, char *host,
 			 size_t hostlen, int *port);
-static int conn_submit_next(struct smtps_conn *c);
+static int conn_submit_next(struct smtps_conn *c, int64_t now);
 static struct smtps_message *conn_feed(struct smtps_session *s, void *closure);
 static void conn_update(struct smtps_conn *c, int64_t now);
 static int conn_flush(struct smtps_conn *c, int64_t now);
 static void conn_read(struct smtps_conn *c, uint32_t events, int64_t now);
 static void conn_collect(struct smtps_conn *c);
-static void conn_quit(struct smtps_conn *c);
+static void conn_quit(struct smtps_conn *c, int64_t now);
 static void conn_timer(struct smtps_conn *c, int64_t now);
 static void conn_close(struct smtps_conn *c, int64_t now);
 static void conn_want(struct smtps_conn *c, uint32_t events);
@@ -342,16 +343,6 @@ static void conn_idle_add(struct smtps_conn *c, int64_t now);
 static void conn_idle_remove(struct smtps_conn *c);
 static void conn_why_errno(struct smtps_conn *c, const char *what, int err);
 static void conn_teardown(struct smtps_conn *c);
-
-/* now_ms - the engine's clock: monotonic milliseconds */
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* raise_nofile - lift the soft descriptor limit to the hard one if low */
 
@@ -666,9 +657,9 @@ static void fail_message(struct smtps_engine *e, struct smtps_message *m,
 
     /* Made at submit, so that even now memory cannot lose a result. */
     m->qresult = NULL;
-    r->status = status;
     snprintf(text, sizeof(text), "%s%s", prefix, why);
     (void) smtps_result_set_reason(r, text);
+    smtps_result_settle(r, status, 1);
     smtps_bounce_classify_result(r);
     push_result(e, r);
     smtps_message_free(m);
@@ -742,7 +733,7 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
     }
     d->req = req;
     d->addr_state = ADDR_RESOLVING;
-    smtps_timer_set(&e->timers, &d->timer, now + dest_connect_ms(d));
+    smtps_timer_set(&e->timers, &d->timer, smtps_time_after(now, dest_connect_ms(d)));
     return 0;
 }
 
@@ -772,7 +763,7 @@ static void dest_resolved(struct smtps_engine *e,
 	    d->addr[i] = req->addr[i];
 	d->naddr = req->naddr;
 	d->addr_state = ADDR_OK;
-	d->addr_expires = now + SMTPS_ADDR_TTL_MS;
+	d->addr_expires = smtps_time_after(now, SMTPS_ADDR_TTL_MS);
     }
     smtps_resolve_req_free(req);
     dest_dirty(d);
@@ -805,7 +796,7 @@ static void dest_dispatch(struct smtps_dest *d, int64_t now)
     /* A warm connection first: no handshake to pay. */
     while (d->qhead != NULL && (c = d->idle) != NULL) {
 	conn_idle_remove(c);
-	(void) conn_submit_next(c);
+	(void) conn_submit_next(c, now);
 	conn_update(c, now);			/* back to the pool if refused */
     }
     if (d->nqueued <= (size_t) d->nconnecting
@@ -837,8 +828,10 @@ static void engine_make_room(struct smtps_engine *e)
     /* Connections already quitting will free their slots soon enough. */
     if (c == NULL || e->nquitting >= e->nstarved)
 	return;
-    conn_quit(c);
-    conn_update(c, now_ms());
+    int64_t now = smtps_clock_ms();
+
+    conn_quit(c, now);
+    conn_update(c, now);
 }
 
 /* engine_wake_starved - a slot was freed: waiting destinations try again */
@@ -1009,7 +1002,7 @@ static int conn_connect(struct smtps_conn *c, int64_t now)
 	c->fd = fd;
 	c->events = EPOLLOUT;
 	snprintf(c->why, sizeof(c->why), "%.270stimed out", what);
-	smtps_timer_set(&e->timers, &c->timer, now + dest_connect_ms(d));
+	smtps_timer_set(&e->timers, &c->timer, smtps_time_after(now, dest_connect_ms(d)));
 	return 0;
     }
     conn_close(c, now);
@@ -1084,7 +1077,7 @@ static void conn_connected(struct smtps_conn *c, int64_t now)
     smtps_timer_cancel(&c->e->timers, &c->timer);
     conn_want(c, EPOLLIN | EPOLLRDHUP);
     conn_record_addresses(c);
-    (void) conn_submit_next(c);
+    (void) conn_submit_next(c, now);
     if (smtps_session_start(c->s, now) != SMTPS_OK)
 	smtps_session_closed(c->s, "the session would not start", now);
     conn_update(c, now);
@@ -1092,7 +1085,7 @@ static void conn_connected(struct smtps_conn *c, int64_t now)
 
 /* conn_submit_next - hand the session the next queued message */
 
-static int conn_submit_next(struct smtps_conn *c)
+static int conn_submit_next(struct smtps_conn *c, int64_t now)
 {
     struct smtps_message *m;
     int     rc;
@@ -1100,7 +1093,7 @@ static int conn_submit_next(struct smtps_conn *c)
     if ((m = dest_pop(c->d)) == NULL)
 	return 0;
     /* The result made at submit becomes the session's; ours if it refuses. */
-    rc = smtps_session_submit_prepared(c->s, m);
+    rc = smtps_session_submit_prepared(c->s, m, now);
     if (rc != SMTPS_OK) {
 	m->qnext = NULL;
 	fail_message(c->e, m, SMTPS_STATUS_TEMPFAIL,
@@ -1146,14 +1139,18 @@ static void conn_collect(struct smtps_conn *c)
 	 * A transaction began: greeting and EHLO worked, whatever became
 	 * of that message. Its failure is its own, not the destination's.
 	 */
-	if (r->status == SMTPS_STATUS_DELIVERED || c->s->transactions > 0)
+	if (r->status == SMTPS_STATUS_DELIVERED
+	    || r->status == SMTPS_STATUS_PARTIAL
+	    || smtps_session_transactions(c->s) > 0)
 	    c->usable = 1;
 	/* The session's word for a refusal before any transaction. */
-	else if (!c->usable && r->status == SMTPS_STATUS_PERMFAIL
-		 && c->s->transactions == 0)
+	else if (!c->usable && r->status == SMTPS_STATUS_PERMFAIL)
 	    c->refused_perm = 1;
 	push_result(c->e, r);
     }
+    /* A state asked to stop (Ctrl-C): the run returns at once. */
+    if (smtps_session_interrupted(c->s))
+	c->e->interrupted = 1;
 }
 
 /* conn_want - register the epoll interest, only when it changes */
@@ -1193,7 +1190,7 @@ static void conn_idle_add(struct smtps_conn *c, int64_t now)
     else
 	e->lru = c;
     e->lru_tail = c;
-    smtps_timer_set(&e->timers, &c->timer, now + e->idle_ms);
+    smtps_timer_set(&e->timers, &c->timer, smtps_time_after(now, e->idle_ms));
 }
 
 /* conn_idle_remove - out of the pool */
@@ -1226,14 +1223,14 @@ static void conn_idle_remove(struct smtps_conn *c)
 
 /* conn_quit - end the connection politely once the session may */
 
-static void conn_quit(struct smtps_conn *c)
+static void conn_quit(struct smtps_conn *c, int64_t now)
 {
     conn_idle_remove(c);
     if (c->quitting)
 	return;
     c->quitting = 1;
     c->e->nquitting++;
-    (void) smtps_session_quit(c->s);
+    (void) smtps_session_quit(c->s, now);
 }
 
 /* conn_flush - write what the session has; -1 when the socket failed */
@@ -1330,7 +1327,8 @@ static void conn_update(struct smtps_conn *c, int64_t now)
 	    conn_idle_remove(c);
 	    if (!c->lingering) {
 		c->lingering = 1;
-		smtps_timer_set(&e->timers, &c->timer, now + SMTPS_LINGER_MS);
+		smtps_timer_set(&e->timers, &c->timer,
+				smtps_time_after(now, SMTPS_LINGER_MS));
 	    }
 	    conn_want(c, EPOLLIN | EPOLLRDHUP | EPOLLOUT);
 	    return;
@@ -1339,12 +1337,12 @@ static void conn_update(struct smtps_conn *c, int64_t now)
 	    spent = e->msgs_per_conn > 0 && c->submitted >= (unsigned) e->msgs_per_conn;
 	    if (!spent && !c->quitting && d->qhead != NULL && !out) {
 		conn_idle_remove(c);
-		if (conn_submit_next(c))
+		if (conn_submit_next(c, now))
 		    continue;
 	    }
 	    /* A slot some other destination waits for is worth more. */
 	    if (!c->quitting && (spent || e->nstarved > e->nquitting)) {
-		conn_quit(c);
+		conn_quit(c, now);
 		if (d->qhead != NULL)
 		    dest_dirty(d);		/* another connection must take them */
 		continue;
@@ -1374,7 +1372,7 @@ static void conn_timer(struct smtps_conn *c, int64_t now)
 	return;
     }
     if (c->in_idle) {				/* idle_timeout_ms */
-	conn_quit(c);
+	conn_quit(c, now);
 	conn_update(c, now);
 	return;
     }
@@ -1437,7 +1435,7 @@ static void conn_close(struct smtps_conn *c, int64_t now)
 			    SMTPS_STATUS_TEMPFAIL, prefix,
 			    c->why[0] ? c->why : "connection failed");
 	else
-	    d->backoff_until = now + SMTPS_BACKOFF_MS;
+	    d->backoff_until = smtps_time_after(now, SMTPS_BACKOFF_MS);
     }
     c->phase = CONN_DEAD;
     if (c->prev != NULL)
@@ -1527,6 +1525,11 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
     e->msgs_per_conn = c.messages_per_connection;
     e->idle_ms = c.idle_timeout_ms ? c.idle_timeout_ms : DEF_IDLE_MS;
     e->connect_ms = c.connect_timeout_ms ? c.connect_timeout_ms : DEF_CONNECT_MS;
+    /* Longer than anything can wait: cut, so that deadlines cannot overflow. */
+    if (e->idle_ms > SMTPS_TIMEOUT_MAX)
+	e->idle_ms = SMTPS_TIMEOUT_MAX;
+    if (e->connect_ms > SMTPS_TIMEOUT_MAX)
+	e->connect_ms = SMTPS_TIMEOUT_MAX;
     snprintf(e->helo, sizeof(e->helo), "%s", c.helo ? c.helo : "localhost");
     e->machine = m ? m : smtps_default_machine();
     smtps_machine_retain(e->machine);
@@ -1545,13 +1548,13 @@ static void conn_teardown(struct smtps_conn *c)
 
     if (c->s != NULL && c->fd >= 0 && c->phase == CONN_OPEN
 	&& smtps_session_status(c->s) == SMTPS_SESS_IDLE
-	&& smtps_session_quit(c->s) == SMTPS_OK
+	&& smtps_session_quit(c->s, smtps_clock_ms()) == SMTPS_OK
 	&& (n = smtps_session_output(c->s, &data)) > 0)
 	(void) send(c->fd, data, n, MSG_NOSIGNAL);	/* one try, no wait */
     if (c->fd >= 0)
 	close(c->fd);
     if (c->s != NULL) {
-	smtps_session_closed(c->s, "the engine was freed", now_ms());
+	smtps_session_closed(c->s, "the engine was freed", smtps_clock_ms());
 	while ((r = smtps_session_next_result(c->s)) != NULL)
 	    smtps_result_free(r);
 	smtps_session_free(c->s);
@@ -1625,6 +1628,8 @@ int     smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
 	|| (k.auth_user != NULL && k.auth_secret == NULL)
 	|| msg->nrcpt == 0 || msg->qnext != NULL || msg->qresult != NULL)
 	return SMTPS_EINVAL;
+    if (k.timeout_ms > SMTPS_TIMEOUT_MAX)
+	k.timeout_ms = SMTPS_TIMEOUT_MAX;	/* deadlines cannot overflow */
     hash = dest_hash(&k);
     if ((d = dest_find(e, &k, hash)) == NULL
 	&& (d = dest_new(e, &k, hash)) == NULL)
@@ -1663,13 +1668,18 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
     if (e->running)
 	return SMTPS_ESTATE;
     e->running = 1;
-    now = now_ms();
-    end = max_wait_ms < 0 ? -1 : now + max_wait_ms;
+    now = smtps_clock_ms();
+    end = max_wait_ms < 0 ? -1 : smtps_time_after(now, max_wait_ms);
     for (;;) {
 	/* Deadlines first: an expired idle connection is not reused. */
 	engine_timers_run(e, now);
 	engine_dirty_run(e, now);
 	engine_bury(e);
+	if (e->interrupted) {
+	    e->interrupted = 0;
+	    rc = SMTPS_EINTR;
+	    break;
+	}
 	/* Even with no time to wait, look at the sockets once. */
 	if (e->nresults > 0 || e->npending == 0 || (polled && end >= 0 && now >= end))
 	    break;
@@ -1680,7 +1690,7 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
 	if (wait > 3600000)
 	    wait = 3600000;			/* epoll_wait() takes an int */
 	n = epoll_wait(e->epfd, e->events, SMTPS_ENGINE_EVENTS, (int) wait);
-	now = now_ms();
+	now = smtps_clock_ms();
 	polled = 1;
 	if (n < 0) {
 	    /* A signal: return, so that the caller can handle it. */
@@ -1703,6 +1713,8 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
 	    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
 		conn_read(c, ev, now);
 	    conn_update(c, now);
+	    if (e->interrupted)
+		break;				/* level-triggered: the rest waits */
 	}
     }
     engine_bury(e);

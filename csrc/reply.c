@@ -22,6 +22,11 @@
  *	int	smtps_caps_parse(ehlo, caps)
  *	const struct smtps_reply *ehlo;
  *	struct smtps_caps *caps;
+ *
+ *	const char *smtps_extension_name(bit)
+ *	const char *smtps_auth_mech_name(bit)
+ *	const char *smtps_xclient_attr_name(bit)
+ *	unsigned bit;
  * DESCRIPTION
  *	smtps_reply_parser_new() makes an incremental reply parser. A
  *	fresh parser is a small struct and owns no buffer: the engine keeps
@@ -162,45 +167,67 @@ static void caps_line(struct smtps_caps *caps, const char *cp,
 static unsigned caps_flags(const char *cp, const char *end,
 			   const struct caps_flag *table);
 static uint64_t caps_size(const char *tok, size_t tok_len);
+static const char *flag_name(const struct caps_flag *table, unsigned bit);
 
 /*
  * The EHLO keywords we know, the AUTH mechanisms and the XCLIENT
- * attributes. Read-only; all matching is exact and case-insensitive.
+ * attributes, made from smtpstate.h's lists. Read-only; all matching is
+ * exact and case-insensitive.
  */
+#define SMTPS_X_KEYWORD(n, b, s, p) {s, SMTPS_EXT_##n, CAPS_##p},
 static const struct caps_keyword caps_keywords[] = {
-    {"PIPELINING", SMTPS_EXT_PIPELINING, CAPS_NONE},
-    {"SIZE", SMTPS_EXT_SIZE, CAPS_SIZE},
-    {"8BITMIME", SMTPS_EXT_8BITMIME, CAPS_NONE},
-    {"SMTPUTF8", SMTPS_EXT_SMTPUTF8, CAPS_NONE},
-    {"STARTTLS", SMTPS_EXT_STARTTLS, CAPS_NONE},
-    {"AUTH", SMTPS_EXT_AUTH, CAPS_AUTH},
-    {"DSN", SMTPS_EXT_DSN, CAPS_NONE},
-    {"CHUNKING", SMTPS_EXT_CHUNKING, CAPS_NONE},
-    {"ENHANCEDSTATUSCODES", SMTPS_EXT_ENHANCEDSTATUSCODES, CAPS_NONE},
-    {"XCLIENT", SMTPS_EXT_XCLIENT, CAPS_XCLIENT},
-    {"BINARYMIME", SMTPS_EXT_BINARYMIME, CAPS_NONE},
+    SMTPS_EXTENSIONS(SMTPS_X_KEYWORD)
     {0, 0, CAPS_NONE},
 };
+#undef SMTPS_X_KEYWORD
 
+#define SMTPS_X_FLAG(n, b, s) {s, 1u << b},
 static const struct caps_flag caps_auth_mechs[] = {
-    {"PLAIN", SMTPS_AUTH_PLAIN},
-    {"LOGIN", SMTPS_AUTH_LOGIN},
-    {"CRAM-MD5", SMTPS_AUTH_CRAM_MD5},
-    {"XOAUTH2", SMTPS_AUTH_XOAUTH2},
+    SMTPS_AUTH_MECHS(SMTPS_X_FLAG)
     {0, 0},
 };
 
 static const struct caps_flag caps_xclient_attrs[] = {
-    {"NAME", SMTPS_XCLIENT_NAME},
-    {"ADDR", SMTPS_XCLIENT_ADDR},
-    {"PORT", SMTPS_XCLIENT_PORT},
-    {"PROTO", SMTPS_XCLIENT_PROTO},
-    {"HELO", SMTPS_XCLIENT_HELO},
-    {"LOGIN", SMTPS_XCLIENT_LOGIN},
-    {"DESTADDR", SMTPS_XCLIENT_DESTADDR},
-    {"DESTPORT", SMTPS_XCLIENT_DESTPORT},
+    SMTPS_XCLIENT_ATTRS(SMTPS_X_FLAG)
     {0, 0},
 };
+#undef SMTPS_X_FLAG
+
+/* flag_name - the name of bit in a keyword table, NULL if none */
+
+static const char *flag_name(const struct caps_flag *table, unsigned bit)
+{
+    for (; table->name != 0; table++)
+	if (table->bit == bit)
+	    return table->name;
+    return NULL;
+}
+
+/* smtps_extension_name - the EHLO keyword of one SMTPS_EXT_* bit */
+
+const char *smtps_extension_name(unsigned bit)
+{
+    const struct caps_keyword *k;
+
+    for (k = caps_keywords; k->name != 0; k++)
+	if (k->ext == bit)
+	    return k->name;
+    return NULL;
+}
+
+/* smtps_auth_mech_name - the name of one SMTPS_AUTH_* bit */
+
+const char *smtps_auth_mech_name(unsigned bit)
+{
+    return flag_name(caps_auth_mechs, bit);
+}
+
+/* smtps_xclient_attr_name - the name of one SMTPS_XCLIENT_* bit */
+
+const char *smtps_xclient_attr_name(unsigned bit)
+{
+    return flag_name(caps_xclient_attrs, bit);
+}
 
 /* smtps_reply_parser_new - make an empty parser */
 

@@ -9,9 +9,22 @@
  *
  *	void	smtps_result_free(r)
  * DESCRIPTION
- *	A result is made when a transaction starts, filled as replies come
+ *	A result is made when a message is submitted, filled as replies come
  *	in, and handed to the driver exactly once. Every string in it is
  *	owned by it and never NULL, so readers need no checks.
+ *
+ *	smtps_result_settle() is where statuses become final, for every
+ *	path a message can end by (its transaction, a connection that
+ *	failed before it began, an engine that never reached a server):
+ *
+ *	a recipient refused at RCPT keeps that verdict; one accepted takes
+ *	the message's verdict (delivered, tempfail, permfail, unknown), or
+ *	NOT_SENT when a state ended the transaction before the data by a
+ *	decision of its own, or with no verdict at all (as an address check
+ *	does); one never answered takes a failed message's status and the
+ *	reply that failed it, else NOT_SENT. The message is DELIVERED when
+ *	every recipient was, PARTIAL when some were, else its verdict
+ *	(PERMFAIL without one).
  *--*/
 
 #include <stdlib.h>
@@ -74,6 +87,90 @@ void smtps_result_set_reply(struct smtps_result_reply *dst,
     /* Out of memory loses the text, never the result. */
     if ((text = smtps_strndup(reply->text, reply->text_len)) != NULL)
 	dst->text = text;
+}
+
+/* smtps_result_copy_reply - copy one result reply into another */
+
+void    smtps_result_copy_reply(struct smtps_result_reply *dst,
+				        const struct smtps_result_reply *src)
+{
+    struct smtps_reply r;
+
+    if (src->code == 0) {
+	smtps_result_set_reply(dst, NULL);
+	return;
+    }
+    memset(&r, 0, sizeof(r));
+    r.code = src->code;
+    memcpy(r.enhanced, src->enhanced, sizeof(r.enhanced));
+    r.text = src->text;
+    r.text_len = strlen(src->text);
+    smtps_result_set_reply(dst, &r);
+}
+
+/*
+ * rcpt_final - recipient i's final status from the message's verdict;
+ * shared: whether a recipient the server accepted shares it
+ */
+
+static void rcpt_final(struct smtps_result *r, size_t i, int verdict,
+		               int shared)
+{
+    struct smtps_result_rcpt *rc = &r->rcpt[i];
+    int     failed = verdict == SMTPS_STATUS_TEMPFAIL
+	|| verdict == SMTPS_STATUS_PERMFAIL;
+
+    switch (rc->status) {
+    case SMTPS_RCPT_ACCEPTED:
+	/* The server took the address: the message's fate is its fate. */
+	rc->status = verdict != 0 && shared ? verdict : SMTPS_STATUS_NOT_SENT;
+	break;
+    case SMTPS_RCPT_PENDING:
+	/*
+	 * Never answered: a failure of the whole message (MAIL refused, a
+	 * 421, a lost connection) is its failure too, with the reply that
+	 * said so; otherwise the message simply never went to it.
+	 */
+	if (failed) {
+	    rc->status = verdict;
+	    smtps_result_copy_reply(&rc->reply, &r->reply);
+	} else
+	    rc->status = SMTPS_STATUS_NOT_SENT;
+	break;
+    default:					/* refused at RCPT: final */
+	break;
+    }
+}
+
+/*
+ * smtps_result_settle - every status final, from verdict (SMTPS_STATUS_*,
+ * or 0 when the transaction ended without one): the recipients', then
+ * the message's from them. shared is 0 when a state ended the transaction
+ * by a decision of its own before the data (an address check): the
+ * recipients the server accepted were then simply not sent the message.
+ */
+
+void    smtps_result_settle(struct smtps_result *r, int verdict, int shared)
+{
+    size_t  i, delivered = 0;
+
+    for (i = 0; i < r->nrcpt; i++) {
+	rcpt_final(r, i, verdict, shared);
+	delivered += r->rcpt[i].status == SMTPS_STATUS_DELIVERED;
+    }
+    if (verdict != SMTPS_STATUS_DELIVERED)
+	r->status = verdict != 0 ? verdict : SMTPS_STATUS_PERMFAIL;
+    else if (delivered == r->nrcpt)
+	r->status = SMTPS_STATUS_DELIVERED;
+    else if (delivered > 0)
+	r->status = SMTPS_STATUS_PARTIAL;
+    else {
+	/* A machine of the caller's took it past RCPT without recipients. */
+	r->status = SMTPS_STATUS_PERMFAIL;
+	if (r->reason[0] == 0)
+	    (void) smtps_result_set_reason(r, "the server took the message, "
+					   "but none of its recipients");
+    }
 }
 
 /* smtps_result_set_reason - say why, when no reply says it */

@@ -5,15 +5,24 @@
  * SUMMARY
  *	the built-in states of the SMTP client (RFC 5321)
  * SYNOPSIS
- *	#include "internal.h"
+ *	#include "session_private.h"
  *
  *	const smtp_state *smtps_builtin_state(id)
+ *	int64_t	smtps_builtin_timeout(id)
  * DESCRIPTION
  *	One setup/callback pair per state, in protocol order. A setup
  *	queues the state's command and says how many replies it awaits; a
- *	callback reads one reply and returns an enum smtps_action. They use
- *	the session's internals directly; custom states have only the public
- *	session functions.
+ *	callback reads one reply and returns an enum smtps_action.
+ *
+ *	The table of records is made from SMTPS_BUILTIN_STATES (smtpstate.h),
+ *	the same list that makes the ids: each row names its functions
+ *	(smtps_<prefix>_setup, ...), so a state missing from either side does
+ *	not compile. The row's stages and timeout go with the record (its
+ *	closure points at them), so one stage function serves every state.
+ *
+ *	Recipients and the end of data report through the failure funnel
+ *	(transaction.c): an RCPT reply with smtps_tx_rcpt_reply(), the final
+ *	reply with smtps_tx_settle().
  *
  *	BANNER	reads the greeting; 554 means QUIT only (RFC 5321 3.1).
  *	EHLO	EHLO, then HELO if EHLO is refused (RFC 5321 4.1.4). After
@@ -24,15 +33,21 @@
  *		EHLO: what was learned in clear is forgotten. Required TLS
  *		that is not offered or is refused ends the connection with
  *		only QUIT sent in clear; opportunistic TLS goes on in clear.
- *	AUTH	RFC 4954, in auth.c; passes through without credentials.
- *	MAIL	MAIL FROM with SIZE, BODY=8BITMIME, SMTPUTF8, RET, ENVID as
- *		offered and needed; refuses up front what the server cannot
- *		take (too large, 8-bit or UTF-8 without the extension).
+ *	AUTH	RFC 4954, in auth.c, with per-connection data of its own;
+ *		passes through without credentials.
+ *	MAIL	MAIL FROM with SIZE (RFC 1870: the octets sent, without the
+ *		quoting dots), BODY=8BITMIME, SMTPUTF8, RET, ENVID as offered
+ *		and needed; refuses up front what the server cannot take
+ *		(too large, 8-bit or UTF-8 without the extension).
  *	RCPT	one RCPT TO per recipient with NOTIFY and ORCPT (RFC 3461);
- *		with PIPELINING a batch at once, else one per round trip.
+ *		with PIPELINING a batch at once, else one per round trip. A
+ *		1xx or 3xx reply is a protocol error.
  *	DATA	DATA, awaiting 354; skipped when BDAT is used.
  *	BODY	the content, CRLF-normalised and dot-stuffed, streamed; or
- *		one BDAT ... LAST chunk under CHUNKING (RFC 3030).
+ *		one BDAT ... LAST chunk under CHUNKING (RFC 3030). It starts
+ *		only after a 354 or under CHUNKING: a machine that reaches it
+ *		any other way fails the message rather than send its text
+ *		as commands.
  *	RSET	only when a failed transaction is open and a message follows.
  *	QUIT	QUIT, then the session closes.
  * SEE ALSO
@@ -42,63 +57,72 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "internal.h"
+#include "session_private.h"
 
-static int banner_setup(struct smtps_session *, void *);
-static int banner_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int banner_stage(struct smtps_session *, int, void *);
-static int ehlo_setup(struct smtps_session *, void *);
-static int ehlo_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int ehlo_stage(struct smtps_session *, int, void *);
-static int starttls_setup(struct smtps_session *, void *);
-static int starttls_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int starttls_stage(struct smtps_session *, int, void *);
-static int auth_stage(struct smtps_session *, int, void *);
-static int mail_setup(struct smtps_session *, void *);
-static int mail_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int mail_stage(struct smtps_session *, int, void *);
-static int rcpt_setup(struct smtps_session *, void *);
-static int rcpt_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int rcpt_stage(struct smtps_session *, int, void *);
-static int data_setup(struct smtps_session *, void *);
-static int data_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int data_stage(struct smtps_session *, int, void *);
-static int body_setup(struct smtps_session *, void *);
-static int body_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int body_stage(struct smtps_session *, int, void *);
-static int rset_setup(struct smtps_session *, void *);
-static int rset_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int rset_stage(struct smtps_session *, int, void *);
-static int quit_setup(struct smtps_session *, void *);
-static int quit_callback(struct smtps_session *, const struct smtps_reply *, void *);
-static int quit_stage(struct smtps_session *, int, void *);
+struct builtin_info {
+    int     stage_awaiting;		/* while its replies are awaited */
+    int     stage_done;			/* after them */
+    int64_t timeout;			/* default reply deadline, ms */
+};
+
+static int builtin_stage(struct smtps_session *, int, void *);
 static size_t xtext(char *out, size_t cap, const char *in);
 static size_t rcpt_line(const struct smtps_session *, size_t, char *, size_t);
 static int protocol_error(struct smtps_session *, const struct smtps_reply *,
 			  const char *what);
 
-#define STATE(n, lower, stage, flags) \
-    [SMTPS_STATE_##n] = { sizeof(smtp_state), #n, SMTPS_STATE_##n, NULL, \
-	lower##_setup, lower##_callback, NULL, stage, NULL, NULL, NULL, flags }
-
-static const smtp_state builtins[SMTPS_STATE__COUNT] = {
-    STATE(BANNER, banner, banner_stage, 0),
-    STATE(EHLO, ehlo, ehlo_stage, 0),
-    STATE(STARTTLS, starttls, starttls_stage, 0),
-    STATE(AUTH, smtps_auth, auth_stage, 0),
-    STATE(MAIL, mail, mail_stage, SMTPS_STATE_PIPELINABLE),
-    STATE(RCPT, rcpt, rcpt_stage, SMTPS_STATE_PIPELINABLE),
-    STATE(DATA, data, data_stage, SMTPS_STATE_PIPELINABLE),
-    STATE(BODY, body, body_stage, 0),
-    STATE(RSET, rset, rset_stage, 0),
-    STATE(QUIT, quit, quit_stage, 0),
+/* Each state's stages and timeout, by id: its closure points here. */
+#define SMTPS_X_INFO(n, f, l, sa, sd, tm, fl) \
+    [SMTPS_STATE_##n] = {SMTPS_STAGE_##sa, SMTPS_STAGE_##sd, tm},
+static const struct builtin_info builtin_info[SMTPS_STATE__COUNT] = {
+    SMTPS_BUILTIN_STATES(SMTPS_X_INFO)
 };
+#undef SMTPS_X_INFO
+
+/* The records, one per row; per-connection data only where the row says. */
+#define LOCAL_INIT_NOLOCAL(f) NULL
+#define LOCAL_INIT_LOCAL(f) smtps_##f##_init_local
+#define LOCAL_FREE_NOLOCAL(f) NULL
+#define LOCAL_FREE_LOCAL(f) smtps_##f##_free
+#define SMTPS_X_STATE(n, f, l, sa, sd, tm, fl) \
+    [SMTPS_STATE_##n] = { sizeof(smtp_state), #n, SMTPS_STATE_##n, \
+	LOCAL_INIT_##l(f), smtps_##f##_setup, smtps_##f##_callback, \
+	LOCAL_FREE_##l(f), builtin_stage, NULL, NULL, \
+	(void *) &builtin_info[SMTPS_STATE_##n], fl },
+static const smtp_state builtins[SMTPS_STATE__COUNT] = {
+    SMTPS_BUILTIN_STATES(SMTPS_X_STATE)
+};
+#undef SMTPS_X_STATE
 
 /* smtps_builtin_state - the record of built-in state id */
 
 const smtp_state *smtps_builtin_state(int id)
 {
     return &builtins[id];
+}
+
+/* smtps_builtin_timeout - the default reply deadline of state id */
+
+int64_t smtps_builtin_timeout(int id)
+{
+    return id >= 0 && id < SMTPS_STATE__COUNT ? builtin_info[id].timeout :
+	SMTPS_TIMEOUT_OTHER;
+}
+
+/*
+ * builtin_stage - the stage of a built-in state, from its row; BODY is
+ * "sending message body" until the final dot is out, then "reading final
+ * confirmation"
+ */
+
+static int builtin_stage(struct smtps_session *s, int awaiting, void *closure)
+{
+    const struct builtin_info *bi = closure;
+
+    if (bi->stage_awaiting == SMTPS_STAGE_BODY)
+	return awaiting && !(s->tx != NULL && smtps_tx_dot_sent(s, s->tx)) ?
+	    SMTPS_STAGE_BODY : SMTPS_STAGE_CONFIRM;
+    return awaiting ? bi->stage_awaiting : bi->stage_done;
 }
 
 /* protocol_error - a reply that makes no sense here ends the connection */
@@ -113,18 +137,18 @@ static int protocol_error(struct smtps_session *s, const struct smtps_reply *r,
     return SMTPS_ACT_FAIL_CONN;
 }
 
-/* banner_setup - nothing to send: the server speaks first */
+/* smtps_banner_setup - nothing to send: the server speaks first */
 
-static int banner_setup(struct smtps_session *s, void *closure)
+int     smtps_banner_setup(struct smtps_session *s, void *closure)
 {
     SMTPS_UNUSED(s);
     SMTPS_UNUSED(closure);
     return 1;
 }
 
-/* banner_callback - 220 goes on; anything else ends the connection */
+/* smtps_banner_callback - 220 goes on; anything else ends the connection */
 
-static int banner_callback(struct smtps_session *s,
+int     smtps_banner_callback(struct smtps_session *s,
 			           const struct smtps_reply *r, void *closure)
 {
     SMTPS_UNUSED(closure);
@@ -137,19 +161,9 @@ static int banner_callback(struct smtps_session *s,
     return SMTPS_ACT_FAIL_CONN;
 }
 
-/* banner_stage - reading the banner */
+/* smtps_ehlo_setup - EHLO, or HELO once EHLO was refused */
 
-static int banner_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(awaiting);
-    SMTPS_UNUSED(closure);
-    return SMTPS_STAGE_BANNER;
-}
-
-/* ehlo_setup - EHLO, or HELO once EHLO was refused */
-
-static int ehlo_setup(struct smtps_session *s, void *closure)
+int     smtps_ehlo_setup(struct smtps_session *s, void *closure)
 {
     char    line[SMTPS_HELO_MAX + 8];
     int     n, rc;
@@ -162,9 +176,9 @@ static int ehlo_setup(struct smtps_session *s, void *closure)
     return 1;
 }
 
-/* ehlo_callback - learn the extensions, or fall back to HELO */
+/* smtps_ehlo_callback - learn the extensions, or fall back to HELO */
 
-static int ehlo_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_ehlo_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
@@ -192,18 +206,9 @@ static int ehlo_callback(struct smtps_session *s, const struct smtps_reply *r,
     return SMTPS_ACT_FAIL_CONN;
 }
 
-/* ehlo_stage - during or after EHLO */
+/* smtps_starttls_setup - STARTTLS when the session wants TLS and it is offered */
 
-static int ehlo_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_EHLO : SMTPS_STAGE_EHLO_DONE;
-}
-
-/* starttls_setup - STARTTLS when the session wants TLS and it is offered */
-
-static int starttls_setup(struct smtps_session *s, void *closure)
+int     smtps_starttls_setup(struct smtps_session *s, void *closure)
 {
     int     mode = smtps_tls_mode(s), rc;
 
@@ -219,9 +224,9 @@ static int starttls_setup(struct smtps_session *s, void *closure)
     return 1;
 }
 
-/* starttls_callback - 220 starts the handshake; a refusal may be fatal */
+/* smtps_starttls_callback - 220 starts the handshake; a refusal may be fatal */
 
-static int starttls_callback(struct smtps_session *s,
+int     smtps_starttls_callback(struct smtps_session *s,
 			             const struct smtps_reply *r, void *closure)
 {
     char    why[SMTPS_REASON_MAX];
@@ -266,25 +271,6 @@ static int starttls_callback(struct smtps_session *s,
     return SMTPS_ACT_TEMPFAIL_TX;		/* even after a 5xx: not a verdict on mail */
 }
 
-/* starttls_stage - during or after STARTTLS */
-
-static int starttls_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_STARTTLS : SMTPS_STAGE_STARTTLS_DONE;
-}
-
-/* auth_stage - AUTH has no classic stage code of its own */
-
-static int auth_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(awaiting);
-    SMTPS_UNUSED(closure);
-    return SMTPS_STAGE_UNKNOWN;
-}
-
 /* xtext - RFC 3461 4 encoding of in; returns its length, 0 if no room */
 
 static size_t xtext(char *out, size_t cap, const char *in)
@@ -309,20 +295,23 @@ static size_t xtext(char *out, size_t cap, const char *in)
     return n;
 }
 
-/* mail_setup - MAIL FROM with the parameters the message needs */
+/* smtps_mail_setup - MAIL FROM with the parameters the message needs */
 
-static int mail_setup(struct smtps_session *s, void *closure)
+int     smtps_mail_setup(struct smtps_session *s, void *closure)
 {
-    const struct smtps_message *m = s->tx;
+    const struct smtps_message *m = s->tx->msg;
     unsigned ext = s->caps.ext;
     char    line[SMTPS_LINE_MAX], env[320], why[SMTPS_REASON_MAX];
     size_t  n;
+    uint64_t size = 0;
 
     SMTPS_UNUSED(closure);
+    if (ext & SMTPS_EXT_SIZE)
+	size = smtps_tx_size(s->tx);
     if ((ext & SMTPS_EXT_SIZE) && s->caps.size_max > 0
-	&& m->body_len > s->caps.size_max) {
-	snprintf(why, sizeof(why), "message of %zu bytes exceeds the server's "
-		 "SIZE limit of %llu", m->body_len,
+	&& size > s->caps.size_max) {
+	snprintf(why, sizeof(why), "message of %llu bytes exceeds the server's "
+		 "SIZE limit of %llu", (unsigned long long) size,
 		 (unsigned long long) s->caps.size_max);
 	smtps_session_set_reason(s, why);
 	return SMTPS_ETOOBIG;
@@ -339,8 +328,8 @@ static int mail_setup(struct smtps_session *s, void *closure)
     }
     n = (size_t) snprintf(line, sizeof(line), "MAIL FROM:<%s>", m->sender);
     if ((ext & SMTPS_EXT_SIZE) && n < sizeof(line))
-	n += (size_t) snprintf(line + n, sizeof(line) - n, " SIZE=%zu",
-			       m->body_len);
+	n += (size_t) snprintf(line + n, sizeof(line) - n, " SIZE=%llu",
+			       (unsigned long long) size);
     if (m->is_8bit && n < sizeof(line))
 	n += (size_t) snprintf(line + n, sizeof(line) - n, " BODY=8BITMIME");
     if (m->needs_smtputf8 && n < sizeof(line))
@@ -357,9 +346,9 @@ static int mail_setup(struct smtps_session *s, void *closure)
     return smtps_session_send_line(s, line, n) == SMTPS_OK ? 1 : SMTPS_ETOOBIG;
 }
 
-/* mail_callback - the sender is accepted or the transaction fails */
+/* smtps_mail_callback - the sender is accepted or the transaction fails */
 
-static int mail_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_mail_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
@@ -368,21 +357,12 @@ static int mail_callback(struct smtps_session *s, const struct smtps_reply *r,
     return smtps_action_for_code(r->code);
 }
 
-/* mail_stage - during or after MAIL FROM */
-
-static int mail_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_MAIL : SMTPS_STAGE_MAIL_DONE;
-}
-
 /* rcpt_line - format RCPT TO for recipient i */
 
 static size_t rcpt_line(const struct smtps_session *s, size_t i, char *line,
 			        size_t cap)
 {
-    const struct smtps_rcpt *rc = &s->tx->rcpt[i];
+    const struct smtps_rcpt *rc = &s->tx->msg->rcpt[i];
     char    orcpt[SMTPS_ADDRESS_MAX * 3 + 1];
     size_t  n;
     int     non_ascii = 0;
@@ -411,74 +391,65 @@ static size_t rcpt_line(const struct smtps_session *s, size_t i, char *line,
     return n;
 }
 
-/* rcpt_setup - RCPT TO for the next recipient, or a pipelined batch */
+/* smtps_rcpt_setup - RCPT TO for the next recipient, or a pipelined batch */
 
-static int rcpt_setup(struct smtps_session *s, void *closure)
+int     smtps_rcpt_setup(struct smtps_session *s, void *closure)
 {
+    struct smtps_tx *tx = s->tx;
     char    line[SMTPS_LINE_MAX];
     size_t  n;
     int     sent = 0, rc;
 
     SMTPS_UNUSED(closure);
-    while (s->rcpt_next < s->tx->nrcpt) {
+    while (tx->rcpt_next < tx->msg->nrcpt) {
 	/* A batch stays within the output bound; the rest comes next round. */
 	if (sent > 0 && (!s->pipelining
 			 || s->out.end - s->out.start >= SMTPS_OUT_HIGH))
 	    break;
-	n = rcpt_line(s, s->rcpt_next, line, sizeof(line));
+	n = rcpt_line(s, tx->rcpt_next, line, sizeof(line));
 	if (n >= sizeof(line))
 	    return SMTPS_ETOOBIG;
 	if ((rc = smtps_session_send_line(s, line, n)) != SMTPS_OK)
 	    return sent > 0 ? sent : rc;
-	s->rcpt_next++;
+	tx->rcpt_next++;
 	sent++;
     }
-    if (s->rcpt_next < s->tx->nrcpt)
+    if (tx->rcpt_next < tx->msg->nrcpt)
 	s->no_lookahead = 1;			/* DATA must not pass them */
     return sent;
 }
 
-/* rcpt_callback - record each recipient; decide after the last one */
+/* smtps_rcpt_callback - record each recipient; decide after the last one */
 
-static int rcpt_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_rcpt_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
+    struct smtps_tx *tx = s->tx;
     size_t  i, temp = 0;
 
     SMTPS_UNUSED(closure);
     if (r == NULL)				/* no recipients left to send */
 	return SMTPS_ACT_NEXT;
-    s->rcpt_index = (int) s->rcpt_replied;
-    (void) smtps_session_set_rcpt_result(s, s->rcpt_replied, r);
-    s->rcpt_replied++;
-    if (r->code >= 200 && r->code < 300)
-	s->rcpt_accepted++;
-    else if (r->code < 400)
+    tx->rcpt_index = (int) tx->rcpt_replied;
+    smtps_tx_rcpt_reply(s, tx, tx->rcpt_replied, r);
+    tx->rcpt_replied++;
+    if (r->code < 200 || (r->code >= 300 && r->code < 400))
 	return protocol_error(s, r, "RCPT TO");
-    if (s->rcpt_replied < s->rcpt_next)
+    if (tx->rcpt_replied < tx->rcpt_next)
 	return SMTPS_ACT_NEXT;			/* more replies of this batch */
-    if (s->rcpt_next < s->tx->nrcpt)
+    if (tx->rcpt_next < tx->msg->nrcpt)
 	return SMTPS_ACT_RETRY;			/* send the next recipients */
-    if (s->rcpt_accepted > 0)
+    if (tx->rcpt_accepted > 0)
 	return SMTPS_ACT_NEXT;
     smtps_session_set_reason(s, "every recipient was refused");
-    for (i = 0; i < s->txres->nrcpt; i++)
-	temp += s->txres->rcpt[i].status == SMTPS_STATUS_TEMPFAIL;
+    for (i = 0; i < tx->res->nrcpt; i++)
+	temp += tx->res->rcpt[i].status == SMTPS_STATUS_TEMPFAIL;
     return temp ? SMTPS_ACT_TEMPFAIL_TX : SMTPS_ACT_PERMFAIL_TX;
 }
 
-/* rcpt_stage - during or after RCPT TO */
+/* smtps_data_setup - DATA, unless BDAT will carry the content */
 
-static int rcpt_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_RCPT : SMTPS_STAGE_RCPT_DONE;
-}
-
-/* data_setup - DATA, unless BDAT will carry the content */
-
-static int data_setup(struct smtps_session *s, void *closure)
+int     smtps_data_setup(struct smtps_session *s, void *closure)
 {
     int     rc;
 
@@ -487,20 +458,20 @@ static int data_setup(struct smtps_session *s, void *closure)
 	return 0;
     if ((rc = smtps_session_send_line(s, "DATA", 4)) != SMTPS_OK)
 	return rc;
-    s->data_sent = 1;
+    s->tx->data_sent = 1;
     return 1;
 }
 
-/* data_callback - 354 goes on to the body */
+/* smtps_data_callback - 354 goes on to the body */
 
-static int data_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_data_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
     if (r == NULL)
 	return SMTPS_ACT_NEXT;
     if (r->code == 354) {
-	s->data_mode = 1;			/* what follows is message text */
+	s->tx->data_mode = 1;			/* what follows is message text */
 	return SMTPS_ACT_NEXT;
     }
     if (r->code < 400)
@@ -508,52 +479,54 @@ static int data_callback(struct smtps_session *s, const struct smtps_reply *r,
     return smtps_action_for_code(r->code);
 }
 
-/* data_stage - during or after DATA */
+/* smtps_body_setup - start streaming the content */
 
-static int data_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_DATA : SMTPS_STAGE_DATA_DONE;
-}
-
-/* body_setup - start streaming the content */
-
-static int body_setup(struct smtps_session *s, void *closure)
+int     smtps_body_setup(struct smtps_session *s, void *closure)
 {
     char    line[64];
     int     chunking = (s->caps.ext & SMTPS_EXT_CHUNKING) != 0, rc, n;
 
     SMTPS_UNUSED(closure);
+    /*
+     * Without a 354 the server reads commands: the content would be
+     * taken line by line as commands. Only a machine of the caller's
+     * that jumps here past DATA gets this.
+     */
+    if (!chunking && !s->tx->data_mode) {
+	smtps_session_set_reason(s, "BODY was entered without a 354 reply "
+				 "to DATA: the server is not reading "
+				 "message data");
+	return SMTPS_EINVAL;
+    }
     if (chunking) {
 	n = snprintf(line, sizeof(line), "BDAT %llu LAST", (unsigned long long)
-		     smtps_body_encoded_length(s->tx->body, s->tx->body_len));
+		     smtps_tx_size(s->tx));
 	if ((rc = smtps_session_send_line(s, line, (size_t) n)) != SMTPS_OK)
 	    return rc;
     }
-    smtps_session_start_body(s, chunking);
-    if ((rc = smtps_session_pump_body(s)) != SMTPS_OK)
+    smtps_tx_start_body(s, chunking);
+    if ((rc = smtps_tx_pump_body(s, s->tx)) != SMTPS_OK)
 	return rc;
     return 1;
 }
 
-/* body_callback - the reply to the final dot (or the last BDAT) */
+/* smtps_body_callback - the reply to the final dot (or the last BDAT) */
 
-static int body_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_body_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
     /* It cannot have seen the final dot (or last BDAT byte) yet. */
-    if (!smtps_session_body_done(s)) {
+    if (!smtps_tx_dot_sent(s, s->tx)) {
 	smtps_session_set_reason(s, "the server replied before the end of "
 				 "the message data");
 	return SMTPS_ACT_FAIL_CONN;
     }
-    s->tx_final_replied = 1;			/* the transaction is over */
+    s->tx->final_replied = 1;			/* the transaction is over */
     s->need_reset = 0;
     if (r->code >= 200 && r->code < 300) {
-	smtps_session_decide(s, SMTPS_STATUS_DELIVERED, SMTPS_STATE_BODY, r,
-			     NULL);
+	smtps_tx_settle(s, s->tx, SMTPS_STATUS_DELIVERED, SMTPS_STATE_BODY, r,
+			NULL);
 	return SMTPS_ACT_NEXT;
     }
     if (r->code < 400)
@@ -561,18 +534,9 @@ static int body_callback(struct smtps_session *s, const struct smtps_reply *r,
     return smtps_action_for_code(r->code);
 }
 
-/* body_stage - sending the body, then waiting for its confirmation */
+/* smtps_rset_setup - RSET only when a failed transaction is open and mail waits */
 
-static int body_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(closure);
-    return awaiting && !smtps_session_body_done(s) ? SMTPS_STAGE_BODY :
-	SMTPS_STAGE_CONFIRM;
-}
-
-/* rset_setup - RSET only when a failed transaction is open and mail waits */
-
-static int rset_setup(struct smtps_session *s, void *closure)
+int     smtps_rset_setup(struct smtps_session *s, void *closure)
 {
     int     rc;
 
@@ -584,9 +548,9 @@ static int rset_setup(struct smtps_session *s, void *closure)
     return 1;
 }
 
-/* rset_callback - back to MAIL for the next message, or on to QUIT */
+/* smtps_rset_callback - back to MAIL for the next message, or on to QUIT */
 
-static int rset_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_rset_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(closure);
@@ -603,18 +567,9 @@ static int rset_callback(struct smtps_session *s, const struct smtps_reply *r,
     return SMTPS_ACT_JUMP;
 }
 
-/* rset_stage - during or after RSET */
+/* smtps_quit_setup - say goodbye */
 
-static int rset_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(closure);
-    return awaiting ? SMTPS_STAGE_RSET : SMTPS_STAGE_RSET_DONE;
-}
-
-/* quit_setup - say goodbye */
-
-static int quit_setup(struct smtps_session *s, void *closure)
+int     smtps_quit_setup(struct smtps_session *s, void *closure)
 {
     int     rc;
 
@@ -624,23 +579,13 @@ static int quit_setup(struct smtps_session *s, void *closure)
     return 1;
 }
 
-/* quit_callback - whatever the reply, the connection ends after it */
+/* smtps_quit_callback - whatever the reply, the connection ends after it */
 
-static int quit_callback(struct smtps_session *s, const struct smtps_reply *r,
+int     smtps_quit_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
     SMTPS_UNUSED(s);
     SMTPS_UNUSED(r);
     SMTPS_UNUSED(closure);
     return SMTPS_ACT_NEXT;
-}
-
-/* quit_stage - QUIT happens when the connection is idle */
-
-static int quit_stage(struct smtps_session *s, int awaiting, void *closure)
-{
-    SMTPS_UNUSED(s);
-    SMTPS_UNUSED(awaiting);
-    SMTPS_UNUSED(closure);
-    return SMTPS_STAGE_IDLE;
 }

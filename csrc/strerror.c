@@ -13,7 +13,8 @@
  *	const char *smtps_stage_name(stage)
  *	int	stage;
  * DESCRIPTION
- *	smtps_strerror() describes an enum smtps_error value.
+ *	smtps_strerror() describes an enum smtps_error value, in the words
+ *	of the SMTPS_ERRORS list that makes the enum.
  *
  *	smtps_stage_name() names an enum smtps_stage value, as senders log
  *	it ("sending RCPT TO"). The names come from the SMTPS_STAGES list
@@ -44,34 +45,13 @@ static const char *const stage_names[SMTPS_STAGE__COUNT] = {
 
 const char *smtps_strerror(int code)
 {
+#define SMTPS_X_ERROR_TEXT(n, v, s) case v: return (s);
     switch (code) {
-    case SMTPS_OK:
-	return ("success");
-    case SMTPS_ENOMEM:
-	return ("out of memory");
-    case SMTPS_EINVAL:
-	return ("invalid argument");
-    case SMTPS_ETOOBIG:
-	return ("size limit exceeded");
-    case SMTPS_EPROTO:
-	return ("SMTP protocol error");
-    case SMTPS_ESTATE:
-	return ("operation not allowed in this session state");
-    case SMTPS_EFULL:
-	return ("table or queue full");
-    case SMTPS_ECLOSED:
-	return ("session closed");
-    case SMTPS_ENOTFOUND:
-	return ("no such state");
-    case SMTPS_ETLS:
-	return ("TLS failure");
-    case SMTPS_ENOTSUP:
-	return ("not supported");
-    case SMTPS_ESYS:
-	return ("system call failed");
+	SMTPS_ERRORS(SMTPS_X_ERROR_TEXT)
     default:
 	return ("unknown error");
     }
+#undef SMTPS_X_ERROR_TEXT
 }
 
 /* smtps_stage_name - name a connection stage */

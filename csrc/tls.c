@@ -13,7 +13,7 @@
  *	int	smtps_session_tls_active(s)
  *	const char *smtps_session_tls_version(s)
  *
- *	#include "internal.h"
+ *	#include "session_private.h"
  *
  *	int	smtps_tls_begin(s)
  *	int	smtps_tls_feed(s, data, len)
@@ -77,7 +77,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "internal.h"
+#include "session_private.h"
 
 #define TLS_BIO_SIZE 65536		/* each direction of the BIO pair */
 #define TLS_RECORD_MAX 16384		/* plaintext per SSL_write (one record) */

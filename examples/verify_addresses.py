@@ -42,12 +42,20 @@ def make_machine() -> Machine:
 
 def verify(host: str, port: int, addresses: List[str],
            sender: str = "") -> Dict[str, smtpstate.RecipientResult]:
-    """Each address's verdict: ``accepted`` (RCPT 2xx), ``permfail`` or
+    """Each address's result: ``not_sent`` with its RCPT reply when the
+    server accepted it (the message was never sent), else ``permfail`` or
     ``tempfail`` with the server's reply and bounce class."""
     message = smtpstate.Message(sender, addresses, b"")  # "" sender: a null reverse-path
     with smtpstate.Client(host, port, machine=make_machine(), timeout=30) as client:
         result = client.send(message)
     return {r.address: r for r in result.recipients}
+
+
+def verdict(r: smtpstate.RecipientResult) -> str:
+    """What the server said of the address: accepted, permfail, tempfail."""
+    if r.status == "not_sent" and r.reply is not None and r.reply.code < 300:
+        return "accepted"
+    return r.status
 
 
 def main(argv: list) -> int:
@@ -66,7 +74,7 @@ def main(argv: list) -> int:
             received = len(handler.messages)
     for address, r in verdicts.items():
         cls = f" [{r.bounce_class}]" if r.bounce_class is not None else ""
-        print(f"{address}: {r.status} {r.reply}{cls}")
+        print(f"{address}: {verdict(r)} {r.reply}{cls}")
     if received is not None:
         print(f"messages the server received: {received}")
     return 0 if all(r.reply is not None for r in verdicts.values()) else 1

@@ -123,9 +123,9 @@ def check_session(fdp: atheris.FuzzedDataProvider) -> None:
     try:
         msg = Message("s@client.test", ["r@server.test"], b"Subject: x\r\n\r\nbody\r\n")
         cmsg = msg._to_c()
-        assert lib.smtps_session_submit(session._ptr, cmsg, 1) == lib.SMTPS_OK
-        ffi.gc(cmsg, None)                      # the session owns it now
         now = 1000
+        assert lib.smtps_session_submit(session._ptr, cmsg, 1, now) == lib.SMTPS_OK
+        ffi.gc(cmsg, None)                      # the session owns it now
         assert lib.smtps_session_start(session._ptr, now) == lib.SMTPS_OK
         out = ffi.new("const char **")
         n = lib.smtps_session_output(session._ptr, out)

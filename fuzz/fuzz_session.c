@@ -240,7 +240,7 @@ static void submit(struct fuzz *f)
 	return;
     m = make_message(f, i);
     f->nmsgs++;
-    rc = smtps_session_submit(f->s, m, f->msgs[i].tag);
+    rc = smtps_session_submit(f->s, m, f->msgs[i].tag, f->now);
     if (rc == SMTPS_OK) {
 	f->msgs[i].submitted = 1;
 	return;
@@ -255,7 +255,7 @@ static void take_results(struct fuzz *f)
 {
     struct smtps_result *r;
     struct msg *mi;
-    size_t  submitted = 0, i;
+    size_t  submitted = 0, i, delivered;
     int     k;
 
     while ((r = smtps_session_next_result(f->s)) != NULL) {
@@ -265,19 +265,28 @@ static void take_results(struct fuzz *f)
 	FUZZ_CHECK(mi->results == 0);
 	mi->results++;
 	f->taken++;
-	FUZZ_CHECK(r->status >= SMTPS_STATUS_DELIVERED
-		   && r->status <= SMTPS_STATUS_UNKNOWN);
+	/* Final statuses only (transaction.c, result.c). */
+	FUZZ_CHECK((r->status >= SMTPS_STATUS_DELIVERED
+		    && r->status <= SMTPS_STATUS_UNKNOWN)
+		   || r->status == SMTPS_STATUS_PARTIAL);
 	FUZZ_CHECK(r->reason != NULL && r->reply.text != NULL);
 	FUZZ_CHECK(memchr(r->stage_name, 0, sizeof(r->stage_name)) != NULL);
 	FUZZ_CHECK(memchr(r->reply.enhanced, 0, sizeof(r->reply.enhanced)) != NULL);
 	FUZZ_CHECK(r->reply.code == 0
 		   || (r->reply.code >= 200 && r->reply.code <= 559));
 	FUZZ_CHECK(r->nrcpt == mi->nrcpt);
+	delivered = 0;
 	for (i = 0; i < r->nrcpt; i++) {
 	    k = r->rcpt[i].status;
-	    FUZZ_CHECK(k >= SMTPS_RCPT_PENDING && k <= SMTPS_RCPT_ACCEPTED);
+	    FUZZ_CHECK((k >= SMTPS_STATUS_DELIVERED && k <= SMTPS_STATUS_UNKNOWN)
+		       || k == SMTPS_STATUS_NOT_SENT);
+	    delivered += k == SMTPS_STATUS_DELIVERED;
 	    FUZZ_CHECK(r->rcpt[i].reply.text != NULL);
 	}
+	/* The message's status is its recipients'. */
+	FUZZ_CHECK((r->status == SMTPS_STATUS_DELIVERED) == (delivered == r->nrcpt));
+	FUZZ_CHECK((r->status == SMTPS_STATUS_PARTIAL)
+		   == (delivered > 0 && delivered < r->nrcpt));
 	if (!f->raw && !f->m.desync) {
 	    if (r->status == SMTPS_STATUS_DELIVERED)
 		FUZZ_CHECK(mi->accepted);
@@ -914,7 +923,7 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	    submit(&f);
 	    break;
 	case 5:
-	    FUZZ_CHECK(smtps_session_quit(f.s) == SMTPS_OK);
+	    FUZZ_CHECK(smtps_session_quit(f.s, f.now) == SMTPS_OK);
 	    break;
 	case 6:				/* the server misbehaves on its own */
 	    if (f.raw) {
@@ -962,7 +971,7 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if ((done = settle(&f)))
 	    break;
 	if (smtps_session_status(f.s) == SMTPS_SESS_IDLE)
-	    FUZZ_CHECK(smtps_session_quit(f.s) == SMTPS_OK);
+	    FUZZ_CHECK(smtps_session_quit(f.s, f.now) == SMTPS_OK);
 	else if (still)
 	    tick(&f, 0xff);
 	/*

@@ -40,21 +40,31 @@
 extern "C" {
 #endif
 
-/* Error codes. Each value is written out so that they never shift. */
+/*
+ * Error codes, with the words smtps_strerror() gives them. One list, so
+ * that the enum and the texts cannot drift apart; each value is written
+ * out so that they never shift.
+ */
+#define SMTPS_ERRORS(X) \
+    X(OK, 0, "success") \
+    X(ENOMEM, -1, "out of memory") \
+    X(EINVAL, -2, "invalid argument")	/* NULL, control byte, ... */ \
+    X(ETOOBIG, -3, "size limit exceeded")	/* a line, reply or buffer bound */ \
+    X(EPROTO, -4, "SMTP protocol error")	/* the peer broke the protocol */ \
+    X(ESTATE, -5, "operation not allowed in this session state") \
+    X(EFULL, -6, "table or queue full") \
+    X(ECLOSED, -7, "session closed") \
+    X(ENOTFOUND, -8, "not found")	/* no such state id, name or class */ \
+    X(ETLS, -9, "TLS failure")	/* TLS setup or handshake failed */ \
+    X(ENOTSUP, -10, "not supported") \
+    X(ESYS, -11, "system call failed")	/* errno says more */ \
+    X(EINTR, -12, "interrupted")	/* a state asked to stop at once */
+
+#define SMTPS_X_ERROR(n, v, s) SMTPS_##n = v,
 enum smtps_error {
-    SMTPS_OK = 0,
-    SMTPS_ENOMEM = -1,		/* allocation failed */
-    SMTPS_EINVAL = -2,		/* bad argument (NULL, control byte, ...) */
-    SMTPS_ETOOBIG = -3,		/* a bound was hit (line, reply, buffer) */
-    SMTPS_EPROTO = -4,		/* the peer broke the protocol */
-    SMTPS_ESTATE = -5,		/* call not allowed in this session state */
-    SMTPS_EFULL = -6,		/* a table or queue is full */
-    SMTPS_ECLOSED = -7,		/* the session is closed */
-    SMTPS_ENOTFOUND = -8,		/* no such state id or name */
-    SMTPS_ETLS = -9,		/* TLS setup or handshake failed */
-    SMTPS_ENOTSUP = -10,		/* not supported (e.g. an unknown option) */
-    SMTPS_ESYS = -11		/* a system call failed (errno says more) */
+    SMTPS_ERRORS(SMTPS_X_ERROR)
 };
+#undef SMTPS_X_ERROR
 
 const char *smtps_strerror(int code);
 
@@ -70,16 +80,33 @@ enum smtps_action {
     SMTPS_ACT_RETRY = 3,	/* enter this same state again (setup runs again) */
     SMTPS_ACT_TEMPFAIL_TX = 4,	/* transaction failed, temporary (4xx) */
     SMTPS_ACT_PERMFAIL_TX = 5,	/* transaction failed, permanent (5xx) */
-    SMTPS_ACT_FAIL_CONN = 6	/* the connection is unusable: end it */
+    SMTPS_ACT_FAIL_CONN = 6,	/* the connection is unusable: end it */
+    SMTPS_ACT_ABORT = 7		/* stop now: close without QUIT, fail what is
+				 * in hand, and tell the driver (Ctrl-C) */
 };
 
-/* Built-in states, in their default order. One list, so that the enum,
- * the names and the count can never drift apart. */
+/*
+ * Built-in states, in their default order. One list makes the enum, the
+ * state table (states.c), the stage each state reports while its replies
+ * are awaited and after them, and the default reply timeouts (RFC 5321
+ * 4.5.3.2), so that none of them can drift from the others. Columns:
+ * name, the prefix of its functions in the library, whether it keeps
+ * per-connection data (LOCAL or NOLOCAL), stage awaiting, stage after,
+ * timeout, flags.
+ */
 #define SMTPS_BUILTIN_STATES(X) \
-    X(BANNER) X(EHLO) X(STARTTLS) X(AUTH) \
-    X(MAIL) X(RCPT) X(DATA) X(BODY) X(RSET) X(QUIT)
+    X(BANNER, banner, NOLOCAL, BANNER, BANNER, SMTPS_TIMEOUT_BANNER, 0) \
+    X(EHLO, ehlo, NOLOCAL, EHLO, EHLO_DONE, SMTPS_TIMEOUT_OTHER, 0) \
+    X(STARTTLS, starttls, NOLOCAL, STARTTLS, STARTTLS_DONE, SMTPS_TIMEOUT_OTHER, 0) \
+    X(AUTH, auth, LOCAL, AUTH, AUTH_DONE, SMTPS_TIMEOUT_OTHER, 0) \
+    X(MAIL, mail, NOLOCAL, MAIL, MAIL_DONE, SMTPS_TIMEOUT_MAIL, SMTPS_STATE_PIPELINABLE) \
+    X(RCPT, rcpt, NOLOCAL, RCPT, RCPT_DONE, SMTPS_TIMEOUT_RCPT, SMTPS_STATE_PIPELINABLE) \
+    X(DATA, data, NOLOCAL, DATA, DATA_DONE, SMTPS_TIMEOUT_DATA, SMTPS_STATE_PIPELINABLE) \
+    X(BODY, body, NOLOCAL, BODY, CONFIRM, SMTPS_TIMEOUT_FINAL, 0) \
+    X(RSET, rset, NOLOCAL, RSET, RSET_DONE, SMTPS_TIMEOUT_OTHER, 0) \
+    X(QUIT, quit, NOLOCAL, IDLE, IDLE, SMTPS_TIMEOUT_OTHER, 0)
 
-#define SMTPS_X_ENUM(n) SMTPS_STATE_##n,
+#define SMTPS_X_ENUM(n, f, l, sa, sd, t, fl) SMTPS_STATE_##n,
 enum smtps_builtin_state {
     SMTPS_BUILTIN_STATES(SMTPS_X_ENUM)
     SMTPS_STATE__COUNT
@@ -115,7 +142,9 @@ enum smtps_builtin_state {
     X(TLS_RENEGOTIATION, 18, "TLS renegotiation") \
     X(XCLIENT, 19, "sending XCLIENT") \
     X(XCLIENT_DONE, 20, "after XCLIENT") \
-    X(UNKNOWN, 22, "unknown")
+    X(UNKNOWN, 22, "unknown") \
+    X(AUTH, 23, "sending AUTH") \
+    X(AUTH_DONE, 24, "after AUTH")
 
 #define SMTPS_X_STAGE(n, v, s) SMTPS_STAGE_##n = v,
 enum smtps_stage {
@@ -162,34 +191,67 @@ void smtps_reply_parser_free(struct smtps_reply_parser *p);
 int smtps_reply_parse(struct smtps_reply_parser *p, const char *data,
 		      size_t len, size_t *consumed, struct smtps_reply *out);
 
-/* EHLO extensions (bit flags) */
-#define SMTPS_EXT_PIPELINING	(1u << 0)	/* RFC 2920 */
-#define SMTPS_EXT_SIZE		(1u << 1)	/* RFC 1870 */
-#define SMTPS_EXT_8BITMIME	(1u << 2)	/* RFC 6152 */
-#define SMTPS_EXT_SMTPUTF8	(1u << 3)	/* RFC 6531 */
-#define SMTPS_EXT_STARTTLS	(1u << 4)	/* RFC 3207 */
-#define SMTPS_EXT_AUTH		(1u << 5)	/* RFC 4954 */
-#define SMTPS_EXT_DSN		(1u << 6)	/* RFC 3461 */
-#define SMTPS_EXT_CHUNKING	(1u << 7)	/* RFC 3030 */
-#define SMTPS_EXT_ENHANCEDSTATUSCODES (1u << 8)	/* RFC 2034 */
-#define SMTPS_EXT_XCLIENT	(1u << 9)	/* Postfix XCLIENT */
-#define SMTPS_EXT_BINARYMIME	(1u << 10)	/* RFC 3030 */
+/*
+ * EHLO extensions, AUTH mechanisms and XCLIENT attributes: the bit each
+ * gets and the keyword that names it. One list each makes the bits, the
+ * parser's keyword tables (reply.c), the AUTH state's names (auth.c) and
+ * the names drivers show (smtps_extension_name() and its two siblings).
+ * Extension columns: enum suffix, bit, keyword, what its parameters mean
+ * to the parser (NONE, SIZE, AUTH, XCLIENT).
+ */
+#define SMTPS_EXTENSIONS(X) \
+    X(PIPELINING, 0, "PIPELINING", NONE)	/* RFC 2920 */ \
+    X(SIZE, 1, "SIZE", SIZE)			/* RFC 1870 */ \
+    X(8BITMIME, 2, "8BITMIME", NONE)		/* RFC 6152 */ \
+    X(SMTPUTF8, 3, "SMTPUTF8", NONE)		/* RFC 6531 */ \
+    X(STARTTLS, 4, "STARTTLS", NONE)		/* RFC 3207 */ \
+    X(AUTH, 5, "AUTH", AUTH)			/* RFC 4954 */ \
+    X(DSN, 6, "DSN", NONE)			/* RFC 3461 */ \
+    X(CHUNKING, 7, "CHUNKING", NONE)		/* RFC 3030 */ \
+    X(ENHANCEDSTATUSCODES, 8, "ENHANCEDSTATUSCODES", NONE)	/* RFC 2034 */ \
+    X(XCLIENT, 9, "XCLIENT", XCLIENT)		/* Postfix XCLIENT */ \
+    X(BINARYMIME, 10, "BINARYMIME", NONE)	/* RFC 3030 */
 
-/* AUTH mechanisms (bit flags) */
-#define SMTPS_AUTH_PLAIN	(1u << 0)
-#define SMTPS_AUTH_LOGIN	(1u << 1)
-#define SMTPS_AUTH_CRAM_MD5	(1u << 2)
-#define SMTPS_AUTH_XOAUTH2	(1u << 3)
+/* AUTH mechanisms: suffix, bit, name; the AUTH state prefers the first. */
+#define SMTPS_AUTH_MECHS(X) \
+    X(CRAM_MD5, 2, "CRAM-MD5")		/* RFC 2195 */ \
+    X(PLAIN, 0, "PLAIN")		/* RFC 4616 */ \
+    X(LOGIN, 1, "LOGIN")		/* draft-murchison-sasl-login */ \
+    X(XOAUTH2, 3, "XOAUTH2")		/* Google's; only when asked for */
 
-/* XCLIENT attributes (bit flags) */
-#define SMTPS_XCLIENT_NAME	(1u << 0)
-#define SMTPS_XCLIENT_ADDR	(1u << 1)
-#define SMTPS_XCLIENT_PORT	(1u << 2)
-#define SMTPS_XCLIENT_PROTO	(1u << 3)
-#define SMTPS_XCLIENT_HELO	(1u << 4)
-#define SMTPS_XCLIENT_LOGIN	(1u << 5)
-#define SMTPS_XCLIENT_DESTADDR	(1u << 6)
-#define SMTPS_XCLIENT_DESTPORT	(1u << 7)
+/* XCLIENT attributes (Postfix XCLIENT_README): suffix, bit, name. */
+#define SMTPS_XCLIENT_ATTRS(X) \
+    X(NAME, 0, "NAME") \
+    X(ADDR, 1, "ADDR") \
+    X(PORT, 2, "PORT") \
+    X(PROTO, 3, "PROTO") \
+    X(HELO, 4, "HELO") \
+    X(LOGIN, 5, "LOGIN") \
+    X(DESTADDR, 6, "DESTADDR") \
+    X(DESTPORT, 7, "DESTPORT")
+
+#define SMTPS_X_EXT(n, b, s, p) SMTPS_EXT_##n = 1 << b,
+enum smtps_extension {
+    SMTPS_EXTENSIONS(SMTPS_X_EXT)
+};
+#undef SMTPS_X_EXT
+
+#define SMTPS_X_MECH(n, b, s) SMTPS_AUTH_##n = 1 << b,
+enum smtps_auth_mech {
+    SMTPS_AUTH_MECHS(SMTPS_X_MECH)
+};
+#undef SMTPS_X_MECH
+
+#define SMTPS_X_XCLIENT(n, b, s) SMTPS_XCLIENT_##n = 1 << b,
+enum smtps_xclient_attr {
+    SMTPS_XCLIENT_ATTRS(SMTPS_X_XCLIENT)
+};
+#undef SMTPS_X_XCLIENT
+
+/* The keyword of one bit, or NULL when the bit names nothing. */
+const char *smtps_extension_name(unsigned bit);
+const char *smtps_auth_mech_name(unsigned bit);
+const char *smtps_xclient_attr_name(unsigned bit);
 
 struct smtps_caps {
     unsigned ext;			/* SMTPS_EXT_* */
@@ -415,16 +477,29 @@ struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
 /* Results                                                             */
 /* ------------------------------------------------------------------ */
 
+/*
+ * What became of a message, and of each of its recipients. A result handed
+ * to a driver holds only final statuses: a message is DELIVERED (to every
+ * recipient), PARTIAL (to some), TEMPFAIL, PERMFAIL or UNKNOWN; a
+ * recipient is DELIVERED, TEMPFAIL, PERMFAIL, UNKNOWN or NOT_SENT.
+ */
 enum smtps_status {
     SMTPS_STATUS_DELIVERED = 1,	/* final reply 2xx */
     SMTPS_STATUS_TEMPFAIL = 2,	/* try again later */
     SMTPS_STATUS_PERMFAIL = 3,	/* do not try again */
-    SMTPS_STATUS_UNKNOWN = 4	/* lost after the final dot: maybe delivered (RFC 1047) */
+    SMTPS_STATUS_UNKNOWN = 4,	/* lost after the final dot: maybe delivered (RFC 1047) */
+    SMTPS_STATUS_PARTIAL = 6,	/* message: delivered to some recipients only */
+    SMTPS_STATUS_NOT_SENT = 7	/* recipient: the message was not sent to it
+				 * (a state ended the transaction first, or
+				 * its RCPT never had an answer) */
 };
 
-/* Per-recipient status: the message statuses plus two RCPT-only ones. */
-#define SMTPS_RCPT_PENDING 0		/* no RCPT reply (never sent or drained) */
-#define SMTPS_RCPT_ACCEPTED 5		/* RCPT 2xx, transaction ended before the data */
+/*
+ * A recipient's status while its transaction runs, never in a final
+ * result: a state reading smtps_session_rcpt_index() may meet them.
+ */
+#define SMTPS_RCPT_PENDING 0		/* no RCPT reply yet */
+#define SMTPS_RCPT_ACCEPTED 5		/* RCPT 2xx; the message's fate decides */
 
 struct smtps_result_reply {
     int code;				/* 0 when there was no reply */
@@ -433,14 +508,15 @@ struct smtps_result_reply {
 };
 
 struct smtps_result_rcpt {
-    int status;				/* SMTPS_STATUS_* or SMTPS_RCPT_* */
-    struct smtps_result_reply reply;	/* the RCPT reply, or the final one */
+    int status;				/* enum smtps_status */
+    struct smtps_result_reply reply;	/* its RCPT reply; without one, the
+					 * reply that failed the message */
     int bounce_class;			/* enum smtps_bounce_class; 0: not failed */
 };
 
 struct smtps_result {
     uint64_t tag;			/* the tag given to smtps_session_submit() */
-    int status;				/* enum smtps_status */
+    int status;				/* enum smtps_status, from its recipients */
     int state;				/* id of the state it ended in */
     int stage;				/* connection stage it ended in */
     char stage_name[64];
@@ -531,8 +607,14 @@ int smtps_bounce_classify_reason(int status, const char *reason);
 /* Set r->bounce_class and each recipient's from what r says. */
 void smtps_bounce_classify_result(struct smtps_result *r);
 
-/* A class's name, or NULL when no class has that code. */
-const char *smtps_bounce_class_name(int bounce_class);
+/*
+ * Copy a class's name into out (cap bytes, NUL-terminated, truncated to
+ * fit). Copied under the registry's lock, so that a class re-registered
+ * or reset by another thread never leaves the caller a changing string.
+ * SMTPS_OK, SMTPS_ENOTFOUND when no class has that code, SMTPS_EINVAL for
+ * a NULL out or cap 0.
+ */
+int smtps_bounce_class_name(int bounce_class, char *out, size_t cap);
 
 /*
  * Register a class of one's own: code 1..SMTPS_BOUNCE_CLASS_MAX, not a
@@ -570,6 +652,12 @@ enum smtps_session_status {
 #define SMTPS_TIMEOUT_FINAL	600000
 #define SMTPS_TIMEOUT_OTHER	300000
 
+/*
+ * The longest timeout anything takes (30 days, in ms): a longer one is
+ * cut to it, so that a deadline (now + timeout) can never overflow.
+ */
+#define SMTPS_TIMEOUT_MAX	2592000000LL
+
 #define SMTPS_HELO_MAX 255
 #define SMTPS_LINE_MAX 2048		/* a command line sent, CRLF included */
 
@@ -578,7 +666,11 @@ struct smtps_session *smtps_session_new(struct smtps_machine *m,
 					const char *helo, void *user);
 void smtps_session_free(struct smtps_session *s);
 
-/* Deadline for replies while in state id (0: disable). */
+/*
+ * Deadline for replies while in state id (0: disable; above
+ * SMTPS_TIMEOUT_MAX: SMTPS_TIMEOUT_MAX). Times given to the session
+ * ("now") are milliseconds, 0 or more, on one monotonic clock.
+ */
 int smtps_session_set_timeout(struct smtps_session *s, int state_id, int64_t ms);
 
 int smtps_session_start(struct smtps_session *s, int64_t now);	/* connected */
@@ -591,12 +683,27 @@ int smtps_session_tick(struct smtps_session *s, int64_t now);
 void smtps_session_closed(struct smtps_session *s, const char *why, int64_t now);
 int smtps_session_status(const struct smtps_session *s);
 
-/* Takes ownership of msg on SMTPS_OK only. */
+/*
+ * Queue msg; the session owns it on SMTPS_OK only. An idle session starts
+ * it at once, its deadlines counted from now.
+ */
 int smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
-			 uint64_t tag);
-int smtps_session_quit(struct smtps_session *s);
+			 uint64_t tag, int64_t now);
+/* End the connection (QUIT) once the queue is done. */
+int smtps_session_quit(struct smtps_session *s, int64_t now);
 size_t smtps_session_pending(const struct smtps_session *s);	/* submitted, no result yet */
 struct smtps_result *smtps_session_next_result(struct smtps_session *s);
+unsigned smtps_session_transactions(const struct smtps_session *s);	/* begun here */
+
+/*
+ * 1 while the session runs a state (inside feed(), start(), consume(),
+ * tick(), submit() or quit()): a driver must not free it then, and
+ * smtps_session_free() called from a state does nothing.
+ */
+int smtps_session_dispatching(const struct smtps_session *s);
+
+/* 1 once a state returned SMTPS_ACT_ABORT or SMTPS_EINTR: stop driving. */
+int smtps_session_interrupted(const struct smtps_session *s);
 
 /* For states, from inside their callbacks. */
 int smtps_session_send_line(struct smtps_session *s, const char *line,
@@ -744,8 +851,10 @@ int smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
 /*
  * Run the loop until at least one result is ready, nothing is pending, or
  * max_wait_ms passed (-1: no limit). Returns the number of results ready,
- * or a negative SMTPS_E* code. Call it without holding the GIL (cffi
- * releases it); Python states take it back when they are called.
+ * or a negative SMTPS_E* code: SMTPS_EINTR as soon as a state interrupted
+ * its session (the rest waits for the next call). Call it without holding
+ * the GIL (cffi releases it); Python states take it back when they are
+ * called.
  */
 int smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms);
 struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);

@@ -25,7 +25,8 @@ except ImportError as _exc:                     # the source tree, never built
         "place: python smtpstate/_build.py") from _exc
 from smtpstate.errors import InvalidMessageError, LocalProtocolError, SMTPStateError
 
-__all__ = ["ffi", "lib", "check", "strerror", "py_trampolines"]
+__all__ = ["ffi", "lib", "check", "strerror", "py_trampolines", "EXTENSIONS",
+           "AUTH_MECHANISMS", "XCLIENT_ATTRIBUTES"]
 
 log = logging.getLogger("smtpstate.state")
 
@@ -55,6 +56,24 @@ def check(rc: int, what: str) -> int:
         return rc
     exc = _ERRORS.get(rc, SMTPStateError)
     raise exc(f"{what}: {strerror(rc)}")
+
+
+def _names(name_of: Callable[[int], Any]) -> Dict[str, int]:
+    """Keyword -> bit, read from C's one list of each (smtpstate.h's
+    SMTPS_EXTENSIONS, SMTPS_AUTH_MECHS, SMTPS_XCLIENT_ATTRS), so that no
+    copy here can drift from it. In C's order (AUTH: best first)."""
+    bits = {}
+    for i in range(32):
+        name = name_of(1 << i)
+        if name != ffi.NULL:
+            bits[ffi.string(name).decode("ascii")] = 1 << i
+    return bits
+
+
+#: EHLO keywords, AUTH mechanism names and XCLIENT attributes, with their bits.
+EXTENSIONS: Dict[str, int] = _names(lib.smtps_extension_name)
+AUTH_MECHANISMS: Dict[str, int] = _names(lib.smtps_auth_mech_name)
+XCLIENT_ATTRIBUTES: Dict[str, int] = _names(lib.smtps_xclient_attr_name)
 
 
 # The Python side of each trampoline is set by smtpstate.session, which

@@ -41,7 +41,7 @@ from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
 from smtpstate.options import Options, _check_count, check_host, check_port
-from smtpstate.result import RecipientResult, Result
+from smtpstate.result import Result, not_attempted, unsent_result
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client", "send", "deliver"]
@@ -79,27 +79,17 @@ async def _default_helo(loop: asyncio.AbstractEventLoop) -> str:
 
 def _not_connected(message: Message, tag: int, why: str) -> Result:
     """The result of a message that never reached a usable connection."""
-    result = Result(status="tempfail", reply=None,
-                    recipients=tuple(RecipientResult(str(a), "pending", None)
-                                     for a in message.recipients),
-                    stage="not connected", stage_code=0, state=None,
-                    reason=why, ticket=tag, message=message)
+    result = unsent_result(message, tag, "tempfail", why)
     log_result(result)
     return result
-
-
-def _not_attempted(why: str) -> str:
-    return why if why.startswith("not attempted: ") else f"not attempted: {why}"
 
 
 def _refused(message: Message, tag: int, first: Result) -> Result:
     """A permfail like ``first``, for a message not tried because the
     server refused our credentials (as the blocking client does)."""
-    result = Result(status="permfail", reply=None,
-                    recipients=tuple(RecipientResult(str(a), "pending", None)
-                                     for a in message.recipients),
-                    stage=first.stage, stage_code=first.stage_code, state=first.state,
-                    reason=_not_attempted(first.reason), ticket=tag, message=message)
+    result = unsent_result(message, tag, "permfail", not_attempted(first.reason),
+                           stage=first.stage, stage_code=first.stage_code,
+                           state=first.state)
     log_result(result)
     return result
 
@@ -205,7 +195,7 @@ class _Connection(asyncio.Protocol):
         fut: "asyncio.Future[Result]" = self.loop.create_future()
         self.futures[tag] = fut
         try:
-            rc = lib.smtps_session_submit(self.ptr, cmsg, tag)
+            rc = lib.smtps_session_submit(self.ptr, cmsg, tag, self._now())
             if rc == lib.SMTPS_ECLOSED:
                 del self.futures[tag]
                 s.messages.pop(tag, None)
@@ -234,7 +224,7 @@ class _Connection(asyncio.Protocol):
                 pass                           # _lose ran: nothing to quit
         if not self.lost:
             if int(lib.smtps_session_status(self.ptr)) in _USABLE:
-                check(lib.smtps_session_quit(self.ptr), "quit")
+                check(lib.smtps_session_quit(self.ptr, self._now()), "quit")
                 self._why = "client closed"
                 self._step()
             await asyncio.shield(self.gone)
@@ -765,4 +755,4 @@ def _left_over(message: Message, failure: Optional[Result]) -> Result:
         return _not_connected(message, tag, "no connection could be opened")
     if failure.status == "permfail":
         return _refused(message, tag, failure)
-    return _not_connected(message, tag, _not_attempted(failure.reason))
+    return _not_connected(message, tag, not_attempted(failure.reason))

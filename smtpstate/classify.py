@@ -81,13 +81,19 @@ def bounce_class(code: int) -> BounceClass:
         return hit
     if isinstance(code, bool) or not isinstance(code, int) or not 0 < code < 2**31:
         raise KeyError(f"no bounce class {code!r}")
-    name = lib.smtps_bounce_class_name(code)
-    if name == ffi.NULL:
+    buf = ffi.new("char[]", lib.SMTPS_BOUNCE_NAME_MAX + 1)
+    if lib.smtps_bounce_class_name(code, buf, len(buf)) != lib.SMTPS_OK:
         raise KeyError(f"no bounce class {code!r}")
-    bc = BounceClass(code, ffi.string(name).decode("ascii", "replace"))
+    bc = BounceClass(code, ffi.string(buf).decode("ascii", "replace"))
     with _lock:
         _cache[code] = bc
     return bc
+
+
+def _class_exists(code: int) -> bool:
+    """True when C knows a class with this code (built-in or registered)."""
+    buf = ffi.new("char[]", lib.SMTPS_BOUNCE_NAME_MAX + 1)
+    return bool(lib.smtps_bounce_class_name(code, buf, len(buf)) == lib.SMTPS_OK)
 
 
 def _of(code: int) -> Optional[BounceClass]:
@@ -229,7 +235,7 @@ def register_class(code: int, name: str) -> BounceClass:
     if any(c.code == code for c in BUILTIN_CLASSES.values()):
         raise InvalidOptionError(f"{code} is the built-in class {bounce_class(code)}")
     rc = lib.smtps_bounce_register_class(code, name.encode("ascii"))
-    if rc == lib.SMTPS_EINVAL and lib.smtps_bounce_class_name(code) != ffi.NULL:
+    if rc == lib.SMTPS_EINVAL and _class_exists(code):
         raise InvalidOptionError(f"bounce class {code} is taken: {bounce_class(code)}")
     check(rc, f"register bounce class {code} {name!r}")
     return bounce_class(code)

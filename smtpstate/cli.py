@@ -232,9 +232,6 @@ def _credentials(args: argparse.Namespace,
 
 
 def _outcome(result: Any) -> str:
-    if result.status == "delivered":
-        refused = [r for r in result.recipients if r.status != "delivered"]
-        return "partial" if refused else "delivered"
     return result.status if result.status in EXIT_CODES else "tempfail"
 
 

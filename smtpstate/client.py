@@ -28,7 +28,7 @@ from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
 from smtpstate.options import Auth, Options, check_host, check_port
-from smtpstate.result import Result
+from smtpstate.result import Result, not_attempted, unsent_result
 from smtpstate.session import Capabilities, Session
 
 __all__ = ["Client"]
@@ -192,7 +192,7 @@ class Client:
             return
         try:
             if self._status() in (lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
-                check(lib.smtps_session_quit(s._ptr), "quit")
+                check(lib.smtps_session_quit(s._ptr, _now_ms()), "quit")
             self._pump(lambda: False)
         finally:
             self._drop("client closed")
@@ -291,7 +291,7 @@ class Client:
             assert session is not None
             # Mapped before submit: a state may run inside the submit call.
             session.messages[tag] = message
-            rc = lib.smtps_session_submit(session._ptr, cmsg, tag)
+            rc = lib.smtps_session_submit(session._ptr, cmsg, tag, _now_ms())
             if rc < 0:
                 session.messages.pop(tag, None)
                 if fresh:                         # never started: nothing to QUIT
@@ -329,22 +329,14 @@ class Client:
 
     def _refused(self, message: Message, tag: int, first: Result) -> Result:
         """A permfail like ``first`` (the server refused our credentials)."""
-        from smtpstate.result import RecipientResult
-        result = Result(status="permfail", reply=None,
-                        recipients=tuple(RecipientResult(a, "pending", None)
-                                         for a in message.recipients),
-                        stage=first.stage, stage_code=first.stage_code, state=first.state,
-                        reason=f"not attempted: {first.reason}", ticket=tag, message=message)
+        result = unsent_result(message, tag, "permfail", not_attempted(first.reason),
+                               stage=first.stage, stage_code=first.stage_code,
+                               state=first.state)
         log_result(result, f"{self.host}:{self.port} ")
         return result
 
     def _not_connected(self, message: Message, tag: int, why: str) -> Result:
-        from smtpstate.result import RecipientResult
-        result = Result(status="tempfail", reply=None,
-                        recipients=tuple(RecipientResult(a, "pending", None)
-                                         for a in message.recipients),
-                        stage="not connected", stage_code=0, state=None,
-                        reason=why, ticket=tag, message=message)
+        result = unsent_result(message, tag, "tempfail", why)
         log_result(result, f"{self.host}:{self.port} ")
         return result
 

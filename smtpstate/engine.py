@@ -207,14 +207,14 @@ class _Collector:
         into a prototype."""
         self.shapes[slot] = None
         c = lib.smtps_collector_shape(self.ptr, slot)
-        status = _STATUS_NAMES.get(c.status, "tempfail")
+        status = _STATUS_NAMES[c.status]
         raw = ffi.string(c.stage_name)
         stage = self.stages.get(raw)
         if stage is None:
             stage = self.stages[raw] = raw.decode("utf-8", "replace")
         reason = ffi.string(c.reason).decode("utf-8", "replace") if c.reason[0] != b"\0" else ""
         rcpt = c.rcpt
-        info = tuple((_STATUS_NAMES.get(rcpt[i].status, "pending"), self.reply(rcpt[i].reply),
+        info = tuple((_STATUS_NAMES[rcpt[i].status], self.reply(rcpt[i].reply),
                       int(rcpt[i].bounce_class)) for i in range(c.nrcpt))
         bounce = int(c.bounce_class)
         # Every field, in the dataclass's order, the four that differ per

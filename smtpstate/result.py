@@ -1,9 +1,15 @@
 """What became of a message: :class:`Result`, :class:`RecipientResult` and
 the :class:`Reply` they carry, read out of the C result exactly once.
 
-A result's ``status`` is one of ``"delivered"``, ``"tempfail"`` (try again
-later), ``"permfail"`` (do not) and ``"unknown"`` (the connection died after
-the final dot and before its reply: possibly delivered, RFC 1047).
+A result's ``status`` is one of ``"delivered"`` (to every recipient),
+``"partial"`` (to some of them: see each recipient's status), ``"tempfail"``
+(try again later), ``"permfail"`` (do not) and ``"unknown"`` (the
+connection died after the final dot and before its reply: possibly
+delivered, RFC 1047). Each recipient's is ``"delivered"``, ``"tempfail"``,
+``"permfail"``, ``"unknown"`` or ``"not_sent"`` (the message was not sent to
+it: a state ended the transaction first). Both are always final: C decides
+them in one place (``smtps_result_settle()``), and the results this package
+makes itself follow the same rules.
 """
 
 from __future__ import annotations
@@ -16,19 +22,23 @@ from smtpstate._ffi import ffi, lib
 from smtpstate.classify import BounceClass, _of, classify_failure
 from smtpstate.errors import DeliveryError
 
-__all__ = ["Reply", "RecipientResult", "Result", "STATUSES"]
+__all__ = ["Reply", "RecipientResult", "Result", "STATUSES", "RECIPIENT_STATUSES"]
 
-STATUSES = ("delivered", "tempfail", "permfail", "unknown")
+#: A message's statuses, and a recipient's.
+STATUSES = ("delivered", "partial", "tempfail", "permfail", "unknown")
+RECIPIENT_STATUSES = ("delivered", "tempfail", "permfail", "unknown", "not_sent")
 
 _STATUS_NAMES = {
     lib.SMTPS_STATUS_DELIVERED: "delivered",
+    lib.SMTPS_STATUS_PARTIAL: "partial",
     lib.SMTPS_STATUS_TEMPFAIL: "tempfail",
     lib.SMTPS_STATUS_PERMFAIL: "permfail",
     lib.SMTPS_STATUS_UNKNOWN: "unknown",
-    lib.SMTPS_RCPT_PENDING: "pending",
-    lib.SMTPS_RCPT_ACCEPTED: "accepted",
+    lib.SMTPS_STATUS_NOT_SENT: "not_sent",
 }
 
+
+_FAILED = ("tempfail", "permfail", "unknown")
 
 @dataclass(frozen=True)
 class Reply:
@@ -72,11 +82,16 @@ class Reply:
 class RecipientResult:
     """One recipient's outcome.
 
-    ``status`` is a message status, or ``"accepted"`` (RCPT said yes but the
-    transaction ended before the data) or ``"pending"`` (no RCPT reply).
-    ``reply`` is the reply to its RCPT TO, when there was one.
+    ``status`` is ``"delivered"``, ``"tempfail"``, ``"permfail"``,
+    ``"unknown"`` (lost after the final dot) or ``"not_sent"`` (the server
+    may have accepted its RCPT, but the message was not sent to it: a state
+    ended the transaction, as an address check does). A recipient refused
+    at RCPT keeps that verdict; one the server accepted shares the
+    message's fate.
+    ``reply`` is the reply to its RCPT TO, or, when it had none, the reply
+    that failed the message.
     ``bounce_class`` says what kind of failure it was (None when it did
-    not fail: delivered, or accepted before the transaction ended).
+    not fail: delivered or not sent).
     """
 
     address: str
@@ -94,7 +109,9 @@ class Result:
     """Exactly one per submitted message.
 
     Attributes:
-        status: ``"delivered"``, ``"tempfail"``, ``"permfail"`` or ``"unknown"``.
+        status: ``"delivered"`` (every recipient), ``"partial"`` (some: the
+            rest were refused or not sent; see ``recipients``),
+            ``"tempfail"``, ``"permfail"`` or ``"unknown"``.
         reply: the reply that decided it (None when no reply did: a timeout,
             a lost connection, a refusal before sending).
         recipients: per-recipient outcomes, in the message's order.
@@ -124,30 +141,32 @@ class Result:
     def __post_init__(self) -> None:
         # Results made in Python (a connect that failed before any C
         # session) are classified here, as C classifies its own.
-        if self.status == "delivered" or self.bounce_class is not None:
+        if self.status in ("delivered", "partial") or self.bounce_class is not None:
             return
         cls = classify_failure(self.status, self.reply, self.reason)
         object.__setattr__(self, "bounce_class", cls)
-        if any(r.bounce_class is None and r.status in ("pending", "tempfail", "permfail", "unknown")
-               for r in self.recipients):
+        if any(r.bounce_class is None and r.status in _FAILED for r in self.recipients):
             object.__setattr__(self, "recipients", tuple(
                 dataclasses.replace(r, bounce_class=classify_failure(r.status, r.reply, "")
                                     if r.reply is not None and r.reply.code >= 400 else cls)
-                if r.bounce_class is None and r.status in ("pending", "tempfail", "permfail",
-                                                            "unknown") else r
+                if r.bounce_class is None and r.status in _FAILED else r
                 for r in self.recipients))
 
     @property
     def ok(self) -> bool:
-        """True when the message was delivered."""
+        """True when the message was delivered to every recipient (a
+        ``"partial"`` delivery is not ok)."""
         return self.status == "delivered"
 
     def raise_for_status(self) -> "Result":
-        """Return the result when delivered; raise otherwise.
+        """Return the result when delivered to every recipient; raise
+        otherwise (a partial delivery too: the failed recipients are in
+        ``recipients``).
 
         Raises:
-            DeliveryError: not delivered; it carries this result, its
-                ``stage`` and ``stage_code``, ``reply`` and ``bounce_class``.
+            DeliveryError: not delivered to every recipient; it carries
+                this result, its ``stage`` and ``stage_code``, ``reply``
+                and ``bounce_class``.
         """
         if not self.ok:
             raise DeliveryError(self)
@@ -165,14 +184,14 @@ def result_from_c(
     recipients = tuple(
         RecipientResult(
             addresses[i] if i < len(addresses) else "",
-            _STATUS_NAMES.get(c.rcpt[i].status, "pending"),
+            _STATUS_NAMES[c.rcpt[i].status],
             Reply._from_result(c.rcpt[i].reply),
             _of(int(c.rcpt[i].bounce_class)),
         )
         for i in range(c.nrcpt)
     )
     return Result(
-        status=_STATUS_NAMES.get(c.status, "tempfail"),
+        status=_STATUS_NAMES[c.status],
         reply=Reply._from_result(c.reply),
         recipients=recipients,
         stage=ffi.string(c.stage_name).decode("utf-8", "replace"),
@@ -182,3 +201,23 @@ def result_from_c(
         bounce_class=_of(int(c.bounce_class)),
         **extra,
     )
+
+
+def not_attempted(why: str) -> str:
+    """``why`` as the reason of a message that was never tried: prefixed
+    with "not attempted: " exactly once."""
+    return why if why.startswith("not attempted: ") else f"not attempted: {why}"
+
+
+def unsent_result(message: Any, tag: Any, status: str, reason: str, *,
+                  stage: str = "not connected", stage_code: int = 0,
+                  state: Optional[str] = None) -> Result:
+    """The result of a message that never reached a transaction (no
+    connection, or the server refused us before it): every recipient
+    shares the message's failure, as C's results do (smtps_result_settle)."""
+    return Result(status=status, reply=None,
+                  recipients=tuple(RecipientResult(str(a), status, None)
+                                   for a in message.recipients),
+                  stage=stage, stage_code=stage_code, state=state,
+                  reason=reason, ticket=tag, message=message)
+

@@ -38,14 +38,15 @@ __all__ = ["ScriptedSession", "SPLITS", "STATUS", "SESSION_STATUS", "TLSPeer", "
 #: The two ways a scenario feeds server bytes; parametrize over both.
 SPLITS = ("whole", "bytewise")
 
-#: Message and recipient statuses, C value -> name.
+#: Message and recipient statuses, C value -> name: final ones only, so
+#: that an intermediate status in a result (a bug) fails with a KeyError.
 STATUS = {
     lib.SMTPS_STATUS_DELIVERED: "delivered",
+    lib.SMTPS_STATUS_PARTIAL: "partial",
     lib.SMTPS_STATUS_TEMPFAIL: "tempfail",
     lib.SMTPS_STATUS_PERMFAIL: "permfail",
     lib.SMTPS_STATUS_UNKNOWN: "unknown",
-    lib.SMTPS_RCPT_PENDING: "pending",
-    lib.SMTPS_RCPT_ACCEPTED: "accepted",
+    lib.SMTPS_STATUS_NOT_SENT: "not_sent",
 }
 
 #: Session statuses, C value -> name.
@@ -204,14 +205,14 @@ class ScriptedSession:
             msg = message(**kwargs)
         cmsg = msg._to_c()
         tag = next(self._tagger)
-        rc = int(lib.smtps_session_submit(self.ptr, cmsg, tag))
+        rc = int(lib.smtps_session_submit(self.ptr, cmsg, tag, self.now))
         if rc == lib.SMTPS_OK:
             ffi.gc(cmsg, None)                 # the session owns it now
             self.tags.append(tag)
         return tag, rc
 
     def quit(self) -> None:
-        assert lib.smtps_session_quit(self.ptr) == lib.SMTPS_OK
+        assert lib.smtps_session_quit(self.ptr, self.now) == lib.SMTPS_OK
 
     # -- TLS and AUTH ----------------------------------------------------
 

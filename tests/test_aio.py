@@ -533,7 +533,7 @@ def test_connect_refused():
     for r in [result, again, *many]:
         assert r.status == "tempfail" and r.stage == "not connected"
         assert "cannot connect" in r.reason and r.message is message
-        assert [x.status for x in r.recipients] == ["pending"]
+        assert [x.status for x in r.recipients] == ["tempfail"]
 
 
 def test_greeting_refused_is_a_result():

@@ -122,7 +122,8 @@ def test_send_json(aiosmtpd_factory, capsys):
     rc = main(["send", "-s", f"{server.host}:{server.port}", "-t", "ok@x.test",
                "-t", "nobody@x.test", "--json"])
     doc = json.loads(capsys.readouterr().out)
-    assert rc == 1 and doc["status"] == "delivered" and doc["bounce_class"] is None
+    assert rc == 1 and doc["status"] == "partial"
+    assert doc["bounce_class"] == {"code": 10, "name": "invalid recipient"}
     assert doc["recipients"][1] == {
         "address": "nobody@x.test", "status": "permfail",
         "reply": {"code": 550, "enhanced": "5.1.1", "text": "5.1.1 no such user"},
@@ -322,7 +323,7 @@ def test_demo_runs_with_progress_bar():
     assert "transcript of the first message:" in out and "C: MAIL FROM:<demo@client.test>" in out
     assert "[invalid recipient (10)]" in out and "[mailbox full (22)]" in out
     assert "[spam content (52)]" in out
-    assert "messages:   10 delivered, 1 permfail, 1 tempfail" in out
+    assert "messages:   9 delivered, 1 partial, 1 permfail, 1 tempfail" in out
     assert "every message ended as planned" in out
     assert "[" + "#" * 30 + "] 12/12 messages" in err
 

@@ -368,7 +368,7 @@ def test_connect_refused_is_tempfail_not_connected():
         assert r.status == "tempfail" and r.stage == "not connected" and r.stage_code == 0
         assert "Connection refused" in r.reason and f":{port}" in r.reason
         assert r.reply is None
-        assert [x.status for x in r.recipients] == ["pending"]
+        assert [x.status for x in r.recipients] == ["tempfail"]
 
 
 def _resolves_quickly(name: str, limit: float = 3.0) -> bool:

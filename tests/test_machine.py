@@ -124,14 +124,14 @@ class Wire:
         assert lib.smtps_message_set_sender(m, b"a@example.org", 13) == 0
         assert lib.smtps_message_add_recipient(m, b"b@example.org", 13, 0, ffi.NULL, 0) == 0
         assert lib.smtps_message_set_body(m, b"hi\r\n", 4) == 0
-        rc = lib.smtps_session_submit(self.session._ptr, m, tag)
+        rc = lib.smtps_session_submit(self.session._ptr, m, tag, 0)
         if rc != lib.SMTPS_OK:
             lib.smtps_message_free(m)
         assert rc == lib.SMTPS_OK
         return self.take()
 
     def quit(self) -> bytes:
-        assert lib.smtps_session_quit(self.session._ptr) == lib.SMTPS_OK
+        assert lib.smtps_session_quit(self.session._ptr, 0) == lib.SMTPS_OK
         return self.take()
 
     def status(self) -> int:

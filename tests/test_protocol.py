@@ -197,7 +197,7 @@ def test_helo_refused_fails_the_connection(make, split, code, status):
     r = s.result()
     assert r["status"] == status
     assert "refused HELO" in r["reason"]
-    assert r["rcpts"] == [("pending", 0)]
+    assert r["rcpts"] == [(status, 0)]        # final: the message's fate
     assert s.pending() == 0
     assert s.try_submit()[1] == lib.SMTPS_ECLOSED
     s.feed(b"221 bye\r\n")
@@ -241,7 +241,7 @@ def test_banner_554_sends_only_quit(make, split):
     assert s.sent() == QUIT
     r = s.result()
     assert r["status"] == "permfail"
-    assert r["rcpts"] == [("pending", 0)]
+    assert r["rcpts"] == [("permfail", 0)]
     s.feed(b"221 bye\r\n")
     assert s.sent() == b""
     assert s.status == "CLOSING"
@@ -284,7 +284,7 @@ def test_pipelining_batches_mail_rcpt_data(make, split):
     s.feed(b"250 2.0.0 queued\r\n")
     assert s.sent() == b""
     r = s.result()
-    assert r["status"] == "delivered"
+    assert r["status"] == "partial"           # not every recipient
     assert r["rcpts"] == [("delivered", 250), ("permfail", 550), ("delivered", 250)]
     assert s.status == "IDLE"
 
@@ -297,7 +297,7 @@ def test_pipelining_replies_in_one_read(make, split):
     assert s.sent() == BODY + b".\r\n"
     s.feed(b"250 ok\r\n")
     r = s.result()
-    assert r["status"] == "delivered"
+    assert r["status"] == "partial"
     assert r["rcpts"] == [("tempfail", 450), ("delivered", 250), ("delivered", 250)]
 
 
@@ -373,7 +373,8 @@ def test_pipelining_mail_refused_drains_then_rset(make, split):
     assert r["status"] == "permfail"
     assert (r["code"], r["enhanced"]) == (550, "5.7.1")
     assert r["stage_name"] == "sending MAIL FROM"
-    assert r["rcpts"] == [("pending", 0)] * 3
+    # Refused at MAIL: every recipient shares the verdict, and its reply.
+    assert r["rcpts"] == [("permfail", 550)] * 3
     s.feed(b"250 ok\r\n")
     assert s.sent() == MAIL + RCPT + b"DATA\r\n"
     s.feed(b"250 ok\r\n250 ok\r\n354 go\r\n")
@@ -429,7 +430,7 @@ def test_pipelining_batch_bounded_by_output_window(make, split):
     assert s.sent() == BODY + b".\r\n"
     s.feed(b"250 ok\r\n")
     r = s.result()
-    assert r["status"] == "delivered"
+    assert r["status"] == "partial"
     assert r["rcpts"] == ([("delivered", 250)] * (k - 1) + [("tempfail", 452)]
                           + [("delivered", 250)] * (3000 - k))
 
@@ -480,7 +481,7 @@ def test_no_pipelining_one_rcpt_per_round_trip(make, split):
     assert s.sent() == BODY + b".\r\n"
     s.feed(b"250 ok\r\n")
     r = s.result()
-    assert r["status"] == "delivered"
+    assert r["status"] == "partial"
     assert r["rcpts"] == [("delivered", 250), ("permfail", 550), ("delivered", 250)]
 
 
@@ -713,12 +714,34 @@ def test_size_parameter_when_offered(make, split):
 def test_size_without_limit(make, split):
     s = connected(make, ehlo("SIZE"))
     s.submit(data=b"x" * 5000)
-    assert s.sent() == b"MAIL FROM:<sender@client.example> SIZE=5000\r\n"
+    # RFC 1870: the octets sent; the unterminated last line gets its CRLF.
+    assert s.sent() == b"MAIL FROM:<sender@client.example> SIZE=5002\r\n"
+
+
+@pytest.mark.parametrize("data, size", [
+    (b"a\nb\n", 6),                         # bare LF goes out as CRLF
+    (b"a\rb\r\n", 6),                       # so does a bare CR
+    (b".x\r\n..y\r\n", 9),                 # quoting dots are not counted
+    (b"", 0),
+    (b"no newline", 12),
+])
+def test_size_counts_the_octets_sent(make, split, data, size):
+    """RFC 1870 3: CR LF pairs included, the doubled quoting dots and the
+    final dot not: the size the server counts, checked and declared."""
+    s = connected(make, ehlo("SIZE %d" % size))
+    s.submit(data=data)
+    assert s.sent() == b"MAIL FROM:<sender@client.example> SIZE=%d\r\n" % size
+    if size == 0:
+        return
+    s2 = connected(make, ehlo("SIZE %d" % (size - 1)))
+    s2.submit(data=data)
+    assert s2.sent() == b""                   # one octet over: refused up front
+    assert "SIZE limit" in s2.result()["reason"]
 
 
 def test_too_big_for_size_fails_before_mail(make, split):
     s = connected(make, ehlo("SIZE 100"))
-    s.submit(data=b"x" * 101)
+    s.submit(data=b"x" * 99)                   # 101 octets with its CRLF
     assert s.sent() == b""
     r = s.result()
     assert r["status"] == "permfail"
@@ -726,7 +749,7 @@ def test_too_big_for_size_fails_before_mail(make, split):
     assert r["code"] == 0
     assert s.status == "IDLE"
     # Nothing was opened on the server: the next message needs no RSET.
-    s.submit(data=b"x" * 100)
+    s.submit(data=b"x" * 98 + b"\r\n")
     assert s.sent() == b"MAIL FROM:<sender@client.example> SIZE=100\r\n"
     s.feed(b"250 ok\r\n")
     assert s.sent() == RCPT
@@ -735,7 +758,7 @@ def test_too_big_for_size_fails_before_mail(make, split):
 def test_too_big_then_next_in_queue(make, split):
     s = connected(make, ehlo("PIPELINING", "SIZE 100"))
     s.submit(data=b"x" * 101)
-    s.submit(data=b"y" * 100)
+    s.submit(data=b"y" * 98)
     assert s.sent() == b"MAIL FROM:<sender@client.example> SIZE=100\r\n" + RCPT + b"DATA\r\n"
     r = s.result()
     assert (r["tag"], r["status"]) == (1, "permfail")
@@ -763,7 +786,7 @@ def test_8bit_body_without_8bitmime_fails_before_mail(make, split):
     r = s.result()
     assert r["status"] == "permfail"
     assert "8BITMIME" in r["reason"]
-    assert r["rcpts"] == [("pending", 0)]
+    assert r["rcpts"] == [("permfail", 0)]
 
 
 def test_utf8_address_with_smtputf8(make, split):
@@ -1340,9 +1363,9 @@ def test_closed_mid_pipeline_gives_every_result(make, split):
     s.closed("eof")
     got = s.results()
     assert [(r["tag"], r["status"]) for r in got] == [(t, "tempfail") for t in (1, 2, 3, 4)]
-    # DATA went out in the batch, so an accepted recipient shares the
-    # message's fate; the others never had a reply.
-    assert got[0]["rcpts"] == [("tempfail", 250), ("pending", 0), ("pending", 0)]
+    # An accepted recipient shares the message's fate; so do the others,
+    # which never had a reply: every status is final.
+    assert got[0]["rcpts"] == [("tempfail", 250), ("tempfail", 0), ("tempfail", 0)]
     assert got[0]["stage_name"] == "sending RCPT TO"
     assert got[1]["stage_name"] == "not connected"
 
@@ -1356,7 +1379,7 @@ def test_closed_before_any_pipelined_reply(make, split):
     assert r["status"] == "tempfail"
     assert r["state"] == "MAIL"             # the oldest command still owed a reply
     assert r["stage_name"] == "sending MAIL FROM"
-    assert r["rcpts"] == [("pending", 0)]
+    assert r["rcpts"] == [("tempfail", 0)]
 
 
 def test_accepted_recipient_when_data_never_sent(make, split):
@@ -1370,5 +1393,6 @@ def test_accepted_recipient_when_data_never_sent(make, split):
     s.closed("eof")
     r = s.result()
     assert r["status"] == "tempfail"
-    assert r["rcpts"] == [("accepted", 250), ("pending", 0)]
+    # Final, both: the accepted one shares the message's failure.
+    assert r["rcpts"] == [("tempfail", 250), ("tempfail", 0)]
     assert r["stage_name"] == "sending RCPT TO"

@@ -46,7 +46,7 @@ int smtps_bounce_classify(int code, const char *enhanced, const char *text,
                           size_t text_len);
 int smtps_bounce_classify_reason(int status, const char *reason);
 void smtps_bounce_classify_result(struct smtps_result *r);
-const char *smtps_bounce_class_name(int bounce_class);
+int smtps_bounce_class_name(int bounce_class, char *out, size_t cap);
 int smtps_bounce_register_class(int code, const char *name);
 int smtps_bounce_add_rule(const struct smtps_bounce_rule *rule);
 void smtps_bounce_reset(void);

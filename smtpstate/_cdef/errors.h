@@ -17,7 +17,8 @@ enum smtps_error {
     SMTPS_ENOTFOUND = -8,
     SMTPS_ETLS = -9,
     SMTPS_ENOTSUP = -10,
-    SMTPS_ESYS = -11
+    SMTPS_ESYS = -11,
+    SMTPS_EINTR = -12
 };
 
 const char *smtps_strerror(int code);

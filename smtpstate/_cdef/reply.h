@@ -1,7 +1,8 @@
 /*
  * cffi cdef for include/smtpstate.h: the reply parser and EHLO
- * capabilities. Flag values are "..." because cdef cannot evaluate
- * (1u << n); the compiler fills them in.
+ * capabilities. cdef cannot expand the header's X-macros, so the bit
+ * enums are written out here in the macro order; the compiler checks
+ * every value against the real header.
  */
 
 #define SMTPS_REPLY_LINE_MAX ...
@@ -22,34 +23,42 @@ void smtps_reply_parser_free(struct smtps_reply_parser *p);
 int smtps_reply_parse(struct smtps_reply_parser *p, const char *data,
                       size_t len, size_t *consumed, struct smtps_reply *out);
 
-/* EHLO extensions */
-#define SMTPS_EXT_PIPELINING ...
-#define SMTPS_EXT_SIZE ...
-#define SMTPS_EXT_8BITMIME ...
-#define SMTPS_EXT_SMTPUTF8 ...
-#define SMTPS_EXT_STARTTLS ...
-#define SMTPS_EXT_AUTH ...
-#define SMTPS_EXT_DSN ...
-#define SMTPS_EXT_CHUNKING ...
-#define SMTPS_EXT_ENHANCEDSTATUSCODES ...
-#define SMTPS_EXT_XCLIENT ...
-#define SMTPS_EXT_BINARYMIME ...
+/* SMTPS_EXTENSIONS(X), SMTPS_AUTH_MECHS(X), SMTPS_XCLIENT_ATTRS(X) */
+enum smtps_extension {
+    SMTPS_EXT_PIPELINING = 1,
+    SMTPS_EXT_SIZE = 2,
+    SMTPS_EXT_8BITMIME = 4,
+    SMTPS_EXT_SMTPUTF8 = 8,
+    SMTPS_EXT_STARTTLS = 16,
+    SMTPS_EXT_AUTH = 32,
+    SMTPS_EXT_DSN = 64,
+    SMTPS_EXT_CHUNKING = 128,
+    SMTPS_EXT_ENHANCEDSTATUSCODES = 256,
+    SMTPS_EXT_XCLIENT = 512,
+    SMTPS_EXT_BINARYMIME = 1024
+};
 
-/* AUTH mechanisms */
-#define SMTPS_AUTH_PLAIN ...
-#define SMTPS_AUTH_LOGIN ...
-#define SMTPS_AUTH_CRAM_MD5 ...
-#define SMTPS_AUTH_XOAUTH2 ...
+enum smtps_auth_mech {
+    SMTPS_AUTH_CRAM_MD5 = 4,
+    SMTPS_AUTH_PLAIN = 1,
+    SMTPS_AUTH_LOGIN = 2,
+    SMTPS_AUTH_XOAUTH2 = 8
+};
 
-/* XCLIENT attributes */
-#define SMTPS_XCLIENT_NAME ...
-#define SMTPS_XCLIENT_ADDR ...
-#define SMTPS_XCLIENT_PORT ...
-#define SMTPS_XCLIENT_PROTO ...
-#define SMTPS_XCLIENT_HELO ...
-#define SMTPS_XCLIENT_LOGIN ...
-#define SMTPS_XCLIENT_DESTADDR ...
-#define SMTPS_XCLIENT_DESTPORT ...
+enum smtps_xclient_attr {
+    SMTPS_XCLIENT_NAME = 1,
+    SMTPS_XCLIENT_ADDR = 2,
+    SMTPS_XCLIENT_PORT = 4,
+    SMTPS_XCLIENT_PROTO = 8,
+    SMTPS_XCLIENT_HELO = 16,
+    SMTPS_XCLIENT_LOGIN = 32,
+    SMTPS_XCLIENT_DESTADDR = 64,
+    SMTPS_XCLIENT_DESTPORT = 128
+};
+
+const char *smtps_extension_name(unsigned bit);
+const char *smtps_auth_mech_name(unsigned bit);
+const char *smtps_xclient_attr_name(unsigned bit);
 
 struct smtps_caps {
     unsigned ext;

@@ -18,6 +18,7 @@ enum smtps_session_status {
 #define SMTPS_TIMEOUT_BLOCK ...
 #define SMTPS_TIMEOUT_FINAL ...
 #define SMTPS_TIMEOUT_OTHER ...
+#define SMTPS_TIMEOUT_MAX ...
 
 #define SMTPS_HELO_MAX ...
 #define SMTPS_LINE_MAX ...
@@ -40,10 +41,13 @@ void smtps_session_closed(struct smtps_session *s, const char *why,
 int smtps_session_status(const struct smtps_session *s);
 
 int smtps_session_submit(struct smtps_session *s, struct smtps_message *msg,
-                         uint64_t tag);
-int smtps_session_quit(struct smtps_session *s);
+                         uint64_t tag, int64_t now);
+int smtps_session_quit(struct smtps_session *s, int64_t now);
 size_t smtps_session_pending(const struct smtps_session *s);
 struct smtps_result *smtps_session_next_result(struct smtps_session *s);
+unsigned smtps_session_transactions(const struct smtps_session *s);
+int smtps_session_dispatching(const struct smtps_session *s);
+int smtps_session_interrupted(const struct smtps_session *s);
 
 int smtps_session_send_line(struct smtps_session *s, const char *line,
                             size_t len);

@@ -12,7 +12,8 @@ enum smtps_action {
     SMTPS_ACT_RETRY = 3,
     SMTPS_ACT_TEMPFAIL_TX = 4,
     SMTPS_ACT_PERMFAIL_TX = 5,
-    SMTPS_ACT_FAIL_CONN = 6
+    SMTPS_ACT_FAIL_CONN = 6,
+    SMTPS_ACT_ABORT = 7
 };
 
 /* SMTPS_BUILTIN_STATES(X), in order */
@@ -57,7 +58,9 @@ enum smtps_stage {
     SMTPS_STAGE_XCLIENT = 19,
     SMTPS_STAGE_XCLIENT_DONE = 20,
     SMTPS_STAGE_UNKNOWN = 22,
-    SMTPS_STAGE__COUNT = 23
+    SMTPS_STAGE_AUTH = 23,
+    SMTPS_STAGE_AUTH_DONE = 24,
+    SMTPS_STAGE__COUNT = 25
 };
 
 const char *smtps_stage_name(int stage);

@@ -147,7 +147,7 @@ static int check_result(char *why)
     rc[0].reply.text = t0;
     rc[1].status = SMTPS_STATUS_PERMFAIL;	/* accepted, then the message failed */
     rc[1].reply.text = t1;
-    rc[2].status = SMTPS_RCPT_ACCEPTED;	/* not failed */
+    rc[2].status = SMTPS_STATUS_NOT_SENT;	/* not failed: not sent */
     rc[2].reply.text = t2;
     rc[3].status = SMTPS_RCPT_PENDING;	/* never tried */
     rc[3].reply.text = t3;
@@ -168,6 +168,21 @@ static int check_result(char *why)
 	snprintf(why, WHY_MAX, "delivered got classes");
 	return 0;
     }
+    /* A partial delivery fails as its first failed recipient. */
+    r.status = SMTPS_STATUS_PARTIAL;
+    rc[0].status = SMTPS_STATUS_DELIVERED;
+    rc[1].status = SMTPS_STATUS_PERMFAIL;
+    rc[1].reply.code = 550;
+    strcpy(rc[1].reply.enhanced, "5.1.1");
+    rc[3].status = SMTPS_STATUS_NOT_SENT;
+    smtps_bounce_classify_result(&r);
+    if (r.bounce_class != SMTPS_BOUNCE_INVALID_RECIPIENT || rc[0].bounce_class != 0
+	|| rc[1].bounce_class != SMTPS_BOUNCE_INVALID_RECIPIENT
+	|| rc[3].bounce_class != 0) {
+	snprintf(why, WHY_MAX, "partial: %d: %d %d %d", r.bounce_class,
+		 rc[0].bounce_class, rc[1].bounce_class, rc[3].bounce_class);
+	return 0;
+    }
     return 1;
 }
 
@@ -176,7 +191,7 @@ static int check_result(char *why)
 static int check_user(char *why)
 {
     struct smtps_bounce_rule rule;
-    const char *name;
+    char    name[SMTPS_BOUNCE_NAME_MAX + 1];
 
 #define EXPECT(cond, ...) do { if (!(cond)) { snprintf(why, WHY_MAX, __VA_ARGS__); \
     smtps_bounce_reset(); return 0; } } while (0)
@@ -189,9 +204,14 @@ static int check_user(char *why)
     EXPECT(smtps_bounce_register_class(200, "quarantined") == SMTPS_OK, "register");
     EXPECT(smtps_bounce_register_class(200, "quarantined") == SMTPS_OK, "again, same name");
     EXPECT(smtps_bounce_register_class(200, "other") == SMTPS_EINVAL, "again, other name");
-    name = smtps_bounce_class_name(200);
-    EXPECT(name != NULL && strcmp(name, "quarantined") == 0, "name of 200");
-    EXPECT(smtps_bounce_class_name(201) == NULL, "no class 201");
+    EXPECT(smtps_bounce_class_name(200, name, sizeof(name)) == SMTPS_OK
+	   && strcmp(name, "quarantined") == 0, "name of 200");
+    EXPECT(smtps_bounce_class_name(201, name, sizeof(name)) == SMTPS_ENOTFOUND,
+	   "no class 201");
+    EXPECT(smtps_bounce_class_name(200, name, 4) == SMTPS_OK
+	   && strcmp(name, "qua") == 0, "a name cut to fit");
+    EXPECT(smtps_bounce_class_name(200, NULL, 4) == SMTPS_EINVAL
+	   && smtps_bounce_class_name(200, name, 0) == SMTPS_EINVAL, "no room");
 
     memset(&rule, 0, sizeof(rule));
     rule.sizeof_bounce_rule = sizeof(rule);
@@ -236,7 +256,8 @@ static int check_user(char *why)
     EXPECT(smtps_bounce_classify(451, "", "connection lost", 15) == SMTPS_BOUNCE_DNS_FAILURE,
 	   "first digit 4");
     smtps_bounce_reset();
-    EXPECT(smtps_bounce_class_name(200) == NULL, "reset forgets classes");
+    EXPECT(smtps_bounce_class_name(200, name, sizeof(name)) == SMTPS_ENOTFOUND,
+	   "reset forgets classes");
     EXPECT(smtps_bounce_classify(550, "5.1.1", "held in quarantine", 18)
 	   == SMTPS_BOUNCE_INVALID_RECIPIENT, "reset forgets rules");
 #undef EXPECT
@@ -269,7 +290,7 @@ static int check_full(char *why)
 int     main(void)
 {
     char    why[WHY_MAX], label[160];
-    const char *name;
+    char    name[SMTPS_BOUNCE_NAME_MAX + 1];
     size_t  i;
     int     pass = 0, fail = 0, got;
 
@@ -292,9 +313,11 @@ int     main(void)
 	report(label, got == c->want, why, &pass, &fail);
     }
     printf("RUN names\n");
-    name = smtps_bounce_class_name(SMTPS_BOUNCE_RELAYING_DENIED);
-    report("names", name != NULL && strcmp(name, "relaying denied") == 0
-	   && smtps_bounce_class_name(0) == NULL && smtps_bounce_class_name(-1) == NULL,
+    report("names", smtps_bounce_class_name(SMTPS_BOUNCE_RELAYING_DENIED, name,
+					    sizeof(name)) == SMTPS_OK
+	   && strcmp(name, "relaying denied") == 0
+	   && smtps_bounce_class_name(0, name, sizeof(name)) == SMTPS_ENOTFOUND
+	   && smtps_bounce_class_name(-1, name, sizeof(name)) == SMTPS_ENOTFOUND,
 	   "bad names", &pass, &fail);
     printf("RUN result\n");
     why[0] = 0;

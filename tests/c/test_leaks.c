@@ -173,13 +173,13 @@ static void feed(struct smtps_session *s, const char *text, int64_t now)
 
 /* submit - a message into the session; 0 on failure */
 
-static int submit(struct smtps_session *s, int big, uint64_t tag)
+static int submit(struct smtps_session *s, int big, uint64_t tag, int64_t now)
 {
     struct smtps_message *m = message(big);
 
     if (m == NULL)
 	return 0;
-    if (smtps_session_submit(s, m, tag) != SMTPS_OK) {
+    if (smtps_session_submit(s, m, tag, now) != SMTPS_OK) {
 	smtps_message_free(m);
 	return 0;
     }
@@ -201,9 +201,9 @@ static int one_session(int k)
 	goto out;
     if (k == 7 && smtps_session_set_tls(s, SMTPS_TLS_STARTTLS, tls_cfg, "mx.test") != 0)
 	goto out;
-    CHECK(submit(s, k == 8, 1));
+    CHECK(submit(s, k == 8, 1, now));
     if (k == 0 || k == 1 || k == 5) {
-	CHECK(submit(s, 0, 2));
+	CHECK(submit(s, 0, 2, now));
 	want = 2;
     }
     CHECK(smtps_session_start(s, now) == SMTPS_OK);
@@ -215,7 +215,7 @@ static int one_session(int k)
 	feed(s, "250 queued\r\n", now);
 	feed(s, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", now);
 	feed(s, "250 queued\r\n", now);
-	CHECK(smtps_session_quit(s) == SMTPS_OK);
+	CHECK(smtps_session_quit(s, now) == SMTPS_OK);
 	drain_out(s, now);
 	feed(s, "221 bye\r\n", now);
 	break;

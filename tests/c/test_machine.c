@@ -616,7 +616,8 @@ static int test_builtin_order(void)
 	CHECK(st == smtp_get_state(id));
 	CHECK(st->sizeof_smtp_state == sizeof(smtp_state));
 	CHECK(st->callback != NULL);
-	CHECK(st->closure == NULL);
+	/* A built-in's closure is its row of the state list: stages, timeout. */
+	CHECK(st->closure != NULL && st->tostage != NULL);
 	CHECK(smtps_machine_find(smtps_default_machine(), names[id]) == id);
     }
     CHECK(st == NULL);
@@ -1070,7 +1071,7 @@ static int test_closure_in_session(void)
     CHECK(front.null_replies == 1 && front.replies == 0);
     CHECK(mail.setup == 0);
 
-    CHECK(smtps_session_submit(s, make_message(), 7) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 7, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "XMAIL\r\n"));
     CHECK(mail.init == 1 && mail.setup == 1 && mail.callback == 0);
@@ -1082,7 +1083,7 @@ static int test_closure_in_session(void)
     TRY(step(s, "250 queued\r\n", ""));
     TRY(only_result(s, SMTPS_STATUS_DELIVERED, &r));
     CHECK(r->tag == 7);
-    CHECK(smtps_session_quit(s) == SMTPS_OK);
+    CHECK(smtps_session_quit(s, 0) == SMTPS_OK);
     TRY(step(s, NULL, "QUIT\r\n"));
     TRY(step(s, "221 bye\r\n", ""));
     CHECK(smtps_session_status(s) == SMTPS_SESS_CLOSING);
@@ -1121,7 +1122,7 @@ static int test_next_state_null(void)
     s = smtps_session_new(m, HELO, NULL);
     CHECK(s != NULL);
     TRY(to_idle(s, ""));
-    CHECK(smtps_session_submit(s, make_message(), 1) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 1, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "RCPT TO:<b@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "DATA\r\n"));	/* not QUIT */
@@ -1156,7 +1157,7 @@ static int test_next_state_permfail(void)
     s = smtps_session_new(m, HELO, NULL);
     CHECK(s != NULL);
     TRY(to_idle(s, ""));
-    CHECK(smtps_session_submit(s, make_message(), 2) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 2, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "RCPT TO:<b@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", ""));
@@ -1167,7 +1168,7 @@ static int test_next_state_permfail(void)
     CHECK(strstr(r->reason, "probe refuses the message") != NULL);
     CHECK(gate.tostage >= 1 && gate.tostring >= 1);
     CHECK(smtps_session_status(s) == SMTPS_SESS_IDLE);
-    CHECK(smtps_session_quit(s) == SMTPS_OK);
+    CHECK(smtps_session_quit(s, 0) == SMTPS_OK);
     TRY(step(s, NULL, "QUIT\r\n"));
     TRY(step(s, "221 bye\r\n", ""));
     CHECK(sent.len == sizeof(want) - 1 && strcmp(sent.buf, want) == 0);
@@ -1198,7 +1199,7 @@ static int test_next_state_jump(void)
     s = smtps_session_new(m, HELO, NULL);
     CHECK(s != NULL);
     TRY(to_idle(s, ""));
-    CHECK(smtps_session_submit(s, make_message(), 3) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 3, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "RCPT TO:<b@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "QUIT\r\n"));
@@ -1232,7 +1233,7 @@ static int test_jump_without_target(void)
     s = smtps_session_new(m, HELO, NULL);
     CHECK(s != NULL);
     TRY(to_idle(s, ""));
-    CHECK(smtps_session_submit(s, make_message(), 4) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 4, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", "RCPT TO:<b@example.org>\r\n"));
     TRY(step(s, "250 ok\r\n", ""));
@@ -1420,7 +1421,7 @@ static int test_free_held_machine(void)
     smtps_machine_free(m);		/* the session still holds it */
     m = NULL;
     TRY(to_idle(s, "XHELD\r\n"));
-    CHECK(smtps_session_submit(s, make_message(), 5) == SMTPS_OK);
+    CHECK(smtps_session_submit(s, make_message(), 5, 0) == SMTPS_OK);
     TRY(step(s, NULL, "MAIL FROM:<a@example.org>\r\n"));
     smtps_session_free(s);		/* frees the machine too */
     s = NULL;

@@ -357,7 +357,7 @@ static int deliver(struct server *sv, struct smtps_session *s, size_t *from)
 
     m = message(300000, &body);
     want = stuffed(body, 300000, &wlen);
-    if (smtps_session_submit(s, m, 7) != SMTPS_OK || !pump(sv, s, 1000)
+    if (smtps_session_submit(s, m, 7, 0) != SMTPS_OK || !pump(sv, s, 1000)
 	|| !expect_plain(sv, from, B("MAIL FROM:<a@client.example>\r\n"))
 	|| !server_say(sv, s, "250 ok\r\n") || !pump(sv, s, 1000)
 	|| !expect_plain(sv, from, B("RCPT TO:<b@server.example>\r\n"))
@@ -389,7 +389,7 @@ static int finish(struct server *sv, struct smtps_session *s, size_t *from)
 {
     int     ok;
 
-    ok = smtps_session_quit(s) == SMTPS_OK && pump(sv, s, 1 << 20)
+    ok = smtps_session_quit(s, 0) == SMTPS_OK && pump(sv, s, 1 << 20)
 	&& expect_plain(sv, from, B("QUIT\r\n"))
 	&& server_say(sv, s, "221 bye\r\n")
 	&& smtps_session_status(s) == SMTPS_SESS_CLOSING;
@@ -461,7 +461,7 @@ static struct smtps_session *to_220(int insecure, struct smtps_message **m)
 
     *m = message(10, &body);
     free(body);
-    smtps_session_submit(s, *m, 1);
+    smtps_session_submit(s, *m, 1, 0);
     smtps_session_start(s, 0);
     smtps_session_feed(s, B("220 server.example\r\n"), 0);
     smtps_session_consume(s, smtps_session_output(s, &data), 0);
