@@ -10,6 +10,7 @@ understands, and ``onerror`` is the backstop for what the body cannot catch.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Dict, Type
 
 try:
@@ -26,7 +27,8 @@ except ImportError as _exc:                     # the source tree, never built
 from smtpstate.errors import InvalidMessageError, LocalProtocolError, SMTPStateError
 
 __all__ = ["ffi", "lib", "check", "strerror", "py_trampolines", "EXTENSIONS",
-           "AUTH_MECHANISMS", "XCLIENT_ATTRIBUTES"]
+           "AUTH_MECHANISMS", "XCLIENT_ATTRIBUTES", "defer_interrupt", "raise_interrupt",
+           "interrupt_pending"]
 
 log = logging.getLogger("smtpstate.state")
 
@@ -82,22 +84,71 @@ XCLIENT_ATTRIBUTES: Dict[str, int] = _names(lib.smtps_xclient_attr_name)
 py_trampolines: Dict[str, Callable[..., Any]] = {}
 
 
+# Ctrl-C (KeyboardInterrupt) or sys.exit() inside a Python state must reach
+# the caller, but cannot cross C. The trampoline keeps the exception here,
+# per thread, and tells C to stop (SMTPS_ACT_ABORT, SMTPS_EINTR): C ends the
+# connection at once, settles its messages and returns; the driver then
+# raises it (raise_interrupt()). The first one wins: a second Ctrl-C while
+# C winds down says nothing new.
+_interrupts = threading.local()
+
+
+def defer_interrupt(exc: BaseException) -> None:
+    """Keep ``exc`` (not an Exception: KeyboardInterrupt, SystemExit...)
+    for the driver to raise once the C call in progress returns."""
+    if getattr(_interrupts, "exc", None) is None:
+        _interrupts.exc = exc
+
+
+def interrupt_pending() -> bool:
+    """True when a state was interrupted during the last C call."""
+    return getattr(_interrupts, "exc", None) is not None
+
+
+def raise_interrupt() -> None:
+    """Drivers, after a C call that may run states: raise what interrupted
+    a state during it, if anything did."""
+    exc = getattr(_interrupts, "exc", None)
+    if exc is not None:
+        _interrupts.exc = None
+        raise exc
+
+
+def _interrupted(exc: Any, val: Any) -> bool:
+    """onerror's test: True (and the exception kept) for what must stop the
+    driver rather than fail one message."""
+    if isinstance(val, BaseException) and not isinstance(val, Exception):
+        defer_interrupt(val)
+        return True
+    if isinstance(exc, type) and issubclass(exc, BaseException) \
+            and not issubclass(exc, Exception):
+        defer_interrupt(val if isinstance(val, BaseException) else exc())
+        return True
+    return False
+
+
 def _failed_action(exc: Any, val: Any, tb: Any) -> int:
+    if _interrupted(exc, val):
+        return int(lib.SMTPS_ACT_ABORT)
     log.error("Python state failed outside its guard: %r", val)
     return int(lib.SMTPS_ACT_PERMFAIL_TX)
 
 
 def _failed_setup(exc: Any, val: Any, tb: Any) -> int:
+    if _interrupted(exc, val):
+        return int(lib.SMTPS_EINTR)
     log.error("Python state setup failed outside its guard: %r", val)
     return int(lib.SMTPS_EINVAL)
 
 
 def _failed_stage(exc: Any, val: Any, tb: Any) -> int:
+    _interrupted(exc, val)
     return int(lib.SMTPS_STAGE_UNKNOWN)
 
 
 def _failed_free(exc: Any, val: Any, tb: Any) -> None:
-    log.error("Python state free failed: %r", val)
+    if not _interrupted(exc, val):
+        log.error("Python state free failed: %r", val)
     return None
 
 
@@ -127,6 +178,7 @@ def smtps_py_tostage(session: Any, awaiting: int, closure: Any) -> int:
 
 
 def _failed_tostring(exc: Any, val: Any, tb: Any) -> Any:
+    _interrupted(exc, val)
     return ffi.NULL                             # C then names the stage itself
 
 
@@ -136,6 +188,7 @@ def smtps_py_tostring(stage: int, closure: Any) -> Any:
 
 
 def _failed_trace(exc: Any, val: Any, tb: Any) -> None:
+    _interrupted(exc, val)
     return None                                 # a transcript never fails a delivery
 
 

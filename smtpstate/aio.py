@@ -35,7 +35,7 @@ import logging
 import socket
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from smtpstate._ffi import check, ffi, lib
+from smtpstate._ffi import check, ffi, lib, raise_interrupt
 from smtpstate.errors import ConnectError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
@@ -349,6 +349,9 @@ class _Connection(asyncio.Protocol):
         else:                                  # CLOSED
             self._cancel_timer()
             self._shutdown()
+        # Ctrl-C in a state: the session ended the connection and settled
+        # its messages (their futures have results); now the loop hears it.
+        raise_interrupt()
 
     def _collect(self) -> None:
         """Resolve the futures of every result the session has finished."""

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from smtpstate._ffi import check, ffi, lib
+from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
 from smtpstate.errors import ConnectError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
@@ -83,6 +83,12 @@ class Client:
     Use it as a context manager; :meth:`send` connects when needed and
     reuses the connection for the next message.
 
+    Ctrl-C (KeyboardInterrupt) or ``sys.exit()`` inside a Python state
+    propagates from :meth:`send` at once: the connection is closed without
+    QUIT and the message still gets its result (``tempfail``, or
+    ``unknown`` once its final dot was out), logged and kept in
+    :attr:`last_result`.
+
     One call at a time: a call, or a read of :attr:`capabilities`,
     :attr:`tls_version` or :attr:`connected`, made while another call runs
     (from another thread, or from one of the client's own states) raises
@@ -116,6 +122,9 @@ class Client:
         self._sock: Optional[socket.socket] = None
         self._session: Optional[Session] = None
         self._results: List[Result] = []
+        #: The result of the last message this client finished, returned
+        #: or not (a send() interrupted by Ctrl-C in a state leaves it here).
+        self.last_result: Optional[Result] = None
         self._lock = threading.Lock()
         self._selector: Optional[selectors.BaseSelector] = None
         self._out = ffi.new("const char **")
@@ -333,11 +342,13 @@ class Client:
                                stage=first.stage, stage_code=first.stage_code,
                                state=first.state)
         log_result(result, f"{self.host}:{self.port} ")
+        self.last_result = result
         return result
 
     def _not_connected(self, message: Message, tag: int, why: str) -> Result:
         result = unsent_result(message, tag, "tempfail", why)
         log_result(result, f"{self.host}:{self.port} ")
+        self.last_result = result
         return result
 
     # -- the byte pump ---------------------------------------------------
@@ -359,6 +370,7 @@ class Client:
                 self._auth_refused = result
             log_result(result, f"{self.host}:{self.port} ")
             self._results.append(result)
+            self.last_result = result
 
     def _pump(self, done: Any) -> None:
         """Move bytes until done() or the session needs nothing more."""
@@ -369,6 +381,12 @@ class Client:
         events = selectors.EVENT_READ
         self._collect()                         # submit() may have settled one
         while True:
+            if interrupt_pending():
+                # Ctrl-C (or sys.exit()) in a state: C has ended the
+                # connection and settled its messages; close it here too,
+                # keep the results (last_result), and let it reach the caller.
+                self._drop(s.reason or "interrupted")
+                raise_interrupt()
             if done():
                 return
             status = lib.smtps_session_status(ptr)

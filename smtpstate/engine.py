@@ -21,7 +21,7 @@ import time
 from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
-from smtpstate._ffi import check, ffi, lib
+from smtpstate._ffi import check, ffi, lib, raise_interrupt
 from smtpstate.classify import _of
 from smtpstate.errors import InvalidOptionError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result, result_log, transcript_log
@@ -280,6 +280,7 @@ def _level_cache(logger: logging.Logger) -> Dict[int, bool]:
 
 _post_init = getattr(Result, "__post_init__", lambda r: None)
 _SLOTS = int(lib.SMTPS_COLLECT_SLOTS)
+_EINTR = int(lib.SMTPS_EINTR)
 _COLLECT_MAX = int(lib.SMTPS_COLLECT_MAX)
 
 
@@ -557,7 +558,12 @@ class Engine:
                 else:
                     n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
                     if n <= 0:
-                        if n < 0:
+                        if n == _EINTR:
+                            # Ctrl-C (or sys.exit()) in a state: its connection
+                            # is closed and its messages have their results,
+                            # which the next call hands out.
+                            raise_interrupt()
+                        elif n < 0:
                             check(n, "run the engine")
                         continue
                     vals = views[n].tolist()
@@ -681,6 +687,7 @@ class Engine:
         if not view.entered:
             del self._views[csession]
             _unbind(csession, view)
+            view._end()                        # a state that kept it gets an error
 
     def _state_failed(self, tag: Optional[int], text: str) -> None:
         if tag is not None:
@@ -732,6 +739,7 @@ class Engine:
             self._collector.close()
             for csession, view in self._views.items():
                 _unbind(csession, view)
+                view._end()
             self._views.clear()
 
     def _log_dropped(self, shown: int = 10) -> None:

@@ -31,6 +31,10 @@ class Action(enum.IntEnum):
     TEMPFAIL_TX = lib.SMTPS_ACT_TEMPFAIL_TX
     PERMFAIL_TX = lib.SMTPS_ACT_PERMFAIL_TX
     FAIL_CONN = lib.SMTPS_ACT_FAIL_CONN
+    #: Stop now: the connection closes without QUIT, its messages get their
+    #: results, and the driver's call returns. (Ctrl-C raised in a state
+    #: does this by itself, and the driver then re-raises it.)
+    ABORT = lib.SMTPS_ACT_ABORT
 
 
 class Stage(enum.IntEnum):
@@ -58,6 +62,8 @@ class Stage(enum.IntEnum):
     XCLIENT = 19
     XCLIENT_DONE = 20
     UNKNOWN = 22
+    AUTH = 23
+    AUTH_DONE = 24
 
 
 # Action.NEXT looked up once: an enum member read from its class goes

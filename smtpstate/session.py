@@ -114,14 +114,14 @@ class Session:
     def peer(self) -> Tuple[str, int]:
         """The server's numeric address and port (("", 0) when unknown)."""
         port = ffi.new("int *")
-        host = lib.smtps_session_peer(self._ptr, port)
+        host = lib.smtps_session_peer(self._live(), port)
         return ffi.string(host).decode("ascii"), int(port[0])
 
     @property
     def local_address(self) -> Tuple[str, int]:
         """Our end of the connection (("", 0) when unknown)."""
         port = ffi.new("int *")
-        host = lib.smtps_session_local_address(self._ptr, port)
+        host = lib.smtps_session_local_address(self._live(), port)
         return ffi.string(host).decode("ascii"), int(port[0])
 
     def send(self, line: Union[str, bytes]) -> None:
@@ -151,7 +151,7 @@ class Session:
         if not raw or len(raw) + 2 > lib.SMTPS_LINE_MAX:
             raise InvalidMessageError(
                 f"command line must be 1-{lib.SMTPS_LINE_MAX - 2} bytes")
-        rc = lib.smtps_session_send_line(self._ptr, raw, len(raw))
+        rc = lib.smtps_session_send_line(self._live(), raw, len(raw))
         if rc == lib.SMTPS_ESTATE:
             raise LocalProtocolError(
                 f"cannot send {raw!r} now: the session is not running a state, or the "
@@ -161,17 +161,17 @@ class Session:
     @property
     def capabilities(self) -> Capabilities:
         """What the server offered in its EHLO reply (empty before it)."""
-        return Capabilities._from_c(lib.smtps_session_caps(self._ptr))
+        return Capabilities._from_c(lib.smtps_session_caps(self._live()))
 
     @property
     def pipelining(self) -> bool:
         """True when RFC 2920 pipelining is in use on this connection."""
-        return bool(lib.smtps_session_pipelining(self._ptr))
+        return bool(lib.smtps_session_pipelining(self._live()))
 
     @property
     def message(self) -> Any:
         """The :class:`~smtpstate.Message` in its transaction, or None."""
-        m = lib.smtps_session_message(self._ptr)
+        m = lib.smtps_session_message(self._live())
         if m == ffi.NULL:
             return None
         return self.messages.get(int(lib.smtps_message_tag(m)))
@@ -179,18 +179,18 @@ class Session:
     @property
     def state(self) -> str:
         """The name of the state being run."""
-        sid = lib.smtps_session_state(self._ptr)
+        sid = lib.smtps_session_state(self._live())
         return self.machine.name(sid) if sid >= 0 else ""
 
     @property
     def reply_index(self) -> int:
         """Which of its awaited replies the callback is handed (0-based)."""
-        return int(lib.smtps_session_reply_index(self._ptr))
+        return int(lib.smtps_session_reply_index(self._live()))
 
     @property
     def data(self) -> Dict[str, Any]:
         """A dict private to the running state and this connection."""
-        return self._data.setdefault(int(lib.smtps_session_state(self._ptr)), {})
+        return self._data.setdefault(int(lib.smtps_session_state(self._live())), {})
 
     def next_state(self, state: Union[int, str, None]) -> None:
         """Choose the state entered after this callback (None: the default).
@@ -198,28 +198,62 @@ class Session:
         Raises:
             KeyError: no such state.
         """
+        ptr = self._live()
         if state is None:
-            lib.smtp_next_state(self._ptr, ffi.NULL)
+            lib.smtp_next_state(ptr, ffi.NULL)
             return
         sid = self.machine.id(state) if isinstance(state, str) else int(state)
         st = lib.smtps_machine_get(self.machine._ptr, sid)
         if st == ffi.NULL:
             raise KeyError(f"no state with id {sid}")
-        lib.smtp_next_state(self._ptr, st)
+        lib.smtp_next_state(ptr, st)
 
     def fail_reason(self, text: str) -> None:
         """Say why the state is about to fail the transaction."""
-        lib.smtps_session_set_reason(self._ptr, text.encode("utf-8", "replace"))
+        lib.smtps_session_set_reason(self._live(), text.encode("utf-8", "replace"))
 
     # -- what drivers use -------------------------------------------------
 
+    def _live(self) -> Any:
+        """The C session, while it exists.
+
+        Raises:
+            LocalProtocolError: the connection has ended and its C session
+                is gone (a state kept its Session past its callbacks).
+        """
+        ptr = self._ptr
+        if ptr is None:
+            raise LocalProtocolError(
+                "this Session has ended: its connection is closed and the session "
+                "freed. A state may use the Session it is given only during its "
+                "own setup, callback and free calls; keep what you need from it "
+                "(e.g. in session.data or on the state), not the Session itself")
+        return ptr
+
+    def _end(self) -> None:
+        """Drivers: the C session under this view is about to be freed (or
+        is gone): every later use raises instead of reading freed memory."""
+        self._ptr = None
+
     def close(self) -> None:
-        """Free the C session now, letting each state's free() run."""
+        """Free the C session now, letting each state's free() run.
+
+        Raises:
+            LocalProtocolError: called from inside one of this session's own
+                states (the loop still runs on it). To end the connection
+                from a state, return ``Action.FAIL_CONN``.
+        """
+        ptr = self._ptr
+        if ptr is not None and lib.smtps_session_dispatching(ptr):
+            raise LocalProtocolError(
+                "close() was called from inside one of this session's states, "
+                "while its loop runs on it; return Action.FAIL_CONN (or "
+                "Action.TEMPFAIL_TX / PERMFAIL_TX) to end the connection or the "
+                "transaction instead")
         if not self._closed:
             self._closed = True
-            ptr = self._ptr
             ffi.gc(ptr, None)                 # cancel the collector's free
-            self._ptr = ffi.NULL
+            self._ptr = None
             # Before C frees it (free() trampolines find their Session
             # through the user handle), so that a session allocated at the
             # same address meanwhile is never taken for this one.
@@ -229,7 +263,7 @@ class Session:
     @property
     def reason(self) -> str:
         """Why the connection failed or closed ("" while it is fine)."""
-        return ffi.string(lib.smtps_session_reason(self._ptr)).decode("utf-8", "replace")
+        return ffi.string(lib.smtps_session_reason(self._live())).decode("utf-8", "replace")
 
     def _record(self, state: State, exc: BaseException) -> str:
         m = lib.smtps_session_message(self._ptr)
@@ -324,7 +358,9 @@ def _session_of(csession: Any, entering: Optional[State] = None) -> Session:
 _ACTION_INTS: Dict[Any, int] = {a: int(a) for a in Action}
 _ACTION_INTS[None] = int(Action.NEXT)
 _PERMFAIL_TX = int(Action.PERMFAIL_TX)
+_ABORT = int(lib.SMTPS_ACT_ABORT)
 _EINVAL = int(lib.SMTPS_EINVAL)
+_EINTR = int(lib.SMTPS_EINTR)
 _from_handle = ffi.from_handle
 
 # The two trampolines below run on every state entry and every reply: each
@@ -351,6 +387,9 @@ def _setup(csession: Any, closure: Any) -> int:
     except Exception as exc:
         session._record(state, exc)
         return _EINVAL
+    except BaseException as exc:              # Ctrl-C, sys.exit(): stop
+        _stop(csession, state, exc)
+        return _EINTR
 
 
 def _callback(csession: Any, creply: Any, closure: Any) -> int:
@@ -370,6 +409,17 @@ def _callback(csession: Any, creply: Any, closure: Any) -> int:
     except Exception as exc:
         session._record(state, exc)
         return _PERMFAIL_TX
+    except BaseException as exc:              # Ctrl-C, sys.exit(): stop
+        _stop(csession, state, exc)
+        return _ABORT
+
+
+def _stop(csession: Any, state: State, exc: BaseException) -> None:
+    """A state was interrupted: C ends the connection at once and returns,
+    and the driver raises ``exc`` (smtpstate._ffi.raise_interrupt)."""
+    lib.smtps_session_set_reason(
+        csession, f"{type(exc).__name__} in state {state.name!r}".encode("utf-8", "replace"))
+    _ffi.defer_interrupt(exc)
 
 
 def _free(csession: Any, local: Any, closure: Any) -> None:

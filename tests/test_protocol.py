@@ -1396,3 +1396,105 @@ def test_accepted_recipient_when_data_never_sent(make, split):
     # Final, both: the accepted one shares the message's failure.
     assert r["rcpts"] == [("tempfail", 250), ("tempfail", 0)]
     assert r["stage_name"] == "sending RCPT TO"
+
+
+# ---------------------------------------------------------------------------
+# 16. Final statuses: one funnel decides them, and only final ones come out
+# ---------------------------------------------------------------------------
+
+def test_lone_dot_never_follows_an_accepted_recipient(make, split):
+    """RCPT 250, then a 353 to the next RCPT (a protocol error), then 354
+    to the pipelined DATA: a lone dot would make the server deliver an
+    empty message to the accepted recipient, and a retry would deliver it
+    twice. The connection closes instead, without the dot."""
+    s = connected(make, PIPELINING)
+    s.submit(recipients=RCPTS3[:2])
+    assert s.sent() == MAIL + lines("RCPT TO:<a@server.example>",
+                                    "RCPT TO:<b@server.example>", "DATA")
+    s.feed(b"250 ok\r\n250 ok\r\n353 what\r\n")
+    assert s.sent() == b""                    # still owed: DATA's reply
+    s.feed(b"354 go ahead\r\n")
+    assert s.sent() == b""                    # no dot, no QUIT
+    assert s.status == "CLOSING"
+    r = s.result()
+    assert r["status"] == "tempfail"
+    assert r["rcpts"] == [("tempfail", 250), ("tempfail", 353)]
+    assert b"." not in b"".join(d for who, d in s.wire if who == "C").split(b"DATA\r\n")[1]
+
+
+def test_lone_dot_still_answers_354_when_nobody_was_accepted(make, split):
+    """With no recipient accepted, the dot delivers nothing: it keeps the
+    server in step, and the connection goes on."""
+    s = connected(make, PIPELINING)
+    s.submit(recipients=RCPTS3[:2])
+    s.sent()
+    s.feed(b"250 ok\r\n550 no\r\n353 what\r\n")
+    s.feed(b"354 go ahead\r\n")
+    assert s.sent() == b".\r\n"
+    s.feed(b"554 no valid recipients\r\n")
+    assert s.sent() == QUIT
+    assert s.result()["rcpts"] == [("permfail", 550), ("tempfail", 353)]
+
+
+def test_refused_at_mail_fails_every_recipient(make, split):
+    s = connected(make)
+    s.submit(recipients=RCPTS3)
+    assert s.sent() == MAIL
+    s.feed(b"550 5.7.1 go away\r\n")
+    r = s.result()
+    assert r["status"] == "permfail"
+    assert r["rcpts"] == [("permfail", 550)] * 3        # never "pending"
+
+
+def test_accepted_then_421_fails_the_accepted_one_too(make, split):
+    s = connected(make)
+    s.submit(recipients=RCPTS3[:2])
+    assert s.sent() == MAIL
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == b"RCPT TO:<a@server.example>\r\n"
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == b"RCPT TO:<b@server.example>\r\n"
+    s.feed(b"421 4.3.2 shutting down\r\n")
+    assert s.sent() == b""                    # 421: closed without QUIT
+    r = s.result()
+    assert r["status"] == "tempfail"
+    assert r["rcpts"] == [("tempfail", 250), ("tempfail", 421)]   # never "accepted"
+
+
+def test_rcpt_3xx_is_a_protocol_error_everywhere(make, split):
+    s = connected(make)
+    s.submit()
+    s.sent()
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == RCPT
+    s.feed(b"354 what\r\n")
+    assert s.sent() == QUIT
+    r = s.result()
+    assert r["status"] == "tempfail" and "unexpected reply 354 to RCPT TO" in s.reason
+    assert r["rcpts"] == [("tempfail", 354)]
+
+
+def test_idle_session_deadline_counts_from_the_submit(make, split):
+    """A message submitted long after the last event: its deadline counts
+    from the submit, not from that event (a pooled connection idle for
+    longer than the timeout must not fail its next message at once)."""
+    s = connected(make)
+    for sid in range(lib.SMTPS_STATE__COUNT):
+        s.set_timeout(sid, 1000)
+    assert deliver(s)["status"] == "delivered"
+    s.advance(1400)
+    s.submit()
+    assert s.deadline == s.now + 1000
+    assert s.tick() == lib.SMTPS_OK and s.status == "ACTIVE"
+    assert s.sent() == MAIL
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == RCPT
+
+
+def test_quit_on_idle_session_counts_from_the_quit(make, split):
+    s = connected(make)
+    s.set_timeout(lib.SMTPS_STATE_QUIT, 1000)
+    s.advance(5000)
+    s.quit()
+    assert s.deadline == s.now + 1000
+    assert s.sent() == QUIT

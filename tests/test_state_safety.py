@@ -1,0 +1,321 @@
+"""Python states that misbehave must never hang, crash or lose a message.
+
+Against real aiosmtpd servers, with every driver that runs Python states:
+
+- a state that never waits for a reply and keeps the machine among such
+  states (RETRY, or two states JUMPing to each other) fails its message
+  with a clear reason, bounded in count and in time, instead of spinning;
+- ``session.close()`` from inside a state is refused, not a free of the
+  C session under the running loop;
+- a Session kept past its connection raises instead of reading freed
+  memory;
+- Ctrl-C (KeyboardInterrupt) or ``sys.exit()`` inside a state reaches the
+  caller at once, with the connection closed and the message's result
+  recorded;
+- a pooled connection idle for longer than the timeout does not fail its
+  next message with a false timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, List
+
+import pytest
+
+from smtpstate import Action, Client, Engine, LocalProtocolError, Machine, Message, State, aio
+
+SENDER = "sender@client.test"
+BODY = b"Subject: safety\r\n\r\nhello\r\n"
+
+
+def msg(n: int = 1) -> Message:
+    return Message(SENDER, [f"r{i}@example.test" for i in range(n)], BODY)
+
+
+class Spinner(State):
+    """Awaits nothing and asks to be entered again, forever."""
+
+    name = "SPIN"
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.calls = 0
+        self.pause = pause
+
+    def callback(self, session: Any, reply: Any) -> int:
+        self.calls += 1
+        if self.pause:
+            time.sleep(self.pause)
+        return Action.RETRY
+
+
+class PingPong(State):
+    """Awaits nothing and JUMPs to its partner."""
+
+    def __init__(self, name: str, partner: str) -> None:
+        self.name, self.partner = name, partner
+        self.calls = 0
+
+    def callback(self, session: Any, reply: Any) -> int:
+        self.calls += 1
+        session.next_state(self.partner)
+        return Action.JUMP
+
+
+def _engine_send(server: Any, machine: Machine, message: Message, **options: Any) -> Any:
+    with Engine(machine=machine, helo="client.test") as engine:
+        ticket = engine.submit(message, server.host, server.port, **options)
+        results = list(engine.run(timeout=30))
+    assert [r.ticket for r in results] == [ticket]
+    return results[0]
+
+
+def _client_send(server: Any, machine: Machine, message: Message, **options: Any) -> Any:
+    with Client(server.host, server.port, machine=machine, helo="client.test",
+                **options) as client:
+        return client.send(message)
+
+
+SENDERS = [pytest.param(_client_send, id="client"), pytest.param(_engine_send, id="engine")]
+
+
+# -- states that never wait ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_retry_loop_without_replies_is_bounded(aiosmtpd_server, send):
+    machine = Machine()
+    spin = Spinner()
+    machine.register(spin, after="MAIL")
+    started = time.monotonic()
+    r = send(aiosmtpd_server, machine, msg(), timeout=3)
+    assert time.monotonic() - started < 2.5             # not the 3 s timeout, nor forever
+    assert r.status == "tempfail" and r.state == "SPIN"
+    assert "in a row without awaiting a reply" in r.reason
+    assert spin.calls <= 1001
+    assert aiosmtpd_server.messages == []
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_jump_ping_pong_without_replies_is_bounded(aiosmtpd_server, send):
+    machine = Machine()
+    ping, pong = PingPong("PING", "PONG"), PingPong("PONG", "PING")
+    machine.register(ping, after="RCPT")
+    machine.register(pong, after="PING")
+    r = send(aiosmtpd_server, machine, msg(), timeout=3)
+    assert r.status == "tempfail" and r.state in ("PING", "PONG")
+    assert "in a row without awaiting a reply" in r.reason
+    assert ping.calls + pong.calls <= 1001
+    assert aiosmtpd_server.messages == []
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_slow_loop_without_replies_meets_its_timeout(aiosmtpd_server, send):
+    """Counting alone would take 1000 x 20 ms: the state's timeout, read
+    on the real clock, ends it first."""
+    machine = Machine()
+    spin = Spinner(pause=0.02)
+    machine.register(spin, after="MAIL")
+    started = time.monotonic()
+    r = send(aiosmtpd_server, machine, msg(), timeout=0.5)
+    assert time.monotonic() - started < 3
+    assert r.status == "tempfail"
+    assert r.reason.startswith("timeout: state SPIN ran for"), r.reason
+    assert spin.calls < 100
+
+
+# -- close() from inside a state -----------------------------------------------------
+
+
+class Closer(State):
+    """Tries to free its own session from inside the loop."""
+
+    name = "CLOSER"
+
+    def __init__(self) -> None:
+        self.refused: List[BaseException] = []
+
+    def callback(self, session: Any, reply: Any) -> int:
+        try:
+            session.close()
+        except LocalProtocolError as exc:
+            self.refused.append(exc)
+            raise
+        return Action.NEXT
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_close_from_inside_a_state_is_refused(aiosmtpd_server, send):
+    machine = Machine()
+    closer = Closer()
+    machine.register(closer, after="MAIL")
+    r = send(aiosmtpd_server, machine, msg(), timeout=5)
+    assert len(closer.refused) == 1 and "Action.FAIL_CONN" in str(closer.refused[0])
+    assert r.status == "permfail" and "LocalProtocolError" in (r.error or "")
+    # The session was not freed under the loop: the next message goes through.
+    assert send(aiosmtpd_server, Machine(), msg(), timeout=5).status == "delivered"
+
+
+# -- a Session kept too long ---------------------------------------------------------
+
+
+class Keeper(State):
+    """Keeps the Session it was given (which it must not)."""
+
+    name = "KEEPER"
+
+    def __init__(self) -> None:
+        self.kept: Any = None
+
+    def callback(self, session: Any, reply: Any) -> int:
+        self.kept = session
+        assert session.message is not None          # fine while it runs
+        return Action.NEXT
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_a_kept_session_raises_once_its_connection_ended(aiosmtpd_server, send):
+    machine = Machine()
+    keeper = Keeper()
+    machine.register(keeper, after="MAIL")
+    assert send(aiosmtpd_server, machine, msg(), timeout=5).status == "delivered"
+    assert keeper.kept is not None
+    for use in (lambda s: s.message, lambda s: s.capabilities, lambda s: s.state,
+                lambda s: s.peer, lambda s: s.send("NOOP"), lambda s: s.fail_reason("x")):
+        with pytest.raises(LocalProtocolError, match="has ended"):
+            use(keeper.kept)
+
+
+# -- Ctrl-C inside a state -----------------------------------------------------------
+
+
+class Interrupter(State):
+    """Raises what a Ctrl-C (or sys.exit()) would, in setup or callback,
+    the first time only."""
+
+    name = "INTERRUPT"
+
+    def __init__(self, exc: BaseException, where: str = "callback") -> None:
+        self.exc, self.where = exc, where
+        self.raised = 0
+
+    def _maybe_raise(self) -> None:
+        if not self.raised:
+            self.raised += 1
+            raise self.exc
+
+    def setup(self, session: Any) -> int:
+        if self.where == "setup":
+            self._maybe_raise()
+        return 0
+
+    def callback(self, session: Any, reply: Any) -> int:
+        if self.where == "callback":
+            self._maybe_raise()
+        return Action.NEXT
+
+
+@pytest.mark.parametrize("where", ["setup", "callback"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+def test_interrupt_in_a_state_reaches_the_client_caller(aiosmtpd_server, exc, where):
+    machine = Machine()
+    machine.register(Interrupter(exc(), where), after="RCPT")
+    with Client(aiosmtpd_server.host, aiosmtpd_server.port, machine=machine,
+                helo="client.test", timeout=30) as client:
+        started = time.monotonic()
+        with pytest.raises(exc):
+            client.send(msg())
+        assert time.monotonic() - started < 2
+        r = client.last_result
+        assert r is not None and r.status == "tempfail" and r.state == "INTERRUPT"
+        assert r.reason.startswith(f"interrupted: {exc.__name__} in state 'INTERRUPT'")
+        assert [x.status for x in r.recipients] == ["tempfail"]
+        assert not client.connected
+        # The client is usable again: a new connection for the next one.
+        assert client.send(msg()).status == "delivered"
+    assert len(aiosmtpd_server.wait_for_messages(1)) == 1      # the second only
+
+
+def test_interrupt_in_a_state_reaches_the_engine_caller(aiosmtpd_server):
+    machine = Machine()
+    machine.register(Interrupter(KeyboardInterrupt()), after="RCPT")
+    engine = Engine(machine=machine, helo="client.test")
+    try:
+        tickets = [engine.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port,
+                                 timeout=30) for _ in range(3)]
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in engine.run(timeout=30):
+                pass
+        assert time.monotonic() - started < 2
+        # Nothing lost: the next call hands out the rest, one result each.
+        list(engine.run(timeout=30))
+        assert all(t.result is not None for t in tickets)
+        statuses = sorted(t.result.status for t in tickets)
+        assert statuses == ["delivered", "delivered", "tempfail"]
+        (hit,) = [t.result for t in tickets if t.result.status == "tempfail"]
+        assert hit.reason.startswith("interrupted: KeyboardInterrupt in state 'INTERRUPT'")
+    finally:
+        engine.close()
+    assert len(aiosmtpd_server.wait_for_messages(2)) == 2
+
+
+def test_interrupt_in_a_state_reaches_the_aio_caller(aiosmtpd_server):
+    machine = Machine()
+    machine.register(Interrupter(KeyboardInterrupt()), after="RCPT")
+
+    async def main() -> Any:
+        client = aio.Client(aiosmtpd_server.host, aiosmtpd_server.port, machine=machine,
+                            helo="client.test", timeout=30)
+        return await client.send(msg())
+
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(main())
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(task)
+        # The send() itself has its result: the loop goes on where it was.
+        r = loop.run_until_complete(asyncio.wait_for(task, 5))
+        assert r.status == "tempfail" and r.reason.startswith("interrupted: KeyboardInterrupt")
+    finally:
+        loop.close()
+    assert aiosmtpd_server.messages == []
+
+
+# -- a pooled connection idle past the timeout ----------------------------------------
+
+
+def test_idle_pooled_connection_takes_its_next_message_engine(aiosmtpd_server):
+    with Engine(helo="client.test", idle_timeout=30) as engine:
+        results = []
+        for _ in range(4):
+            engine.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port, timeout=1)
+            results += list(engine.run(timeout=10))
+            time.sleep(1.4)                          # idle longer than the timeout
+            assert engine.connections == 1
+    assert [r.status for r in results] == ["delivered"] * 4, [r.reason for r in results]
+
+
+def test_idle_connection_takes_its_next_message_client(aiosmtpd_server):
+    with Client(aiosmtpd_server.host, aiosmtpd_server.port, helo="client.test",
+                timeout=1) as client:
+        results = []
+        for _ in range(3):
+            results.append(client.send(msg()))
+            time.sleep(1.4)
+    assert [r.status for r in results] == ["delivered"] * 3, [r.reason for r in results]
+
+
+def test_idle_connection_takes_its_next_message_aio(aiosmtpd_server):
+    async def main() -> List[Any]:
+        async with aio.Client(aiosmtpd_server.host, aiosmtpd_server.port,
+                              helo="client.test", timeout=1) as client:
+            out = []
+            for _ in range(3):
+                out.append(await client.send(msg()))
+                await asyncio.sleep(1.4)
+            return out
+
+    results = asyncio.run(main())
+    assert [r.status for r in results] == ["delivered"] * 3, [r.reason for r in results]
