@@ -29,13 +29,15 @@
  *	envelope: a message made with smtps_message_new() and set up as
  *	usual, normally without a body, that is never submitted itself.
  *	smtps_message_copy() makes a new message with the envelope's
- *	sender, recipients and DSN options and a copy of body (checked and
- *	scanned for 8-bit bytes like smtps_message_set_body() does);
+ *	sender, recipients, DSN and body options and a copy of body
+ *	(checked and scanned like smtps_message_set_body() does);
  *	smtps_engine_submit_copy() does that and submits the copy, in one
  *	call. The envelope itself is only read, so any number of threads
- *	may copy it at once. The body comes from the caller each time
- *	rather than from the envelope, so that a prepared envelope never
- *	holds a second copy of a large body.
+ *	may copy it at once. A body in bytes comes from the caller each
+ *	time rather than from the envelope, so that a prepared envelope
+ *	never holds a second copy of a large body; a body the envelope
+ *	references (a mapped file) or reads as it goes (a source) is shared
+ *	by every copy instead (body NULL), never copied.
  *
  *	Collected results. smtps_engine_collect() takes up to max ready
  *	results of an engine (at most SMTPS_COLLECT_MAX) and describes each
@@ -77,9 +79,9 @@
  *	time, like the engine; it may serve several engines in turn.
  * DIAGNOSTICS
  *	smtps_message_copy() and smtps_collector_new() return NULL when out
- *	of memory (or, for the copy, for a NULL envelope or body).
+ *	of memory (or, for the copy, for a NULL envelope or a body refused).
  *	smtps_engine_submit_copy() returns what smtps_engine_submit() does,
- *	SMTPS_EINVAL for a NULL envelope or body, SMTPS_ENOMEM; the copy is
+ *	SMTPS_EINVAL for a NULL envelope or a body refused, SMTPS_ENOMEM; the copy is
  *	freed when it was not taken. smtps_engine_collect() returns the
  *	number of results described (0 when none is ready), SMTPS_EINVAL
  *	for a NULL argument; smtps_engine_run_collect() also returns
@@ -94,6 +96,10 @@
 #include <string.h>
 
 #include "internal.h"
+
+static struct smtps_message *message_copy(const struct smtps_message *envelope,
+					  const char *body, size_t len,
+					  int *rc);
 
 /* Bytes of text (plus recipient records) above which a slot is transient. */
 #define SMTPS_COLLECT_KEEP 8192
@@ -242,11 +248,24 @@ static int shape_equal(const struct smtps_result *a,
 struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
 					         const char *body, size_t len)
 {
+    int     rc;
+
+    return message_copy(envelope, body, len, &rc);
+}
+
+/* message_copy - smtps_message_copy(), saying why it failed in *rc */
+
+static struct smtps_message *message_copy(const struct smtps_message *envelope,
+					          const char *body, size_t len,
+					          int *rc)
+{
     struct smtps_message *m;
     size_t  i;
 
-    if (envelope == NULL || (len > 0 && body == NULL))
+    *rc = SMTPS_EINVAL;
+    if (envelope == NULL)
 	return NULL;
+    *rc = SMTPS_ENOMEM;
     if ((m = smtps_message_new()) == NULL)
 	return NULL;
     /*
@@ -282,11 +301,30 @@ struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
 	goto nomem;
     m->dsn_ret = envelope->dsn_ret;
     m->needs_smtputf8 = envelope->needs_smtputf8;
-    if (smtps_message_set_body(m, body, len) != SMTPS_OK)
-	goto nomem;
+    m->body_flags = envelope->body_flags;
+    if (body != NULL || len > 0) {
+	if ((*rc = smtps_message_set_body(m, body, len)) != SMTPS_OK)
+	    goto fail;
+    } else if (envelope->body_read != NULL) {	/* a source: shared */
+	m->body_read = envelope->body_read;
+	m->body_closure = envelope->body_closure;
+	m->body_size = envelope->body_size;
+	m->is_8bit = envelope->is_8bit;
+    } else if (!envelope->body_owned && envelope->body != NULL) {
+	/* A reference: checked when the envelope got it. */
+	m->body = envelope->body;
+	m->body_len = envelope->body_len;
+	m->body_size = envelope->body_size;
+	m->is_8bit = envelope->is_8bit;
+    } else if ((*rc = smtps_message_set_body(m, envelope->body,
+					     envelope->body_len)) != SMTPS_OK)
+	goto fail;
+    *rc = SMTPS_OK;
     return m;
 
 nomem:
+    *rc = SMTPS_ENOMEM;
+fail:
     smtps_message_free(m);
     return NULL;
 }
@@ -305,8 +343,8 @@ int     smtps_engine_submit_copy(struct smtps_engine *e,
     if (e == NULL || envelope == NULL || dest == NULL
 	|| (len > 0 && body == NULL))
 	return SMTPS_EINVAL;
-    if ((m = smtps_message_copy(envelope, body, len)) == NULL)
-	return SMTPS_ENOMEM;
+    if ((m = message_copy(envelope, body, len, &rc)) == NULL)
+	return rc;
     if ((rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
 	smtps_message_free(m);
     return rc;

@@ -32,6 +32,11 @@
  *	int	smtps_body_is_8bit(in, len)
  *	const char *in;
  *	size_t	len;
+ *
+ *	void	smtps_body_scan_init(sc, flags)
+ *	int	smtps_body_scan(sc, in, len)
+ *	int	smtps_body_scan_finish(sc)
+ *	int	smtps_body_check(in, len, flags)
  * DESCRIPTION
  *	This module turns a message body, as the user gave it, into the
  *	bytes that go on the wire after DATA (dot_stuff = 1) or inside
@@ -62,6 +67,13 @@
  *
  *	smtps_body_is_8bit() tells whether any byte has the high bit set,
  *	that is, whether the body needs 8BITMIME.
+ *
+ *	smtps_body_scan() learns, in one pass split anywhere, what decides
+ *	whether and how a body may be sent (smtpstate.h says why each
+ *	matters): its first NUL, its first line over SMTPS_LINE_OCTETS_MAX
+ *	octets (unless allowed), whether it is 8-bit, and its RFC 1870 size,
+ *	which smtps_body_scan_finish() completes. Line endings count as the
+ *	encoder treats them, a CR LF split between two pieces included.
  *
  *	Invariant: after smtps_body_finish(), the output holds no CR or LF
  *	outside a CR LF pair, and no line other than the final one is a
@@ -101,7 +113,10 @@ struct body_scan {
 
 static const char *body_eol(struct body_scan *sc, const char *p,
 			           const char *lim);
-static size_t body_count(const char *in, size_t len, int c);
+static const char *body_special(const char *p, const char *end, int *hi);
+static void scan_problem(struct smtps_body_scan *sc, int kind,
+			 uint64_t offset);
+static void scan_line_end(struct smtps_body_scan *sc);
 
 /* body_eol - first CR or LF in [p, lim), or lim */
 
@@ -137,21 +152,6 @@ static const char *body_eol(struct body_scan *sc, const char *p,
     stop = (sc->next_cr < sc->next_lf) ? sc->next_cr : sc->next_lf;
     return (stop < lim ? stop : lim);
 #endif
-}
-
-/* body_count - how many times c occurs in in[0..len) */
-
-static size_t body_count(const char *in, size_t len, int c)
-{
-    const char *p = in;
-    const char *end = in + len;
-    size_t  n = 0;
-
-    while (p < end && (p = memchr(p, c, (size_t) (end - p))) != 0) {
-	n++;
-	p++;
-    }
-    return (n);
 }
 
 /* smtps_body_init - prepare an encoder for a new body */
@@ -308,36 +308,12 @@ size_t  smtps_body_finish(struct smtps_body_encoder *e, char *out,
 
 uint64_t smtps_body_encoded_length(const char *in, size_t len)
 {
-    const char *p;
-    const char *end;
-    uint64_t total;
-    size_t  crlf = 0;
-    size_t  bare_lf = 0;
-    unsigned char last;
+    struct smtps_body_scan sc;
 
-    if (in == 0 || len == 0)
-	return (0);
-
-    /*
-     * Each CR yields CR LF (one byte more), an LF right after a CR yields
-     * nothing (one byte less), any other LF yields CR LF (one more).
-     */
-    end = in + len;
-    for (p = in; p < end; p++) {
-	if ((p = memchr(p, '\n', (size_t) (end - p))) == 0)
-	    break;
-	if (p > in && p[-1] == '\r')
-	    crlf++;
-	else
-	    bare_lf++;
-    }
-    total = (uint64_t) len + body_count(in, len, '\r') + bare_lf - crlf;
-
-    /* An unterminated last line is completed with CR LF. */
-    last = (unsigned char) in[len - 1];
-    if (last != '\r' && last != '\n')
-	total += 2;
-    return (total);
+    smtps_body_scan_init(&sc, SMTPS_BODY_ALLOW_LONG_LINES);
+    (void) smtps_body_scan(&sc, in, len);
+    (void) smtps_body_scan_finish(&sc);
+    return (sc.size);
 }
 
 /* smtps_body_is_8bit - does any byte have the high bit set */
@@ -368,3 +344,163 @@ int     smtps_body_is_8bit(const char *in, size_t len)
 	    return (1);
     return (0);
 }
+
+/*
+ * body_special - first CR, LF or NUL in [p, end), or end; *hi set when a
+ * byte before it has the high bit set. SSE2 looks at 16 bytes at a time.
+ */
+
+static const char *body_special(const char *p, const char *end, int *hi)
+{
+#ifdef BODY_USE_SSE2
+    const __m128i cr = _mm_set1_epi8('\r');
+    const __m128i lf = _mm_set1_epi8('\n');
+    const __m128i nul = _mm_setzero_si128();
+
+    while (end - p >= 16) {
+	__m128i v = _mm_loadu_si128((const __m128i *) p);
+	unsigned special = (unsigned) _mm_movemask_epi8(
+	    _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, cr),
+				      _mm_cmpeq_epi8(v, lf)),
+			 _mm_cmpeq_epi8(v, nul)));
+	unsigned high = (unsigned) _mm_movemask_epi8(v);
+
+	if (special != 0) {
+	    if (high & ((1u << __builtin_ctz(special)) - 1))
+		*hi = 1;
+	    return (p + __builtin_ctz(special));
+	}
+	if (high)
+	    *hi = 1;
+	p += 16;
+    }
+#endif
+    for (; p < end; p++) {
+	if (*p == '\r' || *p == '\n' || *p == 0)
+	    break;
+	if (*p & 0x80)
+	    *hi = 1;
+    }
+    return (p);
+}
+
+/* scan_problem - remember the first problem and where it is */
+
+static void scan_problem(struct smtps_body_scan *sc, int kind,
+			         uint64_t offset)
+{
+    if (sc->problem != 0)
+	return;
+    sc->problem = kind;
+    sc->problem_line = sc->line;
+    sc->problem_offset = offset;
+}
+
+/* scan_line_end - a line ended (a CR, or an LF not after a CR) */
+
+static void scan_line_end(struct smtps_body_scan *sc)
+{
+    if (sc->line_len > sc->longest)
+	sc->longest = sc->line_len;
+    sc->line++;
+    sc->line_len = 0;
+}
+
+/* smtps_body_scan_init - a scan of a body from its start */
+
+void    smtps_body_scan_init(struct smtps_body_scan *sc, unsigned flags)
+{
+    memset(sc, 0, sizeof(*sc));
+    sc->flags = flags;
+    sc->line = 1;
+}
+
+/*
+ * smtps_body_scan - learn what the next piece of a body holds
+ *
+ * Line endings count as smtps_body_encode() treats them: CR LF, a bare CR
+ * and a bare LF each end a line and are sent as CR LF (two octets). A CR
+ * at the end of one piece and an LF at the start of the next are one CR
+ * LF, so that no split changes what is learned.
+ */
+
+int     smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len)
+{
+    const char *p = in, *end = in + len, *run;
+    uint64_t limit = (sc->flags & SMTPS_BODY_ALLOW_LONG_LINES) ?
+	UINT64_MAX : SMTPS_LINE_OCTETS_MAX;
+    uint64_t before, n;
+    int     hi = 0;
+
+    if (in == 0)
+	return (sc->problem);
+    while (p < end) {
+	run = body_special(p, end, &hi);
+	if (run > p) {
+	    n = (uint64_t) (run - p);
+	    before = sc->line_len;
+	    sc->after_cr = 0;
+	    sc->line_len += n;
+	    sc->size += n;
+	    /* Over the limit: where is the first octet too many. */
+	    if (sc->line_len > limit)
+		scan_problem(sc, SMTPS_BODY_LONG_LINE, sc->offset
+			     + (before < limit ? limit - before : 0));
+	    sc->offset += n;
+	    p = run;
+	    if (p == end)
+		break;
+	}
+	switch (*p) {
+	case '\r':
+	    sc->size += 2;			/* sent as CR LF */
+	    sc->after_cr = 1;
+	    scan_line_end(sc);
+	    break;
+	case '\n':
+	    if (sc->after_cr)			/* the LF of a CR LF: counted */
+		sc->after_cr = 0;
+	    else {
+		sc->size += 2;
+		scan_line_end(sc);
+	    }
+	    break;
+	default:				/* NUL */
+	    sc->after_cr = 0;
+	    scan_problem(sc, SMTPS_BODY_NUL, sc->offset);
+	    sc->size++;
+	    if (++sc->line_len > limit)
+		scan_problem(sc, SMTPS_BODY_LONG_LINE, sc->offset);
+	    break;
+	}
+	sc->offset++;
+	p++;
+    }
+    if (hi)
+	sc->is_8bit = 1;
+    return (sc->problem);
+}
+
+/* smtps_body_check - scan a whole body at once: 0, or its first problem */
+
+int     smtps_body_check(const char *in, size_t len, unsigned flags)
+{
+    struct smtps_body_scan sc;
+
+    smtps_body_scan_init(&sc, flags);
+    (void) smtps_body_scan(&sc, in, len);
+    return (smtps_body_scan_finish(&sc));
+}
+
+/* smtps_body_scan_finish - the body ended: complete its size */
+
+int     smtps_body_scan_finish(struct smtps_body_scan *sc)
+{
+    if (sc->line_len > 0) {			/* an unterminated last line */
+	sc->size += 2;
+	if (sc->line_len > sc->longest)
+	    sc->longest = sc->line_len;
+    }
+    return (sc->problem);
+}
+

@@ -627,6 +627,28 @@ static void interrupt(struct smtps_session *s, int id,
     smtps_dispatch_fail_conn(s, id, reply, SMTPS_STATUS_TEMPFAIL, why, 1);
 }
 
+/*
+ * smtps_dispatch_body_failed - the body could not go on (a source that
+ * cannot be read or holds what may not go, no room): mid-data, so the
+ * connection closes before the final dot
+ */
+
+void    smtps_dispatch_body_failed(struct smtps_session *s, int rc)
+{
+    const char *why = s->state_reason[0] ? s->state_reason :
+	"cannot queue the message body";
+    int     status = rc == SMTPS_EINVAL ? SMTPS_STATUS_PERMFAIL :
+	SMTPS_STATUS_TEMPFAIL;
+
+    if (rc == SMTPS_EINTR) {
+	interrupt(s, SMTPS_STATE_BODY, NULL);
+	return;
+    }
+    if (s->tx != NULL)
+	smtps_tx_settle(s, s->tx, status, SMTPS_STATE_BODY, NULL, why);
+    smtps_dispatch_fail_conn(s, SMTPS_STATE_BODY, NULL, status, why, 1);
+}
+
 /* smtps_dispatch_set_stage - the stage of state id, from its tostage/tostring */
 
 void    smtps_dispatch_set_stage(struct smtps_session *s,

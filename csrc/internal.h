@@ -73,12 +73,17 @@ struct smtps_message {
     char *sender;			/* "" = null reverse-path */
     struct smtps_rcpt *rcpt;
     size_t nrcpt, rcpt_cap;
-    char *body;
+    char *body;				/* in memory: copied (body_owned) or not */
     size_t body_len;
+    int body_owned;
+    unsigned body_flags;		/* SMTPS_BODY_ALLOW_* */
+    int64_t body_size;			/* RFC 1870 size; -1: unknown */
+    SMTPSBodyRead body_read;		/* a source: read as sent; else NULL */
+    void *body_closure;
     int dsn_ret;			/* SMTPS_DSN_RET_* */
     char *envid;			/* NULL when not given */
     int needs_smtputf8;			/* a non-ASCII address (RFC 6531) */
-    int is_8bit;			/* a body byte >= 0x80 (RFC 6152) */
+    int is_8bit;			/* a body byte >= 0x80 (RFC 6152); -1: unknown */
     uint64_t tag;
     struct smtps_message *qnext;	/* session queue link */
     struct smtps_result *qresult;	/* made at submit, so none is lost */

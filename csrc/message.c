@@ -11,14 +11,23 @@
  *	void	smtps_message_free(m)
  *	int	smtps_message_set_sender(m, addr, len)
  *	int	smtps_message_add_recipient(m, addr, len, notify, orcpt, orcpt_len)
+ *	int	smtps_message_set_body_options(m, flags)
  *	int	smtps_message_set_body(m, data, len)
+ *	int	smtps_message_set_body_ref(m, data, len)
+ *	int	smtps_message_set_body_source(m, read, closure, size, is_8bit)
  *	int	smtps_message_set_dsn(m, ret, envid, envid_len)
  * DESCRIPTION
  *	A message is built before it is submitted and never changes after.
  *	Everything that will be written into a command line is checked here,
  *	once: no control byte (CR and LF above all: command injection), no
  *	angle bracket, bounded length. What the checks learn (non-ASCII
- *	addresses, 8-bit body) decides which extensions MAIL asks for.
+ *	addresses, 8-bit body, the RFC 1870 size) decides which extensions
+ *	MAIL asks for.
+ *
+ *	The body is in memory (copied, or referenced and kept alive by the
+ *	caller) and checked here: no NUL byte, no line over 998 octets unless
+ *	the body options allow it (smtps_body_scan(), body.c). Or it is a
+ *	source, read while it is sent, and checked as it goes (transaction.c).
  * DIAGNOSTICS
  *	SMTPS_EINVAL for refused input, SMTPS_ENOMEM, SMTPS_EFULL past
  *	SMTPS_MAX_RECIPIENTS.
@@ -74,6 +83,7 @@ struct smtps_message *smtps_message_new(void)
 	free(m);
 	return NULL;
     }
+    m->body_size = 0;				/* an empty body */
     return m;
 }
 
@@ -91,7 +101,8 @@ void smtps_message_free(struct smtps_message *m)
     }
     free(m->rcpt);
     free(m->sender);
-    free(m->body);
+    if (m->body_owned)
+	free(m->body);
     free(m->envid);
     free(m);
 }
@@ -153,21 +164,88 @@ int smtps_message_add_recipient(struct smtps_message *m, const char *addr,
     return SMTPS_OK;
 }
 
-/* smtps_message_set_body - copy the content (headers and body) */
+/* smtps_message_set_body_options - SMTPS_BODY_ALLOW_*, before the body */
 
-int smtps_message_set_body(struct smtps_message *m, const char *data,
-			   size_t len)
+int     smtps_message_set_body_options(struct smtps_message *m, unsigned flags)
 {
-    char   *copy;
+    if (m == NULL || (flags & ~SMTPS_BODY_ALLOW_LONG_LINES) != 0)
+	return SMTPS_EINVAL;
+    m->body_flags = flags;
+    return SMTPS_OK;
+}
+
+/* body_drop - forget the body the message has */
+
+static void body_drop(struct smtps_message *m)
+{
+    if (m->body_owned)
+	free(m->body);
+    m->body = NULL;
+    m->body_len = 0;
+    m->body_owned = 0;
+    m->body_read = NULL;
+    m->body_closure = NULL;
+    m->body_size = 0;
+    m->is_8bit = 0;
+}
+
+/*
+ * body_keep - an in-memory body, after the checks that protect the wire:
+ * no NUL, no overlong line unless allowed (smtpstate.h says why)
+ */
+
+static int body_keep(struct smtps_message *m, const char *data, size_t len,
+		             int copy)
+{
+    struct smtps_body_scan sc;
+    char   *kept = (char *) data;
 
     if (m == NULL || (len > 0 && data == NULL))
 	return SMTPS_EINVAL;
-    if ((copy = smtps_strndup(data, len)) == NULL)
+    smtps_body_scan_init(&sc, m->body_flags);
+    (void) smtps_body_scan(&sc, data, len);
+    if (smtps_body_scan_finish(&sc) != 0)
+	return SMTPS_EINVAL;
+    if (copy && (kept = smtps_strndup(data, len)) == NULL)
 	return SMTPS_ENOMEM;
-    free(m->body);
-    m->body = copy;
+    body_drop(m);
+    m->body = kept;
     m->body_len = len;
-    m->is_8bit = smtps_body_is_8bit(data, len);
+    m->body_owned = copy;
+    m->body_size = (int64_t) sc.size;
+    m->is_8bit = sc.is_8bit;
+    return SMTPS_OK;
+}
+
+/* smtps_message_set_body - copy the content (headers and body) */
+
+int     smtps_message_set_body(struct smtps_message *m, const char *data,
+			               size_t len)
+{
+    return body_keep(m, data, len, 1);
+}
+
+/* smtps_message_set_body_ref - the content, not copied: the caller keeps it */
+
+int     smtps_message_set_body_ref(struct smtps_message *m, const char *data,
+				           size_t len)
+{
+    return body_keep(m, data, len, 0);
+}
+
+/* smtps_message_set_body_source - the content, read as it is sent */
+
+int     smtps_message_set_body_source(struct smtps_message *m,
+				              SMTPSBodyRead read, void *closure,
+				              int64_t size, int is_8bit)
+{
+    if (m == NULL || read == NULL || size < -1 || is_8bit < -1 || is_8bit > 1)
+	return SMTPS_EINVAL;
+    body_drop(m);
+    m->body_read = read;
+    m->body_closure = closure;
+    m->body_size = size;
+    m->is_8bit = is_8bit;
     return SMTPS_OK;
 }
 
@@ -214,11 +292,13 @@ const char *smtps_message_recipient(const struct smtps_message *m, size_t i)
     return m && i < m->nrcpt ? m->rcpt[i].addr : NULL;
 }
 
-/* smtps_message_size - content bytes as given */
+/* smtps_message_size - content bytes as given (UINT64_MAX: a source) */
 
 uint64_t smtps_message_size(const struct smtps_message *m)
 {
-    return m ? m->body_len : 0;
+    if (m == NULL)
+	return 0;
+    return m->body_read != NULL ? UINT64_MAX : m->body_len;
 }
 
 /* smtps_message_tag - the tag given to smtps_session_submit() */

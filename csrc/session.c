@@ -151,6 +151,7 @@ void    smtps_session_free(struct smtps_session *s)
     smtps_session_wipe_output(s);
     smtps_credentials_free(s->cred);
     free(s->out.data);
+    free(s->stage);
     free(s->local);
     free(s->local_made);
     free(s->timeout);
@@ -318,7 +319,7 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
 {
     struct smtps_tx *tx;
-    int     was_sent, was_active;
+    int     was_sent, was_active, rc;
 
     if (s == NULL || s->in_dispatch)
 	return;
@@ -338,9 +339,9 @@ void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
     }
     s->out_consumed += n;
     s->in_dispatch = 1;
-    if (was_active && smtps_tx_pump_body(s, tx) != SMTPS_OK) {
-	snprintf(s->reason, sizeof(s->reason), "cannot queue the message body");
-	smtps_dispatch_fail_conn(s, s->cur, NULL, SMTPS_STATUS_TEMPFAIL, NULL, 1);
+    s->state_reason[0] = 0;
+    if (was_active && (rc = smtps_tx_pump_body(s, tx)) != SMTPS_OK) {
+	smtps_dispatch_body_failed(s, rc);
 	s->in_dispatch = 0;
 	return;
     }

@@ -62,8 +62,7 @@ struct smtps_tx {
     int     data_mode;			/* 354 came: until the final dot is
 					 * taken, the server reads message data */
     uint64_t out_start;			/* out_produced when it began */
-    uint64_t size;			/* RFC 1870 size, once size_known */
-    int     size_known;
+    int     eight_bit_ok;		/* MAIL said BODY=8BITMIME */
 
     /* Recipients. */
     size_t  rcpt_next;			/* next recipient to send */
@@ -75,12 +74,18 @@ struct smtps_tx {
     int     body_active;		/* producing body bytes */
     int     body_started;		/* the body began */
     int     body_chunking;		/* BDAT (RFC 3030) instead of DATA */
-    size_t  body_off;			/* input bytes encoded so far */
+    size_t  body_off;			/* input bytes encoded (read, from a source) */
     uint64_t body_end;			/* out_produced at the end of the body */
     struct smtps_body_encoder enc;
+
+    /* A body read as it is sent (a source): the piece in s->stage. */
+    size_t  stage_off, stage_len;
+    int     source_done;		/* read() said the end */
+    struct smtps_body_scan scan;	/* what the pieces held so far */
 };
 
 #define SMTPS_INFLIGHT_MAX 16		/* states pipelined at once */
+#define SMTPS_STAGE_MAX 16384		/* bytes read from a body source at once */
 
 /*
  * A state that awaits no reply and sends the machine to another such
@@ -123,6 +128,8 @@ struct smtps_session {
 
     /* Output (outbuf.c). */
     struct smtps_buf out;
+    char   *stage;			/* SMTPS_STAGE_MAX bytes read from a body
+					 * source, made when one is first sent */
     uint64_t out_produced;		/* bytes ever queued */
     uint64_t out_consumed;		/* bytes the driver took */
 
@@ -180,6 +187,7 @@ void    smtps_dispatch_fail_queue(struct smtps_session *s, int id,
 void    smtps_dispatch_lost(struct smtps_session *s);
 void    smtps_dispatch_run_ahead(struct smtps_session *s);
 void    smtps_dispatch_refresh_deadline(struct smtps_session *s);
+void    smtps_dispatch_body_failed(struct smtps_session *s, int rc);
 void    smtps_dispatch_set_stage(struct smtps_session *s,
 				         struct smtps_result *r, int id,
 				         int awaiting);
@@ -201,7 +209,8 @@ int     smtps_tx_dot_sent(const struct smtps_session *s,
 			          const struct smtps_tx *tx);
 int     smtps_tx_in_data(const struct smtps_session *s,
 			         const struct smtps_tx *tx);
-uint64_t smtps_tx_size(struct smtps_tx *tx);
+int     smtps_tx_bdat(const struct smtps_session *s,
+		              const struct smtps_tx *tx);
 void    smtps_tx_start_body(struct smtps_session *s, int chunking);
 int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx);
 void    smtps_session_enqueue(struct smtps_session *s,

@@ -43,8 +43,9 @@
  *		with PIPELINING a batch at once, else one per round trip. A
  *		1xx or 3xx reply is a protocol error.
  *	DATA	DATA, awaiting 354; skipped when BDAT is used.
- *	BODY	the content, CRLF-normalised and dot-stuffed, streamed; or
- *		one BDAT ... LAST chunk under CHUNKING (RFC 3030). It starts
+ *	BODY	the content, CRLF-normalised and dot-stuffed, streamed; or,
+ *		for a body in memory, one BDAT ... LAST chunk under CHUNKING
+ *		(RFC 3030; a body read as it is sent goes by DATA). It starts
  *		only after a 354 or under CHUNKING: a machine that reaches it
  *		any other way fails the message rather than send its text
  *		as commands.
@@ -303,13 +304,12 @@ int     smtps_mail_setup(struct smtps_session *s, void *closure)
     unsigned ext = s->caps.ext;
     char    line[SMTPS_LINE_MAX], env[320], why[SMTPS_REASON_MAX];
     size_t  n;
-    uint64_t size = 0;
+    /* A source's size may be unknown: then SIZE says nothing. */
+    int     sized = (ext & SMTPS_EXT_SIZE) && m->body_size >= 0;
+    uint64_t size = sized ? (uint64_t) m->body_size : 0;
 
     SMTPS_UNUSED(closure);
-    if (ext & SMTPS_EXT_SIZE)
-	size = smtps_tx_size(s->tx);
-    if ((ext & SMTPS_EXT_SIZE) && s->caps.size_max > 0
-	&& size > s->caps.size_max) {
+    if (sized && s->caps.size_max > 0 && size > s->caps.size_max) {
 	snprintf(why, sizeof(why), "message of %llu bytes exceeds the server's "
 		 "SIZE limit of %llu", (unsigned long long) size,
 		 (unsigned long long) s->caps.size_max);
@@ -321,16 +321,22 @@ int     smtps_mail_setup(struct smtps_session *s, void *closure)
 				 "which the server does not offer");
 	return SMTPS_EINVAL;
     }
-    if (m->is_8bit && !(ext & SMTPS_EXT_8BITMIME)) {
+    if (m->is_8bit == 1 && !(ext & SMTPS_EXT_8BITMIME)) {
 	smtps_session_set_reason(s, "8-bit content needs 8BITMIME, "
 				 "which the server does not offer");
 	return SMTPS_EINVAL;
     }
+    /*
+     * 8-bit content is declared; so is a source not read yet, when the
+     * server takes 8-bit (declaring it for 7-bit content is harmless).
+     */
+    s->tx->eight_bit_ok = m->is_8bit == 1
+	|| (m->is_8bit < 0 && (ext & SMTPS_EXT_8BITMIME));
     n = (size_t) snprintf(line, sizeof(line), "MAIL FROM:<%s>", m->sender);
-    if ((ext & SMTPS_EXT_SIZE) && n < sizeof(line))
+    if (sized && n < sizeof(line))
 	n += (size_t) snprintf(line + n, sizeof(line) - n, " SIZE=%llu",
 			       (unsigned long long) size);
-    if (m->is_8bit && n < sizeof(line))
+    if (s->tx->eight_bit_ok && n < sizeof(line))
 	n += (size_t) snprintf(line + n, sizeof(line) - n, " BODY=8BITMIME");
     if (m->needs_smtputf8 && n < sizeof(line))
 	n += (size_t) snprintf(line + n, sizeof(line) - n, " SMTPUTF8");
@@ -454,7 +460,7 @@ int     smtps_data_setup(struct smtps_session *s, void *closure)
     int     rc;
 
     SMTPS_UNUSED(closure);
-    if (s->caps.ext & SMTPS_EXT_CHUNKING)
+    if (smtps_tx_bdat(s, s->tx))
 	return 0;
     if ((rc = smtps_session_send_line(s, "DATA", 4)) != SMTPS_OK)
 	return rc;
@@ -484,7 +490,7 @@ int     smtps_data_callback(struct smtps_session *s, const struct smtps_reply *r
 int     smtps_body_setup(struct smtps_session *s, void *closure)
 {
     char    line[64];
-    int     chunking = (s->caps.ext & SMTPS_EXT_CHUNKING) != 0, rc, n;
+    int     chunking = smtps_tx_bdat(s, s->tx), rc, n;
 
     SMTPS_UNUSED(closure);
     /*
@@ -500,7 +506,7 @@ int     smtps_body_setup(struct smtps_session *s, void *closure)
     }
     if (chunking) {
 	n = snprintf(line, sizeof(line), "BDAT %llu LAST", (unsigned long long)
-		     smtps_tx_size(s->tx));
+		     s->tx->msg->body_size);
 	if ((rc = smtps_session_send_line(s, line, (size_t) n)) != SMTPS_OK)
 	    return rc;
     }

@@ -14,7 +14,7 @@
  *	void	smtps_tx_finish(s, tx)
  *	int	smtps_tx_dot_sent(s, tx)
  *	int	smtps_tx_in_data(s, tx)
- *	uint64_t smtps_tx_size(tx)
+ *	int	smtps_tx_bdat(s, tx)
  *	void	smtps_tx_start_body(s, chunking)
  *	int	smtps_tx_pump_body(s, tx)
  *	void	smtps_session_enqueue(s, m)
@@ -44,6 +44,13 @@
  *	SMTPS_OUT_HIGH and is called again as the driver takes output, so a
  *	large body is never queued whole. body_end marks where it ends in
  *	the output: once the driver has taken that much, the dot is sent.
+ *
+ *	A body in memory was checked when it was set (message.c). A body
+ *	read as it is sent (a source) is read SMTPS_STAGE_MAX bytes at a
+ *	time into the session's stage and each piece checked before any of
+ *	it is encoded: a NUL, an overlong line, or 8-bit content MAIL did not
+ *	declare stops it there, and the connection closes before the final
+ *	dot (dispatch.c), so that the server discards what it got.
  * SEE ALSO
  *	dispatch.c, which decides when; states.c (RCPT, DATA, BODY).
  *--*/
@@ -199,19 +206,14 @@ int     smtps_tx_in_data(const struct smtps_session *s,
 }
 
 /*
- * smtps_tx_size - the message size RFC 1870 declares and the server's
- * limit is checked against: the octets sent after the 354, CR LF pairs
- * included, the doubled quoting dots and the final dot not (RFC 1870 3).
- * That is also what BDAT announces (RFC 3030). Counted once.
+ * smtps_tx_bdat - the content goes by BDAT (RFC 3030): the server offers
+ * CHUNKING and the body is in memory, so that its one chunk announces its
+ * exact length. A body read as it is sent goes by DATA.
  */
 
-uint64_t smtps_tx_size(struct smtps_tx *tx)
+int     smtps_tx_bdat(const struct smtps_session *s, const struct smtps_tx *tx)
 {
-    if (!tx->size_known) {
-	tx->size = smtps_body_encoded_length(tx->msg->body, tx->msg->body_len);
-	tx->size_known = 1;
-    }
-    return tx->size;
+    return (s->caps.ext & SMTPS_EXT_CHUNKING) != 0 && tx->msg->body_read == NULL;
 }
 
 /* smtps_tx_start_body - begin streaming the live transaction's content */
@@ -221,27 +223,98 @@ void    smtps_tx_start_body(struct smtps_session *s, int chunking)
     struct smtps_tx *tx = s->tx;
 
     smtps_body_init(&tx->enc, !chunking);
+    smtps_body_scan_init(&tx->scan, tx->msg->body_flags);
     tx->body_chunking = chunking;
     tx->body_off = 0;
     tx->body_end = 0;
+    tx->stage_off = tx->stage_len = 0;
+    tx->source_done = 0;
     tx->body_active = 1;
     tx->body_started = 1;
     tx->data_sent = 1;
     /* The transcript shows the content as given, then the dot it ends with. */
     if (s->trace != NULL) {
-	smtps_session_trace(s, SMTPS_TRACE_DATA, tx->msg->body,
-			    tx->msg->body_len);
+	if (tx->msg->body_read == NULL)
+	    smtps_session_trace(s, SMTPS_TRACE_DATA, tx->msg->body,
+				tx->msg->body_len);
 	if (!chunking)
 	    smtps_session_trace(s, SMTPS_TRACE_SENT, ".", 1);
     }
 }
 
-/* smtps_tx_pump_body - queue body bytes up to the high-water mark */
+/* body_refuse - a piece of a source body may not go: why, and the code */
+
+static int body_refuse(struct smtps_session *s, struct smtps_tx *tx)
+{
+    const struct smtps_body_scan *sc = &tx->scan;
+
+    if (sc->problem == SMTPS_BODY_NUL)
+	snprintf(s->state_reason, sizeof(s->state_reason), "the message body "
+		 "has a NUL byte (line %llu, offset %llu), which is never sent",
+		 (unsigned long long) sc->problem_line,
+		 (unsigned long long) sc->problem_offset);
+    else if (sc->problem == SMTPS_BODY_LONG_LINE)
+	snprintf(s->state_reason, sizeof(s->state_reason), "line %llu of the "
+		 "message body is longer than %d octets (RFC 5322 2.1.1)",
+		 (unsigned long long) sc->problem_line, SMTPS_LINE_OCTETS_MAX);
+    else
+	snprintf(s->state_reason, sizeof(s->state_reason), "8-bit content "
+		 "needs 8BITMIME, which the server does not offer");
+    return SMTPS_EINVAL;
+}
+
+/*
+ * source_read - the next piece of a source body into s->stage, checked
+ * before any of it goes: 0 with a piece (or at the end), or an SMTPS_E*
+ * code (and s->state_reason says why)
+ */
+
+static int source_read(struct smtps_session *s, struct smtps_tx *tx)
+{
+    struct smtps_message *m = tx->msg;
+    char    why[SMTPS_REASON_MAX - 64];
+    long    n;
+
+    if (s->stage == NULL && (s->stage = malloc(SMTPS_STAGE_MAX)) == NULL)
+	return SMTPS_ENOMEM;
+    why[0] = 0;
+    n = m->body_read(m->body_closure, tx->body_off, s->stage, SMTPS_STAGE_MAX,
+		     why, sizeof(why));
+    if (n < 0 || (size_t) n > SMTPS_STAGE_MAX) {
+	why[sizeof(why) - 1] = 0;		/* whatever the reader did */
+	snprintf(s->state_reason, sizeof(s->state_reason), "the message body "
+		 "could not be read: %s", why[0] ? why : n < 0 ?
+		 smtps_strerror((int) n) :
+		 "the reader said it read more than it was given room for");
+	return n < 0 && n >= INT32_MIN ? (int) n : SMTPS_EINVAL;
+    }
+    tx->stage_off = 0;
+    tx->stage_len = (size_t) n;
+    if (n == 0) {
+	tx->source_done = 1;
+	(void) smtps_body_scan_finish(&tx->scan);
+	return SMTPS_OK;
+    }
+    tx->body_off += (size_t) n;
+    if (smtps_body_scan(&tx->scan, s->stage, (size_t) n) != 0
+	|| (tx->scan.is_8bit && !tx->eight_bit_ok))
+	return body_refuse(s, tx);
+    smtps_session_trace(s, SMTPS_TRACE_DATA, s->stage, (size_t) n);
+    return SMTPS_OK;
+}
+
+/*
+ * smtps_tx_pump_body - queue body bytes up to the high-water mark. A
+ * failure (a source that cannot be read, or holds what may not go) says
+ * why in s->state_reason: SMTPS_EINVAL for the content, another code for
+ * the reading.
+ */
 
 int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
 {
     struct smtps_message *m = tx->msg;
-    size_t  used, n, room;
+    const char *in;
+    size_t  used, n, room, left;
     int     rc;
 
     while (tx->body_active && s->out.end - s->out.start < SMTPS_OUT_HIGH) {
@@ -250,11 +323,23 @@ int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
 	room = s->out.cap - s->out.end;
 	if (room > 16384)
 	    room = 16384;
-	if (tx->body_off < m->body_len) {
-	    n = smtps_body_encode(&tx->enc, m->body + tx->body_off,
-				  m->body_len - tx->body_off, &used,
+	if (m->body_read != NULL) {		/* a source: piece by piece */
+	    if (tx->stage_off == tx->stage_len && !tx->source_done
+		&& (rc = source_read(s, tx)) != SMTPS_OK)
+		return rc;
+	    in = s->stage + tx->stage_off;
+	    left = tx->stage_len - tx->stage_off;
+	} else {
+	    in = m->body + tx->body_off;
+	    left = m->body_len - tx->body_off;
+	}
+	if (left > 0) {
+	    n = smtps_body_encode(&tx->enc, in, left, &used,
 				  s->out.data + s->out.end, room);
-	    tx->body_off += used;
+	    if (m->body_read != NULL)
+		tx->stage_off += used;
+	    else
+		tx->body_off += used;
 	} else {
 	    n = smtps_body_finish(&tx->enc, s->out.data + s->out.end, room,
 				  !tx->body_chunking);

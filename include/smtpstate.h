@@ -313,6 +313,53 @@ uint64_t smtps_body_encoded_length(const char *in, size_t len);
 /* 1 when any byte has the high bit set (needs 8BITMIME), else 0. */
 int smtps_body_is_8bit(const char *in, size_t len);
 
+/*
+ * What a body holds that decides whether and how it may be sent, learned
+ * in one pass that may be split anywhere (a file read in pieces, a stream):
+ *
+ * - NUL bytes are refused: a lenient hop may drop them, and "CR LF NUL .
+ *   CR LF" then ends the data early (BINARYMIME, which could carry them,
+ *   is not supported);
+ * - a line longer than SMTPS_LINE_OCTETS_MAX octets (RFC 5322 2.1.1, CR LF
+ *   not counted) is refused unless allowed: a hop may fold, cut or refuse
+ *   it, so the message that arrives is not the one sent;
+ * - 8-bit bytes need 8BITMIME (RFC 6152);
+ * - size is what RFC 1870 declares: the octets sent, CR LF included, the
+ *   quoting dots not (smtps_body_scan_finish() adds the CR LF that
+ *   completes an unterminated last line).
+ */
+#define SMTPS_LINE_OCTETS_MAX 998
+
+#define SMTPS_BODY_NUL 1		/* problem: a NUL byte */
+#define SMTPS_BODY_LONG_LINE 2		/* problem: a line over the limit */
+
+#define SMTPS_BODY_ALLOW_LONG_LINES (1u << 0)	/* body option: no line limit */
+
+struct smtps_body_scan {
+    unsigned flags;			/* SMTPS_BODY_ALLOW_* */
+    uint64_t offset;			/* input bytes scanned */
+    uint64_t size;			/* RFC 1870 size so far */
+    uint64_t line;			/* number of the line being scanned, from 1 */
+    uint64_t line_len;			/* its octets so far */
+    uint64_t longest;			/* the longest line seen, in octets */
+    int after_cr;			/* the last byte was a CR */
+    int is_8bit;			/* a byte >= 0x80 was seen */
+    int problem;			/* SMTPS_BODY_NUL, _LONG_LINE: the first; 0 none */
+    uint64_t problem_line;		/* where it is */
+    uint64_t problem_offset;
+};
+
+void smtps_body_scan_init(struct smtps_body_scan *sc, unsigned flags);
+
+/* Scan the next piece; returns sc->problem (0 while there is none). */
+int smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len);
+
+/* The end of the body: completes sc->size; returns sc->problem. */
+int smtps_body_scan_finish(struct smtps_body_scan *sc);
+
+/* A whole body in memory at once: init, scan, finish; returns the problem. */
+int smtps_body_check(const char *in, size_t len, unsigned flags);
+
 /* ------------------------------------------------------------------ */
 /* The state table: Momentum's contract                                */
 /* ------------------------------------------------------------------ */
@@ -455,20 +502,50 @@ int smtps_message_set_sender(struct smtps_message *m, const char *addr,
 int smtps_message_add_recipient(struct smtps_message *m, const char *addr,
 				size_t len, unsigned notify,
 				const char *orcpt, size_t orcpt_len);
+/*
+ * The content, three ways. Each refuses (SMTPS_EINVAL) a body with a NUL
+ * byte, or with a line over SMTPS_LINE_OCTETS_MAX octets unless the
+ * options allow it (smtps_body_scan() says where): set the options first.
+ *
+ * smtps_message_set_body() copies data. smtps_message_set_body_ref()
+ * keeps a pointer to it: the caller keeps it alive and unchanged until
+ * the message's result is out (a mapped file, a large buffer: no copy).
+ * smtps_message_set_body_source() reads the content as it is sent (a
+ * file, a stream): read(closure, offset, buf, cap, why, why_cap) fills
+ * buf with up to cap bytes from offset and returns how many (0: the end),
+ * or a negative SMTPS_E* code (SMTPS_EINVAL: the content is wrong,
+ * SMTPS_EINTR: stop the driver) after writing why in why (NUL-terminated,
+ * why_cap bytes with the NUL). size is the RFC 1870 size
+ * when known (smtps_body_scan()), else -1; is_8bit 0 or 1 when known,
+ * else -1. Such a body is checked as it goes: a NUL, an overlong line or
+ * 8-bit content the server cannot take then fails the message and closes
+ * the connection before the final dot, so that nothing is delivered. It
+ * always goes by DATA: a BDAT chunk must announce its length.
+ */
+typedef long (*SMTPSBodyRead) (void *closure, uint64_t offset, char *buf,
+			       size_t cap, char *why, size_t why_cap);
+
+int smtps_message_set_body_options(struct smtps_message *m, unsigned flags);
 int smtps_message_set_body(struct smtps_message *m, const char *data,
 			   size_t len);	/* copied */
+int smtps_message_set_body_ref(struct smtps_message *m, const char *data,
+			       size_t len);
+int smtps_message_set_body_source(struct smtps_message *m, SMTPSBodyRead read,
+				  void *closure, int64_t size, int is_8bit);
 int smtps_message_set_dsn(struct smtps_message *m, int ret,
 			  const char *envid, size_t envid_len);
 const char *smtps_message_sender(const struct smtps_message *m);
 size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
-uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes */
+uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes; UINT64_MAX: a source */
 uint64_t smtps_message_tag(const struct smtps_message *m);	/* set at submit */
 
 /*
- * A new message with the sender, recipients and DSN options of envelope (a
- * message set up as above, normally without a body, and only read here)
- * and a copy of body: what is sent many times is built and checked once.
+ * A new message with the sender, recipients, DSN and body options of
+ * envelope (a message set up as above, only read here) and a copy of
+ * body: what is sent many times is built and checked once. With body
+ * NULL (and len 0), the envelope's own body instead: a reference or a
+ * source is shared, a copied body copied.
  */
 struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
 					 const char *body, size_t len);

@@ -425,11 +425,19 @@ class Engine:
             envelope = message._c_envelope
             if envelope is None:
                 envelope = message._envelope()
-            data = message.data
             tag = next(self._tags)
             # One C call: a copy of the message's prepared envelope, with
-            # the body, queued; nothing for Python to own or detach.
-            rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+            # the body, queued; nothing for Python to own or detach. A body
+            # that is not bytes is the envelope's own, shared (NULL, 0).
+            body = message._body
+            if body is None:
+                data = message.data
+                rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+            else:
+                body.claim()
+                rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
+                if rc:
+                    body.release()
             if rc:
                 check(rc, "submit the message")
             # Ticket(tag, message, host, port), without the call to __init__.

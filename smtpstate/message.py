@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import check, ffi, lib
+from smtpstate.body import BufferBody, check_bytes, make_body, scan_flags
 from smtpstate.errors import InvalidMessageError
 
 __all__ = ["Message", "Recipient", "NOTIFY_VALUES"]
@@ -94,15 +95,33 @@ class Message:
     Args:
         sender: the reverse-path without angle brackets; "" for a bounce.
         recipients: addresses (str) or :class:`Recipient` objects, at least one.
-        data: the content, headers and body, as bytes (or a str, encoded as
-            UTF-8). Line endings may be LF, CR or CRLF; they are sent as CRLF,
-            and leading dots are escaped on the wire.
+        data: the content, headers and body: bytes (or a str, encoded as
+            UTF-8); or, so that a large message is never copied whole into
+            memory, a buffer (``memoryview``, ``mmap``: referenced, not
+            copied; keep it unchanged until the result is out), a binary
+            file (read as it is sent, from where it stands now; it may be
+            sent many times) or an iterable of bytes pieces (read as it is
+            sent, once). Line endings may be LF, CR or CRLF, split anywhere
+            between pieces; they are sent as CRLF, and leading dots are
+            escaped on the wire.
         dsn_ret: "FULL" or "HDRS" (RFC 3461 RET), sent when the server offers DSN.
         envid: RFC 3461 ENVID, sent when the server offers DSN.
+        long_lines: "refuse" (the default) or "allow". RFC 5322 2.1.1 limits
+            a line to 998 octets; a server on the way may fold, cut or
+            refuse a longer one, so the message that arrives would differ
+            from the one sent. "allow" sends such lines as they are.
+
+    A body is checked when the Message is made: a NUL byte (which a lenient
+    server may drop, reading what follows as the end of the data), or a
+    line over 998 octets unless allowed, is an InvalidMessageError naming
+    the line. An iterable can only be checked as it is sent: a bad piece
+    then fails that message (``permfail``) before its final dot, so that
+    nothing is delivered.
 
     Raises:
         InvalidMessageError (a ValueError): a control character, angle bracket,
-            empty or over-long address, no recipients, bad DSN value.
+            empty or over-long address, no recipients, bad DSN value, a body
+            of the wrong kind, with a NUL byte or an overlong line.
     """
 
     sender: str
@@ -110,10 +129,14 @@ class Message:
     data: Union[bytes, str]
     dsn_ret: Optional[str] = None
     envid: Optional[str] = None
+    long_lines: str = "refuse"
     _rcpts: Tuple[Recipient, ...] = field(init=False, repr=False, compare=False)
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
     _c_envelope: ClassVar[Any] = None
+    # A body that is not bytes (smtpstate.body: a buffer, file or stream),
+    # set in the instance when there is one; not a field.
+    _body: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         _check_text("sender", self.sender, allow_empty=True)
@@ -135,6 +158,7 @@ class Message:
                 f"more than {lib.SMTPS_MAX_RECIPIENTS} recipients; split the message")
         object.__setattr__(self, "_rcpts", rcpts)
         object.__setattr__(self, "recipients", tuple(r.address for r in rcpts))
+        flags = scan_flags(self.long_lines)
         if isinstance(self.data, str):
             try:
                 object.__setattr__(self, "data", self.data.encode("utf-8"))
@@ -142,11 +166,12 @@ class Message:
                 raise InvalidMessageError(
                     "data is a str that is not valid Unicode (a lone surrogate?); "
                     "give bytes") from None
-        elif isinstance(self.data, (bytearray, memoryview)):
-            object.__setattr__(self, "data", bytes(self.data))
-        elif not isinstance(self.data, bytes):
-            raise InvalidMessageError(
-                f"data must be bytes or str, not {type(self.data).__name__}")
+        elif isinstance(self.data, bytearray):
+            object.__setattr__(self, "data", bytes(self.data))   # it could change
+        if isinstance(self.data, bytes):
+            check_bytes(self.data, flags)
+        else:
+            object.__setattr__(self, "_body", make_body(self.data, flags))
         ret = self.dsn_ret.upper() if isinstance(self.dsn_ret, str) else self.dsn_ret
         if ret not in _RET_VALUES:
             raise InvalidMessageError("dsn_ret must be 'FULL', 'HDRS' or None")
@@ -220,6 +245,15 @@ class Message:
         m = ffi.gc(lib.smtps_message_new(), lib.smtps_message_free)
         if m == ffi.NULL:
             raise MemoryError("cannot allocate a message")
+        if self.long_lines != "refuse":
+            check(lib.smtps_message_set_body_options(m, scan_flags(self.long_lines)),
+                  "body options")
+        body = self._body
+        if isinstance(body, BufferBody):
+            check(lib.smtps_message_set_body_ref(m, body.cdata, body.length), "body")
+        elif body is not None:
+            check(lib.smtps_message_set_body_source(m, lib.smtps_py_body_read, body.handle,
+                                                    body.size, body.is_8bit), "body")
         check(lib.smtps_message_set_sender(m, sender, len(sender)), "sender")
         for addr, notify, orcpt, what in rcpts:
             check(lib.smtps_message_add_recipient(
@@ -233,9 +267,17 @@ class Message:
         return m
 
     def _to_c(self) -> Any:
-        """A new C message owned by a ffi.gc destructor (detach it on submit)."""
-        assert isinstance(self.data, bytes)
-        m = lib.smtps_message_copy(self._envelope(), self.data, len(self.data))
+        """A new C message owned by a ffi.gc destructor (detach it on submit).
+
+        Raises:
+            InvalidMessageError: its body is a stream that was sent already.
+        """
+        body = self._body
+        if body is None:
+            m = lib.smtps_message_copy(self._envelope(), self.data, len(self.data))
+        else:
+            body.claim()                       # a stream: once only
+            m = lib.smtps_message_copy(self._envelope(), ffi.NULL, 0)
         if m == ffi.NULL:
             raise MemoryError("cannot allocate a message")
         return ffi.gc(m, lib.smtps_message_free)
@@ -243,6 +285,9 @@ class Message:
     def __getstate__(self) -> Dict[str, Any]:
         # Pickle and copy the fields, not the C envelope (cdata does not
         # pickle; a copy makes its own when it is first submitted).
+        if self._body is not None:
+            raise TypeError("a Message whose body is a buffer, file or stream cannot be "
+                            "pickled or copied; give bytes")
         state = dict(self.__dict__)
         state.pop("_c_envelope", None)
         return state

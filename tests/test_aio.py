@@ -269,7 +269,7 @@ def test_flow_control_with_a_slow_reader(monkeypatch):
         original(self)
 
     monkeypatch.setattr(aio._Connection, "pause_writing", counting)
-    body = b"".join(b".%07d %s\r\n" % (i, b"x" * 990) for i in range(8000))   # 8 MB
+    body = b"".join(b".%07d %s\r\n" % (i, b"x" * 980) for i in range(8000))   # 8 MB
     got = bytearray()
 
     async def slow(reader, writer):

@@ -104,6 +104,7 @@ def test_python_trampolines(cdef):
         "smtps_py_tostage",
         "smtps_py_tostring",
         "smtps_py_trace",
+        "smtps_py_body_read",
     }
 
 

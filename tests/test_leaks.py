@@ -136,7 +136,7 @@ def test_clients_with_python_states_give_their_memory_back(aiosmtpd_module):
 
 
 def test_results_and_messages_are_freed_with_their_objects():
-    msg = smtpstate.Message("s@client.test", ["r@server.test"], b"x" * 20000)
+    msg = smtpstate.Message("s@client.test", ["r@server.test"], (b"x" * 98 + b"\r\n") * 200)
     base = None
     for round_ in range(4):
         for _ in range(500):

@@ -15,6 +15,10 @@ extern "Python" void smtps_py_free(struct smtps_session *, void *, void *);
 extern "Python" int smtps_py_tostage(struct smtps_session *, int, void *);
 extern "Python" const char *smtps_py_tostring(int, void *);
 
+/* A message body read as it is sent (an SMTPSBodyRead). */
+extern "Python" long smtps_py_body_read(void *, uint64_t, char *, size_t, char *,
+                                        size_t);
+
 /* The transcript of the drivers' sessions (an SMTPSTrace). */
 extern "Python" void smtps_py_trace(struct smtps_session *, int, const char *,
                                     size_t, void *);

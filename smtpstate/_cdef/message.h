@@ -23,8 +23,16 @@ int smtps_message_set_sender(struct smtps_message *m, const char *addr,
 int smtps_message_add_recipient(struct smtps_message *m, const char *addr,
                                 size_t len, unsigned notify,
                                 const char *orcpt, size_t orcpt_len);
+typedef long (*SMTPSBodyRead) (void *closure, uint64_t offset, char *buf,
+                               size_t cap, char *why, size_t why_cap);
+
+int smtps_message_set_body_options(struct smtps_message *m, unsigned flags);
 int smtps_message_set_body(struct smtps_message *m, const char *data,
                            size_t len);
+int smtps_message_set_body_ref(struct smtps_message *m, const char *data,
+                               size_t len);
+int smtps_message_set_body_source(struct smtps_message *m, SMTPSBodyRead read,
+                                  void *closure, int64_t size, int is_8bit);
 int smtps_message_set_dsn(struct smtps_message *m, int ret,
                           const char *envid, size_t envid_len);
 const char *smtps_message_sender(const struct smtps_message *m);
