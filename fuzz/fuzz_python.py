@@ -74,6 +74,7 @@ def check_message(fdp: atheris.FuzzedDataProvider) -> None:
         return
     for addr in (msg.sender, *msg.recipients):
         assert not (set(addr) & (_CONTROL | {"<", ">"})), addr
+    assert b"\0" not in msg.data          # a NUL never passes (smuggling)
     msg._to_c()            # C must accept what Python accepted (raises otherwise)
 
 

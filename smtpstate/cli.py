@@ -485,6 +485,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _send_parser(sub: Any) -> None:
+    from smtpstate._ffi import AUTH_MECHANISMS     # C's list of mechanism names
+
     send = sub.add_parser(
         "send", help="send one message to a server (like swaks)",
         description="Send one message to one SMTP server and say what became of it.",
@@ -516,7 +518,7 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--auth-user", "-au", metavar="USER", help=f"AUTH as USER (or ${ENV_USER})")
     send.add_argument("--auth-password", "-ap", metavar="SECRET",
                       help=f"the password (better: ${ENV_PASSWORD})")
-    send.add_argument("--auth-mechanism", choices=("PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"),
+    send.add_argument("--auth-mechanism", choices=tuple(AUTH_MECHANISMS),
                       type=str.upper, help="only this mechanism (default: the best offered)")
     send.add_argument("--auth-plaintext", action="store_true",
                       help="allow AUTH without TLS")

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
-from smtpstate._ffi import check, ffi, lib, strerror
+from smtpstate._ffi import AUTH_MECHANISMS, check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
 __all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host", "check_port"]
@@ -27,12 +27,7 @@ TLS_MODES = {
     "implicit": lib.SMTPS_TLS_IMPLICIT,
 }
 
-AUTH_MECHANISMS = {
-    "PLAIN": lib.SMTPS_AUTH_PLAIN,
-    "LOGIN": lib.SMTPS_AUTH_LOGIN,
-    "CRAM-MD5": lib.SMTPS_AUTH_CRAM_MD5,
-    "XOAUTH2": lib.SMTPS_AUTH_XOAUTH2,
-}
+# AUTH_MECHANISMS (name -> bit) is read from C's one list (smtpstate._ffi).
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,8 @@ def test_refused_credentials_fail_every_message_permanently(make):
     for r in got:
         assert "authentication failed: 535 5.7.8 Authentication credentials invalid" in r["reason"]
         assert r["state"] == "AUTH"
+        # A stage of its own, not "unknown" (which a status is called too).
+        assert (r["stage"], r["stage_name"]) == (23, "sending AUTH")
         assert not any(f.decode() in r["reason"] for f in secret_forms())
     s.feed(b"221 bye\r\n")
     assert s.status == "CLOSING"
@@ -383,7 +385,8 @@ def test_aiosmtpd_wrong_password_is_permanent_and_tried_once(auth_server, tls_ca
     for r in (first, second):
         assert r.status == "permfail", r
         assert "authentication failed: 535 5.7.8 Authentication credentials invalid" in r.reason
-        assert r.state == "AUTH"
+        assert r.state == "AUTH" and r.stage == "sending AUTH" and r.stage_code == 23
+        assert r.reason.count("not attempted") <= 1         # never "not attempted: not attempted"
         assert not any(f.decode() in r.reason for f in secret_forms(secret="wrong-" + SECRET))
     assert handler.attempts == [("PLAIN", USER, False)]      # no retry, no second connection
     assert len(server.connections) == 1

@@ -319,3 +319,28 @@ def test_idle_connection_takes_its_next_message_aio(aiosmtpd_server):
 
     results = asyncio.run(main())
     assert [r.status for r in results] == ["delivered"] * 3, [r.reason for r in results]
+
+
+# -- a machine that reaches BODY without DATA ------------------------------------------
+
+
+class SkipData(State):
+    """After RCPT: straight to BODY, past DATA (a broken machine)."""
+
+    name = "SKIP-DATA"
+
+    def callback(self, session: Any, reply: Any) -> int:
+        session.next_state("BODY")
+        return Action.JUMP
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_body_never_starts_without_a_354(aiosmtpd_server, send):
+    """Without a 354 the server reads commands: the content would be taken
+    line by line as commands. BODY refuses to start; the message fails."""
+    machine = Machine()
+    machine.register(SkipData(), after="RCPT")
+    r = send(aiosmtpd_server, machine, msg(), timeout=5)
+    assert r.status == "permfail" and r.state == "BODY"
+    assert "BODY was entered without a 354 reply to DATA" in r.reason
+    assert aiosmtpd_server.messages == []
