@@ -426,14 +426,15 @@ void    smtps_body_scan_init(struct smtps_body_scan *sc, unsigned flags)
 
 int     smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len)
 {
-    const char *p = in, *end = in + len, *run;
+    const char *p = in, *end, *run;
     uint64_t limit = (sc->flags & SMTPS_BODY_ALLOW_LONG_LINES) ?
 	UINT64_MAX : SMTPS_LINE_OCTETS_MAX;
     uint64_t before, n;
     int     hi = 0;
 
-    if (in == 0)
+    if (in == 0)				/* (NULL + 0 is undefined too) */
 	return (sc->problem);
+    end = in + len;
     while (p < end) {
 	run = body_special(p, end, &hi);
 	if (run > p) {

@@ -327,11 +327,11 @@ int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
 	    if (tx->stage_off == tx->stage_len && !tx->source_done
 		&& (rc = source_read(s, tx)) != SMTPS_OK)
 		return rc;
-	    in = s->stage + tx->stage_off;
 	    left = tx->stage_len - tx->stage_off;
-	} else {
-	    in = m->body + tx->body_off;
+	    in = left > 0 ? s->stage + tx->stage_off : NULL;
+	} else {				/* (an empty body may be NULL) */
 	    left = m->body_len - tx->body_off;
+	    in = left > 0 ? m->body + tx->body_off : NULL;
 	}
 	if (left > 0) {
 	    n = smtps_body_encode(&tx->enc, in, left, &used,
