@@ -253,12 +253,12 @@ class Session:
         if not self._closed:
             self._closed = True
             ffi.gc(ptr, None)                 # cancel the collector's free
-            self._ptr = None
             # Before C frees it (free() trampolines find their Session
             # through the user handle), so that a session allocated at the
             # same address meanwhile is never taken for this one.
             _unbind(ptr, self)
-            lib.smtps_session_free(ptr)
+            lib.smtps_session_free(ptr)       # states' free() may still use it
+            self._ptr = None
 
     @property
     def reason(self) -> str:

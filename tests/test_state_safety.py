@@ -344,3 +344,29 @@ def test_body_never_starts_without_a_354(aiosmtpd_server, send):
     assert r.status == "permfail" and r.state == "BODY"
     assert "BODY was entered without a 354 reply to DATA" in r.reason
     assert aiosmtpd_server.messages == []
+
+
+class FreeReader(State):
+    """Uses its Session in free(): allowed, the connection is ending then."""
+
+    name = "FREE-READER"
+
+    def __init__(self) -> None:
+        self.seen: List[Any] = []
+
+    def callback(self, session: Any, reply: Any) -> int:
+        session.data["n"] = session.data.get("n", 0) + 1
+        return Action.NEXT
+
+    def free(self, session: Any) -> None:
+        self.seen.append(session.peer)
+
+
+@pytest.mark.parametrize("send", SENDERS)
+def test_free_may_use_its_session(aiosmtpd_server, send, caplog):
+    machine = Machine()
+    reader = FreeReader()
+    machine.register(reader, after="MAIL")
+    assert send(aiosmtpd_server, machine, msg(), timeout=5).status == "delivered"
+    assert [host for host, _ in reader.seen] == ["127.0.0.1"]
+    assert "free() raised" not in caplog.text
