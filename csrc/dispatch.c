@@ -94,13 +94,14 @@
 
 #include "session_private.h"
 
-static int begin(struct smtps_session *s, int id);
+static inline int begin(struct smtps_session *s, int id);
 static void in_flight(struct smtps_session *s, int id, int n,
 		      uint64_t before);
 static int call_callback(struct smtps_session *s, int id,
 			 const struct smtps_reply *reply);
 static int fast_target(const struct smtps_session *s, int id, int act);
-static int zero_reply_guard(struct smtps_session *s, int id);
+static inline void zero_reset(struct smtps_session *s);
+static int zero_reply_check(struct smtps_session *s, int id);
 static void fifo_pop(struct smtps_session *s);
 static void go(struct smtps_session *s, int target);
 static void act_on(struct smtps_session *s, int id, int act,
@@ -136,10 +137,12 @@ static int call_callback(struct smtps_session *s, int id,
 /*
  * begin - the way into a state: its per-connection data the first time,
  * then its setup. Returns what setup returned: replies awaited, or an
- * SMTPS_E* code.
+ * SMTPS_E* code. Inline: the tight path of smtps_dispatch_run() enters
+ * through it for every transition.
  */
 
-static int begin(struct smtps_session *s, int id)
+__attribute__((always_inline))
+static inline int begin(struct smtps_session *s, int id)
 {
     const smtp_state *st = &s->machine->states[id];
     int     n = 0;
@@ -198,7 +201,7 @@ static void in_flight(struct smtps_session *s, int id, int n, uint64_t before)
 	return;
     }
     if (n > 0)
-	s->zero_run = 0;			/* the server has something to answer */
+	zero_reset(s);				/* the server has something to answer */
     e = &s->fifo[s->nfifo++];
     e->state = id;
     e->awaiting = n;
@@ -256,33 +259,55 @@ static int fast_target(const struct smtps_session *s, int id, int act)
     return -2;
 }
 
+/* zero_reset - a reply is awaited (or the session rests): a new run */
+
+static inline void zero_reset(struct smtps_session *s)
+{
+    s->zero_run = 0;
+    s->zero_check = SMTPS_ZERO_CLOCK_AFTER;
+}
+
 /*
- * zero_reply_guard - count one more entry of a state awaiting nothing;
- * 1 when that was one too many (the connection is failed)
+ * zero_reply_check - the bound and the timeout of a run without replies,
+ * when the run's count (smtps_dispatch_run()) reaches zero_check: 1 when
+ * the connection was failed. The run is timed from its
+ * SMTPS_ZERO_CLOCK_AFTER'th entry. Entries that
+ * take time (a state that sleeps, or does I/O of its own) are looked at
+ * one by one, so that a timeout is noticed at once; fast ones only every
+ * SMTPS_ZERO_CLOCK_EVERY entries, so that the clock costs them nothing
+ * that matters (they meet the count first anyway).
  */
 
-static int zero_reply_guard(struct smtps_session *s, int id)
+__attribute__((noinline))
+static int zero_reply_check(struct smtps_session *s, int id)
 {
     char    why[SMTPS_REASON_MAX];
     const char *name = s->machine->states[id].name;
     int64_t now, t = s->timeout[id];
+    unsigned next;
 
-    if (++s->zero_run < SMTPS_ZERO_CLOCK_AFTER)
-	return 0;
-    now = smtps_clock_ms();
-    if (s->zero_run == SMTPS_ZERO_CLOCK_AFTER)
-	s->zero_since = now;
-    if (s->zero_run > SMTPS_ZERO_REPLY_MAX)
+    if (s->zero_run > SMTPS_ZERO_REPLY_MAX) {
 	snprintf(why, sizeof(why), "state %s was entered %u times in a row "
 		 "without awaiting a reply: a loop of states that never wait "
 		 "(RETRY or JUMP among them)", name, s->zero_run - 1);
-    else if (t > 0 && now - s->zero_since >= t)
+	goto fail;
+    }
+    now = smtps_clock_ms();
+    if (s->zero_run == SMTPS_ZERO_CLOCK_AFTER)
+	s->zero_since = s->zero_last = now;
+    if (t > 0 && now - s->zero_since >= t) {
 	snprintf(why, sizeof(why), "timeout: state %s ran for %lld ms "
 		 "without awaiting a reply", name,
 		 (long long) (now - s->zero_since));
-    else
-	return 0;
-    s->zero_run = 0;
+	goto fail;
+    }
+    next = s->zero_run + (now - s->zero_last >= 1 ? 1 : SMTPS_ZERO_CLOCK_EVERY);
+    s->zero_check = next <= SMTPS_ZERO_REPLY_MAX ? next : SMTPS_ZERO_REPLY_MAX + 1;
+    s->zero_last = now;
+    return 0;
+
+fail:
+    zero_reset(s);
     smtps_dispatch_fail_conn(s, id, NULL, SMTPS_STATUS_TEMPFAIL, why, 0);
     return 1;
 }
@@ -306,18 +331,29 @@ static int zero_reply_guard(struct smtps_session *s, int id)
 
 void    smtps_dispatch_run(struct smtps_session *s)
 {
-    const int64_t *timeout = s->timeout;
-    int64_t t;
     uint64_t before;
+    unsigned run;
     int     act, id, target, n;
 
     while (s->status == SMTPS_SESS_ACTIVE && s->draining == 0
 	   && s->nfifo > 0 && s->fifo[0].awaiting == 0) {
 	id = s->fifo[0].state;
 	fifo_pop(s);
+
+	/*
+	 * The count of entries without a reply (zero_reply_check()) lives
+	 * in a register for the run: kept in the session, its increment
+	 * and the next entry's read of it would chain every transition
+	 * through memory. Nothing in the run changes it but the check; it
+	 * goes back before anything else may.
+	 */
+	run = s->zero_run;
 	for (;;) {
-	    if (zero_reply_guard(s, id))
-		goto next_head;
+	    if (__builtin_expect(++run >= s->zero_check, 0)) {
+		s->zero_run = run;
+		if (zero_reply_check(s, id))
+		    goto next_head;
+	    }
 	    s->reply_index = 0;
 	    act = call_callback(s, id, NULL);
 	    target = fast_target(s, id, act);
@@ -330,17 +366,18 @@ void    smtps_dispatch_run(struct smtps_session *s)
 	    n = begin(s, target);
 	    if (n != 0 || s->status != SMTPS_SESS_ACTIVE || s->nfifo != 0
 		|| s->draining != 0) {
+		s->zero_run = run;
 		in_flight(s, target, n, before);
 		goto next_head;
 	    }
 	    /*
-	     * Awaiting nothing: in flight alone, refresh_deadline() would set
-	     * the target's deadline, and this loop would pop it at once.
+	     * Awaiting nothing, so no deadline: whatever ends the run (a
+	     * state that awaits a reply, IDLE, a failure, the end) sets the
+	     * deadline it needs on the general path.
 	     */
-	    t = timeout[target];
-	    s->deadline = t > 0 ? smtps_time_after(s->now, t) : -1;
 	    id = target;
 	}
+	s->zero_run = run;
 	act_on(s, id, act, NULL);
 next_head:;
     }
@@ -396,7 +433,7 @@ void    smtps_dispatch_transition(struct smtps_session *s, int target)
 	/* Ready for a message; an earlier final reply may still be owed. */
 	s->status = SMTPS_SESS_IDLE;
 	s->cur = SMTPS_STATE_MAIL;
-	s->zero_run = 0;
+	zero_reset(s);
 	smtps_dispatch_refresh_deadline(s);
 	return;
     }
@@ -420,7 +457,7 @@ void    smtps_dispatch_reply(struct smtps_session *s, const struct smtps_reply *
     struct smtps_inflight *e;
     int     act, id, left;
 
-    s->zero_run = 0;
+    zero_reset(s);
     /* Replies come in order: the first one owed is the earlier final dot's. */
     if (s->prev != NULL) {
 	finish_prev(s, r);

@@ -116,9 +116,25 @@ int smtps_buf_reserve(struct smtps_buf *b, size_t need);
 #define SMTPS_OUT_MAX (1024 * 1024)	/* hard bound on queued output */
 #define SMTPS_REASON_MAX 512
 
-/* time.c */
-int64_t smtps_time_after(int64_t now, int64_t ms);
+/* clock.c */
 int64_t smtps_clock_ms(void);
+
+/*
+ * smtps_time_after - now + ms, saturated to 0..INT64_MAX: a deadline can
+ * neither overflow (undefined behaviour) nor turn negative (which reads
+ * as "no deadline"), whatever the timeout and the clock. Inline: the
+ * dispatch loop computes one per transition.
+ */
+static inline int64_t smtps_time_after(int64_t now, int64_t ms)
+{
+    if (now < 0)
+	now = 0;
+    if (ms < 0)
+	ms = 0;
+    if (ms > SMTPS_TIMEOUT_MAX)
+	ms = SMTPS_TIMEOUT_MAX;
+    return now > INT64_MAX - ms ? INT64_MAX : now + ms;
+}
 
 /*
  * A driver's source of further messages (the engine's destination queue):

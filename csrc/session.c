@@ -111,6 +111,7 @@ struct smtps_session *smtps_session_new(struct smtps_machine *m,
     s->deadline = -1;
     s->fail_state = -1;
     s->fail_stage = -1;
+    s->zero_check = SMTPS_ZERO_CLOCK_AFTER;	/* dispatch.c, zero_reset() */
     return s;
 }
 

@@ -91,10 +91,13 @@ struct smtps_tx {
  * A state that awaits no reply and sends the machine to another such
  * state (or itself) makes no progress the server could time: past this
  * many in a row the connection fails. The clock is read from
- * SMTPS_ZERO_CLOCK_AFTER on, so that ordinary machines never pay for it.
+ * SMTPS_ZERO_CLOCK_AFTER on: at every entry while entries take time,
+ * every SMTPS_ZERO_CLOCK_EVERY entries while they do not, so that ordinary
+ * machines never pay for it and fast loops pay little (dispatch.c).
  */
 #define SMTPS_ZERO_REPLY_MAX 1000
 #define SMTPS_ZERO_CLOCK_AFTER 16
+#define SMTPS_ZERO_CLOCK_EVERY 64
 
 struct smtps_session {
     struct smtps_machine *machine;
@@ -122,7 +125,9 @@ struct smtps_session {
     int     in_dispatch;		/* re-entrancy guard */
     int     no_lookahead;		/* setup: do not run ahead of me */
     unsigned zero_run;			/* zero-reply entries in a row */
+    unsigned zero_check;		/* at this count, look at the clock */
     int64_t zero_since;			/* smtps_clock_ms() when timing began */
+    int64_t zero_last;			/* ... at the last look */
     int     interrupted;		/* a state returned ABORT or EINTR */
     struct smtps_reply_parser *parser;
 
