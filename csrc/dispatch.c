@@ -109,6 +109,8 @@ static void act_on(struct smtps_session *s, int id, int act,
 static void interrupt(struct smtps_session *s, int id,
 		      const struct smtps_reply *reply);
 static void drain_reply(struct smtps_session *s, const struct smtps_reply *r);
+static void drain_add(struct smtps_session *s, int state, int n);
+static int drain_owner(struct smtps_session *s);
 static void finish_prev(struct smtps_session *s, const struct smtps_reply *r);
 static int live_head(const struct smtps_session *s);
 static void set_reason(char *dst, const char *fmt, const char *a,
@@ -394,7 +396,8 @@ static void go(struct smtps_session *s, int target)
 	if (s->draining == 0 && s->fifo[keep].state == target)
 	    return;				/* already in flight */
 	for (i = keep; i < s->nfifo; i++)
-	    s->draining += s->fifo[i].awaiting - s->fifo[i].handled;
+	    drain_add(s, s->fifo[i].state,
+		      s->fifo[i].awaiting - s->fifo[i].handled);
 	s->nfifo = keep;
     }
     if (s->draining > 0) {
@@ -422,6 +425,7 @@ void    smtps_dispatch_transition(struct smtps_session *s, int target)
 		smtps_dispatch_enter(s, SMTPS_STATE_RSET);
 		return;
 	    }
+	    zero_reset(s);			/* a new message is progress */
 	    smtps_tx_start(s);
 	    smtps_dispatch_enter(s, SMTPS_STATE_MAIL);
 	    return;
@@ -445,6 +449,9 @@ void    smtps_dispatch_transition(struct smtps_session *s, int target)
 				     "data", 1);
 	    return;
 	}
+	/* Left before its final reply: the server's transaction is open. */
+	if (!s->tx->final_replied && s->out_produced > s->tx->out_start)
+	    s->need_reset = 1;
 	smtps_tx_finish(s, s->tx);
     }
     smtps_dispatch_enter(s, target);
@@ -504,10 +511,54 @@ void    smtps_dispatch_reply(struct smtps_session *s, const struct smtps_reply *
     id = e->state;
     left = e->awaiting - e->handled;
     fifo_pop(s);
-    s->draining += left;
+    drain_add(s, id, left);
     act_on(s, id, act, r);
     if (s->status == SMTPS_SESS_ACTIVE)
 	smtps_dispatch_refresh_deadline(s);
+}
+
+/*
+ * drain_add - n more replies of state's to read and drop, after those
+ * queued. Whose they are matters: a recipient among them may be accepted
+ * all the same. The queue holds one run per state still in flight, one
+ * for our dot or "*", and the rest of the reply that sent us elsewhere;
+ * its last slot takes what cannot be (counted as a recipient's, the
+ * careful way).
+ */
+
+static void drain_add(struct smtps_session *s, int state, int n)
+{
+    int     cap = (int) (sizeof(s->drainq) / sizeof(s->drainq[0]));
+
+    if (n <= 0)
+	return;
+    s->draining += n;
+    if (s->ndrainq > 0 && s->drainq[s->ndrainq - 1].state == state) {
+	s->drainq[s->ndrainq - 1].left += n;
+    } else if (s->ndrainq < cap) {
+	s->drainq[s->ndrainq].state = state;
+	s->drainq[s->ndrainq++].left = n;
+    } else {
+	s->drainq[cap - 1].state = SMTPS_STATE_RCPT;
+	s->drainq[cap - 1].left += n;
+    }
+}
+
+/* drain_owner - whose the next drained reply is (-1: ours, or unknown) */
+
+static int drain_owner(struct smtps_session *s)
+{
+    int     owner, i;
+
+    if (s->ndrainq == 0)
+	return -1;
+    owner = s->drainq[0].state;
+    if (--s->drainq[0].left == 0) {
+	for (i = 1; i < s->ndrainq; i++)
+	    s->drainq[i - 1] = s->drainq[i];
+	s->ndrainq--;
+    }
+    return owner;
 }
 
 /* drain_reply - a reply owed to a command whose outcome no longer matters */
@@ -518,6 +569,9 @@ static void drain_reply(struct smtps_session *s, const struct smtps_reply *r)
     int     id;
 
     s->draining--;
+    /* A recipient the server accepted is one all the same. */
+    if (drain_owner(s) == SMTPS_STATE_RCPT && r->code >= 200 && r->code < 300)
+	s->srv_accepted++;
 
     /*
      * A 354 or 334 asks for data or a SASL line. Only when it answers
@@ -536,8 +590,9 @@ static void drain_reply(struct smtps_session *s, const struct smtps_reply *r)
 
     /*
      * A lone dot ends an empty message, which the server delivers to
-     * every recipient it accepted since our MAIL: with any, a retry
-     * would deliver twice. Only closing makes the server discard it.
+     * every recipient it accepted since our MAIL, drained replies
+     * included: with any, a retry would deliver twice. Only closing
+     * makes the server discard it.
      */
     if (r->code == 354 && s->srv_accepted > 0) {
 	snprintf(why, sizeof(why), "the server answered DATA with 354 after "
@@ -550,11 +605,11 @@ static void drain_reply(struct smtps_session *s, const struct smtps_reply *r)
     if (r->code == 354
 	&& smtps_session_queue_bytes(s, ".\r\n", 3) == SMTPS_OK) {
 	smtps_session_trace(s, SMTPS_TRACE_SENT, ".", 1);
-	s->draining++;
+	drain_add(s, -1, 1);
     } else if (r->code == 334
 	       && smtps_session_queue_bytes(s, "*\r\n", 3) == SMTPS_OK) {
 	smtps_session_trace(s, SMTPS_TRACE_SENT, "*", 1);
-	s->draining++;
+	drain_add(s, -1, 1);
     }
     if (r->code == 421) {
 	smtps_dispatch_fail_conn(s, s->cur, r, SMTPS_STATUS_TEMPFAIL, NULL, 1);
@@ -754,6 +809,7 @@ void    smtps_dispatch_fail_conn(struct smtps_session *s, int id,
 	|| id == SMTPS_STATE_QUIT || smtps_tls_handshaking(s)) {
 	s->nfifo = 0;
 	s->draining = 0;
+	s->ndrainq = 0;
 	s->pending = -1;
 	s->status = SMTPS_SESS_CLOSING;
 	s->deadline = -1;

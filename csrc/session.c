@@ -131,8 +131,10 @@ void    smtps_session_free(struct smtps_session *s)
     if (s->order != NULL && s->local_made != NULL)
 	for (id = 0; id < s->order->count; id++) {
 	    st = &s->machine->states[id];
-	    if (s->local_made[id] && st->free != NULL)
+	    if (s->local_made[id] && st->free != NULL) {
+		s->cur = id;			/* its data, its name */
 		st->free(s, s->local[id], st->closure);
+	    }
 	}
     while ((m = s->queue) != NULL) {
 	s->queue = m->qnext;
@@ -409,6 +411,7 @@ void    smtps_session_closed(struct smtps_session *s, const char *why,
     s->in_dispatch = 0;
     s->nfifo = 0;
     s->draining = 0;
+    s->ndrainq = 0;
     s->deadline = -1;
     s->status = SMTPS_SESS_CLOSED;
 }

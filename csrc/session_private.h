@@ -80,7 +80,8 @@ struct smtps_tx {
 
     /* A body read as it is sent (a source): the piece in s->stage. */
     size_t  stage_off, stage_len;
-    int     source_done;		/* read() said the end */
+    int     source_done;		/* all read (a source) or scanned */
+    size_t  scan_off;			/* a reference: bytes checked so far */
     struct smtps_body_scan scan;	/* what the pieces held so far */
 };
 
@@ -118,6 +119,11 @@ struct smtps_session {
     struct smtps_inflight fifo[SMTPS_INFLIGHT_MAX];
     int     nfifo;
     int     draining;			/* replies to discard before pending */
+    struct smtps_drained {		/* whose they are, in order: a run of */
+	int     state;			/* replies to one state (-1: our own */
+	int     left;			/* dot or "*"), drain_add() */
+    }       drainq[SMTPS_INFLIGHT_MAX + 2];
+    int     ndrainq;
     int     pending;			/* state to enter once drained, -1 none */
     size_t  reply_index;
     int64_t now;

@@ -45,12 +45,17 @@
  *	large body is never queued whole. body_end marks where it ends in
  *	the output: once the driver has taken that much, the dot is sent.
  *
- *	A body in memory was checked when it was set (message.c). A body
- *	read as it is sent (a source) is read SMTPS_STAGE_MAX bytes at a
- *	time into the session's stage and each piece checked before any of
- *	it is encoded: a NUL, an overlong line, or 8-bit content MAIL did not
- *	declare stops it there, and the connection closes before the final
- *	dot (dispatch.c), so that the server discards what it got.
+ *	A body in memory was checked when it was set (message.c); a copy
+ *	of our own goes as it is. A body the caller keeps (a reference) may
+ *	have changed since, so it is scanned again ahead of the encoder (a
+ *	piece at a time for DATA, whole before a BDAT chunk). A body read as
+ *	it is sent (a source) is read SMTPS_STAGE_MAX bytes at a time into
+ *	the session's stage, each piece checked before any of it is encoded.
+ *	A NUL, an overlong line, 8-bit content MAIL did not declare, or a
+ *	size other than the one declared (SIZE, BDAT) stops it there, and
+ *	the connection closes before the final dot (dispatch.c), so that
+ *	the server discards what it got. A BDAT chunk never gets more
+ *	octets than it announced.
  * SEE ALSO
  *	dispatch.c, which decides when; states.c (RCPT, DATA, BODY).
  *--*/
@@ -229,6 +234,7 @@ void    smtps_tx_start_body(struct smtps_session *s, int chunking)
     tx->body_end = 0;
     tx->stage_off = tx->stage_len = 0;
     tx->source_done = 0;
+    tx->scan_off = 0;
     tx->body_active = 1;
     tx->body_started = 1;
     tx->data_sent = 1;
@@ -242,7 +248,7 @@ void    smtps_tx_start_body(struct smtps_session *s, int chunking)
     }
 }
 
-/* body_refuse - a piece of a source body may not go: why, and the code */
+/* body_refuse - a piece of a body not ours may not go: why, and the code */
 
 static int body_refuse(struct smtps_session *s, struct smtps_tx *tx)
 {
@@ -261,6 +267,34 @@ static int body_refuse(struct smtps_session *s, struct smtps_tx *tx)
 	snprintf(s->state_reason, sizeof(s->state_reason), "8-bit content "
 		 "needs 8BITMIME, which the server does not offer");
     return SMTPS_EINVAL;
+}
+
+/*
+ * body_changed - a body not ours is not what was checked and declared
+ * (SIZE, BDAT's length) when the message was made: its file or buffer
+ * was changed since
+ */
+
+static int body_changed(struct smtps_session *s, struct smtps_tx *tx,
+			        uint64_t now, int more)
+{
+    snprintf(s->state_reason, sizeof(s->state_reason), "the message body "
+	     "changed since it was checked: %lld octets were declared, it "
+	     "now makes %s%llu", (long long) tx->msg->body_size,
+	     more ? "more than " : "", (unsigned long long) now);
+    return SMTPS_EINVAL;
+}
+
+/* scan_end - all of a body not ours was scanned: is it what was declared? */
+
+static int scan_end(struct smtps_session *s, struct smtps_tx *tx)
+{
+    tx->source_done = 1;
+    (void) smtps_body_scan_finish(&tx->scan);
+    if (tx->msg->body_size >= 0
+	&& tx->scan.size != (uint64_t) tx->msg->body_size)
+	return body_changed(s, tx, tx->scan.size, 0);
+    return SMTPS_OK;
 }
 
 /*
@@ -290,11 +324,8 @@ static int source_read(struct smtps_session *s, struct smtps_tx *tx)
     }
     tx->stage_off = 0;
     tx->stage_len = (size_t) n;
-    if (n == 0) {
-	tx->source_done = 1;
-	(void) smtps_body_scan_finish(&tx->scan);
-	return SMTPS_OK;
-    }
+    if (n == 0)
+	return scan_end(s, tx);
     tx->body_off += (size_t) n;
     if (smtps_body_scan(&tx->scan, s->stage, (size_t) n) != 0
 	|| (tx->scan.is_8bit && !tx->eight_bit_ok))
@@ -304,17 +335,60 @@ static int source_read(struct smtps_session *s, struct smtps_tx *tx)
 }
 
 /*
+ * body_window - the next input to encode, and only what was checked: a
+ * source's piece in the stage (source_read()); a copy of our own as it
+ * is; a body the caller keeps (a reference), which may have changed since
+ * it was set, scanned again just ahead of the encoder, a piece at a time
+ * for DATA, whole for BDAT, whose length must be known right before the
+ * first byte of the chunk goes.
+ */
+
+static int body_window(struct smtps_session *s, struct smtps_tx *tx,
+		               const char **in, size_t *left)
+{
+    struct smtps_message *m = tx->msg;
+    size_t  piece;
+    int     rc;
+
+    if (m->body_read != NULL) {
+	if (tx->stage_off == tx->stage_len && !tx->source_done
+	    && (rc = source_read(s, tx)) != SMTPS_OK)
+	    return rc;
+	*left = tx->stage_len - tx->stage_off;
+	*in = *left > 0 ? s->stage + tx->stage_off : NULL;
+	return SMTPS_OK;
+    }
+    if (!m->body_owned && tx->scan_off == tx->body_off && !tx->source_done) {
+	piece = m->body_len - tx->scan_off;
+	if (piece > SMTPS_STAGE_MAX && !tx->body_chunking)
+	    piece = SMTPS_STAGE_MAX;
+	if (piece > 0
+	    && (smtps_body_scan(&tx->scan, m->body + tx->scan_off, piece) != 0
+		|| (tx->scan.is_8bit && !tx->eight_bit_ok)))
+	    return body_refuse(s, tx);
+	tx->scan_off += piece;
+	if (tx->scan_off == m->body_len && (rc = scan_end(s, tx)) != SMTPS_OK)
+	    return rc;
+    }
+    *left = (m->body_owned ? m->body_len : tx->scan_off) - tx->body_off;
+    *in = *left > 0 ? m->body + tx->body_off : NULL;	/* (NULL if empty) */
+    return SMTPS_OK;
+}
+
+/*
  * smtps_tx_pump_body - queue body bytes up to the high-water mark. A
- * failure (a source that cannot be read, or holds what may not go) says
- * why in s->state_reason: SMTPS_EINVAL for the content, another code for
- * the reading.
+ * failure (a source that cannot be read, a body that holds what may not
+ * go or changed since it was checked) says why in s->state_reason:
+ * SMTPS_EINVAL for the content, another code for the reading. A BDAT
+ * chunk never gets more than the length it announced.
  */
 
 int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
 {
     struct smtps_message *m = tx->msg;
-    const char *in;
-    size_t  used, n, room, left;
+    const char *in = NULL;
+    size_t  used, n, room, left = 0;
+    uint64_t announced;
     int     rc;
 
     while (tx->body_active && s->out.end - s->out.start < SMTPS_OUT_HIGH) {
@@ -323,26 +397,34 @@ int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
 	room = s->out.cap - s->out.end;
 	if (room > 16384)
 	    room = 16384;
-	if (m->body_read != NULL) {		/* a source: piece by piece */
-	    if (tx->stage_off == tx->stage_len && !tx->source_done
-		&& (rc = source_read(s, tx)) != SMTPS_OK)
-		return rc;
-	    left = tx->stage_len - tx->stage_off;
-	    in = left > 0 ? s->stage + tx->stage_off : NULL;
-	} else {				/* (an empty body may be NULL) */
-	    left = m->body_len - tx->body_off;
-	    in = left > 0 ? m->body + tx->body_off : NULL;
+	if ((rc = body_window(s, tx, &in, &left)) != SMTPS_OK)
+	    return rc;
+	/*
+	 * The chunk is as long as BDAT said, never a byte more, whatever
+	 * happens to a body not ours after the check in body_window() (the
+	 * caller promised to leave it alone, but its bytes past the chunk
+	 * would be read as commands). Shorter, it never ends.
+	 */
+	if (tx->body_chunking) {
+	    announced = (uint64_t) m->body_size - tx->enc.out_total;
+	    if (room > announced)
+		room = (size_t) announced;
+	    if (left == 0 && announced != (tx->enc.at_line_start ? 0 : 2))
+		return body_changed(s, tx, (uint64_t) m->body_size - announced
+				    + (tx->enc.at_line_start ? 0 : 2), 0);
 	}
 	if (left > 0) {
 	    n = smtps_body_encode(&tx->enc, in, left, &used,
 				  s->out.data + s->out.end, room);
+	    if (used == 0)			/* only the cap can stop it */
+		return body_changed(s, tx, (uint64_t) m->body_size, 1);
 	    if (m->body_read != NULL)
 		tx->stage_off += used;
 	    else
 		tx->body_off += used;
 	} else {
-	    n = smtps_body_finish(&tx->enc, s->out.data + s->out.end, room,
-				  !tx->body_chunking);
+	    n = smtps_body_finish(&tx->enc, s->out.data + s->out.end,
+				  s->out.cap - s->out.end, !tx->body_chunking);
 	    tx->body_active = 0;
 	}
 	s->out.end += n;

@@ -56,7 +56,8 @@
  *	*	model: every command line is printable and within
  *		SMTPS_LINE_MAX; the content a server reads after its 354 to
  *		DATA (dot-unstuffed, up to the first end-of-data line) is
- *		either empty (a 354 the client drains with a lone dot) or
+ *		either empty (a 354 the client drains with a lone dot, and
+ *		then no RCPT since the MAIL got a 2xx) or
  *		exactly the normalised body of the message named by the last
  *		MAIL FROM: so no command is ever sent after a 354 but the
  *		body, and no body ends the data early; a BDAT chunk carries
@@ -117,6 +118,7 @@ struct model {
     int     login;			/* the AUTH under way is LOGIN */
     int     login_step;			/* 334 prompts sent for it */
     int     desync;			/* replies no longer match commands */
+    int     rcpt_ok;			/* RCPT 2xx in the open transaction */
     int     hangup;			/* close once out is delivered */
 };
 
@@ -540,7 +542,12 @@ static void data_done(struct fuzz *f, const unsigned char *content, size_t len,
 	    && (len == 0 || memcmp(content, mi->norm.data, len) == 0);
 	if (whole)
 	    mi->complete = 1;
+	/* An empty data (a drained 354's lone dot) with recipients accepted
+	 * is an empty message delivered to them. */
+	if (!f->m.desync && kind == K_DOT && len == 0)
+	    FUZZ_CHECK(f->m.rcpt_ok == 0 || mi->norm.len == 0);
     }
+    f->m.rcpt_ok = 0;
     code = reply(f, kind, "");
     if (whole && code >= 200 && code < 300)
 	f->msgs[f->m.cur].accepted = 1;
@@ -607,6 +614,10 @@ static void server_line(struct fuzz *f, char *line, size_t len)
 	return;
     }
     code = reply(f, kind, line);
+    if (kind == K_MAIL || kind == K_RSET || kind == K_EHLO || kind == K_HELO)
+	f->m.rcpt_ok = 0;
+    if (kind == K_RCPT && code >= 200 && code < 300)
+	f->m.rcpt_ok++;
     if (code == 334)
 	f->m.cont = 1;
     if (kind == K_DATA && code == 354) {

@@ -436,6 +436,9 @@ class _Connection(asyncio.Protocol):
         if not self.gone.done():
             self.gone.set_result(None)
         log.debug("connection closed: %s", self._why)
+        # Ctrl-C in a state's free(), run as the session was freed: the
+        # messages are settled; now the loop hears it.
+        raise_interrupt()
 
     def _fatal(self, exc: BaseException) -> None:
         """A bug on our side: results for what the session holds, then the
@@ -625,6 +628,14 @@ class Client:
         if not isinstance(message, Message):
             raise TypeError(f"send() takes a smtpstate.Message, not {type(message).__name__}")
         cmsg = message._to_c()
+        result = await self._send(message, cmsg)
+        if message._body is not None:
+            # A stream none of which was read (not connected, refused
+            # before DATA) may be sent again, as a tempfail invites.
+            message._body.release()
+        return result
+
+    async def _send(self, message: Message, cmsg: Any) -> Result:
         tag = next(_tags)
         if self._turn is None:                 # made here: bound to this loop
             self._turn = asyncio.Lock()

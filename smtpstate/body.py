@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import stat
+import threading
 from typing import Any, Iterator, Optional
 
 from smtpstate import _ffi
@@ -136,6 +137,7 @@ class FileBody(_Source):
         self.file = f
         self.start = f.tell()
         self.fd: Optional[int] = None
+        self.lock = threading.Lock()           # seek + read, one reader at a time
         try:
             fd = f.fileno()
             if stat.S_ISREG(os.fstat(fd).st_mode) and not isinstance(f, io.TextIOBase):
@@ -159,8 +161,9 @@ class FileBody(_Source):
     def read_at(self, offset: int, cap: int) -> Any:
         if self.fd is not None:
             return os.pread(self.fd, cap, self.start + offset)
-        self.file.seek(self.start + offset)
-        piece = self.file.read(cap)
+        with self.lock:                        # shared position: connections in threads
+            self.file.seek(self.start + offset)
+            piece = self.file.read(cap)
         if isinstance(piece, str):
             raise InvalidMessageError("the body file is open in text mode; open it in "
                                       "binary mode ('rb')")

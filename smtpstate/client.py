@@ -217,6 +217,9 @@ class Client:
         if sock is not None:
             sock.close()
         self._session, self._sock, self._selector = None, None, None
+        # Ctrl-C in a state's free() (or stage()) while the session ended:
+        # this call's caller hears it, not the next call's.
+        raise_interrupt()
 
     # The three properties below read the C session, which a call running
     # in another thread changes and may free: they take the guard too.
@@ -284,45 +287,55 @@ class Client:
             raise TypeError(f"send() takes a smtpstate.Message, not {type(message).__name__}")
         with self._guard():
             cmsg = message._to_c()
-            tag = next(_tags)
-            if self._auth_refused is not None:
-                return self._refused(message, tag, self._auth_refused)
-            if self._session is not None and self._status() not in (
-                    lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
-                self._drop("connection no longer usable")
-            fresh = self._session is None
-            if fresh:
-                try:
-                    self._connect(wait=False, start=False)
-                except ConnectError as exc:
-                    return self._not_connected(message, tag, exc.strerror or str(exc))
-            session = self._session
-            assert session is not None
-            # Mapped before submit: a state may run inside the submit call.
-            session.messages[tag] = message
-            rc = lib.smtps_session_submit(session._ptr, cmsg, tag, _now_ms())
-            if rc < 0:
-                session.messages.pop(tag, None)
-                if fresh:                         # never started: nothing to QUIT
-                    self._drop("the message was not taken")
-            if rc == lib.SMTPS_ECLOSED:
-                # The session ended between the check above and the submit:
-                # say so through a result.
-                reason = session.reason or "the server ended the connection"
-                self._drop(reason)
-                return self._not_connected(message, tag, reason)
-            check(rc, "submit the message")
-            ffi.gc(cmsg, None)                    # the session owns it now
-            if fresh:
-                # Started with the message in it, as the Engine and aio
-                # start theirs: a state before BANNER that fails at once
-                # fails this message, in that state and with its error.
-                self._start()
-            self._pump(lambda: any(r.ticket == tag for r in self._results))
-            for i, r in enumerate(self._results):
-                if r.ticket == tag:
-                    return self._results.pop(i)
-            raise AssertionError("the session ended without a result")  # a bug
+            result = self._send(message, cmsg)
+        if message._body is not None:
+            # A stream none of which was read (not connected, refused
+            # before DATA) may be sent again, as a tempfail invites.
+            message._body.release()
+        return result
+
+    def _send(self, message: Message, cmsg: Any) -> Result:
+        tag = next(_tags)
+        if self._auth_refused is not None:
+            return self._refused(message, tag, self._auth_refused)
+        if self._session is not None and self._status() not in (
+                lib.SMTPS_SESS_ACTIVE, lib.SMTPS_SESS_IDLE):
+            self._drop("connection no longer usable")
+        fresh = self._session is None
+        if fresh:
+            try:
+                self._connect(wait=False, start=False)
+            except ConnectError as exc:
+                return self._not_connected(message, tag, exc.strerror or str(exc))
+        session = self._session
+        assert session is not None
+        # Mapped before submit: a state may run inside the submit call.
+        session.messages[tag] = message
+        rc = lib.smtps_session_submit(session._ptr, cmsg, tag, _now_ms())
+        if rc < 0:
+            session.messages.pop(tag, None)
+            if message._body is not None:
+                message._body.release()       # not taken: nothing read
+            if fresh:                         # never started: nothing to QUIT
+                self._drop("the message was not taken")
+        if rc == lib.SMTPS_ECLOSED:
+            # The session ended between the check above and the submit:
+            # say so through a result.
+            reason = session.reason or "the server ended the connection"
+            self._drop(reason)
+            return self._not_connected(message, tag, reason)
+        check(rc, "submit the message")
+        ffi.gc(cmsg, None)                    # the session owns it now
+        if fresh:
+            # Started with the message in it, as the Engine and aio
+            # start theirs: a state before BANNER that fails at once
+            # fails this message, in that state and with its error.
+            self._start()
+        self._pump(lambda: any(r.ticket == tag for r in self._results))
+        for i, r in enumerate(self._results):
+            if r.ticket == tag:
+                return self._results.pop(i)
+        raise AssertionError("the session ended without a result")  # a bug
 
     def send_message(self, msg: Any, sender: Optional[str] = None,
                      recipients: Optional[Sequence[str]] = None, **kwargs: Any) -> Result:

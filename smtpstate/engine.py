@@ -21,7 +21,7 @@ import time
 from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
-from smtpstate._ffi import check, ffi, lib, raise_interrupt
+from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
 from smtpstate.classify import _of
 from smtpstate.errors import InvalidOptionError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result, result_log, transcript_log
@@ -566,7 +566,7 @@ class Engine:
                 else:
                     n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
                     if n <= 0:
-                        if n == _EINTR:
+                        if n == _EINTR or interrupt_pending():
                             # Ctrl-C (or sys.exit()) in a state: its connection
                             # is closed and its messages have their results,
                             # which the next call hands out.
@@ -599,6 +599,9 @@ class Engine:
                         if ticket is not None:
                             message = ticket.message
                             addresses = message.recipients
+                            if message._body is not None:
+                                # A stream none of which was read may go again.
+                                message._body.release()
                         else:
                             message, addresses = None, ()
                         recipients = by_address.get(addresses)
@@ -643,6 +646,9 @@ class Engine:
                             ticket.result = None
                             tickets[ticket.id] = ticket
                     raise
+                # Ctrl-C in a free(), stage() or transcript C could not
+                # stop for: the caller of this run hears it, now.
+                raise_interrupt()
             finally:
                 token.append(taken)
 
@@ -749,6 +755,7 @@ class Engine:
                 _unbind(csession, view)
                 view._end()
             self._views.clear()
+        raise_interrupt()                       # Ctrl-C in a state's free()
 
     def _log_dropped(self, shown: int = 10) -> None:
         """One warning naming the tickets close() leaves without a result

@@ -14,10 +14,14 @@ smtp-sink.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import io
 import mmap
 import os
+import socket
+import threading
+import time
 import tracemalloc
 from typing import Any, Iterator, List
 
@@ -27,6 +31,7 @@ import smtpstate
 from smtpstate import Engine, InvalidMessageError, Message
 
 from hostile import DRIVERS, Servers, deliver, greet, serve, unstuff
+from scripted import ScriptedSession
 
 SENDER = "sender@client.test"
 RCPT = "rcpt@server.test"
@@ -272,3 +277,189 @@ def test_ctrl_c_while_a_stream_is_read(hostile):
             client.send(msg(interrupted()))
         assert client.last_result.status == "tempfail"
     assert server.conn.data == []
+
+
+# -- a body that changes after it was checked ------------------------------------------
+
+
+def _scripted_to_rcpt(m: Message, ehlo: bytes) -> ScriptedSession:
+    """A scripted session with m submitted, its RCPT sent and unanswered."""
+    s = ScriptedSession(now=1_000_000)
+    s.start()
+    s.feed(b"220 server.example ESMTP\r\n")
+    s.sent()
+    s.feed(ehlo)
+    s.submit(m)
+    assert s.sent().startswith(b"MAIL FROM:")
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == b"RCPT TO:<%s>\r\n" % RCPT.encode()
+    return s
+
+
+@pytest.mark.parametrize("change", ["shrinks", "grows"])
+def test_a_file_changed_since_it_was_checked_gets_no_final_dot(tmp_path, change):
+    """The file was checked, and its SIZE declared, when the Message was
+    made; it has another length when it is sent. What went is not the
+    message that was checked: the server must not be told "." after it."""
+    path = tmp_path / "body.eml"
+    original = b"Subject: report\r\n\r\n" + b"line of the report\r\n" * 2000
+    path.write_bytes(original)
+    with open(path, "rb") as f:
+        m = msg(f)
+        with open(path, "r+b" if change == "shrinks" else "ab") as g:
+            if change == "shrinks":
+                g.truncate(100)                       # cut mid-line
+            else:
+                g.write(b"appended after the check\r\n" * 10)
+        s = _scripted_to_rcpt(m, b"250-server.example\r\n250 SIZE 100000\r\n")
+        s.feed(b"250 ok\r\n")
+        assert s.sent() == b"DATA\r\n"
+        s.feed(b"354 go\r\n")
+        data = s.sent()
+        assert not data.endswith(b"\r\n.\r\n")
+        assert s.status in ("CLOSING", "CLOSED")
+        (r,) = s.finish()
+    assert r["status"] == "permfail"
+    assert f"changed since it was checked: {len(original)} octets" in r["reason"]
+
+
+def test_a_buffer_changed_since_it_was_checked_never_overruns_bdat():
+    """A buffer (a memoryview of a bytearray, an mmap another process
+    writes) changed after the check, keeping its length: bare LFs become
+    CR LF, so it now encodes longer than BDAT announced. Whatever went
+    past the announced length the server would read as commands."""
+    ba = bytearray(b"Subject: x\r\n\r\n" + b"y" * 30 + b"\r\n")
+    m = msg(memoryview(ba))
+    s = _scripted_to_rcpt(m, b"250-server.example\r\n250 CHUNKING\r\n")
+    injected = b"\n" * 20 + b"RSET"              # 20 more octets once encoded
+    ba[-2 - len(injected):-2] = injected
+    s.feed(b"250 ok\r\n")                         # BDAT and its chunk would go now
+    out = s.sent()
+    (r,) = s.finish()
+    assert out == b""                             # checked whole before BDAT goes
+    assert r["status"] == "permfail"
+    assert r["reason"].endswith("changed since it was checked: 46 octets were "
+                                "declared, it now makes 66")
+
+
+def test_a_buffer_changed_while_its_bdat_chunk_goes_stops_at_its_length():
+    """Changed while it is sent, after the check (a promise broken): the
+    chunk still never gets a byte past the length BDAT announced, which
+    the server would read as commands."""
+    line = b"y" * 70 + b"\r\n"
+    ba = bytearray(b"Subject: x\r\n\r\n" + line * 4000)   # > the 64 KiB queued at once
+    m = msg(memoryview(ba))
+    s = _scripted_to_rcpt(m, b"250-server.example\r\n250 CHUNKING\r\n")
+    s.feed(b"250 ok\r\n")
+    first = s.consume(1000)                       # BDAT and some of the chunk
+    head, _, chunk = first.partition(b"\r\n")
+    announced = int(head.split()[1])
+    assert head == b"BDAT %d LAST" % len(ba)
+    # Past what is queued: 130 000 bare LFs, each two octets once encoded.
+    ba[70000:200000] = b"\n" * 130000
+    chunk += s.sent()
+    (r,) = s.finish()
+    assert len(chunk) <= announced
+    assert r["status"] == "permfail" and "now makes more than" in r["reason"]
+
+
+def test_a_buffer_given_a_nul_after_the_check_is_refused_before_the_dot():
+    """A NUL written into a referenced buffer after the check is found as
+    the body goes (it is scanned again, a piece ahead of the encoder)."""
+    ba = bytearray(b"Subject: x\r\n\r\n" + b"y" * 30 + b"\r\n")
+    m = msg(memoryview(ba))
+    s = _scripted_to_rcpt(m, b"250 server.example\r\n")
+    s.feed(b"250 ok\r\n")
+    assert s.sent() == b"DATA\r\n"
+    ba[20] = 0
+    s.feed(b"354 go\r\n")
+    assert not s.sent().endswith(b"\r\n.\r\n")
+    (r,) = s.finish()
+    assert r["status"] == "permfail" and "NUL byte" in r["reason"]
+
+
+# -- sharing and retrying -------------------------------------------------------------
+
+
+class SeekableNoFd(io.RawIOBase):
+    """A seekable file with no descriptor (an archive member, an object
+    store): one position for every reader, reads that take a moment."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self.pos = off if whence == 0 else (self.pos + off if whence == 1
+                                            else len(self.data) + off)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        time.sleep(0.001)                             # other threads run now
+        chunk = self.data[self.pos:self.pos + len(b)]
+        b[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def test_a_file_without_descriptor_sent_from_two_threads_at_once(aiosmtpd_server):
+    body = b"Subject: big\r\n\r\n" + b"".join(b"line %06d\r\n" % i for i in range(20000))
+    message = msg(SeekableNoFd(body))
+    results: List[Any] = []
+
+    def one() -> None:
+        with smtpstate.Client(aiosmtpd_server.host, aiosmtpd_server.port,
+                              helo="client.test", timeout=30) as c:
+            results.append(c.send(message))
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.status for r in results] == ["delivered"] * 2
+    assert [m.data for m in aiosmtpd_server.wait_for_messages(2)] == [body] * 2
+
+
+def _dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]                 # nobody listens there now
+
+
+def _client_send(host: str, port: int, message: Message) -> Any:
+    with smtpstate.Client(host, port, helo="client.test", timeout=5) as c:
+        return c.send(message)
+
+
+def _engine_send(host: str, port: int, message: Message) -> Any:
+    with Engine(helo="client.test") as engine:
+        engine.submit(message, host, port, timeout=5)
+        (r,) = list(engine.run(timeout=10))
+    return r
+
+
+def _aio_send(host: str, port: int, message: Message) -> Any:
+    return asyncio.run(smtpstate.aio.send(message, host, port, helo="client.test",
+                                          timeout=5))
+
+
+@pytest.mark.parametrize("send", [_client_send, _engine_send, _aio_send],
+                         ids=["client", "engine", "aio"])
+def test_a_stream_not_read_can_be_sent_again(aiosmtpd_server, send):
+    """No connection, so none of the stream was read: the tempfail invites
+    a retry of the same Message, which works."""
+    message = msg(iter([b"Subject: s\r\n\r\n", b"hello\r\n"]))
+    first = send("127.0.0.1", _dead_port(), message)
+    assert first.status == "tempfail"
+    assert send(aiosmtpd_server.host, aiosmtpd_server.port, message).status == "delivered"
+    with pytest.raises(InvalidMessageError, match="read only once"):
+        message._to_c()                               # now it was read

@@ -1436,6 +1436,26 @@ def test_lone_dot_still_answers_354_when_nobody_was_accepted(make, split):
     assert s.result()["rcpts"] == [("permfail", 550), ("tempfail", 353)]
 
 
+def test_lone_dot_never_follows_a_recipient_reply_left_unread(make, split):
+    """The first RCPT's 353 fails the connection, so the second RCPT's
+    reply is read and dropped: it was 250, and the server holds an
+    accepted recipient we never counted. The 354 to the pipelined DATA
+    must not be answered with a lone dot, which would deliver an empty
+    message to it."""
+    s = connected(make, PIPELINING)
+    s.submit(recipients=RCPTS3[:2])
+    assert s.sent() == MAIL + lines("RCPT TO:<a@server.example>",
+                                    "RCPT TO:<b@server.example>", "DATA")
+    s.feed(b"250 ok\r\n353 what\r\n250 ok\r\n")
+    assert s.sent() == b""
+    s.feed(b"354 go ahead\r\n")
+    assert s.sent() == b""                    # no dot, no QUIT
+    assert s.status == "CLOSING"
+    r = s.result()
+    assert r["status"] == "tempfail"
+    assert r["rcpts"][0] == ("tempfail", 353)
+
+
 def test_refused_at_mail_fails_every_recipient(make, split):
     s = connected(make)
     s.submit(recipients=RCPTS3)
@@ -1497,4 +1517,30 @@ def test_quit_on_idle_session_counts_from_the_quit(make, split):
     s.advance(5000)
     s.quit()
     assert s.deadline == s.now + 1000
+    assert s.sent() == QUIT
+
+
+# ---------------------------------------------------------------------------
+# 17. Messages refused before a command is sent
+# ---------------------------------------------------------------------------
+
+def test_many_messages_refused_before_mail_each_get_their_result(make, split):
+    """1100 queued 8-bit messages and a server without 8BITMIME: MAIL's
+    setup refuses each one before anything is sent, and RSET (nothing to
+    reset) goes on to the next. That is progress, not a loop of states
+    that wait for nothing: every message gets its own permfail, the 1001st
+    too, and the connection ends with QUIT."""
+    n = 1100
+    s = make()
+    for _ in range(n):
+        s.submit(data=b"Subject: caf\xc3\xa9\r\n\r\ncaf\xc3\xa9\r\n")
+    s.start()
+    s.feed(BANNER)
+    assert s.sent() == EHLO
+    s.feed(PLAIN)
+    results = s.results()
+    assert len(results) == n
+    assert {r["status"] for r in results} == {"permfail"}
+    assert all("8BITMIME" in r["reason"] for r in results)
+    s.quit()
     assert s.sent() == QUIT

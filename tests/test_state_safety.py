@@ -353,6 +353,7 @@ class FreeReader(State):
 
     def __init__(self) -> None:
         self.seen: List[Any] = []
+        self.data_seen: List[Any] = []
 
     def callback(self, session: Any, reply: Any) -> int:
         session.data["n"] = session.data.get("n", 0) + 1
@@ -360,6 +361,7 @@ class FreeReader(State):
 
     def free(self, session: Any) -> None:
         self.seen.append(session.peer)
+        self.data_seen.append(dict(session.data))      # its own, to release
 
 
 @pytest.mark.parametrize("send", SENDERS)
@@ -369,4 +371,97 @@ def test_free_may_use_its_session(aiosmtpd_server, send, caplog):
     machine.register(reader, after="MAIL")
     assert send(aiosmtpd_server, machine, msg(), timeout=5).status == "delivered"
     assert [host for host, _ in reader.seen] == ["127.0.0.1"]
+    assert reader.data_seen == [{"n": 1}]
     assert "free() raised" not in caplog.text
+
+
+# -- Ctrl-C in free() or stage(), where C cannot stop ----------------------------------
+
+
+class FreeInterrupted(State):
+    """Ctrl-C arrives while the connection's states are freed."""
+
+    name = "FREE-KI"
+
+    def free(self, session: Any) -> None:
+        raise KeyboardInterrupt
+
+
+def _aio_send(server: Any, machine: Machine, message: Message, **options: Any) -> Any:
+    async def main() -> Any:
+        async with aio.Client(server.host, server.port, machine=machine,
+                              helo="client.test", **options) as client:
+            return await client.send(message)
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("send", SENDERS + [pytest.param(_aio_send, id="aio")])
+def test_interrupt_in_free_reaches_that_call_not_a_later_one(aiosmtpd_server, send):
+    """The call that freed the session raises it; an unrelated later call
+    on the same thread is not interrupted by it."""
+    machine = Machine()
+    machine.register(FreeInterrupted(), after="MAIL")
+    with pytest.raises(KeyboardInterrupt):
+        send(aiosmtpd_server, machine, msg(), timeout=5)
+    assert _client_send(aiosmtpd_server, Machine(), msg(), timeout=5).status == "delivered"
+    assert len(aiosmtpd_server.wait_for_messages(2)) == 2      # the first went too
+
+
+class StageInterrupted(State):
+    """Fails its transaction; Ctrl-C arrives in its stage()."""
+
+    name = "STAGE-KI"
+
+    @staticmethod
+    def stage(session: Any, awaiting: int) -> str:
+        raise KeyboardInterrupt
+
+    def callback(self, session: Any, reply: Any) -> int:
+        return Action.PERMFAIL_TX
+
+
+def test_interrupt_in_stage_stops_the_engine_run(aiosmtpd_server):
+    machine = Machine()
+    machine.register(StageInterrupted(), after="MAIL")
+    with Engine(machine=machine, helo="client.test") as engine:
+        ticket = engine.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port,
+                               timeout=5)
+        with pytest.raises(KeyboardInterrupt):
+            list(engine.run(timeout=10))
+        list(engine.run(timeout=10))           # nothing lost: it has its result
+        assert ticket.result is not None and ticket.result.status == "permfail"
+    assert _client_send(aiosmtpd_server, Machine(), msg(), timeout=5).status == "delivered"
+
+
+# -- a state that leaves the transaction by jumping to RSET --------------------------
+
+
+class LeaveAfterRcpt(State):
+    """Leaves the transaction after RCPT with no verdict (an address check
+    that only wants the RCPT replies)."""
+
+    name = "LEAVE"
+
+    def callback(self, session: Any, reply: Any) -> int:
+        session.next_state("RSET")
+        return Action.JUMP
+
+
+def test_jump_to_rset_resets_the_open_server_transaction(aiosmtpd_server):
+    """The server accepted MAIL and RCPT, so its transaction is open: RSET
+    must go before the next MAIL, or that MAIL is refused (503, nested)."""
+    machine = Machine()
+    machine.register(LeaveAfterRcpt(), after="RCPT")
+    with Client(aiosmtpd_server.host, aiosmtpd_server.port, machine=machine,
+                helo="client.test", timeout=10, keep_transcript=True) as client:
+        first = client.send(msg())
+        second = client.send(msg())
+    sent = b"".join(d for who, d in client.transcript if who == "C")
+    # RSET before the second MAIL; after the second, QUIT ends it anyway.
+    between = sent.split(b"MAIL FROM:")
+    assert len(between) == 3 and b"RSET\r\n" in between[1], sent
+    for r in (first, second):
+        assert r.status != "delivered"
+        assert [x.reply.code for x in r.recipients] == [250]
+        assert r.reply is None or r.reply.code != 503, r
+    assert aiosmtpd_server.messages == []
