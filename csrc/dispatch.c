@@ -109,6 +109,8 @@ static void act_on(struct smtps_session *s, int id, int act,
 static void interrupt(struct smtps_session *s, int id,
 		      const struct smtps_reply *reply);
 static void drain_reply(struct smtps_session *s, const struct smtps_reply *r);
+static void describe_failure(struct smtps_session *s, struct smtps_result *r,
+			             int id, int awaiting);
 static void drain_add(struct smtps_session *s, int state, int n);
 static int drain_owner(struct smtps_session *s);
 static void finish_prev(struct smtps_session *s, const struct smtps_reply *r);
@@ -818,7 +820,31 @@ void    smtps_dispatch_fail_conn(struct smtps_session *s, int id,
     go(s, SMTPS_STATE_QUIT);
 }
 
-/* smtps_dispatch_fail_queue - every queued message gets its result now */
+/* describe_failure - where the connection failed a queued message */
+
+static void describe_failure(struct smtps_session *s, struct smtps_result *r,
+			             int id, int awaiting)
+{
+    smtps_dispatch_set_stage(s, r, -1, 0);
+    /* The connection part (STARTTLS, the handshake) failed them. */
+    if (s->fail_stage >= 0 && s->transactions == 0) {
+	r->state = s->fail_state;
+	r->stage = s->fail_stage;
+	snprintf(r->stage_name, sizeof(r->stage_name), "%s",
+		 smtps_stage_name(s->fail_stage));
+    } else if (id >= 0 && s->transactions == 0) {
+	/* Before any transaction (the banner, EHLO, a state of the
+	 * connection part): where the connection failed them. */
+	smtps_dispatch_set_stage(s, r, id, awaiting);
+    }
+}
+
+/*
+ * smtps_dispatch_fail_queue - every queued message gets its result now;
+ * or, before any transaction and when the driver asked for them back
+ * (smtps_session_set_hand_back()), they are kept, unsettled, saying
+ * where it failed.
+ */
 
 void    smtps_dispatch_fail_queue(struct smtps_session *s, int id,
 				          int awaiting, int status,
@@ -826,23 +852,23 @@ void    smtps_dispatch_fail_queue(struct smtps_session *s, int id,
 {
     struct smtps_message *m;
     struct smtps_result *r;
+    /* Before any transaction, with a driver that may try elsewhere. */
+    int     hold = s->hand_back && s->transactions == 0
+	&& s->status != SMTPS_SESS_NEW;
 
+    if (hold) {
+	if (s->held_status == 0) {		/* the first word is the cause */
+	    for (m = s->queue; m != NULL; m = m->qnext)
+		describe_failure(s, m->qresult, id, awaiting);
+	    s->held_status = status;
+	}
+	return;					/* smtps_session_take_back() */
+    }
     while ((m = s->queue) != NULL) {
 	s->queue = m->qnext;
 	s->nqueued--;
 	r = m->qresult;
-	smtps_dispatch_set_stage(s, r, -1, 0);
-	/* The connection part (STARTTLS, the handshake) failed them. */
-	if (s->fail_stage >= 0 && s->transactions == 0) {
-	    r->state = s->fail_state;
-	    r->stage = s->fail_stage;
-	    snprintf(r->stage_name, sizeof(r->stage_name), "%s",
-		     smtps_stage_name(s->fail_stage));
-	} else if (id >= 0 && s->transactions == 0) {
-	    /* Before any transaction (the banner, EHLO, a state of the
-	     * connection part): where the connection failed them. */
-	    smtps_dispatch_set_stage(s, r, id, awaiting);
-	}
+	describe_failure(s, r, id, awaiting);
 	(void) smtps_result_set_reason(r, why);
 	smtps_result_settle(r, status, 1);
 	smtps_session_push_result(s, r);

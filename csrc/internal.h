@@ -76,6 +76,8 @@ struct smtps_message {
     char *body;				/* in memory: copied (body_owned) or not */
     size_t body_len;
     int body_owned;
+    int body_shared;			/* another message's copy, which
+					 * outlives this one: checked already */
     unsigned body_flags;		/* SMTPS_BODY_ALLOW_* */
     int64_t body_size;			/* RFC 1870 size; -1: unknown */
     SMTPSBodyRead body_read;		/* a source: read as sent; else NULL */
@@ -90,10 +92,15 @@ struct smtps_message {
 };
 
 int smtps_check_text(const char *s, size_t len, size_t max, int *non_ascii);
+/* message.c, for route.c: recipients idx[0..n) of m, sharing its body */
+struct smtps_message *smtps_message_part(const struct smtps_message *m,
+					 const size_t *idx, size_t n);
 char *smtps_strndup(const char *s, size_t len);
 
 /* result.c */
 struct smtps_result *smtps_result_new(uint64_t tag, size_t nrcpt);
+int smtps_result_add_route(struct smtps_result *r, const char *mx,
+			   const char *ip);
 void smtps_result_set_reply(struct smtps_result_reply *dst,
 			    const struct smtps_reply *reply);
 int smtps_result_set_reason(struct smtps_result *r, const char *text);
@@ -148,6 +155,19 @@ typedef struct smtps_message *(*SMTPSFeeder) (struct smtps_session *s,
 /* session.c, for engine.c: start transactions ahead, fed by fn */
 void smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
 				void *closure);
+/*
+ * session.c, for engine.c: when the connection fails before any
+ * transaction began (no greeting, 421 or 554, EHLO or STARTTLS refused,
+ * lost), the queued messages are not failed but held, their results
+ * unsettled but telling where it failed (state and stage), for
+ * the driver to take back and try elsewhere. *status says what they
+ * would have got (SMTPS_STATUS_PERMFAIL for a permanent refusal).
+ */
+void smtps_session_set_hand_back(struct smtps_session *s);
+/* session_info.c, for engine.c: the EHLO name of a source, before start */
+int smtps_session_set_helo(struct smtps_session *s, const char *helo);
+struct smtps_message *smtps_session_take_back(struct smtps_session *s,
+					      int *status);
 /* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg, int64_t now);

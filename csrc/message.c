@@ -107,6 +107,70 @@ void smtps_message_free(struct smtps_message *m)
     free(m);
 }
 
+/* copy_rcpt - one recipient, into a message being made */
+
+static int copy_rcpt(struct smtps_message *m, const struct smtps_rcpt *src)
+{
+    struct smtps_rcpt *dst = &m->rcpt[m->nrcpt++];	/* counted: freed */
+    int     non_ascii = 0;
+
+    dst->notify = src->notify;
+    if ((dst->addr = smtps_strndup(src->addr, strlen(src->addr))) == NULL
+	|| (src->orcpt != NULL
+	    && (dst->orcpt = smtps_strndup(src->orcpt, strlen(src->orcpt))) == NULL))
+	return SMTPS_ENOMEM;
+    (void) smtps_check_text(dst->addr, strlen(dst->addr), SMTPS_ADDRESS_MAX,
+			    &non_ascii);
+    m->needs_smtputf8 |= non_ascii;
+    return SMTPS_OK;
+}
+
+/*
+ * smtps_message_part - the recipients idx[0..n) of m, in a message of
+ * their own with m's envelope, going to another destination. The body is
+ * m's: its own copy shared (m must outlive the part), the same buffer,
+ * or the same source (read by position, so parts may read at once).
+ */
+
+struct smtps_message *smtps_message_part(const struct smtps_message *m,
+					         const size_t *idx, size_t n)
+{
+    struct smtps_message *p;
+    size_t  i;
+    int     non_ascii = 0;
+
+    if ((p = smtps_message_new()) == NULL)
+	return NULL;
+    free(p->sender);
+    if ((p->sender = smtps_strndup(m->sender, strlen(m->sender))) == NULL
+	|| (n > 0 && (p->rcpt = calloc(n, sizeof(*p->rcpt))) == NULL)
+	|| (m->envid != NULL
+	    && (p->envid = smtps_strndup(m->envid, strlen(m->envid))) == NULL))
+	goto nomem;
+    p->rcpt_cap = n;
+    (void) smtps_check_text(p->sender, strlen(p->sender), SMTPS_ADDRESS_MAX,
+			    &non_ascii);
+    p->needs_smtputf8 = non_ascii;
+    for (i = 0; i < n; i++)
+	if (idx[i] >= m->nrcpt || copy_rcpt(p, &m->rcpt[idx[i]]) != SMTPS_OK)
+	    goto nomem;
+    p->dsn_ret = m->dsn_ret;
+    p->body = m->body;
+    p->body_len = m->body_len;
+    p->body_owned = 0;
+    p->body_shared = m->body_owned || m->body_shared;
+    p->body_flags = m->body_flags;
+    p->body_size = m->body_size;
+    p->body_read = m->body_read;
+    p->body_closure = m->body_closure;
+    p->is_8bit = m->is_8bit;
+    return p;
+
+nomem:
+    smtps_message_free(p);
+    return NULL;
+}
+
 /* smtps_message_set_sender - the reverse-path; "" is the null sender */
 
 int smtps_message_set_sender(struct smtps_message *m, const char *addr,
@@ -183,6 +247,7 @@ static void body_drop(struct smtps_message *m)
     m->body = NULL;
     m->body_len = 0;
     m->body_owned = 0;
+    m->body_shared = 0;
     m->body_read = NULL;
     m->body_closure = NULL;
     m->body_size = 0;

@@ -3,100 +3,318 @@
  * NAME
  *	resolve.c 3
  * SUMMARY
- *	host names to addresses without blocking the engine's loop
+ *	DNS for the engine: libunbound, asynchronous, watched by epoll
  * SYNOPSIS
  *	#include "engine_private.h"
  *
  *	int	smtps_resolve_literal(host, port, addr)
  *
- *	struct smtps_resolve_req *smtps_resolve_req_new(host, port, owner)
- *	void	smtps_resolve_req_free(req)
+ *	struct smtps_dns *smtps_dns_new(cfg, why, whylen)
+ *	int	smtps_dns_fd(dns)
+ *	int	smtps_dns_query(dns, name, rrtype, req)
+ *	void	smtps_dns_cancel(dns, req)
+ *	void	smtps_dns_process(dns)
+ *	void	smtps_dns_free(dns)
  *
- *	struct smtps_resolver *smtps_resolver_new(void)
- *	int	smtps_resolver_fd(r)
- *	int	smtps_resolver_submit(r, req)
- *	struct smtps_resolve_req *smtps_resolver_done(r)
- *	void	smtps_resolver_free(r)
+ *	size_t	smtps_dns_mx(answer, mx, max)
+ *	size_t	smtps_dns_addresses(answer, port, addr, max)
  * DESCRIPTION
- *	getaddrinfo() blocks for as long as DNS takes, so it must never run
- *	on the engine's thread. A resolver keeps up to SMTPS_RESOLVE_WORKERS
- *	worker threads, started when lookups wait and none is free; each
- *	takes a request, calls getaddrinfo(), queues the answer and bumps an
- *	eventfd that the engine watches with epoll. The engine then collects
- *	answers with smtps_resolver_done().
+ *	Every name the engine looks up goes through one libunbound context
+ *	per engine: it caches answers for their TTLs, asks the name servers
+ *	it was given (or those of resolv.conf), answers names in /etc/hosts
+ *	and local records itself, and validates DNSSEC once it has a trust
+ *	anchor. Queries are asynchronous: libunbound's own thread does the
+ *	network work, and its answers wait behind a descriptor that the
+ *	engine's epoll set watches; smtps_dns_process() then runs the
+ *	callbacks, in the engine's thread. Nothing here parses DNS messages:
+ *	libunbound hands over each record's data, and an MX exchange name is
+ *	expanded by the C library's dn_expand().
  *
- *	smtps_resolve_literal() needs no thread: it parses an IPv4 or IPv6
+ *	smtps_dns_new() makes a context from a resolver configuration:
+ *	name servers "ip" or "ip@port" (forwarders, asked with recursion
+ *	desired; an authoritative server answers for its own zones),
+ *	/etc/hosts, trust anchors (DS or DNSKEY records), local records
+ *	(zone-file lines answered without asking anyone). Name servers on
+ *	loopback are allowed (libunbound refuses them by default).
+ *
+ *	smtps_dns_query() starts a lookup for req, a record the caller owns
+ *	(embedded in what waits for the answer) with its done and arg set:
+ *	req->done(req->arg, answer) runs once from smtps_dns_process(),
+ *	unless smtps_dns_cancel() came first; req->active says whether it is
+ *	in flight, and it must not be freed while it is. Deadlines are the
+ *	caller's (the engine's timer heap): on expiry it cancels.
+ *	The answer's status says what the caller decides on: OK (records),
+ *	NODATA (the name exists, not this type), NXDOMAIN, BOGUS (DNSSEC
+ *	validation failed) or TEMPFAIL (SERVFAIL, REFUSED, no server
+ *	answered, an error in libunbound).
+ *
+ *	smtps_dns_mx() decodes MX records (preference and exchange, lower
+ *	case, without the final dot); smtps_dns_addresses() turns A or AAAA
+ *	records into socket addresses with the given port.
+ *
+ *	smtps_resolve_literal() needs no lookup: it parses an IPv4 or IPv6
  *	literal (brackets allowed, "[::1]") with AI_NUMERICHOST, which never
- *	touches the network. It returns 1 for a literal, 0 for a name.
+ *	touches the network, or "unix:/path" for a unix-domain socket. It
+ *	returns 1 for a literal, 0 for a name.
  *
- *	Shutdown never waits for DNS. The resolver is reference counted:
- *	the engine holds one reference and every worker one; the workers are
- *	detached. smtps_resolver_free() marks it shut down, drops queued
- *	requests, closes the eventfd and drops the engine's reference; a
- *	worker still inside getaddrinfo() frees its request when it returns,
- *	and the last one out frees the resolver. The eventfd is written only
- *	under the lock and only while not shut down, so a worker can never
- *	write to a descriptor number the process has reused.
- *
- *	Workers block every signal: signals belong to the application's
- *	threads (Python handles them in its main thread).
+ *	libunbound starts its thread at the first query, and a new thread
+ *	inherits the signal mask of its creator: every query is made with
+ *	all signals blocked, so that Ctrl-C is always delivered to the
+ *	application's own threads (Python handles it in its main thread).
  * DIAGNOSTICS
- *	smtps_resolver_new() returns NULL when the eventfd or memory is not
- *	available; smtps_resolver_submit() returns SMTPS_OK, or SMTPS_ESYS
- *	when no worker runs and none can be started.
+ *	smtps_dns_new() returns NULL and says why in why[] for a setting
+ *	libunbound refuses or when memory or a thread is not available.
+ *	smtps_dns_query() returns SMTPS_OK, SMTPS_EINVAL for a name
+ *	libunbound refuses, SMTPS_ESYS when libunbound cannot run.
  * SEE ALSO
- *	engine.c, getaddrinfo(3), eventfd(2).
+ *	engine.c, route.c; libunbound(3), dn_expand(3).
  *--*/
 
 #include <errno.h>
 #include <netdb.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <sys/eventfd.h>
+#include <strings.h>
+#include <arpa/inet.h>
+#include <arpa/nameser.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <resolv.h>
+#include <sys/un.h>
+#include <unbound.h>
 
 #include "internal.h"
 #include "engine_private.h"
 
-struct smtps_resolver {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int     refs;			/* the engine's, plus one per worker */
-    int     shutdown;
-    int     nworkers;
-    int     nidle;			/* workers waiting for a request */
-    size_t  ntodo;
-    int     evfd;			/* readable when done is not empty */
-    struct smtps_resolve_req *todo, *todo_tail;
-    struct smtps_resolve_req *done, *done_tail;
+#define DNS_RCODE_SERVFAIL 2
+#define DNS_RCODE_NXDOMAIN 3
+
+struct smtps_dns {
+    struct ub_ctx *ctx;
 };
 
-static void *resolver_worker(void *arg);
-static void resolver_lookup(struct smtps_resolve_req *req);
-static void resolver_unref(struct smtps_resolver *r);
-static void resolver_drop_list(struct smtps_resolve_req *req);
-static int resolver_spawn(struct smtps_resolver *r);
-static int copy_addresses(struct smtps_resolve_req *req,
-			          const struct addrinfo *ai);
+static void dns_callback(void *mydata, int err, struct ub_result *result);
 
-/* copy_addresses - keep up to SMTPS_RESOLVE_MAX stream addresses */
+/* dns_fail - smtps_dns_new() gives up, saying why */
 
-static int copy_addresses(struct smtps_resolve_req *req,
-			          const struct addrinfo *ai)
+static struct smtps_dns *dns_fail(struct smtps_dns *dns, char *why,
+				          size_t whylen, const char *what,
+				          const char *value, int err)
 {
-    for (req->naddr = 0; ai != NULL && req->naddr < SMTPS_RESOLVE_MAX;
-	 ai = ai->ai_next) {
-	if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6)
-	    || ai->ai_addrlen > sizeof(struct sockaddr_storage))
-	    continue;
-	memcpy(&req->addr[req->naddr].ss, ai->ai_addr, ai->ai_addrlen);
-	req->addr[req->naddr].len = ai->ai_addrlen;
-	req->naddr++;
+    if (why != NULL && whylen > 0)
+	snprintf(why, whylen, "%s%s%s%s: %s", what, value ? " \"" : "",
+		 value ? value : "", value ? "\"" : "", ub_strerror(err));
+    smtps_dns_free(dns);
+    return NULL;
+}
+
+/* smtps_dns_new - a libunbound context with the caller's settings */
+
+struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
+				        char *why, size_t whylen)
+{
+    struct smtps_dns *dns;
+    size_t  i;
+    int     rc;
+
+    if ((dns = calloc(1, sizeof(*dns))) == NULL
+	|| (dns->ctx = ub_ctx_create()) == NULL) {
+	free(dns);
+	if (why != NULL && whylen > 0)
+	    snprintf(why, whylen, "cannot start the resolver: out of memory");
+	return NULL;
     }
-    return req->naddr > 0 ? 0 : EAI_NONAME;
+    /* A thread, not a forked process: fork() is no friend of Python. */
+    if ((rc = ub_ctx_async(dns->ctx, 1)) != 0)
+	return dns_fail(dns, why, whylen, "threads", NULL, rc);
+    /* Test and site resolvers live on loopback: let them be asked. */
+    if ((rc = ub_ctx_set_option(dns->ctx, "do-not-query-localhost:", "no")) != 0)
+	return dns_fail(dns, why, whylen, "do-not-query-localhost", NULL, rc);
+    if (cfg == NULL || cfg->nameservers_count == 0) {
+	if ((rc = ub_ctx_resolvconf(dns->ctx, NULL)) != 0)
+	    return dns_fail(dns, why, whylen, "resolv.conf", NULL, rc);
+    } else {
+	for (i = 0; i < cfg->nameservers_count; i++)
+	    if ((rc = ub_ctx_set_fwd(dns->ctx, cfg->nameservers[i])) != 0)
+		return dns_fail(dns, why, whylen, "name server",
+				cfg->nameservers[i], rc);
+    }
+    if (cfg != NULL && cfg->hosts_file
+	&& (rc = ub_ctx_hosts(dns->ctx, NULL)) != 0)
+	return dns_fail(dns, why, whylen, "/etc/hosts", NULL, rc);
+    for (i = 0; cfg != NULL && i < cfg->trust_anchors_count; i++)
+	if ((rc = ub_ctx_add_ta(dns->ctx, cfg->trust_anchors[i])) != 0)
+	    return dns_fail(dns, why, whylen, "trust anchor",
+			    cfg->trust_anchors[i], rc);
+    for (i = 0; cfg != NULL && i < cfg->local_data_count; i++)
+	if ((rc = ub_ctx_data_add(dns->ctx, cfg->local_data[i])) != 0)
+	    return dns_fail(dns, why, whylen, "local record",
+			    cfg->local_data[i], rc);
+    return dns;
+}
+
+/* smtps_dns_fd - readable when answers wait for smtps_dns_process() */
+
+int     smtps_dns_fd(const struct smtps_dns *dns)
+{
+    return ub_fd(dns->ctx);
+}
+
+/* smtps_dns_query - start looking up name's rrtype records for req */
+
+int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
+			        struct smtps_dns_req *req)
+{
+    sigset_t all, old;
+    int     rc;
+
+    if (req->active)
+	return SMTPS_ESTATE;
+    req->active = 1;				/* (before: in case it answers at once) */
+    /* The first query starts libunbound's thread: it must inherit this. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    rc = ub_resolve_async(dns->ctx, name, rrtype, 1 /* IN */ , req,
+			  dns_callback, &req->id);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+	req->active = 0;
+	return rc == UB_SYNTAX ? SMTPS_EINVAL : rc == UB_NOMEM ?
+	    SMTPS_ENOMEM : SMTPS_ESYS;
+    }
+    return SMTPS_OK;
+}
+
+/* smtps_dns_cancel - forget req's query: its callback will not run */
+
+void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req)
+{
+    if (!req->active)
+	return;
+    (void) ub_cancel(dns->ctx, req->id);
+    req->active = 0;
+}
+
+/* dns_callback - one answer, in smtps_dns_process() */
+
+static void dns_callback(void *mydata, int err, struct ub_result *result)
+{
+    struct smtps_dns_req *req = mydata;
+    struct smtps_dns_answer a;
+
+    memset(&a, 0, sizeof(a));
+    a.ub = result;
+    if (err != 0 || result == NULL) {
+	a.status = SMTPS_DNS_TEMPFAIL;
+	a.why = ub_strerror(err);
+    } else if (result->bogus) {
+	a.status = SMTPS_DNS_BOGUS;
+	a.why = result->why_bogus ? result->why_bogus : "DNSSEC validation failed";
+    } else if (result->havedata) {
+	a.status = SMTPS_DNS_OK;
+    } else if (result->rcode == DNS_RCODE_NXDOMAIN || result->nxdomain) {
+	a.status = SMTPS_DNS_NXDOMAIN;
+	a.why = "no such domain (NXDOMAIN)";
+    } else if (result->rcode == 0) {
+	a.status = SMTPS_DNS_NODATA;
+	a.why = "no records of that type";
+    } else {
+	a.status = SMTPS_DNS_TEMPFAIL;
+	a.why = result->rcode == DNS_RCODE_SERVFAIL ? "server failure (SERVFAIL)"
+	    : "the name servers gave no usable answer";
+    }
+    if (result != NULL) {
+	a.secure = result->secure;
+	a.ttl = result->ttl;
+    }
+    req->active = 0;
+    req->done(req->arg, &a);
+    ub_resolve_free(result);
+}
+
+/* smtps_dns_process - run the callbacks of the answers that arrived */
+
+void    smtps_dns_process(struct smtps_dns *dns)
+{
+    (void) ub_process(dns->ctx);
+}
+
+/* smtps_dns_free - stop libunbound's thread, drop what is in flight */
+
+void    smtps_dns_free(struct smtps_dns *dns)
+{
+    if (dns == NULL)
+	return;
+    if (dns->ctx != NULL)
+	ub_ctx_delete(dns->ctx);
+    free(dns);
+}
+
+/* smtps_dns_mx - the MX records of an answer: preference and exchange */
+
+size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,
+		             size_t max)
+{
+    const unsigned char *rd;
+    char    name[NS_MAXDNAME];
+    size_t  n = 0, len, i;
+    int     k;
+
+    if (a->status != SMTPS_DNS_OK || a->ub == NULL)
+	return 0;
+    for (k = 0; a->ub->data[k] != NULL && n < max; k++) {
+	rd = (const unsigned char *) a->ub->data[k];
+	if (a->ub->len[k] < 3)
+	    continue;
+	/* The exchange is not compressed in record data libunbound gives. */
+	if (dn_expand(rd, rd + a->ub->len[k], rd + 2, name, sizeof(name)) < 0)
+	    continue;
+	len = strlen(name);
+	if (len > 0 && name[len - 1] == '.')
+	    name[--len] = 0;
+	if (len > SMTPS_HOST_NAME_MAX)
+	    continue;
+	for (i = 0; i < len; i++)
+	    if (name[i] >= 'A' && name[i] <= 'Z')
+		name[i] = (char) (name[i] - 'A' + 'a');
+	mx[n].pref = (rd[0] << 8) | rd[1];
+	memcpy(mx[n].name, name, len + 1);
+	n++;
+    }
+    return n;
+}
+
+/* smtps_dns_addresses - A or AAAA records as socket addresses */
+
+size_t  smtps_dns_addresses(const struct smtps_dns_answer *a, int port,
+			            struct smtps_sockaddr *addr, size_t max)
+{
+    struct sockaddr_in *in;
+    struct sockaddr_in6 *in6;
+    size_t  n = 0;
+    int     k;
+
+    if (a->status != SMTPS_DNS_OK || a->ub == NULL)
+	return 0;
+    for (k = 0; a->ub->data[k] != NULL && n < max; k++) {
+	memset(&addr[n], 0, sizeof(addr[n]));
+	if (a->ub->qtype == ns_t_a && a->ub->len[k] == 4) {
+	    in = (struct sockaddr_in *) &addr[n].ss;
+	    in->sin_family = AF_INET;
+	    in->sin_port = htons((uint16_t) port);
+	    memcpy(&in->sin_addr, a->ub->data[k], 4);
+	    addr[n++].len = sizeof(*in);
+	} else if (a->ub->qtype == ns_t_aaaa && a->ub->len[k] == 16) {
+	    in6 = (struct sockaddr_in6 *) &addr[n].ss;
+	    in6->sin6_family = AF_INET6;
+	    in6->sin6_port = htons((uint16_t) port);
+	    memcpy(&in6->sin6_addr, a->ub->data[k], 16);
+	    addr[n++].len = sizeof(*in6);
+	}
+    }
+    return n;
 }
 
 /* smtps_resolve_literal - parse an address literal; 1 if it was one */
@@ -105,17 +323,29 @@ int     smtps_resolve_literal(const char *host, int port,
 			              struct smtps_sockaddr *addr)
 {
     struct addrinfo hints, *ai = NULL;
+    struct sockaddr_un *un;
     char    buf[256], service[16];
     size_t  len = strlen(host);
     int     rc;
 
-    /* "[2001:db8::1]", as in URLs and SMTP address literals. */
+    /* "unix:/path": a local socket (LMTP servers listen on these). */
+    if (strncmp(host, "unix:", 5) == 0) {
+	un = (struct sockaddr_un *) &addr->ss;
+	if (len - 5 == 0 || len - 5 >= sizeof(un->sun_path))
+	    return 0;
+	memset(addr, 0, sizeof(*addr));
+	un->sun_family = AF_UNIX;
+	memcpy(un->sun_path, host + 5, len - 5 + 1);
+	addr->len = (socklen_t) (offsetof(struct sockaddr_un, sun_path) + len - 5 + 1);
+	return 1;
+    }
+    /* "[2001:db8::1]", as in URLs; "[IPv6:2001:db8::1]" (RFC 5321 4.1.3). */
     if (len >= 2 && host[0] == '[' && host[len - 1] == ']') {
 	if (len - 2 >= sizeof(buf))
 	    return 0;
 	memcpy(buf, host + 1, len - 2);
 	buf[len - 2] = 0;
-	host = buf;
+	host = strncasecmp(buf, "IPv6:", 5) == 0 ? buf + 5 : buf;
     }
     memset(&hints, 0, sizeof(hints));
     hints.ai_family = AF_UNSPEC;
@@ -133,261 +363,4 @@ int     smtps_resolve_literal(const char *host, int port,
     }
     freeaddrinfo(ai);
     return rc;
-}
-
-/* smtps_resolve_req_new - a lookup of host for port */
-
-struct smtps_resolve_req *smtps_resolve_req_new(const char *host, int port,
-						        void *owner)
-{
-    struct smtps_resolve_req *req = calloc(1, sizeof(*req));
-
-    if (req == NULL)
-	return NULL;
-    if ((req->host = smtps_strndup(host, strlen(host))) == NULL) {
-	free(req);
-	return NULL;
-    }
-    req->port = port;
-    req->owner = owner;
-    return req;
-}
-
-/* smtps_resolve_req_free - release a request */
-
-void    smtps_resolve_req_free(struct smtps_resolve_req *req)
-{
-    if (req == NULL)
-	return;
-    free(req->host);
-    free(req);
-}
-
-/* resolver_drop_list - free a chain of requests */
-
-static void resolver_drop_list(struct smtps_resolve_req *req)
-{
-    struct smtps_resolve_req *next;
-
-    for (; req != NULL; req = next) {
-	next = req->next;
-	smtps_resolve_req_free(req);
-    }
-}
-
-/* smtps_resolver_new - an idle resolver with its eventfd */
-
-struct smtps_resolver *smtps_resolver_new(void)
-{
-    struct smtps_resolver *r = calloc(1, sizeof(*r));
-
-    if (r == NULL)
-	return NULL;
-    if ((r->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) < 0) {
-	free(r);
-	return NULL;
-    }
-    if (pthread_mutex_init(&r->lock, NULL) != 0) {
-	close(r->evfd);
-	free(r);
-	return NULL;
-    }
-    if (pthread_cond_init(&r->cond, NULL) != 0) {
-	pthread_mutex_destroy(&r->lock);
-	close(r->evfd);
-	free(r);
-	return NULL;
-    }
-    r->refs = 1;
-    return r;
-}
-
-/* smtps_resolver_fd - the descriptor to watch for finished lookups */
-
-int     smtps_resolver_fd(const struct smtps_resolver *r)
-{
-    return r->evfd;
-}
-
-/* resolver_spawn - start one detached worker; call with the lock held */
-
-static int resolver_spawn(struct smtps_resolver *r)
-{
-    pthread_attr_t attr;
-    pthread_t tid;
-    sigset_t all, old;
-    int     rc;
-
-    if (pthread_attr_init(&attr) != 0)
-	return -1;
-    (void) pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    /* The worker inherits this mask: no signal is ever delivered to it. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&tid, &attr, resolver_worker, r);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&attr);
-    if (rc != 0)
-	return -1;
-    r->nworkers++;
-    r->refs++;
-    return 0;
-}
-
-/* smtps_resolver_submit - queue a lookup; a worker will take it */
-
-int     smtps_resolver_submit(struct smtps_resolver *r,
-			              struct smtps_resolve_req *req)
-{
-    int     rc = SMTPS_OK;
-
-    req->next = NULL;
-    pthread_mutex_lock(&r->lock);
-    if (r->ntodo + 1 > (size_t) r->nidle && r->nworkers < SMTPS_RESOLVE_WORKERS
-	&& resolver_spawn(r) != 0 && r->nworkers == 0)
-	rc = SMTPS_ESYS;			/* nobody would ever answer */
-    if (rc == SMTPS_OK) {
-	if (r->todo_tail != NULL)
-	    r->todo_tail->next = req;
-	else
-	    r->todo = req;
-	r->todo_tail = req;
-	r->ntodo++;
-	pthread_cond_signal(&r->cond);
-    }
-    pthread_mutex_unlock(&r->lock);
-    return rc;
-}
-
-/* smtps_resolver_done - the next finished lookup, or NULL */
-
-struct smtps_resolve_req *smtps_resolver_done(struct smtps_resolver *r)
-{
-    struct smtps_resolve_req *req;
-    uint64_t count;
-
-    pthread_mutex_lock(&r->lock);
-    if ((req = r->done) != NULL) {
-	r->done = req->next;
-	if (r->done == NULL)
-	    r->done_tail = NULL;
-	req->next = NULL;
-    } else {
-	/* Drained: reset the eventfd so epoll stops reporting it. */
-	if (read(r->evfd, &count, sizeof(count)) < 0 && errno != EAGAIN)
-	    count = 0;
-    }
-    pthread_mutex_unlock(&r->lock);
-    return req;
-}
-
-/* resolver_lookup - the blocking part, run by a worker */
-
-static void resolver_lookup(struct smtps_resolve_req *req)
-{
-    struct addrinfo hints, *ai = NULL;
-    char    service[16];
-
-    memset(&hints, 0, sizeof(hints));
-    /*
-     * No AI_ADDRCONFIG: on a host whose only configured addresses are
-     * loopback ones it hides every address, "localhost" included.
-     */
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_NUMERICSERV;
-    snprintf(service, sizeof(service), "%d", req->port);
-    req->error = getaddrinfo(req->host, service, &hints, &ai);
-    if (req->error == 0) {
-	req->error = copy_addresses(req, ai);
-	freeaddrinfo(ai);
-    } else if (req->error == EAI_SYSTEM && errno == 0) {
-	req->error = EAI_FAIL;
-    }
-}
-
-/* resolver_worker - take requests until shut down */
-
-static void *resolver_worker(void *arg)
-{
-    struct smtps_resolver *r = arg;
-    struct smtps_resolve_req *req;
-    uint64_t one = 1;
-
-    pthread_mutex_lock(&r->lock);
-    for (;;) {
-	while (!r->shutdown && r->todo == NULL) {
-	    r->nidle++;
-	    pthread_cond_wait(&r->cond, &r->lock);
-	    r->nidle--;
-	}
-	if (r->shutdown)
-	    break;
-	req = r->todo;
-	r->todo = req->next;
-	if (r->todo == NULL)
-	    r->todo_tail = NULL;
-	r->ntodo--;
-	pthread_mutex_unlock(&r->lock);
-
-	resolver_lookup(req);
-
-	pthread_mutex_lock(&r->lock);
-	if (r->shutdown) {			/* nobody wants the answer */
-	    smtps_resolve_req_free(req);
-	    continue;
-	}
-	req->next = NULL;
-	if (r->done_tail != NULL)
-	    r->done_tail->next = req;
-	else
-	    r->done = req;
-	r->done_tail = req;
-	/* EAGAIN would mean the counter is full: it is readable anyway. */
-	if (write(r->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-	    one = 1;
-    }
-    r->nworkers--;
-    pthread_mutex_unlock(&r->lock);
-    resolver_unref(r);
-    return NULL;
-}
-
-/* resolver_unref - drop one reference; the last one frees */
-
-static void resolver_unref(struct smtps_resolver *r)
-{
-    int     last;
-
-    pthread_mutex_lock(&r->lock);
-    last = --r->refs == 0;
-    pthread_mutex_unlock(&r->lock);
-    if (!last)
-	return;
-    pthread_cond_destroy(&r->cond);
-    pthread_mutex_destroy(&r->lock);
-    free(r);
-}
-
-/* smtps_resolver_free - shut down without waiting for DNS */
-
-void    smtps_resolver_free(struct smtps_resolver *r)
-{
-    struct smtps_resolve_req *todo, *done;
-
-    if (r == NULL)
-	return;
-    pthread_mutex_lock(&r->lock);
-    r->shutdown = 1;
-    todo = r->todo;
-    done = r->done;
-    r->todo = r->todo_tail = r->done = r->done_tail = NULL;
-    r->ntodo = 0;
-    close(r->evfd);
-    r->evfd = -1;
-    pthread_cond_broadcast(&r->cond);
-    pthread_mutex_unlock(&r->lock);
-    resolver_drop_list(todo);
-    resolver_drop_list(done);
-    resolver_unref(r);
 }

@@ -27,6 +27,7 @@
  *	(PERMFAIL without one).
  *--*/
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -64,9 +65,31 @@ struct smtps_result *smtps_result_new(uint64_t tag, size_t nrcpt)
     strcpy(r->stage_name, smtps_stage_name(r->stage));
     r->reply.text = empty_text;
     r->reason = empty_text;
-    for (i = 0; i < nrcpt; i++)
+    for (i = 0; i < nrcpt; i++) {
 	r->rcpt[i].reply.text = empty_text;
+	r->rcpt[i].route = -1;
+    }
     return r;
+}
+
+/*
+ * smtps_result_add_route - a place recipients went (or were last tried):
+ * its index in r->route, -1 when out of memory (the result itself is
+ * never lost for it); the caller marks its recipients
+ */
+
+int     smtps_result_add_route(struct smtps_result *r, const char *mx,
+			               const char *ip)
+{
+    struct smtps_result_route *grown, *rt;
+
+    if ((grown = realloc(r->route, (r->nroute + 1) * sizeof(*grown))) == NULL)
+	return -1;
+    r->route = grown;
+    rt = &r->route[r->nroute];
+    snprintf(rt->mx, sizeof(rt->mx), "%s", mx ? mx : "");
+    snprintf(rt->ip, sizeof(rt->ip), "%s", ip ? ip : "");
+    return (int) r->nroute++;
 }
 
 /* smtps_result_set_reply - copy a parsed reply into a result */
@@ -198,6 +221,7 @@ void    smtps_result_free(struct smtps_result *r)
     for (i = 0; i < r->nrcpt; i++)
 	reply_clear(&r->rcpt[i].reply);
     free(r->rcpt);
+    free(r->route);
     reply_clear(&r->reply);
     if (r->reason != empty_text)
 	free(r->reason);

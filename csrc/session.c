@@ -491,6 +491,31 @@ void    smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
     s->feeder_closure = fn != NULL ? closure : NULL;
 }
 
+/* smtps_session_set_hand_back - hold the queue if connecting fails */
+
+void    smtps_session_set_hand_back(struct smtps_session *s)
+{
+    s->hand_back = 1;
+}
+
+/* smtps_session_take_back - a held message, once the connection failed */
+
+struct smtps_message *smtps_session_take_back(struct smtps_session *s,
+					              int *status)
+{
+    struct smtps_message *m;
+
+    if (s->held_status == 0 || (m = s->queue) == NULL)
+	return NULL;
+    s->queue = m->qnext;
+    if (s->queue == NULL)
+	s->queue_tail = NULL;
+    s->nqueued--;
+    m->qnext = NULL;
+    *status = s->held_status;
+    return m;
+}
+
 /* smtps_session_quit - end the connection once the queue is done */
 
 int     smtps_session_quit(struct smtps_session *s, int64_t now)

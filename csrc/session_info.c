@@ -14,6 +14,7 @@
  *	void	*smtps_session_user(s)
  *	void	smtps_session_set_user(s, user)
  *	int	smtps_session_set_addresses(s, peer, peer_port, local, local_port)
+ *	int	smtps_session_set_helo(s, helo)
  *	const char *smtps_session_peer(s, &port)
  *	const char *smtps_session_local_address(s, &port)
  *	void	*smtps_session_local(s, state_id)
@@ -92,6 +93,23 @@ void    smtps_session_set_user(struct smtps_session *s, void *user)
 {
     if (s != NULL)
 	s->user = user;
+}
+
+/* smtps_session_set_helo - another EHLO name, before the start */
+
+int     smtps_session_set_helo(struct smtps_session *s, const char *helo)
+{
+    size_t  len;
+
+    if (s == NULL || helo == NULL || (len = strlen(helo)) == 0
+	|| len > SMTPS_HELO_MAX
+	|| smtps_check_text(helo, len, SMTPS_HELO_MAX, NULL) != SMTPS_OK
+	|| strchr(helo, ' ') != NULL)
+	return SMTPS_EINVAL;
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    memcpy(s->helo, helo, len + 1);
+    return SMTPS_OK;
 }
 
 /* smtps_session_set_addresses - the driver says where the connection runs */

@@ -180,6 +180,13 @@ struct smtps_session {
     int     tx_runahead;		/* allowed */
     SMTPSFeeder feeder;			/* NULL: only the session's queue */
     void   *feeder_closure;
+
+    /*
+     * A connection that fails before any transaction keeps its queue
+     * for the driver to try elsewhere (engine only: the next address).
+     */
+    int     hand_back;			/* asked for */
+    int     held_status;		/* what they would have got; 0: none */
 };
 
 /* dispatch.c */

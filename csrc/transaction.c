@@ -46,7 +46,8 @@
  *	the output: once the driver has taken that much, the dot is sent.
  *
  *	A body in memory was checked when it was set (message.c); a copy
- *	of our own goes as it is. A body the caller keeps (a reference) may
+ *	of our own (or another message's that outlives this one, a part's)
+ *	goes as it is. A body the caller keeps (a reference) may
  *	have changed since, so it is scanned again ahead of the encoder (a
  *	piece at a time for DATA, whole before a BDAT chunk). A body read as
  *	it is sent (a source) is read SMTPS_STAGE_MAX bytes at a time into
@@ -358,7 +359,8 @@ static int body_window(struct smtps_session *s, struct smtps_tx *tx,
 	*in = *left > 0 ? s->stage + tx->stage_off : NULL;
 	return SMTPS_OK;
     }
-    if (!m->body_owned && tx->scan_off == tx->body_off && !tx->source_done) {
+    if (!m->body_owned && !m->body_shared && tx->scan_off == tx->body_off
+	&& !tx->source_done) {
 	piece = m->body_len - tx->scan_off;
 	if (piece > SMTPS_STAGE_MAX && !tx->body_chunking)
 	    piece = SMTPS_STAGE_MAX;
@@ -370,7 +372,8 @@ static int body_window(struct smtps_session *s, struct smtps_tx *tx,
 	if (tx->scan_off == m->body_len && (rc = scan_end(s, tx)) != SMTPS_OK)
 	    return rc;
     }
-    *left = (m->body_owned ? m->body_len : tx->scan_off) - tx->body_off;
+    *left = (m->body_owned || m->body_shared ? m->body_len : tx->scan_off)
+	- tx->body_off;
     *in = *left > 0 ? m->body + tx->body_off : NULL;	/* (NULL if empty) */
     return SMTPS_OK;
 }

@@ -58,7 +58,7 @@ for t in "${targets[@]}"; do
     src="$here/fuzz_$t.c"
     [ -f "$src" ] || { echo "fuzz/run.sh: no target $t" >&2; exit 2; }
     exe="$work/fuzz_$t"
-    "$cc" "${flags[@]}" -fsanitize=fuzzer "$src" "${objs[@]}" -lssl -lcrypto \
+    "$cc" "${flags[@]}" -fsanitize=fuzzer "$src" "${objs[@]}" -lssl -lcrypto -lunbound -lresolv \
         -lpthread -o "$exe"
     corpus="$work/corpus-$t"
     mkdir -p "$corpus" "$work/crashes"

@@ -589,6 +589,19 @@ struct smtps_result_rcpt {
     struct smtps_result_reply reply;	/* its RCPT reply; without one, the
 					 * reply that failed the message */
     int bounce_class;			/* enum smtps_bounce_class; 0: not failed */
+    int route;				/* its index in route[]; -1: none */
+};
+
+/*
+ * Where recipients went (the engine fills it in): the host it was
+ * delivered to or last tried (an MX host, the host given, or
+ * "unix:/path") and the address. A message routed to several
+ * destinations has one entry per destination.
+ */
+#define SMTPS_RESULT_HOST_MAX 255
+struct smtps_result_route {
+    char mx[SMTPS_RESULT_HOST_MAX + 1];	/* "" when none was reached */
+    char ip[48];			/* numeric; "" when none */
 };
 
 struct smtps_result {
@@ -603,6 +616,9 @@ struct smtps_result {
     struct smtps_result_rcpt *rcpt;
     struct smtps_result *next;		/* the session's queue; ignore */
     int bounce_class;			/* enum smtps_bounce_class; 0: delivered */
+    size_t nroute;
+    struct smtps_result_route *route;
+    void *owner;			/* the engine's (a part of a message); ignore */
 };
 
 void smtps_result_free(struct smtps_result *r);
@@ -887,10 +903,15 @@ int smtps_session_set_auth(struct smtps_session *s, const char *user,
 struct smtps_engine;
 
 /* Where and how to deliver; copied at submit. */
+#define SMTPS_PROTO_SMTP 0
+#define SMTPS_PROTO_LMTP 1
+
 struct smtps_destination {
     size_t sizeof_destination;		/* ABI guard */
-    const char *host;			/* name or address literal (v4 or v6) */
-    int port;
+    const char *host;			/* name, address literal (v4 or v6) or
+					 * "unix:/path"; NULL: each recipient's
+					 * domain, by its MX records */
+    int port;				/* of host, or of every MX host */
     int tls_mode;			/* SMTPS_TLS_* */
     struct smtps_tls_config *tls;	/* NULL: default policy when TLS is used */
     const char *tls_servername;		/* NULL: host */
@@ -899,7 +920,10 @@ struct smtps_destination {
     unsigned auth_mechs;		/* SMTPS_AUTH_ANY or SMTPS_AUTH_* bits */
     int auth_allow_plaintext;
     int64_t timeout_ms;			/* every reply deadline; 0: RFC 5321 defaults */
-    const char *helo;			/* NULL: the engine's */
+    const char *helo;			/* NULL: the engine's (or its source's) */
+    int protocol;			/* SMTPS_PROTO_* */
+    int source;				/* 1 + index of the engine's source to
+					 * use; 0: any, in turn */
 };
 
 struct smtps_engine_config {
@@ -910,6 +934,53 @@ struct smtps_engine_config {
     int64_t idle_timeout_ms;		/* close an idle pooled connection; 0: 5000 */
     int64_t connect_timeout_ms;		/* 0: 30000 */
     const char *helo;			/* NULL: "localhost" */
+    int mx_address_limit;		/* addresses tried per delivery; 0: 5 */
+    int inet_protocols;			/* SMTPS_INET_*: the families used */
+    int address_preference;		/* SMTPS_INET_*: tried first (ALL: any) */
+};
+
+#define SMTPS_INET_ALL 0
+#define SMTPS_INET_IPV4 4
+#define SMTPS_INET_IPV6 6
+
+/*
+ * How the engine finds its way (resolve.c, libunbound). Name servers are
+ * "ip" or "ip@port" (none: those of /etc/resolv.conf); trust anchors are
+ * DS or DNSKEY records (none: no DNSSEC validation); local data are
+ * zone-file records answered without asking anyone. A lookup gets
+ * timeout_ms times attempts in all.
+ */
+struct smtps_resolver_config {
+    size_t sizeof_config;		/* ABI guard */
+    const char *const *nameservers;
+    size_t nameservers_count;
+    int hosts_file;			/* answer names in /etc/hosts */
+    int64_t timeout_ms;			/* 0: 5000 */
+    int attempts;			/* 0: 2 */
+    const char *const *trust_anchors;
+    size_t trust_anchors_count;
+    const char *const *local_data;
+    size_t local_data_count;
+};
+
+/*
+ * Traffic shaping, per destination (a site: the domains that share one
+ * set of MX hosts, or a host given). pattern is a recipient domain,
+ * "mx:" and a glob on an MX host name, or "*". Rates are per second and
+ * smooth (no bursts); 0: none.
+ */
+struct smtps_limits {
+    const char *pattern;
+    int connections;			/* at once; 0: max_per_destination */
+    int messages_per_connection;	/* 0: the engine's */
+    double connection_rate;		/* new connections per second */
+    double message_rate;		/* messages per second */
+};
+
+/* A local address to connect from, and the HELO name to use from it. */
+struct smtps_source {
+    const char *address;		/* an IPv4 or IPv6 literal */
+    const char *helo;			/* NULL: the destination's or engine's */
 };
 
 /*
@@ -941,6 +1012,21 @@ size_t smtps_engine_connections(const struct smtps_engine *e);	/* open now */
 /* The trace function of every session the engine makes from now on. */
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
 			   void *closure);
+
+/*
+ * Settings copied into the engine; only while no lookup or message is
+ * in flight (else SMTPS_ESTATE). set_resolver fails with SMTPS_EINVAL
+ * and says why in why[] for a setting libunbound refuses. set_sources
+ * fails with SMTPS_EINVAL when an address cannot be bound.
+ */
+int smtps_engine_set_resolver(struct smtps_engine *e,
+			      const struct smtps_resolver_config *cfg,
+			      char *why, size_t whylen);
+int smtps_engine_set_limits(struct smtps_engine *e,
+			    const struct smtps_limits *limits, size_t n);
+int smtps_engine_set_sources(struct smtps_engine *e,
+			     const struct smtps_source *sources, size_t n,
+			     char *why, size_t whylen);
 
 /*
  * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits

@@ -74,8 +74,9 @@ STRICT_CFLAGS = [
 ]
 
 # OpenSSL (libssl, libcrypto): TLS over memory BIOs in csrc/tls.c, HMAC-MD5
-# for CRAM-MD5 in csrc/auth.c.
-LIBRARIES = ["ssl", "crypto"]
+# for CRAM-MD5 in csrc/auth.c. libunbound: DNS (MX, A, AAAA), caching and
+# DNSSEC in csrc/resolve.c; libresolv: dn_expand() for MX exchange names.
+LIBRARIES = ["ssl", "crypto", "unbound", "resolv"]
 
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 

@@ -40,7 +40,7 @@ CFLAGS = [
     "-Iinclude",
     "-Icsrc",
 ]
-LIBS = ["-lssl", "-lcrypto"]  # csrc/tls.c and csrc/auth.c use OpenSSL
+LIBS = ["-lssl", "-lcrypto", "-lunbound", "-lresolv"]  # OpenSSL (tls.c, auth.c); DNS (resolve.c)
 
 C_TESTS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "c", "test_*.c")))
 

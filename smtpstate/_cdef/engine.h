@@ -4,6 +4,9 @@
 
 struct smtps_engine;
 
+#define SMTPS_PROTO_SMTP ...
+#define SMTPS_PROTO_LMTP ...
+
 struct smtps_destination {
     size_t sizeof_destination;
     const char *host;
@@ -17,6 +20,8 @@ struct smtps_destination {
     int auth_allow_plaintext;
     int64_t timeout_ms;
     const char *helo;
+    int protocol;
+    int source;
 };
 
 struct smtps_engine_config {
@@ -26,6 +31,39 @@ struct smtps_engine_config {
     int messages_per_connection;
     int64_t idle_timeout_ms;
     int64_t connect_timeout_ms;
+    const char *helo;
+    int mx_address_limit;
+    int inet_protocols;
+    int address_preference;
+};
+
+#define SMTPS_INET_ALL ...
+#define SMTPS_INET_IPV4 ...
+#define SMTPS_INET_IPV6 ...
+
+struct smtps_resolver_config {
+    size_t sizeof_config;
+    const char *const *nameservers;
+    size_t nameservers_count;
+    int hosts_file;
+    int64_t timeout_ms;
+    int attempts;
+    const char *const *trust_anchors;
+    size_t trust_anchors_count;
+    const char *const *local_data;
+    size_t local_data_count;
+};
+
+struct smtps_limits {
+    const char *pattern;
+    int connections;
+    int messages_per_connection;
+    double connection_rate;
+    double message_rate;
+};
+
+struct smtps_source {
+    const char *address;
     const char *helo;
 };
 
@@ -41,6 +79,14 @@ size_t smtps_engine_pending(const struct smtps_engine *e);
 size_t smtps_engine_connections(const struct smtps_engine *e);
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
                            void *closure);
+int smtps_engine_set_resolver(struct smtps_engine *e,
+                              const struct smtps_resolver_config *cfg,
+                              char *why, size_t whylen);
+int smtps_engine_set_limits(struct smtps_engine *e,
+                            const struct smtps_limits *limits, size_t n);
+int smtps_engine_set_sources(struct smtps_engine *e,
+                             const struct smtps_source *sources, size_t n,
+                             char *why, size_t whylen);
 
 /* Fast paths for drivers (batch.c). */
 #define SMTPS_COLLECT_SLOTS ...

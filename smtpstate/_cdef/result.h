@@ -24,6 +24,13 @@ struct smtps_result_rcpt {
     int status;
     struct smtps_result_reply reply;
     int bounce_class;
+    int route;
+};
+
+#define SMTPS_RESULT_HOST_MAX ...
+struct smtps_result_route {
+    char mx[...];
+    char ip[...];
 };
 
 struct smtps_result {
@@ -38,6 +45,9 @@ struct smtps_result {
     struct smtps_result_rcpt *rcpt;
     struct smtps_result *next;
     int bounce_class;
+    size_t nroute;
+    struct smtps_result_route *route;
+    void *owner;
 };
 
 void smtps_result_free(struct smtps_result *r);

@@ -1,0 +1,878 @@
+/* SPDX-License-Identifier: MIT */
+/*++
+ * NAME
+ *	conn.c 3
+ * SUMMARY
+ *	the engine's connections: a socket and the session that talks on it
+ * SYNOPSIS
+ *	#include "engine_private.h"
+ *
+ *	int	smtps_conn_open(d, now)
+ *	void	smtps_conn_update(c, now)
+ *	...
+ * DESCRIPTION
+ *	A connection belongs to one destination (dest.c) and moves bytes
+ *	between its socket and its sans-I/O session (session.c).
+ *
+ *	Connecting tries the destination's addresses in the order dest.c
+ *	made, beginning with one of the most preferred in turn, skipping
+ *	those that failed lately; each attempt has connect_timeout_ms. It
+ *	binds first to a source address when the engine has some (the
+ *	destination's own, or each in turn that has the address's family),
+ *	and that source's HELO name is used unless the destination names
+ *	one. The session's settings that depend on the address (the TLS
+ *	server name: the MX host's) are applied once connected.
+ *
+ *	One message per session at a time, and one more behind its final
+ *	dot: a message is submitted to a session when it is connected
+ *	(before smtps_session_start(), so that a refused greeting is
+ *	reported on that message in the server's own words) and then
+ *	whenever the session is IDLE again; with PIPELINING, the session
+ *	also takes the next one from the queue (conn_feed()) once a final
+ *	dot is queued, so that its commands leave in the same write (not
+ *	for LMTP, where the dot has one reply per recipient). The other
+ *	messages wait in the destination's queue, where any connection can
+ *	take them, as the message rate allows. After its
+ *	messages_per_connection, or idle_timeout_ms in the pool, a
+ *	connection is ended with QUIT.
+ *
+ *	A session that fails before any transaction hands its messages back
+ *	(smtps_session_set_hand_back()): they go back to the head of the
+ *	queue and the address counts as failed (dest.c, fallback), so that
+ *	the next connection tries the next one.
+ *
+ *	Sockets are nonblocking (SOCK_NONBLOCK | SOCK_CLOEXEC, TCP_NODELAY)
+ *	and watched level-triggered with epoll: EPOLLOUT while connecting,
+ *	then EPOLLIN | EPOLLRDHUP, plus EPOLLOUT only while output is
+ *	pending. Output is written as soon as a session produces it.
+ *	Reads take one buffer full per wake-up, except after EPOLLRDHUP,
+ *	when the socket is read to its end before anything is written: a
+ *	server that sent its reply and closed is then seen as closed before
+ *	we send it more, which keeps "lost before the final dot" apart from
+ *	"lost after it" (RFC 1047).
+ *
+ *	Every connection has one timer in the engine's heap: the connect
+ *	deadline while connecting, the session's own smtps_session_deadline()
+ *	while it talks, the idle deadline in the pool, and a linger deadline
+ *	while a closing session flushes.
+ * SEE ALSO
+ *	dest.c, engine.c, session.c, epoll(7).
+ *--*/
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "engine_private.h"
+
+#define LINGER_MS 10000			/* flushing the last output */
+
+static int conn_connect(struct smtps_conn *c, int64_t now);
+static void conn_connected(struct smtps_conn *c, int64_t now);
+static void conn_close(struct smtps_conn *c, int64_t now);
+static void conn_want(struct smtps_conn *c, uint32_t events);
+static struct smtps_message *conn_feed(struct smtps_session *s, void *closure);
+
+/* conn_why_errno - record why a connection failed: "what: strerror" */
+
+static void conn_why_errno(struct smtps_conn *c, const char *what, int err)
+{
+    char    buf[128];
+
+    if (strerror_r(err, buf, sizeof(buf)) != 0)
+	snprintf(buf, sizeof(buf), "error %d", err);
+    snprintf(c->why, sizeof(c->why), "%.270s%.120s", what, buf);
+}
+
+/* conn_host - the name of the host whose address c uses */
+
+static const char *conn_host(const struct smtps_conn *c)
+{
+    const struct smtps_dest *d = c->d;
+
+    if (c->addr < 0)
+	return d->host ? d->host : d->label;
+    return d->hosts[d->addr_host[c->addr]].name;
+}
+
+/* conn_where - "host[address]:port" of the address in use */
+
+static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
+{
+    if (c->d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family == AF_UNIX)
+	snprintf(buf, len, "%.200s", conn_host(c));
+    else
+	snprintf(buf, len, "%.190s[%s]:%d", conn_host(c), c->addrtext,
+		 c->d->port);
+}
+
+/* conn_setup - the destination's settings, for the address in use */
+
+static int conn_setup(struct smtps_conn *c)
+{
+    struct smtps_dest *d = c->d;
+    struct smtps_engine *e = c->e;
+    const char *helo = d->helo;
+    int     rc, id;
+
+    if (helo == NULL && c->source >= 0)
+	helo = e->sources[c->source].helo;
+    if (helo != NULL && (rc = smtps_session_set_helo(c->s, helo)) != SMTPS_OK) {
+	snprintf(c->why, sizeof(c->why), "cannot use HELO name %.200s: %s",
+		 helo, smtps_strerror(rc));
+	return rc;
+    }
+    if (d->tls_mode != SMTPS_TLS_NONE) {
+	/* An MX host is checked by its own name (RFC 7672, RFC 8461). */
+	rc = smtps_session_set_tls(c->s, d->tls_mode, d->tls,
+				   d->servername ? d->servername : conn_host(c));
+	if (rc != SMTPS_OK) {
+	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",
+		     smtps_strerror(rc));
+	    return rc;
+	}
+    }
+    if (d->auth_user != NULL) {
+	rc = smtps_session_set_auth(c->s, d->auth_user, d->auth_secret,
+				    d->auth_mechs, d->auth_plain);
+	if (rc != SMTPS_OK) {
+	    snprintf(c->why, sizeof(c->why), "cannot set up AUTH: %s",
+		     smtps_strerror(rc));
+	    return rc;
+	}
+    }
+    if (d->timeout_ms > 0)
+	for (id = 0; id < SMTPS_MAX_STATES; id++)
+	    if (smtps_session_set_timeout(c->s, id, d->timeout_ms) != SMTPS_OK)
+		break;				/* past the machine's last id */
+    return SMTPS_OK;
+}
+
+/* smtps_conn_open - a new connection to d; -1 when it failed at once */
+
+int     smtps_conn_open(struct smtps_dest *d, int64_t now)
+{
+    struct smtps_engine *e = d->e;
+    struct smtps_conn *c;
+    size_t  i, k = 0, first;
+
+    if (smtps_engine_reserve_timers(e, 1) != SMTPS_OK
+	|| (c = calloc(1, sizeof(*c))) == NULL) {
+	if (d->nconns == 0)
+	    smtps_dest_fail_queue(d, UINT64_MAX, SMTPS_STATUS_TEMPFAIL, "",
+				  "out of memory");
+	return -1;
+    }
+    c->e = e;
+    c->d = d;
+    c->fd = -1;
+    c->addr = -1;
+    c->source = -1;
+    smtps_timer_init(&c->timer, TIMER_CONN);
+    c->s = smtps_session_new(e->machine, d->helo ? d->helo : e->helo, e->user);
+    if (c->s == NULL) {
+	if (d->nconns == 0)
+	    smtps_dest_fail_queue(d, UINT64_MAX, SMTPS_STATUS_TEMPFAIL, "",
+				  "cannot make a session: out of memory");
+	free(c);
+	return -1;
+    }
+    if (e->trace != NULL)
+	(void) smtps_session_set_trace(c->s, e->trace, e->trace_closure);
+    if (d->protocol == SMTPS_PROTO_SMTP)
+	smtps_session_set_runahead(c->s, conn_feed, c);
+    smtps_session_set_hand_back(c->s);
+    /* One of the most preferred first, in turn; then the rest in order. */
+    first = d->nfirst > 0 ? d->addr_rr++ % d->nfirst : 0;
+    for (i = 0; i < d->nfirst; i++)
+	c->order[k++] = (uint8_t) ((first + i) % d->nfirst);
+    for (i = d->nfirst; i < d->naddr; i++)
+	c->order[k++] = (uint8_t) i;
+    c->phase = CONN_CONNECTING;
+    c->next = e->conns;
+    if (e->conns != NULL)
+	e->conns->prev = c;
+    e->conns = c;
+    e->nconns++;
+    d->nconns++;
+    d->nconnecting++;
+    c->covers = d->nadded;
+    return conn_connect(c, now);
+}
+
+/* conn_source - the source to bind for an address of family; -1: none */
+
+static int conn_source(struct smtps_conn *c, int family)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+    size_t  i, k;
+
+    if (e->nsources == 0 || family == AF_UNIX)
+	return -1;
+    if (d->source > 0)
+	return (size_t) d->source <= e->nsources
+	    && e->sources[d->source - 1].addr.ss.ss_family == family ?
+	    d->source - 1 : -2;
+    for (i = 0; i < e->nsources; i++) {
+	k = (d->source_rr + i) % e->nsources;
+	if (e->sources[k].addr.ss.ss_family == family) {
+	    d->source_rr = (unsigned) (k + 1);
+	    return (int) k;
+	}
+    }
+    return -2;					/* none of that family */
+}
+
+/* conn_connect - try the next address; -1 when none is left (c closed) */
+
+static int conn_connect(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+    struct smtps_sockaddr *a;
+    struct epoll_event ev;
+    char    what[SMTPS_WHY_MAX], where[300];
+    int     fd, one = 1, err, i;
+
+    while (c->tries < d->naddr) {
+	i = c->order[c->tries++];
+	if (d->failed & (1u << i))
+	    continue;				/* it failed lately: the next */
+	c->addr = i;
+	a = &d->addr[i];
+	c->addrtext[0] = 0;
+	if (a->ss.ss_family == AF_INET6)
+	    inet_ntop(AF_INET6, &((struct sockaddr_in6 *) &a->ss)->sin6_addr,
+		      c->addrtext, sizeof(c->addrtext));
+	else if (a->ss.ss_family == AF_INET)
+	    inet_ntop(AF_INET, &((struct sockaddr_in *) &a->ss)->sin_addr,
+		      c->addrtext, sizeof(c->addrtext));
+	conn_where(c, where, sizeof(where));
+	snprintf(what, sizeof(what), "connect to %s: ", where);
+	if ((c->source = conn_source(c, a->ss.ss_family)) == -2) {
+	    snprintf(c->why, sizeof(c->why), "connect to %s: no source "
+		     "address of its family", where);
+	    c->source = -1;
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
+	fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+	    conn_why_errno(c, what, errno);
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
+	/* Commands are small and every one waits for a reply: no Nagle. */
+	if (a->ss.ss_family != AF_UNIX)
+	    (void) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (c->source >= 0
+	    && bind(fd, (struct sockaddr *) &e->sources[c->source].addr.ss,
+		    e->sources[c->source].addr.len) != 0) {
+	    err = errno;
+	    close(fd);
+	    snprintf(what, sizeof(what), "bind to %.60s for %s: ",
+		     e->sources[c->source].address, where);
+	    conn_why_errno(c, what, err);
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
+	if (connect(fd, (struct sockaddr *) &a->ss, a->len) != 0
+	    && errno != EINPROGRESS && errno != EAGAIN) {
+	    err = errno;
+	    close(fd);
+	    conn_why_errno(c, what, err);
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
+	memset(&ev, 0, sizeof(ev));
+	ev.events = EPOLLOUT;
+	ev.data.ptr = c;
+	if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+	    err = errno;
+	    close(fd);
+	    conn_why_errno(c, what, err);
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
+	c->fd = fd;
+	c->events = EPOLLOUT;
+	snprintf(c->why, sizeof(c->why), "%.270stimed out", what);
+	smtps_timer_set(&e->timers, &c->timer,
+			smtps_time_after(now, smtps_dest_connect_ms(d)));
+	return 0;
+    }
+    conn_close(c, now);
+    return -1;
+}
+
+/* smtps_conn_connect_done - the socket became writable (or failed) */
+
+void    smtps_conn_connect_done(struct smtps_conn *c, int64_t now)
+{
+    char    what[SMTPS_WHY_MAX], where[300];
+    socklen_t len = sizeof(int);
+    int     err = 0;
+
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+	err = errno;
+    if (err == 0) {
+	conn_connected(c, now);
+	return;
+    }
+    close(c->fd);
+    c->fd = -1;
+    conn_where(c, where, sizeof(where));
+    snprintf(what, sizeof(what), "connect to %s: ", where);
+    conn_why_errno(c, what, err);
+    smtps_dest_addr_failed(c->d, c->addr, 0, c->why);
+    (void) conn_connect(c, now);
+}
+
+/* sockaddr_text - numeric host and port of a socket address */
+
+static int sockaddr_text(const struct sockaddr_storage *ss, char *host,
+			         size_t hostlen, int *port)
+{
+    if (ss->ss_family == AF_INET) {
+	const struct sockaddr_in *in = (const struct sockaddr_in *) ss;
+
+	*port = ntohs(in->sin_port);
+	return inet_ntop(AF_INET, &in->sin_addr, host, (socklen_t) hostlen) ? 0 : -1;
+    }
+    if (ss->ss_family == AF_INET6) {
+	const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *) ss;
+
+	*port = ntohs(in6->sin6_port);
+	return inet_ntop(AF_INET6, &in6->sin6_addr, host, (socklen_t) hostlen) ? 0 : -1;
+    }
+    return -1;
+}
+
+/* conn_record_addresses - tell the session both ends (for PROXY, XCLIENT) */
+
+static void conn_record_addresses(struct smtps_conn *c)
+{
+    struct sockaddr_storage peer, local;
+    socklen_t plen = sizeof(peer), llen = sizeof(local);
+    char    ph[INET6_ADDRSTRLEN], lh[INET6_ADDRSTRLEN];
+    int     pp, lp;
+
+    if (getpeername(c->fd, (struct sockaddr *) &peer, &plen) == 0
+	&& getsockname(c->fd, (struct sockaddr *) &local, &llen) == 0
+	&& sockaddr_text(&peer, ph, sizeof(ph), &pp) == 0
+	&& sockaddr_text(&local, lh, sizeof(lh), &lp) == 0)
+	(void) smtps_session_set_addresses(c->s, ph, pp, lh, lp);
+}
+
+/* conn_connected - connected: set up, bind the first message, start */
+
+static void conn_connected(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_dest *d = c->d;
+    int     rc;
+
+    c->phase = CONN_OPEN;
+    d->nconnecting--;
+    c->why[0] = 0;
+    smtps_timer_cancel(&c->e->timers, &c->timer);
+    conn_want(c, EPOLLIN | EPOLLRDHUP);
+    if ((rc = conn_setup(c)) != SMTPS_OK) {
+	/* The same settings fail for every connection: fail the queue. */
+	smtps_dest_fail_queue(d, UINT64_MAX, rc == SMTPS_ENOMEM ?
+			      SMTPS_STATUS_TEMPFAIL : SMTPS_STATUS_PERMFAIL,
+			      "", c->why);
+	conn_close(c, now);
+	return;
+    }
+    conn_record_addresses(c);
+    (void) smtps_conn_submit_next(c, now);
+    if (smtps_session_start(c->s, now) != SMTPS_OK)
+	smtps_session_closed(c->s, "the session would not start", now);
+    smtps_conn_update(c, now);
+}
+
+/* smtps_conn_submit_next - hand the session the next queued message */
+
+int     smtps_conn_submit_next(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_message *m;
+    int     rc;
+
+    if (c->d->qhead == NULL || !smtps_dest_may_send(c->d, now)
+	|| (m = smtps_dest_pop(c->d)) == NULL)
+	return 0;
+    /* The result made at submit becomes the session's; ours if it refuses. */
+    rc = smtps_session_submit_prepared(c->s, m, now);
+    if (rc != SMTPS_OK) {
+	m->qnext = NULL;
+	smtps_engine_fail_message(c->e, m, SMTPS_STATUS_TEMPFAIL,
+				  "cannot hand the message to a session: ",
+				  smtps_strerror(rc));
+	return 0;
+    }
+    smtps_dest_sent(c->d, now);
+    c->submitted++;
+    return 1;
+}
+
+/* conn_spent - c carried as many messages as it may */
+
+static int conn_spent(const struct smtps_conn *c)
+{
+    int     max = c->d->shape.messages_per_connection;
+
+    return max > 0 && c->submitted >= (unsigned) max;
+}
+
+/*
+ * conn_feed - the session may start the next message behind a final dot
+ * (session.c, maybe_run_ahead()). The same limits as for an idle
+ * session apply: messages_per_connection, the message rate, a QUIT under
+ * way, and other destinations waiting for a connection slot. The
+ * message's result, made at submit, becomes the session's.
+ */
+
+static struct smtps_message *conn_feed(struct smtps_session *s, void *closure)
+{
+    struct smtps_conn *c = closure;
+    struct smtps_engine *e = c->e;
+    struct smtps_message *m;
+    int64_t now = smtps_clock_ms();
+
+    SMTPS_UNUSED(s);
+    if (c->quitting || e->nstarved > e->nquitting || conn_spent(c)
+	|| c->d->qhead == NULL || !smtps_dest_may_send(c->d, now)
+	|| (m = smtps_dest_pop(c->d)) == NULL)
+	return NULL;
+    smtps_dest_sent(c->d, now);
+    c->submitted++;
+    return m;
+}
+
+/* conn_route - say on a result where its recipients went */
+
+static void conn_route(struct smtps_conn *c, struct smtps_result *r)
+{
+    size_t  i;
+    int     k;
+
+    if (r->nroute > 0 || (k = smtps_result_add_route(r, conn_host(c),
+						     c->addrtext)) < 0)
+	return;
+    for (i = 0; i < r->nrcpt; i++)
+	r->rcpt[i].route = k;
+}
+
+/* conn_collect - move the session's results to the engine */
+
+static void conn_collect(struct smtps_conn *c)
+{
+    struct smtps_result *r;
+
+    while ((r = smtps_session_next_result(c->s)) != NULL) {
+	/*
+	 * A transaction began: greeting and EHLO worked, whatever became
+	 * of that message. Its failure is its own, not the destination's.
+	 */
+	if (!c->usable && smtps_session_transactions(c->s) > 0) {
+	    c->usable = 1;
+	    smtps_dest_connected(c->d);
+	}
+	/* 421: the server is going away, and says so; others should wait. */
+	if (r->reply.code == 421)
+	    smtps_dest_backoff(c->d, smtps_clock_ms(), r->reply.text);
+	conn_route(c, r);
+	if (!smtps_route_result(c->e, r))
+	    smtps_engine_push_result(c->e, r);
+    }
+    /* A state asked to stop (Ctrl-C): the run returns at once. */
+    if (smtps_session_interrupted(c->s))
+	c->e->interrupted = 1;
+}
+
+/* conn_want - register the epoll interest, only when it changes */
+
+static void conn_want(struct smtps_conn *c, uint32_t events)
+{
+    struct epoll_event ev;
+
+    if (c->events == events || c->fd < 0)
+	return;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = events;
+    ev.data.ptr = c;
+    if (epoll_ctl(c->e->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+	c->events = events;
+}
+
+/* conn_idle_add - into the pool, most recently used first */
+
+static void conn_idle_add(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+
+    if (c->in_idle)
+	return;
+    c->in_idle = 1;
+    c->idle_prev = NULL;
+    c->idle_next = d->idle;
+    if (d->idle != NULL)
+	d->idle->idle_prev = c;
+    d->idle = c;
+    c->lru_next = NULL;
+    c->lru_prev = e->lru_tail;
+    if (e->lru_tail != NULL)
+	e->lru_tail->lru_next = c;
+    else
+	e->lru = c;
+    e->lru_tail = c;
+    smtps_timer_set(&e->timers, &c->timer, smtps_time_after(now, e->idle_ms));
+}
+
+/* smtps_conn_idle_remove - out of the pool */
+
+void    smtps_conn_idle_remove(struct smtps_conn *c)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+
+    if (!c->in_idle)
+	return;
+    c->in_idle = 0;
+    if (c->idle_prev != NULL)
+	c->idle_prev->idle_next = c->idle_next;
+    else
+	d->idle = c->idle_next;
+    if (c->idle_next != NULL)
+	c->idle_next->idle_prev = c->idle_prev;
+    if (c->lru_prev != NULL)
+	c->lru_prev->lru_next = c->lru_next;
+    else
+	e->lru = c->lru_next;
+    if (c->lru_next != NULL)
+	c->lru_next->lru_prev = c->lru_prev;
+    else
+	e->lru_tail = c->lru_prev;
+    c->idle_prev = c->idle_next = c->lru_prev = c->lru_next = NULL;
+    smtps_timer_cancel(&e->timers, &c->timer);
+}
+
+/* smtps_conn_quit - end the connection politely once the session may */
+
+void    smtps_conn_quit(struct smtps_conn *c, int64_t now)
+{
+    smtps_conn_idle_remove(c);
+    if (c->quitting)
+	return;
+    c->quitting = 1;
+    c->e->nquitting++;
+    (void) smtps_session_quit(c->s, now);
+}
+
+/* conn_flush - write what the session has; -1 when the socket failed */
+
+static int conn_flush(struct smtps_conn *c, int64_t now)
+{
+    const char *data;
+    size_t  n;
+    ssize_t w;
+    char    buf[128];
+
+    for (;;) {
+	if (smtps_session_status(c->s) == SMTPS_SESS_CLOSED)
+	    return -1;
+	if ((n = smtps_session_output(c->s, &data)) == 0)
+	    return 0;
+	w = send(c->fd, data, n, MSG_NOSIGNAL);
+	if (w > 0) {
+	    smtps_session_consume(c->s, (size_t) w, now);
+	    continue;
+	}
+	if (w < 0 && errno == EINTR)
+	    continue;
+	if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+	    return 0;
+	if (w == 0 || strerror_r(errno, buf, sizeof(buf)) != 0)
+	    snprintf(buf, sizeof(buf), "send failed");
+	smtps_session_closed(c->s, buf, now);
+	return -1;
+    }
+}
+
+/* smtps_conn_read - the socket is readable (or hung up) */
+
+void    smtps_conn_read(struct smtps_conn *c, uint32_t events, int64_t now)
+{
+    struct smtps_engine *e = c->e;
+    ssize_t n;
+    char    buf[128];
+
+    for (;;) {
+	n = recv(c->fd, e->rbuf, sizeof(e->rbuf), 0);
+	if (n > 0) {
+	    (void) smtps_session_feed(c->s, e->rbuf, (size_t) n, now);
+	    /*
+	     * Level-triggered: what is left is reported again, so one read
+	     * is enough - unless the peer shut down, when the end must be
+	     * seen before anything more is written.
+	     */
+	    if ((size_t) n < sizeof(e->rbuf)
+		&& !(events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+		return;
+	    continue;
+	}
+	if (n == 0) {
+	    smtps_session_closed(c->s, "the server closed the connection", now);
+	    return;
+	}
+	if (errno == EINTR)
+	    continue;
+	if (errno == EAGAIN || errno == EWOULDBLOCK)
+	    return;
+	if (strerror_r(errno, buf, sizeof(buf)) != 0)
+	    snprintf(buf, sizeof(buf), "recv failed");
+	smtps_session_closed(c->s, buf, now);
+	return;
+    }
+}
+
+/* smtps_conn_update - after any change: write, collect, settle the phase */
+
+void    smtps_conn_update(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+    const char *data;
+    int     spent, out;
+
+    for (;;) {
+	(void) conn_flush(c, now);
+	conn_collect(c);
+	out = smtps_session_output(c->s, &data) > 0;
+	switch (smtps_session_status(c->s)) {
+	case SMTPS_SESS_CLOSED:
+	    conn_close(c, now);
+	    return;
+	case SMTPS_SESS_CLOSING:
+	    if (!out) {
+		smtps_session_closed(c->s, "closed", now);
+		conn_collect(c);
+		conn_close(c, now);
+		return;
+	    }
+	    smtps_conn_idle_remove(c);
+	    if (!c->lingering) {
+		c->lingering = 1;
+		smtps_timer_set(&e->timers, &c->timer,
+				smtps_time_after(now, LINGER_MS));
+	    }
+	    conn_want(c, EPOLLIN | EPOLLRDHUP | EPOLLOUT);
+	    return;
+	case SMTPS_SESS_IDLE:
+	    if (!c->usable) {
+		c->usable = 1;
+		smtps_dest_connected(d);
+	    }
+	    spent = conn_spent(c);
+	    if (!spent && !c->quitting && d->qhead != NULL && !out) {
+		smtps_conn_idle_remove(c);
+		if (smtps_conn_submit_next(c, now))
+		    continue;
+	    }
+	    /* A slot some other destination waits for is worth more. */
+	    if (!c->quitting && (spent || e->nstarved > e->nquitting)) {
+		smtps_conn_quit(c, now);
+		if (d->qhead != NULL)
+		    smtps_dest_dirty(d);	/* another connection must take them */
+		continue;
+	    }
+	    conn_want(c, EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0));
+	    if (!c->quitting)
+		conn_idle_add(c, now);
+	    return;
+	default:				/* ACTIVE */
+	    smtps_conn_idle_remove(c);
+	    conn_want(c, EPOLLIN | EPOLLRDHUP | (out ? EPOLLOUT : 0));
+	    smtps_timer_set(&e->timers, &c->timer, smtps_session_deadline(c->s));
+	    return;
+	}
+    }
+}
+
+/* smtps_conn_timer - c's deadline passed */
+
+void    smtps_conn_timer(struct smtps_conn *c, int64_t now)
+{
+    if (c->phase == CONN_CONNECTING) {
+	/* c->why already says "connect to ...: timed out". */
+	close(c->fd);
+	c->fd = -1;
+	smtps_dest_addr_failed(c->d, c->addr, 0, c->why);
+	(void) conn_connect(c, now);
+	return;
+    }
+    if (c->in_idle) {				/* idle_timeout_ms */
+	smtps_conn_quit(c, now);
+	smtps_conn_update(c, now);
+	return;
+    }
+    if (c->lingering) {
+	smtps_session_closed(c->s, "timed out sending the last commands", now);
+	conn_collect(c);
+	conn_close(c, now);
+	return;
+    }
+    (void) smtps_session_tick(c->s, now);
+    smtps_conn_update(c, now);
+}
+
+/*
+ * conn_take_back - the session failed before any transaction: its
+ * messages go back to the head of the queue, in their order, and the
+ * address counts as failed (for good when the server refused so); how
+ * many went back
+ */
+
+static size_t conn_take_back(struct smtps_conn *c)
+{
+    struct smtps_message *m, *list = NULL, *next;
+    char    where[300];
+    int     status = 0, perm = 0;
+    size_t  n = 0;
+
+    while ((m = smtps_session_take_back(c->s, &status)) != NULL) {
+	m->qnext = list;			/* reversed, */
+	list = m;
+	perm = status == SMTPS_STATUS_PERMFAIL;
+	n++;
+    }
+    for (m = list; m != NULL; m = next) {	/* so pushed back in order */
+	next = m->qnext;
+	smtps_dest_requeue(c->d, m);
+    }
+    c->refused_perm |= perm;
+    if (c->addr >= 0 && !c->usable) {
+	conn_where(c, where, sizeof(where));
+	snprintf(c->why, sizeof(c->why), "%.200s: %.190s", where,
+		 smtps_session_reason(c->s));
+	smtps_dest_addr_failed(c->d, c->addr, c->refused_perm, c->why);
+    }
+    return n;
+}
+
+/* conn_close - the connection is over: settle, account, bury */
+
+static void conn_close(struct smtps_conn *c, int64_t now)
+{
+    struct smtps_engine *e = c->e;
+    struct smtps_dest *d = c->d;
+    int     was_connecting = c->phase == CONN_CONNECTING;
+    uint64_t covered;
+    size_t  held = 0;
+    int     status;
+    const char *why;
+
+    if (c->phase == CONN_DEAD)
+	return;
+    smtps_conn_idle_remove(c);
+    smtps_timer_cancel(&e->timers, &c->timer);
+    if (c->fd >= 0) {
+	close(c->fd);				/* leaves the epoll set too */
+	c->fd = -1;
+    }
+    if (c->s != NULL) {
+	if (smtps_session_status(c->s) != SMTPS_SESS_CLOSED)
+	    smtps_session_closed(c->s, c->why[0] ? c->why : "closed", now);
+	conn_collect(c);
+	if (!was_connecting)
+	    held = conn_take_back(c);
+	smtps_session_free(c->s);
+	c->s = NULL;
+    }
+    if (c->quitting)
+	e->nquitting--;
+    e->nconns--;
+    d->nconns--;
+    if (was_connecting)
+	d->nconnecting--;
+
+    /*
+     * A connection that never became usable says something about the
+     * address it used: the next connection tries the next one. When no
+     * address is left and no other connection works, the messages that
+     * were waiting when it was opened fail, with what every address did
+     * (those queued since get an attempt of their own, after the
+     * back-off).
+     */
+    if (!c->usable && (smtps_dest_all_failed(d) || d->naddr == 0)) {
+	smtps_dest_backoff(d, now, d->tried[0] ? d->tried : c->why);
+	if (d->nconns == 0) {
+	    /*
+	     * Those it held failed where the session said; the others
+	     * queued were never in a session, as when connecting failed.
+	     */
+	    covered = c->covers > d->ntaken ? c->covers - d->ntaken : 0;
+	    status = d->failed_perm && d->tried[0] ? SMTPS_STATUS_PERMFAIL :
+		SMTPS_STATUS_TEMPFAIL;
+	    why = d->tried[0] ? d->tried : c->why[0] ? c->why :
+		"connection failed";
+	    if (held > covered)
+		held = (size_t) covered;
+	    smtps_dest_fail_queue(d, held, status, "", why);
+	    smtps_dest_fail_queue(d, covered - held, status, was_connecting ?
+				  "" : "not attempted: ", why);
+	    d->failed = 0;
+	    d->failed_perm = 1;
+	    d->tried[0] = 0;
+	}
+    }
+    c->phase = CONN_DEAD;
+    if (c->prev != NULL)
+	c->prev->next = c->next;
+    else
+	e->conns = c->next;
+    if (c->next != NULL)
+	c->next->prev = c->prev;
+    /* Freed after this round: an event for it may still be in hand. */
+    c->prev = NULL;
+    c->next = e->dead;
+    e->dead = c;
+    smtps_dest_dirty(d);
+    smtps_engine_wake_starved(e);
+}
+
+/* smtps_conn_teardown - drop a connection at engine end, QUIT if cheap */
+
+void    smtps_conn_teardown(struct smtps_conn *c)
+{
+    struct smtps_result *r;
+    const char *data;
+    size_t  n;
+
+    if (c->s != NULL && c->fd >= 0 && c->phase == CONN_OPEN
+	&& smtps_session_status(c->s) == SMTPS_SESS_IDLE
+	&& smtps_session_quit(c->s, smtps_clock_ms()) == SMTPS_OK
+	&& (n = smtps_session_output(c->s, &data)) > 0)
+	(void) send(c->fd, data, n, MSG_NOSIGNAL);	/* one try, no wait */
+    if (c->fd >= 0)
+	close(c->fd);
+    if (c->s != NULL) {
+	smtps_session_closed(c->s, "the engine was freed", smtps_clock_ms());
+	while ((r = smtps_session_next_result(c->s)) != NULL)
+	    smtps_result_free(r);
+	smtps_session_free(c->s);		/* and the messages it held */
+    }
+    /* Its timer must leave the heap: later cancels move heap entries. */
+    smtps_timer_cancel(&c->e->timers, &c->timer);
+    free(c);
+}
