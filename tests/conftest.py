@@ -11,7 +11,10 @@ lifetimes:
   instances (about a second each), stopped at the end of the session;
 * ``smtp_sink_server`` -- a fresh Postfix ``smtp-sink`` per test;
   ``smtp_sink_factory(options=[...])`` for variants;
-* ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts.
+* ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts;
+* ``dns_server`` -- one private NSD for the whole session (``dns_server.py``);
+  each test adds zones of its own, named by ``dns_origin``;
+  ``silent_nameserver`` -- an address that never answers.
 
 A server that cannot run here (Postfix not installed, not root) skips its
 tests with the reason, except in CI, where it fails them; so does a test
@@ -23,6 +26,7 @@ from __future__ import annotations
 import pytest
 
 import helpers
+from dns_server import DnsServer, DnsServerError, SilentNameserver
 
 
 def pytest_configure(config):
@@ -189,3 +193,43 @@ def smtp_sink_server(smtp_sink_factory):
     """A Postfix smtp-sink on 127.0.0.1 that accepts everything and dumps
     each transaction: ``.host``, ``.port``, ``.wait_for_messages(n)``."""
     return smtp_sink_factory()
+
+
+# ---------------------------------------------------------------------------
+# DNS: a private NSD, and a nameserver that never answers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dns_server():
+    """A private NSD on 127.0.0.1 for the whole session (``DnsServer``):
+    ``.address`` ("127.0.0.1:PORT", for a resolver's nameservers),
+    ``.add_zone(origin, records)``, ``.set_records()``, ``.broken_zone()``
+    (SERVFAIL), ``.remove_zone()`` (REFUSED), ``.queries()``,
+    ``.reset_queries()``. Zones outlive the test that added them: name
+    yours with ``dns_origin``."""
+    why = DnsServer.unavailable()
+    if why:
+        helpers.missing(why)
+    server = DnsServer()
+    try:
+        server.start()
+    except DnsServerError as e:
+        pytest.fail("private NSD did not start: %s" % e, pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_origin(dns_server, request):
+    """A zone name no other test uses, made from this test's name
+    ("test-mx-order-7.test"); not added yet."""
+    return dns_server.unique_origin(request.node.name)
+
+
+@pytest.fixture
+def silent_nameserver():
+    """The address ("127.0.0.1:PORT") of a nameserver that takes UDP
+    queries and TCP connections and never answers, for resolver timeouts."""
+    with SilentNameserver() as server:
+        yield server.address
