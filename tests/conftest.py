@@ -14,7 +14,10 @@ lifetimes:
 * ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts;
 * ``dns_server`` -- one private NSD for the whole session (``dns_server.py``);
   each test adds zones of its own, named by ``dns_origin``;
-  ``silent_nameserver`` -- an address that never answers.
+  ``silent_nameserver`` -- an address that never answers;
+* ``mx_servers(addresses, behaviours)`` -- SMTP servers on several loopback
+  addresses sharing one port; ``lmtp_factory``/``lmtp_server`` -- LMTP
+  (``mx_servers.py``), all stopped after the test.
 
 A server that cannot run here (Postfix not installed, not root) skips its
 tests with the reason, except in CI, where it fails them; so does a test
@@ -27,6 +30,7 @@ import pytest
 
 import helpers
 from dns_server import DnsServer, DnsServerError, SilentNameserver
+from mx_servers import LmtpServer, MxServers
 
 
 def pytest_configure(config):
@@ -233,3 +237,55 @@ def silent_nameserver():
     queries and TCP connections and never answers, for resolver timeouts."""
     with SilentNameserver() as server:
         yield server.address
+
+
+# ---------------------------------------------------------------------------
+# SMTP and LMTP servers on several loopback addresses
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mx_servers():
+    """Start servers on several addresses and one port:
+    ``mx_servers(["127.0.0.2", "127.0.0.3", "::1"], {"127.0.0.3": "refuse"})``
+    returns a started ``MxServers`` (``.port``, ``.server(address)``);
+    behaviours are in ``mx_servers.BEHAVIOURS``. Each is stopped after the
+    test. For ``::1`` mark the test
+    ``@helpers.requires(mx_servers.ipv6_loopback_available(), ...)``."""
+    _require_aiosmtpd()
+    started = []
+
+    def factory(addresses, behaviours=None):
+        servers = MxServers(addresses, behaviours)
+        started.append(servers)
+        return servers.start()
+
+    yield factory
+    for servers in reversed(started):
+        servers.stop()
+
+
+@pytest.fixture
+def lmtp_factory():
+    """Start aiosmtpd LMTP servers: ``factory(address_or_unix_path,
+    replies=None)`` with ``(host, port)`` or a unix socket path, and
+    {recipient: reply line} for the replies after the final dot. Each is
+    stopped after the test."""
+    _require_aiosmtpd()
+    started = []
+
+    def factory(address_or_unix_path=("127.0.0.1", 0), replies=None):
+        server = LmtpServer(address_or_unix_path, replies)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def lmtp_server(lmtp_factory):
+    """An LMTP server on 127.0.0.1 (``.host``, ``.port``) answering
+    "250 2.0.0 Ok" for every recipient."""
+    return lmtp_factory()
