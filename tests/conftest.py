@@ -11,7 +11,13 @@ lifetimes:
   instances (about a second each), stopped at the end of the session;
 * ``smtp_sink_server`` -- a fresh Postfix ``smtp-sink`` per test;
   ``smtp_sink_factory(options=[...])`` for variants;
-* ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts.
+* ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts;
+* ``dns_server`` -- one private NSD for the whole session (``dns_server.py``);
+  each test adds zones of its own, named by ``dns_origin``;
+  ``silent_nameserver`` -- an address that never answers;
+* ``mx_servers(addresses, behaviours)`` -- SMTP servers on several loopback
+  addresses sharing one port; ``lmtp_factory``/``lmtp_server`` -- LMTP
+  (``mx_servers.py``), all stopped after the test.
 
 A server that cannot run here (Postfix not installed, not root) skips its
 tests with the reason, except in CI, where it fails them; so does a test
@@ -23,6 +29,8 @@ from __future__ import annotations
 import pytest
 
 import helpers
+from dns_server import DnsServer, DnsServerError, SilentNameserver
+from mx_servers import LmtpServer, MxServers
 
 
 def pytest_configure(config):
@@ -189,3 +197,95 @@ def smtp_sink_server(smtp_sink_factory):
     """A Postfix smtp-sink on 127.0.0.1 that accepts everything and dumps
     each transaction: ``.host``, ``.port``, ``.wait_for_messages(n)``."""
     return smtp_sink_factory()
+
+
+# ---------------------------------------------------------------------------
+# DNS: a private NSD, and a nameserver that never answers
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dns_server():
+    """A private NSD on 127.0.0.1 for the whole session (``DnsServer``):
+    ``.address`` ("127.0.0.1:PORT", for a resolver's nameservers),
+    ``.add_zone(origin, records)``, ``.set_records()``, ``.broken_zone()``
+    (SERVFAIL), ``.remove_zone()`` (REFUSED), ``.queries()``,
+    ``.reset_queries()``. Zones outlive the test that added them: name
+    yours with ``dns_origin``."""
+    why = DnsServer.unavailable()
+    if why:
+        helpers.missing(why)
+    server = DnsServer()
+    try:
+        server.start()
+    except DnsServerError as e:
+        pytest.fail("private NSD did not start: %s" % e, pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_origin(dns_server, request):
+    """A zone name no other test uses, made from this test's name
+    ("test-mx-order-7.test"); not added yet."""
+    return dns_server.unique_origin(request.node.name)
+
+
+@pytest.fixture
+def silent_nameserver():
+    """The address ("127.0.0.1:PORT") of a nameserver that takes UDP
+    queries and TCP connections and never answers, for resolver timeouts."""
+    with SilentNameserver() as server:
+        yield server.address
+
+
+# ---------------------------------------------------------------------------
+# SMTP and LMTP servers on several loopback addresses
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mx_servers():
+    """Start servers on several addresses and one port:
+    ``mx_servers(["127.0.0.2", "127.0.0.3", "::1"], {"127.0.0.3": "refuse"})``
+    returns a started ``MxServers`` (``.port``, ``.server(address)``);
+    behaviours are in ``mx_servers.BEHAVIOURS``. Each is stopped after the
+    test. For ``::1`` mark the test
+    ``@helpers.requires(mx_servers.ipv6_loopback_available(), ...)``."""
+    _require_aiosmtpd()
+    started = []
+
+    def factory(addresses, behaviours=None):
+        servers = MxServers(addresses, behaviours)
+        started.append(servers)
+        return servers.start()
+
+    yield factory
+    for servers in reversed(started):
+        servers.stop()
+
+
+@pytest.fixture
+def lmtp_factory():
+    """Start aiosmtpd LMTP servers: ``factory(address_or_unix_path,
+    replies=None)`` with ``(host, port)`` or a unix socket path, and
+    {recipient: reply line} for the replies after the final dot. Each is
+    stopped after the test."""
+    _require_aiosmtpd()
+    started = []
+
+    def factory(address_or_unix_path=("127.0.0.1", 0), replies=None):
+        server = LmtpServer(address_or_unix_path, replies)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def lmtp_server(lmtp_factory):
+    """An LMTP server on 127.0.0.1 (``.host``, ``.port``) answering
+    "250 2.0.0 Ok" for every recipient."""
+    return lmtp_factory()
