@@ -217,8 +217,18 @@ static uint64_t hash_shape(const struct smtps_result *r, size_t *bytes)
     for (i = 0; i < r->nrcpt; i++) {
 	h = hash_int(h, r->rcpt[i].status);
 	h = hash_int(h, r->rcpt[i].bounce_class);
+	h = hash_int(h, r->rcpt[i].route);
 	h = hash_reply(h, &r->rcpt[i].reply, bytes);
     }
+    /* Where they went: a result per MX host and address. */
+    h = hash_int(h, (long long) r->nroute);
+    for (i = 0; i < r->nroute; i++) {
+	h = hash_bytes(h, r->route[i].mx, strnlen(r->route[i].mx,
+						  sizeof(r->route[i].mx)));
+	h = hash_bytes(h, r->route[i].ip, strnlen(r->route[i].ip,
+						  sizeof(r->route[i].ip)));
+    }
+    *bytes += r->nroute * sizeof(struct smtps_result_route);
     return h;
 }
 
@@ -238,7 +248,14 @@ static int shape_equal(const struct smtps_result *a,
     for (i = 0; i < a->nrcpt; i++)
 	if (a->rcpt[i].status != b->rcpt[i].status
 	    || a->rcpt[i].bounce_class != b->rcpt[i].bounce_class
+	    || a->rcpt[i].route != b->rcpt[i].route
 	    || !reply_equal(&a->rcpt[i].reply, &b->rcpt[i].reply))
+	    return 0;
+    if (a->nroute != b->nroute)
+	return 0;
+    for (i = 0; i < a->nroute; i++)
+	if (strncmp(a->route[i].mx, b->route[i].mx, sizeof(a->route[i].mx)) != 0
+	    || strncmp(a->route[i].ip, b->route[i].ip, sizeof(a->route[i].ip)) != 0)
 	    return 0;
     return 1;
 }

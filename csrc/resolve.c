@@ -35,7 +35,9 @@
  *	desired; an authoritative server answers for its own zones),
  *	/etc/hosts, trust anchors (DS or DNSKEY records), local records
  *	(zone-file lines answered without asking anyone). Name servers on
- *	loopback are allowed (libunbound refuses them by default).
+ *	loopback are allowed (libunbound refuses them by default), and
+ *	names the caller's own servers may serve ("test", "home.arpa") are
+ *	asked of them rather than answered NXDOMAIN by libunbound.
  *
  *	smtps_dns_query() starts a lookup for req, a record the caller owns
  *	(embedded in what waits for the answer) with its done and arg set:
@@ -95,6 +97,11 @@ struct smtps_dns {
     struct ub_ctx *ctx;
 };
 
+static const char *const private_zones[] = {
+    "test. transparent",
+    "home.arpa. transparent",
+};
+
 static void dns_callback(void *mydata, int err, struct ub_result *result);
 
 /* dns_fail - smtps_dns_new() gives up, saying why */
@@ -140,6 +147,16 @@ struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
 	    if ((rc = ub_ctx_set_fwd(dns->ctx, cfg->nameservers[i])) != 0)
 		return dns_fail(dns, why, whylen, "name server",
 				cfg->nameservers[i], rc);
+	/*
+	 * Names the caller's own servers may well serve (RFC 6761 "test",
+	 * RFC 8375 "home.arpa"): asked of them too, not answered "no such
+	 * domain" by libunbound's defaults.
+	 */
+	for (i = 0; i < sizeof(private_zones) / sizeof(private_zones[0]); i++)
+	    if ((rc = ub_ctx_set_option(dns->ctx, "local-zone:",
+					private_zones[i])) != 0)
+		return dns_fail(dns, why, whylen, "local zone",
+				private_zones[i], rc);
     }
     if (cfg != NULL && cfg->hosts_file
 	&& (rc = ub_ctx_hosts(dns->ctx, NULL)) != 0)

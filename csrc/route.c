@@ -705,6 +705,20 @@ static void join_finish(struct smtps_engine *e, struct smtps_join *j)
     smtps_engine_push_result(e, r);
 }
 
+/* enhanced_of - "5.1.2" from the head of "5.1.2 cannot route ..." */
+
+static const char *enhanced_of(const char *text, char *code)
+{
+    size_t  n = strspn(text, "0123456789.");
+
+    code[0] = 0;
+    if (n >= 5 && n < 16 && text[n] == ' ') {
+	memcpy(code, text, n);
+	code[n] = 0;
+    }
+    return code;
+}
+
 /* settle_unrouted - recipient i has no route: failed, as its domain says */
 
 static void settle_unrouted(struct smtps_result *r, size_t i,
@@ -712,7 +726,7 @@ static void settle_unrouted(struct smtps_result *r, size_t i,
 			            const char *addr)
 {
     struct smtps_result_rcpt *rc = &r->rcpt[i];
-    char    why[SMTPS_WHY_MAX];
+    char    why[SMTPS_WHY_MAX], code[16];
     const char *text;
 
     if (route == NULL) {
@@ -726,9 +740,10 @@ static void settle_unrouted(struct smtps_result *r, size_t i,
     }
     if (r->reason[0] == 0)
 	(void) smtps_result_set_reason(r, text);
-    rc->bounce_class = route != NULL && route->null_mx ?
-	smtps_bounce_classify(556, "5.1.10", text, strlen(text)) :
-	smtps_bounce_classify_reason(rc->status, text);
+    /* The enhanced code at the head of our own reason says what it was. */
+    rc->bounce_class = smtps_bounce_classify(rc->status == SMTPS_STATUS_PERMFAIL ?
+					     550 : 450, enhanced_of(text, code),
+					     text, strlen(text));
 }
 
 /*

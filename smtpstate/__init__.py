@@ -38,6 +38,7 @@ from smtpstate.machine import BUILTIN_STATES, Action, Machine, Stage, State, def
 from smtpstate.message import Message, Recipient
 from smtpstate.options import Auth, Options
 from smtpstate.result import RecipientResult, Reply, Result
+from smtpstate.routing import Limits, Resolver, Source
 from smtpstate.session import Capabilities, Session
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Engine",
     "InvalidMessageError",
     "InvalidOptionError",
+    "Limits",
     "LocalProtocolError",
     "Machine",
     "Message",
@@ -60,9 +62,11 @@ __all__ = [
     "RecipientResult",
     "RegistrationError",
     "Reply",
+    "Resolver",
     "Result",
     "SMTPStateError",
     "Session",
+    "Source",
     "Stage",
     "State",
     "StateCallbackError",

@@ -18,8 +18,8 @@ import collections
 import itertools
 import logging
 import time
-from typing import (Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
-                    Tuple)
+from typing import (Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Set, Tuple)
 
 from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
 from smtpstate.classify import _of
@@ -30,6 +30,8 @@ from smtpstate.message import Message, as_messages
 from smtpstate.options import (Options, _check_count, _check_seconds, _printable_name,
                                check_host, check_port)
 from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
+from smtpstate.routing import (ADDRESS_PREFERENCES, INET_PROTOCOLS, Limits, Resolver, Source,
+                               apply_limits, apply_sources)
 from smtpstate.session import Session, _bind, _unbind
 
 __all__ = ["Engine", "Ticket", "deliver"]
@@ -58,7 +60,8 @@ class Ticket:
     Attributes:
         id: unique within the process.
         message: the :class:`~smtpstate.Message`.
-        host, port: where it goes.
+        host, port: where it goes (host None: by its recipients' MX
+            records, each MX host at that port).
         result: the :class:`Result` once it is known, else None.
     """
 
@@ -66,7 +69,7 @@ class Ticket:
 
     # Engine.submit() makes its tickets without calling __init__ (it sets
     # these same five attributes itself): keep the two in step.
-    def __init__(self, tag: int, message: Message, host: str, port: int) -> None:
+    def __init__(self, tag: int, message: Message, host: Optional[str], port: int) -> None:
         self.id = tag
         self.message = message
         self.host = host
@@ -80,7 +83,8 @@ class Ticket:
 
     def __repr__(self) -> str:
         state = self.result.status if self.result is not None else "pending"
-        return f"<Ticket {self.id} {self.host}:{self.port} {state}>"
+        where = f"{self.host}:{self.port}" if self.host is not None else f"MX:{self.port}"
+        return f"<Ticket {self.id} {where} {state}>"
 
 
 class _MessagesByTag(Dict[int, Message]):
@@ -214,8 +218,14 @@ class _Collector:
             stage = self.stages[raw] = raw.decode("utf-8", "replace")
         reason = ffi.string(c.reason).decode("utf-8", "replace") if c.reason[0] != b"\0" else ""
         rcpt = c.rcpt
+        routes = [(ffi.string(c.route[k].mx).decode("utf-8", "replace") or None,
+                   ffi.string(c.route[k].ip).decode("ascii", "replace") or None)
+                  for k in range(c.nroute)]
         info = tuple((_STATUS_NAMES[rcpt[i].status], self.reply(rcpt[i].reply),
-                      int(rcpt[i].bounce_class)) for i in range(c.nrcpt))
+                      int(rcpt[i].bounce_class),
+                      *(routes[rcpt[i].route] if 0 <= rcpt[i].route < len(routes)
+                        else (None, None)))
+                     for i in range(c.nrcpt))
         bounce = int(c.bounce_class)
         # Every field, in the dataclass's order, the four that differ per
         # result as placeholders: a Result's dict is then one copy of it
@@ -235,8 +245,9 @@ class _Collector:
     def recipients(self, proto: Any, addresses: Sequence[Any]) -> Tuple[RecipientResult, ...]:
         """The RecipientResults of a shape for these addresses (kept)."""
         naddr = len(addresses)
-        rcpts = tuple(RecipientResult(addresses[i] if i < naddr else "", status, reply, _of(b))
-                      for i, (status, reply, b) in enumerate(proto[1]))
+        rcpts = tuple(RecipientResult(addresses[i] if i < naddr else "", status, reply, _of(b),
+                                      mx, ip)
+                      for i, (status, reply, b, mx, ip) in enumerate(proto[1]))
         cache = proto[2]
         if len(cache) >= self.RCPTS_MAX:
             cache.clear()
@@ -306,9 +317,23 @@ class Engine:
         machine: the state order to run (default: :data:`default_machine`).
         helo: the EHLO/HELO name (default: this host's FQDN); the ``helo``
             option overrides it per destination.
+        resolver: a :class:`~smtpstate.Resolver` (default: the system's
+            ``resolv.conf`` and ``/etc/hosts``).
+        limits: traffic shaping, ``{key: Limits(...)}``; a key is a
+            recipient domain, ``"mx:"`` and a glob on MX host names, or
+            ``"*"``. A destination follows the most specific rule that
+            matches it (docs/routing.md); without one, the limits above.
+        sources: :class:`~smtpstate.Source` addresses to connect from, in
+            turn (per destination); ``submit(source=...)`` pins one.
+        mx_address_limit: addresses tried per delivery, over all MX hosts.
+        inet_protocols: ``"all"``, ``"ipv4"`` or ``"ipv6"``: the address
+            families used.
+        address_preference: ``"any"`` (a random family first for each
+            host), ``"ipv6"`` or ``"ipv4"``: which is tried first.
 
     Raises:
-        InvalidOptionError: a bad limit, timeout or HELO name.
+        InvalidOptionError: a bad limit, timeout, HELO name, resolver
+            setting, rule or source (one that cannot be bound).
         OSError: the engine could not be made (epoll, memory).
 
     One thread at a time: a call made while another is running (from a
@@ -325,12 +350,26 @@ class Engine:
     def __init__(self, *, max_connections: int = 1000, max_per_destination: int = 10,
                  messages_per_connection: int = 0, idle_timeout: float = 5.0,
                  connect_timeout: float = 30.0, machine: Optional[Machine] = None,
-                 helo: Optional[str] = None) -> None:
+                 helo: Optional[str] = None, resolver: Optional[Resolver] = None,
+                 limits: Optional[Mapping[str, Limits]] = None,
+                 sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
+                 inet_protocols: str = "all", address_preference: str = "any") -> None:
         _check_count(max_connections, "max_connections")
         _check_count(max_per_destination, "max_per_destination")
         _check_count(messages_per_connection, "messages_per_connection", 0)
         _check_seconds(idle_timeout, "idle_timeout")
         _check_seconds(connect_timeout, "connect_timeout")
+        _check_count(mx_address_limit, "mx_address_limit")
+        if mx_address_limit > 16:
+            raise InvalidOptionError(f"mx_address_limit must be at most 16, not {mx_address_limit}")
+        if inet_protocols not in INET_PROTOCOLS:
+            raise InvalidOptionError(f"inet_protocols must be one of {sorted(INET_PROTOCOLS)}, "
+                                     f"not {inet_protocols!r}")
+        if address_preference not in ADDRESS_PREFERENCES:
+            raise InvalidOptionError("address_preference must be one of "
+                                     f"{sorted(ADDRESS_PREFERENCES)}, not {address_preference!r}")
+        if resolver is not None and not isinstance(resolver, Resolver):
+            raise InvalidOptionError(f"resolver must be a smtpstate.Resolver, not {resolver!r}")
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()
         self._ptr: Any = None
@@ -360,6 +399,9 @@ class Engine:
         cfg.messages_per_connection = messages_per_connection
         cfg.idle_timeout_ms = max(1, int(idle_timeout * 1000))
         cfg.connect_timeout_ms = max(1, int(connect_timeout * 1000))
+        cfg.mx_address_limit = mx_address_limit
+        cfg.inet_protocols = INET_PROTOCOLS[inet_protocols]
+        cfg.address_preference = ADDRESS_PREFERENCES[address_preference]
         # C would stop at a NUL and take "a" for "a\0b": check it here.
         chelo = _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX).encode("ascii")
         chelo_c = ffi.new("char[]", chelo)      # lives until engine_new copied it
@@ -373,19 +415,36 @@ class Engine:
                     f"HELO name {self.helo!r} must be 1-{lib.SMTPS_HELO_MAX} printable "
                     "ASCII bytes without spaces")
             raise OSError("cannot make the engine (epoll or memory not available)")
+        try:
+            if resolver is not None:
+                resolver._apply(ptr)
+            if limits:
+                apply_limits(ptr, limits)
+            self._sources = apply_sources(ptr, sources or ())
+        except BaseException:
+            lib.smtps_engine_free(ptr)
+            raise
+        self.resolver = resolver
         self._ptr = ptr
         log.debug("engine ready: %d connections (%d per destination), HELO %s",
                   max_connections, max_per_destination, self.helo)
 
     # -- submitting --------------------------------------------------------
 
-    def submit(self, message: Message, host: str, port: int = 25, **options: Any) -> Ticket:
-        """Queue ``message`` for ``host:port``; return its :class:`Ticket`.
+    def submit(self, message: Message, host: Optional[str] = None, port: int = 25, *,
+               source: Any = None, **options: Any) -> Ticket:
+        """Queue ``message``; return its :class:`Ticket`.
 
         Args:
             message: the :class:`~smtpstate.Message`.
-            host: a name, or an IPv4 or IPv6 address literal.
-            port: the TCP port, an int from 1 to 65535.
+            host: None: each recipient goes where its domain's MX records
+                say (one result all the same); else a name or an IPv4 or
+                IPv6 address literal, every recipient going there (a smart
+                host).
+            port: the TCP port, an int from 1 to 65535: the host's, or that
+                of every MX host.
+            source: a :class:`~smtpstate.Source` given to the engine (or
+                its address) to connect from; None: each in turn.
             **options: those of :class:`~smtpstate.options.Options`: ``tls``,
                 ``auth``, ``ca_file``, ``timeout``, ``helo``,
                 ``server_hostname``,
@@ -406,10 +465,10 @@ class Engine:
         # takes exact str hosts and int ports (an equal float port must
         # not pass), then validation.
         last = self._last_dest
-        if host is last[0] and port is last[1] and options == last[2]:
+        if host is last[0] and port is last[1] and options == last[2] and source is None:
             dest = last[3][0]
         else:
-            dest = self._destination(host, port, options)
+            dest = self._destination(host, port, options, source)
             if type(port) is not int:
                 port = int(port)                 # an int subclass, validated
         # The guard, inline (see _Guard): one call at a time, none after close().
@@ -465,17 +524,25 @@ class Engine:
         message = Message.from_email(msg, sender, recipients, dsn_ret=dsn_ret, envid=envid)
         return self.submit(message, host, port, **options)
 
-    def _destination(self, host: str, port: int, options: Dict[str, Any]) -> Any:
+    def _destination(self, host: Optional[str], port: int, options: Dict[str, Any],
+                     source: Any = None) -> Any:
         """A ``struct smtps_destination`` for these settings, cached, and
         remembered for submit()'s shortcut. A hit was validated when it was
         cached: the host is checked on a miss only (that check walks the
         name, once per submit it was the costliest part of submitting)."""
         check_port(port)
+        pin = 0
+        if source is not None:
+            try:
+                pin = self._sources[source]
+            except (KeyError, TypeError):
+                raise InvalidOptionError(f"source {source!r} is not one of the engine's "
+                                         "sources (Engine(sources=[...]))") from None
         # The key submit() looks up (options in the caller's order: another
         # order is another entry, as valid). Only exact types are cached:
         # an equal float port or str subclass host must not hit later.
         key: Any = None
-        if type(host) is str and type(port) is int:
+        if (type(host) is str or host is None) and type(port) is int and not pin:
             key = (host, port, *options.items()) if options else (host, port)
             try:
                 hit = self._dests.get(key)
@@ -484,13 +551,15 @@ class Engine:
             if hit is not None:
                 self._last_dest = (host, port, options, hit)
                 return hit[0]
-        check_host(host)
+        if host is not None:
+            check_host(host)
         opts = Options.make(**options)
         keep: list = []
         try:
             dest = opts.destination(host, port, keep)
         except UnicodeError:
             raise InvalidOptionError(f"host {host!r} is not a valid host name") from None
+        dest.source = pin
         if key is not None:
             if len(self._dests) >= _DEST_CACHE_MAX:
                 self._dests.clear()
@@ -838,15 +907,19 @@ class _Guard:
         self.engine._token.append(self.taken)
 
 
-def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
-            concurrency: int = 10, **options: Any) -> List[Result]:
-    """Deliver ``messages`` to one server over up to ``concurrency``
-    connections; return their results in the same order.
+def deliver(messages: Iterable[Message], host: Optional[str] = None, port: int = 25, *,
+            concurrency: int = 10, resolver: Optional[Resolver] = None,
+            limits: Optional[Mapping[str, Limits]] = None,
+            sources: Optional[Sequence[Source]] = None, **options: Any) -> List[Result]:
+    """Deliver ``messages`` over up to ``concurrency`` connections per
+    destination; return their results in the same order.
 
     Args:
         messages: :class:`~smtpstate.Message` objects.
-        host, port: the server.
-        concurrency: connections at once.
+        host, port: the server; host None: where each recipient's domain's
+            MX records say (port: of every MX host).
+        concurrency: connections at once, per destination.
+        resolver, limits, sources: as for :class:`Engine`.
         **options: as for :meth:`Engine.submit`.
 
     Raises:
@@ -856,10 +929,14 @@ def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
     batch = as_messages(messages)
     _check_count(concurrency, "concurrency")
     # Refused before the engine exists, even with no message to submit.
-    check_host(host)
+    if host is not None:
+        check_host(host)
     check_port(port)
     Options.make(**options)
-    with Engine(max_connections=concurrency, max_per_destination=concurrency) as engine:
+    # Routed, the messages may go to many sites: per site, concurrency.
+    total = concurrency if host is not None else max(concurrency, 1000)
+    with Engine(max_connections=total, max_per_destination=concurrency, resolver=resolver,
+                limits=limits, sources=sources) as engine:
         tickets = [engine.submit(m, host, port, **options) for m in batch]
         for _ in engine.run():
             pass

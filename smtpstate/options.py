@@ -268,9 +268,10 @@ class Options:
                 if lib.smtps_session_set_timeout(session_ptr, sid, self.timeout_ms) < 0:
                     break
 
-    def destination(self, host: str, port: int, keep: list) -> Any:
-        """A ``struct smtps_destination`` for the engine. ``keep`` receives
-        the cdata it points to, which must live until the submit call."""
+    def destination(self, host: Optional[str], port: int, keep: list) -> Any:
+        """A ``struct smtps_destination`` for the engine (host None: by
+        MX). ``keep`` receives the cdata it points to, which must live
+        until the submit call."""
         d = ffi.new("struct smtps_destination *")
         keep.append(d)
 

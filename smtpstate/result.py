@@ -92,12 +92,17 @@ class RecipientResult:
     that failed the message.
     ``bounce_class`` says what kind of failure it was (None when it did
     not fail: delivered or not sent).
+    ``mx`` is the host it was delivered to or last tried (an MX host, or
+    the host given), and ``ip`` that host's address; None when no
+    connection was made for it.
     """
 
     address: str
     status: str
     reply: Optional[Reply]
     bounce_class: Optional[BounceClass] = None
+    mx: Optional[str] = None
+    ip: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -177,6 +182,15 @@ class Result:
         return f"{self.status} ({self.stage}): {why}"
 
 
+def _route(c: Any, k: int) -> Tuple[Optional[str], Optional[str]]:
+    """Where a recipient went: (mx, ip) of a C result's route k."""
+    if not 0 <= k < c.nroute:
+        return None, None
+    rt = c.route[k]
+    return (ffi.string(rt.mx).decode("utf-8", "replace") or None,
+            ffi.string(rt.ip).decode("ascii", "replace") or None)
+
+
 def result_from_c(
     c: Any, addresses: Tuple[str, ...], state_name: Optional[str], **extra: Any
 ) -> Result:
@@ -187,6 +201,7 @@ def result_from_c(
             _STATUS_NAMES[c.rcpt[i].status],
             Reply._from_result(c.rcpt[i].reply),
             _of(int(c.rcpt[i].bounce_class)),
+            *_route(c, int(c.rcpt[i].route)),
         )
         for i in range(c.nrcpt)
     )
