@@ -140,6 +140,11 @@ static int conn_setup(struct smtps_conn *c)
 	    return rc;
 	}
     }
+    if ((rc = smtps_session_set_protocol(c->s, d->protocol)) != SMTPS_OK) {
+	snprintf(c->why, sizeof(c->why), "cannot use protocol %d: %s",
+		 d->protocol, smtps_strerror(rc));
+	return rc;
+    }
     if (d->auth_user != NULL) {
 	rc = smtps_session_set_auth(c->s, d->auth_user, d->auth_secret,
 				    d->auth_mechs, d->auth_plain);

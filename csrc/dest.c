@@ -159,7 +159,7 @@ int     smtps_dest_check_key(const struct smtps_destination *k)
 	|| (k->tls_servername != NULL
 	    && check_name(k->tls_servername, SMTPS_HOST_MAX) != SMTPS_OK)
 	|| (k->auth_user != NULL && k->auth_secret == NULL)
-	|| (k->protocol != SMTPS_PROTO_SMTP && k->protocol != SMTPS_PROTO_LMTP)
+	|| k->protocol < 0 || k->protocol >= SMTPS_PROTO__COUNT
 	|| k->source < 0)
 	return SMTPS_EINVAL;
     return SMTPS_OK;

@@ -38,7 +38,8 @@
  *	or 334 with more of our commands still owed a reply ends the
  *	connection, since the server would read those commands as its data,
  *	and so does a 354 once the server accepted a recipient since our
- *	last MAIL: the lone dot would deliver an empty message to it.
+ *	last MAIL: the lone dot would deliver an empty message to it. Under
+ *	LMTP every drained 354 ends the connection (drain_reply()).
  *
  *	Transactions. The part of the order from MAIL up to RSET runs once per
  *	message. Reaching MAIL without a transaction starts the next queued
@@ -65,8 +66,9 @@
  *	message instead of two of each. The earlier transaction becomes
  *	s->prev with its BODY entry left at the head of the FIFO, and the
  *	first reply to arrive is its final reply (finish_prev()). Only
- *	drivers that ask for it (the engine) get this, and only when the
- *	order goes from BODY straight to RSET.
+ *	drivers that ask for it (the engine) get this, only when the order
+ *	goes from BODY straight to RSET, and never under LMTP (see
+ *	smtps_dispatch_run_ahead()).
  *
  *	States that never wait. A state awaiting no reply that keeps the
  *	machine among such states (RETRY, or two JUMPing to each other) gives
@@ -604,6 +606,22 @@ static void drain_reply(struct smtps_session *s, const struct smtps_reply *r)
 	smtps_dispatch_fail_conn(s, s->cur, r, SMTPS_STATUS_TEMPFAIL, why, 1);
 	return;
     }
+
+    /*
+     * LMTP answers the end of data once per accepted recipient, so a
+     * lone dot with none accepted is owed no reply at all, and we could
+     * not tell how many to read; and an LMTP server must refuse DATA
+     * when no RCPT succeeded (RFC 2033 4.2). A 354 here is a server that
+     * does not keep to the protocol: close.
+     */
+    if (r->code == 354 && s->protocol == SMTPS_PROTO_LMTP) {
+	smtps_dispatch_fail_conn(s, s->cur, r, SMTPS_STATUS_TEMPFAIL,
+				 "the LMTP server answered DATA with 354 "
+				 "after the transaction had failed; the "
+				 "connection is closed rather than send "
+				 "a lone dot", 1);
+	return;
+    }
     if (r->code == 354
 	&& smtps_session_queue_bytes(s, ".\r\n", 3) == SMTPS_OK) {
 	smtps_session_trace(s, SMTPS_TRACE_SENT, ".", 1);
@@ -902,14 +920,27 @@ static int live_head(const struct smtps_session *s)
     return s->nfifo > k ? s->fifo[k].state : s->cur;
 }
 
-/* smtps_dispatch_run_ahead - start the next transaction behind this final dot */
+/*
+ * smtps_dispatch_run_ahead - start the next transaction behind this final
+ * dot
+ *
+ * Never under LMTP. The earlier transaction is then owed one reply per
+ * accepted recipient, not one, and finish_prev() reads exactly one before
+ * the live transaction's replies; a 421 or a lost connection half-way
+ * through those replies would also have to settle two transactions'
+ * recipients at once, some known and some not. Saving one round trip per
+ * message is not worth a second way to pair replies with recipients:
+ * LMTP sessions wait for the last reply, as drivers that do not ask for
+ * running ahead always do.
+ */
 
 void    smtps_dispatch_run_ahead(struct smtps_session *s)
 {
     struct smtps_message *m;
     struct smtps_tx *tx = s->tx;
 
-    if (!s->tx_runahead || !s->pipelining || s->prev != NULL
+    if (!s->tx_runahead || s->protocol == SMTPS_PROTO_LMTP
+	|| !s->pipelining || s->prev != NULL
 	|| s->status != SMTPS_SESS_ACTIVE || s->draining > 0
 	|| tx == NULL || tx->outcome != 0 || tx->body_active
 	|| tx->body_end == 0 || s->nfifo != 1

@@ -22,9 +22,13 @@
  *	NOT_SENT when a state ended the transaction before the data by a
  *	decision of its own, or with no verdict at all (as an address check
  *	does); one never answered takes a failed message's status and the
- *	reply that failed it, else NOT_SENT. The message is DELIVERED when
- *	every recipient was, PARTIAL when some were, else its verdict
- *	(PERMFAIL without one).
+ *	reply that failed it, else NOT_SENT. Under LMTP a recipient settled
+ *	by its own reply to the end of data keeps that status too
+ *	(transaction.c), whatever the message's verdict. The message is
+ *	DELIVERED when every recipient was, PARTIAL when some were, else its
+ *	verdict (PERMFAIL without one): so an LMTP message with recipients
+ *	delivered and others unknown (the connection died between their
+ *	replies) is PARTIAL, and its recipients say which are which.
  *--*/
 
 #include <stdio.h>
@@ -160,7 +164,8 @@ static void rcpt_final(struct smtps_result *r, size_t i, int verdict,
 	} else
 	    rc->status = SMTPS_STATUS_NOT_SENT;
 	break;
-    default:					/* refused at RCPT: final */
+    default:
+	/* Refused at RCPT, or settled by its own LMTP reply: final. */
 	break;
     }
 }
@@ -181,7 +186,8 @@ void    smtps_result_settle(struct smtps_result *r, int verdict, int shared)
 	rcpt_final(r, i, verdict, shared);
 	delivered += r->rcpt[i].status == SMTPS_STATUS_DELIVERED;
     }
-    if (verdict != SMTPS_STATUS_DELIVERED)
+    /* From the recipients first: under LMTP, any verdict may have them. */
+    if (verdict != SMTPS_STATUS_DELIVERED && delivered == 0)
 	r->status = verdict != 0 ? verdict : SMTPS_STATUS_PERMFAIL;
     else if (delivered == r->nrcpt)
 	r->status = SMTPS_STATUS_DELIVERED;

@@ -28,6 +28,8 @@
  *	int	smtps_session_dispatching(s)
  *	int	smtps_session_interrupted(s)
  *	int	smtps_session_set_auth(s, user, secret, mechs, allow_plaintext)
+ *	int	smtps_session_set_protocol(s, protocol)
+ *	int	smtps_session_protocol(s)
  * DESCRIPTION
  *	The session's surface apart from the driver's calls (session.c):
  *	what a state may ask while it runs, what a driver records before the
@@ -39,6 +41,11 @@
  *	into the session, which wipes them when it ends; the AUTH state
  *	(auth.c) reads them with smtps_session_credentials() and keeps its
  *	dialogue in its own per-connection data, as any state would.
+ *
+ *	The protocol (SMTP or LMTP, RFC 2033) is set before the start and
+ *	fixed for the session's life: the built-in states and the loop read
+ *	it (states.c: the greeting and the replies to the end of data;
+ *	dispatch.c: no running ahead of a final dot).
  *--*/
 
 #include <stdio.h>
@@ -311,4 +318,24 @@ int     smtps_session_set_auth(struct smtps_session *s, const char *user,
     smtps_credentials_free(s->cred);		/* a second call replaces */
     s->cred = c;
     return SMTPS_OK;
+}
+
+/* smtps_session_set_protocol - SMTP or LMTP; before start */
+
+int     smtps_session_set_protocol(struct smtps_session *s, int protocol)
+{
+    if (s == NULL || smtps_protocol_name(protocol) == NULL)
+	return SMTPS_EINVAL;
+    /* The greeting may be out already, in the other protocol's words. */
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    s->protocol = protocol;
+    return SMTPS_OK;
+}
+
+/* smtps_session_protocol - the protocol the session speaks */
+
+int     smtps_session_protocol(const struct smtps_session *s)
+{
+    return s ? s->protocol : SMTPS_PROTO_SMTP;
 }

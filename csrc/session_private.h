@@ -31,7 +31,8 @@
  *
  *	Every decision about a message or recipient status goes through
  *	transaction.c: smtps_tx_rcpt_reply() settles a recipient from its
- *	RCPT reply, smtps_tx_settle() the message's outcome, and
+ *	RCPT reply (and, under LMTP, smtps_tx_lmtp_reply() from its own
+ *	reply to the end of data), smtps_tx_settle() the message's outcome, and
  *	smtps_tx_finish() turns both into the final statuses of the result
  *	(smtps_result_settle(), result.c).
  *--*/
@@ -69,6 +70,18 @@ struct smtps_tx {
     size_t  rcpt_replied;		/* RCPT replies seen */
     size_t  rcpt_accepted;
     int     rcpt_index;			/* recipient of the reply at hand, -1 */
+
+    /*
+     * LMTP (RFC 2033 4.2): the end of data is answered once per recipient
+     * accepted at RCPT, in RCPT order (smtps_tx_lmtp_reply()).
+     */
+    size_t  lmtp_due;			/* replies owed to the end of data; 0:
+					 * one reply for the message (SMTP) */
+    size_t  lmtp_got;			/* of them, read */
+    size_t  lmtp_next;			/* where the next one's recipient is
+					 * looked for */
+    size_t  lmtp_first[3];		/* 1 + the first recipient whose reply
+					 * was 2xx, 4xx (or odd), 5xx; 0: none */
 
     /* The body pump. */
     int     body_active;		/* producing body bytes */
@@ -112,6 +125,7 @@ struct smtps_session {
     char    local_host[SMTPS_ADDRESS_TEXT_MAX + 1];
     int     peer_port, local_port;
     int     status;			/* enum smtps_session_status */
+    int     protocol;			/* enum smtps_protocol, set before start */
 
     /* The dispatch loop (dispatch.c). */
     int     cur;			/* the state entered last */
@@ -219,6 +233,8 @@ void    smtps_tx_settle(struct smtps_session *s, struct smtps_tx *tx,
 			        int status, int id,
 			        const struct smtps_reply *reply,
 			        const char *why);
+int     smtps_tx_lmtp_reply(struct smtps_session *s, struct smtps_tx *tx,
+			            const struct smtps_reply *reply);
 int     smtps_tx_abandon(struct smtps_session *s, struct smtps_tx *tx,
 			         int id, const struct smtps_reply *reply,
 			         int status);

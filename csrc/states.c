@@ -3,7 +3,7 @@
  * NAME
  *	states.c 3
  * SUMMARY
- *	the built-in states of the SMTP client (RFC 5321)
+ *	the built-in states of the SMTP client (RFC 5321), and of LMTP (RFC 2033)
  * SYNOPSIS
  *	#include "session_private.h"
  *
@@ -26,7 +26,9 @@
  *
  *	BANNER	reads the greeting; 554 means QUIT only (RFC 5321 3.1).
  *	EHLO	EHLO, then HELO if EHLO is refused (RFC 5321 4.1.4). After
- *		STARTTLS it runs again and then jumps past STARTTLS.
+ *		STARTTLS it runs again and then jumps past STARTTLS. An LMTP
+ *		session sends LHLO instead and has no fallback: LMTP has no
+ *		HELO (RFC 2033 4.1), so a refused LHLO ends the connection.
  *	STARTTLS
  *		passes through unless the session asked for TLS (RFC 3207).
  *		On 220 it starts the handshake (tls.c) and jumps back to
@@ -48,7 +50,10 @@
  *		(RFC 3030; a body read as it is sent goes by DATA). It starts
  *		only after a 354 or under CHUNKING: a machine that reaches it
  *		any other way fails the message rather than send its text
- *		as commands.
+ *		as commands. Under LMTP the end of data is answered once per
+ *		recipient accepted at RCPT (RFC 2033 4.2, RFC 3030 for BDAT
+ *		LAST): BODY awaits that many replies and hands each to
+ *		smtps_tx_lmtp_reply(), which settles that recipient.
  *	RSET	only when a failed transaction is open and a message follows.
  *	QUIT	QUIT, then the session closes.
  * SEE ALSO
@@ -71,6 +76,8 @@ static size_t xtext(char *out, size_t cap, const char *in);
 static size_t rcpt_line(const struct smtps_session *, size_t, char *, size_t);
 static int protocol_error(struct smtps_session *, const struct smtps_reply *,
 			  const char *what);
+static const char *greeting(const struct smtps_session *);
+static int lmtp_end_reply(struct smtps_session *, const struct smtps_reply *);
 
 /* Each state's stages and timeout, by id: its closure points here. */
 #define SMTPS_X_INFO(n, f, l, sa, sd, tm, fl) \
@@ -79,6 +86,13 @@ static const struct builtin_info builtin_info[SMTPS_STATE__COUNT] = {
     SMTPS_BUILTIN_STATES(SMTPS_X_INFO)
 };
 #undef SMTPS_X_INFO
+
+/* Each protocol's greeting command, by value, from the one list. */
+#define SMTPS_X_GREETING(n, v, s, g) [v] = g,
+static const char *const greetings[SMTPS_PROTO__COUNT] = {
+    SMTPS_PROTOCOLS(SMTPS_X_GREETING)
+};
+#undef SMTPS_X_GREETING
 
 /* The records, one per row; per-connection data only where the row says. */
 #define LOCAL_INIT_NOLOCAL(f) NULL
@@ -162,7 +176,14 @@ int     smtps_banner_callback(struct smtps_session *s,
     return SMTPS_ACT_FAIL_CONN;
 }
 
-/* smtps_ehlo_setup - EHLO, or HELO once EHLO was refused */
+/* greeting - the command that greets: EHLO, LHLO (LMTP), or HELO */
+
+static const char *greeting(const struct smtps_session *s)
+{
+    return s->use_helo ? "HELO" : greetings[s->protocol];
+}
+
+/* smtps_ehlo_setup - EHLO (LHLO under LMTP), or HELO once EHLO was refused */
 
 int     smtps_ehlo_setup(struct smtps_session *s, void *closure)
 {
@@ -170,18 +191,22 @@ int     smtps_ehlo_setup(struct smtps_session *s, void *closure)
     int     n, rc;
 
     SMTPS_UNUSED(closure);
-    n = snprintf(line, sizeof(line), "%s %s", s->use_helo ? "HELO" : "EHLO",
-		 s->helo);
+    n = snprintf(line, sizeof(line), "%s %s", greeting(s), s->helo);
     if ((rc = smtps_session_send_line(s, line, (size_t) n)) != SMTPS_OK)
 	return rc;
     return 1;
 }
 
-/* smtps_ehlo_callback - learn the extensions, or fall back to HELO */
+/*
+ * smtps_ehlo_callback - learn the extensions (from LHLO's reply as from
+ * EHLO's), or fall back to HELO (SMTP only)
+ */
 
 int     smtps_ehlo_callback(struct smtps_session *s, const struct smtps_reply *r,
 			         void *closure)
 {
+    char    why[64];
+
     SMTPS_UNUSED(closure);
     if (r->code >= 200 && r->code < 300) {
 	memset(&s->caps, 0, sizeof(s->caps));
@@ -196,14 +221,15 @@ int     smtps_ehlo_callback(struct smtps_session *s, const struct smtps_reply *r
 	}
 	return SMTPS_ACT_NEXT;
     }
-    if (r->code >= 500 && !s->use_helo) {
+    /* LMTP has no HELO (RFC 2033 4.1): a refused LHLO is the end. */
+    if (r->code >= 500 && !s->use_helo && s->protocol != SMTPS_PROTO_LMTP) {
 	s->use_helo = 1;			/* an RFC 821 server */
 	return SMTPS_ACT_RETRY;
     }
     if (r->code < 400)
-	return protocol_error(s, r, s->use_helo ? "HELO" : "EHLO");
-    smtps_session_set_reason(s, s->use_helo ? "the server refused HELO" :
-			     "the server refused EHLO");
+	return protocol_error(s, r, greeting(s));
+    snprintf(why, sizeof(why), "the server refused %s", greeting(s));
+    smtps_session_set_reason(s, why);
     return SMTPS_ACT_FAIL_CONN;
 }
 
@@ -513,6 +539,17 @@ int     smtps_body_setup(struct smtps_session *s, void *closure)
     smtps_tx_start_body(s, chunking);
     if ((rc = smtps_tx_pump_body(s, s->tx)) != SMTPS_OK)
 	return rc;
+
+    /*
+     * LMTP: one reply per recipient the server accepted at RCPT (RFC 2033
+     * 4.2). With none (a machine of the caller's that came here without
+     * one), the server has nobody to answer for but must still end the
+     * data: one reply, for the message, as in SMTP.
+     */
+    if (s->protocol == SMTPS_PROTO_LMTP && s->tx->rcpt_accepted > 0) {
+	s->tx->lmtp_due = s->tx->rcpt_accepted;	/* <= SMTPS_MAX_RECIPIENTS */
+	return (int) s->tx->lmtp_due;
+    }
     return 1;
 }
 
@@ -528,8 +565,10 @@ int     smtps_body_callback(struct smtps_session *s, const struct smtps_reply *r
 				 "the message data");
 	return SMTPS_ACT_FAIL_CONN;
     }
+    s->need_reset = 0;				/* the server ended it */
+    if (s->tx->lmtp_due > 0)
+	return lmtp_end_reply(s, r);
     s->tx->final_replied = 1;			/* the transaction is over */
-    s->need_reset = 0;
     if (r->code >= 200 && r->code < 300) {
 	smtps_tx_settle(s, s->tx, SMTPS_STATUS_DELIVERED, SMTPS_STATE_BODY, r,
 			NULL);
@@ -538,6 +577,33 @@ int     smtps_body_callback(struct smtps_session *s, const struct smtps_reply *r
     if (r->code < 400)
 	return protocol_error(s, r, "the end of data");
     return smtps_action_for_code(r->code);
+}
+
+/*
+ * lmtp_end_reply - one of LMTP's replies to the end of data: it settles
+ * its recipient (transaction.c); the last one settles the message, and
+ * its action is the message's. Before the last, anything but a protocol
+ * error goes on: a 4xx or 5xx is that recipient's alone. (A 421 among
+ * them still ends the connection, dispatch.c: the recipients still owed
+ * a reply are then unknown.)
+ */
+
+static int lmtp_end_reply(struct smtps_session *s, const struct smtps_reply *r)
+{
+    int     last = smtps_tx_lmtp_reply(s, s->tx, r);
+
+    if (r->code < 200 || (r->code >= 300 && r->code < 400))
+	return protocol_error(s, r, "the end of data");
+    if (!last)
+	return SMTPS_ACT_NEXT;			/* more recipients to hear of */
+    switch (s->tx->outcome) {
+    case SMTPS_STATUS_DELIVERED:
+	return SMTPS_ACT_NEXT;
+    case SMTPS_STATUS_TEMPFAIL:
+	return SMTPS_ACT_TEMPFAIL_TX;
+    default:
+	return SMTPS_ACT_PERMFAIL_TX;
+    }
 }
 
 /* smtps_rset_setup - RSET only when a failed transaction is open and mail waits */

@@ -3,7 +3,7 @@
  * NAME
  *	strerror 3
  * SUMMARY
- *	names of error codes and connection stages
+ *	names of error codes, connection stages and protocols
  * SYNOPSIS
  *	#include "smtpstate.h"
  *
@@ -12,6 +12,9 @@
  *
  *	const char *smtps_stage_name(stage)
  *	int	stage;
+ *
+ *	const char *smtps_protocol_name(protocol)
+ *	int	protocol;
  * DESCRIPTION
  *	smtps_strerror() describes an enum smtps_error value, in the words
  *	of the SMTPS_ERRORS list that makes the enum.
@@ -21,10 +24,15 @@
  *	in smtpstate.h, the same list that makes the enum, so that the two
  *	cannot drift apart.
  *
- *	Both return static strings and keep no state.
+ *	smtps_protocol_name() names an enum smtps_protocol value ("smtp",
+ *	"lmtp"), from the SMTPS_PROTOCOLS list; drivers read their option
+ *	values from it.
+ *
+ *	All three return static strings and keep no state.
  * DIAGNOSTICS
  *	smtps_strerror() returns "unknown error" for a code it does not
- *	know; smtps_stage_name() returns "unknown" for a stage out of range.
+ *	know; smtps_stage_name() returns "unknown" for a stage out of range;
+ *	smtps_protocol_name() returns NULL for a value that names none.
  * SEE ALSO
  *	smtpstate.h, the codes and the stage list.
  *--*/
@@ -61,4 +69,17 @@ const char *smtps_stage_name(int stage)
     if (stage < 0 || stage >= SMTPS_STAGE__COUNT || stage_names[stage] == 0)
 	return ("unknown");
     return (stage_names[stage]);
+}
+
+/* smtps_protocol_name - name a protocol, NULL when the value names none */
+
+const char *smtps_protocol_name(int protocol)
+{
+#define SMTPS_X_PROTOCOL_NAME(n, v, s, g) case v: return (s);
+    switch (protocol) {
+	SMTPS_PROTOCOLS(SMTPS_X_PROTOCOL_NAME)
+    default:
+	return (0);
+    }
+#undef SMTPS_X_PROTOCOL_NAME
 }

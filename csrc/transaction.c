@@ -9,6 +9,7 @@
  *
  *	struct smtps_tx *smtps_tx_start(s)
  *	void	smtps_tx_rcpt_reply(s, tx, i, reply)
+ *	int	smtps_tx_lmtp_reply(s, tx, reply)
  *	void	smtps_tx_settle(s, tx, status, id, reply, why)
  *	int	smtps_tx_abandon(s, tx, id, reply, status)
  *	void	smtps_tx_finish(s, tx)
@@ -32,6 +33,11 @@
  *	smtps_tx_rcpt_reply()	a recipient's RCPT reply: 2xx accepts it
  *				(its fate is then the message's), 5xx fails
  *				it for good, anything else for now;
+ *	smtps_tx_lmtp_reply()	LMTP (RFC 2033 4.2): the end of data is
+ *				answered once per accepted recipient, in
+ *				RCPT order; each reply is its recipient's
+ *				final status and reply, and the last one
+ *				settles the message from them;
  *	smtps_tx_settle()	the message's outcome: the first cause
  *				decides (a reply, a timeout, a lost
  *				connection); later ones only add a reason;
@@ -124,6 +130,82 @@ void    smtps_tx_rcpt_reply(struct smtps_session *s, struct smtps_tx *tx,
 	SMTPS_STATUS_PERMFAIL : SMTPS_STATUS_TEMPFAIL;
 }
 
+/* What an LMTP reply says of its recipient, by kind (lmtp_kind()). */
+static const int lmtp_status[3] = {
+    SMTPS_STATUS_DELIVERED, SMTPS_STATUS_TEMPFAIL, SMTPS_STATUS_PERMFAIL
+};
+
+/*
+ * lmtp_kind - 0 for 2xx, 2 for 5xx, 1 for anything else (4xx, and the
+ * 1xx or 3xx no end of data may get: a protocol error that says nothing
+ * final, as for RCPT)
+ */
+
+static int lmtp_kind(int code)
+{
+    if (code >= 200 && code < 300)
+	return 0;
+    return code >= 500 && code < 600 ? 2 : 1;
+}
+
+/*
+ * smtps_tx_lmtp_reply - the recipient funnel after the data, for LMTP.
+ * The reply is the next accepted recipient's (RFC 2033 4.2: one per
+ * recipient that got a 2xx to RCPT, in that order): 2xx delivers to it,
+ * 5xx fails it for good, anything else for now, and the reply becomes its
+ * own, the one its result shows. Once every reply owed has come, the
+ * message is settled from them: delivered when any recipient took it
+ * (smtps_result_settle() then calls it delivered or partial), else
+ * tempfail when any failed for now, else permfail; the first reply of
+ * that kind is the message's. Returns 1 when that was the last reply.
+ */
+
+int     smtps_tx_lmtp_reply(struct smtps_session *s, struct smtps_tx *tx,
+			            const struct smtps_reply *reply)
+{
+    struct smtps_result *r = tx->res;
+    struct smtps_reply decider;
+    const struct smtps_result_reply *src;
+    size_t  i;
+    int     kind = lmtp_kind(reply->code);
+
+    /* Settled ones are no longer ACCEPTED: the next one is the next owed. */
+    for (i = tx->lmtp_next; i < r->nrcpt; i++)
+	if (r->rcpt[i].status == SMTPS_RCPT_ACCEPTED)
+	    break;
+    if (i < r->nrcpt) {
+	tx->lmtp_next = i + 1;
+	smtps_result_set_reply(&r->rcpt[i].reply, reply);
+	r->rcpt[i].status = lmtp_status[kind];
+	if (tx->lmtp_first[kind] == 0)
+	    tx->lmtp_first[kind] = i + 1;
+    }
+    if (++tx->lmtp_got < tx->lmtp_due)
+	return 0;
+    tx->final_replied = 1;			/* the transaction is over */
+
+    /* The best news decides: one recipient that has it is a delivery. */
+    for (kind = 0; kind < 2 && tx->lmtp_first[kind] == 0; kind++)
+	 /* void */ ;
+    if (tx->lmtp_first[kind] == 0) {
+	/*
+	 * No reply found a recipient (a state of the caller's changed
+	 * their RCPT results under us): this reply speaks for the message.
+	 */
+	smtps_tx_settle(s, tx, lmtp_status[lmtp_kind(reply->code)],
+			SMTPS_STATE_BODY, reply, NULL);
+	return 1;
+    }
+    src = &r->rcpt[tx->lmtp_first[kind] - 1].reply;
+    memset(&decider, 0, sizeof(decider));
+    decider.code = src->code;
+    memcpy(decider.enhanced, src->enhanced, sizeof(decider.enhanced));
+    decider.text = src->text;
+    decider.text_len = strlen(src->text);
+    smtps_tx_settle(s, tx, lmtp_status[kind], SMTPS_STATE_BODY, &decider, NULL);
+    return 1;
+}
+
 /* smtps_tx_settle - the message funnel: decide the outcome once */
 
 void    smtps_tx_settle(struct smtps_session *s, struct smtps_tx *tx,
@@ -161,8 +243,17 @@ int     smtps_tx_abandon(struct smtps_session *s, struct smtps_tx *tx, int id,
     int     close_now = 0;
 
     if (tx->outcome == 0 && smtps_tx_dot_sent(s, tx) && !tx->final_replied) {
-	snprintf(text, sizeof(text), "connection lost after the final dot, "
-		 "before its reply: %.400s", why);
+	/*
+	 * LMTP: the recipients whose replies came keep them; the others
+	 * are unknown, and the message is partial when one was delivered.
+	 */
+	if (tx->lmtp_due > 0)
+	    snprintf(text, sizeof(text), "connection lost after the final "
+		     "dot, with %zu of its %zu replies (one per recipient) "
+		     "read: %.380s", tx->lmtp_got, tx->lmtp_due, why);
+	else
+	    snprintf(text, sizeof(text), "connection lost after the final "
+		     "dot, before its reply: %.400s", why);
 	smtps_tx_settle(s, tx, SMTPS_STATUS_UNKNOWN, id, NULL, text);
     }
     if (smtps_tx_in_data(s, tx)) {

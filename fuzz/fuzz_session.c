@@ -34,7 +34,10 @@
  *		bit 3: AUTH with user/secret, plaintext allowed; bit 4: only
  *		LOGIN; bit 5: transactions run ahead behind the final dot
  *		(as the engine runs them, fed from the session's queue);
- *		bit 6: 5 s reply deadlines instead of RFC 5321's
+ *		bit 6: 5 s reply deadlines instead of RFC 5321's; bit 7:
+ *		LMTP (RFC 2033) instead of SMTP: the model server answers
+ *		LHLO as EHLO and the end of data once per recipient it
+ *		accepted, each reply as the input says
  *	byte 1	messages submitted before the start, 1 + byte % 4
  *	per message: a shape byte (recipients, a non-ASCII one, NOTIFY,
  *		ORCPT, RET/ENVID) and a body byte (one of bodies[], 0xff: a
@@ -72,7 +75,16 @@
  *	*	model: "delivered" only when the server answered the
  *		complete data with 2xx, "unknown" only when the server got
  *		the complete data (both unless the server injected or
- *		swallowed replies: then any client believes the wrong one).
+ *		swallowed replies: then any client believes the wrong one);
+ *	*	LMTP: the client greets with LHLO only (never EHLO or HELO);
+ *		never sends a lone dot; sends nothing after the end of data
+ *		before its replies came (no running ahead, bit 5 or not);
+ *		the protocol cannot change once the
+ *		session started; model: a recipient is "delivered" only when
+ *		the server answered the complete data with 2xx for that
+ *		recipient, "unknown" only when the server got the complete
+ *		data, and a message is "delivered" or "partial" only when
+ *		some recipient's reply was 2xx.
  *--*/
 
 #include "fuzz.h"
@@ -89,6 +101,8 @@ enum kind {
     K_RSET, K_QUIT, K_AUTH, K_AUTHCONT, K_OTHER
 };
 
+#define MAX_RCPTS 3			/* recipients per message (make_message) */
+
 enum smode {
     S_CMD,				/* reading command lines */
     S_DATA,				/* reading DATA up to ".\r\n" */
@@ -102,8 +116,11 @@ struct msg {
     size_t  nrcpt;
     int     submitted;
     int     results;			/* results taken for it */
-    int     accepted;			/* the server 2xx'd its whole data */
+    int     accepted;			/* the server 2xx'd its whole data (LMTP:
+					 * for at least one recipient) */
     int     complete;			/* the server has its whole data */
+    int     rcpt_took[MAX_RCPTS];	/* LMTP: the server 2xx'd the whole
+					 * data for this recipient */
 };
 
 struct model {
@@ -119,6 +136,7 @@ struct model {
     int     login_step;			/* 334 prompts sent for it */
     int     desync;			/* replies no longer match commands */
     int     rcpt_ok;			/* RCPT 2xx in the open transaction */
+    int     rcpt_acc[MAX_RCPTS * 4];	/* LMTP: which recipients, in order */
     int     hangup;			/* close once out is delivered */
 };
 
@@ -129,6 +147,7 @@ struct fuzz {
     struct msg msgs[MAX_MSGS];
     int     nmsgs;
     int     raw;
+    int     lmtp;			/* the session speaks LMTP */
     int     check_wire;			/* clear text: check CR LF pairs */
     int     last_out;			/* the client's previous byte, -1 */
     size_t  taken;			/* results taken */
@@ -146,6 +165,7 @@ static int correct_code(struct fuzz *f, int kind, const char *line);
 static void ehlo_reply(struct fuzz *f, int lf_only);
 static int reply(struct fuzz *f, int kind, const char *line);
 static int msg_of_mail(struct fuzz *f, const char *line);
+static int rcpt_of_line(const char *line);
 static void data_done(struct fuzz *f, const unsigned char *content,
 		      size_t len, int kind);
 static void server_line(struct fuzz *f, char *line, size_t len);
@@ -302,6 +322,15 @@ static void take_results(struct fuzz *f)
 		FUZZ_CHECK(mi->accepted);
 	    if (r->status == SMTPS_STATUS_UNKNOWN)
 		FUZZ_CHECK(mi->complete);
+	    /* LMTP: each recipient's fate is its own reply's. */
+	    if (f->lmtp && r->status == SMTPS_STATUS_PARTIAL)
+		FUZZ_CHECK(mi->accepted);
+	    for (i = 0; f->lmtp && i < r->nrcpt && i < MAX_RCPTS; i++) {
+		if (r->rcpt[i].status == SMTPS_STATUS_DELIVERED)
+		    FUZZ_CHECK(mi->rcpt_took[i]);
+		if (r->rcpt[i].status == SMTPS_STATUS_UNKNOWN)
+		    FUZZ_CHECK(mi->complete);
+	    }
 	}
 	smtps_result_free(r);
     }
@@ -524,13 +553,23 @@ static int msg_of_mail(struct fuzz *f, const char *line)
     return -1;
 }
 
+/* rcpt_of_line - the recipient a RCPT TO line names (rK@...), or -1 */
+
+static int rcpt_of_line(const char *line)
+{
+    if (strncmp(line, "RCPT TO:<r", 10) != 0 || line[10] < '0'
+	|| line[10] >= '0' + MAX_RCPTS)
+	return -1;
+    return line[10] - '0';
+}
+
 /* data_done - the server has the whole DATA or BDAT content: check it */
 
 static void data_done(struct fuzz *f, const unsigned char *content, size_t len,
 		              int kind)
 {
     struct msg *mi;
-    int     code, whole = 0;
+    int     code, whole = 0, n, i, k;
 
     if (f->m.cur >= 0) {
 	mi = &f->msgs[f->m.cur];
@@ -546,11 +585,29 @@ static void data_done(struct fuzz *f, const unsigned char *content, size_t len,
 	 * is an empty message delivered to them. */
 	if (!f->m.desync && kind == K_DOT && len == 0)
 	    FUZZ_CHECK(f->m.rcpt_ok == 0 || mi->norm.len == 0);
+	/* LMTP: no lone dot at all (nobody would answer one). */
+	if (f->lmtp && !f->m.desync && kind == K_DOT && len == 0)
+	    FUZZ_CHECK(mi->norm.len == 0);
     }
+    n = f->m.rcpt_ok;
     f->m.rcpt_ok = 0;
-    code = reply(f, kind, "");
-    if (whole && code >= 200 && code < 300)
+    if (!f->lmtp || n == 0) {
+	code = reply(f, kind, "");
+	if (whole && code >= 200 && code < 300)
+	    f->msgs[f->m.cur].accepted = 1;
+	return;
+    }
+    /* LMTP (RFC 2033 4.2): one reply per recipient accepted, in order. */
+    for (i = 0; i < n; i++) {
+	code = reply(f, kind, "");
+	if (!whole || code < 200 || code >= 300)
+	    continue;
 	f->msgs[f->m.cur].accepted = 1;
+	k = i < (int) (sizeof(f->m.rcpt_acc) / sizeof(f->m.rcpt_acc[0])) ?
+	    f->m.rcpt_acc[i] : -1;
+	if (k >= 0)
+	    f->msgs[f->m.cur].rcpt_took[k] = 1;
+    }
 }
 
 /* server_line - the server read one command line (CRLF stripped) */
@@ -573,7 +630,8 @@ static void server_line(struct fuzz *f, char *line, size_t len)
 	kind = K_AUTH;
 	f->m.login = strncmp(line, "AUTH LOGIN", 10) == 0;
 	f->m.login_step = 0;
-    } else if (strncmp(line, "EHLO ", 5) == 0)
+    } else if (strncmp(line, "EHLO ", 5) == 0
+	       || strncmp(line, "LHLO ", 5) == 0)
 	kind = K_EHLO;
     else if (strncmp(line, "HELO ", 5) == 0)
 	kind = K_HELO;
@@ -592,6 +650,9 @@ static void server_line(struct fuzz *f, char *line, size_t len)
     else
 	kind = K_OTHER;
 
+    /* Each protocol its own greeting; LMTP has no HELO (RFC 2033 4.1). */
+    if (!f->m.desync && (kind == K_EHLO || kind == K_HELO))
+	FUZZ_CHECK(f->lmtp ? line[0] == 'L' : line[0] != 'L');
     if (kind == K_MAIL) {
 	f->m.cur = msg_of_mail(f, line);
 	if (!f->m.desync)
@@ -616,8 +677,12 @@ static void server_line(struct fuzz *f, char *line, size_t len)
     code = reply(f, kind, line);
     if (kind == K_MAIL || kind == K_RSET || kind == K_EHLO || kind == K_HELO)
 	f->m.rcpt_ok = 0;
-    if (kind == K_RCPT && code >= 200 && code < 300)
+    if (kind == K_RCPT && code >= 200 && code < 300) {
+	if ((size_t) f->m.rcpt_ok
+	    < sizeof(f->m.rcpt_acc) / sizeof(f->m.rcpt_acc[0]))
+	    f->m.rcpt_acc[f->m.rcpt_ok] = rcpt_of_line(line);
 	f->m.rcpt_ok++;
+    }
     if (code == 334)
 	f->m.cont = 1;
     if (kind == K_DATA && code == 354) {
@@ -650,6 +715,9 @@ static void server_read(struct fuzz *f)
 	    m->bdat_left -= n;
 	    if (m->bdat_left > 0)
 		return;
+	    /* LMTP never runs ahead: nothing follows the last chunk yet. */
+	    if (f->lmtp && !m->desync)
+		FUZZ_CHECK(m->in.len == 0);
 	    m->mode = S_CMD;
 	    data_done(f, m->data.data, m->data.len, K_BDAT);
 	    continue;
@@ -658,6 +726,9 @@ static void server_read(struct fuzz *f)
 	    m->in.len = 0;
 	    if ((end = fz_data_end(m->data.data, m->data.len, &m->scan)) == 0)
 		return;
+	    /* LMTP never runs ahead: nothing follows the dot yet. */
+	    if (f->lmtp && !m->desync)
+		FUZZ_CHECK(m->data.len == end);
 	    /* Whatever follows the end-of-data line is commands again. */
 	    fz_add(&m->in, m->data.data + end, m->data.len - end);
 	    m->data.len = end;
@@ -902,6 +973,9 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	FUZZ_CHECK(smtps_session_set_auth(f.s, "user", "secret",
 					  (hdr >> 4) & 1 ? SMTPS_AUTH_LOGIN : 0,
 					  1) == 0);
+    f.lmtp = (hdr >> 7) & 1;
+    if (f.lmtp)
+	FUZZ_CHECK(smtps_session_set_protocol(f.s, SMTPS_PROTO_LMTP) == 0);
     if (hdr & 0x20)
 	smtps_session_set_runahead(f.s, NULL, NULL);
     if (hdr & 0x40)
@@ -911,6 +985,9 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (i = 0; i < n; i++)
 	submit(&f);
     FUZZ_CHECK(smtps_session_start(f.s, f.now) == SMTPS_OK);
+    FUZZ_CHECK(smtps_session_set_protocol(f.s, SMTPS_PROTO_SMTP) == SMTPS_ESTATE);
+    FUZZ_CHECK(smtps_session_protocol(f.s) == (f.lmtp ? SMTPS_PROTO_LMTP :
+					       SMTPS_PROTO_SMTP));
     if (!f.raw)
 	reply(&f, K_BANNER, "");
 

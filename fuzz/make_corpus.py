@@ -77,9 +77,10 @@ ROUND = b"\x00"        # a full round trip
 QUIT = b"\x05"
 
 
-def _raw(header: int, replies) -> bytes:
-    """A raw-mode dialogue: one message (shape 0, the first fixed body)."""
-    prog = bytes([header, 0, 0, 0])
+def _raw(header: int, replies, shape: int = 0) -> bytes:
+    """A raw-mode dialogue: one message (shape 0: one recipient; 2: three;
+    the first fixed body)."""
+    prog = bytes([header, 0, shape, 0])
     for r in replies:
         prog += ROUND + _feed(r)
     return prog + ROUND
@@ -118,6 +119,19 @@ SESSIONS = {
         b"220 mx\r\n", b"250-mx\r\n250 STARTTLS\r\n",
         b"220 go ahead\r\n\x16\x03\x03\x00\x02\x02\x28"]),
     "raw-421": _raw(0x01, [b"220 mx\r\n", b"421 4.3.2 going down\r\n"]),
+    # LMTP (header bit 7): three recipients (shape 2), one reply each.
+    "model-lmtp-one-message": b"\x80\x00\x02\x00",
+    "model-lmtp-four-messages": b"\x80\x03" + b"\x02\x00" * 4 + b"\x00" * 12,
+    "model-lmtp-runahead": b"\xa0\x01" + b"\x02\x00" * 2 + b"\x00" * 8,
+    "raw-lmtp": _raw(0x81, [
+        b"220 lmtp\r\n", b"250-lmtp\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n",
+        b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n250 ok\r\n354 go\r\n",
+        b"250 2.0.0 r0\r\n", b"452 4.2.2 r2 full\r\n"], shape=2),
+    "raw-lmtp-chunking": _raw(0x81, [
+        b"220 lmtp\r\n", b"250-lmtp\r\n250-PIPELINING\r\n250 CHUNKING\r\n",
+        b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n",
+        b"250 r0\r\n250 r1\r\n"], shape=2),
+    "raw-lmtp-lhlo-refused": _raw(0x81, [b"220 lmtp\r\n", b"500 5.5.1 what\r\n"]),
 }
 
 

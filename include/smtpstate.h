@@ -27,7 +27,8 @@
  * SEE ALSO
  *	RFC 5321 (SMTP), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING),
  *	RFC 3461 (DSN), RFC 3463/2034 (enhanced status codes),
- *	RFC 6531 (SMTPUTF8), RFC 1870 (SIZE), RFC 6152 (8BITMIME).
+ *	RFC 6531 (SMTPUTF8), RFC 1870 (SIZE), RFC 6152 (8BITMIME),
+ *	RFC 2033 (LMTP).
  *--*/
 
 #ifndef SMTPSTATE_H
@@ -851,6 +852,45 @@ int smtps_session_set_trace(struct smtps_session *s, SMTPSTrace fn,
 			    void *closure);
 
 /* ------------------------------------------------------------------ */
+/* The protocol a session speaks: SMTP or LMTP (RFC 2033)              */
+/* ------------------------------------------------------------------ */
+
+/*
+ * One list makes the enum, the names drivers show (smtps_protocol_name())
+ * and the greeting each protocol sends (states.c). Columns: suffix,
+ * value, name, greeting command.
+ *
+ * LMTP differs from SMTP in three places only: the greeting is LHLO
+ * (never HELO: a refused LHLO ends the connection); the end of data
+ * (the final dot, or BDAT ... LAST) is answered once per recipient
+ * accepted at RCPT, in RCPT order, and each of those replies is that
+ * recipient's final status and reply; and a session never starts the
+ * next transaction behind a final dot (smtps_session_set_runahead() is
+ * ignored), since the replies owed to that dot are not one.
+ */
+#define SMTPS_PROTOCOLS(X) \
+    X(SMTP, 0, "smtp", "EHLO")		/* RFC 5321; the default */ \
+    X(LMTP, 1, "lmtp", "LHLO")		/* RFC 2033 */
+
+#define SMTPS_X_PROTOCOL(n, v, s, g) SMTPS_PROTO_##n = v,
+enum smtps_protocol {
+    SMTPS_PROTOCOLS(SMTPS_X_PROTOCOL)
+    SMTPS_PROTO__COUNT
+};
+#undef SMTPS_X_PROTOCOL
+
+/* The name of a protocol ("smtp", "lmtp"), or NULL when it names none. */
+const char *smtps_protocol_name(int protocol);
+
+/*
+ * Before smtps_session_start(): the protocol this session speaks
+ * (SMTPS_PROTO_*; SMTPS_PROTO_SMTP unless set). SMTPS_EINVAL for an
+ * unknown one, SMTPS_ESTATE once the session has started.
+ */
+int smtps_session_set_protocol(struct smtps_session *s, int protocol);
+int smtps_session_protocol(const struct smtps_session *s);	/* SMTPS_PROTO_* */
+
+/* ------------------------------------------------------------------ */
 /* TLS (RFC 3207) and AUTH (RFC 4954), per session                     */
 /* ------------------------------------------------------------------ */
 
@@ -903,9 +943,6 @@ int smtps_session_set_auth(struct smtps_session *s, const char *user,
 struct smtps_engine;
 
 /* Where and how to deliver; copied at submit. */
-#define SMTPS_PROTO_SMTP 0
-#define SMTPS_PROTO_LMTP 1
-
 struct smtps_destination {
     size_t sizeof_destination;		/* ABI guard */
     const char *host;			/* name, address literal (v4 or v6) or

@@ -13,9 +13,10 @@ hands the session's output to the transport, collects finished results,
 re-arms the deadline timer and acts on the session's status. The one other
 place that collects is :meth:`_Connection._lose`, the session's end.
 
-Rule 2: the transport is always plain TCP. TLS (``tls="starttls"`` or
-``"implicit"``) runs inside the C session, which then consumes and
-produces ciphertext; asyncio's ``ssl`` is never used.
+Rule 2: the transport is always a plain stream: TCP, or a unix-domain
+socket for a host given as ``"unix:/path/to/socket"``. TLS
+(``tls="starttls"`` or ``"implicit"``) runs inside the C session, which
+then consumes and produces ciphertext; asyncio's ``ssl`` is never used.
 
 Rule 3: the session's clock is the event loop's (``loop.time()``, which is
 monotonic) in integer milliseconds, so that a deadline the session reports
@@ -40,7 +41,7 @@ from smtpstate.errors import ConnectError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, Stage, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Options, _check_count, check_host, check_port
+from smtpstate.options import Options, _check_count, check_host, check_port, unix_path
 from smtpstate.result import Result, not_attempted, unsent_result
 from smtpstate.session import Capabilities, Session
 
@@ -157,23 +158,29 @@ class _Connection(asyncio.Protocol):
                 and int(lib.smtps_session_status(self.ptr)) in _USABLE)
 
     async def open(self, host: str, port: int, timeout: float) -> None:
-        """Make the TCP connection; the session starts in connection_made.
+        """Make the connection (TCP, or to the unix socket of a
+        ``"unix:/path"`` host); the session starts in connection_made.
 
         Raises:
             ConnectError: it failed or timed out; every message waiting in
                 the session then has a "not connected" result.
         """
+        path = unix_path(host)
+        where = host if path is not None else f"{host}:{port}"
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: self, host, port), timeout)
+            if path is not None:
+                opening = self.loop.create_unix_connection(lambda: self, path)
+            else:
+                opening = self.loop.create_connection(lambda: self, host, port)
+            await asyncio.wait_for(opening, timeout)
         except asyncio.TimeoutError as exc:
-            err = ConnectError(errno.ETIMEDOUT, f"cannot connect to {host}:{port}: "
+            err = ConnectError(errno.ETIMEDOUT, f"cannot connect to {where}: "
                                f"timed out after {timeout:g} s")
             self._lose(err.strerror)
             raise err from exc
         except OSError as exc:
             err = ConnectError(exc.errno or errno.ECONNREFUSED,
-                               f"cannot connect to {host}:{port}: {exc}")
+                               f"cannot connect to {where}: {exc}")
             self._lose(err.strerror)
             raise err from exc
         except BaseException:
@@ -258,8 +265,12 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
-        self.session._set_addresses(peer[:2], local[:2])
-        log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
+        if isinstance(peer, tuple) and isinstance(local, tuple):
+            self.session._set_addresses(peer[:2], local[:2])
+            log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
+        else:
+            # A unix socket: its names are paths, no numeric addresses.
+            log.debug("connected to unix socket %r", peer)
         try:
             check(lib.smtps_session_start(self.ptr, self._now()), "start the session")
             self._step()
@@ -452,22 +463,28 @@ class _Connection(asyncio.Protocol):
 
 
 class Client:
-    """An asyncio SMTP client for one server.
+    """An asyncio SMTP (or LMTP) client for one server.
 
     Args:
-        host, port: the server.
+        host, port: the server: a name or an address and a TCP port, or
+            ``"unix:/path/to/socket"`` for a unix-domain socket (any
+            protocol; ``port`` is then ignored).
         machine: the state order to run (default: :data:`default_machine`).
         keep_transcript: record every byte sent and received in
             :attr:`transcript` as ``("C" | "S", bytes)`` pairs (ciphertext
             once TLS is up).
         **options: delivery options, as :class:`smtpstate.options.Options`
-            (``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo``,
-            ``server_hostname``, ``dangerously_skip_certificate_verification``).
+            (``protocol``: "smtp" or "lmtp"; ``tls``, ``auth``, ``ca_file``,
+            ``timeout``, ``helo``, ``server_hostname``,
+            ``dangerously_skip_certificate_verification``). Under LMTP
+            (RFC 2033) each recipient's ``status`` and ``reply`` are the
+            server's reply for it after the data.
 
     Raises:
         TypeError: an unknown option.
-        InvalidOptionError: a bad host or port (an int from 1 to 65535),
-            or a known option with a bad value.
+        InvalidOptionError: a bad host or port (an int from 1 to 65535;
+            not checked for a unix socket), or a known option with a bad
+            value.
 
     :meth:`send` connects when needed and reuses the connection. Any number
     of ``send()`` calls may run at once; they take turns, in call order,
@@ -480,9 +497,12 @@ class Client:
 
     def __init__(self, host: str, port: int = 25, *, machine: Optional[Machine] = None,
                  keep_transcript: bool = False, **options: Any) -> None:
-        self.host = check_host(host)
-        self.port = check_port(port)
         self.options = Options.make(**options)
+        if self.options.check_unix(host) is not None:
+            self.host, self.port = host, port
+        else:
+            self.host = check_host(host)
+            self.port = check_port(port)
         self.machine = machine if machine is not None else default_machine
         self.keep_transcript = keep_transcript
         self.transcript: List[Tuple[str, bytes]] = []
@@ -537,7 +557,7 @@ class Client:
 
     @property
     def capabilities(self) -> Optional[Capabilities]:
-        """What the server's EHLO offered, or None when not connected."""
+        """What the server's EHLO (LHLO) offered, or None when not connected."""
         c = self._conn
         return c.session.capabilities if c is not None and c.connected else None
 
@@ -672,9 +692,9 @@ async def send(message: Message, host: str, port: int = 25, *,
 
     Args:
         message: what to deliver.
-        host, port: the server.
+        host, port: the server (or ``"unix:/path/to/socket"``, port ignored).
         machine: the state order (default: :data:`default_machine`).
-        **options: as for :class:`Client`.
+        **options: as for :class:`Client` (``protocol="lmtp"`` included).
 
     Returns:
         The message's :class:`Result` (never raises for a server's doing).
@@ -705,7 +725,7 @@ async def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
 
     Args:
         messages: what to deliver.
-        host, port: the server.
+        host, port: the server (or ``"unix:/path/to/socket"``, port ignored).
         concurrency: the most connections open at once (>= 1).
         machine: the state order (default: :data:`default_machine`).
         **options: as for :class:`Client`.
@@ -725,9 +745,9 @@ async def deliver(messages: Iterable[Message], host: str, port: int = 25, *,
             raise TypeError(f"deliver() takes smtpstate.Message objects, not {type(m).__name__}")
     _check_count(concurrency, "concurrency")
     # Refused before connecting, as Client would refuse them in each worker.
-    check_host(host)
-    check_port(port)
-    Options.make(**options)
+    if Options.make(**options).check_unix(host) is None:
+        check_host(host)
+        check_port(port)
     results: List[Optional[Result]] = [None] * len(msgs)
     todo = collections.deque(range(len(msgs)))
     workers = min(concurrency, len(msgs))

@@ -1,5 +1,6 @@
 """The blocking client: one connection, one message at a time, driving the
-C session over a plain socket.
+C session over a plain socket (TCP, or a unix-domain socket for a host
+given as ``"unix:/path/to/socket"``), in SMTP or LMTP.
 
 It moves bytes and keeps the clock, nothing else: what to send and what a
 reply means is decided in C (and in the machine's Python states). TLS
@@ -23,7 +24,7 @@ import time
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
-from smtpstate.errors import ConnectError, LocalProtocolError
+from smtpstate.errors import ConnectError, InvalidOptionError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
@@ -50,16 +51,23 @@ def _default_helo() -> str:
 
 
 class Client:
-    """A blocking SMTP client for one server.
+    """A blocking SMTP (or LMTP) client for one server.
 
     Args:
-        host, port: the server.
+        host, port: the server: a name or an address and a TCP port, or
+            ``"unix:/path/to/socket"`` for a unix-domain socket (any
+            protocol; ``port`` is then ignored).
+        protocol: "smtp" (the default) or "lmtp" (RFC 2033, as Dovecot,
+            Cyrus and Postfix's lmtp server speak it): LHLO instead of
+            EHLO, no HELO fallback, and one reply per recipient after the
+            data, which is that recipient's ``status`` and ``reply`` in the
+            :class:`~smtpstate.Result` (``"partial"`` when some took it).
         timeout: seconds; the connect timeout and every reply deadline.
             None keeps RFC 5321's per-stage defaults (5 minutes for most
             replies, 10 for the final one) and a 60 s connect timeout.
         machine: the state order to run (default: :data:`default_machine`).
         helo: the EHLO/HELO name (default: this host's FQDN).
-        source_address: (host, port) to bind before connecting.
+        source_address: (host, port) to bind before connecting (TCP only).
         keep_transcript: record every byte sent and received in
             :attr:`transcript` as ``("C" | "S", bytes)`` pairs (ciphertext
             once TLS is up; what is written during AUTH is redacted).
@@ -76,7 +84,8 @@ class Client:
             account). Make a new Client to try other credentials.
         ca_file: PEM file of the CAs to trust; None: the system store.
         server_hostname: the name sent as SNI and required in the
-            server's certificate; None: ``host``.
+            server's certificate; None: ``host`` (required for TLS over a
+            unix socket, unless verification is skipped).
         dangerously_skip_certificate_verification: accept any certificate
             for any name. Only for throwaway test servers.
 
@@ -96,23 +105,35 @@ class Client:
 
     Raises:
         InvalidOptionError: a bad host or port (an int from 1 to 65535),
-            or a bad option (unknown ``tls`` mode, missing
-            ``ca_file``, bad ``auth``).
+            or a bad option (unknown ``protocol`` or ``tls`` mode, missing
+            ``ca_file``, bad ``auth``, ``source_address`` with a unix
+            socket).
     """
 
     def __init__(self, host: str, port: int = 25, *, timeout: Optional[float] = None,
                  machine: Optional[Machine] = None, helo: Optional[str] = None,
                  source_address: Optional[Tuple[str, int]] = None,
-                 keep_transcript: bool = False, tls: str = "none",
+                 keep_transcript: bool = False, protocol: str = "smtp", tls: str = "none",
                  auth: Union[Auth, Tuple[str, str], None] = None,
                  ca_file: Optional[str] = None, server_hostname: Optional[str] = None,
                  dangerously_skip_certificate_verification: bool = False) -> None:
         self.options = Options.make(
-            tls=tls, auth=auth, ca_file=ca_file, timeout=timeout, helo=helo,
-            server_hostname=server_hostname,
+            protocol=protocol, tls=tls, auth=auth, ca_file=ca_file, timeout=timeout,
+            helo=helo, server_hostname=server_hostname,
             dangerously_skip_certificate_verification=dangerously_skip_certificate_verification)
-        self.host = check_host(host)
-        self.port = check_port(port)
+        #: The socket path when ``host`` is ``"unix:/path"``, else None.
+        self.unix_path = self.options.check_unix(host)
+        if self.unix_path is not None:
+            if source_address is not None:
+                raise InvalidOptionError(
+                    f"source_address={source_address!r} has no meaning for the unix "
+                    f"socket {host!r}; leave it out")
+            self.host, self.port = host, port
+            self._where = host                  # for log lines and errors
+        else:
+            self.host = check_host(host)
+            self.port = check_port(port)
+            self._where = f"{self.host}:{self.port}"
         self.timeout = timeout
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()
@@ -153,15 +174,19 @@ class Client:
             raise LocalProtocolError("already connected; close() first")
         connect_timeout = self.timeout if self.timeout is not None else 60.0
         try:
-            sock = socket.create_connection((self.host, self.port), connect_timeout,
-                                            source_address=self.source_address)
+            sock = self._open_socket(connect_timeout)
         except OSError as exc:
             raise ConnectError(exc.errno or errno.ECONNREFUSED,
-                               f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+                               f"cannot connect to {self._where}: {exc}") from exc
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = sock.getpeername()[:2]
-        local = sock.getsockname()[:2]
+        if self.unix_path is not None:
+            # No numeric addresses: states see ("", 0), "unknown".
+            peer: Tuple[str, int] = ("", 0)
+            local: Tuple[str, int] = ("", 0)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = sock.getpeername()[:2]
+            local = sock.getsockname()[:2]
         keep: List[Any] = []
         try:
             session = Session(self.machine, self.helo, peer=peer, local=local)
@@ -179,9 +204,30 @@ class Client:
         self._sock, self._session = sock, session
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
-        log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
+        if self.unix_path is not None:
+            log.debug("connected to %s", self._where)
+        else:
+            log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])
         if start:
             self._start(wait)
+
+    def _open_socket(self, timeout: float) -> socket.socket:
+        """A connected socket: TCP, or unix-domain for ``"unix:/path"``.
+
+        Raises:
+            OSError: the connect failed or timed out.
+        """
+        if self.unix_path is None:
+            return socket.create_connection((self.host, self.port), timeout,
+                                            source_address=self.source_address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.unix_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _start(self, wait: bool = False) -> None:
         """Start the new session (states placed before BANNER run now)."""
@@ -226,7 +272,7 @@ class Client:
 
     @property
     def capabilities(self) -> Optional[Capabilities]:
-        """What the server's EHLO offered, or None when not connected.
+        """What the server's EHLO (LHLO) offered, or None when not connected.
 
         Raises:
             LocalProtocolError: another call of this client is running (in
@@ -354,13 +400,13 @@ class Client:
         result = unsent_result(message, tag, "permfail", not_attempted(first.reason),
                                stage=first.stage, stage_code=first.stage_code,
                                state=first.state)
-        log_result(result, f"{self.host}:{self.port} ")
+        log_result(result, f"{self._where} ")
         self.last_result = result
         return result
 
     def _not_connected(self, message: Message, tag: int, why: str) -> Result:
         result = unsent_result(message, tag, "tempfail", why)
-        log_result(result, f"{self.host}:{self.port} ")
+        log_result(result, f"{self._where} ")
         self.last_result = result
         return result
 
@@ -381,7 +427,7 @@ class Client:
             if (result.status == "permfail" and result.state == "AUTH"
                     and self._auth_refused is None):
                 self._auth_refused = result
-            log_result(result, f"{self.host}:{self.port} ")
+            log_result(result, f"{self._where} ")
             self._results.append(result)
             self.last_result = result
 

@@ -1,6 +1,8 @@
 """Delivery options, the same for every driver (Client, Engine, asyncio):
-``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo`` and the loudly named
-``dangerously_skip_certificate_verification``.
+``protocol``, ``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo`` and the
+loudly named ``dangerously_skip_certificate_verification``; and where a
+driver may connect (:func:`check_host`, :func:`check_port`, and
+:func:`unix_path` for ``"unix:/path/to/socket"``).
 
 Rule: options are checked here, once, when they are given; drivers apply
 them to a C session with :meth:`Options.apply` or turn them into a
@@ -18,7 +20,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 from smtpstate._ffi import AUTH_MECHANISMS, check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "AUTH_MECHANISMS", "check_host", "check_port"]
+__all__ = ["Auth", "Options", "TLS_MODES", "PROTOCOLS", "AUTH_MECHANISMS", "check_host",
+           "check_port", "unix_path", "UNIX_PREFIX"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
@@ -28,6 +31,21 @@ TLS_MODES = {
 }
 
 # AUTH_MECHANISMS (name -> bit) is read from C's one list (smtpstate._ffi).
+
+#: The protocols a session speaks, name -> C value, read from C's one list
+#: (``SMTPS_PROTOCOLS``): "smtp" (RFC 5321, the default) and "lmtp"
+#: (RFC 2033: LHLO, and one reply per recipient after the data).
+PROTOCOLS: Dict[str, int] = {
+    ffi.string(lib.smtps_protocol_name(i)).decode("ascii"): i
+    for i in range(lib.SMTPS_PROTO__COUNT)
+}
+
+#: How a host names a unix-domain socket: ``"unix:/path/to/socket"``.
+UNIX_PREFIX = "unix:"
+
+# The bytes of a unix socket path, without its NUL (Linux's sun_path is
+# 108 bytes; a longer path cannot be connected to at all).
+_UNIX_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,29 @@ def check_host(host: Any, what: str = "host") -> str:
             f"{what} {host!r} must be a name or an address: 1-255 characters "
             "without spaces or control characters")
     return host
+
+
+def unix_path(host: Any) -> Optional[str]:
+    """The socket path of a ``"unix:/path/to/socket"`` host, or None when
+    ``host`` is a name or an address (or not a str: :func:`check_host`
+    says what is wrong with it then).
+
+    Raises:
+        InvalidOptionError: ``"unix:"`` without a path, a path with a NUL,
+            or one longer than a unix socket address holds (107 bytes).
+    """
+    if not isinstance(host, str) or not host.startswith(UNIX_PREFIX):
+        return None
+    path = host[len(UNIX_PREFIX):]
+    if not path or "\x00" in path:
+        raise InvalidOptionError(
+            f"host {host!r}: a unix socket is named \"unix:/path/to/socket\", "
+            "with a path and no NUL in it")
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise InvalidOptionError(
+            f"host {host!r}: a unix socket path holds at most {_UNIX_PATH_MAX} bytes; "
+            "use a shorter path (a symbolic link to its directory, say)")
+    return path
 
 
 def check_port(port: Any, what: str = "port") -> int:
@@ -183,6 +224,11 @@ class Options:
     """How to talk to one destination.
 
     Args:
+        protocol: "smtp" (RFC 5321) or "lmtp" (RFC 2033, for delivery to a
+            local mail store such as Dovecot or Cyrus): LHLO instead of
+            EHLO, no HELO fallback, and after the data one reply per
+            recipient accepted at RCPT, which becomes that recipient's
+            status and ``reply`` in the :class:`~smtpstate.Result`.
         tls: "none", "opportunistic" (STARTTLS when offered, else clear: an
             explicit opt-in), "starttls" (required: nothing but QUIT in
             clear when it is missing, refused or fails) or "implicit" (TLS
@@ -198,6 +244,7 @@ class Options:
             and host name. Only for tests against throwaway servers.
     """
 
+    protocol: str = "smtp"
     tls: str = "none"
     auth: Optional[Auth] = None
     ca_file: Optional[str] = None
@@ -207,6 +254,9 @@ class Options:
     dangerously_skip_certificate_verification: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS:
+            raise InvalidOptionError(
+                f"protocol={self.protocol!r} is not one of {sorted(PROTOCOLS)}")
         if self.tls not in TLS_MODES:
             raise InvalidOptionError(f"tls={self.tls!r} is not one of {sorted(TLS_MODES)}")
         auth: Any = self.auth
@@ -244,10 +294,36 @@ class Options:
             return ffi.NULL
         return _tls_config(self.ca_file, self.dangerously_skip_certificate_verification)
 
+    def check_unix(self, host: str) -> Optional[str]:
+        """The socket path when ``host`` is ``"unix:/path"``, else None;
+        for drivers that connect to unix sockets, before they do.
+
+        Raises:
+            InvalidOptionError: a bad unix host (:func:`unix_path`), or TLS
+                over a unix socket without ``server_hostname``: the name
+                the certificate must carry cannot come from a path.
+        """
+        path = unix_path(host)
+        if (path is not None and self.tls != "none" and self.server_hostname is None
+                and not self.dangerously_skip_certificate_verification):
+            raise InvalidOptionError(
+                f"tls={self.tls!r} over the unix socket {host!r} needs "
+                "server_hostname=..., the name the server's certificate carries")
+        return path
+
     def apply(self, session_ptr: Any, host: str, keep: list) -> None:
-        """Set TLS, AUTH and deadlines on a C session before it starts.
-        ``keep`` receives cdata that must live as long as the session."""
-        if self.tls != "none":
+        """Set the protocol, TLS, AUTH and deadlines on a C session before it
+        starts. ``keep`` receives cdata that must live as long as the
+        session. ``host`` is the server's name (the default TLS server
+        name) or ``"unix:/path"`` (no default: see :meth:`check_unix`)."""
+        _check_option(lib.smtps_session_set_protocol(session_ptr, PROTOCOLS[self.protocol]),
+                      "set the protocol")
+        if self.tls != "none" and self.server_hostname is None and unix_path(host) is not None:
+            # No name to send or check (check_unix() let only an unverified
+            # policy come this far).
+            _check_option(lib.smtps_session_set_tls(session_ptr, TLS_MODES[self.tls],
+                                                    self.tls_config(), ffi.NULL), "set up TLS")
+        elif self.tls != "none":
             server_name = self.server_hostname or host
             try:
                 name = server_name.encode("idna")
@@ -271,7 +347,16 @@ class Options:
     def destination(self, host: Optional[str], port: int, keep: list) -> Any:
         """A ``struct smtps_destination`` for the engine (host None: by
         MX). ``keep`` receives the cdata it points to, which must live
-        until the submit call."""
+        until the submit call.
+
+        Raises:
+            InvalidOptionError: LMTP without a host (an LMTP server is
+                named, never found by MX).
+        """
+        if self.protocol != "smtp" and host is None:
+            raise InvalidOptionError(
+                f"protocol={self.protocol!r} needs a host (a TCP host or 'unix:/path'): "
+                "LMTP servers are not found by MX")
         d = ffi.new("struct smtps_destination *")
         keep.append(d)
 
@@ -297,4 +382,5 @@ class Options:
             d.auth_allow_plaintext = 1 if self.auth.allow_plaintext else 0
         d.timeout_ms = self.timeout_ms
         d.helo = cstr(self.helo, "ascii")
+        d.protocol = PROTOCOLS[self.protocol]
         return d

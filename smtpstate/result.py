@@ -10,6 +10,12 @@ delivered, RFC 1047). Each recipient's is ``"delivered"``, ``"tempfail"``,
 it: a state ended the transaction first). Both are always final: C decides
 them in one place (``smtps_result_settle()``), and the results this package
 makes itself follow the same rules.
+
+Under LMTP (RFC 2033) the server answers the end of data once per recipient
+it accepted, and each recipient's ``status`` and ``reply`` are that answer;
+the message is ``"partial"`` when some recipients got the message and
+others did not (or are ``"unknown"``: the connection died between the
+answers).
 """
 
 from __future__ import annotations
@@ -89,7 +95,9 @@ class RecipientResult:
     at RCPT keeps that verdict; one the server accepted shares the
     message's fate.
     ``reply`` is the reply to its RCPT TO, or, when it had none, the reply
-    that failed the message.
+    that failed the message; under LMTP, for a recipient the server
+    accepted, the server's own reply for it after the data (its delivery
+    to that mailbox), when that came.
     ``bounce_class`` says what kind of failure it was (None when it did
     not fail: delivered or not sent).
     ``mx`` is the host it was delivered to or last tried (an MX host, or

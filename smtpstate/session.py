@@ -28,13 +28,16 @@ log = logging.getLogger("smtpstate.state")
 
 
 _EXTENSIONS = _ffi.EXTENSIONS
+# C value -> name, from C's one list of protocols.
+_PROTOCOL_NAMES = {i: ffi.string(lib.smtps_protocol_name(i)).decode("ascii")
+                   for i in range(lib.SMTPS_PROTO__COUNT)}
 _AUTH = _ffi.AUTH_MECHANISMS
 _XCLIENT = _ffi.XCLIENT_ATTRIBUTES
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the server's EHLO offered."""
+    """What the server's EHLO (or, under LMTP, LHLO) offered."""
 
     extensions: FrozenSet[str]
     size_max: int
@@ -160,8 +163,15 @@ class Session:
 
     @property
     def capabilities(self) -> Capabilities:
-        """What the server offered in its EHLO reply (empty before it)."""
+        """What the server offered in its EHLO (LHLO) reply (empty before it)."""
         return Capabilities._from_c(lib.smtps_session_caps(self._live()))
+
+    @property
+    def protocol(self) -> str:
+        """The protocol this connection speaks: "smtp" or "lmtp" (RFC 2033).
+        Under LMTP the built-in EHLO state sends LHLO, and BODY awaits one
+        reply per recipient accepted at RCPT (``reply_index`` counts them)."""
+        return _PROTOCOL_NAMES[int(lib.smtps_session_protocol(self._live()))]
 
     @property
     def pipelining(self) -> bool:

@@ -214,7 +214,13 @@ class ScriptedSession:
     def quit(self) -> None:
         assert lib.smtps_session_quit(self.ptr, self.now) == lib.SMTPS_OK
 
-    # -- TLS and AUTH ----------------------------------------------------
+    # -- the protocol, TLS and AUTH ----------------------------------------
+
+    def set_protocol(self, protocol: str) -> int:
+        """smtps_session_set_protocol; protocol is "smtp" or "lmtp" (any
+        other name is handed to C as -1). Returns the C code."""
+        value = {"smtp": lib.SMTPS_PROTO_SMTP, "lmtp": lib.SMTPS_PROTO_LMTP}.get(protocol, -1)
+        return int(lib.smtps_session_set_protocol(self.ptr, value))
 
     def set_tls(self, mode: str, config: Any, servername: Optional[str] = "localhost") -> int:
         """smtps_session_set_tls; mode is "none", "opportunistic", "starttls"
@@ -256,7 +262,8 @@ class ScriptedSession:
     def results(self) -> List[Dict[str, Any]]:
         """Collect the results finished since the last call, as dicts:
         tag, status, code, enhanced, text, stage, stage_name, state,
-        reason and rcpts (a list of (status, code) pairs)."""
+        reason, rcpts (a list of (status, code) pairs) and rcpt_texts
+        (each recipient's reply text)."""
         new = []
         while True:
             r = lib.smtps_session_next_result(self.ptr)
@@ -276,6 +283,7 @@ class ScriptedSession:
                     "reason": _text(r.reason),
                     "rcpts": [(STATUS[r.rcpt[i].status], int(r.rcpt[i].reply.code))
                               for i in range(r.nrcpt)],
+                    "rcpt_texts": [_text(r.rcpt[i].reply.text) for i in range(r.nrcpt)],
                 })
             finally:
                 lib.smtps_result_free(r)

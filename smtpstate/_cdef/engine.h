@@ -4,9 +4,6 @@
 
 struct smtps_engine;
 
-#define SMTPS_PROTO_SMTP ...
-#define SMTPS_PROTO_LMTP ...
-
 struct smtps_destination {
     size_t sizeof_destination;
     const char *host;

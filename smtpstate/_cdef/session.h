@@ -82,3 +82,14 @@ typedef void (*SMTPSTrace)(struct smtps_session *session, int kind,
 
 int smtps_session_set_trace(struct smtps_session *s, SMTPSTrace fn,
                             void *closure);
+
+/* SMTPS_PROTOCOLS(X), in order */
+enum smtps_protocol {
+    SMTPS_PROTO_SMTP = 0,
+    SMTPS_PROTO_LMTP = 1,
+    SMTPS_PROTO__COUNT = 2
+};
+
+const char *smtps_protocol_name(int protocol);
+int smtps_session_set_protocol(struct smtps_session *s, int protocol);
+int smtps_session_protocol(const struct smtps_session *s);
