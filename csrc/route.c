@@ -738,8 +738,17 @@ static void settle_unrouted(struct smtps_result *r, size_t i,
 	text = route->why ? route->why : "cannot route the domain";
 	rc->status = route->status;
     }
-    if (r->reason[0] == 0)
-	(void) smtps_result_set_reason(r, text);
+    /* Each failing domain once in the message's reason, in order. */
+    if (strstr(r->reason, text) == NULL) {
+	char    both[2 * SMTPS_REASON_MAX];
+
+	if (r->reason[0] == 0)
+	    (void) smtps_result_set_reason(r, text);
+	else if (strlen(r->reason) + strlen(text) + 2 < SMTPS_REASON_MAX) {
+	    snprintf(both, sizeof(both), "%.500s; %.500s", r->reason, text);
+	    (void) smtps_result_set_reason(r, both);
+	}
+    }
     /* The enhanced code at the head of our own reason says what it was. */
     rc->bounce_class = smtps_bounce_classify(rc->status == SMTPS_STATUS_PERMFAIL ?
 					     550 : 450, enhanced_of(text, code),

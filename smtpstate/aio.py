@@ -167,6 +167,7 @@ class _Connection(asyncio.Protocol):
         """
         path = unix_path(host)
         where = host if path is not None else f"{host}:{port}"
+        self.session.route = (host, None)
         try:
             if path is not None:
                 opening = self.loop.create_unix_connection(lambda: self, path)
@@ -265,6 +266,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
+        # Where its results say recipients went: the host as named, its address.
+        self.session.route = (self.session.route[0] if self.session.route else None,
+                              peer[0] if isinstance(peer, tuple) else None)
         if isinstance(peer, tuple) and isinstance(local, tuple):
             self.session._set_addresses(peer[:2], local[:2])
             log.debug("connected to %s:%d from %s:%d", peer[0], peer[1], local[0], local[1])

@@ -60,7 +60,11 @@ credentials: --auth-user or ${ENV_USER}; the password from ${ENV_PASSWORD},
 else asked for on the terminal (--auth-password works too, but other users
 can see command lines). They are never sent before TLS unless --auth-plaintext.
 
+without --server, each recipient goes where its domain's MX records say
+(port 25, or --port), looked up through /etc/resolv.conf or --nameserver.
+
 examples:
+  smtpstate send --to bob@example.net --data message.eml      # by MX
   smtpstate send --server 127.0.0.1:2525 --to bob@example.net
   smtpstate send --server smtp.example.net:587 --tls --auth-user me \\
       --from me@example.net --to bob@example.net --data message.eml -v
@@ -239,7 +243,10 @@ def _describe(result: Any, out: TextIO) -> None:
     from smtpstate.logs import printable
 
     if result.ok:
-        print(f"delivered: {printable(str(result.reply)) if result.reply else ''}", file=out)
+        first = result.recipients[0] if result.recipients else None
+        via = f" via {printable(first.mx)}[{first.ip or ''}]" if first and first.mx else ""
+        print(f"delivered{via}: {printable(str(result.reply)) if result.reply else ''}",
+              file=out)
     else:
         why = printable(str(result.reply) if result.reply is not None else result.reason)
         cls = f" [{result.bounce_class}]" if result.bounce_class is not None else ""
@@ -256,7 +263,8 @@ def _describe(result: Any, out: TextIO) -> None:
             continue
         reply = f" {printable(str(r.reply))}" if r.reply is not None else ""
         cls = f" [{r.bounce_class}]" if r.bounce_class is not None else ""
-        print(f"  {printable(r.address)}: {r.status}{reply}{cls}", file=out)
+        via = f" via {printable(r.mx)}[{r.ip or ''}]" if r.mx else ""
+        print(f"  {printable(r.address)}: {r.status}{reply}{cls}{via}", file=out)
 
 
 def _as_json(result: Any) -> Dict[str, Any]:
@@ -271,8 +279,23 @@ def _as_json(result: Any) -> Dict[str, Any]:
         "stage_code": result.stage_code, "state": result.state, "reason": result.reason,
         "error": result.error, "bounce_class": cls(result.bounce_class),
         "recipients": [{"address": r.address, "status": r.status, "reply": reply(r.reply),
-                        "bounce_class": cls(r.bounce_class)} for r in result.recipients],
+                        "bounce_class": cls(r.bounce_class), "mx": r.mx, "ip": r.ip}
+                       for r in result.recipients],
     }
+
+
+def _send_by_mx(message: Any, port: int, nameservers: List[str],
+                options: Dict[str, Any]) -> Any:
+    """One message routed by its recipients' MX records (an Engine: the
+    Client talks to one server)."""
+    from smtpstate.engine import Engine
+    from smtpstate.routing import Resolver
+
+    resolver = Resolver(nameservers or None)
+    helo = options.pop("helo")
+    with Engine(resolver=resolver, helo=helo) as engine:
+        ticket = engine.submit(message, port=port, **options)
+    return ticket.result
 
 
 def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -281,26 +304,40 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from smtpstate.logs import transcript_handler
     from smtpstate.options import Auth
 
-    try:
-        host, port = parse_server(args.server, 465 if args.tls == "implicit" else 25)
-    except ValueError as exc:
-        parser.error(f"--server: {exc}")
+    host: Optional[str] = None
+    port = args.port
+    if args.server is not None:
+        try:
+            if args.server.startswith("unix:"):
+                host, port = args.server, 24
+            else:
+                host, port = parse_server(args.server, 465 if args.tls == "implicit" else 25)
+        except ValueError as exc:
+            parser.error(f"--server: {exc}")
+    elif args.protocol == "lmtp":
+        parser.error("--protocol lmtp needs --server (an LMTP server is named, not "
+                     "found by MX)")
     message = _build_message(args, parser)
     creds = _credentials(args, parser)
     undo = None
     if args.verbose:
         _, undo = transcript_handler(sys.stderr.write)
-        print(f" * connecting to {host}:{port}", file=sys.stderr)
+        where = f"{host}:{port}" if host is not None else f"the MX hosts (port {port})"
+        print(f" * connecting to {where}", file=sys.stderr)
     try:
         auth = None
         if creds is not None:
             auth = Auth(creds[0], creds[1], mechanism=args.auth_mechanism,
                         allow_plaintext=args.auth_plaintext)
-        client = Client(host, port, timeout=args.timeout, helo=args.helo, tls=args.tls,
-                        auth=auth, ca_file=args.ca_file, server_hostname=args.server_name,
-                        dangerously_skip_certificate_verification=args.insecure)
-        with client:
-            result = client.send(message)
+        options = dict(timeout=args.timeout, helo=args.helo, tls=args.tls, auth=auth,
+                       ca_file=args.ca_file, server_hostname=args.server_name,
+                       dangerously_skip_certificate_verification=args.insecure,
+                       protocol=args.protocol)
+        if host is not None:
+            with Client(host, port, **options) as client:
+                result = client.send(message)
+        else:
+            result = _send_by_mx(message, port, args.nameserver, options)
     except (InvalidMessageError, InvalidOptionError) as exc:
         parser.error(str(exc))
     finally:
@@ -491,8 +528,16 @@ def _send_parser(sub: Any) -> None:
         "send", help="send one message to a server (like swaks)",
         description="Send one message to one SMTP server and say what became of it.",
         epilog=_EPILOG_SEND, formatter_class=argparse.RawDescriptionHelpFormatter)
-    send.add_argument("--server", "-s", default="localhost", metavar="HOST[:PORT]",
-                      help="the server (default localhost; port 25, 465 with --tls implicit)")
+    send.add_argument("--server", "-s", metavar="HOST[:PORT]",
+                      help="the server (port 25, 465 with --tls implicit; unix:/path); "
+                           "default: each recipient's MX hosts")
+    send.add_argument("--port", type=int, default=25, metavar="PORT",
+                      help="without --server: the port of every MX host (default 25)")
+    send.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]",
+                      help="without --server: ask this name server (repeat; default: "
+                           "those of /etc/resolv.conf)")
+    send.add_argument("--protocol", choices=("smtp", "lmtp"), default="smtp",
+                      help="LMTP (RFC 2033) needs --server (default smtp)")
     send.add_argument("--from", "-f", dest="sender", metavar="ADDR",
                       help="the envelope sender (default: user@this-host, or the "
                            "headers of --data when --to is not given)")

@@ -190,6 +190,7 @@ class Client:
         keep: List[Any] = []
         try:
             session = Session(self.machine, self.helo, peer=peer, local=local)
+            session.route = (self.host, peer[0] or None)
             # TLS, AUTH and the deadlines: the same code for every driver.
             self.options.apply(session._ptr, self.host, keep)
         except BaseException:

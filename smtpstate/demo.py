@@ -1,6 +1,7 @@
 """The demo: an embedded aiosmtpd on loopback, a Python state plugged into
 the machine, a batch of messages delivered over one connection with a
-progress bar, and a summary of what became of them.
+progress bar, and a summary of what became of them; then a batch routed
+by MX records (smtpstate.demo_routed) to two MX hosts on loopback.
 
 It is the README's first command, so it must work on a fresh install with
 nothing else running, and say plainly whether it did: the exit code is 0
@@ -22,6 +23,7 @@ import time
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from smtpstate.client import Client
+from smtpstate.demo_routed import run_routed_demo
 from smtpstate.logs import printable, transcript_handler
 from smtpstate.machine import Action, Machine, State
 from smtpstate.message import Message
@@ -232,6 +234,9 @@ def run_demo(count: int = 20, out: Optional[TextIO] = None, progress: bool = Tru
         if surprises or delivered != len(handler.received) or len(results) != count:
             print(f"\nUNEXPECTED: {surprises} message(s) did not end as planned, "
                   f"{delivered} delivered, {len(handler.received)} received", file=out)
+            return 1
+        if not run_routed_demo(out):
+            print("\nUNEXPECTED: the routed batch did not end as planned", file=out)
             return 1
         print("\nevery message ended as planned", file=out)
         return 0

@@ -330,6 +330,9 @@ class Engine:
             families used.
         address_preference: ``"any"`` (a random family first for each
             host), ``"ipv6"`` or ``"ipv4"``: which is tried first.
+        protocol: ``"smtp"`` or ``"lmtp"``: the protocol of every submit
+            that does not say (LMTP needs a host: a TCP host or
+            ``"unix:/path"``).
 
     Raises:
         InvalidOptionError: a bad limit, timeout, HELO name, resolver
@@ -353,7 +356,8 @@ class Engine:
                  helo: Optional[str] = None, resolver: Optional[Resolver] = None,
                  limits: Optional[Mapping[str, Limits]] = None,
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
-                 inet_protocols: str = "all", address_preference: str = "any") -> None:
+                 inet_protocols: str = "all", address_preference: str = "any",
+                 protocol: str = "smtp") -> None:
         _check_count(max_connections, "max_connections")
         _check_count(max_per_destination, "max_per_destination")
         _check_count(messages_per_connection, "messages_per_connection", 0)
@@ -370,6 +374,8 @@ class Engine:
                                      f"{sorted(ADDRESS_PREFERENCES)}, not {address_preference!r}")
         if resolver is not None and not isinstance(resolver, Resolver):
             raise InvalidOptionError(f"resolver must be a smtpstate.Resolver, not {resolver!r}")
+        Options.make(protocol=protocol)          # checked once, here
+        self._defaults: Dict[str, Any] = {} if protocol == "smtp" else {"protocol": protocol}
         self.machine = machine if machine is not None else default_machine
         self.helo = helo if helo is not None else _default_helo()
         self._ptr: Any = None
@@ -553,7 +559,7 @@ class Engine:
                 return hit[0]
         if host is not None:
             check_host(host)
-        opts = Options.make(**options)
+        opts = Options.make(**{**self._defaults, **options})
         keep: list = []
         try:
             dest = opts.destination(host, port, keep)

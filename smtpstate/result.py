@@ -200,16 +200,20 @@ def _route(c: Any, k: int) -> Tuple[Optional[str], Optional[str]]:
 
 
 def result_from_c(
-    c: Any, addresses: Tuple[str, ...], state_name: Optional[str], **extra: Any
+    c: Any, addresses: Tuple[str, ...], state_name: Optional[str],
+    route: Optional[Tuple[Optional[str], Optional[str]]] = None, **extra: Any
 ) -> Result:
-    """Copy a C ``struct smtps_result`` into a :class:`Result` (does not free it)."""
+    """Copy a C ``struct smtps_result`` into a :class:`Result` (does not free
+    it). ``route``: (mx, ip) of every recipient when C recorded none (a
+    Client's one server)."""
+    where = route if route is not None else (None, None)
     recipients = tuple(
         RecipientResult(
             addresses[i] if i < len(addresses) else "",
             _STATUS_NAMES[c.rcpt[i].status],
             Reply._from_result(c.rcpt[i].reply),
             _of(int(c.rcpt[i].bounce_class)),
-            *_route(c, int(c.rcpt[i].route)),
+            *(_route(c, int(c.rcpt[i].route)) if c.nroute else where),
         )
         for i in range(c.nrcpt)
     )

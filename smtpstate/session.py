@@ -73,6 +73,10 @@ class Session:
                  local: Tuple[str, int] = ("", 0)) -> None:
         self.machine = machine
         self.opened_at = time.monotonic()
+        # Where its results say recipients went: (host as named, address);
+        # the driver sets it once connected (the engine's results carry
+        # their own, made in C).
+        self.route: Optional[Tuple[Optional[str], Optional[str]]] = None
         self.messages: Dict[int, Any] = {}
         self.errors: List[Tuple[Optional[int], BaseException, str]] = []
         self._data: Dict[int, Dict[str, Any]] = {}
@@ -297,8 +301,8 @@ class Session:
             addresses = tuple(message.recipients) if message else ()
             state = self.machine.name(r.state) if r.state >= 0 else None
             error = "; ".join(t for _, t in self.take_errors(tag)) or None
-            return result_from_c(r, addresses, state, error=error, ticket=tag,
-                                 message=message)
+            return result_from_c(r, addresses, state, route=self.route, error=error,
+                                 ticket=tag, message=message)
         finally:
             lib.smtps_result_free(r)
 

@@ -60,7 +60,7 @@ def test_send_test_message(aiosmtpd_server, capsys):
                "--subject", "cli test", "--header", "X-Test: yes"])
     out = capsys.readouterr().out
     assert rc == EXIT_CODES["delivered"] == 0, out
-    assert out.startswith("delivered: 250")
+    assert out.startswith(f"delivered via {aiosmtpd_server.host}[{aiosmtpd_server.host}]: 250")
     [got] = aiosmtpd_server.wait_for_messages(1)
     assert got.mail_from == "ann@example.test"
     assert got.rcpt_tos == ["bob@example.test", "cy@example.test"]
@@ -127,7 +127,8 @@ def test_send_json(aiosmtpd_factory, capsys):
     assert doc["recipients"][1] == {
         "address": "nobody@x.test", "status": "permfail",
         "reply": {"code": 550, "enhanced": "5.1.1", "text": "5.1.1 no such user"},
-        "bounce_class": {"code": 10, "name": "invalid recipient"}}
+        "bounce_class": {"code": 10, "name": "invalid recipient"},
+        "mx": server.host, "ip": "127.0.0.1"}
 
 
 class _EvilHandler(RecordingHandler):
@@ -358,3 +359,26 @@ def test_python_m_help():
     p = run("send", "--help")
     assert p.returncode == 0
     assert b"exit codes: 0 delivered" in p.stdout and b"SMTPSTATE_AUTH_PASSWORD" in p.stdout
+
+
+def test_send_without_server_goes_by_mx(dns_server, dns_origin, mx_servers, capsys):
+    """No --server: the recipient's MX records say where (through
+    --nameserver), every MX host at --port; the output names the MX."""
+    servers = mx_servers(["127.0.0.2"])
+    dns_server.add_zone(dns_origin, ["@ MX 10 mx1", "mx1 A 127.0.0.2"])
+    rc = main(["send", "-t", f"bob@{dns_origin}", "-f", "me@client.test",
+               "--nameserver", dns_server.address, "--port", str(servers.port),
+               "--helo", "client.test", "--timeout", "10"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"delivered via mx1.{dns_origin}[127.0.0.2]" in out
+    (got,) = servers.server("127.0.0.2").wait_for_messages(1)
+    assert got.rcpt_tos == [f"bob@{dns_origin}"]
+
+
+def test_send_lmtp_needs_a_server(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["send", "-t", "a@b.test", "--protocol", "lmtp"])
+    assert exc.value.code == 2
+    assert "--protocol lmtp needs --server" in capsys.readouterr().err
+
