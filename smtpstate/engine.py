@@ -23,7 +23,7 @@ from typing import (Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optiona
 
 from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
 from smtpstate.classify import _of
-from smtpstate.errors import InvalidOptionError, LocalProtocolError
+from smtpstate.errors import InvalidMessageError, InvalidOptionError, LocalProtocolError
 from smtpstate.logs import Tracer, log_result, result_log, transcript_log
 from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
@@ -295,6 +295,18 @@ _EINTR = int(lib.SMTPS_EINTR)
 _COLLECT_MAX = int(lib.SMTPS_COLLECT_MAX)
 
 
+def _one_domain(message: Message) -> None:
+    """A stream (read once, as it is sent) routed by MX may reach one
+    destination only: its recipients must share their domain."""
+    domains = {str(r).rpartition("@")[2].rstrip(".").lower() for r in message.recipients}
+    if len(domains) > 1:
+        raise InvalidMessageError(
+            "this message's body is a stream, which can be read only once, and its "
+            f"recipients are in {len(domains)} domains, which may be routed to as many "
+            "destinations: give the body as bytes, a buffer or a file, or one message "
+            "per domain")
+
+
 def _default_helo() -> str:
     from smtpstate.client import _default_helo as helo
     return helo()
@@ -499,6 +511,8 @@ class Engine:
                 data = message.data
                 rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
             else:
+                if host is None and body.one_shot:
+                    _one_domain(message)
                 body.claim()
                 rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
                 if rc:

@@ -439,3 +439,14 @@ def test_a_stream_not_read_can_be_sent_again(aiosmtpd_server, driver):
     assert [r.status for r in deliver(driver, [message], server, timeout=5)] == ["delivered"]
     with pytest.raises(InvalidMessageError, match="read only once"):
         message._to_c()                               # now it was read
+
+
+def test_a_stream_routed_by_mx_must_stay_in_one_domain():
+    """Read once: it cannot be split over destinations, refused up front
+    (nothing claimed, so it can still be sent to one host)."""
+    message = Message(SENDER, ["a@one.test", "b@two.test"],
+                      iter([b"Subject: s\r\n\r\n", b"hello\r\n"]))
+    with Engine() as engine:
+        with pytest.raises(InvalidMessageError, match="2 domains"):
+            engine.submit(message)
+    message._to_c()                                   # not claimed by the refusal
