@@ -86,6 +86,7 @@ struct smtps_route {
     int     null_mx;			/* FAILED by a null MX */
     struct smtps_routed **waiting;	/* messages that wait for it */
     size_t  nwaiting, capwaiting;
+    size_t  refs;			/* waiting messages that need it as it is */
     uint64_t mark;			/* smtps_route_submit()'s, once each */
 };
 
@@ -95,6 +96,8 @@ struct smtps_routed {
     struct smtps_message *m;
     struct smtps_destination k;		/* its settings; strings owned */
     size_t  waiting;			/* routes not known yet */
+    struct smtps_route **uses;		/* every route it needs, held */
+    size_t  nuses;
     struct smtps_routed *prev, *next;	/* every one, for smtps_routes_free() */
 };
 
@@ -126,6 +129,7 @@ struct route_lists {
 
 static void route_answer(void *arg, const struct smtps_dns_answer *a);
 static void key_free(struct smtps_destination *k);
+static void route_unwait(struct smtps_route *r, struct smtps_routed *w);
 static void route_place(struct smtps_engine *e, struct smtps_message *m,
 			        const struct smtps_destination *k);
 
@@ -335,6 +339,26 @@ static int route_site(struct smtps_route *r, struct smtps_mx *mx, size_t n)
     return SMTPS_OK;
 }
 
+/*
+ * routed_free - a waiting message's record goes (the message does not):
+ * out of every route's waiting list, its holds released
+ */
+
+static void routed_free(struct smtps_routed *w)
+{
+    struct smtps_route *r;
+    size_t  i;
+
+    for (i = 0; i < w->nuses; i++) {
+	r = w->uses[i];
+	route_unwait(r, w);
+	r->refs--;
+    }
+    free(w->uses);
+    key_free(&w->k);
+    free(w);
+}
+
 /* route_done - the route is known: the messages waiting for it go on */
 
 static void route_done(struct smtps_route *r, int64_t now)
@@ -358,8 +382,7 @@ static void route_done(struct smtps_route *r, int64_t now)
 	    w->next->prev = w->prev;
 	e->nrouted--;
 	route_place(e, w->m, &w->k);
-	key_free(&w->k);
-	free(w);
+	routed_free(w);
     }
     SMTPS_UNUSED(now);
 }
@@ -427,7 +450,9 @@ void    smtps_route_timer(struct smtps_timer *t, int64_t now)
 	route_done(r, now);
 	return;
     }
-    if (r->nwaiting == 0)
+    if (r->refs > 0)				/* held: later */
+	smtps_timer_set(&e->timers, &r->timer, smtps_time_after(now, 1000));
+    else if (r->nwaiting == 0)
 	route_free(r);				/* looked up again when needed */
 }
 
@@ -447,7 +472,8 @@ static struct smtps_route *route_get(struct smtps_engine *e, const char *domain,
     int     rc;
 
     if ((r = route_find(e, domain, len, hash)) != NULL) {
-	if (r->state == ROUTE_RESOLVING || now < r->expires)
+	/* Held by a message waiting for another route: as it is, for now. */
+	if (r->state == ROUTE_RESOLVING || now < r->expires || r->refs > 0)
 	    return r;
     } else {
 	if (e->nroutes + 1 > e->nroute_buckets * 2 && table_grow(e) != SMTPS_OK)
@@ -567,44 +593,61 @@ static int wait_add(struct smtps_route *r, struct smtps_routed *w)
 int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,
 			           const struct smtps_destination *k)
 {
-    struct smtps_routed *w = NULL;
+    struct smtps_routed *w;
     struct smtps_route *r;
     const char *domain;
     char    why[SMTPS_WHY_MAX];
     int64_t now = smtps_clock_ms();
     uint64_t mark = ++e->route_mark;
-    size_t  i, len;
+    size_t  i, len, nroutes = 0, resolving = 0;
 
     if (e->routes == NULL && table_grow(e) != SMTPS_OK)
 	return SMTPS_ENOMEM;
+    /* Each domain once, however many recipients it has: known yet? */
     for (i = 0; i < m->nrcpt; i++) {
 	domain = rcpt_domain(m->rcpt[i].addr, &len);
 	if (len == 0 || len > SMTPS_HOST_NAME_MAX)
 	    continue;				/* route_place() fails it */
 	if ((r = route_get(e, domain, len, now, why, sizeof(why))) == NULL)
-	    goto nomem;
-	/* Once per domain and message, however many recipients it has. */
-	if (r->state != ROUTE_RESOLVING || r->mark == mark)
+	    return SMTPS_ENOMEM;
+	if (r->mark == mark)
 	    continue;
 	r->mark = mark;
-	if (w == NULL) {
-	    if ((w = calloc(1, sizeof(*w))) == NULL)
-		goto nomem;
-	    if (key_copy(&w->k, k) != SMTPS_OK) {
-		key_free(&w->k);
-		free(w);
-		w = NULL;
-		goto nomem;
-	    }
-	    w->e = e;
-	    w->m = m;
-	}
-	if (wait_add(r, w) != SMTPS_OK)
-	    goto nomem;
+	nroutes++;
+	resolving += r->state == ROUTE_RESOLVING;
     }
-    if (w == NULL) {
+    if (resolving == 0) {			/* the usual case, once warm */
 	route_place(e, m, k);
 	return SMTPS_OK;
+    }
+
+    /*
+     * It waits for the lookups it needs, holding every route it uses, so
+     * that none is dropped or looked up again under it meanwhile.
+     */
+    if ((w = calloc(1, sizeof(*w))) == NULL
+	|| (w->uses = calloc(nroutes, sizeof(*w->uses))) == NULL
+	|| key_copy(&w->k, k) != SMTPS_OK) {
+	if (w != NULL)
+	    routed_free(w);
+	return SMTPS_ENOMEM;
+    }
+    w->e = e;
+    w->m = m;
+    mark = ++e->route_mark;
+    for (i = 0; i < m->nrcpt; i++) {
+	domain = rcpt_domain(m->rcpt[i].addr, &len);
+	if (len == 0 || len > SMTPS_HOST_NAME_MAX
+	    || (r = route_find(e, domain, len, lower_hash(domain, len))) == NULL
+	    || r->mark == mark)
+	    continue;
+	r->mark = mark;
+	if (r->state == ROUTE_RESOLVING && wait_add(r, w) != SMTPS_OK) {
+	    routed_free(w);			/* (takes it out of each route) */
+	    return SMTPS_ENOMEM;
+	}
+	r->refs++;
+	w->uses[w->nuses++] = r;
     }
     w->next = *routed_list(e);
     if (w->next != NULL)
@@ -612,17 +655,6 @@ int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,
     *routed_list(e) = w;
     e->nrouted++;
     return SMTPS_OK;
-
-nomem:
-    /* Refused: the lookups started stay (others may want them), w goes. */
-    if (w != NULL) {
-	for (i = 0; i < e->nroute_buckets; i++)
-	    for (r = e->routes[i]; r != NULL; r = r->hnext)
-		route_unwait(r, w);
-	key_free(&w->k);
-	free(w);
-    }
-    return SMTPS_ENOMEM;
 }
 
 /* route_of - the route of recipient i (known), or NULL when it has none */
@@ -917,8 +949,7 @@ void    smtps_routes_free(struct smtps_engine *e)
 	*routed_list(e) = w->next;
 	smtps_result_free(w->m->qresult);
 	smtps_message_free(w->m);
-	key_free(&w->k);
-	free(w);
+	routed_free(w);
     }
     while ((j = *join_list(e)) != NULL) {
 	*join_list(e) = j->next;
