@@ -531,7 +531,7 @@ class Engine:
             token.append(taken)
         return ticket
 
-    def submit_message(self, msg: Any, host: str, port: int = 25, *,
+    def submit_message(self, msg: Any, host: Optional[str] = None, port: int = 25, *,
                        sender: Optional[str] = None,
                        recipients: Optional[Sequence[str]] = None,
                        dsn_ret: Optional[str] = None, envid: Optional[str] = None,
