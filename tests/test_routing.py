@@ -334,6 +334,8 @@ def test_mx_hosts_that_do_not_exist_fail_permanently(dns_server, dns_origin, res
     assert result.status == "permfail" and result.stage == "not connected"
     assert result.reason == (f"no MX host of {dns_origin} has an address: nowhere.{dns_origin}: "
                              "no such domain (NXDOMAIN)")
+    # A failure of DNS, as when the domain itself does not exist.
+    assert result.bounce_class.name == "DNS failure"
 
 
 def test_mx_hosts_whose_lookup_fails_fail_for_now(dns_server, dns_origin, resolver):
@@ -344,6 +346,7 @@ def test_mx_hosts_whose_lookup_fails_fail_for_now(dns_server, dns_origin, resolv
     assert result.status == "tempfail" and result.stage == "not connected"
     assert result.reason == (f"no MX host of {dns_origin} has an address: mx.{broken}: "
                              "server failure (SERVFAIL)")
+    assert result.bounce_class.name == "DNS failure"
 
 
 # ---------------------------------------------------------------------------
