@@ -281,6 +281,14 @@ static const struct text_rule reason_rules[] = {
     {"resolve", 0, SMTPS_BOUNCE_DNS_FAILURE},
     {"name or service not known", 0, SMTPS_BOUNCE_DNS_FAILURE},
     {"no address", 0, SMTPS_BOUNCE_DNS_FAILURE},
+    /*
+     * dest.c: "no MX host of <domain> has an address: <host>: <why>",
+     * whose why ("no such domain (NXDOMAIN)", "server failure
+     * (SERVFAIL)") has no word above: a DNS failure all the same, as
+     * route.c's for the domain itself. Before "timed out": a lookup that
+     * timed out is the DNS failing too.
+     */
+    {"no mx host of", 0, SMTPS_BOUNCE_DNS_FAILURE},
     {"timed out", 0, SMTPS_BOUNCE_TIMEOUT},
     {"timeout", 0, SMTPS_BOUNCE_TIMEOUT},
     {"size limit", 0, SMTPS_BOUNCE_TOO_LARGE},

@@ -758,6 +758,7 @@ static size_t conn_take_back(struct smtps_conn *c)
     while ((m = smtps_session_take_back(c->s, &status)) != NULL) {
 	m->qnext = list;			/* reversed, */
 	list = m;
+	m->handed_back = 1;			/* it was attempted */
 	perm = status == SMTPS_STATUS_PERMFAIL;
 	n++;
     }
@@ -783,7 +784,7 @@ static void conn_close(struct smtps_conn *c, int64_t now)
     struct smtps_dest *d = c->d;
     int     was_connecting = c->phase == CONN_CONNECTING;
     uint64_t covered;
-    size_t  held = 0;
+    struct smtps_message *m;
     int     status;
     const char *why;
 
@@ -800,7 +801,7 @@ static void conn_close(struct smtps_conn *c, int64_t now)
 	    smtps_session_closed(c->s, c->why[0] ? c->why : "closed", now);
 	conn_collect(c);
 	if (!was_connecting)
-	    held = conn_take_back(c);
+	    (void) conn_take_back(c);
 	smtps_session_free(c->s);
 	c->s = NULL;
     }
@@ -823,7 +824,10 @@ static void conn_close(struct smtps_conn *c, int64_t now)
 	smtps_dest_backoff(d, now, d->tried[0] ? d->tried : c->why);
 	if (d->nconns == 0) {
 	    /*
-	     * Those it held failed where the session said; the others
+	     * Those a session held failed where it said: this connection's,
+	     * and those other connections handed back before they ended
+	     * (requeued behind them, so counting this one's is not enough:
+	     * each message says whether it was attempted). The others
 	     * queued were never in a session, as when connecting failed.
 	     */
 	    covered = c->covers > d->ntaken ? c->covers - d->ntaken : 0;
@@ -831,11 +835,10 @@ static void conn_close(struct smtps_conn *c, int64_t now)
 		SMTPS_STATUS_TEMPFAIL;
 	    why = d->tried[0] ? d->tried : c->why[0] ? c->why :
 		"connection failed";
-	    if (held > covered)
-		held = (size_t) covered;
-	    smtps_dest_fail_queue(d, held, status, "", why);
-	    smtps_dest_fail_queue(d, covered - held, status, was_connecting ?
-				  "" : "not attempted: ", why);
+	    while (covered-- > 0 && (m = smtps_dest_pop(d)) != NULL)
+		smtps_engine_fail_message(e, m, status, was_connecting
+					  || m->handed_back ? "" :
+					  "not attempted: ", why);
 	    d->failed = 0;
 	    d->failed_perm = 1;
 	    d->tried[0] = 0;

@@ -89,6 +89,8 @@ struct smtps_message {
     uint64_t tag;
     struct smtps_message *qnext;	/* session queue link */
     struct smtps_result *qresult;	/* made at submit, so none is lost */
+    int handed_back;			/* a session held it, then gave it
+					 * back (conn.c): it was attempted */
 };
 
 int smtps_check_text(const char *s, size_t len, size_t max, int *non_ascii);

@@ -28,6 +28,7 @@ import ipaddress
 import os
 import socket
 import threading
+import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from helpers import ReceivedMessage, wait_until
@@ -112,6 +113,7 @@ class _Recorder:
         self.messages: List[ReceivedMessage] = []
         self.helo_names: List[str] = []       # HELO/EHLO/LHLO arguments, in order
         self.peers: List[Any] = []            # the peer of each connection
+        self.opened_at: List[float] = []      # time.monotonic() of each, accepted
         self.accepted = 0                     # connections accepted
         self.active = 0                       # connections open now
         self.peak = 0                         # most connections open at once
@@ -122,6 +124,7 @@ class _Recorder:
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.peers.append(transport.get_extra_info("peername"))
+        self.opened_at.append(time.monotonic())
         self._transports.add(transport)
 
     def closed(self, transport: asyncio.BaseTransport) -> None:
@@ -148,6 +151,8 @@ def _record_message(recorder: _Recorder, session: Any, envelope: Any) -> Receive
         rcpt_options=list(envelope.rcpt_options),
         peer=session.peer,
         helo=session.host_name,
+        # When the final dot was answered, for rate tests.
+        extra={"received_at": time.monotonic()},
     )
     recorder.messages.append(msg)
     return msg
@@ -270,9 +275,12 @@ class MxServer(_Recorder):
         behaviour: one of ``BEHAVIOURS``.
         hostname: the name in its greeting and EHLO reply.
         messages: ``helpers.ReceivedMessage`` per message taken (``helo``
-            is the EHLO/HELO name of that session, ``peer`` its client).
+            is the EHLO/HELO name of that session, ``peer`` its client,
+            ``extra["received_at"]`` the ``time.monotonic()`` at which the
+            final dot was answered).
         helo_names: every HELO/EHLO name received, accepted or not.
         peers: the client (host, port, ...) of every connection accepted.
+        opened_at: the ``time.monotonic()`` of every connection accepted.
         accepted, active, peak: connections accepted, open now, and open
             at once at most.
     """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 from typing import List
 
 import pytest
@@ -75,9 +76,13 @@ def test_connection_counts_and_peak(mx_servers):
         for s in socks:
             s.close()
     helpers.wait_until(lambda: server.active == 0, what="the connections to end")
+    before = time.monotonic()
     send("127.0.0.2", mx.port, "again.test")
     helpers.wait_until(lambda: server.active == 0, what="the last connection to end")
     assert (server.accepted, server.peak) == (6, 5)
+    # When each connection was accepted and each message taken (rate tests).
+    assert len(server.opened_at) == 6 and server.opened_at == sorted(server.opened_at)
+    assert before <= server.opened_at[5] <= server.messages[0].extra["received_at"] <= time.monotonic()
 
 
 def test_refuse(mx_servers):
