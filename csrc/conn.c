@@ -439,22 +439,44 @@ static int conn_spent(const struct smtps_conn *c)
 }
 
 /*
+ * conn_yields - c should give its slot to a destination waiting for one
+ * (when the engine's max_connections are all taken): any such, once c
+ * has nothing more to send; otherwise the neediest (the first waiting,
+ * dest.c's dest_starve()), if it holds two connections fewer than c's
+ * destination or more. A full engine thus ends up with its slots shared
+ * evenly among the destinations that have work, not held by whichever
+ * came first, and a connection does not stop pipelining for one that
+ * holds as many as its own. Enough connections already quitting for
+ * those waiting: no more need to.
+ */
+
+static int conn_yields(const struct smtps_conn *c)
+{
+    const struct smtps_engine *e = c->e;
+
+    if (e->nstarved <= e->nquitting)
+	return 0;
+    if (c->d->qhead == NULL)
+	return 1;
+    return c->d->nconns > e->starved->nconns + 1;
+}
+
+/*
  * conn_feed - the session may start the next message behind a final dot
  * (session.c, maybe_run_ahead()). The same limits as for an idle
  * session apply: messages_per_connection, the message rate, a QUIT under
- * way, and other destinations waiting for a connection slot. The
+ * way, and a destination waiting for the slot (conn_yields()). The
  * message's result, made at submit, becomes the session's.
  */
 
 static struct smtps_message *conn_feed(struct smtps_session *s, void *closure)
 {
     struct smtps_conn *c = closure;
-    struct smtps_engine *e = c->e;
     struct smtps_message *m;
     int64_t now = smtps_clock_ms();
 
     SMTPS_UNUSED(s);
-    if (c->quitting || e->nstarved > e->nquitting || conn_spent(c)
+    if (c->quitting || conn_spent(c) || conn_yields(c)
 	|| c->d->qhead == NULL || !smtps_dest_may_send(c->d, now)
 	|| (m = smtps_dest_pop(c->d)) == NULL)
 	return NULL;
@@ -658,7 +680,7 @@ void    smtps_conn_update(struct smtps_conn *c, int64_t now)
     struct smtps_engine *e = c->e;
     struct smtps_dest *d = c->d;
     const char *data;
-    int     spent, out;
+    int     spent, yields, out;
 
     for (;;) {
 	(void) conn_flush(c, now);
@@ -689,13 +711,14 @@ void    smtps_conn_update(struct smtps_conn *c, int64_t now)
 		smtps_dest_connected(d);
 	    }
 	    spent = conn_spent(c);
-	    if (!spent && !c->quitting && d->qhead != NULL && !out) {
+	    yields = !c->quitting && conn_yields(c);
+	    if (!spent && !yields && !c->quitting && d->qhead != NULL && !out) {
 		smtps_conn_idle_remove(c);
 		if (smtps_conn_submit_next(c, now))
 		    continue;
 	    }
 	    /* A slot some other destination waits for is worth more. */
-	    if (!c->quitting && (spent || e->nstarved > e->nquitting)) {
+	    if (!c->quitting && (spent || yields)) {
 		smtps_conn_quit(c, now);
 		if (d->qhead != NULL)
 		    smtps_dest_dirty(d);	/* another connection must take them */

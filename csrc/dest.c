@@ -24,8 +24,9 @@
  *
  *	Addresses. A literal (IPv4, IPv6, "unix:/path") needs no lookup.
  *	Names are looked up (A and AAAA, as inet_protocols allows) through
- *	the engine's resolver, all hosts at once, with one deadline; the
- *	answers are kept for their TTL. They are tried in the order of the
+ *	the engine's resolver, all hosts at once, ahead of the MX lookups
+ *	that wait (a connection waits for these), each failing for now at
+ *	the resolver's deadline; the answers are kept for their TTL. They are tried in the order of the
  *	hosts' MX preferences (RFC 5321 5.1), hosts of equal preference
  *	shuffled, each host's addresses in the order address_preference
  *	asks (ALL: a random one of its two families first, as Postfix's
@@ -409,21 +410,25 @@ void    smtps_dest_dirty(struct smtps_dest *d)
     d->e->dirty = d;
 }
 
-/* dest_starve - d waits for a connection slot, first come first served */
+/*
+ * dest_starve - d waits for a connection slot: behind those holding as
+ * few connections or fewer, so that the first on the list is the one
+ * that needs a slot most (conn.c's conn_yields() looks at it)
+ */
 
 static void dest_starve(struct smtps_dest *d)
 {
     struct smtps_engine *e = d->e;
+    struct smtps_dest **pp;
 
     if (d->starved)
 	return;
     d->starved = 1;
-    d->starved_next = NULL;
-    if (e->starved_tail != NULL)
-	e->starved_tail->starved_next = d;
-    else
-	e->starved = d;
-    e->starved_tail = d;
+    for (pp = &e->starved; *pp != NULL && (*pp)->nconns <= d->nconns;
+	 pp = &(*pp)->starved_next)
+	 /* void */ ;
+    d->starved_next = *pp;
+    *pp = d;
     e->nstarved++;
 }
 
@@ -432,15 +437,13 @@ static void dest_starve(struct smtps_dest *d)
 void    smtps_dest_unstarve(struct smtps_dest *d)
 {
     struct smtps_engine *e = d->e;
-    struct smtps_dest **pp, *prev = NULL;
+    struct smtps_dest **pp;
 
     if (!d->starved)
 	return;
-    for (pp = &e->starved; *pp != NULL; prev = *pp, pp = &(*pp)->starved_next)
+    for (pp = &e->starved; *pp != NULL; pp = &(*pp)->starved_next)
 	if (*pp == d) {
 	    *pp = d->starved_next;
-	    if (e->starved_tail == d)
-		e->starved_tail = prev;
 	    break;
 	}
     d->starved = 0;
@@ -623,11 +626,10 @@ static void dest_lookup_failed(struct smtps_dest *d)
 			  SMTPS_STATUS_PERMFAIL, "", why);
 }
 
-/* dest_lookups_done - the last answer came (or the deadline passed) */
+/* dest_lookups_done - the last answer came (records, failure, timeout) */
 
 static void dest_lookups_done(struct smtps_dest *d, int64_t now)
 {
-    smtps_timer_cancel(&d->e->timers, &d->timer);
     dest_build(d, now);
     if (d->naddr == 0)
 	dest_lookup_failed(d);
@@ -694,14 +696,16 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
 	    return 0;
 	}
 	if (e->inet_protocols != SMTPS_INET_IPV6) {
-	    if ((rc = smtps_dns_query(dns, h->name, ns_t_a, &h->req[0])) == SMTPS_OK) {
+	    if ((rc = smtps_dns_query(dns, h->name, ns_t_a, SMTPS_DNS_URGENT,
+				     &h->req[0])) == SMTPS_OK) {
 		d->lookups++;
 		e->dns_users++;
 	    } else
 		snprintf(h->why, sizeof(h->why), "%s", smtps_strerror(rc));
 	}
 	if (e->inet_protocols != SMTPS_INET_IPV4) {
-	    if ((rc = smtps_dns_query(dns, h->name, ns_t_aaaa, &h->req[1])) == SMTPS_OK) {
+	    if ((rc = smtps_dns_query(dns, h->name, ns_t_aaaa, SMTPS_DNS_URGENT,
+				     &h->req[1])) == SMTPS_OK) {
 		d->lookups++;
 		e->dns_users++;
 	    } else
@@ -712,30 +716,17 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
 	dest_lookups_done(d, now);
 	return d->addr_state == ADDR_OK && d->naddr > 0;
     }
-    smtps_timer_set(&e->timers, &d->timer, smtps_time_after(now, e->dns_ms));
     return 0;
 }
 
-/* smtps_dest_timer - d's DNS deadline passed, or a wait ended */
+/*
+ * smtps_dest_timer - a wait ended (a back-off, a rate); a lookup's
+ * deadline is the resolver's: it answers "timed out"
+ */
 
 void    smtps_dest_timer(struct smtps_dest *d, int64_t now)
 {
-    size_t  i;
-    int     j;
-
-    if (d->addr_state == ADDR_RESOLVING) {
-	/* What came in time is used; what did not is a failure for now. */
-	for (i = 0; i < d->nhosts; i++)
-	    for (j = 0; j < 2; j++)
-		if (d->hosts[i].req[j].active) {
-		    d->hosts[i].tempfail = 1;
-		    snprintf(d->hosts[i].why, sizeof(d->hosts[i].why),
-			     "timed out");
-		}
-	dest_cancel_lookups(d);
-	dest_lookups_done(d, now);
-	return;
-    }
+    SMTPS_UNUSED(now);
     smtps_dest_dirty(d);
 }
 

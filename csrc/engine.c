@@ -127,12 +127,15 @@ static int check_helo(const char *s)
     return SMTPS_OK;
 }
 
-/* smtps_engine_reserve_timers - room for more timers' owners */
+/*
+ * smtps_engine_reserve_timers - room for more timers' owners (and the
+ * resolver's one), so that setting a timer never needs memory
+ */
 
 int     smtps_engine_reserve_timers(struct smtps_engine *e, size_t more)
 {
     return smtps_timers_reserve(&e->timers, e->nconns + e->ndests
-				+ e->nroutes + more);
+				+ e->nroutes + 1 + more);
 }
 
 /* smtps_engine_random - a cheap random number (xorshift64*) */
@@ -194,13 +197,18 @@ void    smtps_engine_make_room(struct smtps_engine *e)
     smtps_conn_update(c, now);
 }
 
-/* smtps_engine_wake_starved - a slot was freed: waiting destinations try again */
+/*
+ * smtps_engine_wake_starved - a slot was freed: the destination that
+ * needs it most (the first waiting) tries again; waking them all would
+ * give it to whichever is dispatched first, maybe one of those that
+ * gave a connection up for the others
+ */
 
 void    smtps_engine_wake_starved(struct smtps_engine *e)
 {
     struct smtps_dest *d;
 
-    while ((d = e->starved) != NULL) {
+    if ((d = e->starved) != NULL) {
 	smtps_dest_unstarve(d);
 	smtps_dest_dirty(d);
     }
@@ -212,20 +220,30 @@ static void engine_dirty_run(struct smtps_engine *e, int64_t now)
 {
     struct smtps_dest *d;
 
-    while ((d = e->dirty) != NULL) {
-	e->dirty = d->dirty_next;
-	d->dirty = 0;
-	d->dirty_next = NULL;
-	smtps_dest_dispatch(d, now);
-	/* Dispatching may have made it dirty again: then it is kept. */
-	if (d->dirty || d->qhead != NULL || d->nconns > 0
-	    || d->addr_state == ADDR_RESOLVING)
-	    continue;
-	/* Backing off: kept until then, so that new messages wait too. */
-	if (now < d->backoff_until)
-	    smtps_timer_set(&e->timers, &d->timer, d->backoff_until);
-	else
-	    smtps_dest_free(d);
+    for (;;) {
+	while ((d = e->dirty) != NULL) {
+	    e->dirty = d->dirty_next;
+	    d->dirty = 0;
+	    d->dirty_next = NULL;
+	    smtps_dest_dispatch(d, now);
+	    /* Dispatching may have made it dirty again: then it is kept. */
+	    if (d->dirty || d->qhead != NULL || d->nconns > 0
+		|| d->addr_state == ADDR_RESOLVING)
+		continue;
+	    /* Backing off: kept until then, so that new messages wait too. */
+	    if (now < d->backoff_until)
+		smtps_timer_set(&e->timers, &d->timer, d->backoff_until);
+	    else
+		smtps_dest_free(d);
+	}
+	/*
+	 * A slot still free: the one woken did not take it (backing off,
+	 * resolving, a rate), so the next waiting may. Each round either
+	 * fills a slot or takes one off the list: this ends.
+	 */
+	if (e->starved == NULL || e->nconns >= (size_t) e->max_conns)
+	    break;
+	smtps_engine_wake_starved(e);
     }
 }
 
@@ -255,6 +273,8 @@ static void engine_timers_run(struct smtps_engine *e, int64_t now)
 	else if (t->kind == TIMER_DEST)
 	    smtps_dest_timer((struct smtps_dest *)
 			     ((char *) t - offsetof(struct smtps_dest, timer)), now);
+	else if (t->kind == TIMER_DNS)
+	    smtps_dns_timer(t, now);
 	else
 	    smtps_route_timer(t, now);
     }
@@ -272,7 +292,12 @@ struct smtps_dns *smtps_engine_dns(struct smtps_engine *e, char *why,
 
     if (e->dns != NULL)
 	return e->dns;
-    if ((e->dns = smtps_dns_new(&e->dns_cfg, why, whylen)) == NULL)
+    if (smtps_engine_reserve_timers(e, 0) != SMTPS_OK) {
+	snprintf(why, whylen, "cannot start the resolver: out of memory");
+	return NULL;
+    }
+    if ((e->dns = smtps_dns_new(&e->dns_cfg, &e->timers, e->dns_ms,
+				   why, whylen)) == NULL)
 	return NULL;
     memset(&ev, 0, sizeof(ev));
     ev.events = EPOLLIN;
@@ -350,7 +375,7 @@ int     smtps_engine_set_resolver(struct smtps_engine *e,
 	return SMTPS_ESTATE;
     memset(&c, 0, sizeof(c));
     memcpy(&c, cfg, cfg->sizeof_config);
-    if (c.timeout_ms < 0 || c.attempts < 0)
+    if (c.timeout_ms < 0 || c.attempts < 0 || c.max_in_flight < 0)
 	return SMTPS_EINVAL;
     memset(&copy, 0, sizeof(copy));
     copy.sizeof_config = sizeof(copy);
@@ -363,12 +388,13 @@ int     smtps_engine_set_resolver(struct smtps_engine *e,
     copy.hosts_file = c.hosts_file;
     copy.timeout_ms = c.timeout_ms;
     copy.attempts = c.attempts;
+    copy.max_in_flight = c.max_in_flight;
     if (err) {
 	resolver_forget(&copy);
 	return SMTPS_ENOMEM;
     }
     /* Tried now, so that a bad setting is an error here, not a bounce. */
-    if ((probe = smtps_dns_new(&copy, why, whylen)) == NULL) {
+    if ((probe = smtps_dns_new(&copy, NULL, 0, why, whylen)) == NULL) {
 	resolver_forget(&copy);
 	return SMTPS_EINVAL;
     }

@@ -102,12 +102,31 @@ struct smtps_dns_answer {
 
 typedef void (*smtps_dns_done) (void *arg, const struct smtps_dns_answer *a);
 
+/*
+ * Which lookups are sent first when more wait than may be in flight: a
+ * host's addresses (a connection waits for them) before a domain's MX
+ * records (more messages to route).
+ */
+enum smtps_dns_priority {
+    SMTPS_DNS_URGENT,			/* the addresses of an MX host */
+    SMTPS_DNS_ROUTINE,			/* a domain's MX records */
+    SMTPS_DNS_PRIORITIES
+};
+
 /* A lookup, owned by whoever waits for it. */
 struct smtps_dns_req {
     smtps_dns_done done;
     void   *arg;
-    int     id;				/* libunbound's */
-    int     active;			/* in flight */
+    int     active;			/* asked for, done() not run yet */
+    /* resolve.c's own: */
+    struct smtps_dns *dns;		/* asked of */
+    int     id;				/* libunbound's, once sent */
+    int     list;			/* which of the resolver's lists */
+    const char *name;			/* the caller's, kept until done() */
+    int     rrtype;
+    int     err;			/* SMTPS_E*: why it could not be sent */
+    int64_t sent_at;			/* smtps_clock_ms() */
+    struct smtps_dns_req *prev, *next;
 };
 
 struct smtps_dns;
@@ -115,12 +134,15 @@ struct smtps_dns;
 int     smtps_resolve_literal(const char *host, int port,
 			              struct smtps_sockaddr *addr);
 struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
+				        struct smtps_timer_heap *timers,
+				        int64_t deadline_ms,
 				        char *why, size_t whylen);
 int     smtps_dns_fd(const struct smtps_dns *dns);
 int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
-			        struct smtps_dns_req *req);
+			        int priority, struct smtps_dns_req *req);
 void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req);
 void    smtps_dns_process(struct smtps_dns *dns);
+void    smtps_dns_timer(struct smtps_timer *t, int64_t now);
 void    smtps_dns_free(struct smtps_dns *dns);
 size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,
 		             size_t max);
@@ -173,7 +195,8 @@ void    smtps_rate_take(struct smtps_rate *r, int64_t now);
 enum timer_kind {
     TIMER_CONN = 1,			/* in struct smtps_conn */
     TIMER_DEST = 2,			/* in struct smtps_dest */
-    TIMER_ROUTE = 3			/* in struct smtps_route */
+    TIMER_ROUTE = 3,			/* in struct smtps_route */
+    TIMER_DNS = 4			/* in resolve.c's struct smtps_dns */
 };
 
 enum conn_phase {
@@ -297,7 +320,7 @@ struct smtps_dest {
     int     failed_perm;		/* each of them refused for good */
     char    tried[SMTPS_TRIED_MAX];	/* each of them, in words */
 
-    struct smtps_timer timer;		/* DNS deadline, back-off, rate */
+    struct smtps_timer timer;		/* back-off, rate */
     int     dirty;			/* on e->dirty */
     struct smtps_dest *dirty_next;
     int     starved;			/* on e->starved */
@@ -345,7 +368,7 @@ struct smtps_engine {
     size_t  nbuckets;
     size_t  ndests;
     struct smtps_dest *dirty;		/* to dispatch */
-    struct smtps_dest *starved, *starved_tail;	/* waiting for a slot */
+    struct smtps_dest *starved;		/* waiting for a slot, neediest first */
     size_t  nstarved;
 
     struct smtps_route **routes;	/* recipient domains (route.c) */

@@ -9,11 +9,12 @@
  *
  *	int	smtps_resolve_literal(host, port, addr)
  *
- *	struct smtps_dns *smtps_dns_new(cfg, why, whylen)
+ *	struct smtps_dns *smtps_dns_new(cfg, timers, deadline_ms, why, whylen)
  *	int	smtps_dns_fd(dns)
- *	int	smtps_dns_query(dns, name, rrtype, req)
+ *	int	smtps_dns_query(dns, name, rrtype, priority, req)
  *	void	smtps_dns_cancel(dns, req)
  *	void	smtps_dns_process(dns)
+ *	void	smtps_dns_timer(timer, now)
  *	void	smtps_dns_free(dns)
  *
  *	size_t	smtps_dns_mx(answer, mx, max)
@@ -37,14 +38,31 @@
  *	(zone-file lines answered without asking anyone). Name servers on
  *	loopback are allowed (libunbound refuses them by default), and
  *	names the caller's own servers may serve ("test", "home.arpa") are
- *	asked of them rather than answered NXDOMAIN by libunbound.
+ *	asked of them rather than answered NXDOMAIN by libunbound. Its
+ *	deadlines live in the engine's timer heap, timers (NULL: a context
+ *	made only to try the settings, which must not be asked anything).
  *
- *	smtps_dns_query() starts a lookup for req, a record the caller owns
- *	(embedded in what waits for the answer) with its done and arg set:
- *	req->done(req->arg, answer) runs once from smtps_dns_process(),
- *	unless smtps_dns_cancel() came first; req->active says whether it is
- *	in flight, and it must not be freed while it is. Deadlines are the
- *	caller's (the engine's timer heap): on expiry it cancels.
+ *	smtps_dns_query() asks for a lookup for req, a record the caller
+ *	owns (embedded in what waits for the answer) with its done and arg
+ *	set, and a name that lives until the answer: req->done(req->arg,
+ *	answer) runs once, from smtps_dns_process() or smtps_dns_timer(),
+ *	unless smtps_dns_cancel() came first; req->active says it has not
+ *	run yet, and req must not be freed while it is.
+ *
+ *	At most max_in_flight lookups (default 100) are sent at once; the
+ *	others wait in a queue per priority, addresses of MX hosts
+ *	(SMTPS_DNS_URGENT: a connection waits for them) before MX records
+ *	(SMTPS_DNS_ROUTINE), each in the order asked. Without the limit, a
+ *	thousand new domains at once would be a thousand queries at the
+ *	name servers, and the address lookups that would let the first
+ *	connections start would wait behind all of them. A lookup's
+ *	deadline (timeout times attempts) runs from when it is sent: the
+ *	lookups in flight are kept oldest first, so the oldest one's
+ *	deadline is the resolver's one timer in the engine's heap; at
+ *	expiry the lookup is cancelled and answered TEMPFAIL "timed out".
+ *	A lookup libunbound refuses when its turn comes is answered
+ *	TEMPFAIL from that timer too, not in the middle of whatever freed
+ *	its place.
  *	The answer's status says what the caller decides on: OK (records),
  *	NODATA (the name exists, not this type), NXDOMAIN, BOGUS (DNSSEC
  *	validation failed) or TEMPFAIL (SERVFAIL, REFUSED, no server
@@ -92,9 +110,28 @@
 
 #define DNS_RCODE_SERVFAIL 2
 #define DNS_RCODE_NXDOMAIN 3
+#define SMTPS_DNS_IN_FLIGHT 100	/* lookups sent at once, by default */
+
+/* Where a lookup is: the resolver's lists. */
+enum dns_list_id {
+    DNS_QUEUED,				/* + priority: waiting to be sent */
+    DNS_SENT = DNS_QUEUED + SMTPS_DNS_PRIORITIES,	/* oldest first */
+    DNS_UNSENT,				/* libunbound refused: done() to run */
+    DNS_LISTS
+};
+
+struct dns_list {
+    struct smtps_dns_req *head, *tail;
+};
 
 struct smtps_dns {
     struct ub_ctx *ctx;
+    struct smtps_timer_heap *timers;	/* the engine's */
+    struct smtps_timer timer;		/* the oldest lookup's deadline */
+    int64_t deadline_ms;		/* a lookup's, from when it is sent */
+    size_t  max_sent;			/* lookups in flight at once */
+    size_t  nsent;
+    struct dns_list lists[DNS_LISTS];
 };
 
 static const char *const private_zones[] = {
@@ -120,6 +157,8 @@ static struct smtps_dns *dns_fail(struct smtps_dns *dns, char *why,
 /* smtps_dns_new - a libunbound context with the caller's settings */
 
 struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
+				        struct smtps_timer_heap *timers,
+				        int64_t deadline_ms,
 				        char *why, size_t whylen)
 {
     struct smtps_dns *dns;
@@ -133,6 +172,12 @@ struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
 	    snprintf(why, whylen, "cannot start the resolver: out of memory");
 	return NULL;
     }
+    dns->timers = timers;
+    dns->deadline_ms = deadline_ms;
+    smtps_timer_init(&dns->timer, TIMER_DNS);
+    /* (cfg is the engine's own full-size copy.) */
+    dns->max_sent = cfg != NULL && cfg->max_in_flight > 0 ?
+	(size_t) cfg->max_in_flight : SMTPS_DNS_IN_FLIGHT;
     /* A thread, not a forked process: fork() is no friend of Python. */
     if ((rc = ub_ctx_async(dns->ctx, 1)) != 0)
 	return dns_fail(dns, why, whylen, "threads", NULL, rc);
@@ -179,39 +224,170 @@ int     smtps_dns_fd(const struct smtps_dns *dns)
     return ub_fd(dns->ctx);
 }
 
-/* smtps_dns_query - start looking up name's rrtype records for req */
+/* dns_append - req to the end of one of the resolver's lists */
 
-int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
-			        struct smtps_dns_req *req)
+static void dns_append(struct smtps_dns *dns, int id, struct smtps_dns_req *req)
+{
+    struct dns_list *l = &dns->lists[id];
+
+    req->list = id;
+    req->next = NULL;
+    req->prev = l->tail;
+    if (l->tail != NULL)
+	l->tail->next = req;
+    else
+	l->head = req;
+    l->tail = req;
+}
+
+/* dns_remove - req off the list it is on */
+
+static void dns_remove(struct smtps_dns *dns, struct smtps_dns_req *req)
+{
+    struct dns_list *l = &dns->lists[req->list];
+
+    if (req->prev != NULL)
+	req->prev->next = req->next;
+    else
+	l->head = req->next;
+    if (req->next != NULL)
+	req->next->prev = req->prev;
+    else
+	l->tail = req->prev;
+    req->prev = req->next = NULL;
+    if (req->list == DNS_SENT)
+	dns->nsent--;
+}
+
+/* dns_rearm - the timer at the next thing due: a refusal, a deadline */
+
+static void dns_rearm(struct smtps_dns *dns)
+{
+    struct smtps_dns_req *oldest = dns->lists[DNS_SENT].head;
+
+    if (dns->timers == NULL)
+	return;
+    if (dns->lists[DNS_UNSENT].head != NULL)
+	smtps_timer_set(dns->timers, &dns->timer, smtps_clock_ms());
+    else if (oldest != NULL)
+	smtps_timer_set(dns->timers, &dns->timer,
+			smtps_time_after(oldest->sent_at, dns->deadline_ms));
+    else
+	smtps_timer_cancel(dns->timers, &dns->timer);
+}
+
+/* dns_send - hand req to libunbound */
+
+static int dns_send(struct smtps_dns *dns, struct smtps_dns_req *req)
 {
     sigset_t all, old;
     int     rc;
 
-    if (req->active)
-	return SMTPS_ESTATE;
-    req->active = 1;				/* (before: in case it answers at once) */
     /* The first query starts libunbound's thread: it must inherit this. */
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    rc = ub_resolve_async(dns->ctx, name, rrtype, 1 /* IN */ , req,
+    rc = ub_resolve_async(dns->ctx, req->name, req->rrtype, 1 /* IN */ , req,
 			  dns_callback, &req->id);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc != 0) {
-	req->active = 0;
+    if (rc != 0)
 	return rc == UB_SYNTAX ? SMTPS_EINVAL : rc == UB_NOMEM ?
 	    SMTPS_ENOMEM : SMTPS_ESYS;
-    }
+    req->sent_at = smtps_clock_ms();
+    dns_append(dns, DNS_SENT, req);
+    dns->nsent++;
     return SMTPS_OK;
 }
 
-/* smtps_dns_cancel - forget req's query: its callback will not run */
+/*
+ * dns_send_queued - send what waits while there is room, the urgent
+ * first; one libunbound refuses is answered from the timer, not here,
+ * where the caller may be in the middle of something
+ */
+
+static void dns_send_queued(struct smtps_dns *dns)
+{
+    struct smtps_dns_req *req;
+    int     p;
+
+    for (p = 0; p < SMTPS_DNS_PRIORITIES && dns->nsent < dns->max_sent; p++)
+	while (dns->nsent < dns->max_sent
+	       && (req = dns->lists[DNS_QUEUED + p].head) != NULL) {
+	    dns_remove(dns, req);
+	    if ((req->err = dns_send(dns, req)) != SMTPS_OK)
+		dns_append(dns, DNS_UNSENT, req);
+	}
+    dns_rearm(dns);
+}
+
+/* dns_queue_empty - nothing waits to be sent */
+
+static int dns_queue_empty(const struct smtps_dns *dns)
+{
+    int     p;
+
+    for (p = 0; p < SMTPS_DNS_PRIORITIES; p++)
+	if (dns->lists[DNS_QUEUED + p].head != NULL)
+	    return 0;
+    return 1;
+}
+
+/* smtps_dns_query - look up name's rrtype records for req */
+
+int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
+			        int priority, struct smtps_dns_req *req)
+{
+    int     rc;
+
+    if (req->active)
+	return SMTPS_ESTATE;
+    if (priority < 0 || priority >= SMTPS_DNS_PRIORITIES)
+	return SMTPS_EINVAL;
+    req->dns = dns;
+    req->name = name;
+    req->rrtype = rrtype;
+    req->active = 1;
+    /* Room, and nothing ahead of it: sent now, and a refusal said now. */
+    if (dns->nsent < dns->max_sent && dns_queue_empty(dns)) {
+	if ((rc = dns_send(dns, req)) != SMTPS_OK) {
+	    req->active = 0;
+	    return rc;
+	}
+	dns_rearm(dns);
+	return SMTPS_OK;
+    }
+    dns_append(dns, DNS_QUEUED + priority, req);
+    return SMTPS_OK;
+}
+
+/* smtps_dns_cancel - forget req's lookup: its done() will not run */
 
 void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req)
 {
+    int     sent;
+
     if (!req->active)
 	return;
-    (void) ub_cancel(dns->ctx, req->id);
     req->active = 0;
+    if (dns == NULL)
+	return;
+    sent = req->list == DNS_SENT;
+    dns_remove(dns, req);
+    if (sent)
+	(void) ub_cancel(dns->ctx, req->id);
+    dns_send_queued(dns);
+}
+
+/* req_fail - req's done() with a failure for now of its own */
+
+static void req_fail(struct smtps_dns_req *req, const char *why)
+{
+    struct smtps_dns_answer a;
+
+    memset(&a, 0, sizeof(a));
+    a.status = SMTPS_DNS_TEMPFAIL;
+    a.why = why;
+    req->active = 0;
+    req->done(req->arg, &a);
 }
 
 /* dns_callback - one answer, in smtps_dns_process() */
@@ -246,6 +422,8 @@ static void dns_callback(void *mydata, int err, struct ub_result *result)
 	a.secure = result->secure;
 	a.ttl = result->ttl;
     }
+    /* Off the list first: done() may ask for more. (req knows its list.) */
+    dns_remove(req->dns, req);
     req->active = 0;
     req->done(req->arg, &a);
     ub_resolve_free(result);
@@ -256,6 +434,31 @@ static void dns_callback(void *mydata, int err, struct ub_result *result)
 void    smtps_dns_process(struct smtps_dns *dns)
 {
     (void) ub_process(dns->ctx);
+    dns_send_queued(dns);
+}
+
+/*
+ * smtps_dns_timer - lookups sent longest ago that ran out of time fail
+ * for now, as do those libunbound would not take
+ */
+
+void    smtps_dns_timer(struct smtps_timer *t, int64_t now)
+{
+    struct smtps_dns *dns = (struct smtps_dns *)
+	((char *) t - offsetof(struct smtps_dns, timer));
+    struct smtps_dns_req *req;
+
+    while ((req = dns->lists[DNS_UNSENT].head) != NULL) {
+	dns_remove(dns, req);
+	req_fail(req, smtps_strerror(req->err));
+    }
+    while ((req = dns->lists[DNS_SENT].head) != NULL
+	   && smtps_time_after(req->sent_at, dns->deadline_ms) <= now) {
+	dns_remove(dns, req);
+	(void) ub_cancel(dns->ctx, req->id);
+	req_fail(req, "timed out");
+    }
+    dns_send_queued(dns);
 }
 
 /* smtps_dns_free - stop libunbound's thread, drop what is in flight */
@@ -264,6 +467,8 @@ void    smtps_dns_free(struct smtps_dns *dns)
 {
     if (dns == NULL)
 	return;
+    if (dns->timers != NULL)
+	smtps_timer_cancel(dns->timers, &dns->timer);
     if (dns->ctx != NULL)
 	ub_ctx_delete(dns->ctx);
     free(dns);

@@ -78,7 +78,7 @@ struct smtps_route {
     char   *domain;			/* lower case, no final dot */
     int     state;			/* enum route_state */
     struct smtps_dns_req req;
-    struct smtps_timer timer;		/* the lookup's deadline, then expiry */
+    struct smtps_timer timer;		/* READY or FAILED: its expiry */
     int64_t expires;
     char   *site;			/* READY: "pref host pref host ..." */
     int     status;			/* FAILED: SMTPS_STATUS_* */
@@ -434,7 +434,10 @@ static void route_answer(void *arg, const struct smtps_dns_answer *a)
     route_done(r, now);
 }
 
-/* smtps_route_timer - a route's lookup deadline passed, or it expired */
+/*
+ * smtps_route_timer - a route expired (a lookup's deadline is the
+ * resolver's: it answers "timed out")
+ */
 
 void    smtps_route_timer(struct smtps_timer *t, int64_t now)
 {
@@ -442,14 +445,8 @@ void    smtps_route_timer(struct smtps_timer *t, int64_t now)
 	((char *) t - offsetof(struct smtps_route, timer));
     struct smtps_engine *e = r->e;
 
-    if (r->state == ROUTE_RESOLVING) {
-	smtps_dns_cancel(e->dns, &r->req);
-	e->dns_users--;
-	route_fail(r, SMTPS_STATUS_TEMPFAIL, "4.4.3 cannot resolve the MX "
-		   "records of %s: %s", "timed out", 0, now);
-	route_done(r, now);
+    if (r->state == ROUTE_RESOLVING)
 	return;
-    }
     if (r->refs > 0)				/* held: later */
 	smtps_timer_set(&e->timers, &r->timer, smtps_time_after(now, 1000));
     else if (r->nwaiting == 0)
@@ -511,14 +508,14 @@ static struct smtps_route *route_get(struct smtps_engine *e, const char *domain,
     }
     rc = SMTPS_OK;
     if ((dns = smtps_engine_dns(e, why, whylen)) == NULL
-	|| (rc = smtps_dns_query(dns, r->domain, ns_t_mx, &r->req)) != SMTPS_OK) {
+	|| (rc = smtps_dns_query(dns, r->domain, ns_t_mx, SMTPS_DNS_ROUTINE,
+				 &r->req)) != SMTPS_OK) {
 	/* Known, and failed for now: its messages say why. */
 	route_fail(r, SMTPS_STATUS_TEMPFAIL, "4.4.3 cannot look up %s: %.200s",
 		   dns == NULL ? why : smtps_strerror(rc), 0, now);
 	return r;
     }
     e->dns_users++;
-    smtps_timer_set(&e->timers, &r->timer, smtps_time_after(now, e->dns_ms));
     return r;
 }
 

@@ -985,7 +985,10 @@ struct smtps_engine_config {
  * "ip" or "ip@port" (none: those of /etc/resolv.conf); trust anchors are
  * DS or DNSKEY records (none: no DNSSEC validation); local data are
  * zone-file records answered without asking anyone. A lookup gets
- * timeout_ms times attempts in all.
+ * timeout_ms times attempts in all, counted from when it is sent: at
+ * most max_in_flight are, the others wait their turn (a host's addresses
+ * before a domain's MX records), so that a burst of new domains neither
+ * floods the name servers nor holds up the connections that could start.
  */
 struct smtps_resolver_config {
     size_t sizeof_config;		/* ABI guard */
@@ -998,6 +1001,7 @@ struct smtps_resolver_config {
     size_t trust_anchors_count;
     const char *const *local_data;
     size_t local_data_count;
+    int max_in_flight;			/* lookups sent at once; 0: 100 */
 };
 
 /*

@@ -95,6 +95,10 @@ class Resolver:
         local_records: zone-file lines answered without asking anyone
             (``"example.net. MX 10 mx.example.net."``), as unbound's
             ``local-data``: for tests, demos and overrides.
+        max_in_flight: lookups sent at once; the others wait their turn,
+            a host's addresses (a connection waits for them) before a
+            domain's MX records. ``timeout`` runs from when a lookup is
+            sent.
 
     Raises:
         InvalidOptionError: a value that cannot work, said at once.
@@ -106,11 +110,13 @@ class Resolver:
     attempts: int = 2
     trust_anchors: Optional[Sequence[Any]] = None
     local_records: Optional[Sequence[str]] = None
+    max_in_flight: int = 100
 
     def __init__(self, nameservers: Optional[Sequence[str]] = None, *, hosts_file: bool = True,
                  timeout: float = 5.0, attempts: int = 2,
                  trust_anchors: Optional[Sequence[Any]] = None,
-                 local_records: Optional[Sequence[str]] = None) -> None:
+                 local_records: Optional[Sequence[str]] = None,
+                 max_in_flight: int = 100) -> None:
         if isinstance(nameservers, str):
             nameservers = [nameservers]
         servers = None if nameservers is None else tuple(_nameserver(n) for n in nameservers)
@@ -122,6 +128,10 @@ class Resolver:
             raise InvalidOptionError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
             raise InvalidOptionError(f"attempts must be an int from 1 to 100, not {attempts!r}")
+        if (isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int)
+                or not 1 <= max_in_flight <= 100000):
+            raise InvalidOptionError(f"max_in_flight must be an int from 1 to 100000, "
+                                     f"not {max_in_flight!r}")
         records = tuple(local_records or ())
         for r in records:
             if not isinstance(r, str) or not r.strip() or "\n" in r or "\0" in r:
@@ -133,6 +143,7 @@ class Resolver:
         object.__setattr__(self, "trust_anchors",
                            None if trust_anchors is None else tuple(_anchors(trust_anchors)))
         object.__setattr__(self, "local_records", records)
+        object.__setattr__(self, "max_in_flight", max_in_flight)
 
     def _apply(self, engine_ptr: Any) -> None:
         """Give these settings to a C engine (tried there: libunbound's
@@ -158,6 +169,7 @@ class Resolver:
         cfg.attempts = self.attempts
         cfg.trust_anchors, cfg.trust_anchors_count = strings(self.trust_anchors)
         cfg.local_data, cfg.local_data_count = strings(self.local_records)
+        cfg.max_in_flight = self.max_in_flight
         why = ffi.new("char[]", 512)
         rc = lib.smtps_engine_set_resolver(engine_ptr, cfg, why, 512)
         if rc == lib.SMTPS_EINVAL:

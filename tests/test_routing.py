@@ -319,6 +319,34 @@ def test_a_silent_name_server_fails_for_now_in_time(silent_nameserver):
     assert result.bounce_class.name == "DNS failure"
 
 
+def test_lookups_wait_their_turn_and_time_out_from_when_sent(silent_nameserver):
+    """One lookup in flight at a time: the others wait, and each gets its
+    whole timeout once sent (not counted while it waited)."""
+    resolver = Resolver([silent_nameserver], hosts_file=False, timeout=0.3, attempts=1,
+                        max_in_flight=1)
+    start = time.monotonic()
+    results = smtpstate.deliver([message(f"r@d{i}.silent.test") for i in range(3)],
+                                port=25, resolver=resolver)
+    elapsed = time.monotonic() - start
+    assert 0.85 <= elapsed < 2.0, elapsed     # one after the other: 3 x 0.3 s
+    assert [r.reason for r in results] == [
+        f"4.4.3 cannot resolve the MX records of d{i}.silent.test: timed out" for i in range(3)]
+
+
+def test_many_domains_through_a_narrow_window(dns_server, dns_origin, mx_servers):
+    """Thirty domains, their MX hosts' addresses, two lookups in flight at
+    a time: every one answered, every message delivered where it should."""
+    mx = mx_servers([A, B])
+    o = dns_origin
+    serve(dns_server, o, *[f"d{i} MX 10 mx{i % 2}" for i in range(30)],
+          f"mx0 A {A}", f"mx1 A {B}")
+    resolver = Resolver([dns_server.address], hosts_file=False, max_in_flight=2)
+    results = smtpstate.deliver([message(f"r@d{i}.{o}") for i in range(30)], port=mx.port,
+                                resolver=resolver)
+    assert [where(r) for r in results] == [
+        [(f"r@d{i}.{o}", "delivered", f"mx{i % 2}.{o}", (A, B)[i % 2])] for i in range(30)]
+
+
 def test_an_mx_host_that_does_not_exist_is_skipped(dns_server, dns_origin, mx_servers,
                                                    resolver):
     mx = mx_servers([A, B])
@@ -430,6 +458,37 @@ def test_a_shared_site_honours_one_connection_limit(dns_server, dns_origin, mx_s
     assert 0 < peak(2) <= 2
     # The measure can see more: the same with room for ten.
     assert peak(10) > 2
+
+
+def test_a_full_engine_shares_its_slots_evenly(dns_server, dns_origin, mx_servers, resolver):
+    """max_connections all taken by one site when another's messages come:
+    the first gives connections up (after the message each carries) until
+    both hold as many; the newcomer does not wait for the first to drain,
+    and the slots move once, not back and forth."""
+    mx = mx_servers([A, B])
+    o = dns_origin
+    serve(dns_server, o, "a MX 10 mx1", "b MX 10 mx2", f"mx1 A {A}", f"mx2 A {B}")
+    n = 400
+    with Engine(resolver=resolver, max_connections=4, max_per_destination=4) as engine:
+        for i in range(n):
+            engine.submit(message(f"r{i}@a.{o}"), port=mx.port)
+        results = engine.run()
+        for _ in range(20):                  # a's connections are up: all four
+            assert next(results).ok
+        assert mx.server(A).peak == 4 and not mx.server(B).messages
+        for i in range(n):
+            engine.submit(message(f"r{i}@b.{o}"), port=mx.port)
+        assert all(r.ok for r in results)
+    at_a = sorted(m.extra["received_at"] for m in mx.server(A).messages)
+    at_b = sorted(m.extra["received_at"] for m in mx.server(B).messages)
+    assert len(at_a) == len(at_b) == n
+    # b's first message went while most of a's were still to go.
+    assert sum(1 for t in at_a if t > at_b[0]) > n / 2
+    # a gave up two connections to b, and the one done first gives its
+    # slots to the other: eight, a few more when a slot changes hands
+    # twice as both ask at once. Churn would be hundreds (one per message).
+    opened = mx.server(A).accepted + mx.server(B).accepted
+    assert opened <= 16, opened
 
 
 def test_a_domain_rule_beats_an_mx_rule_which_beats_star(dns_server, dns_origin, mx_servers,
@@ -649,6 +708,8 @@ def test_name_servers_are_normalised():
     ({"trust_anchors": ["not an anchor"]}, "neither a DS or DNSKEY record nor a file"),
     ({"local_records": ["a.test. A 127.0.0.2\nb.test. A 127.0.0.3"]}, "one zone-file line"),
     ({"local_records": [""]}, "one zone-file line"),
+    ({"max_in_flight": 0}, "max_in_flight must be an int from 1 to 100000"),
+    ({"max_in_flight": 1.5}, "max_in_flight must be an int from 1 to 100000"),
 ])
 def test_bad_resolver_settings_are_refused(kwargs, match):
     with pytest.raises(InvalidOptionError, match=match):

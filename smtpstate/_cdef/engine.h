@@ -49,6 +49,7 @@ struct smtps_resolver_config {
     size_t trust_anchors_count;
     const char *const *local_data;
     size_t local_data_count;
+    int max_in_flight;
 };
 
 struct smtps_limits {
