@@ -365,10 +365,10 @@ def report(data: Dict[str, Any], command: str) -> None:
         print(f"sink: {w['sink']}; DNS: Resolver(local_records=...); placement: peers on "
               f"CPUs {w['placement']['peers'] or 'any'}, client on "
               f"{w['placement']['client'] or 'any'}")
-        print(f"{'run':<34} {'CPU us/msg':>10} {'spread':>6} {'msg/s':>8} {'spread':>6}")
+        print(f"{'run':<38} {'CPU us/msg':>10} {'spread':>6} {'msg/s':>8} {'spread':>6}")
         for name, x in (("routed: submit(msg, port=PORT)", r),
                         ("fixed: submit(msg, '127.0.0.1', PORT)", f)):
-            print(f"{name:<34} {x['cpu_us_median']:>10.1f} {x['cpu_spread']:>6.0%} "
+            print(f"{name:<38} {x['cpu_us_median']:>10.1f} {x['cpu_spread']:>6.0%} "
                   f"{x['msg_per_s_median']:>8.0f} {x['rate_spread']:>6.0%}")
         rr = w["cpu_ratio_rounds"]
         print(f"CPU ratio routed/fixed: {w['cpu_ratio']:.2f}x (medians); per round "
