@@ -114,6 +114,18 @@ static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
 		 c->d->port);
 }
 
+/*
+ * conn_in_clear - opportunistic TLS failed at this address's handshake:
+ * this connection goes in clear (Postfix's "may" does the same), once
+ * per address until its addresses are looked up again
+ */
+
+static int conn_in_clear(const struct smtps_conn *c)
+{
+    return c->d->tls_mode == SMTPS_TLS_OPPORTUNISTIC && c->addr >= 0
+	&& c->addr < 32 && (c->d->clear & (1u << c->addr));
+}
+
 /* conn_setup - the destination's settings, for the address in use */
 
 static int conn_setup(struct smtps_conn *c)
@@ -130,10 +142,13 @@ static int conn_setup(struct smtps_conn *c)
 		 helo, smtps_strerror(rc));
 	return rc;
     }
-    if (d->tls_mode != SMTPS_TLS_NONE) {
+    c->in_clear = conn_in_clear(c);
+    if (d->tls_mode != SMTPS_TLS_NONE && !c->in_clear) {
 	/* An MX host is checked by its own name (RFC 7672, RFC 8461). */
 	rc = smtps_session_set_tls(c->s, d->tls_mode, d->tls,
-				   d->servername ? d->servername : conn_host(c));
+				   d->servername ? d->servername :
+				   d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family
+				   == AF_UNIX ? NULL : conn_host(c));
 	if (rc != SMTPS_OK) {
 	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",
 		     smtps_strerror(rc));
@@ -790,6 +805,13 @@ static size_t conn_take_back(struct smtps_conn *c)
 	smtps_dest_requeue(c->d, m);
     }
     c->refused_perm |= perm;
+    /* Opportunistic TLS that broke: the same address again, in clear. */
+    if (c->addr >= 0 && c->addr < 32 && !c->usable && !c->in_clear
+	&& c->d->tls_mode == SMTPS_TLS_OPPORTUNISTIC
+	&& smtps_tls_handshake_failed(c->s)) {
+	c->d->clear |= 1u << c->addr;
+	return n;
+    }
     if (c->addr >= 0 && !c->usable) {
 	conn_where(c, where, sizeof(where));
 	snprintf(c->why, sizeof(c->why), "%.200s: %.190s", where,

@@ -585,6 +585,7 @@ static void dest_build(struct smtps_dest *d, int64_t now)
 	    d->nfirst = d->naddr;
     }
     d->failed = 0;
+    d->clear = 0;
     d->failed_perm = 1;
     d->tried[0] = 0;
     d->addr_state = ADDR_OK;

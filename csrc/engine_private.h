@@ -231,6 +231,7 @@ struct smtps_conn {
     unsigned submitted;			/* messages handed to the session */
     uint64_t covers;			/* d->nadded when it was opened */
     int     usable;			/* the session got to a transaction */
+    int     in_clear;			/* opportunistic TLS left out: it failed here */
     int     refused_perm;		/* 5xx before any transaction */
     int     in_idle;			/* in the destination's pool */
     int     quitting;			/* we asked for QUIT */
@@ -317,6 +318,8 @@ struct smtps_dest {
 
     /* Fallback: addresses that failed since the last success. */
     uint32_t failed;			/* bit i: addr[i] */
+    uint32_t clear;			/* bit i: addr[i]'s TLS handshake failed:
+					 * opportunistic TLS goes there in clear */
     int     failed_perm;		/* each of them refused for good */
     char    tried[SMTPS_TRIED_MAX];	/* each of them, in words */
 

@@ -170,6 +170,12 @@ void smtps_session_set_hand_back(struct smtps_session *s);
 int smtps_session_set_helo(struct smtps_session *s, const char *helo);
 struct smtps_message *smtps_session_take_back(struct smtps_session *s,
 					      int *status);
+/*
+ * tls.c, for engine.c: TLS failed before it was up (the handshake: a
+ * certificate refused, a protocol broken), after which an opportunistic
+ * destination tries the same address in clear
+ */
+int smtps_tls_handshake_failed(const struct smtps_session *s);
 /* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg, int64_t now);

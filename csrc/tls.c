@@ -105,7 +105,9 @@ struct tls_mark {
 
 struct smtps_tls {
     int     mode;			/* SMTPS_TLS_* */
+    int     verify;			/* check the certificate and name */
     int     phase;			/* enum tls_phase */
+    int     handshake_failed;		/* FAILED before it was up */
     int     peer_closed;		/* close_notify seen: read no more */
     struct smtps_tls_config *cfg;
     char    servername[TLS_NAME_MAX + 1];	/* "" when none */
@@ -249,7 +251,7 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     else if ((cfg = smtps_tls_config_new(NULL, 0)) == NULL)
 	return SMTPS_ETLS;
     /* Verifying needs a name to verify against. */
-    if (servername == NULL && !cfg->insecure) {
+    if (servername == NULL && !cfg->insecure && mode != SMTPS_TLS_OPPORTUNISTIC) {
 	smtps_tls_config_free(cfg);
 	return SMTPS_EINVAL;
     }
@@ -260,7 +262,10 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     smtps_tls_config_free(t->cfg);		/* a second call replaces */
     t->cfg = cfg;
     t->mode = mode;
+    /* RFC 7435: opportunistic TLS encrypts, it does not authenticate. */
+    t->verify = mode != SMTPS_TLS_OPPORTUNISTIC && !cfg->insecure;
     t->phase = TLS_OFF;
+    t->handshake_failed = 0;
     snprintf(t->servername, sizeof(t->servername), "%s",
 	     servername ? servername : "");
     s->tls = t;
@@ -288,6 +293,17 @@ void    smtps_tls_session_free(struct smtps_session *s)
 int     smtps_tls_mode(const struct smtps_session *s)
 {
     return s->tls != NULL ? s->tls->mode : SMTPS_TLS_NONE;
+}
+
+/*
+ * smtps_tls_handshake_failed - TLS failed before it was up: refused by
+ * either side, or the connection ended in the middle of the handshake
+ */
+
+int     smtps_tls_handshake_failed(const struct smtps_session *s)
+{
+    return s->tls != NULL && (s->tls->handshake_failed
+			      || s->tls->phase == TLS_HANDSHAKE);
 }
 
 /* smtps_tls_engaged - TLS has begun: the stream is no longer clear text */
@@ -342,11 +358,11 @@ static int tls_names(struct smtps_tls *t)
     if (name[0] == 0)
 	return 1;
     if (is_ip_literal(name))			/* no SNI for addresses */
-	return t->cfg->insecure
+	return !t->verify
 	    || X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), name) == 1;
     if (SSL_set_tlsext_host_name(t->ssl, name) != 1)
 	return 0;
-    if (t->cfg->insecure)
+    if (!t->verify)
 	return 1;
     SSL_set_hostflags(t->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
     return SSL_set1_host(t->ssl, name) == 1;
@@ -373,6 +389,8 @@ int     smtps_tls_begin(struct smtps_session *s)
     SSL_set_bio(t->ssl, inner, inner);		/* SSL owns inner now */
     inner = NULL;
     SSL_set_connect_state(t->ssl);
+    if (!t->verify)
+	SSL_set_verify(t->ssl, SSL_VERIFY_NONE, NULL);
     if (!tls_names(t))
 	goto err;
 
@@ -649,6 +667,7 @@ static int tls_fail(struct smtps_session *s, const char *what)
 		 what);
     ERR_clear_error();
     t->phase = TLS_FAILED;
+    t->handshake_failed = in_handshake;
     /* The alert OpenSSL wrote, if any, is in the wire: let it go out. */
     smtps_session_fail_now(s, s->fail_state, in_handshake ?
 			   SMTPS_STAGE_TLS_HANDSHAKE : -1, why);

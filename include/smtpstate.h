@@ -896,8 +896,11 @@ int smtps_session_protocol(const struct smtps_session *s);	/* SMTPS_PROTO_* */
 
 /* TLS modes */
 #define SMTPS_TLS_NONE 0		/* never; STARTTLS is not sent */
-#define SMTPS_TLS_OPPORTUNISTIC 1	/* STARTTLS when offered; else clear (explicit opt-in) */
-#define SMTPS_TLS_STARTTLS 2		/* STARTTLS required: only QUIT in clear otherwise */
+#define SMTPS_TLS_OPPORTUNISTIC 1	/* STARTTLS when offered, certificate not
+					 * checked (RFC 7435); else clear */
+#define SMTPS_TLS_STARTTLS 2		/* STARTTLS required, certificate and name
+					 * verified: only QUIT in clear otherwise */
+#define SMTPS_TLS_VERIFY SMTPS_TLS_STARTTLS
 #define SMTPS_TLS_IMPLICIT 3		/* TLS from the first byte (port 465, RFC 8314) */
 
 /*

@@ -551,10 +551,11 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--body", help="the test message's body")
     send.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
                       type=_header_arg, help="add or replace a header of the test message")
-    send.add_argument("--tls", nargs="?", const="starttls", default="none",
-                      choices=("none", "starttls", "opportunistic", "implicit"),
-                      help="--tls alone: STARTTLS required; or opportunistic, implicit "
-                           "(port 465); default none")
+    send.add_argument("--tls", nargs="?", const="verify", default=None,
+                      choices=("none", "opportunistic", "verify", "starttls", "implicit"),
+                      help="--tls alone: verify (STARTTLS required, certificate checked); "
+                           "or none, opportunistic (not checked), implicit (port 465); "
+                           "default: verify with --auth-user, else opportunistic")
     send.add_argument("--ca-file", metavar="PEM", help="CAs to trust (default: the system's)")
     send.add_argument("--server-name", metavar="NAME",
                       help="the name the certificate must carry (default: the host)")

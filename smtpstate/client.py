@@ -71,10 +71,16 @@ class Client:
         keep_transcript: record every byte sent and received in
             :attr:`transcript` as ``("C" | "S", bytes)`` pairs (ciphertext
             once TLS is up; what is written during AUTH is redacted).
-        tls: "none", "opportunistic" (STARTTLS when offered, else clear),
-            "starttls" (required: when it is missing, refused or fails,
-            nothing but QUIT is sent in clear and every message gets a
-            ``tempfail``) or "implicit" (TLS from the first byte, port 465).
+        tls: "none", "opportunistic" (STARTTLS when offered, the
+            certificate not checked, else clear), "verify" (required, the
+            certificate and name checked: when it is missing, refused or
+            fails, nothing but QUIT is sent in clear and every message gets
+            a ``tempfail``; "starttls" is its earlier name) or "implicit"
+            (TLS from the first byte, port 465). None: "verify" with
+            ``auth``, else "opportunistic" (docs/tls.md). A Client has one
+            connection: when an opportunistic handshake fails, the message
+            gets a ``tempfail``; the Engine tries that server again in
+            clear.
         auth: an :class:`~smtpstate.Auth` or a ``(user, secret)`` pair.
             Credentials are never sent in clear unless
             ``Auth(allow_plaintext=True)``. When the server refuses them
@@ -113,7 +119,8 @@ class Client:
     def __init__(self, host: str, port: int = 25, *, timeout: Optional[float] = None,
                  machine: Optional[Machine] = None, helo: Optional[str] = None,
                  source_address: Optional[Tuple[str, int]] = None,
-                 keep_transcript: bool = False, protocol: str = "smtp", tls: str = "none",
+                 keep_transcript: bool = False, protocol: str = "smtp",
+                 tls: Optional[str] = None,
                  auth: Union[Auth, Tuple[str, str], None] = None,
                  ca_file: Optional[str] = None, server_hostname: Optional[str] = None,
                  dangerously_skip_certificate_verification: bool = False) -> None:

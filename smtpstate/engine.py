@@ -484,9 +484,9 @@ class Engine:
         # not pass), then validation.
         last = self._last_dest
         if host is last[0] and port is last[1] and options == last[2] and source is None:
-            dest = last[3][0]
+            entry = last[3]
         else:
-            dest = self._destination(host, port, options, source)
+            entry = self._destination(host, port, options, source)
             if type(port) is not int:
                 port = int(port)                 # an int subclass, validated
         # The guard, inline (see _Guard): one call at a time, none after close().
@@ -495,6 +495,9 @@ class Engine:
             taken = token.pop()
         except IndexError:
             raise LocalProtocolError(_BUSY) from None
+        # entry holds the destination's strings too: it lives until the
+        # C call below has copied them (an uncached one is nowhere else).
+        dest = entry[0]
         try:
             ptr = self._ptr
             if ptr is None:
@@ -545,11 +548,13 @@ class Engine:
         return self.submit(message, host, port, **options)
 
     def _destination(self, host: Optional[str], port: int, options: Dict[str, Any],
-                     source: Any = None) -> Any:
-        """A ``struct smtps_destination`` for these settings, cached, and
-        remembered for submit()'s shortcut. A hit was validated when it was
-        cached: the host is checked on a miss only (that check walks the
-        name, once per submit it was the costliest part of submitting)."""
+                     source: Any = None) -> Tuple[Any, list]:
+        """A ``struct smtps_destination`` for these settings and the cdata
+        its pointers point to, which must be held as long as it is used:
+        cached, and remembered for submit()'s shortcut. A hit was validated
+        when it was cached: the host is checked on a miss only (that check
+        walks the name, once per submit it was the costliest part of
+        submitting)."""
         check_port(port)
         pin = 0
         if source is not None:
@@ -570,7 +575,7 @@ class Engine:
                 key, hit = None, None
             if hit is not None:
                 self._last_dest = (host, port, options, hit)
-                return hit[0]
+                return hit
         if host is not None:
             check_host(host)
         opts = Options.make(**{**self._defaults, **options})
@@ -580,13 +585,13 @@ class Engine:
         except UnicodeError:
             raise InvalidOptionError(f"host {host!r} is not a valid host name") from None
         dest.source = pin
+        entry = (dest, keep)
         if key is not None:
             if len(self._dests) >= _DEST_CACHE_MAX:
                 self._dests.clear()
-            entry = (dest, keep)
             self._dests[key] = entry
             self._last_dest = (host, port, options, entry)
-        return dest
+        return entry
 
     # -- running -------------------------------------------------------------
 

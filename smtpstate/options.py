@@ -20,15 +20,30 @@ from typing import Any, Dict, Optional, Tuple, Union
 from smtpstate._ffi import AUTH_MECHANISMS, check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "PROTOCOLS", "AUTH_MECHANISMS", "check_host",
-           "check_port", "unix_path", "UNIX_PREFIX"]
+__all__ = ["Auth", "Options", "TLS_MODES", "VERIFYING", "default_tls", "PROTOCOLS",
+           "AUTH_MECHANISMS", "check_host", "check_port", "unix_path", "UNIX_PREFIX"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
     "opportunistic": lib.SMTPS_TLS_OPPORTUNISTIC,
-    "starttls": lib.SMTPS_TLS_STARTTLS,
+    "verify": lib.SMTPS_TLS_VERIFY,
+    "starttls": lib.SMTPS_TLS_STARTTLS,       # the earlier name of "verify"
     "implicit": lib.SMTPS_TLS_IMPLICIT,
 }
+
+#: The levels that check the server's certificate and name.
+VERIFYING = frozenset({"verify", "starttls", "implicit"})
+
+
+def default_tls(auth: Any) -> str:
+    """The level that fits a destination when none is given: verified TLS
+    where credentials will be sent (they must reach the server named, and
+    no one else), unless the caller allowed them in clear
+    (``Auth(allow_plaintext=True)``); else opportunistic (RFC 7435)."""
+    if auth is not None and not auth.allow_plaintext:
+        return "verify"
+    return "opportunistic"
+
 
 # AUTH_MECHANISMS (name -> bit) is read from C's one list (smtpstate._ffi).
 
@@ -229,10 +244,17 @@ class Options:
             EHLO, no HELO fallback, and after the data one reply per
             recipient accepted at RCPT, which becomes that recipient's
             status and ``reply`` in the :class:`~smtpstate.Result`.
-        tls: "none", "opportunistic" (STARTTLS when offered, else clear: an
-            explicit opt-in), "starttls" (required: nothing but QUIT in
-            clear when it is missing, refused or fails) or "implicit" (TLS
-            from the first byte, port 465).
+        tls: "none"; "opportunistic" (RFC 7435: STARTTLS when offered,
+            the certificate not checked, else clear; the Engine retries an
+            address whose handshake failed once in clear, as Postfix's
+            "may"); "verify" (STARTTLS required, the certificate chain and
+            the host name checked: nothing but QUIT in clear when it is
+            missing, refused or fails; "starttls" is the earlier name); or
+            "implicit" (TLS from the first byte, port 465, verified).
+            None: "verify" with ``auth``, else "opportunistic"
+            (docs/tls.md). "opportunistic" with ``auth`` is refused (the
+            credentials could reach anyone) unless
+            ``Auth(allow_plaintext=True)``, which also makes it the default.
         auth: an :class:`Auth`, or a (user, secret) pair, or None.
         ca_file: PEM file of trusted CAs; None: the system store.
         timeout: seconds for every reply deadline (and connecting); None:
@@ -245,7 +267,7 @@ class Options:
     """
 
     protocol: str = "smtp"
-    tls: str = "none"
+    tls: Optional[str] = None
     auth: Optional[Auth] = None
     ca_file: Optional[str] = None
     timeout: Optional[float] = None
@@ -257,7 +279,7 @@ class Options:
         if not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS:
             raise InvalidOptionError(
                 f"protocol={self.protocol!r} is not one of {sorted(PROTOCOLS)}")
-        if self.tls not in TLS_MODES:
+        if self.tls is not None and self.tls not in TLS_MODES:
             raise InvalidOptionError(f"tls={self.tls!r} is not one of {sorted(TLS_MODES)}")
         auth: Any = self.auth
         if isinstance(auth, tuple):
@@ -266,6 +288,15 @@ class Options:
             object.__setattr__(self, "auth", Auth(*auth))
         elif auth is not None and not isinstance(auth, Auth):
             raise InvalidOptionError("auth must be Auth(...) or a (user, secret) pair")
+        if self.tls is None:
+            object.__setattr__(self, "tls", default_tls(self.auth))
+        elif (self.tls == "opportunistic" and self.auth is not None
+              and not self.auth.allow_plaintext):
+            raise InvalidOptionError(
+                "tls='opportunistic' does not go with auth: it does not check who the "
+                "server is, so the credentials could reach anyone; use tls='verify' "
+                "(the default with auth) or 'implicit', or Auth(..., "
+                "allow_plaintext=True) for a server you trust without it")
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
             raise InvalidOptionError(f"ca_file {self.ca_file!r} does not exist")
         if self.timeout is not None:
@@ -304,7 +335,7 @@ class Options:
                 the certificate must carry cannot come from a path.
         """
         path = unix_path(host)
-        if (path is not None and self.tls != "none" and self.server_hostname is None
+        if (path is not None and self.tls in VERIFYING and self.server_hostname is None
                 and not self.dangerously_skip_certificate_verification):
             raise InvalidOptionError(
                 f"tls={self.tls!r} over the unix socket {host!r} needs "
@@ -320,7 +351,7 @@ class Options:
                       "set the protocol")
         if self.tls != "none" and self.server_hostname is None and unix_path(host) is not None:
             # No name to send or check (check_unix() let only an unverified
-            # policy come this far).
+            # level or policy come this far).
             _check_option(lib.smtps_session_set_tls(session_ptr, TLS_MODES[self.tls],
                                                     self.tls_config(), ffi.NULL), "set up TLS")
         elif self.tls != "none":

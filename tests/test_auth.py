@@ -398,8 +398,10 @@ def test_aiosmtpd_no_credentials_in_clear(auth_server):
     # AUTH offered without TLS (auth_require_tls=False), but the client must
     # not send credentials in clear unless told it may.
     server, handler = auth_server(tls_context=None, auth_require_tls=False)
+    # tls="none": the session's own guard (the default, tls="verify", would
+    # not even get to AUTH without TLS).
     client = smtpstate.Client(server.host, server.port, timeout=20, auth=(USER, SECRET),
-                              helo="client.example")
+                              helo="client.example", tls="none")
     result = client.send(msg())
     client.close()
     assert result.status == "tempfail"

@@ -266,7 +266,7 @@ def test_bad_port_is_refused_by_every_driver(hostile, make_bad):
     (dict(timeout=float("nan")), "timeout"),
     (dict(timeout=float("inf")), "timeout"),
     (dict(timeout=True), "timeout"),
-    (dict(tls=None), "tls"),
+    (dict(tls=""), "tls"),
     (dict(tls="STARTTLS"), "tls"),
     (dict(server_hostname="mx.test\r\nQUIT", tls="starttls"), "server_hostname"),
     (dict(server_hostname="mx\x00.test", tls="starttls"), "server_hostname"),

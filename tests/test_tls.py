@@ -20,12 +20,14 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import warnings
 
 import pytest
 
 import smtpstate
 from smtpstate import Message
 from smtpstate._core import ffi, lib
+from smtpstate.errors import InvalidOptionError
 
 from scripted import SPLITS, ScriptedSession, TLSPeer, tls_config
 
@@ -509,6 +511,103 @@ def test_aiosmtpd_opportunistic_with_starttls_uses_it(aiosmtpd_factory, tls_serv
                           ca_file=tls_ca_file) as client:
         assert client.send(msg()).status == "delivered"
     assert server.wait_for_messages(1)[0].extra["tls"]
+
+
+def test_opportunistic_accepts_a_certificate_nobody_vouches_for(aiosmtpd_factory,
+                                                                tls_server_context):
+    """RFC 7435: opportunistic TLS encrypts without authenticating. A
+    certificate from a CA the client does not know, for another name: the
+    message goes, encrypted."""
+    server = aiosmtpd_factory(tls_context=tls_server_context)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic",
+                          server_hostname="mx.elsewhere.example") as client:
+        result = client.send(msg())
+        assert client.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert result.status == "delivered", result
+    assert server.wait_for_messages(1)[0].extra["tls"]
+
+
+def test_the_default_without_auth_is_opportunistic(aiosmtpd_factory, tls_server_context):
+    server = aiosmtpd_factory(tls_context=tls_server_context)
+    with smtpstate.Client(server.host, server.port, timeout=20) as client:
+        assert client.send(msg()).status == "delivered"
+    assert server.wait_for_messages(1)[0].extra["tls"]
+
+
+def test_the_default_with_auth_is_verified_tls(aiosmtpd_factory):
+    """Credentials go to the server named and no one else: without
+    STARTTLS, nothing but QUIT."""
+    server = aiosmtpd_factory()
+    with smtpstate.Client(server.host, server.port, timeout=20,
+                          auth=("user", "secret")) as client:
+        result = client.send(msg())
+    assert result.status == "tempfail"
+    assert "TLS is required, but the server does not offer STARTTLS" in result.reason
+    assert server.messages == []
+
+
+def test_opportunistic_with_auth_is_refused():
+    with pytest.raises(InvalidOptionError, match="does not go with auth"):
+        smtpstate.Options(tls="opportunistic", auth=("user", "secret"))
+
+
+@pytest.fixture
+def broken_tls_context():
+    """A server context no client of ours can agree with: TLS 1.1 at most
+    (the client asks for 1.2 or newer), so the handshake fails."""
+    import ssl
+    import trustme
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    trustme.CA().issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    try:
+        with warnings.catch_warnings():          # deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    except (ValueError, ssl.SSLError):
+        pytest.fail("this Python cannot make a TLS 1.1 server context")
+    return ctx
+
+
+def test_opportunistic_handshake_failure_goes_again_in_clear(aiosmtpd_factory,
+                                                             broken_tls_context):
+    """As Postfix's "may": STARTTLS offered, the handshake fails, and the
+    Engine delivers on a second connection to the same address, in clear."""
+    server = aiosmtpd_factory(tls_context=broken_tls_context)
+    with smtpstate.Engine() as engine:
+        first = engine.submit(msg(0), server.host, server.port, timeout=20)
+        list(engine.run())
+        assert first.result.status == "delivered", first.result
+        assert len(server.connections) == 2    # the broken one, then clear
+        # The address is known for it now: any new connection goes in clear.
+        more = [engine.submit(msg(i), server.host, server.port, timeout=20)
+                for i in (1, 2)]
+    for t in more:
+        assert t.result.status == "delivered", t.result
+    got = server.wait_for_messages(3)
+    assert [m.extra["tls"] for m in got] == [False, False, False]
+    sent = [bytes(c.received) for c in server.connections]
+    assert b"STARTTLS" in sent[0]
+    assert all(b"STARTTLS" not in b for b in sent[1:]), sent
+
+
+def test_opportunistic_client_reports_a_failed_handshake(aiosmtpd_factory,
+                                                         broken_tls_context):
+    """A Client has one connection: a failed handshake is a tempfail saying
+    so (the Engine is what tries again in clear)."""
+    server = aiosmtpd_factory(tls_context=broken_tls_context)
+    with smtpstate.Client(server.host, server.port, timeout=20, tls="opportunistic") as client:
+        result = client.send(msg())
+    assert result.status == "tempfail" and result.stage == "TLS handshake", result
+    assert server.messages == []
+
+
+def test_verified_tls_does_not_go_again_in_clear(aiosmtpd_factory, broken_tls_context):
+    server = aiosmtpd_factory(tls_context=broken_tls_context)
+    with smtpstate.Engine() as engine:
+        ticket = engine.submit(msg(), server.host, server.port, tls="verify", timeout=20)
+    assert ticket.result.status == "tempfail" and ticket.result.stage == "TLS handshake"
+    assert server.messages == []
 
 
 def test_postfix_starttls_delivers_byte_for_byte(postfix_factory, tls_ca, tls_ca_file):
