@@ -209,9 +209,10 @@ def dns_server():
     """A private NSD on 127.0.0.1 for the whole session (``DnsServer``):
     ``.address`` ("127.0.0.1:PORT", for a resolver's nameservers),
     ``.add_zone(origin, records)``, ``.set_records()``, ``.broken_zone()``
-    (SERVFAIL), ``.remove_zone()`` (REFUSED), ``.queries()``,
-    ``.reset_queries()``. Zones outlive the test that added them: name
-    yours with ``dns_origin``."""
+    (SERVFAIL), ``.remove_zone()`` (REFUSED), ``.add_signed_zone()`` and
+    ``.set_signed_records()`` (DNSSEC, returning the DS to trust),
+    ``.queries()``, ``.reset_queries()``. Zones outlive the test that
+    added them: name yours with ``dns_origin``."""
     why = DnsServer.unavailable()
     if why:
         helpers.missing(why)

@@ -9,6 +9,11 @@ a pytest fixture (``conftest.py`` wraps it):
   directory. Zones are added, replaced, broken and removed while it runs,
   through ``nsd-control`` over a unix socket (no certificates needed), and
   each change is served before the method returns.
+* DNSSEC-signed zones (``add_signed_zone()``): signed by ldns's tools
+  (Debian package ``ldnsutils``) with a key of their own, and returned
+  with the DS record a validator takes as the zone's trust anchor; also
+  signed so as to fail validation (bogus, expired).
+* ``tlsa_rdata()`` -- a TLSA record's data (RFC 6698) for a certificate.
 * ``SilentNameserver`` / ``silent_nameserver()`` -- a UDP+TCP port that
   takes queries and never answers, for resolver timeouts.
 
@@ -31,13 +36,23 @@ What NSD 4.6 does, checked with ``drill`` (tests/test_fixtures_dns.py):
   supervisor that reaps them (see ``_SUPERVISOR``), so stop() leaves no
   process behind, zombies included.
 
-Nothing here needs root; ``nsd`` only needs to exist (``unavailable()``).
+Signed zones, checked with ``drill -S`` against the DS alone
+(tests/test_fixtures_dns.py): NSD serves the DNSKEY, the RRSIGs and the
+NSEC records to a query with the DO bit; ``ldns-signzone`` sorts each
+RRset into canonical order, so a signed zone's answers are in that order
+rather than in the order given.
+
+Nothing here needs root; ``nsd`` only needs to exist (``unavailable()``),
+and for signed zones ``ldns-keygen``, ``ldns-signzone`` and
+``ldns-key2ds`` (``signing_unavailable()``).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import re
@@ -59,12 +74,16 @@ __all__ = [
     "SilentNameserver",
     "dns_query",
     "silent_nameserver",
+    "tlsa_rdata",
 ]
 
 LOOPBACK = "127.0.0.1"
 
 #: Where Debian installs NSD's programs (also looked up in $PATH).
 NSD_DIRS = ("/usr/sbin", "/usr/local/sbin")
+
+#: ldns's programs that sign zones (Debian package ldnsutils).
+SIGNING_PROGRAMS = ("ldns-keygen", "ldns-signzone", "ldns-key2ds")
 
 # RR types and rcodes this module speaks (RFC 1035 3.2.2, 4.1.1).
 QTYPE = {"A": 1, "NS": 2, "SOA": 6, "MX": 15, "TXT": 16, "AAAA": 28}
@@ -90,14 +109,15 @@ def _find(name: str) -> Optional[str]:
 
 
 def _program(name: str) -> str:
-    """The path of NSD's program ``name``.
+    """The path of NSD's (or ldns's) program ``name``.
 
     Raises:
         DnsServerError: it is not installed.
     """
     path = _find(name)
     if path is None:
-        raise DnsServerError("%s (Debian package nsd) is not installed" % name)
+        package = "ldnsutils" if name in SIGNING_PROGRAMS else "nsd"
+        raise DnsServerError("%s (Debian package %s) is not installed" % (name, package))
     return path
 
 
@@ -165,6 +185,51 @@ def dns_query(
 
 
 # ---------------------------------------------------------------------------
+# TLSA records (RFC 6698 2.1, DANE for SMTP RFC 7672)
+# ---------------------------------------------------------------------------
+
+_TLSA_DIGESTS = {0: None, 1: hashlib.sha256, 2: hashlib.sha512}
+
+
+def tlsa_rdata(cert_pem: Union[bytes, str], usage: int = 3, selector: int = 1, mtype: int = 1) -> str:
+    """The data of a TLSA record for the (first) certificate in
+    ``cert_pem``, as a zone file writes it: ``"3 1 1 <hex>"``, for
+    ``"_25._tcp.mx1 TLSA " + tlsa_rdata(pem)``.
+
+    Args:
+        usage: the certificate usage field, written as given (0 PKIX-TA,
+            1 PKIX-EE, 2 DANE-TA, 3 DANE-EE); it does not change the data.
+        selector: 0, the whole certificate (DER); 1, its
+            SubjectPublicKeyInfo (DER).
+        mtype: matching type: 0, the selected bytes themselves; 1, their
+            SHA-256; 2, their SHA-512.
+
+    Raises:
+        ValueError: a field out of range, or no PEM certificate.
+    """
+    # cryptography comes with trustme (the tests' extra); imported here so
+    # that the DNS server itself needs the standard library only.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if usage not in (0, 1, 2, 3) or selector not in (0, 1) or mtype not in _TLSA_DIGESTS:
+        raise ValueError("TLSA usage 0-3, selector 0-1, matching type 0-2: got %r %r %r"
+                         % (usage, selector, mtype))
+    if isinstance(cert_pem, str):
+        cert_pem = cert_pem.encode("ascii")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    if selector == 0:
+        data = cert.public_bytes(serialization.Encoding.DER)
+    else:
+        data = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = _TLSA_DIGESTS[mtype]
+    if digest is not None:
+        data = digest(data).digest()
+    return "%d %d %d %s" % (usage, selector, mtype, data.hex())
+
+
+# ---------------------------------------------------------------------------
 # NSD
 # ---------------------------------------------------------------------------
 
@@ -229,6 +294,13 @@ sys.exit(status if status >= 0 else 128 - status)
 # A zone file NSD refuses to load, so that it answers SERVFAIL for the zone.
 _BROKEN_ZONE = "; deliberately broken: NSD answers SERVFAIL for this zone\nthis is not a record\n"
 
+# Signature validity (seconds from now). A good signature's inception lies
+# an hour back, for a validator whose clock is a little behind. An expired
+# one ended a week ago: validators forgive some clock skew at the end of
+# the validity period too (unbound up to a day, val-sig-skew-max).
+_SIG_VALID = (-3600, 30 * 86400)
+_SIG_EXPIRED = (-37 * 86400, -7 * 86400)
+
 Want = Union[int, str]   # an SOA serial, or the rcode name expected
 
 
@@ -238,6 +310,8 @@ class DnsServer:
     ``add_zone()``/``set_records()`` write a zone with an SOA and an NS
     record (``ns.<origin>``, with an A record 127.0.0.1) added to the
     records given. Answers are in zone-file order (``round-robin: no``).
+    ``add_signed_zone()``/``set_signed_records()`` do the same, DNSSEC
+    signed (answers then in canonical order).
 
     Attributes:
         host, port: where it answers, over UDP and TCP.
@@ -257,6 +331,7 @@ class DnsServer:
         self._baseline = 0                      # reset_queries()
         self._last_mtime_ns: Dict[str, int] = {}
         self._origin_counter = 0
+        self._keys: Dict[str, str] = {}         # origin -> its key's base path
         self._lock = threading.Lock()
 
     @staticmethod
@@ -267,6 +342,14 @@ class DnsServer:
         for prog in ("nsd", "nsd-control", "nsd-checkzone"):
             if not _find(prog):
                 return "%s (Debian package nsd) is not installed" % prog
+        return None
+
+    @staticmethod
+    def signing_unavailable() -> Optional[str]:
+        """Why signed zones cannot be made here, or None."""
+        for prog in SIGNING_PROGRAMS:
+            if not _find(prog):
+                return "%s (Debian package ldnsutils) is not installed" % prog
         return None
 
     @property
@@ -383,6 +466,7 @@ class DnsServer:
             shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
         self._zones.clear()
+        self._keys.clear()
 
     def _kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -510,13 +594,156 @@ class DnsServer:
             raise ValueError("no zone %s" % origin)
         self._control("delzone", origin)
         del self._zones[origin]
+        self._keys.pop(origin, None)
         self._await(origin, "REFUSED")
 
     def zones(self) -> Dict[str, str]:
         """{origin: "ok" or "broken"} for every zone configured."""
         return dict(self._zones)
 
+    # -- signed zones -------------------------------------------------------------
+
+    def add_signed_zone(self, origin: str, records: Sequence[str], ttl: int = 300, *,
+                        bogus: bool = False, expired: bool = False) -> str:
+        """Serve a new zone as add_zone() does, DNSSEC-signed with a key of
+        its own; return the zone's trust anchor, the DS record of that key
+        (``"<origin>. 3600 IN DS <tag> 13 2 <sha-256 hex>"``, one line, as
+        libunbound's ub_ctx_add_ta() and drill's -k file take it). Served,
+        DNSKEY, RRSIG and NSEC records included, when this returns.
+
+        The key is one ECDSAP256SHA256 key (algorithm 13) with the SEP flag
+        (257), signing every RRset, DNSKEY included; denial of existence
+        is NSEC. The key stays in this server's directory, for
+        set_signed_records(), until remove_zone() or stop().
+
+        Args:
+            bogus: every signature but the DNSKEY RRset's is corrupted:
+                the key validates against the DS, and every other answer
+                from the zone (records, NXDOMAIN and NODATA proofs) is
+                bogus.
+            expired: every signature's validity period ended a week ago
+                (it began 37 days ago): a validator finds the zone bogus.
+
+        Raises:
+            ValueError: a bad name, or the zone exists.
+            DnsServerError: ldnsutils is missing, signing failed, NSD
+                refused the signed zone file or did not serve it.
+        """
+        origin = self._origin(origin)
+        if origin in self._zones:
+            raise ValueError("zone %s exists: use set_signed_records()" % origin)
+        key = self._new_key(origin)
+        serial = self._write_signed_zone(origin, records, ttl, key, bogus, expired)
+        self._control("addzone", origin, "test")
+        self._zones[origin] = "ok"
+        self._keys[origin] = key
+        self._await(origin, serial)
+        return self._ds(key)
+
+    def set_signed_records(self, origin: str, records: Sequence[str], ttl: int = 300, *,
+                           bogus: bool = False, expired: bool = False) -> str:
+        """Replace the content of signed zone ``origin`` with ``records``,
+        signed again with the same key (so the DS returned, the same as
+        add_signed_zone()'s, stays valid), as in add_signed_zone(). The
+        zone may have been unsigned or broken since. Served when this
+        returns.
+
+        Raises:
+            ValueError: ``origin`` was not added with add_signed_zone().
+        """
+        origin = self._origin(origin)
+        if origin not in self._zones or origin not in self._keys:
+            raise ValueError("no signed zone %s: use add_signed_zone()" % origin)
+        key = self._keys[origin]
+        serial = self._write_signed_zone(origin, records, ttl, key, bogus, expired)
+        self._control("reload", origin)
+        self._zones[origin] = "ok"
+        self._await(origin, serial)
+        return self._ds(key)
+
+    def _keys_dir(self, origin: str) -> str:
+        assert self.root is not None
+        path = os.path.join(self.root, "keys", origin)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _new_key(self, origin: str) -> str:
+        """Generate a key for ``origin``; return its base path
+        (``.../K<origin>.+013+<tag>``, without .key or .private)."""
+        keys = self._keys_dir(origin)
+        # -k: flags 257 (SEP), one key as both KSK and ZSK. /dev/urandom,
+        # not the default /dev/random, which may block on an old kernel.
+        p = self._ldns(["ldns-keygen", "-a", "ECDSAP256SHA256", "-k", "-r", "/dev/urandom", origin], cwd=keys)
+        return os.path.join(keys, p.stdout.strip())
+
+    def _ds(self, key: str) -> str:
+        """The DS record (SHA-256) of ``key``, on one line, single spaces."""
+        p = self._ldns(["ldns-key2ds", "-n", "-2", key + ".key"])
+        lines = [line for line in p.stdout.splitlines() if line.strip()]
+        if len(lines) != 1:
+            raise DnsServerError("ldns-key2ds: expected one DS record, got:\n%s" % p.stdout)
+        return " ".join(lines[0].split())
+
+    def _write_signed_zone(self, origin: str, records: Sequence[str], ttl: int, key: str,
+                           bogus: bool, expired: bool) -> int:
+        """Sign the zone add_zone() would write and install it; return its
+        serial."""
+        text, serial = self._zone_text(origin, records, ttl)
+        keys = os.path.dirname(key)
+        unsigned = os.path.join(keys, "zone")
+        signed = unsigned + ".signed"
+        with open(unsigned, "w", encoding="utf-8") as f:
+            f.write(text)
+        now = int(time.time())
+        inception, expiration = (now + t for t in (_SIG_EXPIRED if expired else _SIG_VALID))
+        self._ldns(["ldns-signzone", "-o", origin, "-i", str(inception), "-e", str(expiration),
+                    "-f", signed, unsigned, key])
+        with open(signed, encoding="utf-8") as f:
+            text = f.read()
+        if bogus:
+            text = self._corrupt_signatures(text)
+        self._write_file(origin, text, check=True)
+        return serial
+
+    @staticmethod
+    def _corrupt_signatures(zone: str) -> str:
+        """``zone`` (ldns-signzone's output: one record a line, the RRSIG's
+        signature last, in one base64 word) with one bit of every RRSIG's
+        signature flipped, except the DNSKEY RRset's."""
+        out = []
+        for line in zone.splitlines():
+            fields = line.split()
+            # owner TTL class RRSIG covered-type ... signature
+            if len(fields) > 5 and fields[3] == "RRSIG" and fields[4] != "DNSKEY":
+                sig = bytearray(base64.b64decode(fields[-1]))
+                sig[0] ^= 0x01
+                line = "\t".join(fields[:-1] + [base64.b64encode(bytes(sig)).decode("ascii")])
+            out.append(line)
+        return "\n".join(out) + "\n"
+
+    @staticmethod
+    def _ldns(argv: List[str], cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+        """Run ldns's program ``argv[0]`` with ``argv[1:]``.
+
+        Raises:
+            DnsServerError: it is missing or failed (with its output).
+        """
+        p = subprocess.run([_program(argv[0])] + argv[1:], capture_output=True, text=True,
+                           cwd=cwd, timeout=30)
+        if p.returncode != 0:
+            raise DnsServerError("%s: status %d: %s%s" % (" ".join(argv), p.returncode, p.stdout, p.stderr))
+        return p
+
+    # -- zone files ---------------------------------------------------------------
+
     def _write_zone(self, origin: str, records: Sequence[str], ttl: int) -> int:
+        text, serial = self._zone_text(origin, records, ttl)
+        self._write_file(origin, text, check=True)
+        return serial
+
+    def _zone_text(self, origin: str, records: Sequence[str], ttl: int) -> Tuple[str, int]:
+        """The zone file add_zone() serves, with a new serial; and that
+        serial."""
         if isinstance(records, str):
             raise TypeError("records is a list of zone-file lines, not one string")
         with self._lock:
@@ -534,8 +761,7 @@ class DnsServer:
             if "\n" in record:
                 raise ValueError("one record per line: %r" % record)
             lines.append(record)
-        self._write_file(origin, "\n".join(lines) + "\n", check=True)
-        return serial
+        return "\n".join(lines) + "\n", serial
 
     def _write_file(self, origin: str, text: str, check: bool = False) -> None:
         """Replace the zone file of ``origin`` at once (NSD never reads half
