@@ -114,6 +114,61 @@ static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
 		 c->d->port);
 }
 
+/* conn_dest_host - the host whose address c uses */
+
+static const struct smtps_dest_host *conn_dest_host(const struct smtps_conn *c)
+{
+    return c->addr >= 0 && c->d->nhosts > 0 ?
+	&c->d->hosts[c->d->addr_host[c->addr]] : NULL;
+}
+
+/*
+ * conn_tls_level - the TLS this connection uses: the destination's level,
+ * made concrete for the host. DANE (RFC 7672 2.2): with usable TLSA
+ * records, TLS authenticated by them; with records none of which is
+ * usable, TLS required but not authenticated (both SMTPS_TLS_VERIFY, the
+ * difference is the records conn_setup() gives the session); without
+ * validated records, opportunistic ("dane") or not at all ("dane-only":
+ * -1, as for records that fail validation)
+ */
+
+static int conn_tls_level(const struct smtps_conn *c)
+{
+    const struct smtps_dest_host *h = conn_dest_host(c);
+    int     mode = c->d->tls_mode;
+
+    if (mode != SMTPS_TLS_DANE && mode != SMTPS_TLS_DANE_ONLY)
+	return mode;
+    switch (h != NULL ? smtps_dest_tlsa(c->d, h) : TLSA_NONE) {
+    case TLSA_USABLE:
+    case TLSA_UNUSABLE:
+	return SMTPS_TLS_VERIFY;
+    case TLSA_NONE:
+	return mode == SMTPS_TLS_DANE ? SMTPS_TLS_OPPORTUNISTIC : -1;
+    default:
+	return -1;
+    }
+}
+
+/* conn_dane_refusal - why DANE forbids this address, in c->why; 0: it does not */
+
+static int conn_dane_refusal(struct smtps_conn *c, const char *where)
+{
+    const struct smtps_dest_host *h = conn_dest_host(c);
+
+    if (conn_tls_level(c) >= 0)
+	return 0;
+    if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS)
+	snprintf(c->why, sizeof(c->why), "%.150s: not used: its TLSA records "
+		 "(%.80s) cannot be trusted: %.100s", where,
+		 h->tlsa_name ? h->tlsa_name : "?", h->tlsa_why);
+    else
+	snprintf(c->why, sizeof(c->why), "%.150s: not used: tls=\"dane-only\" "
+		 "and no DNSSEC-validated TLSA records for %.150s", where,
+		 h != NULL ? h->name : "it");
+    return 1;
+}
+
 /*
  * conn_in_clear - opportunistic TLS failed at this address's handshake:
  * this connection goes in clear (Postfix's "may" does the same), once
@@ -122,7 +177,7 @@ static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
 
 static int conn_in_clear(const struct smtps_conn *c)
 {
-    return c->d->tls_mode == SMTPS_TLS_OPPORTUNISTIC && c->addr >= 0
+    return conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC && c->addr >= 0
 	&& c->addr < 32 && (c->d->clear & (1u << c->addr));
 }
 
@@ -132,8 +187,9 @@ static int conn_setup(struct smtps_conn *c)
 {
     struct smtps_dest *d = c->d;
     struct smtps_engine *e = c->e;
+    const struct smtps_dest_host *h;
     const char *helo = d->helo;
-    int     rc, id;
+    int     rc, id, level;
 
     if (helo == NULL && c->source >= 0)
 	helo = e->sources[c->source].helo;
@@ -143,12 +199,17 @@ static int conn_setup(struct smtps_conn *c)
 	return rc;
     }
     c->in_clear = conn_in_clear(c);
-    if (d->tls_mode != SMTPS_TLS_NONE && !c->in_clear) {
+    level = conn_tls_level(c);
+    if (level > SMTPS_TLS_NONE && !c->in_clear) {
 	/* An MX host is checked by its own name (RFC 7672, RFC 8461). */
-	rc = smtps_session_set_tls(c->s, d->tls_mode, d->tls,
+	rc = smtps_session_set_tls(c->s, level, d->tls,
 				   d->servername ? d->servername :
 				   d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family
 				   == AF_UNIX ? NULL : conn_host(c));
+	if (rc == SMTPS_OK && level == SMTPS_TLS_VERIFY
+	    && (d->tls_mode == SMTPS_TLS_DANE || d->tls_mode == SMTPS_TLS_DANE_ONLY)
+	    && (h = conn_dest_host(c)) != NULL)
+	    rc = smtps_session_set_dane(c->s, h->tlsa, h->ntlsa);
 	if (rc != SMTPS_OK) {
 	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",
 		     smtps_strerror(rc));
@@ -278,6 +339,10 @@ static int conn_connect(struct smtps_conn *c, int64_t now)
 		      c->addrtext, sizeof(c->addrtext));
 	conn_where(c, where, sizeof(where));
 	snprintf(what, sizeof(what), "connect to %s: ", where);
+	if (conn_dane_refusal(c, where)) {
+	    smtps_dest_addr_failed(d, i, 0, c->why);
+	    continue;
+	}
 	if ((c->source = conn_source(c, a->ss.ss_family)) == -2) {
 	    snprintf(c->why, sizeof(c->why), "connect to %s: no source "
 		     "address of its family", where);
@@ -807,7 +872,7 @@ static size_t conn_take_back(struct smtps_conn *c)
     c->refused_perm |= perm;
     /* Opportunistic TLS that broke: the same address again, in clear. */
     if (c->addr >= 0 && c->addr < 32 && !c->usable && !c->in_clear
-	&& c->d->tls_mode == SMTPS_TLS_OPPORTUNISTIC
+	&& conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC
 	&& smtps_tls_handshake_failed(c->s)) {
 	c->d->clear |= 1u << c->addr;
 	return n;

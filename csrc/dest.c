@@ -7,7 +7,8 @@
  * SYNOPSIS
  *	#include "engine_private.h"
  *
- *	struct smtps_dest *smtps_dest_get(e, key, site, label)
+ *	struct smtps_dest *smtps_dest_get(e, key, site, mx_secure, label)
+ *	int	smtps_dest_tlsa(d, host)
  *	void	smtps_dest_enqueue(d, m)
  *	void	smtps_dest_dispatch(d, now)
  *	...
@@ -75,6 +76,7 @@
 #define BACKOFF_MAX_MS 60000
 
 static void dest_host_answer(void *arg, const struct smtps_dns_answer *a);
+static void dest_tlsa_answer(void *arg, const struct smtps_dns_answer *a);
 static void dest_wait_until(struct smtps_dest *d, int64_t when);
 
 /* str_eq - equal strings, NULL equal only to NULL */
@@ -154,7 +156,7 @@ int     smtps_dest_check_key(const struct smtps_destination *k)
 {
     if ((k->host != NULL && check_name(k->host, SMTPS_HOST_MAX) != SMTPS_OK)
 	|| k->port < 1 || k->port > 65535
-	|| k->tls_mode < SMTPS_TLS_NONE || k->tls_mode > SMTPS_TLS_IMPLICIT
+	|| k->tls_mode < SMTPS_TLS_NONE || k->tls_mode > SMTPS_TLS_DANE_ONLY
 	|| k->timeout_ms < 0
 	|| (k->helo != NULL && check_name(k->helo, SMTPS_HELO_MAX) != SMTPS_OK)
 	|| (k->tls_servername != NULL
@@ -168,12 +170,14 @@ int     smtps_dest_check_key(const struct smtps_destination *k)
 
 /* dest_hash - the hash of a destination key */
 
-static uint64_t dest_hash(const struct smtps_destination *k, const char *site)
+static uint64_t dest_hash(const struct smtps_destination *k, const char *site,
+			          int mx_secure)
 {
     uint64_t h = 14695981039346656037ULL;
 
     h = smtps_hash_str(h, k->host);
     h = smtps_hash_str(h, site);
+    h = hash_bytes(h, &mx_secure, sizeof(mx_secure));
     h = hash_bytes(h, &k->port, sizeof(k->port));
     h = hash_bytes(h, &k->tls_mode, sizeof(k->tls_mode));
     h = hash_bytes(h, &k->tls, sizeof(k->tls));
@@ -192,9 +196,10 @@ static uint64_t dest_hash(const struct smtps_destination *k, const char *site)
 
 static int dest_matches(const struct smtps_dest *d,
 			        const struct smtps_destination *k,
-			        const char *site)
+			        const char *site, int mx_secure)
 {
     return d->port == k->port && d->tls_mode == k->tls_mode
+	&& d->mx_secure == mx_secure
 	&& d->tls == k->tls && d->auth_mechs == k->auth_mechs
 	&& d->auth_plain == k->auth_allow_plaintext
 	&& d->timeout_ms == k->timeout_ms && d->protocol == k->protocol
@@ -248,6 +253,8 @@ static int dest_hosts(struct smtps_dest *d)
 	d->hosts[i].d = d;
 	d->hosts[i].req[0].done = d->hosts[i].req[1].done = dest_host_answer;
 	d->hosts[i].req[0].arg = d->hosts[i].req[1].arg = &d->hosts[i];
+	d->hosts[i].req[2].done = dest_tlsa_answer;
+	d->hosts[i].req[2].arg = &d->hosts[i];
 	if (d->site == NULL) {
 	    d->hosts[i].name = smtps_strndup(d->host, strlen(d->host));
 	} else {
@@ -291,8 +298,8 @@ static void dest_shape(struct smtps_dest *d)
 
 static struct smtps_dest *dest_new(struct smtps_engine *e,
 				           const struct smtps_destination *k,
-				           const char *site, const char *label,
-				           uint64_t hash)
+				           const char *site, int mx_secure,
+				           const char *label, uint64_t hash)
 {
     struct smtps_dest *d;
     int     err = 0;
@@ -305,6 +312,7 @@ static struct smtps_dest *dest_new(struct smtps_engine *e,
     d->hash = hash;
     d->host = smtps_str_copy(k->host, &err);
     d->site = smtps_str_copy(site, &err);
+    d->mx_secure = mx_secure;
     d->label = smtps_str_copy(label ? label : k->host, &err);
     d->port = k->port;
     d->tls_mode = k->tls_mode;
@@ -337,16 +345,17 @@ static struct smtps_dest *dest_new(struct smtps_engine *e,
 
 struct smtps_dest *smtps_dest_get(struct smtps_engine *e,
 				          const struct smtps_destination *k,
-				          const char *site, const char *label)
+				          const char *site, int mx_secure,
+				          const char *label)
 {
-    uint64_t hash = dest_hash(k, site);
+    uint64_t hash = dest_hash(k, site, mx_secure);
     struct smtps_dest *d;
 
     if (e->nbuckets > 0)
 	for (d = e->buckets[hash & (e->nbuckets - 1)]; d != NULL; d = d->hnext)
-	    if (d->hash == hash && dest_matches(d, k, site))
+	    if (d->hash == hash && dest_matches(d, k, site, mx_secure))
 		return d;
-    return dest_new(e, k, site, label, hash);
+    return dest_new(e, k, site, mx_secure, label, hash);
 }
 
 /* dest_cancel_lookups - drop the lookups in flight */
@@ -358,7 +367,7 @@ static void dest_cancel_lookups(struct smtps_dest *d)
     int     j;
 
     for (i = 0; i < d->nhosts; i++)
-	for (j = 0; j < 2; j++)
+	for (j = 0; j < 3; j++)
 	    if (d->hosts[i].req[j].active) {
 		smtps_dns_cancel(e->dns, &d->hosts[i].req[j]);
 		e->dns_users--;
@@ -384,8 +393,11 @@ void    smtps_dest_free(struct smtps_dest *d)
     smtps_dest_unstarve(d);
     smtps_timer_cancel(&e->timers, &d->timer);
     dest_cancel_lookups(d);
-    for (i = 0; i < d->nhosts; i++)
+    for (i = 0; i < d->nhosts; i++) {
 	free(d->hosts[i].name);
+	free(d->hosts[i].tlsa_name);
+	smtps_tlsa_free(d->hosts[i].tlsa, d->hosts[i].ntlsa);
+    }
     free(d->hosts);
     free(d->host);
     free(d->site);
@@ -647,6 +659,8 @@ static void dest_host_answer(void *arg, const struct smtps_dns_answer *a)
 
     d->e->dns_users--;
     d->lookups--;
+    if (!a->secure)
+	h->insecure = 1;			/* RFC 7672 2.2.2: no DANE then */
     if (a->status == SMTPS_DNS_OK) {
 	h->naddr += smtps_dns_addresses(a, d->port, h->addr + h->naddr, room);
 	if (h->ttl == 0 || a->ttl < h->ttl)
@@ -660,6 +674,57 @@ static void dest_host_answer(void *arg, const struct smtps_dns_answer *a)
 	snprintf(h->why, sizeof(h->why), "no address records");
     if (d->lookups == 0)
 	dest_lookups_done(d, smtps_clock_ms());
+}
+
+/* dest_tlsa_answer - the TLSA records of one host (RFC 7672 2.2) */
+
+static void dest_tlsa_answer(void *arg, const struct smtps_dns_answer *a)
+{
+    struct smtps_dest_host *h = arg;
+    struct smtps_dest *d = h->d;
+    size_t  seen = 0;
+
+    d->e->dns_users--;
+    d->lookups--;
+    smtps_tlsa_free(h->tlsa, h->ntlsa);
+    h->tlsa = NULL;
+    h->ntlsa = 0;
+    h->tlsa_state = TLSA_NONE;
+    if (a->status == SMTPS_DNS_OK && a->secure) {
+	if (smtps_dns_tlsa(a, &h->tlsa, &h->ntlsa, &seen) != SMTPS_OK) {
+	    h->tlsa_state = TLSA_BOGUS;		/* cannot hold them: not now */
+	    snprintf(h->tlsa_why, sizeof(h->tlsa_why), "out of memory");
+	} else
+	    h->tlsa_state = h->ntlsa > 0 ? TLSA_USABLE : TLSA_UNUSABLE;
+    } else if (a->status == SMTPS_DNS_BOGUS || a->status == SMTPS_DNS_TEMPFAIL) {
+	/* Not knowing may be an attack: this host is not used for now. */
+	h->tlsa_state = TLSA_BOGUS;
+	snprintf(h->tlsa_why, sizeof(h->tlsa_why), "%s", a->why ? a->why :
+		 "lookup failed");
+    }
+    if (d->lookups == 0)
+	dest_lookups_done(d, smtps_clock_ms());
+}
+
+/* dest_dane - the destination's TLS level asks for DANE */
+
+static int dest_dane(const struct smtps_dest *d)
+{
+    return d->tls_mode == SMTPS_TLS_DANE || d->tls_mode == SMTPS_TLS_DANE_ONLY;
+}
+
+/*
+ * smtps_dest_tlsa - what DANE can do for h: its TLSA records count only
+ * when the MX records and the host's addresses were validated too (RFC
+ * 7672 2.2)
+ */
+
+int     smtps_dest_tlsa(const struct smtps_dest *d,
+			        const struct smtps_dest_host *h)
+{
+    if (!dest_dane(d) || !d->mx_secure || h->insecure)
+	return TLSA_NONE;
+    return h->tlsa_state;
 }
 
 /* dest_addresses - 1 when d's addresses are known; else look them up */
@@ -683,8 +748,10 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
 	h = &d->hosts[i];
 	h->naddr = 0;
 	h->ttl = 0;
-	h->tempfail = h->nxdomain = 0;
+	h->tempfail = h->nxdomain = h->insecure = 0;
 	h->why[0] = 0;
+	h->tlsa_state = TLSA_NONE;
+	h->tlsa_why[0] = 0;
 	/* A literal needs no lookup, hence no wait. */
 	if (smtps_resolve_literal(h->name, d->port, &h->addr[0])) {
 	    h->naddr = 1;
@@ -711,6 +778,26 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
 		e->dns_users++;
 	    } else
 		snprintf(h->why, sizeof(h->why), "%s", smtps_strerror(rc));
+	}
+	/* DANE: the host's TLSA records, at the same time (RFC 7672 2.2). */
+	if (dest_dane(d) && d->mx_secure && d->port != 0) {
+	    free(h->tlsa_name);
+	    if ((h->tlsa_name = malloc(SMTPS_HOST_MAX + 32)) == NULL) {
+		h->tlsa_state = TLSA_BOGUS;
+		snprintf(h->tlsa_why, sizeof(h->tlsa_why), "out of memory");
+	    } else {
+		snprintf(h->tlsa_name, SMTPS_HOST_MAX + 32, "_%d._tcp.%s",
+			 d->port, h->name);
+		if ((rc = smtps_dns_query(dns, h->tlsa_name, ns_t_tlsa,
+					  SMTPS_DNS_URGENT, &h->req[2])) == SMTPS_OK) {
+		    d->lookups++;
+		    e->dns_users++;
+		} else {
+		    h->tlsa_state = TLSA_BOGUS;
+		    snprintf(h->tlsa_why, sizeof(h->tlsa_why), "%s",
+			     smtps_strerror(rc));
+		}
+	    }
 	}
     }
     if (d->lookups == 0) {			/* literals, or nothing could start */
@@ -859,6 +946,17 @@ void    smtps_dest_dispatch(struct smtps_dest *d, int64_t now)
 	return;
     if (dest_backed_off(d, now) || !dest_addresses(d, now))
 	return;
+    /*
+     * Every address failed while other connections still carried
+     * messages, and those are gone now: what is left gets a round of its
+     * own (conn.c fails the messages of a round that fails everywhere).
+     * Without this, nothing would ever take them.
+     */
+    if (d->nconns == 0 && smtps_dest_all_failed(d)) {
+	d->failed = 0;
+	d->failed_perm = 1;
+	d->tried[0] = 0;
+    }
     while (d->nqueued > (size_t) d->nconnecting
 	   && d->nconns < d->shape.connections && !smtps_dest_all_failed(d)) {
 	if (e->nconns >= (size_t) e->max_conns) {

@@ -629,7 +629,8 @@ int     smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
 	return SMTPS_EINVAL;
     if (k.timeout_ms > SMTPS_TIMEOUT_MAX)
 	k.timeout_ms = SMTPS_TIMEOUT_MAX;	/* deadlines cannot overflow */
-    if (k.host != NULL && (d = smtps_dest_get(e, &k, NULL, NULL)) == NULL)
+    /* A host the caller names needs no MX records: as good as secure. */
+    if (k.host != NULL && (d = smtps_dest_get(e, &k, NULL, 1, NULL)) == NULL)
 	return SMTPS_ENOMEM;
     /* The result exists before the message is taken: none can be lost. */
     if ((msg->qresult = smtps_result_new(tag, msg->nrcpt)) == NULL) {

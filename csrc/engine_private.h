@@ -148,6 +148,8 @@ size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,
 		             size_t max);
 size_t  smtps_dns_addresses(const struct smtps_dns_answer *a, int port,
 			            struct smtps_sockaddr *addr, size_t max);
+int     smtps_dns_tlsa(const struct smtps_dns_answer *a, struct smtps_tlsa **out,
+		               size_t *n, size_t *seen);
 
 /* ------------------------------------------------------------------ */
 /* limits.c                                                            */
@@ -248,13 +250,27 @@ struct smtps_dest_host {
     struct smtps_dest *d;
     char   *name;
     int     pref;
-    struct smtps_dns_req req[2];	/* A, AAAA */
+    struct smtps_dns_req req[3];	/* A, AAAA, TLSA */
     struct smtps_sockaddr addr[SMTPS_ADDR_MAX];
     size_t  naddr;
     int     ttl;			/* seconds, the shortest answer's */
     int     tempfail;			/* a lookup failed for now */
     int     nxdomain;			/* the name does not exist */
+    int     insecure;			/* an address answer was not validated */
     char    why[160];			/* the last failed lookup */
+    /* DANE (RFC 7672): this host's TLSA records, when its MX was secure */
+    char   *tlsa_name;			/* "_25._tcp.host" */
+    int     tlsa_state;			/* enum smtps_tlsa_state */
+    struct smtps_tlsa *tlsa;		/* usable ones (DANE-TA, DANE-EE) */
+    size_t  ntlsa;
+    char    tlsa_why[160];		/* BOGUS: how */
+};
+
+enum smtps_tlsa_state {
+    TLSA_NONE,				/* none, or not validated: no DANE */
+    TLSA_USABLE,			/* some DANE-TA(2) or DANE-EE(3) */
+    TLSA_UNUSABLE,			/* records, none usable: encrypt only */
+    TLSA_BOGUS				/* validation failed: not this host */
 };
 
 /*
@@ -271,6 +287,8 @@ struct smtps_dest {
     /* The key: struct smtps_destination, strings copied. */
     char   *host;			/* NULL for a site */
     char   *site;			/* the MX set ("10 a 20 b"); NULL: host */
+    int     mx_secure;			/* its MX records were DNSSEC-validated
+					 * (a host given counts as secure) */
     int     port;
     int     tls_mode;
     struct smtps_tls_config *tls;
@@ -412,8 +430,11 @@ char   *smtps_str_copy(const char *s, int *err);
 int     smtps_dest_check_key(const struct smtps_destination *k);
 struct smtps_dest *smtps_dest_get(struct smtps_engine *e,
 				          const struct smtps_destination *k,
-				          const char *site, const char *label);
+				          const char *site, int mx_secure,
+				          const char *label);
 void    smtps_dest_free(struct smtps_dest *d);
+int     smtps_dest_tlsa(const struct smtps_dest *d,
+			        const struct smtps_dest_host *h);
 void    smtps_dest_enqueue(struct smtps_dest *d, struct smtps_message *m);
 void    smtps_dest_requeue(struct smtps_dest *d, struct smtps_message *m);
 struct smtps_message *smtps_dest_pop(struct smtps_dest *d);

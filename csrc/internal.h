@@ -176,6 +176,26 @@ struct smtps_message *smtps_session_take_back(struct smtps_session *s,
  * destination tries the same address in clear
  */
 int smtps_tls_handshake_failed(const struct smtps_session *s);
+/*
+ * A TLSA record (RFC 6698) for OpenSSL's DANE matching: certificate
+ * usage, selector, matching type and the data to match.
+ */
+struct smtps_tlsa {
+    uint8_t usage;
+    uint8_t selector;
+    uint8_t mtype;
+    size_t  len;
+    unsigned char *data;
+};
+void smtps_tlsa_free(struct smtps_tlsa *recs, size_t n);
+/*
+ * tls.c, for engine.c: authenticate this session's TLS with DANE (RFC
+ * 7672) against recs (copied), the server's name its reference
+ * identifier; n == 0: TLS is mandatory but not authenticated (RFC 7672
+ * 2.2, records that are all unusable). After smtps_session_set_tls().
+ */
+int smtps_session_set_dane(struct smtps_session *s,
+			   const struct smtps_tlsa *recs, size_t n);
 /* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg, int64_t now);

@@ -19,6 +19,8 @@
  *
  *	size_t	smtps_dns_mx(answer, mx, max)
  *	size_t	smtps_dns_addresses(answer, port, addr, max)
+ *	int	smtps_dns_tlsa(answer, &recs, &n, &seen)
+ *	void	smtps_tlsa_free(recs, n)
  * DESCRIPTION
  *	Every name the engine looks up goes through one libunbound context
  *	per engine: it caches answers for their TTLs, asks the name servers
@@ -70,7 +72,11 @@
  *
  *	smtps_dns_mx() decodes MX records (preference and exchange, lower
  *	case, without the final dot); smtps_dns_addresses() turns A or AAAA
- *	records into socket addresses with the given port.
+ *	records into socket addresses with the given port; smtps_dns_tlsa()
+ *	keeps the TLSA records SMTP may use (RFC 7672 3: DANE-TA and
+ *	DANE-EE, selectors 0 and 1, matching types 0, 1 and 2, of a length
+ *	that fits) and says how many there were (records present but none
+ *	usable mean "encrypt, do not authenticate", RFC 7672 2.2).
  *
  *	smtps_resolve_literal() needs no lookup: it parses an IPv4 or IPv6
  *	literal (brackets allowed, "[::1]") with AI_NUMERICHOST, which never
@@ -506,6 +512,86 @@ size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,
 	n++;
     }
     return n;
+}
+
+/* smtps_tlsa_free - records made by smtps_dns_tlsa() (or copied) */
+
+void    smtps_tlsa_free(struct smtps_tlsa *recs, size_t n)
+{
+    size_t  i;
+
+    for (i = 0; recs != NULL && i < n; i++)
+	free(recs[i].data);
+    free(recs);
+}
+
+/* tlsa_usable - a record RFC 7672 lets SMTP use (3.1, 3.2) */
+
+static int tlsa_usable(unsigned usage, unsigned selector, unsigned mtype,
+		               size_t len)
+{
+    if ((usage != 2 && usage != 3) || selector > 1)
+	return 0;
+    switch (mtype) {
+    case 0:
+	return len > 0;				/* the whole certificate or key */
+    case 1:
+	return len == 32;			/* SHA2-256 */
+    case 2:
+	return len == 64;			/* SHA2-512 */
+    default:
+	return 0;
+    }
+}
+
+/*
+ * smtps_dns_tlsa - the usable TLSA records of an answer (DANE-TA and
+ * DANE-EE, known selectors and matching types, of the right length);
+ * *seen: how many records there were in all. SMTPS_ENOMEM, or SMTPS_OK.
+ */
+
+int     smtps_dns_tlsa(const struct smtps_dns_answer *a, struct smtps_tlsa **out,
+		               size_t *n, size_t *seen)
+{
+    const unsigned char *rd;
+    struct smtps_tlsa *recs = NULL, *r;
+    size_t  len, count = 0, k;
+
+    *out = NULL;
+    *n = *seen = 0;
+    if (a->status != SMTPS_DNS_OK || a->ub == NULL)
+	return SMTPS_OK;
+    while (a->ub->data[count] != NULL)
+	count++;
+    *seen = count;
+    if (count == 0 || (recs = calloc(count, sizeof(*recs))) == NULL)
+	return count == 0 ? SMTPS_OK : SMTPS_ENOMEM;
+    for (k = 0; k < count; k++) {
+	rd = (const unsigned char *) a->ub->data[k];
+	if (a->ub->len[k] < 3)
+	    continue;
+	len = (size_t) a->ub->len[k] - 3;
+	if (!tlsa_usable(rd[0], rd[1], rd[2], len))
+	    continue;
+	r = &recs[*n];
+	if ((r->data = malloc(len)) == NULL) {
+	    smtps_tlsa_free(recs, *n);
+	    *n = 0;
+	    return SMTPS_ENOMEM;
+	}
+	memcpy(r->data, rd + 3, len);
+	r->len = len;
+	r->usage = rd[0];
+	r->selector = rd[1];
+	r->mtype = rd[2];
+	(*n)++;
+    }
+    if (*n == 0) {
+	free(recs);
+	recs = NULL;
+    }
+    *out = recs;
+    return SMTPS_OK;
 }
 
 /* smtps_dns_addresses - A or AAAA records as socket addresses */

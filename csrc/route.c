@@ -81,6 +81,7 @@ struct smtps_route {
     struct smtps_timer timer;		/* READY or FAILED: its expiry */
     int64_t expires;
     char   *site;			/* READY: "pref host pref host ..." */
+    int     secure;			/* READY: its MX answer was validated */
     int     status;			/* FAILED: SMTPS_STATUS_* */
     char   *why;			/* FAILED: in words */
     int     null_mx;			/* FAILED by a null MX */
@@ -398,6 +399,7 @@ static void route_answer(void *arg, const struct smtps_dns_answer *a)
 
     r->e->dns_users--;
     smtps_timer_cancel(&r->e->timers, &r->timer);
+    r->secure = a->secure;			/* DANE needs it (RFC 7672 2.2.1) */
     switch (a->status) {
     case SMTPS_DNS_OK:
 	n = smtps_dns_mx(a, mx, SMTPS_MX_MAX);
@@ -807,12 +809,14 @@ static void route_place(struct smtps_engine *e, struct smtps_message *m,
 	    failed++;
 	else if (first == NULL)
 	    first = r;
-	else if (r != first && strcmp(r->site, first->site) != 0)
+	else if (r != first && (strcmp(r->site, first->site) != 0
+				|| r->secure != first->secure))
 	    single = 0;
     }
     /* One site for all: the message itself goes, no parts. */
     if (failed == 0 && single && first != NULL) {
-	if ((d = smtps_dest_get(e, k_dest, first->site, first->domain)) == NULL) {
+	if ((d = smtps_dest_get(e, k_dest, first->site, first->secure,
+				first->domain)) == NULL) {
 	    smtps_engine_fail_message(e, m, SMTPS_STATUS_TEMPFAIL, "",
 				      "out of memory");
 	    return;
@@ -851,14 +855,14 @@ static void route_place(struct smtps_engine *e, struct smtps_message *m,
 	    struct smtps_route *r2 = route_of(e, m, k);
 
 	    if (r2 != NULL && r2->state == ROUTE_READY
-		&& strcmp(r2->site, r->site) == 0) {
+		&& strcmp(r2->site, r->site) == 0 && r2->secure == r->secure) {
 		idx[n++] = k;
 		res->rcpt[k].route = TAKEN;
 	    }
 	}
 	used += n;
 	pm = NULL;
-	if ((d = smtps_dest_get(e, k_dest, r->site, r->domain)) == NULL
+	if ((d = smtps_dest_get(e, k_dest, r->site, r->secure, r->domain)) == NULL
 	    || (pm = smtps_message_part(m, idx, n)) == NULL
 	    || (pm->qresult = smtps_result_new(res->tag, n)) == NULL) {
 	    smtps_message_free(pm);

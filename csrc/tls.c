@@ -108,6 +108,9 @@ struct smtps_tls {
     int     verify;			/* check the certificate and name */
     int     phase;			/* enum tls_phase */
     int     handshake_failed;		/* FAILED before it was up */
+    int     dane;			/* RFC 7672: the records below decide */
+    struct smtps_tlsa *tlsa;		/* none: encrypt, do not authenticate */
+    size_t  ntlsa;
     int     peer_closed;		/* close_notify seen: read no more */
     struct smtps_tls_config *cfg;
     char    servername[TLS_NAME_MAX + 1];	/* "" when none */
@@ -149,7 +152,8 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
     if ((c = calloc(1, sizeof(*c))) == NULL)
 	return NULL;
     if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL
-	|| SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1)
+	|| SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1
+	|| SSL_CTX_dane_enable(ctx) <= 0)	/* sessions may use DANE */
 	goto err;
 
     /*
@@ -261,6 +265,10 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     }
     smtps_tls_config_free(t->cfg);		/* a second call replaces */
     t->cfg = cfg;
+    smtps_tlsa_free(t->tlsa, t->ntlsa);
+    t->tlsa = NULL;
+    t->ntlsa = 0;
+    t->dane = 0;
     t->mode = mode;
     /* RFC 7435: opportunistic TLS encrypts, it does not authenticate. */
     t->verify = mode != SMTPS_TLS_OPPORTUNISTIC && !cfg->insecure;
@@ -272,6 +280,70 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     return SMTPS_OK;
 }
 
+/* smtps_session_set_dane - authenticate by TLSA records; before start */
+
+int     smtps_session_set_dane(struct smtps_session *s,
+			               const struct smtps_tlsa *recs, size_t n)
+{
+    struct smtps_tls *t;
+    size_t  i;
+
+    if (s == NULL || (t = s->tls) == NULL || (n > 0 && recs == NULL)
+	|| t->mode == SMTPS_TLS_OPPORTUNISTIC || t->mode == SMTPS_TLS_NONE)
+	return SMTPS_EINVAL;
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    smtps_tlsa_free(t->tlsa, t->ntlsa);
+    t->tlsa = NULL;
+    t->ntlsa = 0;
+    if (n > 0 && (t->tlsa = calloc(n, sizeof(*t->tlsa))) == NULL)
+	return SMTPS_ENOMEM;
+    for (i = 0; i < n; i++) {
+	if ((t->tlsa[i].data = malloc(recs[i].len)) == NULL) {
+	    smtps_tlsa_free(t->tlsa, i);
+	    t->tlsa = NULL;
+	    return SMTPS_ENOMEM;
+	}
+	memcpy(t->tlsa[i].data, recs[i].data, recs[i].len);
+	t->tlsa[i].len = recs[i].len;
+	t->tlsa[i].usage = recs[i].usage;
+	t->tlsa[i].selector = recs[i].selector;
+	t->tlsa[i].mtype = recs[i].mtype;
+	t->ntlsa++;
+    }
+    t->dane = 1;
+    /* The records authenticate, not the CAs; none at all: no one does. */
+    t->verify = n > 0;
+    return SMTPS_OK;
+}
+
+/*
+ * tls_dane - hand the records to OpenSSL's own DANE support (RFC 7671):
+ * the server's name is the reference identifier of DANE-TA(2), and
+ * DANE-EE(3) matches the key alone, without a name (RFC 7672 3.1.1)
+ */
+
+static int tls_dane(struct smtps_tls *t)
+{
+    size_t  i;
+    int     usable = 0, rc;
+
+    if (SSL_dane_enable(t->ssl, t->servername[0] ? t->servername : NULL) <= 0)
+	return 0;
+    (void) SSL_dane_set_flags(t->ssl, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+    for (i = 0; i < t->ntlsa; i++) {
+	rc = SSL_dane_tlsa_add(t->ssl, t->tlsa[i].usage, t->tlsa[i].selector,
+			       t->tlsa[i].mtype, t->tlsa[i].data, t->tlsa[i].len);
+	if (rc < 0)
+	    return 0;
+	usable += rc > 0;
+    }
+    if (usable == 0)
+	return 0;				/* (smtps_dns_tlsa() kept usable ones) */
+    SSL_set_verify(t->ssl, SSL_VERIFY_PEER, NULL);
+    return 1;
+}
+
 /* smtps_tls_session_free - release the session's TLS state */
 
 void    smtps_tls_session_free(struct smtps_session *s)
@@ -280,6 +352,7 @@ void    smtps_tls_session_free(struct smtps_session *s)
 
     if (t == NULL)
 	return;
+    smtps_tlsa_free(t->tlsa, t->ntlsa);
     SSL_free(t->ssl);				/* and its end of the pair */
     BIO_free(t->net);
     free(t->wire.data);
@@ -364,6 +437,8 @@ static int tls_names(struct smtps_tls *t)
 	return 0;
     if (!t->verify)
 	return 1;
+    if (t->dane)
+	return tls_dane(t);
     SSL_set_hostflags(t->ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
     return SSL_set1_host(t->ssl, name) == 1;
 }
@@ -393,6 +468,8 @@ int     smtps_tls_begin(struct smtps_session *s)
 	SSL_set_verify(t->ssl, SSL_VERIFY_NONE, NULL);
     if (!tls_names(t))
 	goto err;
+    if (t->dane && t->verify && t->servername[0] == 0 && !tls_dane(t))
+	goto err;				/* (a name goes through tls_names) */
 
     /*
      * Bytes still queued were queued in clear, before TLS (a PROXY header

@@ -901,6 +901,10 @@ int smtps_session_protocol(const struct smtps_session *s);	/* SMTPS_PROTO_* */
 #define SMTPS_TLS_STARTTLS 2		/* STARTTLS required, certificate and name
 					 * verified: only QUIT in clear otherwise */
 #define SMTPS_TLS_VERIFY SMTPS_TLS_STARTTLS
+#define SMTPS_TLS_DANE 4		/* engine: DANE (RFC 7672) where an MX host has
+					 * DNSSEC-validated TLSA records, else
+					 * opportunistic (Postfix's "dane") */
+#define SMTPS_TLS_DANE_ONLY 5		/* engine: DANE or nothing */
 #define SMTPS_TLS_IMPLICIT 3		/* TLS from the first byte (port 465, RFC 8314) */
 
 /*

@@ -20,8 +20,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 from smtpstate._ffi import AUTH_MECHANISMS, check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "VERIFYING", "default_tls", "PROTOCOLS",
-           "AUTH_MECHANISMS", "check_host", "check_port", "unix_path", "UNIX_PREFIX"]
+__all__ = ["Auth", "Options", "TLS_MODES", "VERIFYING", "ENGINE_ONLY", "default_tls",
+           "PROTOCOLS", "AUTH_MECHANISMS", "check_host", "check_port", "unix_path",
+           "UNIX_PREFIX"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
@@ -29,7 +30,12 @@ TLS_MODES = {
     "verify": lib.SMTPS_TLS_VERIFY,
     "starttls": lib.SMTPS_TLS_STARTTLS,       # the earlier name of "verify"
     "implicit": lib.SMTPS_TLS_IMPLICIT,
+    "dane": lib.SMTPS_TLS_DANE,
+    "dane-only": lib.SMTPS_TLS_DANE_ONLY,
 }
+
+#: The levels only the Engine can apply (it looks up the TLSA records).
+ENGINE_ONLY = frozenset({"dane", "dane-only"})
 
 #: The levels that check the server's certificate and name.
 VERIFYING = frozenset({"verify", "starttls", "implicit"})
@@ -250,11 +256,15 @@ class Options:
             "may"); "verify" (STARTTLS required, the certificate chain and
             the host name checked: nothing but QUIT in clear when it is
             missing, refused or fails; "starttls" is the earlier name); or
-            "implicit" (TLS from the first byte, port 465, verified).
-            None: "verify" with ``auth``, else "opportunistic"
-            (docs/tls.md). "opportunistic" with ``auth`` is refused (the
-            credentials could reach anyone) unless
-            ``Auth(allow_plaintext=True)``, which also makes it the default.
+            "implicit" (TLS from the first byte, port 465, verified);
+            Engine only: "dane" (RFC 7672: TLS authenticated by the host's
+            DNSSEC-validated TLSA records where it has them, else
+            opportunistic) and "dane-only" (no delivery without them).
+            None: "verify" with ``auth``; else "dane" by MX and
+            "opportunistic" to a named host (docs/tls.md).
+            "opportunistic" with ``auth`` is refused (the credentials
+            could reach anyone) unless ``Auth(allow_plaintext=True)``,
+            which also makes it the default.
         auth: an :class:`Auth`, or a (user, secret) pair, or None.
         ca_file: PEM file of trusted CAs; None: the system store.
         timeout: seconds for every reply deadline (and connecting); None:
@@ -289,6 +299,8 @@ class Options:
         elif auth is not None and not isinstance(auth, Auth):
             raise InvalidOptionError("auth must be Auth(...) or a (user, secret) pair")
         if self.tls is None:
+            # Remembered: by MX, the default is DANE where it can be had.
+            object.__setattr__(self, "_tls_default", True)
             object.__setattr__(self, "tls", default_tls(self.auth))
         elif (self.tls == "opportunistic" and self.auth is not None
               and not self.auth.allow_plaintext):
@@ -327,13 +339,19 @@ class Options:
 
     def check_unix(self, host: str) -> Optional[str]:
         """The socket path when ``host`` is ``"unix:/path"``, else None;
-        for drivers that connect to unix sockets, before they do.
+        for the drivers of single sessions (Client, aio), before they
+        connect.
 
         Raises:
-            InvalidOptionError: a bad unix host (:func:`unix_path`), or TLS
-                over a unix socket without ``server_hostname``: the name
-                the certificate must carry cannot come from a path.
+            InvalidOptionError: a bad unix host (:func:`unix_path`); TLS
+                over a unix socket without ``server_hostname`` (the name
+                the certificate must carry cannot come from a path); a
+                level only the Engine can apply ("dane", "dane-only").
         """
+        if self.tls in ENGINE_ONLY:
+            raise InvalidOptionError(
+                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records of "
+                "each host; a single session cannot (use Engine.submit or deliver)")
         path = unix_path(host)
         if (path is not None and self.tls in VERIFYING and self.server_hostname is None
                 and not self.dangerously_skip_certificate_verification):
@@ -347,6 +365,10 @@ class Options:
         starts. ``keep`` receives cdata that must live as long as the
         session. ``host`` is the server's name (the default TLS server
         name) or ``"unix:/path"`` (no default: see :meth:`check_unix`)."""
+        if self.tls in ENGINE_ONLY:
+            raise InvalidOptionError(
+                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records of "
+                "each host; a single session cannot (use Engine.submit or deliver)")
         _check_option(lib.smtps_session_set_protocol(session_ptr, PROTOCOLS[self.protocol]),
                       "set the protocol")
         if self.tls != "none" and self.server_hostname is None and unix_path(host) is not None:
@@ -401,7 +423,10 @@ class Options:
         d.sizeof_destination = ffi.sizeof("struct smtps_destination")
         d.host = cstr(host, "idna")
         d.port = int(port)
-        d.tls_mode = TLS_MODES[self.tls]
+        level = self.tls
+        if host is None and level == "opportunistic" and getattr(self, "_tls_default", False):
+            level = "dane"                       # the default that fits MX routing
+        d.tls_mode = TLS_MODES[level]
         d.tls = self.tls_config()
         if d.tls != ffi.NULL:
             keep.append(d.tls)

@@ -256,8 +256,8 @@ def mx_servers():
     _require_aiosmtpd()
     started = []
 
-    def factory(addresses, behaviours=None):
-        servers = MxServers(addresses, behaviours)
+    def factory(addresses, behaviours=None, tls=None):
+        servers = MxServers(addresses, behaviours, tls)
         started.append(servers)
         return servers.start()
 

@@ -152,7 +152,7 @@ def _record_message(recorder: _Recorder, session: Any, envelope: Any) -> Receive
         peer=session.peer,
         helo=session.host_name,
         # When the final dot was answered, for rate tests.
-        extra={"received_at": time.monotonic()},
+        extra={"received_at": time.monotonic(), "tls": session.ssl is not None},
     )
     recorder.messages.append(msg)
     return msg
@@ -300,6 +300,9 @@ class MxServers:
         addresses: IP addresses to serve ("127.0.0.2", "::1", ...).
         behaviours: {address: behaviour} for those that are not "ok"
             (see ``BEHAVIOURS``).
+        tls: {address: ssl.SSLContext}: those servers offer STARTTLS with
+            that context (``extra["tls"]`` says whether a message came
+            over it).
 
     Attributes:
         port: the port, free on every address when it was chosen (and
@@ -311,8 +314,10 @@ class MxServers:
             repeated address.
     """
 
-    def __init__(self, addresses: Sequence[str], behaviours: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, addresses: Sequence[str], behaviours: Optional[Mapping[str, str]] = None,
+                 tls: Optional[Mapping[str, Any]] = None) -> None:
         self.addresses = [_normalise(a) for a in addresses]
+        self._tls = {_normalise(a): ctx for a, ctx in (tls or {}).items()}
         if len(set(self.addresses)) != len(self.addresses):
             raise ValueError("an address is given twice: %r" % (addresses,))
         chosen = {_normalise(a): b for a, b in (behaviours or {}).items()}
@@ -393,7 +398,8 @@ class MxServers:
         else:
             smtp, handler = _counting_class("smtp"), _Handler(server, server.behaviour)
             factory = lambda: smtp(handler, server, server.behaviour, hostname=server.hostname,  # noqa: E731
-                                   enable_SMTPUTF8=True, loop=loop)
+                                   enable_SMTPUTF8=True, loop=loop,
+                                   tls_context=self._tls.get(server.address))
         sock.listen(128)
         return await loop.create_server(factory, sock=sock)
 
