@@ -12,9 +12,10 @@ Quick start::
 The C core stays reachable for C-level use as ``smtpstate._core`` (``ffi``,
 ``lib``); nothing in the Python API needs it.
 
-``smtpstate.aio`` (and ``cli``, ``demo``, ``bench``) are imported on first
-use, not with the package: ``import smtpstate`` then ``smtpstate.aio.send(...)``
-works, and a program that never touches asyncio does not pay for it.
+``smtpstate.aio`` (and ``mta_sts``, ``cli``, ``demo``, ``bench``) are
+imported on first use, not with the package: ``import smtpstate`` then
+``smtpstate.aio.send(...)`` works, and a program that never touches asyncio
+(or MTA-STS, which brings ``ssl`` and ``http.client``) does not pay for it.
 """
 
 from importlib import import_module
@@ -30,6 +31,9 @@ from smtpstate.errors import (
     InvalidMessageError,
     InvalidOptionError,
     LocalProtocolError,
+    MTASTSError,
+    PolicyError,
+    PolicyFetchError,
     RegistrationError,
     SMTPStateError,
     StateCallbackError,
@@ -55,9 +59,12 @@ __all__ = [
     "InvalidOptionError",
     "Limits",
     "LocalProtocolError",
+    "MTASTSError",
     "Machine",
     "Message",
     "Options",
+    "PolicyError",
+    "PolicyFetchError",
     "Recipient",
     "RecipientResult",
     "RegistrationError",
@@ -79,9 +86,9 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Submodules imported when first used, not here: aio imports asyncio, which
-# costs more at start-up than the whole package, and the others are the
-# command line's.
-_LAZY_SUBMODULES = frozenset({"aio", "bench", "cli", "demo"})
+# costs more at start-up than the whole package, mta_sts ssl and http.client,
+# and the others are the command line's.
+_LAZY_SUBMODULES = frozenset({"aio", "bench", "cli", "demo", "mta_sts"})
 
 
 def __getattr__(name: str) -> Any:

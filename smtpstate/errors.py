@@ -19,6 +19,9 @@ __all__ = [
     "StateCallbackError",
     "ConnectError",
     "DeliveryError",
+    "MTASTSError",
+    "PolicyError",
+    "PolicyFetchError",
 ]
 
 
@@ -126,3 +129,46 @@ class StateCallbackError(DeliveryError):
     def _describe(result: Any) -> str:
         text = DeliveryError._describe(result)
         return text if result.error in text else f"{text}; {result.error}"
+
+
+#: The RFC 8460 (TLSRPT) result types of an MTA-STS policy that could not
+#: be had, as ``result_type`` of :class:`MTASTSError`.
+STS_RESULT_TYPES = ("sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid")
+
+
+class MTASTSError(SMTPStateError):
+    """A recipient domain's MTA-STS policy (RFC 8461) could not be had:
+    the peer's doing, never raised for a misused API (that is
+    :class:`InvalidOptionError`). Never raised itself.
+
+    Attributes:
+        result_type: what a TLSRPT report (RFC 8460 §4.3.2) would call
+            it: ``"sts-policy-fetch-error"`` (no complete HTTP 200
+            answer), ``"sts-policy-invalid"`` (an answer that is not a
+            valid policy) or ``"sts-webpki-invalid"`` (the HTTPS
+            server's certificate did not verify). ``str(error)`` is the
+            report's failure reason, in words.
+    """
+
+    result_type = "sts-policy-fetch-error"
+
+
+class PolicyError(MTASTSError):
+    """An MTA-STS policy text breaks RFC 8461 §3.2; the message says which
+    line and what to fix. ``result_type`` is always
+    ``"sts-policy-invalid"``."""
+
+    result_type = "sts-policy-invalid"
+
+
+class PolicyFetchError(MTASTSError):
+    """The policy could not be fetched from ``https://mta-sts.<domain>/``;
+    the message says why, and ``result_type`` which TLSRPT result that is.
+    """
+
+    def __init__(self, message: str, result_type: str = "sts-policy-fetch-error") -> None:
+        if result_type not in STS_RESULT_TYPES:
+            raise InvalidOptionError(f"result_type must be one of "
+                                     f"{', '.join(STS_RESULT_TYPES)}, not {result_type!r}")
+        super().__init__(message)
+        self.result_type = result_type

@@ -13,6 +13,7 @@ application configures logging):
                           stage, reply and bounce class), DEBUG for deliveries
 ``smtpstate.transcript``  the SMTP dialogue, DEBUG, one record per line
 ``smtpstate.demo``        the demo; ``smtpstate.cli`` the command line
+``smtpstate.mta_sts``     MTA-STS policy fetches and the policy cache's file
 ========================  ==================================================
 
 Rule: the transcript is the plaintext dialogue as the C session queues and
