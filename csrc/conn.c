@@ -123,13 +123,29 @@ static const struct smtps_dest_host *conn_dest_host(const struct smtps_conn *c)
 }
 
 /*
+ * conn_dane - the session is authenticated by the host's TLSA records
+ * (usable ones), or, with records none of which is usable, encrypted
+ * without authentication (RFC 7672 2.2) -- unless an MTA-STS policy is in
+ * force: then the certificate is verified
+ */
+
+static int conn_dane(const struct smtps_conn *c)
+{
+    const struct smtps_dest_host *h = conn_dest_host(c);
+    int     state = h != NULL ? smtps_dest_tlsa(c->d, h) : TLSA_NONE;
+
+    return state == TLSA_USABLE || (state == TLSA_UNUSABLE
+				    && !(c->d->site_flags & SMTPS_SITE_STS));
+}
+
+/*
  * conn_tls_level - the TLS this connection uses: the destination's level,
- * made concrete for the host. DANE (RFC 7672 2.2): with usable TLSA
- * records, TLS authenticated by them; with records none of which is
- * usable, TLS required but not authenticated (both SMTPS_TLS_VERIFY, the
- * difference is the records conn_setup() gives the session); without
- * validated records, opportunistic ("dane") or not at all ("dane-only":
- * -1, as for records that fail validation)
+ * made concrete for the host. DANE (RFC 7672 2.2) first: TLS
+ * authenticated by its records (conn_dane()); else, under an MTA-STS
+ * policy in force (RFC 8461 4.2), TLS verified against the MX host's
+ * name; else opportunistic ("dane") or not at all ("dane-only": -1, as
+ * for TLSA records that fail validation). A level given explicitly
+ * ("opportunistic", "verify", ...) is the caller's choice and stays.
  */
 
 static int conn_tls_level(const struct smtps_conn *c)
@@ -139,15 +155,14 @@ static int conn_tls_level(const struct smtps_conn *c)
 
     if (mode != SMTPS_TLS_DANE && mode != SMTPS_TLS_DANE_ONLY)
 	return mode;
-    switch (h != NULL ? smtps_dest_tlsa(c->d, h) : TLSA_NONE) {
-    case TLSA_USABLE:
-    case TLSA_UNUSABLE:
-	return SMTPS_TLS_VERIFY;
-    case TLSA_NONE:
-	return mode == SMTPS_TLS_DANE ? SMTPS_TLS_OPPORTUNISTIC : -1;
-    default:
+    if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS)
 	return -1;
-    }
+    if (conn_dane(c))
+	return SMTPS_TLS_VERIFY;
+    if (mode == SMTPS_TLS_DANE_ONLY)
+	return -1;
+    return c->d->site_flags & SMTPS_SITE_STS ? SMTPS_TLS_VERIFY :
+	SMTPS_TLS_OPPORTUNISTIC;
 }
 
 /* conn_dane_refusal - why DANE forbids this address, in c->why; 0: it does not */
@@ -208,7 +223,7 @@ static int conn_setup(struct smtps_conn *c)
 				   == AF_UNIX ? NULL : conn_host(c));
 	if (rc == SMTPS_OK && level == SMTPS_TLS_VERIFY
 	    && (d->tls_mode == SMTPS_TLS_DANE || d->tls_mode == SMTPS_TLS_DANE_ONLY)
-	    && (h = conn_dest_host(c)) != NULL)
+	    && conn_dane(c) && (h = conn_dest_host(c)) != NULL)
 	    rc = smtps_session_set_dane(c->s, h->tlsa, h->ntlsa);
 	if (rc != SMTPS_OK) {
 	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",

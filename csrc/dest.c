@@ -7,7 +7,7 @@
  * SYNOPSIS
  *	#include "engine_private.h"
  *
- *	struct smtps_dest *smtps_dest_get(e, key, site, mx_secure, label)
+ *	struct smtps_dest *smtps_dest_get(e, key, site, site_flags, label)
  *	int	smtps_dest_tlsa(d, host)
  *	void	smtps_dest_enqueue(d, m)
  *	void	smtps_dest_dispatch(d, now)
@@ -171,13 +171,13 @@ int     smtps_dest_check_key(const struct smtps_destination *k)
 /* dest_hash - the hash of a destination key */
 
 static uint64_t dest_hash(const struct smtps_destination *k, const char *site,
-			          int mx_secure)
+			          int site_flags)
 {
     uint64_t h = 14695981039346656037ULL;
 
     h = smtps_hash_str(h, k->host);
     h = smtps_hash_str(h, site);
-    h = hash_bytes(h, &mx_secure, sizeof(mx_secure));
+    h = hash_bytes(h, &site_flags, sizeof(site_flags));
     h = hash_bytes(h, &k->port, sizeof(k->port));
     h = hash_bytes(h, &k->tls_mode, sizeof(k->tls_mode));
     h = hash_bytes(h, &k->tls, sizeof(k->tls));
@@ -196,10 +196,10 @@ static uint64_t dest_hash(const struct smtps_destination *k, const char *site,
 
 static int dest_matches(const struct smtps_dest *d,
 			        const struct smtps_destination *k,
-			        const char *site, int mx_secure)
+			        const char *site, int site_flags)
 {
     return d->port == k->port && d->tls_mode == k->tls_mode
-	&& d->mx_secure == mx_secure
+	&& d->site_flags == site_flags
 	&& d->tls == k->tls && d->auth_mechs == k->auth_mechs
 	&& d->auth_plain == k->auth_allow_plaintext
 	&& d->timeout_ms == k->timeout_ms && d->protocol == k->protocol
@@ -298,7 +298,7 @@ static void dest_shape(struct smtps_dest *d)
 
 static struct smtps_dest *dest_new(struct smtps_engine *e,
 				           const struct smtps_destination *k,
-				           const char *site, int mx_secure,
+				           const char *site, int site_flags,
 				           const char *label, uint64_t hash)
 {
     struct smtps_dest *d;
@@ -312,7 +312,7 @@ static struct smtps_dest *dest_new(struct smtps_engine *e,
     d->hash = hash;
     d->host = smtps_str_copy(k->host, &err);
     d->site = smtps_str_copy(site, &err);
-    d->mx_secure = mx_secure;
+    d->site_flags = site_flags;
     d->label = smtps_str_copy(label ? label : k->host, &err);
     d->port = k->port;
     d->tls_mode = k->tls_mode;
@@ -345,17 +345,17 @@ static struct smtps_dest *dest_new(struct smtps_engine *e,
 
 struct smtps_dest *smtps_dest_get(struct smtps_engine *e,
 				          const struct smtps_destination *k,
-				          const char *site, int mx_secure,
+				          const char *site, int site_flags,
 				          const char *label)
 {
-    uint64_t hash = dest_hash(k, site, mx_secure);
+    uint64_t hash = dest_hash(k, site, site_flags);
     struct smtps_dest *d;
 
     if (e->nbuckets > 0)
 	for (d = e->buckets[hash & (e->nbuckets - 1)]; d != NULL; d = d->hnext)
-	    if (d->hash == hash && dest_matches(d, k, site, mx_secure))
+	    if (d->hash == hash && dest_matches(d, k, site, site_flags))
 		return d;
-    return dest_new(e, k, site, mx_secure, label, hash);
+    return dest_new(e, k, site, site_flags, label, hash);
 }
 
 /* dest_cancel_lookups - drop the lookups in flight */
@@ -722,7 +722,7 @@ static int dest_dane(const struct smtps_dest *d)
 int     smtps_dest_tlsa(const struct smtps_dest *d,
 			        const struct smtps_dest_host *h)
 {
-    if (!dest_dane(d) || !d->mx_secure || h->insecure)
+    if (!dest_dane(d) || !(d->site_flags & SMTPS_SITE_SECURE) || h->insecure)
 	return TLSA_NONE;
     return h->tlsa_state;
 }
@@ -780,7 +780,7 @@ static int dest_addresses(struct smtps_dest *d, int64_t now)
 		snprintf(h->why, sizeof(h->why), "%s", smtps_strerror(rc));
 	}
 	/* DANE: the host's TLSA records, at the same time (RFC 7672 2.2). */
-	if (dest_dane(d) && d->mx_secure && d->port != 0) {
+	if (dest_dane(d) && (d->site_flags & SMTPS_SITE_SECURE) && d->port != 0) {
 	    free(h->tlsa_name);
 	    if ((h->tlsa_name = malloc(SMTPS_HOST_MAX + 32)) == NULL) {
 		h->tlsa_state = TLSA_BOGUS;

@@ -590,6 +590,7 @@ void    smtps_engine_free(struct smtps_engine *e)
 	    smtps_dest_free(d);
 	}
     smtps_routes_free(e);
+    smtps_sts_free(&e->sts);
     while ((r = e->results) != NULL) {
 	e->results = r->next;
 	smtps_result_free(r);
@@ -630,7 +631,8 @@ int     smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
     if (k.timeout_ms > SMTPS_TIMEOUT_MAX)
 	k.timeout_ms = SMTPS_TIMEOUT_MAX;	/* deadlines cannot overflow */
     /* A host the caller names needs no MX records: as good as secure. */
-    if (k.host != NULL && (d = smtps_dest_get(e, &k, NULL, 1, NULL)) == NULL)
+    if (k.host != NULL && (d = smtps_dest_get(e, &k, NULL, SMTPS_SITE_SECURE,
+					       NULL)) == NULL)
 	return SMTPS_ENOMEM;
     /* The result exists before the message is taken: none can be lost. */
     if ((msg->qresult = smtps_result_new(tag, msg->nrcpt)) == NULL) {

@@ -17,7 +17,8 @@
  *	route.c		recipient domains to destinations by their MX
  *			records, and messages split over several;
  *	limits.c	traffic shaping rules and rates;
- *	resolve.c	DNS (libunbound);
+ *	resolve.c	DNS (libunbound): lookups in a window, deadlines;
+ *	sts.c		MTA-STS policies the caller gives, by domain;
  *	timers.c	every deadline, in one heap.
  *
  *	Every deadline of an engine (connect timeouts, session deadlines,
@@ -26,7 +27,8 @@
  *	embedded in the object that owns it. Room is reserved when an owner
  *	is made, so that arming a timer never allocates and never fails.
  * SEE ALSO
- *	engine.c, dest.c, conn.c, route.c, limits.c, resolve.c, timers.c.
+ *	engine.c, dest.c, conn.c, route.c, limits.c, resolve.c, sts.c,
+ *	timers.c.
  *--*/
 
 #ifndef SMTPS_ENGINE_PRIVATE_H
@@ -194,6 +196,22 @@ void    smtps_rate_take(struct smtps_rate *r, int64_t now);
 #define SMTPS_TRIED_MAX 1500		/* every address tried, in words */
 #define SMTPS_HOST_MAX 255
 
+/* An MTA-STS policy (RFC 8461) for one recipient domain (sts.c). */
+struct smtps_sts {
+    char   *domain;			/* lower case not needed: compared without */
+    int     mode;			/* SMTPS_STS_* */
+    char  **mx;				/* patterns: "mx.example.net", "*.example.net" */
+    size_t  nmx;
+    uint64_t hash;
+    struct smtps_sts *next;
+};
+
+struct smtps_sts_table {
+    struct smtps_sts **buckets;
+    size_t  nbuckets;
+    size_t  n;
+};
+
 enum timer_kind {
     TIMER_CONN = 1,			/* in struct smtps_conn */
     TIMER_DEST = 2,			/* in struct smtps_dest */
@@ -287,8 +305,7 @@ struct smtps_dest {
     /* The key: struct smtps_destination, strings copied. */
     char   *host;			/* NULL for a site */
     char   *site;			/* the MX set ("10 a 20 b"); NULL: host */
-    int     mx_secure;			/* its MX records were DNSSEC-validated
-					 * (a host given counts as secure) */
+    int     site_flags;			/* SMTPS_SITE_*, part of its identity */
     int     port;
     int     tls_mode;
     struct smtps_tls_config *tls;
@@ -392,6 +409,7 @@ struct smtps_engine {
     struct smtps_dest *starved;		/* waiting for a slot, neediest first */
     size_t  nstarved;
 
+    struct smtps_sts_table sts;		/* MTA-STS policies by domain (sts.c) */
     struct smtps_route **routes;	/* recipient domains (route.c) */
     size_t  nroute_buckets;
     size_t  nroutes;
@@ -428,11 +446,21 @@ uint64_t smtps_engine_random(struct smtps_engine *e);
 uint64_t smtps_hash_str(uint64_t h, const char *s);
 char   *smtps_str_copy(const char *s, int *err);
 int     smtps_dest_check_key(const struct smtps_destination *k);
+/* What a site's MX records say besides its hosts (smtps_dest_get()). */
+#define SMTPS_SITE_SECURE 1		/* DNSSEC-validated (a host given counts) */
+#define SMTPS_SITE_STS 2		/* an MTA-STS policy in force (sts.c) */
+
 struct smtps_dest *smtps_dest_get(struct smtps_engine *e,
 				          const struct smtps_destination *k,
-				          const char *site, int mx_secure,
+				          const char *site, int site_flags,
 				          const char *label);
 void    smtps_dest_free(struct smtps_dest *d);
+
+/* sts.c */
+const struct smtps_sts *smtps_sts_get(struct smtps_sts_table *t,
+				              const char *domain);
+int     smtps_sts_matches(const struct smtps_sts *p, const char *host);
+void    smtps_sts_free(struct smtps_sts_table *t);
 int     smtps_dest_tlsa(const struct smtps_dest *d,
 			        const struct smtps_dest_host *h);
 void    smtps_dest_enqueue(struct smtps_dest *d, struct smtps_message *m);
@@ -468,6 +496,7 @@ void    smtps_conn_teardown(struct smtps_conn *c);
 /* route.c */
 int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,
 			           const struct smtps_destination *k);
+void    smtps_route_forget(struct smtps_engine *e, const char *domain);
 void    smtps_route_timer(struct smtps_timer *t, int64_t now);
 int     smtps_route_result(struct smtps_engine *e, struct smtps_result *r);
 void    smtps_routes_free(struct smtps_engine *e);

@@ -54,6 +54,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <arpa/nameser.h>
 
 #include "engine_private.h"
@@ -82,6 +83,7 @@ struct smtps_route {
     int64_t expires;
     char   *site;			/* READY: "pref host pref host ..." */
     int     secure;			/* READY: its MX answer was validated */
+    int     sts;			/* READY: an MTA-STS policy enforced */
     int     status;			/* FAILED: SMTPS_STATUS_* */
     char   *why;			/* FAILED: in words */
     int     null_mx;			/* FAILED by a null MX */
@@ -317,6 +319,13 @@ static int mx_order(const void *a, const void *b)
     return strcmp(x->name, y->name);
 }
 
+/* route_flags - what the site is besides its hosts (SMTPS_SITE_*) */
+
+static int route_flags(const struct smtps_route *r)
+{
+    return (r->secure ? SMTPS_SITE_SECURE : 0) | (r->sts ? SMTPS_SITE_STS : 0);
+}
+
 /* route_site - the site of MX records: "pref host pref host ..." */
 
 static int route_site(struct smtps_route *r, struct smtps_mx *mx, size_t n)
@@ -324,12 +333,19 @@ static int route_site(struct smtps_route *r, struct smtps_mx *mx, size_t n)
     char    site[SMTPS_MX_MAX * (SMTPS_HOST_NAME_MAX + 8)];
     size_t  len = 0, i, k = 0;
 
+    const struct smtps_sts *policy = smtps_sts_get(&r->e->sts, r->domain);
+
+    r->sts = policy != NULL && policy->mode == SMTPS_STS_ENFORCE;
     qsort(mx, n, sizeof(*mx), mx_order);
     for (i = 0; i < n; i++) {
 	if (mx[i].name[0] == 0 || (k > 0 && strcmp(mx[i].name, mx[k - 1].name) == 0))
 	    continue;				/* "." among others; a repeat */
+	if (r->sts && !smtps_sts_matches(policy, mx[i].name))
+	    continue;				/* RFC 8461 4.2: not that one */
 	mx[k++] = mx[i];
     }
+    if (k == 0 && r->sts)
+	return SMTPS_ESTATE;			/* none matches: see route_answer() */
     for (i = 0; i < k; i++)
 	len += (size_t) snprintf(site + len, sizeof(site) - len, "%s%d %s",
 				 i ? " " : "", mx[i].pref, mx[i].name);
@@ -388,6 +404,22 @@ static void route_done(struct smtps_route *r, int64_t now)
     SMTPS_UNUSED(now);
 }
 
+/*
+ * route_unusable - no site could be made of r's MX hosts: none matches
+ * the domain's MTA-STS policy (SMTPS_ESTATE), or no memory
+ */
+
+static void route_unusable(struct smtps_route *r, int rc, const char *why,
+			           int64_t now)
+{
+    if (rc == SMTPS_ESTATE)
+	route_fail(r, SMTPS_STATUS_TEMPFAIL, "4.4.4 cannot route %s: %s",
+		   "none of its MX hosts matches its MTA-STS policy "
+		   "(RFC 8461 4.2)", 0, now);
+    else
+	route_fail(r, SMTPS_STATUS_TEMPFAIL, "cannot route %s: %s", why, 0, now);
+}
+
 /* route_answer - the MX records of a domain came in */
 
 static void route_answer(void *arg, const struct smtps_dns_answer *a)
@@ -396,6 +428,7 @@ static void route_answer(void *arg, const struct smtps_dns_answer *a)
     struct smtps_mx mx[SMTPS_MX_MAX];
     int64_t now = smtps_clock_ms();
     size_t  n;
+    int     rc;
 
     r->e->dns_users--;
     smtps_timer_cancel(&r->e->timers, &r->timer);
@@ -408,21 +441,19 @@ static void route_answer(void *arg, const struct smtps_dns_answer *a)
 	    route_fail(r, SMTPS_STATUS_PERMFAIL, "5.1.10 %s accepts no mail: "
 		       "its MX is \".\" (null MX, RFC 7505)%s", "",
 		       keep_ms(a->ttl), now);
-	} else if (route_site(r, mx, n) == SMTPS_OK) {
+	} else if ((rc = route_site(r, mx, n)) == SMTPS_OK) {
 	    r->expires = smtps_time_after(now, keep_ms(a->ttl));
 	} else
-	    route_fail(r, SMTPS_STATUS_TEMPFAIL, "cannot route %s: %s",
-		       "its MX records could not be used", 0, now);
+	    route_unusable(r, rc, "its MX records could not be used", now);
 	break;
     case SMTPS_DNS_NODATA:
 	/* No MX: the domain is its own mail host (RFC 5321 5.1). */
 	snprintf(mx[0].name, sizeof(mx[0].name), "%s", r->domain);
 	mx[0].pref = 0;
-	if (route_site(r, mx, 1) == SMTPS_OK)
+	if ((rc = route_site(r, mx, 1)) == SMTPS_OK)
 	    r->expires = smtps_time_after(now, keep_ms(a->ttl));
 	else
-	    route_fail(r, SMTPS_STATUS_TEMPFAIL, "cannot route %s: %s",
-		       "out of memory", 0, now);
+	    route_unusable(r, rc, "out of memory", now);
 	break;
     case SMTPS_DNS_NXDOMAIN:
 	route_fail(r, SMTPS_STATUS_PERMFAIL, "5.1.2 cannot route %s: the "
@@ -453,6 +484,27 @@ void    smtps_route_timer(struct smtps_timer *t, int64_t now)
 	smtps_timer_set(&e->timers, &r->timer, smtps_time_after(now, 1000));
     else if (r->nwaiting == 0)
 	route_free(r);				/* looked up again when needed */
+}
+
+/*
+ * smtps_route_forget - domain's MTA-STS policy changed (sts.c): its route
+ * is looked up again by the next message, unless messages hold it now
+ */
+
+void    smtps_route_forget(struct smtps_engine *e, const char *domain)
+{
+    size_t  len = strlen(domain);
+    struct smtps_route *r;
+
+    if (e->nroute_buckets == 0)
+	return;
+    r = e->routes[lower_hash(domain, len) & (e->nroute_buckets - 1)];
+    for (; r != NULL; r = r->hnext)
+	if (strlen(r->domain) == len && strncasecmp(r->domain, domain, len) == 0)
+	    break;
+    if (r != NULL && r->state != ROUTE_RESOLVING && r->refs == 0
+	&& r->nwaiting == 0)
+	route_free(r);
 }
 
 /*
@@ -810,12 +862,12 @@ static void route_place(struct smtps_engine *e, struct smtps_message *m,
 	else if (first == NULL)
 	    first = r;
 	else if (r != first && (strcmp(r->site, first->site) != 0
-				|| r->secure != first->secure))
+				|| route_flags(r) != route_flags(first)))
 	    single = 0;
     }
     /* One site for all: the message itself goes, no parts. */
     if (failed == 0 && single && first != NULL) {
-	if ((d = smtps_dest_get(e, k_dest, first->site, first->secure,
+	if ((d = smtps_dest_get(e, k_dest, first->site, route_flags(first),
 				first->domain)) == NULL) {
 	    smtps_engine_fail_message(e, m, SMTPS_STATUS_TEMPFAIL, "",
 				      "out of memory");
@@ -855,14 +907,15 @@ static void route_place(struct smtps_engine *e, struct smtps_message *m,
 	    struct smtps_route *r2 = route_of(e, m, k);
 
 	    if (r2 != NULL && r2->state == ROUTE_READY
-		&& strcmp(r2->site, r->site) == 0 && r2->secure == r->secure) {
+		&& strcmp(r2->site, r->site) == 0
+		&& route_flags(r2) == route_flags(r)) {
 		idx[n++] = k;
 		res->rcpt[k].route = TAKEN;
 	    }
 	}
 	used += n;
 	pm = NULL;
-	if ((d = smtps_dest_get(e, k_dest, r->site, r->secure, r->domain)) == NULL
+	if ((d = smtps_dest_get(e, k_dest, r->site, route_flags(r), r->domain)) == NULL
 	    || (pm = smtps_message_part(m, idx, n)) == NULL
 	    || (pm->qresult = smtps_result_new(res->tag, n)) == NULL) {
 	    smtps_message_free(pm);

@@ -1077,6 +1077,20 @@ int smtps_engine_set_sources(struct smtps_engine *e,
 			     char *why, size_t whylen);
 
 /*
+ * MTA-STS (RFC 8461): a recipient domain's policy, fetched by the caller
+ * (smtpstate.mta_sts) and given before its messages. ENFORCE: only MX
+ * hosts matching one of mx[] ("mx.example.net", "*.example.net") are
+ * used, each with TLS verified against its name (or authenticated by
+ * DANE); none matching: the domain's recipients fail for now. TESTING
+ * and NONE change nothing. A later call replaces a domain's policy.
+ */
+#define SMTPS_STS_NONE 0
+#define SMTPS_STS_TESTING 1
+#define SMTPS_STS_ENFORCE 2
+int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
+				int mode, const char *const *mx, size_t nmx);
+
+/*
  * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits
  * smtps_message_copy(envelope, body, len) in one call.
  *

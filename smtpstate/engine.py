@@ -828,6 +828,51 @@ class Engine:
             ptr = self._ptr
             return int(lib.smtps_engine_connections(ptr)) if ptr is not None else 0
 
+    def set_mta_sts_policy(self, domain: str, policy: Any) -> None:
+        """Enforce a recipient domain's MTA-STS policy (RFC 8461) from now
+        on, for messages routed by MX: with ``mode="enforce"`` only the MX
+        hosts matching one of ``policy.mx`` are used, each with TLS
+        verified against its name (or authenticated by DANE, which wins);
+        when none matches, the domain's recipients fail for now.
+        "testing" and "none" change nothing. A later call replaces the
+        domain's policy.
+
+        The engine does not discover policies itself yet: fetch them with
+        :mod:`smtpstate.mta_sts` (``fetch_policy``, ``parse_policy``,
+        ``PolicyCache``) and give them here before the domain's messages.
+
+        Args:
+            domain: the recipient domain.
+            policy: a :class:`smtpstate.mta_sts.Policy`.
+
+        Raises:
+            InvalidOptionError: not a Policy, or a domain or pattern the
+                engine cannot use.
+            LocalProtocolError: the engine is closed or busy elsewhere.
+        """
+        from smtpstate.mta_sts import Policy
+
+        if not isinstance(policy, Policy):
+            raise InvalidOptionError(
+                f"policy must be a smtpstate.mta_sts.Policy, not {type(policy).__name__}")
+        if not isinstance(domain, str):
+            raise InvalidOptionError(f"domain must be a str, not {type(domain).__name__}")
+        mode = {"none": lib.SMTPS_STS_NONE, "testing": lib.SMTPS_STS_TESTING,
+                "enforce": lib.SMTPS_STS_ENFORCE}[policy.mode]
+        try:
+            name = domain.encode("idna")
+            patterns = [ffi.new("char[]", p.encode("idna")) for p in policy.mx]
+        except UnicodeError:
+            raise InvalidOptionError(f"domain {domain!r} or a pattern of its policy is "
+                                     "not a valid name") from None
+        array = ffi.new("const char *[]", patterns) if patterns else ffi.NULL
+        with self._guard():
+            rc = lib.smtps_engine_set_sts_policy(self._ptr, name, mode, array, len(patterns))
+        if rc == lib.SMTPS_EINVAL:
+            raise InvalidOptionError(f"the engine cannot use the MTA-STS policy of "
+                                     f"{domain!r}: a name or pattern is not valid")
+        check(rc, "set the MTA-STS policy")
+
     @property
     def closed(self) -> bool:
         return self._ptr is None

@@ -108,3 +108,9 @@ const struct smtps_result *smtps_collector_shape(const struct smtps_collector *c
                                                  size_t slot);
 const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collector *c,
                                                        size_t slot);
+
+#define SMTPS_STS_NONE ...
+#define SMTPS_STS_TESTING ...
+#define SMTPS_STS_ENFORCE ...
+int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
+                                int mode, const char *const *mx, size_t nmx);
