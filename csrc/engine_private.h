@@ -497,6 +497,7 @@ void    smtps_conn_teardown(struct smtps_conn *c);
 int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,
 			           const struct smtps_destination *k);
 void    smtps_route_forget(struct smtps_engine *e, const char *domain);
+uint64_t smtps_lower_hash(const char *s, size_t len);
 void    smtps_route_timer(struct smtps_timer *t, int64_t now);
 int     smtps_route_result(struct smtps_engine *e, struct smtps_result *r);
 void    smtps_routes_free(struct smtps_engine *e);

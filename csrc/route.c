@@ -54,7 +54,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <arpa/nameser.h>
 
 #include "engine_private.h"
@@ -161,9 +160,9 @@ static struct smtps_routed **routed_list(struct smtps_engine *e)
     return &lists(e)->routed;
 }
 
-/* lower_hash - FNV-1a of a name in lower case, of len bytes */
+/* smtps_lower_hash - FNV-1a of a name in lower case, of len bytes */
 
-static uint64_t lower_hash(const char *s, size_t len)
+uint64_t smtps_lower_hash(const char *s, size_t len)
 {
     uint64_t h = 14695981039346656037ULL;
     size_t  i;
@@ -494,14 +493,9 @@ void    smtps_route_timer(struct smtps_timer *t, int64_t now)
 void    smtps_route_forget(struct smtps_engine *e, const char *domain)
 {
     size_t  len = strlen(domain);
-    struct smtps_route *r;
+    struct smtps_route *r = route_find(e, domain, len,
+				       smtps_lower_hash(domain, len));
 
-    if (e->nroute_buckets == 0)
-	return;
-    r = e->routes[lower_hash(domain, len) & (e->nroute_buckets - 1)];
-    for (; r != NULL; r = r->hnext)
-	if (strlen(r->domain) == len && strncasecmp(r->domain, domain, len) == 0)
-	    break;
     if (r != NULL && r->state != ROUTE_RESOLVING && r->refs == 0
 	&& r->nwaiting == 0)
 	route_free(r);
@@ -516,7 +510,7 @@ static struct smtps_route *route_get(struct smtps_engine *e, const char *domain,
 				             size_t len, int64_t now, char *why,
 				             size_t whylen)
 {
-    uint64_t hash = lower_hash(domain, len);
+    uint64_t hash = smtps_lower_hash(domain, len);
     struct smtps_route *r;
     struct smtps_dns *dns;
     size_t  i;
@@ -689,7 +683,7 @@ int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,
     for (i = 0; i < m->nrcpt; i++) {
 	domain = rcpt_domain(m->rcpt[i].addr, &len);
 	if (len == 0 || len > SMTPS_HOST_NAME_MAX
-	    || (r = route_find(e, domain, len, lower_hash(domain, len))) == NULL
+	    || (r = route_find(e, domain, len, smtps_lower_hash(domain, len))) == NULL
 	    || r->mark == mark)
 	    continue;
 	r->mark = mark;
@@ -719,7 +713,7 @@ static struct smtps_route *route_of(struct smtps_engine *e,
     domain = rcpt_domain(m->rcpt[i].addr, &len);
     if (len == 0 || len > SMTPS_HOST_NAME_MAX)
 	return NULL;
-    return route_find(e, domain, len, lower_hash(domain, len));
+    return route_find(e, domain, len, smtps_lower_hash(domain, len));
 }
 
 /* join_free - release a join and its parts */

@@ -88,17 +88,9 @@ static int sts_name_ok(const char *s, int pattern)
 
 static uint64_t sts_lower_hash(const char *s)
 {
-    uint64_t h = 14695981039346656037ULL;
     size_t  len = strlen(s);
 
-    if (len > 0 && s[len - 1] == '.')
-	len--;
-    while (len-- > 0) {
-	h ^= (unsigned char) (*s >= 'A' && *s <= 'Z' ? *s - 'A' + 'a' : *s);
-	h *= 1099511628211ULL;
-	s++;
-    }
-    return h;
+    return smtps_lower_hash(s, len > 0 && s[len - 1] == '.' ? len - 1 : len);
 }
 
 /* sts_copy_name - a copy without the final dot; NULL without memory */
