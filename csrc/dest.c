@@ -27,11 +27,14 @@
  *	Names are looked up (A and AAAA, as inet_protocols allows) through
  *	the engine's resolver, all hosts at once, ahead of the MX lookups
  *	that wait (a connection waits for these), each failing for now at
- *	the resolver's deadline; the answers are kept for their TTL. They are tried in the order of the
- *	hosts' MX preferences (RFC 5321 5.1), hosts of equal preference
- *	shuffled, each host's addresses in the order address_preference
- *	asks (ALL: a random one of its two families first, as Postfix's
- *	"any"), and no more than mx_address_limit in all. A host that
+ *	the resolver's deadline; the answers are kept for their TTL. With
+ *	DANE, each host's TLSA records are looked up with its addresses
+ *	(smtps_dest_tlsa() says what they allow). Addresses are tried in
+ *	the order of the hosts' MX preferences (RFC 5321 5.1), hosts of
+ *	equal preference shuffled, each host's addresses in the order
+ *	address_preference asks (ALL: a random one of its two families
+ *	first, as Postfix's "any"), and no more than mx_address_limit in
+ *	all. A host that
  *	resolves to nothing is skipped. New connections begin with one of
  *	the most preferred addresses, in turn, so that they spread over
  *	equal MX hosts.
