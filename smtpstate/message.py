@@ -332,8 +332,8 @@ def _tls_required_field(body: Any) -> Optional[str]:
     """The value of the content's ``TLS-Required`` header field (RFC 8689
     4.1), or None when its header section has none. The header section
     ends at the first empty line, or at a line that is not a field (no
-    colon, not folded). Bytes, a buffer or a file (read from where it
-    stood, by position: it is not moved) are looked at a piece at a time,
+    colon, not folded). Bytes, a buffer or a file (from where it stood
+    when the Message was made, as it is sent) are looked at a piece at a time,
     up to the end of the header section; a stream cannot be, before it is
     sent, and counts as having none."""
     if isinstance(body, bytes):
