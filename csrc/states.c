@@ -335,6 +335,11 @@ static size_t xtext(char *out, size_t cap, const char *in)
  * STARTTLS). Otherwise nothing is sent for it: SMTPS_EINVAL, which fails
  * the message for good (5.7.30, section 5), with the first condition
  * that was missing as the reason. SMTPS_OK when it may go.
+ *
+ * XXX 4.2.1 also wants the MX records that led here DNSSEC-validated
+ * (or an MTA-STS policy). A session knows neither: DANE records are only
+ * given when they were (engine), but a certificate verified against an
+ * MX host's name from unsigned DNS passes too (docs/tls.md says so).
  */
 
 static int requiretls_refuse(struct smtps_session *s)

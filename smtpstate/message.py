@@ -336,16 +336,18 @@ def _tls_required_field(body: Any) -> Optional[str]:
     when the Message was made, as it is sent) are looked at a piece at a time,
     up to the end of the header section; a stream cannot be, before it is
     sent, and counts as having none."""
-    if isinstance(body, bytes):
-        view: Any = memoryview(body)
-        read = lambda off: view[off:off + _PIECE]          # noqa: E731
-    elif isinstance(body, BufferBody):
-        view = body.view
-        read = lambda off: view[off:off + _PIECE]          # noqa: E731
-    elif isinstance(body, FileBody):
-        read = lambda off: body.read_at(off, _PIECE)       # noqa: E731
+    if isinstance(body, FileBody):
+        file_body = body
+
+        def read(offset: int) -> Any:
+            return file_body.read_at(offset, _PIECE)
+    elif isinstance(body, (bytes, BufferBody)):
+        view = memoryview(body) if isinstance(body, bytes) else body.view
+
+        def read(offset: int) -> Any:
+            return view[offset:offset + _PIECE]
     else:
-        return None
+        return None                            # a stream
     rest, offset, skipping = b"", 0, False
     while True:
         piece = bytes(read(offset))
