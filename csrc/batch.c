@@ -29,7 +29,7 @@
  *	envelope: a message made with smtps_message_new() and set up as
  *	usual, normally without a body, that is never submitted itself.
  *	smtps_message_copy() makes a new message with the envelope's
- *	sender, recipients, DSN and body options and a copy of body
+ *	sender, recipients, DSN, REQUIRETLS and body options and a copy of body
  *	(checked and scanned like smtps_message_set_body() does);
  *	smtps_engine_submit_copy() does that and submits the copy, in one
  *	call. The envelope itself is only read, so any number of threads
@@ -317,6 +317,7 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
 				     strlen(envelope->envid))) == NULL)
 	goto nomem;
     m->dsn_ret = envelope->dsn_ret;
+    m->require_tls = envelope->require_tls;
     m->needs_smtputf8 = envelope->needs_smtputf8;
     m->body_flags = envelope->body_flags;
     if (body != NULL || len > 0) {

@@ -85,6 +85,7 @@ struct smtps_message {
     int dsn_ret;			/* SMTPS_DSN_RET_* */
     char *envid;			/* NULL when not given */
     int needs_smtputf8;			/* a non-ASCII address (RFC 6531) */
+    int require_tls;			/* REQUIRETLS (RFC 8689) */
     int is_8bit;			/* a body byte >= 0x80 (RFC 6152); -1: unknown */
     uint64_t tag;
     struct smtps_message *qnext;	/* session queue link */

@@ -16,6 +16,8 @@
  *	int	smtps_message_set_body_ref(m, data, len)
  *	int	smtps_message_set_body_source(m, read, closure, size, is_8bit)
  *	int	smtps_message_set_dsn(m, ret, envid, envid_len)
+ *	int	smtps_message_set_require_tls(m, require)
+ *	int	smtps_message_require_tls(m)
  * DESCRIPTION
  *	A message is built before it is submitted and never changes after.
  *	Everything that will be written into a command line is checked here,
@@ -155,6 +157,7 @@ struct smtps_message *smtps_message_part(const struct smtps_message *m,
 	if (idx[i] >= m->nrcpt || copy_rcpt(p, &m->rcpt[idx[i]]) != SMTPS_OK)
 	    goto nomem;
     p->dsn_ret = m->dsn_ret;
+    p->require_tls = m->require_tls;		/* every part keeps it */
     p->body = m->body;
     p->body_len = m->body_len;
     p->body_owned = 0;
@@ -334,6 +337,26 @@ int smtps_message_set_dsn(struct smtps_message *m, int ret,
     m->envid = copy;
     m->dsn_ret = ret;
     return SMTPS_OK;
+}
+
+/*
+ * smtps_message_set_require_tls - REQUIRETLS (RFC 8689): the message goes
+ * only over verified TLS to a server that offers the extension (states.c)
+ */
+
+int     smtps_message_set_require_tls(struct smtps_message *m, int require)
+{
+    if (m == NULL || (require != 0 && require != 1))
+	return SMTPS_EINVAL;
+    m->require_tls = require;
+    return SMTPS_OK;
+}
+
+/* smtps_message_require_tls - 1 when the message requires TLS (RFC 8689) */
+
+int     smtps_message_require_tls(const struct smtps_message *m)
+{
+    return m != NULL && m->require_tls;
 }
 
 /* smtps_message_sender - the reverse-path as given */

@@ -285,6 +285,8 @@ int     smtps_action_for_code(int code);
 int     smtps_tls_mode(const struct smtps_session *s);	/* SMTPS_TLS_* */
 int     smtps_tls_engaged(const struct smtps_session *s);	/* begun, maybe not up */
 int     smtps_tls_handshaking(const struct smtps_session *s);
+int     smtps_tls_verified(const struct smtps_session *s);	/* up, server
+								 * authenticated */
 int     smtps_tls_begin(struct smtps_session *s);
 int     smtps_tls_feed(struct smtps_session *s, const char *data, size_t len);
 int     smtps_tls_flush(struct smtps_session *s);

@@ -16,6 +16,7 @@
  *	#include "session_private.h"
  *
  *	int	smtps_tls_begin(s)
+ *	int	smtps_tls_verified(s)
  *	int	smtps_tls_feed(s, data, len)
  *	int	smtps_tls_flush(s)
  *	size_t	smtps_tls_output(s, &data)
@@ -46,6 +47,14 @@
  *	only that as sent. The marks live in a bounded ring; when it is full
  *	(or the wire holds SMTPS_OUT_HIGH bytes) encryption waits for the
  *	driver.
+ *
+ *	Verified TLS (smtps_tls_verified(), for REQUIRETLS, RFC 8689 4.2.1)
+ *	is TLS that is up and authenticated the server: its certificate
+ *	chain and name checked (a verifying level without
+ *	insecure_no_verify), or its certificate matched by usable DANE
+ *	records (smtps_session_set_dane() with n > 0). Opportunistic TLS,
+ *	DANE's "records, none usable" (mandatory, unauthenticated) and a
+ *	policy that checks nothing are encryption without authentication.
  *
  *	A config (SSL_CTX) is shared and reference counted; sessions hold a
  *	reference. Each session sends SNI and checks the certificate against
@@ -392,6 +401,21 @@ int     smtps_tls_handshaking(const struct smtps_session *s)
 {
     return s->tls != NULL && (s->tls->phase == TLS_HANDSHAKE
 			      || s->tls->phase == TLS_FAILED);
+}
+
+/*
+ * smtps_tls_verified - TLS is up and authenticated the server: the
+ * chain and name verified, or DANE records matched (t->verify, which
+ * only a verifying policy or usable DANE records set), and OpenSSL says
+ * the check passed. What RFC 8689 4.2.1 asks for before REQUIRETLS.
+ */
+
+int     smtps_tls_verified(const struct smtps_session *s)
+{
+    const struct smtps_tls *t = s->tls;
+
+    return t != NULL && t->phase == TLS_UP && t->verify && t->ssl != NULL
+	&& SSL_get_verify_result(t->ssl) == X509_V_OK;
 }
 
 /* smtps_session_tls_active - 1 once the handshake is done */

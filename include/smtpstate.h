@@ -28,7 +28,7 @@
  *	RFC 5321 (SMTP), RFC 2920 (PIPELINING), RFC 3030 (CHUNKING),
  *	RFC 3461 (DSN), RFC 3463/2034 (enhanced status codes),
  *	RFC 6531 (SMTPUTF8), RFC 1870 (SIZE), RFC 6152 (8BITMIME),
- *	RFC 2033 (LMTP).
+ *	RFC 2033 (LMTP), RFC 8689 (REQUIRETLS).
  *--*/
 
 #ifndef SMTPSTATE_H
@@ -211,7 +211,8 @@ int smtps_reply_parse(struct smtps_reply_parser *p, const char *data,
     X(CHUNKING, 7, "CHUNKING", NONE)		/* RFC 3030 */ \
     X(ENHANCEDSTATUSCODES, 8, "ENHANCEDSTATUSCODES", NONE)	/* RFC 2034 */ \
     X(XCLIENT, 9, "XCLIENT", XCLIENT)		/* Postfix XCLIENT */ \
-    X(BINARYMIME, 10, "BINARYMIME", NONE)	/* RFC 3030 */
+    X(BINARYMIME, 10, "BINARYMIME", NONE)	/* RFC 3030 */ \
+    X(REQUIRETLS, 11, "REQUIRETLS", NONE)	/* RFC 8689 */
 
 /* AUTH mechanisms: suffix, bit, name; the AUTH state prefers the first. */
 #define SMTPS_AUTH_MECHS(X) \
@@ -535,6 +536,16 @@ int smtps_message_set_body_source(struct smtps_message *m, SMTPSBodyRead read,
 				  void *closure, int64_t size, int is_8bit);
 int smtps_message_set_dsn(struct smtps_message *m, int ret,
 			  const char *envid, size_t envid_len);
+/*
+ * REQUIRETLS (RFC 8689): require is 1 or 0. A message that requires TLS
+ * goes only to a server that offers REQUIRETLS in its EHLO reply over TLS
+ * whose certificate was verified (or authenticated by DANE), with the
+ * REQUIRETLS parameter of MAIL FROM; any other server gets no MAIL for it,
+ * and every recipient fails for good (5.7.30, before MAIL: no transaction
+ * is opened). SMTPS_EINVAL for another value.
+ */
+int smtps_message_set_require_tls(struct smtps_message *m, int require);
+int smtps_message_require_tls(const struct smtps_message *m);	/* 1 or 0 */
 const char *smtps_message_sender(const struct smtps_message *m);
 size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
@@ -542,9 +553,9 @@ uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes; UINT6
 uint64_t smtps_message_tag(const struct smtps_message *m);	/* set at submit */
 
 /*
- * A new message with the sender, recipients, DSN and body options of
- * envelope (a message set up as above, only read here) and a copy of
- * body: what is sent many times is built and checked once. With body
+ * A new message with the sender, recipients, DSN, REQUIRETLS and body
+ * options of envelope (a message set up as above, only read here) and a
+ * copy of body: what is sent many times is built and checked once. With body
  * NULL (and len 0), the envelope's own body instead: a reference or a
  * source is shared, a copied body copied.
  */

@@ -134,7 +134,9 @@ def _header_arg(text: str) -> str:
 
 # Message.from_email() ends a refusal with the Python argument that would
 # supply what the headers lack; on the command line that is an option.
-_OPTION_FOR_ARGUMENT = (("give sender=", "give --from"), ("give recipients=", "give --to"))
+_OPTION_FOR_ARGUMENT = (("give sender=", "give --from"), ("give recipients=", "give --to"),
+                        ("require_tls=True", "--require-tls"),
+                        (" require_tls", " --require-tls"))
 
 
 def _as_options(text: str) -> str:
@@ -194,12 +196,14 @@ def _build_message(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 parser.error("send needs --to (or --data with To/Cc/Bcc headers)")
             sender = args.sender if args.sender is not None else _default_sender()
             # The envelope is checked before it goes into headers.
-            Message(sender, recipients, b"", dsn_ret=args.dsn_ret, envid=args.envid)
+            Message(sender, recipients, b"", dsn_ret=args.dsn_ret, envid=args.envid,
+                    require_tls=args.require_tls)
             try:
                 data = _test_message(sender, recipients, args.subject, args.body, args.header)
             except ValueError as exc:
                 parser.error(f"cannot make the test message: {exc}")
-            return Message(sender, recipients, data, dsn_ret=args.dsn_ret, envid=args.envid)
+            return Message(sender, recipients, data, dsn_ret=args.dsn_ret, envid=args.envid,
+                           require_tls=args.require_tls)
         if args.subject is not None or args.body is not None or args.header:
             parser.error("--subject, --body and --header make a test message; "
                          "they cannot change --data")
@@ -210,11 +214,12 @@ def _build_message(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         if recipients:
             # An explicit envelope: the content goes exactly as given.
             sender = args.sender if args.sender is not None else _default_sender()
-            return Message(sender, recipients, raw, dsn_ret=args.dsn_ret, envid=args.envid)
+            return Message(sender, recipients, raw, dsn_ret=args.dsn_ret, envid=args.envid,
+                           require_tls=args.require_tls)
         # The envelope from the headers, Bcc removed (smtplib.send_message).
         parsed = email.parser.BytesParser(policy=email.policy.default).parsebytes(raw)
         return Message.from_email(parsed, args.sender, None, dsn_ret=args.dsn_ret,
-                                  envid=args.envid)
+                                  envid=args.envid, require_tls=args.require_tls)
     except InvalidMessageError as exc:
         parser.error(_as_options(str(exc)))
 
@@ -574,6 +579,9 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--dsn-ret", choices=("FULL", "HDRS"), type=str.upper,
                       help="DSN RET (RFC 3461), when the server offers DSN")
     send.add_argument("--envid", help="DSN ENVID (RFC 3461)")
+    send.add_argument("--require-tls", action="store_true",
+                      help="REQUIRETLS (RFC 8689): only over verified TLS to a server "
+                           "that offers it")
     send.add_argument("--json", action="store_true", help="print the result as JSON")
     send.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                       help="print the dialogue on stderr (credentials redacted)")

@@ -538,13 +538,14 @@ class Engine:
                        sender: Optional[str] = None,
                        recipients: Optional[Sequence[str]] = None,
                        dsn_ret: Optional[str] = None, envid: Optional[str] = None,
-                       **options: Any) -> Ticket:
+                       require_tls: bool = False, **options: Any) -> Ticket:
         """Queue a standard-library ``email.message.EmailMessage``, its
         envelope taken from its headers as ``smtplib.send_message`` does
         (:meth:`Message.from_email`); the rest as for :meth:`submit`.
         The ticket's ``message`` is the :class:`~smtpstate.Message` made.
         """
-        message = Message.from_email(msg, sender, recipients, dsn_ret=dsn_ret, envid=envid)
+        message = Message.from_email(msg, sender, recipients, dsn_ret=dsn_ret, envid=envid,
+                                     require_tls=require_tls)
         return self.submit(message, host, port, **options)
 
     def _destination(self, host: Optional[str], port: int, options: Dict[str, Any],

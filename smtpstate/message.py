@@ -7,11 +7,12 @@ the checks here exist to fail early with a message that says what to fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import check, ffi, lib
-from smtpstate.body import BufferBody, check_bytes, make_body, scan_flags
+from smtpstate.body import BufferBody, FileBody, check_bytes, make_body, scan_flags
 from smtpstate.errors import InvalidMessageError
 
 __all__ = ["Message", "Recipient", "NOTIFY_VALUES"]
@@ -110,6 +111,14 @@ class Message:
             a line to 998 octets; a server on the way may fold, cut or
             refuse a longer one, so the message that arrives would differ
             from the one sent. "allow" sends such lines as they are.
+        require_tls: REQUIRETLS (RFC 8689). True: the message goes only to
+            a server that offers REQUIRETLS over TLS that authenticated it
+            (a verified certificate, or DANE), with ``REQUIRETLS`` on its
+            MAIL FROM; any other server gets no MAIL for it, and every
+            recipient fails for good (``permfail``, the reason beginning
+            "5.7.30 REQUIRETLS support required" and saying what was
+            missing). It cannot be combined with a ``TLS-Required:``
+            header field (RFC 8689 4.1), which asks for the opposite.
 
     A body is checked when the Message is made: a NUL byte (which a lenient
     server may drop, reading what follows as the end of the data), or a
@@ -121,7 +130,10 @@ class Message:
     Raises:
         InvalidMessageError (a ValueError): a control character, angle bracket,
             empty or over-long address, no recipients, bad DSN value, a body
-            of the wrong kind, with a NUL byte or an overlong line.
+            of the wrong kind, with a NUL byte or an overlong line;
+            ``require_tls`` not a bool, or True for content with a
+            ``TLS-Required:`` header field (bytes, buffers and files are
+            looked at; a stream cannot be before it is sent).
     """
 
     sender: str
@@ -130,6 +142,7 @@ class Message:
     dsn_ret: Optional[str] = None
     envid: Optional[str] = None
     long_lines: str = "refuse"
+    require_tls: bool = False
     _rcpts: Tuple[Recipient, ...] = field(init=False, repr=False, compare=False)
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
@@ -178,6 +191,18 @@ class Message:
         object.__setattr__(self, "dsn_ret", ret)
         if self.envid is not None:
             _check_text("ENVID", self.envid, ascii_only=True, limit=100)
+        if not isinstance(self.require_tls, bool):
+            raise InvalidMessageError(
+                f"require_tls must be True or False, not {self.require_tls!r}")
+        if self.require_tls:
+            value = _tls_required_field(self.data if self._body is None else self._body)
+            if value is not None:
+                raise InvalidMessageError(
+                    f"require_tls=True cannot be combined with the message's "
+                    f"'TLS-Required: {value}' header field (RFC 8689 4.1): the "
+                    "header asks that TLS requirements be relaxed for this "
+                    "message, require_tls that they be enforced. Remove the "
+                    "header, or send without require_tls")
 
     @property
     def recipient_options(self) -> Tuple[Recipient, ...]:
@@ -188,7 +213,8 @@ class Message:
     def from_email(cls, msg: Any, sender: Optional[str] = None,
                    recipients: Optional[Sequence[Union[str, Recipient]]] = None,
                    *, dsn_ret: Optional[str] = None,
-                   envid: Optional[str] = None) -> "Message":
+                   envid: Optional[str] = None,
+                   require_tls: bool = False) -> "Message":
         """A Message from a standard-library ``email.message.EmailMessage``
         (or ``email.message.Message``), the way ``smtplib.send_message``
         does it.
@@ -205,14 +231,14 @@ class Message:
         Args:
             msg: the email message. It is not changed.
             sender, recipients: the envelope, overriding the headers.
-            dsn_ret, envid: as for :class:`Message`.
+            dsn_ret, envid, require_tls: as for :class:`Message`.
 
         Raises:
             InvalidMessageError (a ValueError): more than one ``Resent-``
                 block, no sender or recipient found, a bad address.
             TypeError: ``msg`` is not an email message.
         """
-        return _from_email(cls, msg, sender, recipients, dsn_ret, envid)
+        return _from_email(cls, msg, sender, recipients, dsn_ret, envid, require_tls)
 
     def _encoded(self) -> Tuple[Any, ...]:
         """What _to_c() hands to C, encoded once per message: a message
@@ -228,20 +254,21 @@ class Message:
                 rcpts.append((r.address.encode("utf-8"), notify, orcpt,
                               f"recipient {r.address!r}"))
             envid = self.envid.encode("ascii") if self.envid is not None else None
-            enc = (self.sender.encode("utf-8"), tuple(rcpts), _RET_VALUES[self.dsn_ret], envid)
+            enc = (self.sender.encode("utf-8"), tuple(rcpts), _RET_VALUES[self.dsn_ret], envid,
+                   1 if self.require_tls else 0)
             object.__setattr__(self, "_c_encoded", enc)   # frozen: not a field
         return enc  # type: ignore[no-any-return]
 
     def _envelope(self) -> Any:
         """The C message every submission copies (``smtps_message_copy``):
-        sender, recipients and DSN options, checked by C once per Message,
+        sender, recipients, DSN options and REQUIRETLS, checked by C once per Message,
         without the body, which C copies from ``data`` at each submission
         (so that a large body is not held twice for the Message's life).
         Kept in the instance: the fields of a frozen Message never change."""
         env = self._c_envelope
         if env is not None:
             return env
-        sender, rcpts, ret, envid = self._encoded()
+        sender, rcpts, ret, envid, require_tls = self._encoded()
         m = ffi.gc(lib.smtps_message_new(), lib.smtps_message_free)
         if m == ffi.NULL:
             raise MemoryError("cannot allocate a message")
@@ -263,6 +290,8 @@ class Message:
             check(lib.smtps_message_set_dsn(m, ret, envid if envid is not None else ffi.NULL,
                                             len(envid) if envid is not None else 0),
                   "DSN options")
+        if require_tls:
+            check(lib.smtps_message_set_require_tls(m, require_tls), "REQUIRETLS")
         object.__setattr__(self, "_c_envelope", m)            # frozen: not a field
         return m
 
@@ -293,6 +322,76 @@ class Message:
         return state
 
 
+# A line and its end (CR LF, LF or CR: line endings may be any of them).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_PIECE = 65536                                 # bytes looked at a time
+_LINE_LOOK = 1000                              # of a long line: its start
+
+
+def _tls_required_field(body: Any) -> Optional[str]:
+    """The value of the content's ``TLS-Required`` header field (RFC 8689
+    4.1), or None when its header section has none. The header section
+    ends at the first empty line, or at a line that is not a field (no
+    colon, not folded). Bytes, a buffer or a file (from where it stood
+    when the Message was made, as it is sent) are looked at a piece at a time,
+    up to the end of the header section; a stream cannot be, before it is
+    sent, and counts as having none."""
+    if isinstance(body, FileBody):
+        file_body = body
+
+        def read(offset: int) -> Any:
+            return file_body.read_at(offset, _PIECE)
+    elif isinstance(body, (bytes, BufferBody)):
+        view = memoryview(body) if isinstance(body, bytes) else body.view
+
+        def read(offset: int) -> Any:
+            return view[offset:offset + _PIECE]
+    else:
+        return None                            # a stream
+    rest, offset, skipping = b"", 0, False
+    while True:
+        piece = bytes(read(offset))
+        offset += len(piece)
+        data = rest + piece
+        start = 0
+        for m in _LINE_END.finditer(data):
+            # A CR that ends the piece may be half of a CR LF: wait for more.
+            if piece and m.group() == b"\r" and m.end() == len(data):
+                break
+            found = False if skipping else _header_line(data[start:m.start()])
+            if found is not False:
+                return found
+            start, skipping = m.end(), False
+        rest = data[start:]
+        if not piece:                          # the end: the last line, unended
+            found = _header_line(rest) if rest and not skipping else None
+            return found if found is not False else None
+        if len(rest) > _LINE_LOOK:
+            # A line this long (long_lines="allow") is judged by its start,
+            # which holds the field name, then skipped to its end, so that
+            # it is never gathered whole.
+            found = False if skipping else _header_line(rest[:_LINE_LOOK], cut=True)
+            if found is not False:
+                return found
+            rest, skipping = rest[-1:], True   # (a CR there may start a CR LF)
+
+
+def _header_line(line: bytes, cut: bool = False) -> Any:
+    """One line of a header section (only its start when ``cut``): the
+    field's value (str) when it is TLS-Required, None when the header
+    section ends here, else False."""
+    if not line and not cut:
+        return None                            # the empty line: the body follows
+    if line[:1] in (b" ", b"\t"):
+        return False                           # a folded line goes on a field
+    name, colon, value = line.partition(b":")
+    if not colon:
+        return None                            # not a field: no header section
+    if name.rstrip(b" \t").lower() == b"tls-required":
+        return value.strip(b" \t").decode("utf-8", "replace")
+    return False
+
+
 def as_messages(items: Iterable[Message]) -> Tuple[Message, ...]:
     """Check that every item is a Message (for batch APIs)."""
     out = tuple(items)
@@ -304,7 +403,8 @@ def as_messages(items: Iterable[Message]) -> Tuple[Message, ...]:
 
 def _from_email(cls: Any, msg: Any, sender: Optional[str],
                 recipients: Optional[Sequence[Union[str, Recipient]]],
-                dsn_ret: Optional[str], envid: Optional[str]) -> Message:
+                dsn_ret: Optional[str], envid: Optional[str],
+                require_tls: bool = False) -> Message:
     """Message.from_email's body: the envelope and content of ``msg``."""
     import copy
     import email.generator
@@ -358,4 +458,5 @@ def _from_email(cls: Any, msg: Any, sender: Optional[str],
             policy = email.policy.SMTPUTF8
     out = io.BytesIO()
     email.generator.BytesGenerator(out, policy=policy).flatten(content, linesep="\r\n")
-    return cls(sender, recipients, out.getvalue(), dsn_ret=dsn_ret, envid=envid)
+    return cls(sender, recipients, out.getvalue(), dsn_ret=dsn_ret, envid=envid,
+               require_tls=require_tls)

@@ -91,7 +91,8 @@ def aiosmtpd_factory():
     """Start recording aiosmtpd servers: ``factory(handler=None, **kwargs)``
     with kwargs for aiosmtpd's Controller and SMTP (``enable_SMTPUTF8``,
     ``proxy_protocol_timeout``, ``tls_context``, ``require_starttls``,
-    ``authenticator`` ...). Each is stopped after the test."""
+    ``authenticator`` ...), or ``smtp_class``, an ``aiosmtpd.smtp.SMTP``
+    subclass to serve with. Each is stopped after the test."""
     _require_aiosmtpd()
     started = []
 

@@ -284,6 +284,8 @@ class AiosmtpdServer:
 
     Args:
         handler: the aiosmtpd handler; a new ``RecordingHandler`` if None.
+        smtp_class: a subclass of ``aiosmtpd.smtp.SMTP`` to serve with (one
+            that speaks an extension aiosmtpd lacks); ``SMTP`` if None.
         **kwargs: passed to ``aiosmtpd.controller.Controller`` and through
             it to ``aiosmtpd.smtp.SMTP`` (``enable_SMTPUTF8``,
             ``proxy_protocol_timeout``, ``tls_context``, ``require_starttls``,
@@ -296,7 +298,7 @@ class AiosmtpdServer:
         connections: a ``Connection`` per client connection that sent bytes.
     """
 
-    def __init__(self, handler: Any = None, **kwargs: Any) -> None:
+    def __init__(self, handler: Any = None, smtp_class: Any = None, **kwargs: Any) -> None:
         from aiosmtpd.controller import Controller
         from aiosmtpd.smtp import SMTP
 
@@ -306,7 +308,7 @@ class AiosmtpdServer:
         self.connections: List[Connection] = []
         owner = self
 
-        class RecordingSMTP(SMTP):
+        class RecordingSMTP(smtp_class if smtp_class is not None else SMTP):  # type: ignore[misc]
             # asyncio hands each chunk the client sent to data_received();
             # keeping them gives tests the exact bytes on the wire.
             def data_received(self, data: bytes) -> None:

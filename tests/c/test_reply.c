@@ -297,7 +297,7 @@ static const struct seq_case seq_cases[] = {
 #define ALL_EXT (SMTPS_EXT_PIPELINING | SMTPS_EXT_SIZE | SMTPS_EXT_8BITMIME \
 	| SMTPS_EXT_SMTPUTF8 | SMTPS_EXT_STARTTLS | SMTPS_EXT_AUTH \
 	| SMTPS_EXT_DSN | SMTPS_EXT_CHUNKING | SMTPS_EXT_ENHANCEDSTATUSCODES \
-	| SMTPS_EXT_XCLIENT | SMTPS_EXT_BINARYMIME)
+	| SMTPS_EXT_XCLIENT | SMTPS_EXT_BINARYMIME | SMTPS_EXT_REQUIRETLS)
 #define ALL_AUTH (SMTPS_AUTH_PLAIN | SMTPS_AUTH_LOGIN | SMTPS_AUTH_CRAM_MD5 \
 	| SMTPS_AUTH_XOAUTH2)
 #define ALL_XCLIENT (SMTPS_XCLIENT_NAME | SMTPS_XCLIENT_ADDR \
@@ -311,7 +311,8 @@ static const struct caps_case caps_cases[] = {
 	"AUTH PLAIN LOGIN CRAM-MD5 XOAUTH2\nDSN\nCHUNKING\n"
 	"ENHANCEDSTATUSCODES\n"
 	"XCLIENT NAME ADDR PORT PROTO HELO LOGIN DESTADDR DESTPORT\n"
-	"BINARYMIME", SMTPS_OK, ALL_EXT, 10240000, ALL_AUTH, ALL_XCLIENT},
+	"BINARYMIME\nREQUIRETLS", SMTPS_OK, ALL_EXT, 10240000, ALL_AUTH,
+	ALL_XCLIENT},
     {"greeting only", 250, "mx.example.com", SMTPS_OK, 0, 0, 0, 0},
     {"empty text", 250, "", SMTPS_OK, 0, 0, 0, 0},
     {"greeting is skipped", 250, "PIPELINING STARTTLS\nSIZE 5", SMTPS_OK,
@@ -371,12 +372,12 @@ static const struct caps_case caps_cases[] = {
     /* Exact, case-insensitive keyword matching. */
     {"keywords match exactly", 250, "mx\nPIPELININGX\nXPIPELINING\n"
 	"PIPELINIG\n8BITMIMEX\nSTARTTLS=1\nDSNX\nCHUNK\nSMTPUTF\n"
-	"ENHANCEDSTATUSCODE\nXCLIENTS\nBINARYMIMES\nSIZES 100",
+	"ENHANCEDSTATUSCODE\nXCLIENTS\nBINARYMIMES\nSIZES 100\nREQUIRETLSX",
 	SMTPS_OK, 0, 0, 0, 0},
     {"keywords in any case", 250, "mx\npipelining\nSize 100\nStartTLS\n"
 	"smtputf8\nchunking\nEnhancedStatusCodes\nbinarymime\ndsn\n8bitmime\n"
-	"Auth Plain\nxclient name", SMTPS_OK, ALL_EXT, 100, SMTPS_AUTH_PLAIN,
-	SMTPS_XCLIENT_NAME},
+	"Auth Plain\nxclient name\nRequireTLS", SMTPS_OK, ALL_EXT, 100,
+	SMTPS_AUTH_PLAIN, SMTPS_XCLIENT_NAME},
     {"keyword after blanks", 250, "mx\n  PIPELINING\n\tDSN", SMTPS_OK,
 	SMTPS_EXT_PIPELINING | SMTPS_EXT_DSN, 0, 0, 0},
     {"keyword with parameters", 250, "mx\nPIPELINING now\nDSN x y",
