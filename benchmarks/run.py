@@ -491,7 +491,11 @@ def tls_idle(runner: Runner, args: argparse.Namespace, progress: Progress) -> Di
                 out["note"] += f"STARTTLS {LABELS[client]} at {conc} not measured: {exc}\n"
             finally:
                 server.terminate()
-                server.wait()
+                said = server.communicate(timeout=60)[0].decode().split()
+            # "messages N resumed M": the sink's count of resumed sessions.
+            r = out["idle"].get(f"{client}|{conc}|tls")
+            if r is not None and len(said) == 4 and said[0] == "messages":
+                r["resumed"] = int(said[3])
     return out
 
 
