@@ -4,19 +4,29 @@ machine, so ``benchmarks/run.py`` runs this aiosmtpd server (one asyncio
 process) in a process of its own.
 
 Usage: ``python benchmarks/tls_sink.py PORT CERT_PEM KEY_PEM``. Accepts
-every message and drops it; prints "ready" once it listens.
+every message and drops it; prints "ready" once it listens, and on
+SIGTERM "messages N resumed M": of the messages, how many came over a
+TLS session the server resumed (its own ``session_reused``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import resource
+import signal
 import ssl
 import sys
 
 
 class Drop:
+    def __init__(self) -> None:
+        self.messages = 0
+        self.resumed = 0
+
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd API)
+        tls = session.ssl.get("ssl_object") if session.ssl else None
+        self.messages += 1
+        self.resumed += bool(tls is not None and tls.session_reused)
         return "250 2.0.0 Ok: dropped"
 
 
@@ -37,8 +47,17 @@ def main() -> int:
                          hostname="tls-sink.test", timeout=600),
             host="127.0.0.1", port=port, backlog=4096)
         print("ready", flush=True)
+
+        def stop() -> None:
+            print(f"messages {handler.messages} resumed {handler.resumed}", flush=True)
+            server.close()
+
+        loop.add_signal_handler(signal.SIGTERM, stop)
         async with server:
-            await server.serve_forever()
+            try:
+                await server.serve_forever()
+            except asyncio.CancelledError:          # stop() closed it
+                pass
 
     asyncio.run(serve())
     return 0

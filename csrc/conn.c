@@ -21,7 +21,9 @@
  *	destination's own, or each in turn that has the address's family),
  *	and that source's HELO name is used unless the destination names
  *	one. The session's settings that depend on the address (the TLS
- *	server name: the MX host's) are applied once connected.
+ *	server name: the MX host's; DANE's records; the host's slot of TLS
+ *	session resumption, unless the engine was made without it) are
+ *	applied once connected.
  *
  *	One message per session at a time, and one more behind its final
  *	dot: a message is submitted to a session when it is connected
@@ -116,7 +118,7 @@ static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
 
 /* conn_dest_host - the host whose address c uses */
 
-static const struct smtps_dest_host *conn_dest_host(const struct smtps_conn *c)
+static struct smtps_dest_host *conn_dest_host(const struct smtps_conn *c)
 {
     return c->addr >= 0 && c->d->nhosts > 0 ?
 	&c->d->hosts[c->d->addr_host[c->addr]] : NULL;
@@ -202,7 +204,7 @@ static int conn_setup(struct smtps_conn *c)
 {
     struct smtps_dest *d = c->d;
     struct smtps_engine *e = c->e;
-    const struct smtps_dest_host *h;
+    struct smtps_dest_host *h;
     const char *helo = d->helo;
     int     rc, id, level;
 
@@ -221,10 +223,14 @@ static int conn_setup(struct smtps_conn *c)
 				   d->servername ? d->servername :
 				   d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family
 				   == AF_UNIX ? NULL : conn_host(c));
+	h = conn_dest_host(c);
 	if (rc == SMTPS_OK && level == SMTPS_TLS_VERIFY
 	    && (d->tls_mode == SMTPS_TLS_DANE || d->tls_mode == SMTPS_TLS_DANE_ONLY)
-	    && conn_dane(c) && (h = conn_dest_host(c)) != NULL)
+	    && conn_dane(c) && h != NULL)
 	    rc = smtps_session_set_dane(c->s, h->tlsa, h->ntlsa);
+	/* The host's last session, if made under the same policy (tls.c). */
+	if (rc == SMTPS_OK && e->tls_resume && h != NULL)
+	    rc = smtps_session_set_tls_resume(c->s, &h->tls_resume);
 	if (rc != SMTPS_OK) {
 	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",
 		     smtps_strerror(rc));

@@ -61,6 +61,11 @@
  *	Rates. connection_rate spaces new connections and message_rate the
  *	messages handed to sessions (limits.c); a destination that must
  *	wait arms its timer and is dispatched again when it fires.
+ *
+ *	TLS resumption. Each host keeps the TLS session of the last
+ *	handshake with it (struct smtps_tls_resume, tls.c), for the next
+ *	connection to it: one per host, so the cache is bounded by the
+ *	hosts of the destinations alive, and freed with the destination.
  * SEE ALSO
  *	engine.c, conn.c, route.c, limits.c.
  *--*/
@@ -400,6 +405,7 @@ void    smtps_dest_free(struct smtps_dest *d)
 	free(d->hosts[i].name);
 	free(d->hosts[i].tlsa_name);
 	smtps_tlsa_free(d->hosts[i].tlsa, d->hosts[i].ntlsa);
+	smtps_tls_resume_clear(&d->hosts[i].tls_resume);
     }
     free(d->hosts);
     free(d->host);

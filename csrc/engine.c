@@ -542,6 +542,7 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
 	DEF_ADDRESS_LIMIT;
     e->inet_protocols = c.inet_protocols;
     e->address_preference = c.address_preference;
+    e->tls_resume = !c.tls_no_resumption;
     /* Longer than anything can wait: cut, so that deadlines cannot overflow. */
     if (e->idle_ms > SMTPS_TIMEOUT_MAX)
 	e->idle_ms = SMTPS_TIMEOUT_MAX;

@@ -282,6 +282,8 @@ struct smtps_dest_host {
     struct smtps_tlsa *tlsa;		/* usable ones (DANE-TA, DANE-EE) */
     size_t  ntlsa;
     char    tlsa_why[160];		/* BOGUS: how */
+    /* The TLS session of the last handshake with it, for the next. */
+    struct smtps_tls_resume tls_resume;
 };
 
 enum smtps_tlsa_state {
@@ -382,6 +384,7 @@ struct smtps_engine {
     int     mx_address_limit;
     int     inet_protocols;		/* SMTPS_INET_* */
     int     address_preference;		/* SMTPS_INET_* */
+    int     tls_resume;			/* resume TLS sessions (tls.c) */
     char    helo[SMTPS_HELO_MAX + 1];
     SMTPSTrace trace;			/* given to each new session; NULL: none */
     void   *trace_closure;

@@ -197,6 +197,25 @@ void smtps_tlsa_free(struct smtps_tlsa *recs, size_t n);
  */
 int smtps_session_set_dane(struct smtps_session *s,
 			   const struct smtps_tlsa *recs, size_t n);
+/*
+ * tls.c, for engine.c: where the TLS session of the last handshake with
+ * one server waits for the next connection to it (RFC 5077, RFC 8446
+ * 2.2), with the digest of the policy it was made under (mode, checks,
+ * TLSA records, server name): it is offered only under the same one.
+ * All zero: empty. The owner (a host of a destination) empties it with
+ * smtps_tls_resume_clear(), and gives it to each session with
+ * smtps_session_set_tls_resume() after smtps_session_set_tls() and
+ * smtps_session_set_dane(); it must outlive those sessions.
+ */
+#define SMTPS_TLS_POLICY_LEN 32		/* SHA-256 */
+struct ssl_session_st;			/* OpenSSL's SSL_SESSION */
+struct smtps_tls_resume {
+    struct ssl_session_st *sess;	/* NULL: none; one reference, ours */
+    unsigned char policy[SMTPS_TLS_POLICY_LEN];
+};
+int smtps_session_set_tls_resume(struct smtps_session *s,
+				 struct smtps_tls_resume *slot);
+void smtps_tls_resume_clear(struct smtps_tls_resume *slot);
 /* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg, int64_t now);

@@ -12,6 +12,12 @@
  *	int	smtps_session_set_tls(s, mode, cfg, servername)
  *	int	smtps_session_tls_active(s)
  *	const char *smtps_session_tls_version(s)
+ *	int	smtps_session_tls_resumed(s)
+ *
+ *	#include "internal.h"
+ *
+ *	int	smtps_session_set_tls_resume(s, slot)
+ *	void	smtps_tls_resume_clear(slot)
  *
  *	#include "session_private.h"
  *
@@ -23,16 +29,22 @@
  *	size_t	smtps_tls_consume(s, n)
  * DESCRIPTION
  *	OpenSSL is used as a pure state machine that never touches a socket
- *	(OpenSSL doc/designs/ddd, the "BIOm" design): the SSL object reads
- *	and writes one end of a BIO pair, and this file moves bytes between
- *	the other end (the network side) and the session:
+ *	(OpenSSL doc/designs/ddd, the "BIOm" design). Its BIO is our own
+ *	(tls_bio_read(), tls_bio_write()), not a BIO pair: it reads the
+ *	ciphertext feed() was given, in place, and appends what OpenSSL
+ *	writes to the wire buffer the driver sends from:
  *
- *	    driver --feed()--> net BIO --> SSL_read --> take_replies()
- *	    s->out (plaintext) --> SSL_write --> net BIO --> wire --output()-->
+ *	    driver --feed()--> t->in --> SSL_read --> take_replies()
+ *	    s->out (plaintext) --> SSL_write --> wire --output()-->
  *
- *	The four pumps are tls_handshake() and tls_read() (ciphertext in),
- *	smtps_tls_flush() (plaintext out, encrypted) and tls_pull() (the net
- *	BIO's ciphertext into the wire buffer the driver sends from).
+ *	The pumps are tls_handshake() and tls_read() (ciphertext in) and
+ *	smtps_tls_flush() (plaintext out, encrypted). Nothing is buffered
+ *	between OpenSSL and the session but what OpenSSL keeps itself (a
+ *	record not yet whole), so an idle connection holds no buffers of
+ *	ours but the wire, which is freed whenever the driver has taken all
+ *	of it; OpenSSL's own record buffers go back while idle too
+ *	(SSL_MODE_RELEASE_BUFFERS), and SSL_read's plaintext goes to the
+ *	stack. docs/tls.md ("Memory") has the figures.
  *
  *	Phases: OFF until smtps_tls_begin() (at the 220 to STARTTLS, or at
  *	start for implicit TLS); HANDSHAKE, during which plaintext the states
@@ -60,19 +72,39 @@
  *	reference. Each session sends SNI and checks the certificate against
  *	its servername (an IP literal is checked against the IP addresses of
  *	the certificate, with no SNI, RFC 6066 3).
+ *
+ *	Resumption (RFC 5077 tickets and session ids in TLS 1.2, RFC 8446
+ *	2.2 tickets in TLS 1.3). A driver that makes several connections to
+ *	one server (the engine: a host of a destination) gives each session
+ *	the same slot, struct smtps_tls_resume, which must outlive them. The
+ *	slot keeps one SSL_SESSION and the digest of the policy it was made
+ *	under: the mode, whether and how the certificate was checked (CAs,
+ *	DANE and its TLSA records, nothing), and the server name. Before the
+ *	handshake the session offers what the slot holds if the digests are
+ *	equal and it has not expired; a TLS 1.3 ticket is taken out of the
+ *	slot as it is offered (used once, RFC 8446 C.4), a TLS 1.2 session
+ *	stays. Every new session OpenSSL makes (after a full TLS 1.2
+ *	handshake; each TLS 1.3 ticket, which arrives after the handshake)
+ *	replaces what the slot holds (tls_new_session(), the config's client
+ *	cache callback; OpenSSL's own cache stores nothing). A server that
+ *	does not accept the session gets a full handshake, verified as
+ *	always; a handshake that fails empties the slot of what it offered.
  * DIAGNOSTICS
  *	smtps_session_set_tls() returns SMTPS_EINVAL (bad mode or name, a
  *	verifying policy without a name), SMTPS_ESTATE (already started),
- *	SMTPS_ENOMEM or SMTPS_ETLS (no default policy could be made). A TLS
+ *	SMTPS_ENOMEM or SMTPS_ETLS (no default policy could be made).
+ *	smtps_session_set_tls_resume() returns SMTPS_EINVAL without TLS set
+ *	and SMTPS_ESTATE once started. A TLS
  *	failure during the session fails the connection with a reason
  *	("TLS handshake failed: certificate verify failed (Hostname
  *	mismatch)") and SMTPS_ETLS goes back to the caller of feed().
  * BUGS
- *	No session resumption and no close_notify on the way out: the
- *	connection ends after QUIT's reply, as most MTAs do it.
+ *	No close_notify on the way out: the connection ends after QUIT's
+ *	reply, as most MTAs do it. Early data (0-RTT) is never sent.
  * SEE ALSO
  *	RFC 3207 (STARTTLS), RFC 8314 (implicit TLS), RFC 6125 (names),
- *	session.c (the loop), states.c (the STARTTLS state).
+ *	RFC 5077 and RFC 8446 (resumption), session.c (the loop), states.c
+ *	(the STARTTLS state), dest.c (the slots, one per host).
  *--*/
 
 #include <arpa/inet.h>
@@ -80,15 +112,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
+#include <openssl/bio.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
 #include "session_private.h"
 
-#define TLS_BIO_SIZE 65536		/* each direction of the BIO pair */
 #define TLS_RECORD_MAX 16384		/* plaintext per SSL_write (one record) */
 #define TLS_MARKS 64			/* SSL_writes the driver has not passed */
 #define TLS_NAME_MAX 253		/* a DNS name (RFC 1035) */
@@ -104,6 +138,7 @@ struct smtps_tls_config {
     int     refs;			/* atomic */
     int     insecure;			/* no certificate or name checks */
     SSL_CTX *ctx;
+    BIO_METHOD *bio;			/* tls_bio_*: the session's end of the wire */
 };
 
 /* Plaintext total `plain` is carried by ciphertext up to total `wire`. */
@@ -123,21 +158,30 @@ struct smtps_tls {
     int     peer_closed;		/* close_notify seen: read no more */
     struct smtps_tls_config *cfg;
     char    servername[TLS_NAME_MAX + 1];	/* "" when none */
-    SSL    *ssl;
-    BIO    *net;			/* our end of the pair; SSL owns the other */
+    SSL    *ssl;			/* owns its BIO (tls_bio_*) */
+    const char *in;			/* ciphertext being fed; NULL outside feed() */
+    size_t  inlen;
+    int     wire_err;			/* SMTPS_E*: the wire could not grow */
     struct smtps_buf wire;		/* ciphertext for the driver */
     uint64_t wire_produced;
     uint64_t wire_consumed;
     struct tls_mark marks[TLS_MARKS];	/* a ring */
     int     mark_head;
     int     nmarks;
-    char    rbuf[TLS_RECORD_MAX];	/* plaintext from SSL_read */
+    struct smtps_tls_resume *resume;	/* the driver's slot; NULL: none */
+    unsigned char policy[SMTPS_TLS_POLICY_LEN];	/* tls_policy(), at begin */
+    SSL_SESSION *offered;		/* what was offered (identity only) */
 };
 
 static int valid_name(const char *name);
 static int is_ip_literal(const char *name);
 static int tls_names(struct smtps_tls *t);
-static int tls_pull(struct smtps_session *s);
+static int tls_bio_write(BIO *b, const char *data, int len);
+static int tls_bio_read(BIO *b, char *data, int len);
+static long tls_bio_ctrl(BIO *b, int cmd, long num, void *ptr);
+static int tls_new_session(SSL *ssl, SSL_SESSION *sess);
+static int tls_policy(struct smtps_tls *t);
+static void tls_offer(struct smtps_tls *t);
 static void tls_mark(struct smtps_session *s);
 static int tls_handshake(struct smtps_session *s);
 static int tls_read(struct smtps_session *s);
@@ -164,6 +208,12 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
 	|| SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1
 	|| SSL_CTX_dane_enable(ctx) <= 0)	/* sessions may use DANE */
 	goto err;
+    if ((c->bio = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
+			       "smtpstate wire")) == NULL
+	|| BIO_meth_set_write(c->bio, tls_bio_write) != 1
+	|| BIO_meth_set_read(c->bio, tls_bio_read) != 1
+	|| BIO_meth_set_ctrl(c->bio, tls_bio_ctrl) != 1)
+	goto err;
 
     /*
      * Renegotiation would let the peer restart the handshake in the middle
@@ -174,6 +224,20 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE
 		     | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+
+    /*
+     * An idle connection should cost little: OpenSSL's read and write
+     * buffers (17 KiB and more each) go back whenever they are empty.
+     */
+    SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+
+    /*
+     * Sessions to resume are kept by the driver, per server (the slots):
+     * OpenSSL only tells us of each new one and stores none itself.
+     */
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT
+				   | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, tls_new_session);
     if (insecure_no_verify) {
 	SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
     } else {
@@ -192,6 +256,7 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
 err:
     ERR_clear_error();
     SSL_CTX_free(ctx);
+    BIO_meth_free(c->bio);
     free(c);
     return NULL;
 }
@@ -210,6 +275,7 @@ void    smtps_tls_config_free(struct smtps_tls_config *c)
     if (c == NULL || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0)
 	return;
     SSL_CTX_free(c->ctx);
+    BIO_meth_free(c->bio);			/* no session is left to use it */
     free(c);
 }
 
@@ -283,10 +349,39 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     t->verify = mode != SMTPS_TLS_OPPORTUNISTIC && !cfg->insecure;
     t->phase = TLS_OFF;
     t->handshake_failed = 0;
+    t->resume = NULL;
     snprintf(t->servername, sizeof(t->servername), "%s",
 	     servername ? servername : "");
     s->tls = t;
     return SMTPS_OK;
+}
+
+/*
+ * smtps_session_set_tls_resume - resume from slot, and keep the new
+ * session there; before start, after smtps_session_set_tls(). The slot
+ * must outlive the session and be used with one config only.
+ */
+
+int     smtps_session_set_tls_resume(struct smtps_session *s,
+				             struct smtps_tls_resume *slot)
+{
+    if (s == NULL || s->tls == NULL)
+	return SMTPS_EINVAL;
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    s->tls->resume = slot;
+    return SMTPS_OK;
+}
+
+/* smtps_tls_resume_clear - empty a slot */
+
+void    smtps_tls_resume_clear(struct smtps_tls_resume *slot)
+{
+    if (slot == NULL)
+	return;
+    SSL_SESSION_free(slot->sess);		/* NULL-safe */
+    slot->sess = NULL;
+    memset(slot->policy, 0, sizeof(slot->policy));
 }
 
 /* smtps_session_set_dane - authenticate by TLSA records; before start */
@@ -362,8 +457,16 @@ void    smtps_tls_session_free(struct smtps_session *s)
     if (t == NULL)
 	return;
     smtps_tlsa_free(t->tlsa, t->ntlsa);
-    SSL_free(t->ssl);				/* and its end of the pair */
-    BIO_free(t->net);
+
+    /*
+     * We send no close_notify, and OpenSSL takes an SSL freed without one
+     * for a broken connection whose session must not be resumed. Only a
+     * TLS failure means that (RFC 5246 7.2.1: a connection that merely
+     * ended may be resumed): otherwise, say that the end was orderly.
+     */
+    if (t->ssl != NULL && t->phase == TLS_UP)
+	SSL_set_shutdown(t->ssl, SSL_SENT_SHUTDOWN);
+    SSL_free(t->ssl);				/* and its BIO */
     free(t->wire.data);
     smtps_tls_config_free(t->cfg);
     free(t);
@@ -434,12 +537,180 @@ const char *smtps_session_tls_version(const struct smtps_session *s)
     return SSL_get_version(s->tls->ssl);
 }
 
+/* smtps_session_tls_resumed - 1 when TLS is up on a resumed session */
+
+int     smtps_session_tls_resumed(const struct smtps_session *s)
+{
+    return smtps_session_tls_active(s) && SSL_session_reused(s->tls->ssl);
+}
+
 /* smtps_wipe - clear memory that held a secret, past the optimiser */
 
 void    smtps_wipe(void *p, size_t len)
 {
     if (p != NULL && len > 0)
 	OPENSSL_cleanse(p, len);
+}
+
+/* ------------------------------------------------------------------ */
+/* The BIO: OpenSSL's view of the wire                                 */
+/* ------------------------------------------------------------------ */
+
+/*
+ * tls_bio_write - OpenSSL's ciphertext, straight into the wire buffer.
+ * It takes all or nothing: the wire grows up to SMTPS_OUT_MAX, and
+ * smtps_tls_flush() stops encrypting long before (SMTPS_OUT_HIGH), so a
+ * refusal (out of memory) is a failure, not back-pressure.
+ */
+
+static int tls_bio_write(BIO *b, const char *data, int len)
+{
+    struct smtps_tls *t = BIO_get_data(b);
+    int     rc;
+
+    BIO_clear_retry_flags(b);
+    if (len <= 0)
+	return 0;
+    if ((rc = smtps_buf_reserve(&t->wire, (size_t) len)) != SMTPS_OK) {
+	t->wire_err = rc;
+	return -1;
+    }
+    memcpy(t->wire.data + t->wire.end, data, (size_t) len);
+    t->wire.end += (size_t) len;
+    t->wire_produced += (uint64_t) len;
+    return len;
+}
+
+/* tls_bio_read - ciphertext from what feed() was given; none: retry */
+
+static int tls_bio_read(BIO *b, char *data, int len)
+{
+    struct smtps_tls *t = BIO_get_data(b);
+    size_t  n = t->inlen;
+
+    BIO_clear_retry_flags(b);
+    if (len <= 0)
+	return 0;
+    if (n == 0) {
+	BIO_set_retry_read(b);			/* WANT_READ: the driver's turn */
+	return -1;
+    }
+    if (n > (size_t) len)
+	n = (size_t) len;
+    memcpy(data, t->in, n);
+    t->in += n;
+    t->inlen -= n;
+    return (int) n;
+}
+
+/* tls_bio_ctrl - a flush is a no-op (the wire is the driver's); nothing else */
+
+static long tls_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    struct smtps_tls *t = BIO_get_data(b);
+
+    SMTPS_UNUSED(num);
+    SMTPS_UNUSED(ptr);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH:
+	return 1;
+    case BIO_CTRL_PENDING:
+	return t != NULL ? (long) t->inlen : 0;
+    case BIO_CTRL_WPENDING:
+	return 0;
+    default:
+	return 0;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Resumption                                                          */
+/* ------------------------------------------------------------------ */
+
+/*
+ * tls_policy - the digest of how this session checks its server: a
+ * session made under one policy is never offered under another (an
+ * opportunistic one where DANE now authenticates, or the other way)
+ */
+
+static int tls_policy(struct smtps_tls *t)
+{
+    EVP_MD_CTX *md;
+    unsigned char head[4];
+    unsigned int len = 0;
+    size_t  i;
+    int     ok;
+
+    head[0] = (unsigned char) t->mode;
+    head[1] = (unsigned char) t->verify;
+    head[2] = (unsigned char) t->dane;
+    head[3] = (unsigned char) t->cfg->insecure;
+    if ((md = EVP_MD_CTX_new()) == NULL)
+	return 0;
+    ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1
+	&& EVP_DigestUpdate(md, head, sizeof(head)) == 1
+	&& EVP_DigestUpdate(md, t->servername, strlen(t->servername) + 1) == 1;
+    for (i = 0; ok && i < t->ntlsa; i++) {
+	unsigned char rr[3 + sizeof(uint32_t)];
+	uint32_t n = (uint32_t) t->tlsa[i].len;
+
+	rr[0] = t->tlsa[i].usage;
+	rr[1] = t->tlsa[i].selector;
+	rr[2] = t->tlsa[i].mtype;
+	memcpy(rr + 3, &n, sizeof(n));		/* lengths: no two lists alike */
+	ok = EVP_DigestUpdate(md, rr, sizeof(rr)) == 1
+	    && EVP_DigestUpdate(md, t->tlsa[i].data, t->tlsa[i].len) == 1;
+    }
+    ok = ok && EVP_DigestFinal_ex(md, t->policy, &len) == 1
+	&& len == sizeof(t->policy);
+    EVP_MD_CTX_free(md);
+    return ok;
+}
+
+/*
+ * tls_offer - offer the slot's session, when it was made under this
+ * policy and has not expired; a TLS 1.3 ticket is used once
+ */
+
+static void tls_offer(struct smtps_tls *t)
+{
+    struct smtps_tls_resume *slot = t->resume;
+    SSL_SESSION *sess = slot->sess;
+
+    if (sess == NULL)
+	return;
+    if (memcmp(slot->policy, t->policy, sizeof(t->policy)) != 0
+	|| !SSL_SESSION_is_resumable(sess)
+	|| (time_t) (SSL_SESSION_get_time(sess) + SSL_SESSION_get_timeout(sess))
+	<= time(NULL)) {
+	smtps_tls_resume_clear(slot);		/* of no use to anyone now */
+	return;
+    }
+    if (SSL_set_session(t->ssl, sess) != 1) {	/* the SSL holds its own reference */
+	ERR_clear_error();
+	return;
+    }
+    t->offered = sess;
+    if (SSL_SESSION_get_protocol_version(sess) >= TLS1_3_VERSION)
+	smtps_tls_resume_clear(slot);		/* RFC 8446 C.4 */
+}
+
+/*
+ * tls_new_session - OpenSSL made a session that could be resumed (a full
+ * TLS 1.2 handshake ended; a TLS 1.3 ticket arrived): it goes into the
+ * session's slot in place of what was there. 1: the reference is ours.
+ */
+
+static int tls_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    struct smtps_tls *t = SSL_get_app_data(ssl);
+
+    if (t == NULL || t->resume == NULL || t->phase == TLS_FAILED)
+	return 0;
+    smtps_tls_resume_clear(t->resume);
+    t->resume->sess = sess;
+    memcpy(t->resume->policy, t->policy, sizeof(t->policy));
+    return 1;
 }
 
 /* ------------------------------------------------------------------ */
@@ -472,7 +743,7 @@ static int tls_names(struct smtps_tls *t)
 int     smtps_tls_begin(struct smtps_session *s)
 {
     struct smtps_tls *t = s->tls;
-    BIO    *inner = NULL;
+    BIO    *bio = NULL;
     size_t  pending;
 
     if (t == NULL || t->phase != TLS_OFF)
@@ -483,10 +754,13 @@ int     smtps_tls_begin(struct smtps_session *s)
     s->fail_stage = SMTPS_STAGE_TLS_HANDSHAKE;
     ERR_clear_error();
     if ((t->ssl = SSL_new(t->cfg->ctx)) == NULL
-	|| BIO_new_bio_pair(&inner, TLS_BIO_SIZE, &t->net, TLS_BIO_SIZE) != 1)
+	|| (bio = BIO_new(t->cfg->bio)) == NULL)
 	goto err;
-    SSL_set_bio(t->ssl, inner, inner);		/* SSL owns inner now */
-    inner = NULL;
+    BIO_set_data(bio, t);
+    BIO_set_init(bio, 1);
+    SSL_set_bio(t->ssl, bio, bio);		/* SSL owns bio now */
+    bio = NULL;
+    SSL_set_app_data(t->ssl, t);		/* for tls_new_session() */
     SSL_set_connect_state(t->ssl);
     if (!t->verify)
 	SSL_set_verify(t->ssl, SSL_VERIFY_NONE, NULL);
@@ -494,6 +768,12 @@ int     smtps_tls_begin(struct smtps_session *s)
 	goto err;
     if (t->dane && t->verify && t->servername[0] == 0 && !tls_dane(t))
 	goto err;				/* (a name goes through tls_names) */
+    if (t->resume != NULL) {
+	if (!tls_policy(t))
+	    t->resume = NULL;			/* no digest: no resumption */
+	else
+	    tls_offer(t);
+    }
 
     /*
      * Bytes still queued were queued in clear, before TLS (a PROXY header
@@ -517,28 +797,9 @@ int     smtps_tls_begin(struct smtps_session *s)
     return tls_handshake(s);			/* the ClientHello */
 
 err:
-    BIO_free(inner);
+    BIO_free(bio);
     t->phase = TLS_HANDSHAKE;			/* so that tls_fail() blames it */
     return tls_fail(s, "cannot start TLS");
-}
-
-/* tls_pull - move ciphertext from the net BIO to the wire buffer */
-
-static int tls_pull(struct smtps_session *s)
-{
-    struct smtps_tls *t = s->tls;
-    size_t  n;
-    int     got, rc;
-
-    while ((n = BIO_ctrl_pending(t->net)) > 0) {
-	if ((rc = smtps_buf_reserve(&t->wire, n)) != SMTPS_OK)
-	    return rc;
-	if ((got = BIO_read(t->net, t->wire.data + t->wire.end, (int) n)) <= 0)
-	    break;
-	t->wire.end += (size_t) got;
-	t->wire_produced += (uint64_t) got;
-    }
-    return SMTPS_OK;
 }
 
 /* tls_mark - the plaintext taken so far is carried by the wire so far */
@@ -571,7 +832,7 @@ static int tls_handshake(struct smtps_session *s)
 
     ERR_clear_error();
     rc = SSL_do_handshake(t->ssl);
-    if (tls_pull(s) != SMTPS_OK)
+    if (t->wire_err != SMTPS_OK)
 	return tls_fail(s, "TLS handshake failed: output buffer full");
     if (rc == 1) {
 	t->phase = TLS_UP;
@@ -580,9 +841,10 @@ static int tls_handshake(struct smtps_session *s)
 	if (s->trace != NULL) {
 	    char    note[160];
 
-	    snprintf(note, sizeof(note), "TLS is up: %s, %s",
+	    snprintf(note, sizeof(note), "TLS is up: %s, %s%s",
 		     SSL_get_version(t->ssl),
-		     SSL_CIPHER_get_name(SSL_get_current_cipher(t->ssl)));
+		     SSL_CIPHER_get_name(SSL_get_current_cipher(t->ssl)),
+		     SSL_session_reused(t->ssl) ? ", resumed" : "");
 	    smtps_session_trace(s, SMTPS_TRACE_NOTE, note, strlen(note));
 	}
 	return smtps_tls_flush(s);		/* the EHLO that waited */
@@ -598,20 +860,21 @@ static int tls_handshake(struct smtps_session *s)
 static int tls_read(struct smtps_session *s)
 {
     struct smtps_tls *t = s->tls;
+    char    buf[TLS_RECORD_MAX];		/* not kept: idle costs nothing */
     int     n, err, rc;
 
     while (!t->peer_closed && t->phase == TLS_UP
 	   && (s->status == SMTPS_SESS_ACTIVE || s->status == SMTPS_SESS_IDLE)) {
 	ERR_clear_error();
-	n = SSL_read(t->ssl, t->rbuf, (int) sizeof(t->rbuf));
+	n = SSL_read(t->ssl, buf, (int) sizeof(buf));
 	if (n > 0) {
-	    if ((rc = smtps_session_take_replies(s, t->rbuf, (size_t) n)) < 0)
+	    if ((rc = smtps_session_take_replies(s, buf, (size_t) n)) < 0)
 		return rc;
 	    continue;
 	}
 	err = SSL_get_error(t->ssl, n);
-	/* A post-handshake message may want an answer (TLS 1.3 KeyUpdate). */
-	if (tls_pull(s) != SMTPS_OK)
+	/* A post-handshake message may have had an answer (TLS 1.3 KeyUpdate). */
+	if (t->wire_err != SMTPS_OK)
 	    return tls_fail(s, "TLS read failed: output buffer full");
 	if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE)
 	    return SMTPS_OK;
@@ -629,34 +892,27 @@ static int tls_read(struct smtps_session *s)
 int     smtps_tls_feed(struct smtps_session *s, const char *data, size_t len)
 {
     struct smtps_tls *t = s->tls;
-    size_t  room;
-    int     n, rc, moved;
+    int     rc = SMTPS_OK;
 
     /*
-     * The BIO pair holds TLS_BIO_SIZE bytes; what does not fit waits in
-     * data while the handshake or SSL_read drain the pair, which they do
-     * completely each round, so every round moves something.
+     * OpenSSL reads data in place, through the BIO, for as long as this
+     * call lasts: the handshake and SSL_read stop only when it is all
+     * taken (WANT_READ) or when nothing more may be read (TLS failed, the
+     * peer closed, the session ended), and then the rest is dropped. A
+     * record that is not whole yet waits inside OpenSSL.
      */
-    while ((t->phase == TLS_HANDSHAKE || t->phase == TLS_UP) && !t->peer_closed
-	   && (s->status == SMTPS_SESS_ACTIVE || s->status == SMTPS_SESS_IDLE)) {
-	moved = 0;
-	if (len > 0 && (room = BIO_ctrl_get_write_guarantee(t->net)) > 0) {
-	    if (room > len)
-		room = len;
-	    if ((n = BIO_write(t->net, data, (int) room)) > 0) {
-		data += n;
-		len -= (size_t) n;
-		moved = 1;
-	    }
-	}
-	if (t->phase == TLS_HANDSHAKE && (rc = tls_handshake(s)) != SMTPS_OK)
-	    return rc;
-	if (t->phase == TLS_UP && (rc = tls_read(s)) != SMTPS_OK)
-	    return rc;
-	if (len == 0 || !moved)
-	    break;
-    }
-    return SMTPS_OK;
+    if ((t->phase != TLS_HANDSHAKE && t->phase != TLS_UP) || t->peer_closed
+	|| (s->status != SMTPS_SESS_ACTIVE && s->status != SMTPS_SESS_IDLE))
+	return SMTPS_OK;
+    t->in = data;
+    t->inlen = len;
+    if (t->phase == TLS_HANDSHAKE)
+	rc = tls_handshake(s);
+    if (rc == SMTPS_OK && t->phase == TLS_UP)
+	rc = tls_read(s);
+    t->in = NULL;				/* data is the caller's again */
+    t->inlen = 0;
+    return rc;
 }
 
 /* smtps_tls_flush - encrypt queued plaintext, within the bounds */
@@ -664,7 +920,7 @@ int     smtps_tls_feed(struct smtps_session *s, const char *data, size_t len)
 int     smtps_tls_flush(struct smtps_session *s)
 {
     struct smtps_tls *t = s->tls;
-    size_t  pending, chunk, before;
+    size_t  pending, chunk;
     int     n, err;
 
     if (t == NULL || t->phase != TLS_UP)
@@ -673,15 +929,12 @@ int     smtps_tls_flush(struct smtps_session *s)
 	   && t->wire.end - t->wire.start < SMTPS_OUT_HIGH
 	   && t->nmarks < TLS_MARKS) {
 	chunk = pending < TLS_RECORD_MAX ? pending : TLS_RECORD_MAX;
-	before = t->wire.end;
 	ERR_clear_error();
 	n = SSL_write(t->ssl, s->out.data + s->out.start, (int) chunk);
-	if (tls_pull(s) != SMTPS_OK)
+	if (t->wire_err != SMTPS_OK)
 	    return tls_fail(s, "TLS write failed: output buffer full");
 	if (n <= 0) {
 	    err = SSL_get_error(t->ssl, n);
-	    if (err == SSL_ERROR_WANT_WRITE && t->wire.end > before)
-		continue;			/* the pair had no room; it has now */
 	    if (err == SSL_ERROR_WANT_READ)
 		return SMTPS_OK;		/* it needs the peer first */
 	    return tls_fail(s, "TLS write failed");
@@ -719,8 +972,12 @@ size_t  smtps_tls_consume(struct smtps_session *s, size_t n)
 	n = t->wire.end - t->wire.start;
     t->wire.start += n;
     t->wire_consumed += n;
-    if (t->wire.start == t->wire.end)
-	t->wire.start = t->wire.end = 0;
+    if (t->wire.start == t->wire.end) {
+	/* An idle connection keeps no buffer; the next write makes one. */
+	free(t->wire.data);			/* ciphertext: nothing to wipe */
+	t->wire.data = NULL;
+	t->wire.start = t->wire.end = t->wire.cap = 0;
+    }
     while (t->nmarks > 0 && t->marks[t->mark_head].wire <= t->wire_consumed) {
 	plain = t->marks[t->mark_head].plain;
 	t->mark_head = (t->mark_head + 1) % TLS_MARKS;
@@ -769,6 +1026,10 @@ static int tls_fail(struct smtps_session *s, const char *what)
     ERR_clear_error();
     t->phase = TLS_FAILED;
     t->handshake_failed = in_handshake;
+    /* What the server would not resume with is no use to the next. */
+    if (in_handshake && t->resume != NULL && t->offered != NULL
+	&& t->resume->sess == t->offered)
+	smtps_tls_resume_clear(t->resume);
     /* The alert OpenSSL wrote, if any, is in the wire: let it go out. */
     smtps_session_fail_now(s, s->fail_state, in_handshake ?
 			   SMTPS_STAGE_TLS_HANDSHAKE : -1, why);

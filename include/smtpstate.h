@@ -940,6 +940,7 @@ int smtps_session_set_tls(struct smtps_session *s, int mode,
 			  struct smtps_tls_config *cfg, const char *servername);
 int smtps_session_tls_active(const struct smtps_session *s);	/* 1 once the handshake is done */
 const char *smtps_session_tls_version(const struct smtps_session *s);	/* "TLSv1.3" or "" */
+int smtps_session_tls_resumed(const struct smtps_session *s);	/* 1: up on a resumed session */
 
 /* AUTH mechanisms choice: 0 = the best the server offers */
 #define SMTPS_AUTH_ANY 0
@@ -992,6 +993,9 @@ struct smtps_engine_config {
     int mx_address_limit;		/* addresses tried per delivery; 0: 5 */
     int inet_protocols;			/* SMTPS_INET_*: the families used */
     int address_preference;		/* SMTPS_INET_*: tried first (ALL: any) */
+    int tls_no_resumption;		/* 1: a full TLS handshake every time;
+					 * 0: resume the last TLS session with
+					 * each host (one kept per host) */
 };
 
 #define SMTPS_INET_ALL 0

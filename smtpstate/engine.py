@@ -345,6 +345,10 @@ class Engine:
         protocol: ``"smtp"`` or ``"lmtp"``: the protocol of every submit
             that does not say (LMTP needs a host: a TCP host or
             ``"unix:/path"``).
+        tls_resumption: resume the TLS session of the last handshake with
+            a host on the next connection to it (one session kept per host
+            of a destination, only under the same TLS policy and server
+            name; docs/tls.md). False: a full handshake every time.
 
     Raises:
         InvalidOptionError: a bad limit, timeout, HELO name, resolver
@@ -369,7 +373,7 @@ class Engine:
                  limits: Optional[Mapping[str, Limits]] = None,
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
                  inet_protocols: str = "all", address_preference: str = "any",
-                 protocol: str = "smtp") -> None:
+                 protocol: str = "smtp", tls_resumption: bool = True) -> None:
         _check_count(max_connections, "max_connections")
         _check_count(max_per_destination, "max_per_destination")
         _check_count(messages_per_connection, "messages_per_connection", 0)
@@ -384,6 +388,8 @@ class Engine:
         if address_preference not in ADDRESS_PREFERENCES:
             raise InvalidOptionError("address_preference must be one of "
                                      f"{sorted(ADDRESS_PREFERENCES)}, not {address_preference!r}")
+        if not isinstance(tls_resumption, bool):
+            raise InvalidOptionError(f"tls_resumption must be True or False, not {tls_resumption!r}")
         if resolver is not None and not isinstance(resolver, Resolver):
             raise InvalidOptionError(f"resolver must be a smtpstate.Resolver, not {resolver!r}")
         Options.make(protocol=protocol)          # checked once, here
@@ -420,6 +426,7 @@ class Engine:
         cfg.mx_address_limit = mx_address_limit
         cfg.inet_protocols = INET_PROTOCOLS[inet_protocols]
         cfg.address_preference = ADDRESS_PREFERENCES[address_preference]
+        cfg.tls_no_resumption = 0 if tls_resumption else 1
         # C would stop at a NUL and take "a" for "a\0b": check it here.
         chelo = _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX).encode("ascii")
         chelo_c = ffi.new("char[]", chelo)      # lives until engine_new copied it

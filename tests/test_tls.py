@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import warnings
+from typing import Dict, Optional
 
 import pytest
 
@@ -29,6 +30,7 @@ from smtpstate import Message
 from smtpstate._core import ffi, lib
 from smtpstate.errors import InvalidOptionError
 
+from helpers import RecordingHandler
 from scripted import SPLITS, ScriptedSession, TLSPeer, tls_config
 
 T0 = 1_000_000
@@ -623,6 +625,101 @@ def test_postfix_starttls_delivers_byte_for_byte(postfix_factory, tls_ca, tls_ca
     assert got[0].data == body
     import re
     assert re.search(r"TLS connection established from \S*127\.0\.0\.1", open(server.maillog).read())
+
+
+# -- resumption: the second connection to a host skips the full handshake ------
+
+
+class ResumeRecorder(RecordingHandler):
+    """Records, for each message, whether the server resumed the TLS
+    session of its connection (the server side's own word for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reused: Dict[bytes, Optional[bool]] = {}
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 (aiosmtpd API)
+        tls = session.ssl.get("ssl_object") if session.ssl else None
+        subject = bytes(envelope.original_content).split(b"\r\n", 1)[0]
+        self.reused[subject] = tls.session_reused if tls is not None else None
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture(params=["TLSv1.2", "TLSv1.3"])
+def resuming_server(request, aiosmtpd_factory, tls_ca):
+    """aiosmtpd with STARTTLS at one TLS version, from a context of its own
+    (TLS 1.2: session ids and tickets; TLS 1.3: tickets sent after the
+    handshake), recording what it resumed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, request.param.replace(".", "_"))
+    handler = ResumeRecorder()
+    server = aiosmtpd_factory(handler, tls_context=ctx, require_starttls=True)
+    server.version = request.param
+    return server
+
+
+def subject(i: int) -> bytes:
+    return b"Subject: tls %d" % i
+
+
+def test_second_connection_to_a_host_resumes(resuming_server, tls_ca_file):
+    """One connection at a time, one message each: the first makes a full
+    handshake, the next ones resume its session (the server says so)."""
+    server = resuming_server
+    with smtpstate.Engine(max_per_destination=1, messages_per_connection=1) as engine:
+        tickets = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                                 ca_file=tls_ca_file, timeout=20) for i in range(3)]
+    assert [t.result.status for t in tickets] == ["delivered"] * 3, [t.result for t in tickets]
+    assert len(server.connections) == 3
+    reused = server.handler.reused
+    assert [reused[subject(i)] for i in range(3)] == [False, True, True], (server.version, reused)
+
+
+def test_another_server_name_is_not_resumed(resuming_server, tls_ca_file):
+    """Two destinations at the same address and port, one checked as
+    "localhost", one as the address: a session made for one is never
+    offered to the other, while each resumes its own."""
+    server = resuming_server
+    with smtpstate.Engine(max_connections=1, max_per_destination=1,
+                          messages_per_connection=1) as engine:
+        named = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                               ca_file=tls_ca_file, server_hostname="localhost", timeout=20)
+                 for i in (0, 1)]
+        bare = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                              ca_file=tls_ca_file, timeout=20) for i in (2, 3)]
+    assert all(t.result.status == "delivered" for t in named + bare), [t.result for t in named + bare]
+    reused = server.handler.reused
+    assert [reused[subject(i)] for i in range(4)] == [False, True, False, True], reused
+
+
+def test_resumption_can_be_turned_off(resuming_server, tls_ca_file):
+    server = resuming_server
+    with smtpstate.Engine(max_per_destination=1, messages_per_connection=1,
+                          tls_resumption=False) as engine:
+        tickets = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                                 ca_file=tls_ca_file, timeout=20) for i in range(2)]
+    assert [t.result.status for t in tickets] == ["delivered"] * 2
+    assert list(server.handler.reused.values()) == [False, False]
+
+
+def test_tls_resumption_option_is_checked():
+    with pytest.raises(InvalidOptionError, match="tls_resumption"):
+        smtpstate.Engine(tls_resumption="yes")  # type: ignore[arg-type]
+
+
+def test_parallel_connections_resume_and_deliver(resuming_server, tls_ca_file):
+    """Four connections at once, one message each, twelve messages: all
+    delivered; after the first handshakes most connections resume (a TLS
+    1.3 ticket is used once, so a connection that starts before a ticket
+    is back makes a full handshake)."""
+    server = resuming_server
+    with smtpstate.Engine(max_per_destination=4, messages_per_connection=1) as engine:
+        tickets = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                                 ca_file=tls_ca_file, timeout=20) for i in range(12)]
+    assert all(t.result.status == "delivered" for t in tickets), [t.result for t in tickets]
+    reused = list(server.handler.reused.values())
+    assert len(reused) == 12 and reused.count(True) >= 1, reused
 
 
 # -- a scripted TCP server, for what real servers do not do ---------------------

@@ -32,6 +32,7 @@ struct smtps_engine_config {
     int mx_address_limit;
     int inet_protocols;
     int address_preference;
+    int tls_no_resumption;
 };
 
 #define SMTPS_INET_ALL ...

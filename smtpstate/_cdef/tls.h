@@ -21,6 +21,7 @@ int smtps_session_set_tls(struct smtps_session *s, int mode,
                           struct smtps_tls_config *cfg, const char *servername);
 int smtps_session_tls_active(const struct smtps_session *s);
 const char *smtps_session_tls_version(const struct smtps_session *s);
+int smtps_session_tls_resumed(const struct smtps_session *s);
 int smtps_session_set_auth(struct smtps_session *s, const char *user,
                            const char *secret, unsigned mechs,
                            int allow_plaintext);

@@ -26,6 +26,13 @@
 /*	handshake; a session freed in the middle of its handshake. Leaks of
 /*	any SSL object show up in LeakSanitizer.
 /*
+/*	Resumption, in TLS 1.2 and TLS 1.3: sessions sharing a slot resume
+/*	(client and server both say so); another server name, a server
+/*	that forgot the session and a session without a slot do not; a
+/*	verifying session whose offer a server with an untrusted
+/*	certificate refuses fails its full handshake, and the slot no
+/*	longer holds what it offered.
+/*
 /*	Prints "RUN label", then "PASS label" or "FAIL label: why", and
 /*	finally "N passed, N failed".
 /* DIAGNOSTICS
@@ -38,8 +45,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
@@ -154,21 +164,30 @@ struct server {
     size_t  nplain;
 };
 
-static EVP_PKEY *key;
-static X509 *cert;
+static EVP_PKEY *key, *key2;
+static X509 *cert, *cert2;
+
+static int make_cert_into(EVP_PKEY **keyp, X509 **certp);
 
 /* make_cert - a self-signed certificate for "localhost", made once */
 
 static int make_cert(void)
 {
+    return cert != NULL || make_cert_into(&key, &cert);
+}
+
+/* make_cert_into - a new key and self-signed certificate for "localhost" */
+
+static int make_cert_into(EVP_PKEY **keyp, X509 **certp)
+{
     X509_NAME *name;
     X509_EXTENSION *ext;
     X509V3_CTX v3;
+    EVP_PKEY *key;
+    X509   *cert;
 
-    if (cert != NULL)
-	return 1;
-    if ((key = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256")) == NULL
-	|| (cert = X509_new()) == NULL)
+    if ((key = *keyp = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256")) == NULL
+	|| (cert = *certp = X509_new()) == NULL)
 	return 0;
     X509_set_version(cert, 2);
     ASN1_INTEGER_set(X509_get_serialNumber(cert), 1);
@@ -188,17 +207,40 @@ static int make_cert(void)
     return X509_sign(cert, key, EVP_sha256()) > 0;
 }
 
+static struct server *server_on(SSL_CTX *ctx);
+
+/* server_ctx - a server policy with the test certificate, TLS <= max */
+
+static SSL_CTX *server_ctx(int max, EVP_PKEY *k, X509 *c)
+{
+    SSL_CTX *ctx;
+
+    if (!make_cert() || (ctx = SSL_CTX_new(TLS_server_method())) == NULL
+	|| SSL_CTX_use_certificate(ctx, c ? c : cert) != 1
+	|| SSL_CTX_use_PrivateKey(ctx, k ? k : key) != 1
+	|| (max && SSL_CTX_set_max_proto_version(ctx, max) != 1)
+	|| SSL_CTX_set_session_id_context(ctx, (const unsigned char *) "t", 1) != 1) {
+	fprintf(stderr, "server_ctx failed\n");
+	exit(2);
+    }
+    return ctx;
+}
+
 /* server_new - a server end with the test certificate */
 
 static struct server *server_new(void)
 {
+    return server_on(server_ctx(0, NULL, NULL));
+}
+
+/* server_on - a server end on ctx (whose reference it takes) */
+
+static struct server *server_on(SSL_CTX *ctx)
+{
     struct server *sv = calloc(1, sizeof(*sv));
     BIO    *inner;
 
-    if (sv == NULL || !make_cert()
-	|| (sv->ctx = SSL_CTX_new(TLS_server_method())) == NULL
-	|| SSL_CTX_use_certificate(sv->ctx, cert) != 1
-	|| SSL_CTX_use_PrivateKey(sv->ctx, key) != 1
+    if (sv == NULL || (sv->ctx = ctx) == NULL
 	|| (sv->ssl = SSL_new(sv->ctx)) == NULL
 	|| BIO_new_bio_pair(&inner, 1 << 17, &sv->net, 1 << 17) != 1) {
 	fprintf(stderr, "server_new failed\n");
@@ -570,6 +612,184 @@ static int test_free_mid_handshake(void)
     return 1;
 }
 
+/* ------------------------------------------------------------------ */
+/* Resumption                                                          */
+/* ------------------------------------------------------------------ */
+
+/*
+ * handshake - an implicit TLS session on ctx (a reference of it taken)
+ * with slot, through the banner and EHLO, so that TLS 1.3 tickets have
+ * arrived; *sv is the server end. 0 with why set when it failed.
+ */
+
+static struct smtps_session *handshake(SSL_CTX *ctx, struct smtps_tls_config *cfg,
+				               const char *name,
+				               struct smtps_tls_resume *slot,
+				               struct server **sv)
+{
+    struct smtps_session *s = smtps_session_new(NULL, "client.example", NULL);
+    size_t  from = 0;
+
+    SSL_CTX_up_ref(ctx);
+    *sv = server_on(ctx);
+    if (s == NULL
+	|| smtps_session_set_tls(s, SMTPS_TLS_IMPLICIT, cfg, name) != SMTPS_OK
+	|| (slot != NULL && smtps_session_set_tls_resume(s, slot) != SMTPS_OK)) {
+	snprintf(why, WHY_MAX, "set-up failed");
+	smtps_session_free(s);
+	return NULL;
+    }
+    if (smtps_session_start(s, 0) != SMTPS_OK || !pump(*sv, s, 100)
+	|| !smtps_session_tls_active(s)
+	|| !server_say(*sv, s, "220 server.example\r\n") || !pump(*sv, s, 1000)
+	|| !expect_plain(*sv, &from, B("EHLO client.example\r\n"))
+	|| !server_say(*sv, s, "250 server.example\r\n")
+	|| smtps_session_status(s) != SMTPS_SESS_IDLE) {
+	if (why[0] == 0)
+	    snprintf(why, WHY_MAX, "no handshake: %s", smtps_session_reason(s));
+	return s;				/* for the caller to look at */
+    }
+    (*sv)->nplain = 0;
+    return s;
+}
+
+/* resumed - client and server agree on whether s resumed */
+
+static int resumed(struct smtps_session *s, struct server *sv, int want)
+{
+    if (smtps_session_tls_resumed(s) != want
+	|| SSL_session_reused(sv->ssl) != want) {
+	snprintf(why, WHY_MAX, "resumed: client %d, server %d, wanted %d",
+		 smtps_session_tls_resumed(s), SSL_session_reused(sv->ssl), want);
+	return 0;
+    }
+    return 1;
+}
+
+/* done - free a session and its server end; ok passes through */
+
+static int done(struct smtps_session *s, struct server *sv, int ok)
+{
+    smtps_session_free(s);
+    server_free(sv);
+    return ok;
+}
+
+/*
+ * resumption - the second connection with the same slot resumes; one
+ * with another server name does not; a server that has forgotten the
+ * session makes a full handshake, which still works
+ */
+
+static int resumption(int version)
+{
+    struct smtps_tls_config *cfg = smtps_tls_config_new(NULL, 1);
+    struct smtps_tls_resume slot = {0};
+    SSL_CTX *ctx = server_ctx(version, NULL, NULL);
+    SSL_CTX *other = server_ctx(version, NULL, NULL);
+    struct smtps_session *s;
+    struct server *sv;
+    int     ok = 0;
+
+    s = handshake(ctx, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)))
+	goto out;
+    if (slot.sess == NULL) {
+	snprintf(why, WHY_MAX, "nothing kept after the first handshake");
+	goto out;
+    }
+    s = handshake(ctx, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 1))
+	|| slot.sess == NULL)
+	goto out;
+    /* Another name: the session is not offered (and is dropped). */
+    s = handshake(ctx, cfg, "other.example", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)))
+	goto out;
+    s = handshake(ctx, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)))
+	goto out;
+    /* A server that does not know it: a full handshake. */
+    s = handshake(other, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)))
+	goto out;
+    /* Without a slot: never. */
+    s = handshake(other, cfg, "localhost", NULL, &sv);
+    ok = done(s, sv, why[0] == 0 && resumed(s, sv, 0));
+out:
+    smtps_tls_resume_clear(&slot);
+    smtps_tls_config_free(cfg);
+    SSL_CTX_free(ctx);
+    SSL_CTX_free(other);
+    return ok;
+}
+
+static int test_resumption_tls12(void)
+{
+    return resumption(TLS1_2_VERSION);
+}
+
+static int test_resumption_tls13(void)
+{
+    return resumption(TLS1_3_VERSION);
+}
+
+/*
+ * test_resumption_refused_then_verify_fails - a verifying session offers
+ * a good session to a server that does not know it and whose certificate
+ * nobody vouches for: the full handshake fails as it must, and the slot
+ * no longer holds what was offered
+ */
+
+static int test_resumption_refused_then_verify_fails(void)
+{
+    char    path[] = "/tmp/smtpstate-test-tls-XXXXXX";
+    struct smtps_tls_config *cfg;
+    struct smtps_tls_resume slot = {0};
+    SSL_CTX *ctx, *imposter;
+    struct smtps_session *s;
+    struct server *sv;
+    FILE   *f;
+    int     fd, ok = 0;
+
+    if (!make_cert() || (fd = mkstemp(path)) < 0 || (f = fdopen(fd, "w")) == NULL)
+	return (snprintf(why, WHY_MAX, "no CA file"), 0);
+    PEM_write_X509(f, cert);
+    fclose(f);
+    cfg = smtps_tls_config_new(path, 0);
+    unlink(path);
+    if (cfg == NULL)
+	return (snprintf(why, WHY_MAX, "no verifying config"), 0);
+    if (cert2 == NULL && !make_cert_into(&key2, &cert2))
+	return (snprintf(why, WHY_MAX, "no second certificate"), 0);
+    ctx = server_ctx(TLS1_2_VERSION, NULL, NULL);
+    imposter = server_ctx(TLS1_2_VERSION, key2, cert2);
+    s = handshake(ctx, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)) || slot.sess == NULL)
+	goto out;
+    s = handshake(imposter, cfg, "localhost", &slot, &sv);
+    if (smtps_session_tls_active(s) || strstr(smtps_session_reason(s),
+					      "certificate verify failed") == NULL) {
+	snprintf(why, WHY_MAX, "the imposter was not refused: %s",
+		 smtps_session_reason(s));
+	done(s, sv, 0);
+	goto out;
+    }
+    done(s, sv, 1);
+    why[0] = 0;
+    if (slot.sess != NULL) {
+	snprintf(why, WHY_MAX, "the refused session is still kept");
+	goto out;
+    }
+    ok = 1;
+out:
+    smtps_tls_resume_clear(&slot);
+    smtps_tls_config_free(cfg);
+    SSL_CTX_free(ctx);
+    SSL_CTX_free(imposter);
+    return ok;
+}
+
 int     main(void)
 {
     static const struct {
@@ -584,6 +804,10 @@ int     main(void)
 	{"garbage after 220", test_garbage_after_220},
 	{"injection refused", test_injection_refused},
 	{"free mid-handshake", test_free_mid_handshake},
+	{"resumption TLS 1.2", test_resumption_tls12},
+	{"resumption TLS 1.3", test_resumption_tls13},
+	{"resumption refused, then verification fails",
+	test_resumption_refused_then_verify_fails},
     };
     size_t  i;
     int     passed = 0, failed = 0;
@@ -601,6 +825,8 @@ int     main(void)
     }
     X509_free(cert);
     EVP_PKEY_free(key);
+    X509_free(cert2);
+    EVP_PKEY_free(key2);
     printf("%d passed, %d failed\n", passed, failed);
     return (failed ? 1 : 0);
 }
