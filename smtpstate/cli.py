@@ -557,10 +557,13 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--header", "-H", action="append", default=[], metavar="'NAME: VALUE'",
                       type=_header_arg, help="add or replace a header of the test message")
     send.add_argument("--tls", nargs="?", const="verify", default=None,
-                      choices=("none", "opportunistic", "verify", "starttls", "implicit"),
+                      choices=("none", "opportunistic", "verify", "starttls", "implicit",
+                               "dane", "dane-only"),
                       help="--tls alone: verify (STARTTLS required, certificate checked); "
-                           "or none, opportunistic (not checked), implicit (port 465); "
-                           "default: verify with --auth-user, else opportunistic")
+                           "or none, opportunistic (not checked), implicit (port 465), "
+                           "dane or dane-only (by MX: TLSA records, DNSSEC); default: "
+                           "verify with --auth-user, else dane by MX and opportunistic "
+                           "to a server")
     send.add_argument("--ca-file", metavar="PEM", help="CAs to trust (default: the system's)")
     send.add_argument("--server-name", metavar="NAME",
                       help="the name the certificate must carry (default: the host)")
