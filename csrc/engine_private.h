@@ -144,6 +144,8 @@ int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
 			        int priority, struct smtps_dns_req *req);
 void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req);
 void    smtps_dns_process(struct smtps_dns *dns);
+int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
+			         struct smtps_dns_answer *a);
 void    smtps_dns_timer(struct smtps_timer *t, int64_t now);
 void    smtps_dns_free(struct smtps_dns *dns);
 size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,

@@ -435,6 +435,41 @@ static void dns_callback(void *mydata, int err, struct ub_result *result)
     ub_resolve_free(result);
 }
 
+/*
+ * smtps_dns_lookup - one lookup that blocks the calling thread, for the
+ * caller's own threads (smtpstate.mta_sts's discovery), never for the
+ * engine's loop; a->ub is the caller's to free with ub_resolve_free()
+ */
+
+int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
+			         struct smtps_dns_answer *a)
+{
+    struct ub_result *result = NULL;
+    int     err;
+
+    memset(a, 0, sizeof(*a));
+    err = ub_resolve(dns->ctx, name, rrtype, 1 /* IN */ , &result);
+    a->ub = result;
+    if (err != 0 || result == NULL) {
+	a->status = SMTPS_DNS_TEMPFAIL;
+	a->why = ub_strerror(err);
+	return err == UB_SYNTAX ? SMTPS_EINVAL : SMTPS_OK;
+    }
+    a->secure = result->secure;
+    a->ttl = result->ttl;
+    if (result->bogus)
+	a->status = SMTPS_DNS_BOGUS;
+    else if (result->havedata)
+	a->status = SMTPS_DNS_OK;
+    else if (result->rcode == DNS_RCODE_NXDOMAIN || result->nxdomain)
+	a->status = SMTPS_DNS_NXDOMAIN;
+    else if (result->rcode == 0)
+	a->status = SMTPS_DNS_NODATA;
+    else
+	a->status = SMTPS_DNS_TEMPFAIL;
+    return SMTPS_OK;
+}
+
 /* smtps_dns_process - run the callbacks of the answers that arrived */
 
 void    smtps_dns_process(struct smtps_dns *dns)

@@ -59,7 +59,8 @@ extern "C" {
     X(ETLS, -9, "TLS failure")	/* TLS setup or handshake failed */ \
     X(ENOTSUP, -10, "not supported") \
     X(ESYS, -11, "system call failed")	/* errno says more */ \
-    X(EINTR, -12, "interrupted")	/* a state asked to stop at once */
+    X(EINTR, -12, "interrupted")	/* a state asked to stop at once */ \
+    X(EAGAIN, -13, "failed for now")	/* a lookup: SERVFAIL, no answer */
 
 #define SMTPS_X_ERROR(n, v, s) SMTPS_##n = v,
 enum smtps_error {
@@ -1104,6 +1105,21 @@ int smtps_engine_set_sources(struct smtps_engine *e,
 #define SMTPS_STS_ENFORCE 2
 int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
 				int mode, const char *const *mx, size_t nmx);
+
+/*
+ * Blocking lookups for a caller's own threads, with the settings of an
+ * engine's resolver (lookup.c): a name's TXT records (each record's
+ * strings joined, records a line each; returns how many) and its first
+ * address (IPv4 first; 1 found, 0 none). SMTPS_EAGAIN: failed for now.
+ */
+struct smtps_lookup;
+struct smtps_lookup *smtps_lookup_new(const struct smtps_resolver_config *cfg,
+				      char *why, size_t whylen);
+int smtps_lookup_txt(struct smtps_lookup *l, const char *name, char *out,
+		     size_t outlen);
+int smtps_lookup_address(struct smtps_lookup *l, const char *name, char *out,
+			 size_t outlen);
+void smtps_lookup_free(struct smtps_lookup *l);
 
 /*
  * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits

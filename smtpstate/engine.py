@@ -47,6 +47,7 @@ _DEST_CACHE_MAX = 1024
 # The longest single C call while waiting, so that signals (Ctrl-C) are
 # handled promptly even when nothing happens on the network.
 _RUN_SLICE_MS = 500
+_STS_POLL_MS = 20          # how often held messages are looked at (run())
 _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
 _BUSY = ("this Engine is already in use (a call from one of its states, "
@@ -349,6 +350,11 @@ class Engine:
             a host on the next connection to it (one session kept per host
             of a destination, only under the same TLS policy and server
             name; docs/tls.md). False: a full handshake every time.
+        mta_sts: a :class:`smtpstate.sts_discovery.MtaSts`: find the
+            MTA-STS policies (RFC 8461) of the domains routed by MX, off
+            the loop, holding their messages until they are known, and
+            enforce them (docs/tls.md); None: only the policies given with
+            :meth:`set_mta_sts_policy`.
 
     Raises:
         InvalidOptionError: a bad limit, timeout, HELO name, resolver
@@ -373,7 +379,8 @@ class Engine:
                  limits: Optional[Mapping[str, Limits]] = None,
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
                  inet_protocols: str = "all", address_preference: str = "any",
-                 protocol: str = "smtp", tls_resumption: bool = True) -> None:
+                 protocol: str = "smtp", tls_resumption: bool = True,
+                 mta_sts: Any = None) -> None:
         _check_count(max_connections, "max_connections")
         _check_count(max_per_destination, "max_per_destination")
         _check_count(messages_per_connection, "messages_per_connection", 0)
@@ -392,6 +399,11 @@ class Engine:
             raise InvalidOptionError(f"tls_resumption must be True or False, not {tls_resumption!r}")
         if resolver is not None and not isinstance(resolver, Resolver):
             raise InvalidOptionError(f"resolver must be a smtpstate.Resolver, not {resolver!r}")
+        if mta_sts is not None:
+            from smtpstate.sts_discovery import MtaSts
+            if not isinstance(mta_sts, MtaSts):
+                raise InvalidOptionError(
+                    f"mta_sts must be a smtpstate.sts_discovery.MtaSts, not {mta_sts!r}")
         Options.make(protocol=protocol)          # checked once, here
         self._defaults: Dict[str, Any] = {} if protocol == "smtp" else {"protocol": protocol}
         self.machine = machine if machine is not None else default_machine
@@ -451,6 +463,13 @@ class Engine:
             raise
         self.resolver = resolver
         self._ptr = ptr
+        # MTA-STS discovery (sts_discovery.py): messages routed by MX wait
+        # here, ticket given, until their domains' policies are known.
+        self._sts: Any = None
+        self._held: List[Tuple[Ticket, Any, int, Any, Dict[str, Any], Set[str]]] = []
+        if mta_sts is not None:
+            from smtpstate.sts_discovery import Discovery
+            self._sts = Discovery(mta_sts, resolver if resolver is not None else Resolver())
         log.debug("engine ready: %d connections (%d per destination), HELO %s",
                   max_connections, max_per_destination, self.helo)
 
@@ -484,6 +503,10 @@ class Engine:
         """
         if type(message) is not Message and not isinstance(message, Message):
             raise TypeError(f"submit() takes a smtpstate.Message, not {type(message).__name__}")
+        if host is None and self._sts is not None:
+            held = self._sts_hold(message, port, source, options)
+            if held is not None:
+                return held
         # The destination of the last call again (the usual case: the same
         # host and port objects, equal options) costs three comparisons; it
         # was validated when it was made. Otherwise the cache, which only
@@ -540,6 +563,55 @@ class Engine:
         finally:
             token.append(taken)
         return ticket
+
+    def _sts_hold(self, message: Message, port: int, source: Any,
+                  options: Dict[str, Any]) -> Optional[Ticket]:
+        """A ticket for a message routed by MX whose recipient domains'
+        MTA-STS policies are still being looked for: it waits, and goes
+        when they are known (_sts_release()); None: it may go now."""
+        waiting = self._sts.waiting(message.recipients)
+        if not waiting:
+            return None
+        if self._ptr is None:
+            raise LocalProtocolError("this Engine is closed")
+        # Checked now as submit() would, so that a bad option is an error
+        # here, not when the message leaves the queue.
+        self._destination(None, port, options, source)
+        ticket = Ticket(0, message, None, port)
+        self._held.append((ticket, message, port, source, options, waiting))
+        return ticket
+
+    def _sts_release(self) -> None:
+        """Policies found since the last call go to C; the messages that
+        waited only for them are submitted, each under the ticket it was
+        given (its id is C's tag from now on)."""
+        done = self._sts.finished()
+        if not done:
+            return
+        decided = set()
+        for domain, policy in done:
+            decided.add(domain)
+            if policy is not None:
+                try:
+                    self.set_mta_sts_policy(domain, policy)
+                except InvalidOptionError as e:
+                    log.warning("MTA-STS policy of %s not used: %s", domain, e)
+        still = []
+        for entry in self._held:
+            entry[5].difference_update(decided)
+            if entry[5]:
+                still.append(entry)
+                continue
+            ticket, message, port, source, options, _ = entry
+            try:
+                real = self.submit(message, None, port, source=source, **options)
+            except (InvalidMessageError, InvalidOptionError) as e:
+                log.error("a message held for MTA-STS could not be submitted: %s", e)
+                continue
+            del self._tickets[real.id]
+            ticket.id = real.id
+            self._tickets[real.id] = ticket
+        self._held = still
 
     def submit_message(self, msg: Any, host: Optional[str] = None, port: int = 25, *,
                        sender: Optional[str] = None,
@@ -638,9 +710,20 @@ class Engine:
         while True:
             while ready:
                 yield ready.popleft()
-            if not tickets:
-                return
             wait = _RUN_SLICE_MS
+            if self._held:
+                # Messages waiting for MTA-STS policies: those found go now,
+                # and the loop comes back soon for the others.
+                self._sts_release()
+                wait = _STS_POLL_MS
+            if not tickets:
+                if not self._held:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{len(self._held)} message(s) still waiting for "
+                                       f"MTA-STS policies after {timeout} s")
+                time.sleep(_STS_POLL_MS / 1000)
+                continue
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -845,9 +928,10 @@ class Engine:
         "testing" and "none" change nothing. A later call replaces the
         domain's policy.
 
-        The engine does not discover policies itself yet: fetch them with
-        :mod:`smtpstate.mta_sts` (``fetch_policy``, ``parse_policy``,
-        ``PolicyCache``) and give them here before the domain's messages.
+        ``Engine(mta_sts=MtaSts(...))`` finds and gives them by itself;
+        without it, fetch them with :mod:`smtpstate.mta_sts`
+        (``fetch_policy``, ``parse_policy``, ``PolicyCache``) and give them
+        here before the domain's messages.
 
         Args:
             domain: the recipient domain.
@@ -895,6 +979,12 @@ class Engine:
         with self._guard(closing=True):
             if self._tickets:
                 self._log_dropped()
+            if self._held:
+                log.warning("%d message(s) dropped while waiting for MTA-STS policies",
+                            len(self._held))
+                self._held = []
+            if self._sts is not None:
+                self._sts.close()
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
             self._collector.close()

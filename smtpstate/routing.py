@@ -149,6 +149,19 @@ class Resolver:
         """Give these settings to a C engine (tried there: libunbound's
         refusal is an InvalidOptionError naming the setting)."""
         keep: List[Any] = []
+        cfg = self._config(keep)
+        why = ffi.new("char[]", 512)
+        rc = lib.smtps_engine_set_resolver(engine_ptr, cfg, why, 512)
+        if rc == lib.SMTPS_EINVAL:
+            text = ffi.string(why).decode("utf-8", "replace")
+            raise InvalidOptionError(f"the resolver refused a setting: {text or 'invalid'}")
+        if rc < 0:
+            from smtpstate._ffi import check
+            check(rc, "set up the resolver")
+
+    def _config(self, keep: List[Any]) -> Any:
+        """These settings as a ``struct smtps_resolver_config``; ``keep``
+        receives the cdata it points to."""
 
         def strings(values: Optional[Sequence[str]]) -> Tuple[Any, int]:
             if not values:
@@ -170,14 +183,8 @@ class Resolver:
         cfg.trust_anchors, cfg.trust_anchors_count = strings(self.trust_anchors)
         cfg.local_data, cfg.local_data_count = strings(self.local_records)
         cfg.max_in_flight = self.max_in_flight
-        why = ffi.new("char[]", 512)
-        rc = lib.smtps_engine_set_resolver(engine_ptr, cfg, why, 512)
-        if rc == lib.SMTPS_EINVAL:
-            text = ffi.string(why).decode("utf-8", "replace")
-            raise InvalidOptionError(f"the resolver refused a setting: {text or 'invalid'}")
-        if rc < 0:
-            from smtpstate._ffi import check
-            check(rc, "set up the resolver")
+        keep.append(cfg)
+        return cfg
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,12 @@ const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collec
 #define SMTPS_STS_ENFORCE ...
 int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
                                 int mode, const char *const *mx, size_t nmx);
+
+struct smtps_lookup;
+struct smtps_lookup *smtps_lookup_new(const struct smtps_resolver_config *cfg,
+                                      char *why, size_t whylen);
+int smtps_lookup_txt(struct smtps_lookup *l, const char *name, char *out,
+                     size_t outlen);
+int smtps_lookup_address(struct smtps_lookup *l, const char *name, char *out,
+                         size_t outlen);
+void smtps_lookup_free(struct smtps_lookup *l);

@@ -18,7 +18,8 @@ enum smtps_error {
     SMTPS_ETLS = -9,
     SMTPS_ENOTSUP = -10,
     SMTPS_ESYS = -11,
-    SMTPS_EINTR = -12
+    SMTPS_EINTR = -12,
+    SMTPS_EAGAIN = -13
 };
 
 const char *smtps_strerror(int code);

@@ -955,7 +955,7 @@ static int test_strerror(char *why)
     static const int codes[] = {
 	SMTPS_OK, SMTPS_ENOMEM, SMTPS_EINVAL, SMTPS_ETOOBIG, SMTPS_EPROTO,
 	SMTPS_ESTATE, SMTPS_EFULL, SMTPS_ECLOSED, SMTPS_ENOTFOUND,
-	SMTPS_ETLS, SMTPS_ENOTSUP, SMTPS_ESYS, SMTPS_EINTR,
+	SMTPS_ETLS, SMTPS_ENOTSUP, SMTPS_ESYS, SMTPS_EINTR, SMTPS_EAGAIN,
     };
     size_t  n = sizeof(codes) / sizeof(codes[0]);
     size_t  i;
@@ -971,7 +971,7 @@ static int test_strerror(char *why)
 		return (snprintf(why, WHY_MAX, "codes %d and %d share \"%s\"",
 				 codes[i], codes[j], s), -1);
     }
-    if (strcmp(smtps_strerror(-13), "unknown error") != 0
+    if (strcmp(smtps_strerror(-14), "unknown error") != 0
 	|| strcmp(smtps_strerror(1), "unknown error") != 0
 	|| strcmp(smtps_strerror(-1000), "unknown error") != 0)
 	return (snprintf(why, WHY_MAX, "unknown code not \"unknown error\""),
