@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
@@ -110,8 +109,9 @@ class Discovery:
         self._pool = concurrent.futures.ThreadPoolExecutor(
             settings.workers, thread_name_prefix="smtpstate-mta-sts")
         self._decided: Dict[str, float] = {}          # domain -> look again after
+        # One lookup context for every worker: libunbound lets several
+        # threads resolve through one context at once (it locks inside).
         self._running: Dict[str, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()                 # the C lookup context is shared
 
     # -- the Engine's side -------------------------------------------------------
 
@@ -181,8 +181,7 @@ class Discovery:
 
     def _txt(self, name: str) -> List[str]:
         buf = ffi.new("char[]", _TXT_MAX)
-        with self._lock:
-            n = lib.smtps_lookup_txt(self._lookup, name.encode("idna"), buf, _TXT_MAX)
+        n = lib.smtps_lookup_txt(self._lookup, name.encode("idna"), buf, _TXT_MAX)
         if n < 0:
             raise OSError(f"the TXT lookup of {name} failed: "
                           + ffi.string(lib.smtps_strerror(n)).decode())
@@ -190,8 +189,7 @@ class Discovery:
 
     def _address(self, name: str) -> str:
         buf = ffi.new("char[]", 64)
-        with self._lock:
-            n = lib.smtps_lookup_address(self._lookup, name.encode("idna"), buf, 64)
+        n = lib.smtps_lookup_address(self._lookup, name.encode("idna"), buf, 64)
         if n <= 0:
             raise OSError(f"{name} has no address" + (
                 "" if n == 0 else ": " + ffi.string(lib.smtps_strerror(n)).decode()))
