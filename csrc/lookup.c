@@ -125,8 +125,10 @@ int     smtps_lookup_txt(struct smtps_lookup *l, const char *name, char *out,
 	    memcpy(out + n, rd + pos + 1, rd[pos]);
 	    n += rd[pos];
 	}
-	if (bad)
+	if (bad) {
+	    out[used] = 0;			/* what it wrote is not kept */
 	    continue;
+	}
 	if (count > 0)
 	    out[used] = '\n';
 	used = n;

@@ -150,3 +150,24 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_the_engine_wants_mtasts_settings():
     with pytest.raises(InvalidOptionError, match="mta_sts must be"):
         Engine(mta_sts=True)
+
+
+def test_txt_records_as_the_engine_finds_them(dns_server, dns_origin):
+    """smtps_lookup_txt() through the discovery: each record's strings
+    joined, a record a line; one holding a newline left out; a name
+    without TXT records, none."""
+    from smtpstate.sts_discovery import Discovery
+
+    o = dns_origin
+    dns_server.add_zone(o, ['_mta-sts TXT "v=STSv1; id=7;"',
+                            '_mta-sts TXT "part one, " "part two"',
+                            '_mta-sts TXT "bad\\010line"'])
+    discovery = Discovery(MtaSts(), Resolver([dns_server.address], hosts_file=False))
+    try:
+        assert sorted(discovery._txt(f"_mta-sts.{o}")) == ["part one, part two",
+                                                           "v=STSv1; id=7;"]
+        assert discovery._txt(f"nothing.{o}") == []
+        with pytest.raises(OSError, match="has no address"):
+            discovery._address(f"nothing.{o}")
+    finally:
+        discovery.close()
