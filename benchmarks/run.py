@@ -4,7 +4,7 @@ run, with the targets of issue #4 checked in the output.
 Usage (from the source tree, with the package built or installed)::
 
     python benchmarks/run.py [--rounds 3] [--placement split] [--json FILE]
-                             [--only e2e,dispatch,parsers,scale,tls]
+                             [--only e2e,dispatch,parsers,scale,tls,tls-rate]
 
 Sections:
 
@@ -26,6 +26,14 @@ scale     RSS per idle plaintext connection at 1,000 and 10,000
 tls       RSS per idle STARTTLS connection at 1,000 and 10,000 connections
           (benchmarks/tls_sink.py), and how many of them resumed a TLS
           session.
+tls-rate  STARTTLS messages per second and client CPU per message, one
+          message per connection and 10 per connection, 10 connections at
+          once, certificates verified: the Engine with and without TLS
+          resumption against aiosmtplib (start_tls=True), all against
+          benchmarks/tls_sink.py (aiosmtpd) and, with --tls-sink
+          aiosmtpd,postfix, a private Postfix smtpd as well; the sink's own
+          CPU is measured too (it can be the limit); medians of
+          --tls-rounds (5) interleaved rounds.
 
 Every client runs in a process of its own (benchmarks/clients.py), pinned
 per --placement; configurations are interleaved round by round; each figure
@@ -42,6 +50,8 @@ import json
 import os
 import platform
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +72,8 @@ from smtpstate.bench import (Figure, Progress, Sink, find_program, make_message,
 PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(smtpstate.__file__)))
 CONCURRENCY = (1, 10, 100, 1000)
 SCALE = (1000, 10000)
+TLS_PER_CONN = (1, 10)                        # messages per connection, tls-rate
+TLS_CONC = 10                                 # connections at once, tls-rate
 
 
 # -- machine and build --------------------------------------------------------
@@ -173,6 +185,18 @@ class Runner:
             out.update(rss0=r["rss0_kib"], rss1=r["rss1_kib"], connections=r["connections"],
                        undelivered=r.get("undelivered", 0))
         return out
+
+
+class Median(Figure):
+    """A Figure read by its median round instead of its best one."""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / statistics.median(self.walls)
+
+    @property
+    def cpu_us(self) -> float:
+        return statistics.median(self.cpus) / self.messages * 1e6
 
 
 LABELS = {"engine": "Engine", "engine_load": "C engine (from C)", "source": "smtp-source",
@@ -458,31 +482,18 @@ def tls_idle(runner: Runner, args: argparse.Namespace, progress: Progress) -> Di
     if not (_importable("aiosmtpd") and _importable("trustme")):
         return {"note": "STARTTLS memory skipped: the TLS sink needs aiosmtpd and trustme "
                         "(pip install '.[bench]')"}
-    import socket
-
-    import trustme
     _, client_cpus = placements(args.placement)
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {}
-    for name, blob in (("ca", ca.cert_pem), ("cert", cert.cert_chain_pems[0]),
-                       ("key", cert.private_key_pem)):
-        paths[name] = os.path.join(runner.tmp, f"tls-{name}.pem")
-        blob.write_to_path(paths[name])
+    paths = tls_files(runner)
     out: Dict[str, Any] = {"idle": {}, "note": ""}
     for conc in SCALE:
         for client in ("engine", "engine_load"):
             progress.step(f"idle STARTTLS {LABELS[client]} {conc} connections")
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            server = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "tls_sink.py"), str(port), paths["cert"],
-                 paths["key"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=runner.env)
             try:
-                assert server.stdout is not None and server.stderr is not None
-                if server.stdout.readline().strip() != b"ready":
-                    raise RuntimeError(f"tls_sink did not start: {server.stderr.read().decode()}")
+                server, port = start_tls_sink(runner, paths)
+            except RuntimeError as exc:                # reported, not fatal
+                out["note"] += f"STARTTLS {LABELS[client]} at {conc} not measured: {exc}\n"
+                continue
+            try:
                 out["idle"][f"{client}|{conc}|tls"] = runner.client(
                     {"client": "idle" if client == "engine" else client, "idle": True,
                      "port": port, "n": conc, "conc": conc, "cpus": client_cpus,
@@ -496,6 +507,265 @@ def tls_idle(runner: Runner, args: argparse.Namespace, progress: Progress) -> Di
             r = out["idle"].get(f"{client}|{conc}|tls")
             if r is not None and len(said) == 4 and said[0] == "messages":
                 r["resumed"] = int(said[3])
+    return out
+
+
+def tls_files(runner: Runner) -> Dict[str, str]:
+    """A trustme CA and a certificate for 127.0.0.1 and localhost, as PEM
+    files in the run's temporary directory: {"ca", "cert", "key"}; the CA
+    itself is kept as ``runner.tls_ca`` (the Postfix sink issues its own
+    certificate from it)."""
+    import trustme
+    paths = {name: os.path.join(runner.tmp, f"tls-{name}.pem") for name in ("ca", "cert", "key")}
+    if getattr(runner, "tls_ca", None) is not None:
+        return paths
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    for name, blob in (("ca", ca.cert_pem), ("cert", cert.cert_chain_pems[0]),
+                       ("key", cert.private_key_pem)):
+        blob.write_to_path(paths[name])
+    runner.tls_ca = ca                                  # type: ignore[attr-defined]
+    return paths
+
+
+def start_tls_sink(runner: Runner, paths: Dict[str, str],
+                   cpus: Optional[Sequence[int]] = None) -> Tuple[subprocess.Popen, int]:
+    """benchmarks/tls_sink.py on a free port, pinned to cpus; (process, port)."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Its stderr goes to a file: a pipe nobody reads while it runs could
+    # fill up with aiosmtpd's warnings and stop it.
+    with tempfile.TemporaryFile(dir=runner.tmp) as err:
+        server = subprocess.Popen(
+            pin_cmd(cpus) + [sys.executable, os.path.join(HERE, "tls_sink.py"), str(port),
+                             paths["cert"], paths["key"]],
+            stdout=subprocess.PIPE, stderr=err, env=runner.env)
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != b"ready":
+            server.kill()
+            server.wait()
+            err.seek(0)
+            raise RuntimeError(f"tls_sink did not start: {err.read().decode(errors='replace')}")
+    return server, port
+
+
+class AiosmtpdTlsSink:
+    """benchmarks/tls_sink.py: one asyncio process; counts come from it
+    (SIGUSR1), its CPU is its own getrusage."""
+
+    name = "aiosmtpd"
+    command = "python benchmarks/tls_sink.py PORT CERT KEY (aiosmtpd, one asyncio process)"
+
+    def __init__(self, runner: Runner, paths: Dict[str, str],
+                 cpus: Optional[Sequence[int]]) -> None:
+        self.server, self.port = start_tls_sink(runner, paths, cpus)
+
+    def counts(self) -> Tuple[int, int, float]:
+        """(messages, messages over a resumed session, CPU seconds) so far."""
+        assert self.server.stdout is not None
+        self.server.send_signal(signal.SIGUSR1)
+        said = self.server.stdout.readline().decode().split()
+        if len(said) != 6 or said[0] != "messages":
+            raise RuntimeError(f"tls_sink said {' '.join(said)!r}")
+        return int(said[1]), int(said[3]), float(said[5])
+
+    def cpu_now(self) -> float:
+        return self.counts()[2]
+
+    def stop(self) -> None:
+        self.server.terminate()
+        self.server.communicate(timeout=60)
+
+
+def _cpu_busy_ticks(cpus: Optional[Sequence[int]]) -> float:
+    """Seconds the given CPUs (None: all) spent not idle, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if cpus is None and parts[0] == "cpu" or (
+                    cpus is not None and parts[0] in {f"cpu{c}" for c in cpus}):
+                v = [int(x) for x in parts[1:]]
+                busy += sum(v[:7]) - v[3] - v[4]        # user, nice, system, irq, softirq
+    return busy / tick
+
+
+class PostfixTlsSink:
+    """A private Postfix (tests/helpers.PostfixServer, as the tests run it)
+    with STARTTLS, its queue on /dev/shm and every message discarded
+    (virtual_transport = discard): Postfix's smtpd in C, one process per
+    connection (reused up to max_use), TLS session tickets from tlsmgr.
+    Its processes are pinned to the sink CPUs (master is, so everything it
+    forks later is). Counts come from its maillog ("status=sent"; a TLS
+    connection "reused", or a TLS 1.3 one "established" without a
+    server-digest: resumed); its CPU is the sink CPUs' busy time from
+    /proc/stat (everything on them, kernel included), counted until its
+    queue is empty again."""
+
+    name = "postfix"
+    command = ("private Postfix smtpd (tests/helpers.PostfixServer), STARTTLS, queue on "
+               "/dev/shm, virtual_transport = discard")
+
+    def __init__(self, runner: Runner, paths: Dict[str, str],
+                 cpus: Optional[Sequence[int]]) -> None:
+        tests = os.path.join(ROOT, "tests")
+        if tests not in sys.path:
+            sys.path.insert(0, tests)
+        from helpers import PostfixServer  # type: ignore[import-not-found]
+        why = PostfixServer.unavailable()
+        if why:
+            raise RuntimeError(why)
+        self.cpus = cpus
+        old = tempfile.tempdir
+        if os.path.isdir("/dev/shm"):
+            tempfile.tempdir = "/dev/shm"
+        try:
+            self.server = PostfixServer(main_cf={"virtual_transport": "discard:benchmark"},
+                                        tls=runner.tls_ca)  # type: ignore[attr-defined]
+            self.server.start()
+        finally:
+            tempfile.tempdir = old
+        self.port = self.server.port
+        master = self.server._master_pid()
+        if cpus is not None and master:
+            for pid in [master] + self._descendants(master):
+                try:
+                    os.sched_setaffinity(pid, cpus)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _descendants(root: int) -> List[int]:
+        children: Dict[int, List[int]] = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+        out, todo = [], [root]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def _queue_empty(self) -> bool:
+        for sub in ("incoming", "active", "deferred", "maildrop"):
+            d = os.path.join(self.server.queue_dir, sub)
+            for _, _, files in os.walk(d):
+                if files:
+                    return False
+        return True
+
+    def counts(self) -> Tuple[int, int, float]:
+        """(messages delivered (discarded), TLS connections reused, CPU
+        seconds of the sink CPUs) so far, once the queue is empty."""
+        deadline = time.monotonic() + 60
+        while not self._queue_empty() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)                               # postlogd writes the log behind
+        busy = _cpu_busy_ticks(self.cpus)
+        sent = reused = 0
+        with open(self.server.maillog, errors="replace") as f:
+            for line in f:
+                if "status=sent" in line:
+                    sent += 1
+                elif "TLS connection reused from" in line:
+                    reused += 1
+                elif "TLS connection established from" in line and "TLSv1.3" in line \
+                        and "server-digest" not in line:
+                    # Postfix 3.7 logs TLS 1.3 resumptions as "established"
+                    # too (openssl s_client -sess_in sees "Reused"), but
+                    # without a server-digest: a resumed handshake signs
+                    # nothing with the certificate's key.
+                    reused += 1
+        return sent, reused, busy
+
+    def cpu_now(self) -> float:
+        return _cpu_busy_ticks(self.cpus)
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+TLS_SINKS = {"aiosmtpd": AiosmtpdTlsSink, "postfix": PostfixTlsSink}
+TLS_RATE_CLIENTS = (("engine_tls", True), ("engine_tls", False), ("aiosmtplib_tls", False))
+TLS_LABELS = {("engine_tls", True): "Engine", ("engine_tls", False): "Engine, no resumption",
+              ("aiosmtplib_tls", False): "aiosmtplib"}
+
+
+def tls_rate(runner: Runner, args: argparse.Namespace) -> Dict[str, Any]:
+    """STARTTLS throughput: msg/s and client CPU per message with one
+    message per connection and with 10, TLS_CONC connections at once, for
+    the Engine (tls="verify", resumption on and off) and aiosmtplib
+    (start_tls=True, verified), against each sink of --tls-sink pinned as
+    the smtp-sink of the other sections. After every run the sink says how
+    many messages it took, how many came over a resumed TLS session, and
+    the CPU it spent: a sink busy for (nearly) the whole run is the limit,
+    not the client. Medians of --tls-rounds interleaved rounds, the order
+    of the configurations rotated from round to round."""
+    if not _importable("trustme"):
+        return {"note": "STARTTLS throughput skipped: it needs trustme (pip install '.[bench]')"}
+    sink_cpus, client_cpus = placements(args.placement)
+    paths = tls_files(runner)
+    clients = [c for c in TLS_RATE_CLIENTS
+               if c[0] != "aiosmtplib_tls" or _importable("aiosmtplib")]
+    configs = [(client, res, per) for per in TLS_PER_CONN for client, res in clients]
+    out: Dict[str, Any] = {"sinks": {}, "rounds": args.tls_rounds, "conc": TLS_CONC,
+                           "note": ""}
+    if not _importable("aiosmtplib"):
+        out["note"] += "aiosmtplib not installed: no peer in the STARTTLS throughput\n"
+    names = [n for n in args.tls_sink.split(",") if n]
+    progress = Progress(args.tls_rounds * len(configs) * len(names))
+    for sink_name in names:
+        if sink_name == "aiosmtpd" and not _importable("aiosmtpd"):
+            out["note"] += "STARTTLS throughput against aiosmtpd skipped: not installed\n"
+            continue
+        try:
+            sink = TLS_SINKS[sink_name](runner, paths, sink_cpus)
+        except Exception as exc:
+            out["note"] += f"STARTTLS throughput against {sink_name} skipped: {exc}\n"
+            continue
+        res_out: Dict[str, Any] = {"figures": {}, "sink": {}, "command": sink.command}
+        out["sinks"][sink_name] = res_out
+        try:
+            # Warm the sink up (imports, first handshakes, processes), not measured.
+            runner.client({"client": "engine_tls", "port": sink.port, "n": 100,
+                           "conc": TLS_CONC, "cpus": client_cpus, "ca_file": paths["ca"],
+                           "per_conn": 1, "resumption": True})
+            for rnd in range(args.tls_rounds):
+                k = rnd % len(configs)
+                for client, res, per in configs[k:] + configs[:k]:
+                    key = f"{client}|{int(res)}|{per}"
+                    n = (args.tls_slow_messages if client == "aiosmtplib_tls"
+                         else args.tls_messages)
+                    progress.step(f"STARTTLS {sink_name}: {TLS_LABELS[(client, res)]} {per}/conn")
+                    m0, r0, s0 = sink.counts()
+                    r = runner.client({"client": client, "port": sink.port, "n": n,
+                                       "conc": TLS_CONC, "cpus": client_cpus,
+                                       "ca_file": paths["ca"], "per_conn": per,
+                                       "resumption": res})
+                    busy = sink.cpu_now()             # the sink's CPU while the client ran
+                    m1, r1, s1 = sink.counts()        # ... and until it was done (Postfix)
+                    if m1 - m0 != n:
+                        raise RuntimeError(f"{key}: the sink took {m1 - m0} messages, not {n}")
+                    res_out["figures"].setdefault(key, Median()).add(n, r["wall"], r["cpu"])
+                    sk = res_out["sink"].setdefault(key, {"cpu": [], "resumed": [], "busy": []})
+                    sk["cpu"].append(s1 - s0)
+                    # aiosmtpd counts messages over a resumed session, Postfix
+                    # reused connections: as a share of connections either way.
+                    conns = -(-n // per)
+                    sk["resumed"].append((r1 - r0) / (conns if sink_name == "postfix" else n))
+                    sk["busy"].append((busy - s0) / r["wall"])
+        finally:
+            sink.stop()
+    progress.finish()
     return out
 
 
@@ -677,6 +947,55 @@ def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
                         t.add(sec, f"{conc} {kind} Engine less control", net, "KiB/conn",
                               "", None, None, tgt,
                               (net < limit if kind == "plain" else net <= limit) if tgt else None)
+    for sink_name, d in data.get("tls-rate", {}).get("sinks", {}).items():
+        figs = d["figures"]
+        conc, rounds = data["tls-rate"]["conc"], data["tls-rate"]["rounds"]
+        for per in TLS_PER_CONN:
+            sec = (f"STARTTLS throughput, sink {sink_name}, {per} message"
+                   f"{'s' if per > 1 else ''} per connection, c={conc} "
+                   f"(medians of {rounds} rounds)")
+            aio = figs.get(f"aiosmtplib_tls|0|{per}")
+            rows = [(c, r, figs.get(f"{c}|{int(r)}|{per}")) for c, r in TLS_RATE_CLIENTS]
+            for client, res, x in rows:
+                if x is None:
+                    continue
+                name = TLS_LABELS[(client, res)]
+                if client == "engine_tls" and aio:
+                    t.add(sec, f"{name} msg/s", x.rate, "msg/s", "aiosmtplib", aio.rate,
+                          x.rate_spread, ">= 3x aiosmtplib", x.rate >= 3 * aio.rate)
+                else:
+                    t.add(sec, f"{name} msg/s", x.rate, "msg/s", "", None, x.rate_spread)
+            for client, res, x in rows:
+                if x is None:
+                    continue
+                name = TLS_LABELS[(client, res)]
+                peer = "aiosmtplib" if client == "engine_tls" and aio else ""
+                t.add(sec, f"{name} CPU", x.cpu_us, "us/msg", peer,
+                      aio.cpu_us if peer and aio else None, x.cpu_spread)
+            # Derived, not measured: what each client would send with its
+            # CPU busy all the time (1 / its CPU per message: every client
+            # here runs its sending in one thread), and how busy it was.
+            for client, res, x in rows:
+                if x is None:
+                    continue
+                name = TLS_LABELS[(client, res)]
+                peer = "aiosmtplib" if client == "engine_tls" and aio else ""
+                t.add(sec, f"  client-bound ceiling, {name}", 1e6 / x.cpu_us, "msg/s", peer,
+                      1e6 / aio.cpu_us if peer and aio else None)
+                t.add(sec, f"  client busy, {name}",
+                      100 * statistics.median(c / w for c, w in zip(x.cpus, x.walls)),
+                      "% of wall")
+            for client, res, x in rows:
+                sk = d["sink"].get(f"{client}|{int(res)}|{per}")
+                if x is None or not sk:
+                    continue
+                name = TLS_LABELS[(client, res)]
+                t.add(sec, f"  sink CPU, {name}",
+                      statistics.median(sk["cpu"]) / x.messages * 1e6, "us/msg")
+                t.add(sec, f"  sink busy, {name}", 100 * statistics.median(sk["busy"]),
+                      "% of wall")
+                t.add(sec, f"  resumed, {name}", 100 * statistics.median(sk["resumed"]),
+                      "% of conns")
     if "scale" in data:
         s = data["scale"]
         sec = f"scale: {max(SCALE)} connections"
@@ -717,7 +1036,17 @@ def main() -> int:
     ap.add_argument("--placement", default="split", choices=("split", "same", "none"),
                     help="split: sink on one CPU, client on another; same: both on one; "
                          "none: unpinned (default split)")
-    ap.add_argument("--only", default="e2e,dispatch,parsers,scale,tls")
+    ap.add_argument("--tls-rounds", type=int, default=5,
+                    help="interleaved rounds of the STARTTLS throughput (medians; default 5)")
+    ap.add_argument("--tls-messages", type=int, default=2000,
+                    help="per STARTTLS run for the Engine (default 2000)")
+    ap.add_argument("--tls-slow-messages", type=int, default=1000,
+                    help="per STARTTLS run for aiosmtplib (default 1000)")
+    ap.add_argument("--tls-sink", default="aiosmtpd",
+                    help="STARTTLS throughput sinks, comma-separated: aiosmtpd "
+                         "(benchmarks/tls_sink.py), postfix (a private Postfix, needs root); "
+                         "default aiosmtpd")
+    ap.add_argument("--only", default="e2e,dispatch,parsers,scale,tls,tls-rate")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
                     help="where to write every figure (default benchmarks/results.json)")
     ap.add_argument("--python-callbacks", metavar="TMPDIR", help=argparse.SUPPRESS)
@@ -735,7 +1064,7 @@ def main() -> int:
                             "args": {k: v for k, v in vars(args).items()
                                      if k not in ("json", "python_callbacks")}}
     sections = (("dispatch", dispatch), ("parsers", parsers), ("e2e", e2e), ("scale", scale),
-                ("tls", tls))
+                ("tls", tls), ("tls-rate", tls_rate))
     failed = []
     with tempfile.TemporaryDirectory(prefix="smtpstate-bench-") as tmp:
         runner = Runner(build(tmp), tmp)
@@ -771,6 +1100,20 @@ def main() -> int:
             print(f"not timed: {note}")
     if "tls" in data and data["tls"].get("note"):
         print(data["tls"]["note"].strip())
+    if "tls-rate" in data:
+        d = data["tls-rate"]
+        for sink_name, sd in d.get("sinks", {}).items():
+            print(f"STARTTLS throughput, sink {sink_name}: {sd['command']}, on CPUs "
+                  f"{sink_cpus or 'any'}; tls=\"verify\" / start_tls=True against a trustme "
+                  "CA; medians of the rounds, spread as above; sink busy = the sink's CPU "
+                  "time / the run's wall time (near 100%: the sink is the limit)")
+            for key, sk in sd["sink"].items():
+                if statistics.median(sk["busy"]) >= 0.9:
+                    client, res, per = key.split("|")
+                    print(f"  sink-bound: {TLS_LABELS[(client, bool(int(res)))]}, {per}/conn "
+                          f"(sink busy {statistics.median(sk['busy']):.0%} of the run)")
+        if d.get("note"):
+            print(d["note"].strip())
     for line in failed:
         print(line)
     if args.json:

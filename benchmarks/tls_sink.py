@@ -1,4 +1,4 @@
-"""A STARTTLS sink for the TLS memory figure: smtp-sink has no TLS, and a
+"""A STARTTLS sink for the TLS memory and throughput figures: smtp-sink has no TLS, and a
 Postfix smtpd per connection cannot hold 10,000 connections on a small
 machine, so ``benchmarks/run.py`` runs this aiosmtpd server (one asyncio
 process) in a process of its own.
@@ -6,7 +6,10 @@ process) in a process of its own.
 Usage: ``python benchmarks/tls_sink.py PORT CERT_PEM KEY_PEM``. Accepts
 every message and drops it; prints "ready" once it listens, and on
 SIGTERM "messages N resumed M": of the messages, how many came over a
-TLS session the server resumed (its own ``session_reused``).
+TLS session the server resumed (its own ``session_reused``). On SIGUSR1 it
+prints the same line with its CPU seconds so far (user+sys) appended,
+"messages N resumed M cpu S", and goes on: the throughput benchmark asks
+after every run, for the counts and for what the sink itself spent.
 """
 
 from __future__ import annotations
@@ -52,7 +55,13 @@ def main() -> int:
             print(f"messages {handler.messages} resumed {handler.resumed}", flush=True)
             server.close()
 
+        def snapshot() -> None:
+            r = resource.getrusage(resource.RUSAGE_SELF)
+            print(f"messages {handler.messages} resumed {handler.resumed} "
+                  f"cpu {r.ru_utime + r.ru_stime:.6f}", flush=True)
+
         loop.add_signal_handler(signal.SIGTERM, stop)
+        loop.add_signal_handler(signal.SIGUSR1, snapshot)
         async with server:
             try:
                 await server.serve_forever()
