@@ -172,6 +172,17 @@ def wait_until(
         time.sleep(interval)
 
 
+def server_tls(ca: Any, name: str) -> Tuple[Any, bytes]:
+    """A server's STARTTLS context (``ssl.SSLContext``) whose certificate,
+    issued by the trustme CA ``ca``, names ``name``; and that
+    certificate's PEM (for TLSA records)."""
+    import ssl
+    leaf = ca.issue_cert(name)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(ctx)
+    return ctx, leaf.cert_chain_pems[0].bytes()
+
+
 def lf_to_crlf(data: bytes) -> bytes:
     """Turn the LF line endings of a stored message back into CRLF."""
     return data.replace(b"\n", b"\r\n")

@@ -13,14 +13,11 @@ TLS would deliver regardless.
 
 from __future__ import annotations
 
-import ssl
-from typing import Tuple
-
 import pytest
 
 import smtpstate
 from dns_server import tlsa_rdata
-from helpers import import_or_missing
+from helpers import import_or_missing, server_tls
 from smtpstate import Message, Resolver
 from smtpstate.errors import InvalidOptionError
 
@@ -36,15 +33,6 @@ def message(rcpt: str) -> Message:
 def ca():
     trustme = import_or_missing("trustme")
     return trustme.CA()
-
-
-def server_tls(ca, name: str) -> Tuple[ssl.SSLContext, bytes]:
-    """A STARTTLS context whose certificate (from ``ca``) names ``name``,
-    and that certificate's PEM."""
-    leaf = ca.issue_cert(name)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(ctx)
-    return ctx, leaf.cert_chain_pems[0].bytes()
 
 
 def other_cert(ca) -> bytes:

@@ -9,10 +9,10 @@ addresses.
 from __future__ import annotations
 
 import logging
-import ssl
 
 import pytest
 
+from helpers import server_tls
 from smtpstate import Engine, Message, Resolver
 from smtpstate.errors import InvalidOptionError
 from smtpstate.mta_sts import PolicyCache
@@ -26,12 +26,6 @@ def message(rcpt: str) -> Message:
     return Message("sender@client.test", [rcpt], b"Subject: sts\r\n\r\nhello\r\n")
 
 
-def context(ca, name: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-    return ctx
-
-
 @pytest.fixture
 def world(dns_server, dns_origin, mx_servers, tls_ca):
     """A domain with MX 10 mx1 (A), MX 20 mx2 (B), both offering STARTTLS
@@ -39,9 +33,9 @@ def world(dns_server, dns_origin, mx_servers, tls_ca):
     mta-sts.<domain> on 127.0.0.1 (not started on a zone until a test says
     so), and the zone's records; ``world.serve(txt=True)`` publishes it."""
     o = dns_origin
-    mx = mx_servers([A, B], tls={A: context(tls_ca, f"mx1.{o}"),
-                                 B: context(tls_ca, f"mx2.{o}")})
-    server = PolicyServer(context(tls_ca, f"mta-sts.{o}"))
+    mx = mx_servers([A, B], tls={A: server_tls(tls_ca, f"mx1.{o}")[0],
+                                 B: server_tls(tls_ca, f"mx2.{o}")[0]})
+    server = PolicyServer(server_tls(tls_ca, f"mta-sts.{o}")[0])
 
     class World:
         origin, port, policy = o, mx.port, server

@@ -10,14 +10,13 @@ tests/test_mta_sts.py.
 
 from __future__ import annotations
 
-import ssl
 import time
 
 import pytest
 
 import smtpstate
 from dns_server import tlsa_rdata
-from helpers import import_or_missing
+from helpers import import_or_missing, server_tls
 from smtpstate import Engine, Message, Resolver
 from smtpstate.errors import InvalidOptionError
 from smtpstate.mta_sts import Policy
@@ -31,12 +30,6 @@ def message(rcpt: str) -> Message:
 
 def policy(mode: str, *mx: str) -> Policy:
     return Policy(mode=mode, mx=mx, max_age=86400, id="20261207", fetched_at=time.time())
-
-
-def context(ca, name: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(name).configure_cert(ctx)
-    return ctx
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +56,7 @@ def send(dns_server, tls_ca_file):
 
 def test_enforce_delivers_over_verified_tls(dns_server, dns_origin, mx_servers, tls_ca, send):
     o = dns_origin
-    mx = mx_servers([A], tls={A: context(tls_ca, f"mx1.{o}")})
+    mx = mx_servers([A], tls={A: server_tls(tls_ca, f"mx1.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
     result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")})
     assert result.status == "delivered", result
@@ -73,8 +66,8 @@ def test_enforce_delivers_over_verified_tls(dns_server, dns_origin, mx_servers, 
 def test_enforce_skips_mx_hosts_the_policy_does_not_name(dns_server, dns_origin, mx_servers,
                                                          tls_ca, send):
     o = dns_origin
-    mx = mx_servers([A, B], tls={A: context(tls_ca, f"mx1.{o}"),
-                                 B: context(tls_ca, f"mx2.backup.{o}")})
+    mx = mx_servers([A, B], tls={A: server_tls(tls_ca, f"mx1.{o}")[0],
+                                 B: server_tls(tls_ca, f"mx2.backup.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", "@ MX 20 mx2.backup", f"mx1 A {A}",
                             f"mx2.backup A {B}"])
     # Only "*.backup.<o>" is allowed: the preferred mx1 is not used at all.
@@ -87,7 +80,7 @@ def test_enforce_skips_mx_hosts_the_policy_does_not_name(dns_server, dns_origin,
 def test_enforce_with_no_matching_mx_fails_for_now(dns_server, dns_origin, mx_servers,
                                                    tls_ca, send):
     o = dns_origin
-    mx = mx_servers([A], tls={A: context(tls_ca, f"mx1.{o}")})
+    mx = mx_servers([A], tls={A: server_tls(tls_ca, f"mx1.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
     result = send(f"r@{o}", mx.port, {o: policy("enforce", "mx.elsewhere.test")})
     assert result.status == "tempfail", result
@@ -100,7 +93,7 @@ def test_enforce_refuses_a_certificate_it_cannot_verify(dns_server, dns_origin, 
                                                         stranger, send):
     """Opportunistic TLS would deliver this (see the testing mode below)."""
     o = dns_origin
-    mx = mx_servers([A], tls={A: context(stranger, f"mx1.{o}")})
+    mx = mx_servers([A], tls={A: server_tls(stranger, f"mx1.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
     result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")})
     assert result.status == "tempfail", result
@@ -121,7 +114,7 @@ def test_enforce_requires_starttls(dns_server, dns_origin, mx_servers, send):
 def test_testing_and_none_change_nothing(dns_server, dns_origin, mx_servers, stranger, send,
                                          mode):
     o = dns_origin
-    mx = mx_servers([A], tls={A: context(stranger, f"mx1.{o}")})
+    mx = mx_servers([A], tls={A: server_tls(stranger, f"mx1.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
     p = policy(mode, "mx.elsewhere.test") if mode == "testing" else policy("none")
     result = send(f"r@{o}", mx.port, {o: p})
@@ -134,13 +127,10 @@ def test_dane_wins_over_mta_sts(dns_server, dns_origin, mx_servers, stranger, se
     DANE the MTA-STS policy's certificate check does not apply (RFC 8461
     2)."""
     o = dns_origin
-    leaf = stranger.issue_cert(f"mx1.{o}")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(ctx)
+    ctx, pem = server_tls(stranger, f"mx1.{o}")
     mx = mx_servers([A], tls={A: ctx})
     ds = dns_server.add_signed_zone(o, [
-        "@ MX 10 mx1", f"mx1 A {A}",
-        f"_{mx.port}._tcp.mx1 TLSA {tlsa_rdata(leaf.cert_chain_pems[0].bytes())}"])
+        "@ MX 10 mx1", f"mx1 A {A}", f"_{mx.port}._tcp.mx1 TLSA {tlsa_rdata(pem)}"])
     result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")}, anchors=[ds])
     assert result.status == "delivered", result
 
@@ -148,7 +138,7 @@ def test_dane_wins_over_mta_sts(dns_server, dns_origin, mx_servers, stranger, se
 def test_an_explicit_level_is_the_callers_choice(dns_server, dns_origin, mx_servers, stranger,
                                                   send):
     o = dns_origin
-    mx = mx_servers([A], tls={A: context(stranger, f"mx1.{o}")})
+    mx = mx_servers([A], tls={A: server_tls(stranger, f"mx1.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
     result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")}, tls="opportunistic")
     assert result.status == "delivered", result
@@ -157,8 +147,8 @@ def test_an_explicit_level_is_the_callers_choice(dns_server, dns_origin, mx_serv
 def test_a_policy_given_later_applies_to_the_next_message(dns_server, dns_origin, mx_servers,
                                                           tls_ca, tls_ca_file):
     o = dns_origin
-    mx = mx_servers([A, B], tls={A: context(tls_ca, f"mx1.{o}"),
-                                 B: context(tls_ca, f"mx2.{o}")})
+    mx = mx_servers([A, B], tls={A: server_tls(tls_ca, f"mx1.{o}")[0],
+                                 B: server_tls(tls_ca, f"mx2.{o}")[0]})
     dns_server.add_zone(o, ["@ MX 10 mx1", "@ MX 20 mx2", f"mx1 A {A}", f"mx2 A {B}"])
     resolver = Resolver([dns_server.address], hosts_file=False)
     with Engine(resolver=resolver) as engine:
