@@ -94,9 +94,9 @@ static void conn_why_errno(struct smtps_conn *c, const char *what, int err)
     snprintf(c->why, sizeof(c->why), "%.270s%.120s", what, buf);
 }
 
-/* conn_host - the name of the host whose address c uses */
+/* smtps_conn_host - the name of the host whose address c uses */
 
-static const char *conn_host(const struct smtps_conn *c)
+const char *smtps_conn_host(const struct smtps_conn *c)
 {
     const struct smtps_dest *d = c->d;
 
@@ -110,30 +110,30 @@ static const char *conn_host(const struct smtps_conn *c)
 static void conn_where(const struct smtps_conn *c, char *buf, size_t len)
 {
     if (c->d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family == AF_UNIX)
-	snprintf(buf, len, "%.200s", conn_host(c));
+	snprintf(buf, len, "%.200s", smtps_conn_host(c));
     else
-	snprintf(buf, len, "%.190s[%s]:%d", conn_host(c), c->addrtext,
+	snprintf(buf, len, "%.190s[%s]:%d", smtps_conn_host(c), c->addrtext,
 		 c->d->port);
 }
 
-/* conn_dest_host - the host whose address c uses */
+/* smtps_conn_dest_host - the host whose address c uses */
 
-static struct smtps_dest_host *conn_dest_host(const struct smtps_conn *c)
+struct smtps_dest_host *smtps_conn_dest_host(const struct smtps_conn *c)
 {
     return c->addr >= 0 && c->d->nhosts > 0 ?
 	&c->d->hosts[c->d->addr_host[c->addr]] : NULL;
 }
 
 /*
- * conn_dane - the session is authenticated by the host's TLSA records
+ * smtps_conn_dane - the session is authenticated by the host's TLSA records
  * (usable ones), or, with records none of which is usable, encrypted
  * without authentication (RFC 7672 2.2) -- unless an MTA-STS policy is in
  * force: then the certificate is verified
  */
 
-static int conn_dane(const struct smtps_conn *c)
+int     smtps_conn_dane(const struct smtps_conn *c)
 {
-    const struct smtps_dest_host *h = conn_dest_host(c);
+    const struct smtps_dest_host *h = smtps_conn_dest_host(c);
     int     state = h != NULL ? smtps_dest_tlsa(c->d, h) : TLSA_NONE;
 
     return state == TLSA_USABLE || (state == TLSA_UNUSABLE
@@ -141,25 +141,25 @@ static int conn_dane(const struct smtps_conn *c)
 }
 
 /*
- * conn_tls_level - the TLS this connection uses: the destination's level,
+ * smtps_conn_tls_level - the TLS this connection uses: the destination's level,
  * made concrete for the host. DANE (RFC 7672 2.2) first: TLS
- * authenticated by its records (conn_dane()); else, under an MTA-STS
+ * authenticated by its records (smtps_conn_dane()); else, under an MTA-STS
  * policy in force (RFC 8461 4.2), TLS verified against the MX host's
  * name; else opportunistic ("dane") or not at all ("dane-only": -1, as
  * for TLSA records that fail validation). A level given explicitly
  * ("opportunistic", "verify", ...) is the caller's choice and stays.
  */
 
-static int conn_tls_level(const struct smtps_conn *c)
+int     smtps_conn_tls_level(const struct smtps_conn *c)
 {
-    const struct smtps_dest_host *h = conn_dest_host(c);
+    const struct smtps_dest_host *h = smtps_conn_dest_host(c);
     int     mode = c->d->tls_mode;
 
     if (mode != SMTPS_TLS_DANE && mode != SMTPS_TLS_DANE_ONLY)
 	return mode;
     if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS)
 	return -1;
-    if (conn_dane(c))
+    if (smtps_conn_dane(c))
 	return SMTPS_TLS_VERIFY;
     if (mode == SMTPS_TLS_DANE_ONLY)
 	return -1;
@@ -171,18 +171,21 @@ static int conn_tls_level(const struct smtps_conn *c)
 
 static int conn_dane_refusal(struct smtps_conn *c, const char *where)
 {
-    const struct smtps_dest_host *h = conn_dest_host(c);
+    const struct smtps_dest_host *h = smtps_conn_dest_host(c);
 
-    if (conn_tls_level(c) >= 0)
+    if (smtps_conn_tls_level(c) >= 0)
 	return 0;
-    if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS)
+    if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS) {
 	snprintf(c->why, sizeof(c->why), "%.150s: not used: its TLSA records "
 		 "(%.80s) cannot be trusted: %.100s", where,
 		 h->tlsa_name ? h->tlsa_name : "?", h->tlsa_why);
-    else
+	smtps_tlsrpt_refused(c, 1);
+    } else {
 	snprintf(c->why, sizeof(c->why), "%.150s: not used: tls=\"dane-only\" "
 		 "and no DNSSEC-validated TLSA records for %.150s", where,
 		 h != NULL ? h->name : "it");
+	smtps_tlsrpt_refused(c, 0);
+    }
     return 1;
 }
 
@@ -194,7 +197,7 @@ static int conn_dane_refusal(struct smtps_conn *c, const char *where)
 
 static int conn_in_clear(const struct smtps_conn *c)
 {
-    return conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC && c->addr >= 0
+    return smtps_conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC && c->addr >= 0
 	&& c->addr < 32 && (c->d->clear & (1u << c->addr));
 }
 
@@ -216,17 +219,17 @@ static int conn_setup(struct smtps_conn *c)
 	return rc;
     }
     c->in_clear = conn_in_clear(c);
-    level = conn_tls_level(c);
+    level = smtps_conn_tls_level(c);
     if (level > SMTPS_TLS_NONE && !c->in_clear) {
 	/* An MX host is checked by its own name (RFC 7672, RFC 8461). */
 	rc = smtps_session_set_tls(c->s, level, d->tls,
 				   d->servername ? d->servername :
 				   d->addr[c->addr < 0 ? 0 : c->addr].ss.ss_family
-				   == AF_UNIX ? NULL : conn_host(c));
-	h = conn_dest_host(c);
+				   == AF_UNIX ? NULL : smtps_conn_host(c));
+	h = smtps_conn_dest_host(c);
 	if (rc == SMTPS_OK && level == SMTPS_TLS_VERIFY
 	    && (d->tls_mode == SMTPS_TLS_DANE || d->tls_mode == SMTPS_TLS_DANE_ONLY)
-	    && conn_dane(c) && h != NULL)
+	    && smtps_conn_dane(c) && h != NULL)
 	    rc = smtps_session_set_dane(c->s, h->tlsa, h->ntlsa);
 	/* The host's last session, if made under the same policy (tls.c). */
 	if (rc == SMTPS_OK && e->tls_resume && h != NULL)
@@ -237,6 +240,7 @@ static int conn_setup(struct smtps_conn *c)
 	    return rc;
 	}
     }
+    smtps_tlsrpt_begin(c);
     if ((rc = smtps_session_set_protocol(c->s, d->protocol)) != SMTPS_OK) {
 	snprintf(c->why, sizeof(c->why), "cannot use protocol %d: %s",
 		 d->protocol, smtps_strerror(rc));
@@ -527,6 +531,8 @@ int     smtps_conn_submit_next(struct smtps_conn *c, int64_t now)
     }
     smtps_dest_sent(c->d, now);
     c->submitted++;
+    if (c->tls_event)
+	smtps_tlsrpt_note(c, m);
     return 1;
 }
 
@@ -583,6 +589,8 @@ static struct smtps_message *conn_feed(struct smtps_session *s, void *closure)
 	return NULL;
     smtps_dest_sent(c->d, now);
     c->submitted++;
+    if (c->tls_event)
+	smtps_tlsrpt_note(c, m);
     return m;
 }
 
@@ -593,7 +601,7 @@ static void conn_route(struct smtps_conn *c, struct smtps_result *r)
     size_t  i;
     int     k;
 
-    if (r->nroute > 0 || (k = smtps_result_add_route(r, conn_host(c),
+    if (r->nroute > 0 || (k = smtps_result_add_route(r, smtps_conn_host(c),
 						     c->addrtext)) < 0)
 	return;
     for (i = 0; i < r->nrcpt; i++)
@@ -783,6 +791,8 @@ void    smtps_conn_update(struct smtps_conn *c, int64_t now)
     const char *data;
     int     spent, yields, out;
 
+    if (c->tls_event)
+	smtps_tlsrpt_conn(c, 0);		/* as soon as TLS is settled */
     for (;;) {
 	(void) conn_flush(c, now);
 	conn_collect(c);
@@ -893,7 +903,7 @@ static size_t conn_take_back(struct smtps_conn *c)
     c->refused_perm |= perm;
     /* Opportunistic TLS that broke: the same address again, in clear. */
     if (c->addr >= 0 && c->addr < 32 && !c->usable && !c->in_clear
-	&& conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC
+	&& smtps_conn_tls_level(c) == SMTPS_TLS_OPPORTUNISTIC
 	&& smtps_tls_handshake_failed(c->s)) {
 	c->d->clear |= 1u << c->addr;
 	return n;
@@ -930,6 +940,7 @@ static void conn_close(struct smtps_conn *c, int64_t now)
     if (c->s != NULL) {
 	if (smtps_session_status(c->s) != SMTPS_SESS_CLOSED)
 	    smtps_session_closed(c->s, c->why[0] ? c->why : "closed", now);
+	smtps_tlsrpt_conn(c, 1);
 	conn_collect(c);
 	if (!was_connecting)
 	    (void) conn_take_back(c);
@@ -1013,5 +1024,6 @@ void    smtps_conn_teardown(struct smtps_conn *c)
     }
     /* Its timer must leave the heap: later cancels move heap entries. */
     smtps_timer_cancel(&c->e->timers, &c->timer);
+    smtps_tlsrpt_end(c);
     free(c);
 }

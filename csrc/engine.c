@@ -592,6 +592,7 @@ void    smtps_engine_free(struct smtps_engine *e)
 	}
     smtps_routes_free(e);
     smtps_sts_free(&e->sts);
+    smtps_tlsrpt_free(e);
     while ((r = e->results) != NULL) {
 	e->results = r->next;
 	smtps_result_free(r);

@@ -259,6 +259,8 @@ struct smtps_conn {
     int     quitting;			/* we asked for QUIT */
     int     lingering;			/* CLOSING, flushing output */
     char    addrtext[64];		/* numeric address in use */
+    int     tls_event;			/* a TLS event is due (tlsrpt.c) */
+    char   *tls_domains;		/* the domains it is for, so far */
     char    why[SMTPS_WHY_MAX];		/* why it failed, for results */
     struct smtps_conn *prev, *next;	/* e->conns, or e->dead */
     struct smtps_conn *idle_prev, *idle_next;	/* d->idle, MRU first */
@@ -429,11 +431,34 @@ struct smtps_engine {
 
     struct smtps_result *results, *results_tail;
     size_t  nresults;
+
+    struct smtps_tls_event_rec *tls_events, *tls_events_tail;	/* tlsrpt.c */
+    struct smtps_tls_event_rec *tls_event_taken;	/* handed out last */
+    size_t  ntls_events;
+    size_t  tls_events_max;		/* 0: none recorded */
+    uint64_t tls_events_dropped;
     size_t  npending;			/* submitted, result not taken */
 
     struct epoll_event events[256];
     char    rbuf[65536];
 };
+
+/*
+ * tlsrpt.c: TLS events. smtps_tlsrpt_begin() at connection set-up decides
+ * whether one is due; _note() adds the domains of each message handed to
+ * the session until it is sent; _conn() sends it once the outcome is
+ * known (over: the connection is ending); _refused() is for an address
+ * DANE forbids, _sts_unmatched() for a domain whose MTA-STS policy
+ * matches none of its MX hosts.
+ */
+struct smtps_tls_event_rec;
+void    smtps_tlsrpt_begin(struct smtps_conn *c);
+void    smtps_tlsrpt_note(struct smtps_conn *c, const struct smtps_message *m);
+void    smtps_tlsrpt_conn(struct smtps_conn *c, int over);
+void    smtps_tlsrpt_refused(struct smtps_conn *c, int bogus);
+void    smtps_tlsrpt_sts_unmatched(struct smtps_engine *e, const char *domain);
+void    smtps_tlsrpt_end(struct smtps_conn *c);
+void    smtps_tlsrpt_free(struct smtps_engine *e);
 
 /* engine.c */
 int     smtps_engine_reserve_timers(struct smtps_engine *e, size_t more);
@@ -489,6 +514,10 @@ int     smtps_dest_all_failed(const struct smtps_dest *d);
 
 /* conn.c */
 int     smtps_conn_open(struct smtps_dest *d, int64_t now);
+const char *smtps_conn_host(const struct smtps_conn *c);
+struct smtps_dest_host *smtps_conn_dest_host(const struct smtps_conn *c);
+int     smtps_conn_dane(const struct smtps_conn *c);
+int     smtps_conn_tls_level(const struct smtps_conn *c);	/* -1: not used */
 int     smtps_conn_submit_next(struct smtps_conn *c, int64_t now);
 void    smtps_conn_update(struct smtps_conn *c, int64_t now);
 void    smtps_conn_connect_done(struct smtps_conn *c, int64_t now);

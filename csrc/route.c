@@ -411,11 +411,12 @@ static void route_done(struct smtps_route *r, int64_t now)
 static void route_unusable(struct smtps_route *r, int rc, const char *why,
 			           int64_t now)
 {
-    if (rc == SMTPS_ESTATE)
+    if (rc == SMTPS_ESTATE) {
+	smtps_tlsrpt_sts_unmatched(r->e, r->domain);
 	route_fail(r, SMTPS_STATUS_TEMPFAIL, "4.4.4 cannot route %s: %s",
 		   "none of its MX hosts matches its MTA-STS policy "
 		   "(RFC 8461 4.2)", 0, now);
-    else
+    } else
 	route_fail(r, SMTPS_STATUS_TEMPFAIL, "cannot route %s: %s", why, 0, now);
 }
 

@@ -295,4 +295,14 @@ size_t  smtps_tls_consume(struct smtps_session *s, size_t n);
 void    smtps_tls_discard(struct smtps_session *s);
 void    smtps_tls_session_free(struct smtps_session *s);
 
+/* What became of TLS on a session, for TLS reports (smtps_tls_outcome()). */
+#define SMTPS_TLSO_PENDING 0		/* not yet known, or never tried */
+#define SMTPS_TLSO_UP 1			/* negotiated */
+#define SMTPS_TLSO_NOT_OFFERED 2	/* no STARTTLS in the EHLO reply */
+#define SMTPS_TLSO_REFUSED 3		/* STARTTLS answered 4xx or 5xx */
+#define SMTPS_TLSO_FAILED 4		/* the handshake failed */
+void    smtps_tls_note_refusal(struct smtps_session *s, int outcome);
+int     smtps_tls_outcome(const struct smtps_session *s, int over,
+			          long *verify_err);
+
 #endif /* SMTPS_SESSION_PRIVATE_H */

@@ -249,8 +249,10 @@ int     smtps_starttls_setup(struct smtps_session *s, void *closure)
     if (mode == SMTPS_TLS_NONE || mode == SMTPS_TLS_IMPLICIT
 	|| smtps_tls_engaged(s))
 	return 0;
-    if (!(s->caps.ext & SMTPS_EXT_STARTTLS))
+    if (!(s->caps.ext & SMTPS_EXT_STARTTLS)) {
+	smtps_tls_note_refusal(s, SMTPS_TLSO_NOT_OFFERED);
 	return 0;				/* the callback decides */
+    }
     if ((rc = smtps_session_send_line(s, "STARTTLS", 8)) != SMTPS_OK)
 	return rc;
     return 1;
@@ -289,6 +291,7 @@ int     smtps_starttls_callback(struct smtps_session *s,
     }
     if (r->code < 400)
 	return protocol_error(s, r, "STARTTLS");
+    smtps_tls_note_refusal(s, SMTPS_TLSO_REFUSED);
     if (mode == SMTPS_TLS_OPPORTUNISTIC)
 	return SMTPS_ACT_NEXT;			/* refused: on in clear */
     for (tlen = 0; tlen < r->text_len && r->text[tlen] != '\n'; tlen++)

@@ -152,6 +152,8 @@ struct smtps_tls {
     int     verify;			/* check the certificate and name */
     int     phase;			/* enum tls_phase */
     int     handshake_failed;		/* FAILED before it was up */
+    int     refusal;			/* SMTPS_TLSO_NOT_OFFERED or _REFUSED */
+    long    verify_err;			/* X509_V_*: why the handshake failed */
     int     dane;			/* RFC 7672: the records below decide */
     struct smtps_tlsa *tlsa;		/* none: encrypt, do not authenticate */
     size_t  ntlsa;
@@ -349,6 +351,8 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     t->verify = mode != SMTPS_TLS_OPPORTUNISTIC && !cfg->insecure;
     t->phase = TLS_OFF;
     t->handshake_failed = 0;
+    t->refusal = 0;
+    t->verify_err = X509_V_OK;
     t->resume = NULL;
     snprintf(t->servername, sizeof(t->servername), "%s",
 	     servername ? servername : "");
@@ -519,6 +523,46 @@ int     smtps_tls_verified(const struct smtps_session *s)
 
     return t != NULL && t->phase == TLS_UP && t->verify && t->ssl != NULL
 	&& SSL_get_verify_result(t->ssl) == X509_V_OK;
+}
+
+/* smtps_tls_note_refusal - STARTTLS not offered or refused (states.c) */
+
+void    smtps_tls_note_refusal(struct smtps_session *s, int outcome)
+{
+    if (s->tls != NULL && s->tls->refusal == 0)
+	s->tls->refusal = outcome;
+}
+
+/*
+ * smtps_tls_outcome - what became of TLS on this session, for TLS
+ * reports (tlsrpt.c): SMTPS_TLSO_PENDING until it is known. TLS that came
+ * up and broke later was negotiated all the same. A connection that is
+ * over in the middle of the handshake (over = 1) failed it.
+ */
+
+int     smtps_tls_outcome(const struct smtps_session *s, int over,
+			          long *verify_err)
+{
+    const struct smtps_tls *t = s->tls;
+
+    *verify_err = X509_V_OK;
+    if (t == NULL)
+	return SMTPS_TLSO_PENDING;
+    if (t->refusal != 0)
+	return t->refusal;
+    switch (t->phase) {
+    case TLS_UP:
+	return SMTPS_TLSO_UP;
+    case TLS_FAILED:
+	if (!t->handshake_failed)
+	    return SMTPS_TLSO_UP;
+	*verify_err = t->verify_err;
+	return SMTPS_TLSO_FAILED;
+    case TLS_HANDSHAKE:
+	return over ? SMTPS_TLSO_FAILED : SMTPS_TLSO_PENDING;
+    default:
+	return SMTPS_TLSO_PENDING;
+    }
 }
 
 /* smtps_session_tls_active - 1 once the handshake is done */
@@ -1026,6 +1070,7 @@ static int tls_fail(struct smtps_session *s, const char *what)
     ERR_clear_error();
     t->phase = TLS_FAILED;
     t->handshake_failed = in_handshake;
+    t->verify_err = verify;
     /* What the server would not resume with is no use to the next. */
     if (in_handshake && t->resume != NULL && t->offered != NULL
 	&& t->resume->sess == t->offered)

@@ -1107,6 +1107,42 @@ int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
 				int mode, const char *const *mx, size_t nmx);
 
 /*
+ * TLS events (RFC 8460 reports). With smtps_engine_set_tls_events(e,
+ * max) the engine records what became of each connection's TLS: once per
+ * connection that wanted TLS, when it is known (negotiated, not offered,
+ * refused, the handshake failed), for each host DANE kept it from using,
+ * and for each domain none of whose MX hosts matched its MTA-STS policy.
+ * At most max wait to be taken (the oldest are dropped, and counted);
+ * 0 (the default) records none. smtps_engine_next_tls_event() fills ev
+ * with the oldest (1) or says there is none (0); its strings live until
+ * the next call or smtps_engine_free().
+ */
+struct smtps_tls_event {
+    const char *domains;		/* the recipient domains the connection
+					 * was for, one per line (a named
+					 * host: its own name) */
+    const char *mx_host;		/* "" when no host was tried */
+    const char *mx_ip;			/* "" when none */
+    const char *source_ip;		/* "" when not known */
+    const char *level;			/* the TLS it was to use: "opportunistic",
+					 * "verify", "implicit", "dane" (the
+					 * host's TLSA records), "mta-sts" */
+    const char *policy;			/* "tlsa" where DANE applied, "sts" where
+					 * an MTA-STS policy was, else "" */
+    const char *tlsa;			/* the host's TLSA records, a line each:
+					 * "3 1 1 <hex>" */
+    const char *result;			/* "success" or an RFC 8460 result type */
+    const char *detail;			/* what failed, in words; "" on success */
+    const char *version;		/* "TLSv1.3"; "" when TLS did not come up */
+    int verified;			/* the server was authenticated */
+    int resumed;			/* on a resumed TLS session */
+};
+int smtps_engine_set_tls_events(struct smtps_engine *e, size_t max);
+int smtps_engine_next_tls_event(struct smtps_engine *e,
+				struct smtps_tls_event *ev);
+uint64_t smtps_engine_tls_events_dropped(const struct smtps_engine *e);
+
+/*
  * Blocking lookups for a caller's own threads, with the settings of an
  * engine's resolver (lookup.c): a name's TXT records (each record's
  * strings joined, records a line each; returns how many) and its first

@@ -18,7 +18,7 @@ import collections
 import itertools
 import logging
 import time
-from typing import (Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
 
 from smtpstate._ffi import check, ffi, interrupt_pending, lib, raise_interrupt
@@ -48,6 +48,7 @@ _DEST_CACHE_MAX = 1024
 # handled promptly even when nothing happens on the network.
 _RUN_SLICE_MS = 500
 _STS_POLL_MS = 20          # how often held messages are looked at (run())
+_TLS_EVENTS_MAX = 65536    # TLS events C keeps until run() takes them
 _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
 _BUSY = ("this Engine is already in use (a call from one of its states, "
@@ -355,6 +356,12 @@ class Engine:
             the loop, holding their messages until they are known, and
             enforce them (docs/tls.md); None: only the policies given with
             :meth:`set_mta_sts_policy`.
+        on_tls_event: called with each :class:`smtpstate.tlsrpt.TlsEvent`
+            (what became of a connection's TLS, per recipient domain;
+            RFC 8460), from :meth:`run`, outside the engine's guard; what
+            it raises is logged and does not stop the deliveries.
+        tls_report_retention: seconds of TLS events kept for
+            :meth:`tls_report`.
 
     Raises:
         InvalidOptionError: a bad limit, timeout, HELO name, resolver
@@ -380,7 +387,9 @@ class Engine:
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
                  inet_protocols: str = "all", address_preference: str = "any",
                  protocol: str = "smtp", tls_resumption: bool = True,
-                 mta_sts: Any = None) -> None:
+                 mta_sts: Any = None,
+                 on_tls_event: Optional[Callable[[Any], None]] = None,
+                 tls_report_retention: float = 2 * 86400.0) -> None:
         _check_count(max_connections, "max_connections")
         _check_count(max_per_destination, "max_per_destination")
         _check_count(messages_per_connection, "messages_per_connection", 0)
@@ -404,6 +413,13 @@ class Engine:
             if not isinstance(mta_sts, MtaSts):
                 raise InvalidOptionError(
                     f"mta_sts must be a smtpstate.sts_discovery.MtaSts, not {mta_sts!r}")
+        if on_tls_event is not None and not callable(on_tls_event):
+            raise InvalidOptionError(f"on_tls_event must be callable, not {on_tls_event!r}")
+        from smtpstate.tlsrpt import TlsReports
+        self._tls_reports = TlsReports(tls_report_retention)
+        self._on_tls_event = on_tls_event
+        self._tls_told: Deque[Any] = collections.deque()    # for on_tls_event
+        self._sts_policies: Dict[str, Any] = {}             # what set_mta_sts_policy gave
         Options.make(protocol=protocol)          # checked once, here
         self._defaults: Dict[str, Any] = {} if protocol == "smtp" else {"protocol": protocol}
         self.machine = machine if machine is not None else default_machine
@@ -458,11 +474,14 @@ class Engine:
             if limits:
                 apply_limits(ptr, limits)
             self._sources = apply_sources(ptr, sources or ())
+            check(lib.smtps_engine_set_tls_events(ptr, _TLS_EVENTS_MAX), "record TLS events")
         except BaseException:
             lib.smtps_engine_free(ptr)
             raise
         self.resolver = resolver
         self._ptr = ptr
+        self._tls_event = ffi.new("struct smtps_tls_event *")
+        self._tls_dropped = 0
         # MTA-STS discovery (sts_discovery.py): messages routed by MX wait
         # here, ticket given, until their domains' policies are known.
         self._sts: Any = None
@@ -585,6 +604,8 @@ class Engine:
         """Policies found since the last call go to C; the messages that
         waited only for them are submitted, each under the ticket it was
         given (its id is C's tag from now on)."""
+        for domain, result_type, detail in self._sts.failures():
+            self._sts_fetch_failed(domain, result_type, detail)
         done = self._sts.finished()
         if not done:
             return
@@ -707,7 +728,11 @@ class Engine:
         tlog, tlog_cache = transcript_log, _level_cache(transcript_log)
         rlog, rlog_cache = result_log, _level_cache(result_log)
         DEBUG, INFO = logging.DEBUG, logging.INFO
+        told, next_tls_event, tls_event = self._tls_told, lib.smtps_engine_next_tls_event, \
+            self._tls_event
         while True:
+            if told:
+                self._tell_tls_events()
             while ready:
                 yield ready.popleft()
             wait = _RUN_SLICE_MS
@@ -750,6 +775,8 @@ class Engine:
                     vals, self._backlog = self._backlog, []
                 else:
                     n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
+                    if next_tls_event(ptr, tls_event):
+                        self._take_tls_events()
                     if n <= 0:
                         if n == _EINTR or interrupt_pending():
                             # Ctrl-C (or sys.exit()) in a state: its connection
@@ -836,6 +863,116 @@ class Engine:
                 raise_interrupt()
             finally:
                 token.append(taken)
+
+    # -- TLS events and reports (RFC 8460) -------------------------------------
+
+    def _take_tls_events(self) -> None:
+        """Count the TLS events C recorded (the first is in self._tls_event
+        already) and keep them for on_tls_event; call with the guard."""
+        from smtpstate.tlsrpt import TlsEvent
+
+        ptr, ev, now = self._ptr, self._tls_event, time.time()
+        text = ffi.string
+        while True:
+            base = dict(
+                result_type=text(ev.result).decode("ascii", "replace"),
+                mx_host=text(ev.mx_host).decode("ascii", "replace"),
+                receiving_ip=text(ev.mx_ip).decode("ascii", "replace"),
+                sending_ip=text(ev.source_ip).decode("ascii", "replace"),
+                level=text(ev.level).decode("ascii", "replace"),
+                detail=text(ev.detail).decode("utf-8", "replace"),
+                tls_version=text(ev.version).decode("ascii", "replace"),
+                verified=bool(ev.verified), resumed=bool(ev.resumed))
+            c_policy = text(ev.policy).decode("ascii")
+            tlsa = tuple(text(ev.tlsa).decode("ascii", "replace").splitlines())
+            for domain in text(ev.domains).decode("ascii", "replace").splitlines():
+                if c_policy == "tlsa":
+                    kind, strings, patterns = "tlsa", tlsa, ()
+                else:
+                    kind, strings, patterns = self._sts_policy_of(domain)
+                self._tls_event_seen(TlsEvent(time=now, domain=domain, policy_type=kind,
+                                              policy_string=strings, mx_patterns=patterns,
+                                              **base))
+            if not lib.smtps_engine_next_tls_event(ptr, ev):
+                break
+        dropped = int(lib.smtps_engine_tls_events_dropped(ptr))
+        if dropped > self._tls_dropped:
+            log.warning("%d TLS event(s) were dropped: run() did not take them in time",
+                        dropped - self._tls_dropped)
+            self._tls_dropped = dropped
+
+    def _sts_policy_of(self, domain: str) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
+        """A domain's MTA-STS policy as a report describes it (RFC 8460
+        4.4: its lines, its mx patterns), or no policy: one in mode
+        "none" is a withdrawn policy."""
+        policy = self._sts_policies.get(domain.lower().rstrip("."))
+        if policy is None or policy.mode == "none":
+            return "no-policy-found", (), ()
+        lines = ("version: STSv1", f"mode: {policy.mode}",
+                 *(f"mx: {p}" for p in policy.mx), f"max_age: {policy.max_age}")
+        return "sts", lines, tuple(policy.mx)
+
+    def _tls_event_seen(self, event: Any) -> None:
+        self._tls_reports.add(event)
+        if self._on_tls_event is not None:
+            self._tls_told.append(event)
+
+    def _tell_tls_events(self) -> None:
+        """on_tls_event, for each event not told yet (outside the guard)."""
+        told, callback = self._tls_told, self._on_tls_event
+        while told:
+            event = told.popleft()
+            try:
+                callback(event)
+            except Exception:
+                log.exception("on_tls_event raised for %s (%s): ignored",
+                              event.domain, event.result_type)
+
+    def _sts_fetch_failed(self, domain: str, result_type: str, detail: str) -> None:
+        """A policy fetch failed (MTA-STS discovery): an event of its own."""
+        from smtpstate.tlsrpt import TlsEvent
+
+        kind, strings, patterns = self._sts_policy_of(domain)
+        self._tls_event_seen(TlsEvent(time=time.time(), domain=domain, policy_type="sts",
+                                      policy_string=strings, mx_patterns=patterns,
+                                      result_type=result_type, level="mta-sts",
+                                      detail=detail))
+
+    def tls_report(self, domain: str, start: Any, end: Any, *,
+                   organization_name: Optional[str] = None,
+                   contact_info: Optional[str] = None,
+                   report_id: Optional[str] = None) -> Dict[str, Any]:
+        """The TLS report (RFC 8460 4.4) of a recipient domain for the
+        time from start up to end (aware datetimes or seconds since the
+        epoch): a dict with the RFC's JSON structure, the sessions counted
+        by policy, with the failures' details. Sending it (to the
+        addresses of the domain's ``_smtp._tls`` TXT record) is the
+        caller's choice. See :mod:`smtpstate.tlsrpt` for what counts.
+
+        Args:
+            organization_name: default: the engine's HELO name.
+            contact_info: default: ``postmaster@`` the HELO name.
+            report_id: default: made of the range, domain and organization.
+        """
+        self._drain_tls_events()
+        return self._tls_reports.report(
+            domain, start, end,
+            organization_name=organization_name if organization_name is not None else self.helo,
+            contact_info=contact_info if contact_info is not None else f"postmaster@{self.helo}",
+            report_id=report_id)
+
+    def tls_report_domains(self, start: Any, end: Any) -> List[str]:
+        """The recipient domains with TLS events from start up to end."""
+        self._drain_tls_events()
+        return self._tls_reports.domains(start, end)
+
+    def _drain_tls_events(self) -> None:
+        """The events C holds, counted now (not between run() calls)."""
+        if self._ptr is None:
+            return
+        with self._guard():
+            if lib.smtps_engine_next_tls_event(self._ptr, self._tls_event):
+                self._take_tls_events()
 
     def _sync_trace(self) -> None:
         """New connections log the transcript while the transcript logger
@@ -964,6 +1101,7 @@ class Engine:
             raise InvalidOptionError(f"the engine cannot use the MTA-STS policy of "
                                      f"{domain!r}: a name or pattern is not valid")
         check(rc, "set the MTA-STS policy")
+        self._sts_policies[domain.lower().rstrip(".")] = policy
 
     @property
     def closed(self) -> bool:
@@ -985,6 +1123,8 @@ class Engine:
                 self._held = []
             if self._sts is not None:
                 self._sts.close()
+            if lib.smtps_engine_next_tls_event(self._ptr, self._tls_event):
+                self._take_tls_events()         # counted for tls_report()
             ptr, self._ptr = self._ptr, None
             lib.smtps_engine_free(ptr)
             self._collector.close()

@@ -19,12 +19,13 @@ is never held back for want of a policy server.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from smtpstate._ffi import ffi, lib
 from smtpstate.errors import InvalidOptionError
@@ -112,6 +113,9 @@ class Discovery:
         # One lookup context for every worker: libunbound lets several
         # threads resolve through one context at once (it locks inside).
         self._running: Dict[str, concurrent.futures.Future] = {}
+        # Fetches that failed, for TLS reports (RFC 8460 4.3.2.2): appended
+        # by the workers, taken by the Engine (deque: thread-safe).
+        self._failed: Deque[Tuple[str, str, str]] = collections.deque()
 
     # -- the Engine's side -------------------------------------------------------
 
@@ -130,6 +134,14 @@ class Discovery:
             out.add(domain)
             if domain not in self._running:
                 self._running[domain] = self._pool.submit(self._discover, domain)
+        return out
+
+    def failures(self) -> List[Tuple[str, str, str]]:
+        """(domain, RFC 8460 result type, what failed) of each policy
+        fetch that failed since the last call."""
+        out = []
+        while self._failed:
+            out.append(self._failed.popleft())
         return out
 
     def busy(self) -> bool:
@@ -160,6 +172,7 @@ class Discovery:
         announces one the cache does not have; else the cached one."""
         now = time.time()
         cached = self.cache.get(domain, now)
+        txt_id = None
         try:
             records = self._txt("_mta-sts." + domain)
             txt_id = parse_txt_records(records) if records else None
@@ -171,6 +184,10 @@ class Discovery:
             policy = parse_policy(text, txt_id, now)
         except (MTASTSError, OSError) as e:
             kind = getattr(e, "result_type", "sts-policy-fetch-error")
+            if txt_id is not None or cached is not None:
+                # A policy there is (announced, or known): its failure is
+                # one to report; a lookup that failed without either is not.
+                self._failed.append((domain, kind, str(e)))
             log.warning("MTA-STS policy of %s not fetched (%s): %s; %s", domain, kind, e,
                         "keeping the cached one" if cached else "no policy")
             return cached

@@ -12,6 +12,7 @@ lifetimes:
 * ``smtp_sink_server`` -- a fresh Postfix ``smtp-sink`` per test;
   ``smtp_sink_factory(options=[...])`` for variants;
 * ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts;
+  ``broken_tls_context`` -- a server context whose handshake ours fails;
 * ``dns_server`` -- one private NSD for the whole session (``dns_server.py``);
   each test adds zones of its own, named by ``dns_origin``;
   ``silent_nameserver`` -- an address that never answers;
@@ -71,6 +72,24 @@ def tls_server_context(tls_ca):
     import ssl
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def broken_tls_context(tls_ca):
+    """A server context no client of ours can agree with: TLS 1.1 at most
+    (the client asks for 1.2 or newer), so the handshake fails."""
+    import ssl
+    import warnings
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+    try:
+        with warnings.catch_warnings():          # deprecated: that is the point
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    except (ValueError, ssl.SSLError):
+        pytest.fail("this Python cannot make a TLS 1.1 server context")
     return ctx
 
 

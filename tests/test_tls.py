@@ -20,7 +20,6 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
-import warnings
 from typing import Dict, Optional
 
 import pytest
@@ -551,24 +550,6 @@ def test_the_default_with_auth_is_verified_tls(aiosmtpd_factory):
 def test_opportunistic_with_auth_is_refused():
     with pytest.raises(InvalidOptionError, match="does not go with auth"):
         smtpstate.Options(tls="opportunistic", auth=("user", "secret"))
-
-
-@pytest.fixture
-def broken_tls_context():
-    """A server context no client of ours can agree with: TLS 1.1 at most
-    (the client asks for 1.2 or newer), so the handshake fails."""
-    import ssl
-    import trustme
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    trustme.CA().issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
-    try:
-        with warnings.catch_warnings():          # deprecated: that is the point
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1
-            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    except (ValueError, ssl.SSLError):
-        pytest.fail("this Python cannot make a TLS 1.1 server context")
-    return ctx
 
 
 def test_opportunistic_handshake_failure_goes_again_in_clear(aiosmtpd_factory,

@@ -116,6 +116,24 @@ const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collec
 int smtps_engine_set_sts_policy(struct smtps_engine *e, const char *domain,
                                 int mode, const char *const *mx, size_t nmx);
 
+struct smtps_tls_event {
+    const char *domains;
+    const char *mx_host;
+    const char *mx_ip;
+    const char *source_ip;
+    const char *level;
+    const char *policy;
+    const char *tlsa;
+    const char *result;
+    const char *detail;
+    const char *version;
+    int verified;
+    int resumed;
+};
+int smtps_engine_set_tls_events(struct smtps_engine *e, size_t max);
+int smtps_engine_next_tls_event(struct smtps_engine *e, struct smtps_tls_event *ev);
+uint64_t smtps_engine_tls_events_dropped(const struct smtps_engine *e);
+
 struct smtps_lookup;
 struct smtps_lookup *smtps_lookup_new(const struct smtps_resolver_config *cfg,
                                       char *why, size_t whylen);
