@@ -479,6 +479,8 @@ int     smtps_dest_check_key(const struct smtps_destination *k);
 /* What a site's MX records say besides its hosts (smtps_dest_get()). */
 #define SMTPS_SITE_SECURE 1		/* DNSSEC-validated (a host given counts) */
 #define SMTPS_SITE_STS 2		/* an MTA-STS policy in force (sts.c) */
+#define SMTPS_SITE_STS_TESTING 4	/* one in testing mode: TLS checked for
+					 * reports, not enforced */
 
 struct smtps_dest *smtps_dest_get(struct smtps_engine *e,
 				          const struct smtps_destination *k,

@@ -83,6 +83,7 @@ struct smtps_route {
     char   *site;			/* READY: "pref host pref host ..." */
     int     secure;			/* READY: its MX answer was validated */
     int     sts;			/* READY: an MTA-STS policy enforced */
+    int     sts_testing;		/* READY: one in testing mode */
     int     status;			/* FAILED: SMTPS_STATUS_* */
     char   *why;			/* FAILED: in words */
     int     null_mx;			/* FAILED by a null MX */
@@ -322,7 +323,8 @@ static int mx_order(const void *a, const void *b)
 
 static int route_flags(const struct smtps_route *r)
 {
-    return (r->secure ? SMTPS_SITE_SECURE : 0) | (r->sts ? SMTPS_SITE_STS : 0);
+    return (r->secure ? SMTPS_SITE_SECURE : 0) | (r->sts ? SMTPS_SITE_STS : 0)
+	| (r->sts_testing ? SMTPS_SITE_STS_TESTING : 0);
 }
 
 /* route_site - the site of MX records: "pref host pref host ..." */
@@ -335,6 +337,7 @@ static int route_site(struct smtps_route *r, struct smtps_mx *mx, size_t n)
     const struct smtps_sts *policy = smtps_sts_get(&r->e->sts, r->domain);
 
     r->sts = policy != NULL && policy->mode == SMTPS_STS_ENFORCE;
+    r->sts_testing = policy != NULL && policy->mode == SMTPS_STS_TESTING;
     qsort(mx, n, sizeof(*mx), mx_order);
     for (i = 0; i < n; i++) {
 	if (mx[i].name[0] == 0 || (k > 0 && strcmp(mx[i].name, mx[k - 1].name) == 0))

@@ -302,6 +302,8 @@ void    smtps_tls_session_free(struct smtps_session *s);
 #define SMTPS_TLSO_REFUSED 3		/* STARTTLS answered 4xx or 5xx */
 #define SMTPS_TLSO_FAILED 4		/* the handshake failed */
 void    smtps_tls_note_refusal(struct smtps_session *s, int outcome);
+int     smtps_tls_observe(struct smtps_session *s);
+long    smtps_tls_observed(const struct smtps_session *s);
 int     smtps_tls_outcome(const struct smtps_session *s, int over,
 			          long *verify_err);
 

@@ -153,6 +153,7 @@ struct smtps_tls {
     int     phase;			/* enum tls_phase */
     int     handshake_failed;		/* FAILED before it was up */
     int     refusal;			/* SMTPS_TLSO_NOT_OFFERED or _REFUSED */
+    int     observe;			/* check, do not enforce (for reports) */
     long    verify_err;			/* X509_V_*: why the handshake failed */
     int     dane;			/* RFC 7672: the records below decide */
     struct smtps_tlsa *tlsa;		/* none: encrypt, do not authenticate */
@@ -352,6 +353,7 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     t->phase = TLS_OFF;
     t->handshake_failed = 0;
     t->refusal = 0;
+    t->observe = 0;
     t->verify_err = X509_V_OK;
     t->resume = NULL;
     snprintf(t->servername, sizeof(t->servername), "%s",
@@ -525,6 +527,38 @@ int     smtps_tls_verified(const struct smtps_session *s)
 	&& SSL_get_verify_result(t->ssl) == X509_V_OK;
 }
 
+/*
+ * smtps_tls_observe - opportunistic TLS that also checks the certificate
+ * and the server's name, without enforcing either: OpenSSL verifies under
+ * SSL_VERIFY_NONE all the same and keeps the result, which a TLS report
+ * of a domain whose MTA-STS policy is in testing mode needs (RFC 8461 5:
+ * report failures, deliver anyway). Before start; needs a name and CAs.
+ */
+
+int     smtps_tls_observe(struct smtps_session *s)
+{
+    struct smtps_tls *t = s->tls;
+
+    if (t == NULL || t->mode != SMTPS_TLS_OPPORTUNISTIC || t->servername[0] == 0
+	|| is_ip_literal(t->servername) || t->cfg->insecure)
+	return SMTPS_EINVAL;
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    t->observe = 1;
+    return SMTPS_OK;
+}
+
+/* smtps_tls_observed - what an observing session's check found (X509_V_*) */
+
+long    smtps_tls_observed(const struct smtps_session *s)
+{
+    const struct smtps_tls *t = s->tls;
+
+    if (t == NULL || !t->observe || t->ssl == NULL || t->phase != TLS_UP)
+	return X509_V_OK;
+    return SSL_get_verify_result(t->ssl);
+}
+
 /* smtps_tls_note_refusal - STARTTLS not offered or refused (states.c) */
 
 void    smtps_tls_note_refusal(struct smtps_session *s, int outcome)
@@ -680,7 +714,7 @@ static long tls_bio_ctrl(BIO *b, int cmd, long num, void *ptr)
 static int tls_policy(struct smtps_tls *t)
 {
     EVP_MD_CTX *md;
-    unsigned char head[4];
+    unsigned char head[5];
     unsigned int len = 0;
     size_t  i;
     int     ok;
@@ -689,6 +723,7 @@ static int tls_policy(struct smtps_tls *t)
     head[1] = (unsigned char) t->verify;
     head[2] = (unsigned char) t->dane;
     head[3] = (unsigned char) t->cfg->insecure;
+    head[4] = (unsigned char) t->observe;
     if ((md = EVP_MD_CTX_new()) == NULL)
 	return 0;
     ok = EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1
@@ -774,7 +809,7 @@ static int tls_names(struct smtps_tls *t)
 	    || X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), name) == 1;
     if (SSL_set_tlsext_host_name(t->ssl, name) != 1)
 	return 0;
-    if (!t->verify)
+    if (!t->verify && !t->observe)
 	return 1;
     if (t->dane)
 	return tls_dane(t);

@@ -39,6 +39,11 @@
  *	after opportunistic TLS failed at its address owes none either: the
  *	failure was the previous one's event.
  *
+ *	Where the domain's MTA-STS policy is in testing mode, opportunistic
+ *	TLS also checks the certificate against the MX host's name, without
+ *	enforcing it (smtps_tls_observe()): a failure is reported, and the
+ *	mail goes all the same (RFC 8461 5).
+ *
  *	Events that no connection makes: an address DANE forbids (its TLSA
  *	records failed validation: "dnssec-invalid"; "dane-only" and none:
  *	"dane-required"), and a domain whose MTA-STS policy in force
@@ -188,14 +193,23 @@ void    smtps_tlsrpt_free(struct smtps_engine *e)
 /* A connection's event                                                */
 /* ------------------------------------------------------------------ */
 
-/* smtps_tlsrpt_begin - set-up: does this connection owe an event? */
+/*
+ * smtps_tlsrpt_begin - set-up: does this connection owe an event? Under
+ * an MTA-STS policy in testing mode, opportunistic TLS also checks the
+ * certificate against the MX host's name, for the report only.
+ */
 
 void    smtps_tlsrpt_begin(struct smtps_conn *c)
 {
+    int     level = smtps_conn_tls_level(c);
+
     c->tls_event = c->e->tls_events_max > 0 && !c->in_clear
-	&& smtps_conn_tls_level(c) > SMTPS_TLS_NONE;
+	&& level > SMTPS_TLS_NONE;
     free(c->tls_domains);
     c->tls_domains = NULL;
+    if (c->tls_event && level == SMTPS_TLS_OPPORTUNISTIC
+	&& (c->d->site_flags & SMTPS_SITE_STS_TESTING))
+	(void) smtps_tls_observe(c->s);		/* no name, no CAs: not checked */
 }
 
 /* domains_add - domain (len bytes) on the list (a line each), if new */
@@ -354,12 +368,20 @@ static void conn_event(struct smtps_conn *c, struct smtps_tls_event *ev,
     ev->detail = ev->version = "";
 }
 
+/* conn_observed - what checking TLS found where it only observes */
+
+static long conn_observed(const struct smtps_conn *c)
+{
+    return c->d->site_flags & SMTPS_SITE_STS_TESTING ? smtps_tls_observed(c->s) :
+	X509_V_OK;
+}
+
 /* smtps_tlsrpt_conn - the outcome, if known (or over): the event goes */
 
 void    smtps_tlsrpt_conn(struct smtps_conn *c, int over)
 {
     struct smtps_tls_event ev;
-    char    tlsa[TLSRPT_TLSA_MAX];
+    char    tlsa[TLSRPT_TLSA_MAX], detail[200];
     long    verify;
     int     outcome;
 
@@ -375,6 +397,15 @@ void    smtps_tlsrpt_conn(struct smtps_conn *c, int over)
 	smtps_tlsrpt_note(c, NULL);
     conn_event(c, &ev, tlsa, sizeof(tlsa));
     ev.result = result_type(outcome, verify);
+    if (outcome == SMTPS_TLSO_UP
+	&& (verify = conn_observed(c)) != X509_V_OK) {
+	/* A testing policy's check failed: delivered all the same. */
+	ev.result = result_type(SMTPS_TLSO_FAILED, verify);
+	snprintf(detail, sizeof(detail), "certificate verify failed (%s); "
+		 "delivered: the MTA-STS policy is in testing mode",
+		 X509_verify_cert_error_string(verify));
+	ev.detail = detail;
+    }
     if (outcome == SMTPS_TLSO_UP) {
 	ev.version = smtps_session_tls_version(c->s);
 	ev.verified = smtps_tls_verified(c->s);

@@ -272,6 +272,29 @@ def _describe(result: Any, out: TextIO) -> None:
         print(f"  {printable(r.address)}: {r.status}{reply}{cls}{via}", file=out)
 
 
+def _tls_lines(tls: List[Dict[str, Any]]) -> List[str]:
+    """What TLS each connection used, in words: "tls: dane with
+    mx.example.net[192.0.2.1]: TLSv1.3, verified"."""
+    from smtpstate.logs import printable
+
+    lines = []
+    for t in tls:
+        if t["level"] == "none":
+            lines.append("tls: none")
+            continue
+        where = f" with {printable(t['host'])}[{t['ip']}]" if t.get("host") else ""
+        if t["result"] == "success":
+            how = f"{t['version']}, {'verified' if t['verified'] else 'not verified'}"
+            if t.get("resumed"):
+                how += ", resumed"
+        elif t["result"] == "none":
+            how = "not used"
+        else:
+            how = f"{t['result']}" + (f" ({printable(t['detail'])})" if t.get("detail") else "")
+        lines.append(f"tls: {t['level']}{where}: {how}")
+    return lines
+
+
 def _as_json(result: Any) -> Dict[str, Any]:
     def reply(r: Any) -> Optional[Dict[str, Any]]:
         return None if r is None else {"code": r.code, "enhanced": r.enhanced, "text": r.text}
@@ -289,16 +312,25 @@ def _as_json(result: Any) -> Dict[str, Any]:
     }
 
 
-def _send_by_mx(message: Any, port: int, nameservers: List[str],
-                options: Dict[str, Any]) -> Any:
+def _send_by_mx(message: Any, port: int, nameservers: List[str], options: Dict[str, Any],
+                tls: List[Dict[str, Any]]) -> Any:
     """One message routed by its recipients' MX records (an Engine: the
-    Client talks to one server)."""
+    Client talks to one server); what TLS each connection used goes on
+    tls (from the engine's TLS events)."""
     from smtpstate.engine import Engine
     from smtpstate.routing import Resolver
 
+    def seen(ev: Any) -> None:
+        if ev.mx_host and all(t["host"] != ev.mx_host or t["ip"] != ev.receiving_ip
+                              or t["result"] != ev.result_type for t in tls):
+            tls.append({"level": ev.level, "host": ev.mx_host, "ip": ev.receiving_ip,
+                        "result": ev.result_type, "detail": ev.detail,
+                        "version": ev.tls_version, "verified": ev.verified,
+                        "resumed": ev.resumed, "policy": ev.policy_type})
+
     resolver = Resolver(nameservers or None)
     helo = options.pop("helo")
-    with Engine(resolver=resolver, helo=helo) as engine:
+    with Engine(resolver=resolver, helo=helo, on_tls_event=seen) as engine:
         ticket = engine.submit(message, port=port, **options)
     return ticket.result
 
@@ -307,7 +339,7 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from smtpstate.client import Client
     from smtpstate.errors import InvalidMessageError, InvalidOptionError
     from smtpstate.logs import transcript_handler
-    from smtpstate.options import Auth
+    from smtpstate.options import VERIFYING, Auth
 
     host: Optional[str] = None
     port = args.port
@@ -338,20 +370,33 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        ca_file=args.ca_file, server_hostname=args.server_name,
                        dangerously_skip_certificate_verification=args.insecure,
                        protocol=args.protocol)
+        tls: List[Dict[str, Any]] = []
         if host is not None:
             with Client(host, port, **options) as client:
                 result = client.send(message)
+                version = client.tls_version
+                level = client.options.tls
+            if result.ok or result.stage_code > 0:          # it got connected
+                tls.append({"level": level, "host": None, "ip": None, "detail": "",
+                            "result": "success" if version else "none",
+                            "version": version or "", "resumed": False,
+                            "verified": bool(version) and level in VERIFYING
+                            and not args.insecure})
         else:
-            result = _send_by_mx(message, port, args.nameserver, options)
+            result = _send_by_mx(message, port, args.nameserver, options, tls)
+            if args.tls == "none":
+                tls.append({"level": "none", "result": "none"})
     except (InvalidMessageError, InvalidOptionError) as exc:
         parser.error(str(exc))
     finally:
         if undo is not None:
             undo()
     if args.json:
-        print(json.dumps(_as_json(result), indent=2))
+        print(json.dumps({**_as_json(result), "tls": tls}, indent=2))
     else:
         _describe(result, sys.stdout)
+        for line in _tls_lines(tls):
+            print(line)
     return EXIT_CODES[_outcome(result)]
 
 

@@ -374,6 +374,34 @@ def test_send_without_server_goes_by_mx(dns_server, dns_origin, mx_servers, caps
     assert f"delivered via mx1.{dns_origin}[127.0.0.2]" in out
     (got,) = servers.server("127.0.0.2").wait_for_messages(1)
     assert got.rcpt_tos == [f"bob@{dns_origin}"]
+    # What TLS it used: none offered by this server.
+    assert (f"tls: opportunistic with mx1.{dns_origin}[127.0.0.2]: starttls-not-supported "
+            "(the server does not offer STARTTLS)") in out
+
+
+def test_send_says_which_tls_policy_applied(dns_server, dns_origin, mx_servers, tls_ca, capsys):
+    from helpers import server_tls
+    ctx = server_tls(tls_ca, f"mx1.{dns_origin}")[0]
+    servers = mx_servers(["127.0.0.2"], tls={"127.0.0.2": ctx})
+    dns_server.add_zone(dns_origin, ["@ MX 10 mx1", "mx1 A 127.0.0.2"])
+    argv = ["send", "-t", f"bob@{dns_origin}", "-f", "me@client.test", "--nameserver",
+            dns_server.address, "--port", str(servers.port), "--helo", "client.test",
+            "--timeout", "10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"tls: opportunistic with mx1.{dns_origin}[127.0.0.2]: TLSv1." in out
+    assert "not verified" in out
+    assert main(argv + ["--json"]) == 0
+    (tls,) = json.loads(capsys.readouterr().out)["tls"]
+    assert tls["level"] == "opportunistic" and tls["result"] == "success"
+    assert tls["policy"] == "no-policy-found" and not tls["verified"]
+
+
+def test_send_to_a_server_says_tls_was_not_used(aiosmtpd_server, capsys):
+    rc = main(["send", "-s", f"{aiosmtpd_server.host}:{aiosmtpd_server.port}", "-t",
+               "bob@example.test", "-f", "me@client.test", "--timeout", "10"])
+    assert rc == 0
+    assert "tls: opportunistic: not used" in capsys.readouterr().out
 
 
 def test_send_lmtp_needs_a_server(capsys):

@@ -100,6 +100,33 @@ def test_a_policy_server_that_fails_holds_nothing_back(world, dns_server, tls_ca
     assert "sts-policy-fetch-error" in caplog.text and "no policy" in caplog.text
 
 
+def test_a_failed_fetch_is_a_tls_report_event(world, dns_server, tls_ca_file):
+    """RFC 8460 4.3.2.2: a policy announced and not fetched is reported
+    (sts-policy-fetch-error), with the session that went on without it."""
+    import time
+    world.policy.behaviour = answer(status=404, body=b"no")
+    world.serve()
+    seen = []
+    settings = MtaSts(port=world.policy.port, ca_file=tls_ca_file, timeout=5)
+    start = time.time()
+    with Engine(resolver=Resolver([dns_server.address], hosts_file=False), mta_sts=settings,
+                on_tls_event=seen.append) as engine:
+        ticket = engine.submit(message(f"r@{world.origin}"), port=world.port,
+                               ca_file=tls_ca_file, timeout=10)
+        list(engine.run(timeout=30))
+        report = engine.tls_report(world.origin, start, time.time() + 60)
+    assert ticket.result.status == "delivered"
+    kinds = [ev.result_type for ev in seen]
+    assert kinds == ["sts-policy-fetch-error", "success"], seen
+    assert seen[0].policy_type == "sts" and "404" in seen[0].detail
+    # No policy was had: the session itself counts under no policy.
+    types = {p["policy"]["policy-type"]: p["summary"] for p in report["policies"]}
+    assert types == {"sts": {"total-successful-session-count": 0,
+                             "total-failure-session-count": 1},
+                     "no-policy-found": {"total-successful-session-count": 1,
+                                         "total-failure-session-count": 0}}
+
+
 def test_a_cached_policy_outlives_its_server(world, dns_server, tls_ca_file, tmp_path):
     """The cache file keeps the policy across engines: with the same TXT id
     and the policy server gone, the second engine still enforces it."""

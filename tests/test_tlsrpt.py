@@ -260,6 +260,30 @@ def test_the_report_of_a_mixed_run(dns_server, dns_origin, mx_servers, tls_ca, t
     assert by[("plain", "starttls-not-supported")].tls_version == ""
 
 
+@pytest.mark.parametrize("name, expected", [("mx1", "success"),
+                                            ("elsewhere", "certificate-host-mismatch")])
+def test_a_testing_policy_checks_but_delivers(dns_server, dns_origin, mx_servers, tls_ca,
+                                              tls_ca_file, name, expected):
+    """RFC 8461 5: in testing mode failures are reported, mail goes anyway:
+    opportunistic TLS that checks the certificate for the report."""
+    o = dns_origin
+    a = ADDRESSES[0]
+    mx = mx_servers([a], tls={a: server_tls(tls_ca, f"{name}.{o}")[0]})
+    dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {a}"])
+    seen = []
+    with Engine(resolver=Resolver([dns_server.address], hosts_file=False, timeout=2),
+                on_tls_event=seen.append) as engine:
+        engine.set_mta_sts_policy(o, policy("testing", f"mx1.{o}"))
+        ticket = engine.submit(message(f"r@{o}"), port=mx.port, timeout=10,
+                               ca_file=tls_ca_file)
+    assert ticket.result.status == "delivered", ticket.result
+    assert mx.server(a).messages[0].extra["tls"]
+    (ev,) = seen
+    assert (ev.policy_type, ev.result_type, ev.level) == ("sts", expected, "opportunistic")
+    assert "mode: testing" in ev.policy_string
+    assert ev.tls_version
+
+
 def test_dane_only_without_records_is_dane_required(dns_server, dns_origin, mx_servers, tls_ca):
     o = dns_origin
     a = ADDRESSES[0]
