@@ -155,6 +155,9 @@ int     smtps_conn_tls_level(const struct smtps_conn *c)
     const struct smtps_dest_host *h = smtps_conn_dest_host(c);
     int     mode = c->d->tls_mode;
 
+    if (mode == SMTPS_TLS_MTA_STS)
+	return c->d->site_flags & SMTPS_SITE_STS ? SMTPS_TLS_VERIFY :
+	    SMTPS_TLS_OPPORTUNISTIC;
     if (mode != SMTPS_TLS_DANE && mode != SMTPS_TLS_DANE_ONLY)
 	return mode;
     if (h != NULL && smtps_dest_tlsa(c->d, h) == TLSA_BOGUS)

@@ -164,7 +164,8 @@ int     smtps_dest_check_key(const struct smtps_destination *k)
 {
     if ((k->host != NULL && check_name(k->host, SMTPS_HOST_MAX) != SMTPS_OK)
 	|| k->port < 1 || k->port > 65535
-	|| k->tls_mode < SMTPS_TLS_NONE || k->tls_mode > SMTPS_TLS_DANE_ONLY
+	|| k->tls_mode < SMTPS_TLS_NONE || k->tls_mode > SMTPS_TLS_MTA_STS
+	|| (k->tls_mode == SMTPS_TLS_MTA_STS && k->host != NULL)
 	|| k->timeout_ms < 0
 	|| (k->helo != NULL && check_name(k->helo, SMTPS_HELO_MAX) != SMTPS_OK)
 	|| (k->tls_servername != NULL

@@ -288,8 +288,9 @@ static const char *level_name(const struct smtps_conn *c, int level)
 {
     int     mode = c->d->tls_mode;
 
-    if (mode == SMTPS_TLS_DANE || mode == SMTPS_TLS_DANE_ONLY) {
-	if (smtps_conn_dane(c))
+    if (mode == SMTPS_TLS_DANE || mode == SMTPS_TLS_DANE_ONLY
+	|| mode == SMTPS_TLS_MTA_STS) {
+	if (mode != SMTPS_TLS_MTA_STS && smtps_conn_dane(c))
 	    return "dane";
 	if (level == SMTPS_TLS_VERIFY)
 	    return "mta-sts";			/* raised by the domain's policy */

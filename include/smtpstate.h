@@ -917,6 +917,9 @@ int smtps_session_protocol(const struct smtps_session *s);	/* SMTPS_PROTO_* */
 					 * DNSSEC-validated TLSA records, else
 					 * opportunistic (Postfix's "dane") */
 #define SMTPS_TLS_DANE_ONLY 5		/* engine: DANE or nothing */
+#define SMTPS_TLS_MTA_STS 6		/* engine, by MX: verified where the domain's
+					 * MTA-STS policy is enforced, else
+					 * opportunistic; no TLSA lookups */
 #define SMTPS_TLS_IMPLICIT 3		/* TLS from the first byte (port 465, RFC 8314) */
 
 /*

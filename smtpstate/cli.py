@@ -603,10 +603,11 @@ def _send_parser(sub: Any) -> None:
                       type=_header_arg, help="add or replace a header of the test message")
     send.add_argument("--tls", nargs="?", const="verify", default=None,
                       choices=("none", "opportunistic", "verify", "starttls", "implicit",
-                               "dane", "dane-only"),
+                               "dane", "dane-only", "mta-sts"),
                       help="--tls alone: verify (STARTTLS required, certificate checked); "
                            "or none, opportunistic (not checked), implicit (port 465), "
-                           "dane or dane-only (by MX: TLSA records, DNSSEC); default: "
+                           "dane or dane-only (by MX: TLSA records, DNSSEC), mta-sts (by MX: "
+                           "the domain's MTA-STS policy only); default: "
                            "verify with --auth-user, else dane by MX and opportunistic "
                            "to a server")
     send.add_argument("--ca-file", metavar="PEM", help="CAs to trust (default: the system's)")

@@ -32,10 +32,12 @@ TLS_MODES = {
     "implicit": lib.SMTPS_TLS_IMPLICIT,
     "dane": lib.SMTPS_TLS_DANE,
     "dane-only": lib.SMTPS_TLS_DANE_ONLY,
+    "mta-sts": lib.SMTPS_TLS_MTA_STS,
 }
 
-#: The levels only the Engine can apply (it looks up the TLSA records).
-ENGINE_ONLY = frozenset({"dane", "dane-only"})
+#: The levels only the Engine can apply (it looks up the TLSA records,
+#: and knows the MTA-STS policies).
+ENGINE_ONLY = frozenset({"dane", "dane-only", "mta-sts"})
 
 #: The levels that check the server's certificate and name.
 VERIFYING = frozenset({"verify", "starttls", "implicit"})
@@ -259,8 +261,10 @@ class Options:
             "implicit" (TLS from the first byte, port 465, verified);
             Engine only: "dane" (RFC 7672: TLS authenticated by the host's
             DNSSEC-validated TLSA records where it has them, else
-            opportunistic) and "dane-only" (no delivery without them).
-            None: "verify" with ``auth``; else "dane" by MX and
+            opportunistic), "dane-only" (no delivery without them) and,
+            by MX only, "mta-sts" (RFC 8461: verified TLS to the MX hosts
+            of a domain whose MTA-STS policy is enforced, else
+            opportunistic; no TLSA lookups). None: "verify" with ``auth``; else "dane" by MX and
             "opportunistic" to a named host (docs/tls.md).
             "opportunistic" with ``auth`` is refused (the credentials
             could reach anyone) unless ``Auth(allow_plaintext=True)``,
@@ -350,8 +354,9 @@ class Options:
         """
         if self.tls in ENGINE_ONLY:
             raise InvalidOptionError(
-                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records of "
-                "each host; a single session cannot (use Engine.submit or deliver)")
+                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records and "
+                "MTA-STS policies of each destination; a single session cannot (use "
+                "Engine.submit or deliver)")
         path = unix_path(host)
         if (path is not None and self.tls in VERIFYING and self.server_hostname is None
                 and not self.dangerously_skip_certificate_verification):
@@ -367,8 +372,9 @@ class Options:
         name) or ``"unix:/path"`` (no default: see :meth:`check_unix`)."""
         if self.tls in ENGINE_ONLY:
             raise InvalidOptionError(
-                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records of "
-                "each host; a single session cannot (use Engine.submit or deliver)")
+                f"tls={self.tls!r} needs the Engine, which looks up the TLSA records and "
+                "MTA-STS policies of each destination; a single session cannot (use "
+                "Engine.submit or deliver)")
         _check_option(lib.smtps_session_set_protocol(session_ptr, PROTOCOLS[self.protocol]),
                       "set the protocol")
         if self.tls != "none" and self.server_hostname is None and unix_path(host) is not None:
@@ -406,6 +412,10 @@ class Options:
             InvalidOptionError: LMTP without a host (an LMTP server is
                 named, never found by MX).
         """
+        if self.tls == "mta-sts" and host is not None:
+            raise InvalidOptionError(
+                "tls='mta-sts' applies a recipient domain's MTA-STS policy to its MX "
+                f"hosts: it needs delivery by MX, not to the host {host!r}")
         if self.protocol != "smtp" and host is None:
             raise InvalidOptionError(
                 f"protocol={self.protocol!r} needs a host (a TCP host or 'unix:/path'): "

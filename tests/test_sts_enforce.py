@@ -168,3 +168,49 @@ def test_bad_policies_are_refused():
             engine.set_mta_sts_policy("bad domain.test", policy("enforce", "mx.example.test"))
     with pytest.raises(smtpstate.LocalProtocolError):
         engine.set_mta_sts_policy("example.test", policy("enforce", "mx.example.test"))
+
+
+# -- tls="mta-sts": the domain's policy alone, no DANE -----------------------------
+
+def test_the_mta_sts_level_ignores_tlsa_records(dns_server, dns_origin, mx_servers, stranger,
+                                                send):
+    """The same world as test_dane_wins_over_mta_sts, at the level that
+    leaves DANE out: the policy's certificate check applies, and fails."""
+    o = dns_origin
+    ctx, pem = server_tls(stranger, f"mx1.{o}")
+    mx = mx_servers([A], tls={A: ctx})
+    ds = dns_server.add_signed_zone(o, [
+        "@ MX 10 mx1", f"mx1 A {A}", f"_{mx.port}._tcp.mx1 TLSA {tlsa_rdata(pem)}"])
+    result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")}, anchors=[ds],
+                  tls="mta-sts")
+    assert result.status == "tempfail", result
+    assert "certificate verify failed" in result.reason
+    assert mx.server(A).messages == []
+
+
+def test_the_mta_sts_level_verifies_under_an_enforced_policy(dns_server, dns_origin, mx_servers,
+                                                             tls_ca, send):
+    o = dns_origin
+    mx = mx_servers([A], tls={A: server_tls(tls_ca, f"mx1.{o}")[0]})
+    dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
+    result = send(f"r@{o}", mx.port, {o: policy("enforce", f"mx1.{o}")}, tls="mta-sts")
+    assert result.status == "delivered", result
+    assert mx.server(A).messages[0].extra["tls"]
+
+
+def test_the_mta_sts_level_without_a_policy_is_opportunistic(dns_server, dns_origin, mx_servers,
+                                                             stranger, send):
+    o = dns_origin
+    mx = mx_servers([A], tls={A: server_tls(stranger, f"mx1.{o}")[0]})
+    dns_server.add_zone(o, ["@ MX 10 mx1", f"mx1 A {A}"])
+    result = send(f"r@{o}", mx.port, tls="mta-sts")
+    assert result.status == "delivered", result
+    assert mx.server(A).messages[0].extra["tls"]
+
+
+def test_the_mta_sts_level_needs_delivery_by_mx():
+    with Engine() as engine:
+        with pytest.raises(InvalidOptionError, match="needs delivery by MX"):
+            engine.submit(message("r@example.test"), "mx.example.test", tls="mta-sts")
+    with pytest.raises(InvalidOptionError, match="needs the Engine"):
+        smtpstate.Client("127.0.0.1", 25, tls="mta-sts")
