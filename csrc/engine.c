@@ -90,8 +90,6 @@
 #define DEF_IDLE_MS 5000
 #define DEF_CONNECT_MS 30000
 #define DEF_ADDRESS_LIMIT 5		/* Postfix's smtp_mx_address_limit */
-#define DEF_DNS_TIMEOUT_MS 5000
-#define DEF_DNS_ATTEMPTS 2
 
 /* The smallest ABI sizes accepted: callers older than these are refused. */
 #define DEST_MIN_SIZE \
@@ -405,8 +403,8 @@ int     smtps_engine_set_resolver(struct smtps_engine *e,
     }
     resolver_forget(&e->dns_cfg);
     e->dns_cfg = copy;
-    e->dns_ms = (copy.timeout_ms ? copy.timeout_ms : DEF_DNS_TIMEOUT_MS)
-	* (copy.attempts ? copy.attempts : DEF_DNS_ATTEMPTS);
+    e->dns_ms = (copy.timeout_ms ? copy.timeout_ms : SMTPS_DNS_TIMEOUT_MS)
+	* (copy.attempts ? copy.attempts : SMTPS_DNS_ATTEMPTS);
     if (e->dns_ms > SMTPS_TIMEOUT_MAX)
 	e->dns_ms = SMTPS_TIMEOUT_MAX;
     return SMTPS_OK;
@@ -552,7 +550,7 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
     /* The system's resolver until told otherwise: resolv.conf, /etc/hosts. */
     e->dns_cfg.sizeof_config = sizeof(e->dns_cfg);
     e->dns_cfg.hosts_file = 1;
-    e->dns_ms = DEF_DNS_TIMEOUT_MS * DEF_DNS_ATTEMPTS;
+    e->dns_ms = SMTPS_DNS_TIMEOUT_MS * SMTPS_DNS_ATTEMPTS;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     e->rand = ((uint64_t) ts.tv_nsec << 20) ^ (uint64_t) ts.tv_sec
 	^ (uint64_t) (uintptr_t) e;

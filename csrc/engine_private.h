@@ -144,8 +144,11 @@ int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
 			        int priority, struct smtps_dns_req *req);
 void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req);
 void    smtps_dns_process(struct smtps_dns *dns);
+/* A lookup's defaults (struct smtps_resolver_config's zeros). */
+#define SMTPS_DNS_TIMEOUT_MS 5000	/* per attempt */
+#define SMTPS_DNS_ATTEMPTS 2
 int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
-			         struct smtps_dns_answer *a);
+			         int64_t timeout_ms, struct smtps_dns_answer *a);
 void    smtps_dns_timer(struct smtps_timer *t, int64_t now);
 void    smtps_dns_free(struct smtps_dns *dns);
 size_t  smtps_dns_mx(const struct smtps_dns_answer *a, struct smtps_mx *mx,

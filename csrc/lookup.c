@@ -46,6 +46,7 @@
 
 struct smtps_lookup {
     struct smtps_dns *dns;
+    int64_t timeout_ms;			/* a lookup's, all its attempts */
 };
 
 /* smtps_lookup_new - a context with these resolver settings */
@@ -72,6 +73,9 @@ struct smtps_lookup *smtps_lookup_new(const struct smtps_resolver_config *cfg,
 	free(l);
 	return NULL;
     }
+    /* As the engine's lookups: the timeout of each attempt, all of them. */
+    l->timeout_ms = (copy.timeout_ms > 0 ? copy.timeout_ms : SMTPS_DNS_TIMEOUT_MS)
+	* (copy.attempts > 0 ? copy.attempts : SMTPS_DNS_ATTEMPTS);
     return l;
 }
 
@@ -103,7 +107,7 @@ int     smtps_lookup_txt(struct smtps_lookup *l, const char *name, char *out,
     if (l == NULL || name == NULL || out == NULL || outlen == 0)
 	return SMTPS_EINVAL;
     out[0] = 0;
-    if ((rc = smtps_dns_lookup(l->dns, name, ns_t_txt, &a)) != SMTPS_OK)
+    if ((rc = smtps_dns_lookup(l->dns, name, ns_t_txt, l->timeout_ms, &a)) != SMTPS_OK)
 	return rc;
     if ((rc = lookup_status(&a)) <= 0) {
 	ub_resolve_free(a.ub);
@@ -147,7 +151,7 @@ static int lookup_first(struct smtps_lookup *l, const char *name, int rrtype,
     struct smtps_dns_answer a;
     int     rc;
 
-    if ((rc = smtps_dns_lookup(l->dns, name, rrtype, &a)) != SMTPS_OK)
+    if ((rc = smtps_dns_lookup(l->dns, name, rrtype, l->timeout_ms, &a)) != SMTPS_OK)
 	return rc;
     if ((rc = lookup_status(&a)) == 1) {
 	if (a.ub->len[0] != (family == AF_INET ? 4 : 16)

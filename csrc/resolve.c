@@ -106,6 +106,7 @@
 #include <arpa/inet.h>
 #include <arpa/nameser.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <resolv.h>
 #include <sys/un.h>
@@ -435,25 +436,102 @@ static void dns_callback(void *mydata, int err, struct ub_result *result)
     ub_resolve_free(result);
 }
 
+/* One blocking lookup's answer, handed over by whichever thread ran it. */
+struct dns_wait {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int     done;
+    int     err;
+    struct ub_result *result;
+};
+
+/* dns_wait_done - libunbound's callback: the answer, to its waiter */
+
+static void dns_wait_done(void *arg, int err, struct ub_result *result)
+{
+    struct dns_wait *w = arg;
+
+    pthread_mutex_lock(&w->lock);
+    w->err = err;
+    w->result = result;
+    w->done = 1;
+    pthread_cond_signal(&w->cond);		/* before unlocking: w may go */
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* dns_wait_over - 1 once w has its answer */
+
+static int dns_wait_over(struct dns_wait *w)
+{
+    int     done;
+
+    pthread_mutex_lock(&w->lock);
+    done = w->done;
+    pthread_mutex_unlock(&w->lock);
+    return done;
+}
+
 /*
- * smtps_dns_lookup - one lookup that blocks the calling thread, for the
- * caller's own threads (smtpstate.mta_sts's discovery), never for the
- * engine's loop; a->ub is the caller's to free with ub_resolve_free()
+ * smtps_dns_lookup - one lookup that blocks the calling thread for at
+ * most timeout_ms, for the caller's own threads (smtpstate's MTA-STS
+ * discovery), never for the engine's loop; a->ub is the caller's to free
+ * with ub_resolve_free(). libunbound's own blocking call has no deadline
+ * of ours (it retries a silent server for many seconds), so the lookup is
+ * asynchronous: the thread waits on the context's descriptor in short
+ * slices, running whatever answers arrived, its own or other threads'
+ * (each goes to its waiter), and cancels its lookup at the deadline.
  */
 
 int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
-			         struct smtps_dns_answer *a)
+			         int64_t timeout_ms, struct smtps_dns_answer *a)
 {
-    struct ub_result *result = NULL;
-    int     err;
+    struct dns_wait w;
+    struct ub_result *result;
+    struct pollfd pfd;
+    int64_t deadline = smtps_time_after(smtps_clock_ms(), timeout_ms), left;
+    int     id, err, canceled = 0;
 
     memset(a, 0, sizeof(*a));
-    err = ub_resolve(dns->ctx, name, rrtype, 1 /* IN */ , &result);
-    a->ub = result;
-    if (err != 0 || result == NULL) {
+    memset(&w, 0, sizeof(w));
+    pthread_mutex_init(&w.lock, NULL);
+    pthread_cond_init(&w.cond, NULL);
+    err = ub_resolve_async(dns->ctx, name, rrtype, 1 /* IN */ , &w,
+			   dns_wait_done, &id);
+    if (err != 0) {
+	w.done = 1;
+	w.err = err;
+    }
+    while (!dns_wait_over(&w)) {
+	if ((left = deadline - smtps_clock_ms()) <= 0) {
+	    if (ub_cancel(dns->ctx, id) == 0) {
+		canceled = 1;			/* its callback will not run */
+		break;
+	    }
+	    /* Being answered in another thread right now: it will be done. */
+	    pthread_mutex_lock(&w.lock);
+	    while (!w.done)
+		pthread_cond_wait(&w.cond, &w.lock);
+	    pthread_mutex_unlock(&w.lock);
+	    break;
+	}
+	pfd.fd = ub_fd(dns->ctx);
+	pfd.events = POLLIN;
+	if (poll(&pfd, 1, (int) (left < 20 ? left : 20)) > 0)
+	    (void) ub_process(dns->ctx);
+    }
+    pthread_mutex_destroy(&w.lock);
+    pthread_cond_destroy(&w.cond);
+    if (canceled) {
 	a->status = SMTPS_DNS_TEMPFAIL;
-	a->why = ub_strerror(err);
-	return err == UB_SYNTAX ? SMTPS_EINVAL : SMTPS_OK;
+	a->why = "no answer in time";
+	return SMTPS_OK;
+    }
+    result = w.result;
+    a->ub = result;
+    if (w.err != 0 || result == NULL) {
+	a->status = SMTPS_DNS_TEMPFAIL;
+	a->why = ub_strerror(w.err);
+	return w.err == UB_SYNTAX ? SMTPS_EINVAL : SMTPS_OK;
     }
     a->secure = result->secure;
     a->ttl = result->ttl;

@@ -29,7 +29,8 @@ from smtpstate.machine import Machine, State, default_machine
 from smtpstate.message import Message, as_messages
 from smtpstate.options import (Options, _check_count, _check_seconds, _printable_name,
                                check_host, check_port)
-from smtpstate.result import _STATUS_NAMES, RecipientResult, Reply, Result
+from smtpstate.result import (_STATUS_NAMES, RecipientResult, Reply, Result, not_attempted,
+                              unsent_result)
 from smtpstate.routing import (ADDRESS_PREFERENCES, INET_PROTOCOLS, Limits, Resolver, Source,
                                apply_limits, apply_sources)
 from smtpstate.session import Session, _bind, _unbind
@@ -49,6 +50,9 @@ _DEST_CACHE_MAX = 1024
 _RUN_SLICE_MS = 500
 _STS_POLL_MS = 20          # how often held messages are looked at (run())
 _TLS_EVENTS_MAX = 65536    # TLS events C keeps until run() takes them
+# The levels whose messages wait for their domains' MTA-STS policies (None:
+# the default, "dane" by MX); the others are the caller's choice.
+_STS_LEVELS = frozenset({None, "dane", "dane-only", "mta-sts"})
 _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
 _BUSY = ("this Engine is already in use (a call from one of its states, "
@@ -351,11 +355,13 @@ class Engine:
             a host on the next connection to it (one session kept per host
             of a destination, only under the same TLS policy and server
             name; docs/tls.md). False: a full handshake every time.
-        mta_sts: a :class:`smtpstate.sts_discovery.MtaSts`: find the
-            MTA-STS policies (RFC 8461) of the domains routed by MX, off
-            the loop, holding their messages until they are known, and
-            enforce them (docs/tls.md); None: only the policies given with
-            :meth:`set_mta_sts_policy`.
+        mta_sts: find the MTA-STS policies (RFC 8461) of the domains
+            routed by MX at a level that uses them (the default, "dane",
+            "dane-only", "mta-sts"), off the loop, holding their messages
+            until they are known, and enforce them (docs/tls.md): True
+            (the default) with :class:`smtpstate.sts_discovery.MtaSts`'s
+            defaults, or an ``MtaSts`` of your own; None or False: only the
+            policies given with :meth:`set_mta_sts_policy`.
         on_tls_event: called with each :class:`smtpstate.tlsrpt.TlsEvent`
             (what became of a connection's TLS, per recipient domain;
             RFC 8460), from :meth:`run`, outside the engine's guard; what
@@ -387,7 +393,7 @@ class Engine:
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
                  inet_protocols: str = "all", address_preference: str = "any",
                  protocol: str = "smtp", tls_resumption: bool = True,
-                 mta_sts: Any = None,
+                 mta_sts: Any = True,
                  on_tls_event: Optional[Callable[[Any], None]] = None,
                  tls_report_retention: float = 2 * 86400.0) -> None:
         _check_count(max_connections, "max_connections")
@@ -408,11 +414,12 @@ class Engine:
             raise InvalidOptionError(f"tls_resumption must be True or False, not {tls_resumption!r}")
         if resolver is not None and not isinstance(resolver, Resolver):
             raise InvalidOptionError(f"resolver must be a smtpstate.Resolver, not {resolver!r}")
-        if mta_sts is not None:
+        if mta_sts is not None and not isinstance(mta_sts, bool):
             from smtpstate.sts_discovery import MtaSts
             if not isinstance(mta_sts, MtaSts):
                 raise InvalidOptionError(
-                    f"mta_sts must be a smtpstate.sts_discovery.MtaSts, not {mta_sts!r}")
+                    "mta_sts must be True, False, None or a smtpstate.sts_discovery.MtaSts, "
+                    f"not {mta_sts!r}")
         if on_tls_event is not None and not callable(on_tls_event):
             raise InvalidOptionError(f"on_tls_event must be callable, not {on_tls_event!r}")
         from smtpstate.tlsrpt import TlsReports
@@ -484,11 +491,11 @@ class Engine:
         self._tls_dropped = 0
         # MTA-STS discovery (sts_discovery.py): messages routed by MX wait
         # here, ticket given, until their domains' policies are known.
+        # Made at the first message routed by MX (_sts_discovery()), so
+        # that an Engine that never routes by MX has no threads for it.
         self._sts: Any = None
+        self._sts_settings: Any = None if mta_sts is None or mta_sts is False else mta_sts
         self._held: List[Tuple[Ticket, Any, int, Any, Dict[str, Any], Set[str]]] = []
-        if mta_sts is not None:
-            from smtpstate.sts_discovery import Discovery
-            self._sts = Discovery(mta_sts, resolver if resolver is not None else Resolver())
         log.debug("engine ready: %d connections (%d per destination), HELO %s",
                   max_connections, max_per_destination, self.helo)
 
@@ -522,7 +529,8 @@ class Engine:
         """
         if type(message) is not Message and not isinstance(message, Message):
             raise TypeError(f"submit() takes a smtpstate.Message, not {type(message).__name__}")
-        if host is None and self._sts is not None:
+        if host is None and self._sts_settings is not None \
+                and options.get("tls") in _STS_LEVELS:
             held = self._sts_hold(message, port, source, options)
             if held is not None:
                 return held
@@ -588,17 +596,31 @@ class Engine:
         """A ticket for a message routed by MX whose recipient domains'
         MTA-STS policies are still being looked for: it waits, and goes
         when they are known (_sts_release()); None: it may go now."""
-        waiting = self._sts.waiting(message.recipients)
+        sts = self._sts if self._sts is not None else self._sts_discovery()
+        waiting = sts.waiting(message.recipients)
         if not waiting:
             return None
         if self._ptr is None:
             raise LocalProtocolError("this Engine is closed")
-        # Checked now as submit() would, so that a bad option is an error
-        # here, not when the message leaves the queue.
+        # Checked now as submit() would, so that a bad option or message is
+        # an error here, not when the message leaves the queue.
         self._destination(None, port, options, source)
+        if message._c_envelope is None:
+            message._envelope()
+        if message._body is not None and message._body.one_shot:
+            _one_domain(message)
         ticket = Ticket(0, message, None, port)
         self._held.append((ticket, message, port, source, options, waiting))
         return ticket
+
+    def _sts_discovery(self) -> Any:
+        """The MTA-STS discovery, made now (the first message by MX)."""
+        from smtpstate.sts_discovery import Discovery, MtaSts
+
+        settings = self._sts_settings if isinstance(self._sts_settings, MtaSts) else MtaSts()
+        self._sts = Discovery(settings, self.resolver if self.resolver is not None
+                              else Resolver())
+        return self._sts
 
     def _sts_release(self) -> None:
         """Policies found since the last call go to C; the messages that
@@ -626,8 +648,14 @@ class Engine:
             ticket, message, port, source, options, _ = entry
             try:
                 real = self.submit(message, None, port, source=source, **options)
-            except (InvalidMessageError, InvalidOptionError) as e:
+            except (InvalidMessageError, InvalidOptionError, OSError) as e:
+                # Checked when held, so this should not happen; if it does,
+                # the message still gets its one result.
                 log.error("a message held for MTA-STS could not be submitted: %s", e)
+                result = unsent_result(message, ticket, "tempfail",
+                                       not_attempted(f"cannot submit it: {e}"))
+                ticket.result = result
+                self._ready.append(result)
                 continue
             del self._tickets[real.id]
             ticket.id = real.id

@@ -170,7 +170,46 @@ def test_bad_settings_are_refused(kwargs, match):
 
 def test_the_engine_wants_mtasts_settings():
     with pytest.raises(InvalidOptionError, match="mta_sts must be"):
-        Engine(mta_sts=True)
+        Engine(mta_sts="yes")
+
+
+def test_discovery_is_on_by_default(world, dns_server, tls_ca_file):
+    """Engine() without mta_sts looks for the policy a domain announces: at
+    mta-sts.<domain>:443 (nothing listens there in the tests, so the fetch
+    fails and is reported; the message goes without a policy)."""
+    o = world.origin
+    world.serve()
+    seen = []
+    with Engine(resolver=Resolver([dns_server.address], hosts_file=False),
+                on_tls_event=seen.append) as engine:
+        ticket = engine.submit(message(f"r@{o}"), port=world.port, ca_file=tls_ca_file,
+                               timeout=10)
+    assert ticket.result.status == "delivered", ticket.result
+    assert [ev.result_type for ev in seen][:1] == ["sts-policy-fetch-error"], seen
+    assert "443" in seen[0].detail, seen[0].detail
+
+
+@pytest.mark.parametrize("off", [None, False])
+def test_discovery_can_be_turned_off(world, dns_server, tls_ca_file, off):
+    o = world.origin
+    world.policy.behaviour = answer(body=policy_text(o), content_type="text/plain")
+    world.serve()
+    with Engine(resolver=Resolver([dns_server.address], hosts_file=False),
+                mta_sts=off) as engine:
+        ticket = engine.submit(message(f"r@{o}"), port=world.port, ca_file=tls_ca_file,
+                               timeout=10)
+    assert ticket.result.recipients[0].mx == f"mx1.{o}", ticket.result
+    assert world.policy.requests == []
+
+
+def test_an_explicit_level_does_not_wait_for_policies(world, dns_server, tls_ca_file):
+    o = world.origin
+    world.policy.behaviour = answer(body=policy_text(o), content_type="text/plain")
+    world.serve()
+    with Engine(resolver=Resolver([dns_server.address], hosts_file=False)) as engine:
+        ticket = engine.submit(message(f"r@{o}"), port=world.port, ca_file=tls_ca_file,
+                               tls="opportunistic", timeout=10)
+    assert ticket.result.status == "delivered" and world.policy.requests == []
 
 
 def test_txt_records_as_the_engine_finds_them(dns_server, dns_origin):
