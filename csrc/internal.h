@@ -222,6 +222,8 @@ int smtps_session_submit_prepared(struct smtps_session *s,
 
 /* tls.c */
 void smtps_tls_config_retain(struct smtps_tls_config *c);
+/* 1 once the config holds its trusted CAs (loaded lazily: tests look) */
+int smtps_tls_config_trusted(const struct smtps_tls_config *c);
 void smtps_wipe(void *p, size_t len);
 
 /*

@@ -7,6 +7,7 @@
  * SYNOPSIS
  *	#include "smtpstate.h"
  *
+ *	int	smtps_tls_config_make(settings, &cfg, why, why_len)
  *	struct smtps_tls_config *smtps_tls_config_new(ca_file, insecure_no_verify)
  *	void	smtps_tls_config_free(c)
  *	int	smtps_session_set_tls(s, mode, cfg, servername)
@@ -18,6 +19,7 @@
  *
  *	int	smtps_session_set_tls_resume(s, slot)
  *	void	smtps_tls_resume_clear(slot)
+ *	int	smtps_tls_config_trusted(c)
  *
  *	#include "session_private.h"
  *
@@ -73,6 +75,19 @@
  *	its servername (an IP literal is checked against the IP addresses of
  *	the certificate, with no SNI, RFC 6066 3).
  *
+ *	smtps_tls_config_make() checks every setting while it makes the
+ *	config, so that a caller learns of a missing file, a key that does
+ *	not match its certificate, a version or a cipher list OpenSSL
+ *	refuses before anything connects, in words (why). The CA files of
+ *	the settings are read then too. The system store, which takes some
+ *	50 ms to parse, is read only when the first session that verifies a
+ *	certificate begins its handshake (tls_trusted()): opportunistic TLS,
+ *	the default, never verifies and never pays for it. The trusted CAs
+ *	live in a store of the config's own, given to each verifying session;
+ *	the SSL_CTX's store stays empty, because OpenSSL checks the chain of
+ *	sessions that do not verify too, and a store may not change while it
+ *	is in use by other threads.
+ *
  *	Resumption (RFC 5077 tickets and session ids in TLS 1.2, RFC 8446
  *	2.2 tickets in TLS 1.3). A driver that makes several connections to
  *	one server (the engine: a host of a destination) gives each session
@@ -90,6 +105,9 @@
  *	does not accept the session gets a full handshake, verified as
  *	always; a handshake that fails empties the slot of what it offered.
  * DIAGNOSTICS
+ *	smtps_tls_config_make() returns SMTPS_EINVAL for a setting that is
+ *	wrong (why says which, with OpenSSL's reasons), SMTPS_ENOMEM, or
+ *	SMTPS_ETLS; smtps_tls_config_new() returns NULL for any of these.
  *	smtps_session_set_tls() returns SMTPS_EINVAL (bad mode or name, a
  *	verifying policy without a name), SMTPS_ESTATE (already started),
  *	SMTPS_ENOMEM or SMTPS_ETLS (no default policy could be made).
@@ -108,6 +126,11 @@
  *--*/
 
 #include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -119,6 +142,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
 #include <openssl/x509v3.h>
 
 #include "session_private.h"
@@ -126,6 +150,10 @@
 #define TLS_RECORD_MAX 16384		/* plaintext per SSL_write (one record) */
 #define TLS_MARKS 64			/* SSL_writes the driver has not passed */
 #define TLS_NAME_MAX 253		/* a DNS name (RFC 1035) */
+
+/* struct smtps_tls_settings as first published: every field above */
+#define SETTINGS_MIN_SIZE (offsetof(struct smtps_tls_settings, ciphersuites) \
+			   + sizeof(const char *))
 
 enum tls_phase {
     TLS_OFF,				/* clear text */
@@ -137,8 +165,12 @@ enum tls_phase {
 struct smtps_tls_config {
     int     refs;			/* atomic */
     int     insecure;			/* no certificate or name checks */
-    SSL_CTX *ctx;
+    SSL_CTX *ctx;			/* its own X509_STORE stays empty */
     BIO_METHOD *bio;			/* tls_bio_*: the session's end of the wire */
+    X509_STORE *cas;			/* atomic; the trusted CAs: the settings'
+					 * files from the start, the system's
+					 * once needed (tls_trusted()) */
+    CRYPTO_RWLOCK *lock;		/* one thread loads the system store */
 };
 
 /* Plaintext total `plain` is carried by ciphertext up to total `wire`. */
@@ -176,6 +208,19 @@ struct smtps_tls {
     SSL_SESSION *offered;		/* what was offered (identity only) */
 };
 
+static void tls_why(char *why, size_t len, const char *fmt,...);
+static int tls_error_is(unsigned long e, int reason);
+static int tls_key_password(char *buf, int size, int rwflag, void *user);
+static int tls_hashed_name(const char *name);
+static int tls_ca_path(const char *path, char *why, size_t len);
+static int tls_trust(const struct smtps_tls_settings *ts, X509_STORE **store,
+		             char *why, size_t len);
+static int tls_client_cert(SSL_CTX *ctx, const struct smtps_tls_settings *ts,
+			           char *why, size_t len);
+static int tls_protocol(SSL_CTX *ctx, const struct smtps_tls_settings *ts,
+			        char *why, size_t len);
+static X509_STORE *tls_trusted(struct smtps_tls_config *c);
+static void tls_config_free_parts(struct smtps_tls_config *c);
 static int valid_name(const char *name);
 static int is_ip_literal(const char *name);
 static int tls_names(struct smtps_tls *t);
@@ -194,21 +239,262 @@ static int tls_fail(struct smtps_session *s, const char *what);
 /* Policies (SSL_CTX), shared                                          */
 /* ------------------------------------------------------------------ */
 
-/* smtps_tls_config_new - a client policy: TLS 1.2 or newer, verifying */
+/*
+ * tls_why - say what is wrong with a setting, then OpenSSL's reasons,
+ * the oldest (the cause) first; bounded by len. The error queue is left
+ * empty.
+ */
 
-struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
-					              int insecure_no_verify)
+static void tls_why(char *why, size_t len, const char *fmt,...)
 {
-    struct smtps_tls_config *c;
-    SSL_CTX *ctx = NULL;
+    va_list ap;
+    unsigned long e;
+    const char *data, *reason;
+    char    sys[80];
+    size_t  used;
+    int     flags, first = 1;
 
+    if (why == NULL || len == 0) {
+	ERR_clear_error();
+	return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(why, len, fmt, ap);
+    va_end(ap);
+    while ((e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags)) != 0) {
+	if (ERR_SYSTEM_ERROR(e)) {		/* an errno OpenSSL 3 does not name */
+	    if (strerror_r(ERR_GET_REASON(e), sys, sizeof(sys)) != 0)
+		snprintf(sys, sizeof(sys), "error %d", ERR_GET_REASON(e));
+	    reason = sys;
+	} else if ((reason = ERR_reason_error_string(e)) == NULL
+		   || strcmp(reason, "PEM lib") == 0
+		   || strcmp(reason, "system lib") == 0) {
+	    continue;				/* says where, not what */
+	}
+	if (strstr(why, reason) != NULL)
+	    continue;				/* said already */
+	if ((used = strlen(why)) + 1 >= len)
+	    continue;				/* full: drain the queue all the same */
+	if (!(flags & ERR_TXT_STRING) || data == NULL)
+	    data = "";
+	snprintf(why + used, len - used, "%s%s%s%s%s", first ? ": " : "; ",
+		 reason, data[0] ? " (" : "", data, data[0] ? ")" : "");
+	first = 0;
+    }
+}
+
+/* tls_error_is - 1 when OpenSSL error e is X509's reason */
+
+static int tls_error_is(unsigned long e, int reason)
+{
+    return e != 0 && !ERR_SYSTEM_ERROR(e) && ERR_GET_LIB(e) == ERR_LIB_X509
+	&& ERR_GET_REASON(e) == reason;
+}
+
+/* tls_key_password - the settings' key password; never a terminal prompt */
+
+static int tls_key_password(char *buf, int size, int rwflag, void *user)
+{
+    size_t  len;
+
+    (void) rwflag;
+    if (user == NULL || size <= 0 || (len = strlen(user)) >= (size_t) size)
+	return -1;				/* none: the key cannot be read */
+    memcpy(buf, user, len);
+    return (int) len;
+}
+
+/* tls_hashed_name - 1 for a name "openssl rehash" makes: 8 hex digits .N */
+
+static int tls_hashed_name(const char *name)
+{
+    int     i;
+
+    for (i = 0; i < 8; i++)
+	if (!isxdigit((unsigned char) name[i]))
+	    return 0;
+    if (name[8] != '.' || !isdigit((unsigned char) name[9]))
+	return 0;				/* (a CRL's is 1a2b3c4d.r0) */
+    for (i = 10; name[i]; i++)
+	if (!isdigit((unsigned char) name[i]))
+	    return 0;
+    return 1;
+}
+
+/*
+ * tls_ca_path - a CA directory OpenSSL can use: it looks certificates up
+ * by their subject's hash when a handshake needs one, so a directory that
+ * is missing or holds no hashed names would fail only then; say it now
+ */
+
+static int tls_ca_path(const char *path, char *why, size_t len)
+{
+    DIR    *dir;
+    struct dirent *ent;
+    int     found = 0;
+
+    if ((dir = opendir(path)) == NULL) {
+	char    sys[80];
+
+	if (strerror_r(errno, sys, sizeof(sys)) != 0)
+	    snprintf(sys, sizeof(sys), "error %d", errno);
+	tls_why(why, len, "ca_path '%.200s': %s", path, sys);
+	return 0;
+    }
+    while (!found && (ent = readdir(dir)) != NULL)
+	found = tls_hashed_name(ent->d_name);
+    closedir(dir);
+    if (!found)
+	tls_why(why, len, "ca_path '%.200s' holds no hashed certificate names "
+		"(such as 1a2b3c4d.0): run 'openssl rehash' on it", path);
+    return found;
+}
+
+/* tls_trust - the trusted CAs of the settings, read now; NULL: none given */
+
+static int tls_trust(const struct smtps_tls_settings *ts, X509_STORE **store,
+		             char *why, size_t len)
+{
+    *store = NULL;
+    if (ts->insecure_no_verify || (ts->ca_file == NULL && ts->ca_path == NULL))
+	return SMTPS_OK;			/* (the system store waits) */
+    if (ts->ca_path != NULL && !tls_ca_path(ts->ca_path, why, len))
+	return SMTPS_EINVAL;
+    if ((*store = X509_STORE_new()) == NULL)
+	return SMTPS_ENOMEM;
+    if (X509_STORE_load_locations(*store, ts->ca_file, ts->ca_path) != 1) {
+	tls_why(why, len, "%s '%.200s': cannot load its certificates",
+		ts->ca_file ? "ca_file" : "ca_path",
+		ts->ca_file ? ts->ca_file : ts->ca_path);
+	X509_STORE_free(*store);
+	*store = NULL;
+	return SMTPS_EINVAL;
+    }
+    return SMTPS_OK;
+}
+
+/*
+ * tls_client_cert - the client certificate and its key, which must match
+ * (checked here, not by the first server that asks for it)
+ */
+
+static int tls_client_cert(SSL_CTX *ctx, const struct smtps_tls_settings *ts,
+			           char *why, size_t len)
+{
+    const char *key = ts->key_file != NULL ? ts->key_file : ts->cert_file;
+    int     ok, mismatch;
+
+    if (ts->cert_file == NULL) {
+	if (ts->key_file == NULL && ts->key_password == NULL)
+	    return SMTPS_OK;
+	tls_why(why, len, "%s needs cert_file, the certificate it goes with",
+		ts->key_file ? "key_file" : "key_password");
+	return SMTPS_EINVAL;
+    }
+    if (SSL_CTX_use_certificate_chain_file(ctx, ts->cert_file) != 1) {
+	tls_why(why, len, "cert_file '%.200s': cannot load the certificate "
+		"chain (PEM, the client certificate first)", ts->cert_file);
+	return SMTPS_EINVAL;
+    }
+    SSL_CTX_set_default_passwd_cb(ctx, tls_key_password);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, (void *) ts->key_password);
+    ok = SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) == 1;
+    /* Not kept: the password is the caller's, and needed no more. */
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);
+    /* A key of the certificate's type is refused as it is loaded. */
+    mismatch = !ok && (tls_error_is(ERR_peek_error(), X509_R_KEY_VALUES_MISMATCH)
+		       || tls_error_is(ERR_peek_last_error(),
+				       X509_R_KEY_VALUES_MISMATCH));
+    if (!ok && !mismatch) {
+	if (ts->key_file == NULL)
+	    tls_why(why, len, "cert_file '%.200s': cannot load a private key "
+		    "from it (give key_file, or put the key in cert_file)", key);
+	else
+	    tls_why(why, len, "key_file '%.200s': cannot load the private "
+		    "key%s", key, ts->key_password ? " (wrong key_password?)" :
+		    " (if it is encrypted, give key_password)");
+	return SMTPS_EINVAL;
+    }
+    if (mismatch || SSL_CTX_check_private_key(ctx) != 1) {
+	/* OpenSSL's words for a key of another type mislead: none. */
+	ERR_clear_error();
+	tls_why(why, len, "%s '%.200s' does not match the certificate of "
+		"cert_file '%.200s'", ts->key_file ? "key_file" : "the key in "
+		"cert_file", key, ts->cert_file);
+	return SMTPS_EINVAL;
+    }
+    return SMTPS_OK;
+}
+
+/* tls_protocol - the minimum version and the ciphers */
+
+static int tls_protocol(SSL_CTX *ctx, const struct smtps_tls_settings *ts,
+			        char *why, size_t len)
+{
+    int     min = ts->min_version == 0 ? SMTPS_TLS_V1_2 : ts->min_version;
+
+    if (min != SMTPS_TLS_V1_2 && min != SMTPS_TLS_V1_3) {
+	tls_why(why, len, "min_version 0x%04x is neither TLS 1.2 (0x%04x) "
+		"nor TLS 1.3 (0x%04x)", (unsigned) min & 0xffffu,
+		SMTPS_TLS_V1_2, SMTPS_TLS_V1_3);
+	return SMTPS_EINVAL;
+    }
+    if (SSL_CTX_set_min_proto_version(ctx, min == SMTPS_TLS_V1_3 ?
+				      TLS1_3_VERSION : TLS1_2_VERSION) != 1)
+	return SMTPS_ETLS;
+    if (ts->ciphers != NULL && SSL_CTX_set_cipher_list(ctx, ts->ciphers) != 1) {
+	tls_why(why, len, "ciphers '%.200s': OpenSSL finds no TLS 1.2 cipher "
+		"in it", ts->ciphers);
+	return SMTPS_EINVAL;
+    }
+    if (ts->ciphersuites != NULL
+	&& SSL_CTX_set_ciphersuites(ctx, ts->ciphersuites) != 1) {
+	tls_why(why, len, "ciphersuites '%.200s': OpenSSL finds no TLS 1.3 "
+		"cipher suite in it", ts->ciphersuites);
+	return SMTPS_EINVAL;
+    }
+    /* An empty list is how TLS 1.3 is turned off: not with TLS 1.3 only. */
+    if (ts->ciphersuites != NULL && ts->ciphersuites[0] == 0
+	&& min == SMTPS_TLS_V1_3) {
+	tls_why(why, len, "ciphersuites '' leaves TLS 1.3 no cipher suite, "
+		"and min_version allows nothing older");
+	return SMTPS_EINVAL;
+    }
+    return SMTPS_OK;
+}
+
+/* smtps_tls_config_make - a client policy from settings, checked whole */
+
+int     smtps_tls_config_make(const struct smtps_tls_settings *settings,
+			              struct smtps_tls_config **cfg,
+			              char *why, size_t why_len)
+{
+    struct smtps_tls_settings ts;
+    struct smtps_tls_config *c = NULL;
+    SSL_CTX *ctx = NULL;
+    int     rc = SMTPS_ETLS;
+
+    if (why != NULL && why_len > 0)
+	why[0] = 0;
+    if (cfg == NULL)
+	return SMTPS_EINVAL;
+    *cfg = NULL;
+    if (settings == NULL || settings->sizeof_settings < SETTINGS_MIN_SIZE
+	|| settings->sizeof_settings > sizeof(ts))
+	return SMTPS_EINVAL;
+    /* Fields an older caller did not have read as zero. */
+    memset(&ts, 0, sizeof(ts));
+    memcpy(&ts, settings, settings->sizeof_settings);
     if (OPENSSL_init_ssl(0, NULL) != 1)
-	return NULL;
+	return SMTPS_ETLS;
     ERR_clear_error();
     if ((c = calloc(1, sizeof(*c))) == NULL)
-	return NULL;
+	return SMTPS_ENOMEM;
+    if ((c->lock = CRYPTO_THREAD_lock_new()) == NULL) {
+	rc = SMTPS_ENOMEM;
+	goto err;
+    }
     if ((ctx = SSL_CTX_new(TLS_client_method())) == NULL
-	|| SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1
 	|| SSL_CTX_dane_enable(ctx) <= 0)	/* sessions may use DANE */
 	goto err;
     if ((c->bio = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK,
@@ -217,6 +503,11 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
 	|| BIO_meth_set_read(c->bio, tls_bio_read) != 1
 	|| BIO_meth_set_ctrl(c->bio, tls_bio_ctrl) != 1)
 	goto err;
+    if ((rc = tls_protocol(ctx, &ts, why, why_len)) != SMTPS_OK
+	|| (rc = tls_client_cert(ctx, &ts, why, why_len)) != SMTPS_OK
+	|| (rc = tls_trust(&ts, &c->cas, why, why_len)) != SMTPS_OK)
+	goto err;
+    rc = SMTPS_ETLS;
 
     /*
      * Renegotiation would let the peer restart the handshake in the middle
@@ -241,27 +532,95 @@ struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT
 				   | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(ctx, tls_new_session);
-    if (insecure_no_verify) {
-	SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
-    } else {
-	SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-	if (ca_file != NULL ?
-	    SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1 :
-	    SSL_CTX_set_default_verify_paths(ctx) != 1)
-	    goto err;
-    }
+
+    /*
+     * The certificate check is asked for per session (tls_trusted() gives
+     * a verifying session its CAs); the SSL_CTX's own store stays empty.
+     */
+    SSL_CTX_set_verify(ctx, ts.insecure_no_verify ? SSL_VERIFY_NONE :
+		       SSL_VERIFY_PEER, NULL);
     c->refs = 1;
-    c->insecure = insecure_no_verify != 0;
+    c->insecure = ts.insecure_no_verify != 0;
     c->ctx = ctx;
     ERR_clear_error();
-    return c;
+    *cfg = c;
+    return SMTPS_OK;
 
 err:
+    if (why != NULL && why_len > 0 && why[0] == 0)
+	tls_why(why, why_len, "cannot set up TLS");
     ERR_clear_error();
     SSL_CTX_free(ctx);
+    tls_config_free_parts(c);
+    return rc;
+}
+
+/* smtps_tls_config_new - a policy from a CA file only (or the system's) */
+
+struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
+					              int insecure_no_verify)
+{
+    struct smtps_tls_settings ts;
+    struct smtps_tls_config *c;
+
+    memset(&ts, 0, sizeof(ts));
+    ts.sizeof_settings = sizeof(ts);
+    ts.ca_file = ca_file;
+    ts.insecure_no_verify = insecure_no_verify;
+    return smtps_tls_config_make(&ts, &c, NULL, 0) == SMTPS_OK ? c : NULL;
+}
+
+/*
+ * tls_trusted - the CAs a verifying session checks its server against:
+ * those of the settings, or the system store, read the first time a
+ * session needs them (about 50 ms: opportunistic TLS never pays it).
+ *
+ * The config is shared by threads, and sessions that do not verify still
+ * run OpenSSL's chain check against the SSL_CTX's store while others use
+ * it; so nothing is ever added to a store in use. The system store is
+ * loaded into a store of its own, under the lock, published whole (the
+ * release store pairs with the acquire load), and given to each verifying
+ * session (SSL_set1_verify_cert_store() in smtps_tls_begin()).
+ */
+
+static X509_STORE *tls_trusted(struct smtps_tls_config *c)
+{
+    X509_STORE *store;
+
+    if ((store = __atomic_load_n(&c->cas, __ATOMIC_ACQUIRE)) != NULL)
+	return store;
+    if (CRYPTO_THREAD_write_lock(c->lock) != 1)
+	return NULL;
+    if ((store = __atomic_load_n(&c->cas, __ATOMIC_ACQUIRE)) == NULL
+	&& (store = X509_STORE_new()) != NULL) {
+	if (X509_STORE_set_default_paths(store) == 1) {
+	    __atomic_store_n(&c->cas, store, __ATOMIC_RELEASE);
+	} else {
+	    X509_STORE_free(store);		/* the handshake fails; next time again */
+	    store = NULL;
+	}
+    }
+    CRYPTO_THREAD_unlock(c->lock);
+    return store;
+}
+
+/* smtps_tls_config_trusted - 1 once the policy holds its CAs (for tests) */
+
+int     smtps_tls_config_trusted(const struct smtps_tls_config *c)
+{
+    return __atomic_load_n(&c->cas, __ATOMIC_ACQUIRE) != NULL;
+}
+
+/* tls_config_free_parts - what a config is made of (NULL-safe) */
+
+static void tls_config_free_parts(struct smtps_tls_config *c)
+{
+    if (c == NULL)
+	return;
     BIO_meth_free(c->bio);
+    X509_STORE_free(c->cas);
+    CRYPTO_THREAD_lock_free(c->lock);
     free(c);
-    return NULL;
 }
 
 /* smtps_tls_config_retain - one more holder of c (a session, a destination) */
@@ -278,8 +637,7 @@ void    smtps_tls_config_free(struct smtps_tls_config *c)
     if (c == NULL || __atomic_sub_fetch(&c->refs, 1, __ATOMIC_ACQ_REL) != 0)
 	return;
     SSL_CTX_free(c->ctx);
-    BIO_meth_free(c->bio);			/* no session is left to use it */
-    free(c);
+    tls_config_free_parts(c);		/* no session is left to use them */
 }
 
 /* ------------------------------------------------------------------ */
@@ -823,6 +1181,7 @@ int     smtps_tls_begin(struct smtps_session *s)
 {
     struct smtps_tls *t = s->tls;
     BIO    *bio = NULL;
+    X509_STORE *cas;
     size_t  pending;
 
     if (t == NULL || t->phase != TLS_OFF)
@@ -843,6 +1202,11 @@ int     smtps_tls_begin(struct smtps_session *s)
     SSL_set_connect_state(t->ssl);
     if (!t->verify)
 	SSL_set_verify(t->ssl, SSL_VERIFY_NONE, NULL);
+    /* An observing session checks as a verifying one does, for reports. */
+    if ((t->verify || t->observe)
+	&& ((cas = tls_trusted(t->cfg)) == NULL
+	    || SSL_set1_verify_cert_store(t->ssl, cas) != 1))
+	goto err;				/* (the SSL holds a reference) */
     if (!tls_names(t))
 	goto err;
     if (t->dane && t->verify && t->servername[0] == 0 && !tls_dane(t))

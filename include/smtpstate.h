@@ -922,15 +922,52 @@ int smtps_session_protocol(const struct smtps_session *s);	/* SMTPS_PROTO_* */
 					 * opportunistic; no TLSA lookups */
 #define SMTPS_TLS_IMPLICIT 3		/* TLS from the first byte (port 465, RFC 8314) */
 
+/* TLS protocol versions, as on the wire (RFC 8446 4.2.1) */
+#define SMTPS_TLS_V1_2 0x0303
+#define SMTPS_TLS_V1_3 0x0304
+
 /*
- * A TLS policy: an OpenSSL SSL_CTX with TLS 1.2 as the minimum, verifying
- * peers against ca_file (PEM) or, when NULL, the system store. With
- * insecure_no_verify the certificate and host name are NOT checked: the
- * name says it. Shared by any number of sessions (reference counted).
- * NULL on failure.
+ * A TLS policy: an OpenSSL SSL_CTX, verifying peers against the CAs of
+ * ca_file (PEM) and ca_path (a directory of hashed certificates, as
+ * "openssl rehash" makes) or, when both are NULL, the system store. The
+ * files are read when the policy is made; the system store only when the
+ * first handshake that verifies a certificate needs it (opportunistic TLS
+ * never does). With insecure_no_verify the certificate and host name are
+ * NOT checked: the name says it. A client certificate (cert_file, its key
+ * in key_file or in cert_file) is offered to a server that asks for one.
+ * Every field may be zero or NULL: OpenSSL's defaults, TLS 1.2 at least.
  */
+struct smtps_tls_settings {
+    size_t sizeof_settings;		/* ABI guard */
+    const char *ca_file;		/* PEM file of the CAs to trust */
+    const char *ca_path;		/* directory of hashed CA certificates */
+    int insecure_no_verify;		/* 1: check no certificate and no name */
+    const char *cert_file;		/* client certificate chain, PEM, leaf
+					 * first; NULL: none */
+    const char *key_file;		/* its private key, PEM; NULL: in cert_file */
+    const char *key_password;		/* for an encrypted key; NULL: none
+					 * (never asked for on a terminal) */
+    int min_version;			/* SMTPS_TLS_V1_2 (0 too) or SMTPS_TLS_V1_3 */
+    const char *ciphers;		/* OpenSSL cipher list for TLS 1.2;
+					 * NULL: OpenSSL's default */
+    const char *ciphersuites;		/* TLS 1.3 suites, ':'-separated;
+					 * NULL: OpenSSL's default */
+};
+
 struct smtps_tls_config;
 
+/*
+ * A policy from settings, checked whole: SMTPS_OK and *cfg; SMTPS_EINVAL
+ * when a setting is wrong (a file missing or unreadable, a key that does
+ * not match its certificate, an unknown version, a cipher list OpenSSL
+ * refuses), with why (why_len bytes, may be 0) saying which and OpenSSL's
+ * reason; SMTPS_ENOMEM; SMTPS_ETLS when OpenSSL fails otherwise.
+ * Shared by any number of sessions (reference counted).
+ */
+int smtps_tls_config_make(const struct smtps_tls_settings *ts,
+			  struct smtps_tls_config **cfg, char *why,
+			  size_t why_len);
+/* The same with only ca_file and insecure_no_verify; NULL on failure. */
 struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
 					      int insecure_no_verify);
 void smtps_tls_config_free(struct smtps_tls_config *c);

@@ -480,7 +480,10 @@ class Client:
         **options: delivery options, as :class:`smtpstate.options.Options`
             (``protocol``: "smtp" or "lmtp"; ``tls``, ``auth``, ``ca_file``,
             ``timeout``, ``helo``, ``server_hostname``,
-            ``dangerously_skip_certificate_verification``). Under LMTP
+            ``dangerously_skip_certificate_verification``, and the TLS
+            settings ``ca_path``, ``cert_file``, ``key_file``,
+            ``key_password``, ``tls_min_version``, ``ciphers``,
+            ``ciphersuites``, checked here). Under LMTP
             (RFC 2033) each recipient's ``status`` and ``reply`` are the
             server's reply for it after the data.
 

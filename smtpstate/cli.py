@@ -50,6 +50,7 @@ EXIT_CODES = {
 
 ENV_USER = "SMTPSTATE_AUTH_USER"
 ENV_PASSWORD = "SMTPSTATE_AUTH_PASSWORD"
+ENV_KEY_PASSWORD = "SMTPSTATE_KEY_PASSWORD"
 
 _EPILOG_SEND = f"""\
 exit codes: 0 delivered, 1 delivered to some recipients only, 2 bad arguments,
@@ -59,6 +60,10 @@ after the final dot: the message may have been delivered).
 credentials: --auth-user or ${ENV_USER}; the password from ${ENV_PASSWORD},
 else asked for on the terminal (--auth-password works too, but other users
 can see command lines). They are never sent before TLS unless --auth-plaintext.
+
+client certificate: --cert (PEM, the key in it too unless --key); an
+encrypted key's password from ${ENV_KEY_PASSWORD}. TLS settings are checked
+before anything connects.
 
 without --server, each recipient goes where its domain's MX records say
 (port 25, or --port), looked up through /etc/resolv.conf or --nameserver.
@@ -369,7 +374,11 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         options = dict(timeout=args.timeout, helo=args.helo, tls=args.tls, auth=auth,
                        ca_file=args.ca_file, server_hostname=args.server_name,
                        dangerously_skip_certificate_verification=args.insecure,
-                       protocol=args.protocol)
+                       protocol=args.protocol, ca_path=args.ca_path, cert_file=args.cert,
+                       key_file=args.key, tls_min_version=args.tls_min_version,
+                       ciphers=args.ciphers, ciphersuites=args.ciphersuites)
+        if args.cert is not None and os.environ.get(ENV_KEY_PASSWORD):
+            options["key_password"] = os.environ[ENV_KEY_PASSWORD]
         tls: List[Dict[str, Any]] = []
         if host is not None:
             with Client(host, port, **options) as client:
@@ -615,6 +624,19 @@ def _send_parser(sub: Any) -> None:
                       help="the name the certificate must carry (default: the host)")
     send.add_argument("--insecure", action="store_true",
                       help="accept any certificate (throwaway test servers only)")
+    send.add_argument("--ca-path", metavar="DIR",
+                      help="more CAs to trust: a directory of hashed certificates "
+                           "(openssl rehash DIR)")
+    send.add_argument("--cert", metavar="PEM",
+                      help="a client certificate for a server that asks for one")
+    send.add_argument("--key", metavar="PEM",
+                      help=f"its private key (default: in --cert; password: ${ENV_KEY_PASSWORD})")
+    send.add_argument("--tls-min-version", choices=("TLSv1.2", "TLSv1.3"), default="TLSv1.2",
+                      help="the lowest TLS version to accept (default TLSv1.2)")
+    send.add_argument("--ciphers", metavar="LIST",
+                      help="OpenSSL cipher list for TLS 1.2 (default: OpenSSL's)")
+    send.add_argument("--ciphersuites", metavar="LIST",
+                      help="TLS 1.3 cipher suites, ':'-separated (default: OpenSSL's)")
     send.add_argument("--auth-user", "-au", metavar="USER", help=f"AUTH as USER (or ${ENV_USER})")
     send.add_argument("--auth-password", "-ap", metavar="SECRET",
                       help=f"the password (better: ${ENV_PASSWORD})")

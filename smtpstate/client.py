@@ -28,7 +28,7 @@ from smtpstate.errors import ConnectError, InvalidOptionError, LocalProtocolErro
 from smtpstate.logs import Tracer, log_result
 from smtpstate.machine import Machine, default_machine
 from smtpstate.message import Message
-from smtpstate.options import Auth, Options, check_host, check_port
+from smtpstate.options import Auth, Options, PathLike, check_host, check_port
 from smtpstate.result import Result, not_attempted, unsent_result
 from smtpstate.session import Capabilities, Session
 
@@ -94,6 +94,11 @@ class Client:
             unix socket, unless verification is skipped).
         dangerously_skip_certificate_verification: accept any certificate
             for any name. Only for throwaway test servers.
+        ca_path, cert_file, key_file, key_password, tls_min_version,
+            ciphers, ciphersuites: TLS settings as ``ssl`` has them, for
+            submission: more CAs (a hashed directory), a client certificate
+            and its key, the lowest version, the cipher lists
+            (:class:`~smtpstate.options.Options`, docs/tls.md).
 
     Use it as a context manager; :meth:`send` connects when needed and
     reuses the connection for the next message.
@@ -113,7 +118,9 @@ class Client:
         InvalidOptionError: a bad host or port (an int from 1 to 65535),
             or a bad option (unknown ``protocol`` or ``tls`` mode, missing
             ``ca_file``, bad ``auth``, ``source_address`` with a unix
-            socket).
+            socket), or TLS settings that cannot be used (a file missing, a
+            key that does not match its certificate, a cipher list OpenSSL
+            refuses): all checked here, before anything connects.
     """
 
     def __init__(self, host: str, port: int = 25, *, timeout: Optional[float] = None,
@@ -123,11 +130,19 @@ class Client:
                  tls: Optional[str] = None,
                  auth: Union[Auth, Tuple[str, str], None] = None,
                  ca_file: Optional[str] = None, server_hostname: Optional[str] = None,
-                 dangerously_skip_certificate_verification: bool = False) -> None:
+                 dangerously_skip_certificate_verification: bool = False,
+                 ca_path: Optional[PathLike] = None, cert_file: Optional[PathLike] = None,
+                 key_file: Optional[PathLike] = None,
+                 key_password: Union[str, bytes, None] = None,
+                 tls_min_version: str = "TLSv1.2", ciphers: Optional[str] = None,
+                 ciphersuites: Optional[str] = None) -> None:
         self.options = Options.make(
             protocol=protocol, tls=tls, auth=auth, ca_file=ca_file, timeout=timeout,
             helo=helo, server_hostname=server_hostname,
-            dangerously_skip_certificate_verification=dangerously_skip_certificate_verification)
+            dangerously_skip_certificate_verification=dangerously_skip_certificate_verification,
+            ca_path=ca_path, cert_file=cert_file, key_file=key_file,
+            key_password=key_password, tls_min_version=tls_min_version, ciphers=ciphers,
+            ciphersuites=ciphersuites)
         #: The socket path when ``host`` is ``"unix:/path"``, else None.
         self.unix_path = self.options.check_unix(host)
         if self.unix_path is not None:

@@ -518,7 +518,11 @@ class Engine:
             **options: those of :class:`~smtpstate.options.Options`: ``tls``,
                 ``auth``, ``ca_file``, ``timeout``, ``helo``,
                 ``server_hostname``,
-                ``dangerously_skip_certificate_verification``.
+                ``dangerously_skip_certificate_verification``, and the TLS
+                settings (``ca_path``, ``cert_file``, ``key_file``,
+                ``key_password``, ``tls_min_version``, ``ciphers``,
+                ``ciphersuites``), checked when a destination is first
+                submitted to.
 
         Raises:
             TypeError: not a Message, or an unknown option.

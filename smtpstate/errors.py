@@ -41,7 +41,8 @@ class InvalidMessageError(ValueError, SMTPStateError):
 class InvalidOptionError(ValueError, SMTPStateError):
     """Anything given to smtpstate that is not the message was refused: a
     delivery option (``tls``, ``auth``, ``timeout``, ``helo``, ``ca_file``,
-    ``server_hostname``), a host or port, an Engine limit, a concurrency,
+    ``server_hostname``, the TLS settings: a certificate file missing, a key
+    that does not match it, a cipher list OpenSSL refuses), a host or port, an Engine limit, a concurrency,
     a bounce class or rule. Raised before anything is sent."""
 
 

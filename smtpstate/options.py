@@ -1,28 +1,36 @@
 """Delivery options, the same for every driver (Client, Engine, asyncio):
-``protocol``, ``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo`` and the
-loudly named ``dangerously_skip_certificate_verification``; and where a
+``protocol``, ``tls``, ``auth``, ``ca_file``, ``timeout``, ``helo``, the
+TLS settings of submission (``ca_path``, ``cert_file``, ``key_file``,
+``key_password``, ``tls_min_version``, ``ciphers``, ``ciphersuites``) and
+the loudly named ``dangerously_skip_certificate_verification``; and where a
 driver may connect (:func:`check_host`, :func:`check_port`, and
 :func:`unix_path` for ``"unix:/path/to/socket"``).
 
 Rule: options are checked here, once, when they are given; drivers apply
 them to a C session with :meth:`Options.apply` or turn them into a
 ``struct smtps_destination`` with :meth:`Options.destination`, and never
-interpret them on their own.
+interpret them on their own. The TLS settings are checked by making their
+C policy (``smtps_tls_config_make``) when the Options are made, so that a
+missing file, a key that does not match its certificate or a cipher list
+OpenSSL refuses is an :class:`InvalidOptionError` here, not a failed
+first connection. Making it is cheap: the system CA store is read only by
+the first handshake that verifies a certificate (csrc/tls.c).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple, Union
 
 from smtpstate._ffi import AUTH_MECHANISMS, check, ffi, lib, strerror
 from smtpstate.errors import InvalidOptionError
 
-__all__ = ["Auth", "Options", "TLS_MODES", "VERIFYING", "ENGINE_ONLY", "default_tls",
-           "PROTOCOLS", "AUTH_MECHANISMS", "check_host", "check_port", "unix_path",
-           "UNIX_PREFIX"]
+__all__ = ["Auth", "Options", "TLS_MODES", "TLS_VERSIONS", "VERIFYING", "ENGINE_ONLY",
+           "default_tls", "PROTOCOLS", "AUTH_MECHANISMS", "check_host", "check_port",
+           "unix_path", "UNIX_PREFIX"]
 
 TLS_MODES = {
     "none": lib.SMTPS_TLS_NONE,
@@ -33,6 +41,12 @@ TLS_MODES = {
     "dane": lib.SMTPS_TLS_DANE,
     "dane-only": lib.SMTPS_TLS_DANE_ONLY,
     "mta-sts": lib.SMTPS_TLS_MTA_STS,
+}
+
+#: The lowest TLS version a connection may use (``tls_min_version``).
+TLS_VERSIONS = {
+    "TLSv1.2": lib.SMTPS_TLS_V1_2,       # the default
+    "TLSv1.3": lib.SMTPS_TLS_V1_3,
 }
 
 #: The levels only the Engine can apply (it looks up the TLSA records,
@@ -221,24 +235,119 @@ def _check_option(rc: int, what: str) -> None:
     check(rc, what)
 
 
-# One SSL_CTX per (ca_file, insecure) for the whole process: making one
-# loads the CA store, which costs milliseconds.
-_tls_configs: Dict[Tuple[Optional[str], bool], Any] = {}
+PathLike = Union[str, "os.PathLike[str]"]
+
+# The settings of a C TLS policy, the files' as they are on disk: one
+# SSL_CTX for each, for the whole process, made when the first Options
+# with them are (a file replaced since gets a policy of its own).
+_tls_configs: Dict[Tuple[Any, ...], Any] = {}
 _tls_lock = threading.Lock()
 
+# What the C policy says why in (bounded there too).
+_WHY_MAX = 512
 
-def _tls_config(ca_file: Optional[str], insecure: bool) -> Any:
-    key = (ca_file, insecure)
+
+def _check_path(value: Any, what: str, directory: bool = False) -> Optional[str]:
+    """Return ``value`` (None, a str or a path) as a str path if it names
+    a readable file (with ``directory``, a directory).
+
+    Raises:
+        InvalidOptionError: it is not a str or path, holds a NUL, does not
+            exist, is not a file (directory) or cannot be read.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise InvalidOptionError(
+            f"{what} must be a path (str or os.PathLike), not {type(value).__name__}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise InvalidOptionError(f"{what}={value!r} is not a usable path")
+    kind = "directory" if directory else "file"
+    if not os.path.exists(path):
+        raise InvalidOptionError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path) != directory:
+        raise InvalidOptionError(f"{what} {path!r} is not a {kind}")
+    if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
+        raise InvalidOptionError(f"{what} {path!r}: this process may not read that {kind}")
+    return path
+
+
+def _check_text(value: Any, what: str) -> Optional[str]:
+    """Return ``value`` if it is None or printable ASCII (a cipher list).
+
+    Raises:
+        InvalidOptionError: it is not.
+    """
+    if value is not None and (not isinstance(value, str) or any(
+            not 0x20 <= ord(ch) <= 0x7E for ch in value)):
+        raise InvalidOptionError(f"{what} must be a str of printable ASCII, not {value!r}")
+    return value
+
+
+def _file_state(path: Optional[PathLike]) -> Any:
+    """What tells one version of a file from the next (a certificate
+    renewed in place), for the cache of policies."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, None)                     # said by C, in its words
+    return (path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _tls_config(o: "Options", password: Optional[bytes]) -> Any:
+    """The shared C policy of ``o``'s TLS settings, made (and so checked)
+    the first time they are seen.
+
+    Raises:
+        InvalidOptionError: C refused a setting; the message is C's, with
+            OpenSSL's reasons.
+        MemoryError: out of memory.
+    """
+    insecure = bool(o.dangerously_skip_certificate_verification)
+    key = (_file_state(o.ca_file), _file_state(o.ca_path), insecure,
+           _file_state(o.cert_file), _file_state(o.key_file),
+           # Not the password itself: this cache lives as long as the process.
+           None if password is None else hashlib.sha256(password).digest(),
+           o.tls_min_version, o.ciphers, o.ciphersuites)
     with _tls_lock:
         cfg = _tls_configs.get(key)
-        if cfg is None:
-            raw = lib.smtps_tls_config_new(
-                ca_file.encode() if ca_file else ffi.NULL, 1 if insecure else 0)
-            if raw == ffi.NULL:
-                where = f"CA file {ca_file!r}" if ca_file else "the system CA store"
-                raise InvalidOptionError(f"cannot set up TLS with {where}")
-            cfg = ffi.gc(raw, lib.smtps_tls_config_free)
-            _tls_configs[key] = cfg
+        if cfg is not None:
+            return cfg
+        keep = []
+
+        def cstr(value: Any) -> Any:
+            if value is None:
+                return ffi.NULL
+            c = ffi.new("char[]", value if isinstance(value, bytes) else os.fsencode(value))
+            keep.append(c)
+            return c
+
+        ts = ffi.new("struct smtps_tls_settings *")
+        ts.sizeof_settings = ffi.sizeof("struct smtps_tls_settings")
+        ts.ca_file = cstr(o.ca_file)
+        # OpenSSL looks in the directory at each handshake: after a chdir too.
+        ts.ca_path = cstr(None if o.ca_path is None else os.path.abspath(o.ca_path))
+        ts.insecure_no_verify = 1 if insecure else 0
+        ts.cert_file = cstr(o.cert_file)
+        ts.key_file = cstr(o.key_file)
+        ts.key_password = cstr(password)
+        ts.min_version = TLS_VERSIONS[o.tls_min_version]
+        ts.ciphers = cstr(o.ciphers)
+        ts.ciphersuites = cstr(o.ciphersuites)
+        out = ffi.new("struct smtps_tls_config **")
+        why = ffi.new("char[]", _WHY_MAX)
+        rc = lib.smtps_tls_config_make(ts, out, why, _WHY_MAX)
+        if password is not None:
+            ffi.memmove(ts.key_password, b"\x00" * len(password), len(password))
+        if rc in (lib.SMTPS_EINVAL, lib.SMTPS_ETLS):
+            text = ffi.string(why).decode("utf-8", "replace")
+            raise InvalidOptionError(text or f"cannot set up TLS: {strerror(rc)}")
+        check(rc, "set up TLS")
+        cfg = ffi.gc(out[0], lib.smtps_tls_config_free)
+        _tls_configs[key] = cfg
         return cfg
 
 
@@ -270,7 +379,8 @@ class Options:
             could reach anyone) unless ``Auth(allow_plaintext=True)``,
             which also makes it the default.
         auth: an :class:`Auth`, or a (user, secret) pair, or None.
-        ca_file: PEM file of trusted CAs; None: the system store.
+        ca_file: PEM file of trusted CAs; None (and no ``ca_path``): the
+            system store, read by the first handshake that verifies.
         timeout: seconds for every reply deadline (and connecting); None:
             RFC 5321's per-stage defaults.
         helo: the EHLO/HELO name; None: the driver's default.
@@ -278,6 +388,31 @@ class Options:
             certificate; None: the host connected to.
         dangerously_skip_certificate_verification: accept any certificate
             and host name. Only for tests against throwaway servers.
+        ca_path: a directory of trusted CA certificates named by their
+            subject hash (``openssl rehash DIR``), as ``ssl``'s ``capath``;
+            with ``ca_file`` both count.
+        cert_file: a client certificate to offer a server that asks for
+            one (submission servers that authenticate clients by
+            certificate): PEM, the certificate first, then any
+            intermediates; the key too unless ``key_file``.
+        key_file: the certificate's private key, PEM.
+        key_password: the password of an encrypted key (str or bytes);
+            never shown by ``repr``. Without it an encrypted key is refused
+            (never asked for on a terminal).
+        tls_min_version: "TLSv1.2" (the default) or "TLSv1.3".
+        ciphers: an OpenSSL cipher list for TLS 1.2 ("ECDHE+AESGCM");
+            None: OpenSSL's default.
+        ciphersuites: the TLS 1.3 cipher suites, ':'-separated
+            ("TLS_AES_256_GCM_SHA384"); None: OpenSSL's default.
+
+    Raises:
+        InvalidOptionError: a bad value. The TLS settings are checked
+            whole when the Options are made: a file that is missing or
+            cannot be read, a certificate or key OpenSSL cannot load (a
+            wrong ``key_password``), a key that does not match its
+            certificate, a version not in :data:`TLS_VERSIONS`, a cipher
+            list in which OpenSSL finds no cipher; the message says which,
+            with OpenSSL's reasons.
     """
 
     protocol: str = "smtp"
@@ -288,6 +423,13 @@ class Options:
     helo: Optional[str] = None
     server_hostname: Optional[str] = None
     dangerously_skip_certificate_verification: bool = False
+    ca_path: Optional[PathLike] = None
+    cert_file: Optional[PathLike] = None
+    key_file: Optional[PathLike] = None
+    key_password: Union[str, bytes, None] = field(default=None, repr=False)
+    tls_min_version: str = "TLSv1.2"
+    ciphers: Optional[str] = None
+    ciphersuites: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS:
@@ -313,14 +455,42 @@ class Options:
                 "server is, so the credentials could reach anyone; use tls='verify' "
                 "(the default with auth) or 'implicit', or Auth(..., "
                 "allow_plaintext=True) for a server you trust without it")
-        if self.ca_file is not None and not os.path.isfile(self.ca_file):
-            raise InvalidOptionError(f"ca_file {self.ca_file!r} does not exist")
         if self.timeout is not None:
             _check_seconds(self.timeout, "timeout")
         if self.helo is not None:
             _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX)
         if self.server_hostname is not None:
             check_host(self.server_hostname, "server_hostname")
+        self._check_tls_settings()
+
+    def _check_tls_settings(self) -> None:
+        """Check the TLS settings by making their C policy, now (it is kept
+        for :meth:`tls_config`). With ``tls="none"`` a policy is made only
+        when settings were given: they are checked all the same."""
+        ca_file = _check_path(self.ca_file, "ca_file")
+        ca_path = _check_path(self.ca_path, "ca_path", directory=True)
+        cert_file = _check_path(self.cert_file, "cert_file")
+        key_file = _check_path(self.key_file, "key_file")
+        for name, value in (("ca_file", ca_file), ("ca_path", ca_path),
+                            ("cert_file", cert_file), ("key_file", key_file)):
+            object.__setattr__(self, name, value)
+        if not isinstance(self.tls_min_version, str) or self.tls_min_version not in TLS_VERSIONS:
+            raise InvalidOptionError(f"tls_min_version={self.tls_min_version!r} is not one of "
+                                     f"{sorted(TLS_VERSIONS)}")
+        _check_text(self.ciphers, "ciphers")
+        _check_text(self.ciphersuites, "ciphersuites")
+        password = self.key_password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        if password is not None and (not isinstance(password, bytes) or not password
+                                     or b"\x00" in password):
+            raise InvalidOptionError("key_password must be a non-empty str or bytes "
+                                     "without a NUL")
+        given = (ca_file, ca_path, cert_file, key_file, password, self.ciphers,
+                 self.ciphersuites)
+        if self.tls != "none" or self.tls_min_version != "TLSv1.2" or any(
+                v is not None for v in given):
+            object.__setattr__(self, "_tls_cfg", _tls_config(self, password))
 
     @classmethod
     def make(cls, **kwargs: Any) -> "Options":
@@ -336,10 +506,11 @@ class Options:
         return 0 if self.timeout is None else max(1, int(self.timeout * 1000))
 
     def tls_config(self) -> Any:
-        """The shared C TLS policy for these options (NULL when tls="none")."""
+        """The shared C TLS policy for these options, made with them (NULL
+        when tls="none")."""
         if self.tls == "none":
             return ffi.NULL
-        return _tls_config(self.ca_file, self.dangerously_skip_certificate_verification)
+        return self.__dict__["_tls_cfg"]
 
     def check_unix(self, host: str) -> Optional[str]:
         """The socket path when ``host`` is ``"unix:/path"``, else None;

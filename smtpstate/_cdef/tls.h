@@ -13,8 +13,27 @@
 #define SMTPS_TLS_MTA_STS ...
 #define SMTPS_AUTH_ANY ...
 
+#define SMTPS_TLS_V1_2 ...
+#define SMTPS_TLS_V1_3 ...
+
+struct smtps_tls_settings {
+    size_t sizeof_settings;
+    const char *ca_file;
+    const char *ca_path;
+    int insecure_no_verify;
+    const char *cert_file;
+    const char *key_file;
+    const char *key_password;
+    int min_version;
+    const char *ciphers;
+    const char *ciphersuites;
+};
+
 struct smtps_tls_config;
 
+int smtps_tls_config_make(const struct smtps_tls_settings *ts,
+                          struct smtps_tls_config **cfg, char *why,
+                          size_t why_len);
 struct smtps_tls_config *smtps_tls_config_new(const char *ca_file,
                                               int insecure_no_verify);
 void smtps_tls_config_free(struct smtps_tls_config *c);

@@ -45,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
@@ -790,6 +791,346 @@ out:
     return ok;
 }
 
+/* ------------------------------------------------------------------ */
+/* Policies from settings                                              */
+/* ------------------------------------------------------------------ */
+
+static char dir[] = "/tmp/smtpstate-test-tls-XXXXXX";
+
+static const char *const files[] = {
+    "cert.pem", "key.pem", "cert2.pem", "key2.pem", "enc.pem", "junk.pem",
+};
+
+/* path - a file of the test directory */
+
+static const char *path(const char *name)
+{
+    static char buf[8][256];
+    static int next;
+    char   *p = buf[next++ % 8];
+
+    snprintf(p, sizeof(buf[0]), "%s/%s", dir, name);
+    return p;
+}
+
+/* write_pem - one PEM file: a certificate, a key (encrypted: pass) or junk */
+
+static int write_pem(const char *name, X509 *c, EVP_PKEY *k, const char *pass)
+{
+    FILE   *f = fopen(path(name), "w");
+    int     ok;
+
+    if (f == NULL)
+	return 0;
+    if (c != NULL)
+	ok = PEM_write_X509(f, c) == 1;
+    else if (k != NULL)
+	ok = PEM_write_PrivateKey(f, k, pass ? EVP_aes_256_cbc() : NULL,
+				  (const unsigned char *) pass,
+				  pass ? (int) strlen(pass) : 0, NULL, NULL) == 1;
+    else
+	ok = fputs("not PEM at all\n", f) >= 0;
+    return fclose(f) == 0 && ok;
+}
+
+/* make_files - the certificates and keys the settings name, on disk */
+
+static int make_files(void)
+{
+    if (!make_cert() || (cert2 == NULL && !make_cert_into(&key2, &cert2))
+	|| mkdtemp(dir) == NULL)
+	return 0;
+    return write_pem("cert.pem", cert, NULL, NULL)
+	&& write_pem("key.pem", NULL, key, NULL)
+	&& write_pem("cert2.pem", cert2, NULL, NULL)
+	&& write_pem("key2.pem", NULL, key2, NULL)
+	&& write_pem("enc.pem", NULL, key, "sekrit")
+	&& write_pem("junk.pem", NULL, NULL, NULL)
+	&& mkdir(path("empty"), 0700) == 0;
+}
+
+/* remove_files - what make_files() made */
+
+static void remove_files(void)
+{
+    size_t  i;
+
+    for (i = 0; i < sizeof(files) / sizeof(files[0]); i++)
+	unlink(path(files[i]));
+    rmdir(path("empty"));
+    rmdir(dir);
+}
+
+/* settings_of - settings with only the ABI guard filled in */
+
+static struct smtps_tls_settings settings_of(void)
+{
+    struct smtps_tls_settings ts;
+
+    memset(&ts, 0, sizeof(ts));
+    ts.sizeof_settings = sizeof(ts);
+    return ts;
+}
+
+/*
+ * test_settings - every setting is checked when the policy is made: the
+ * code, and words in why that say what to fix
+ */
+
+static int test_settings(void)
+{
+    static const struct {
+	const char *label;
+	const char *ca_file, *ca_path, *cert, *key, *pass;
+	int     min;
+	const char *ciphers, *suites;
+	int     rc;
+	const char *want;		/* in why; NULL: why stays "" */
+    }       cases[] = {
+	{"defaults", 0, 0, 0, 0, 0, 0, 0, 0, SMTPS_OK, 0},
+	{"all good", "cert.pem", ".", "cert.pem", "key.pem", 0, SMTPS_TLS_V1_3,
+	"ECDHE+AESGCM", "TLS_AES_128_GCM_SHA256", SMTPS_OK, 0},
+	{"encrypted key", 0, 0, "cert.pem", "enc.pem", "sekrit", 0, 0, 0,
+	SMTPS_OK, 0},
+	{"TLS 1.2", 0, 0, 0, 0, 0, SMTPS_TLS_V1_2, 0, 0, SMTPS_OK, 0},
+	{"TLS 1.1", 0, 0, 0, 0, 0, 0x0302, 0, 0, SMTPS_EINVAL,
+	"min_version 0x0302 is neither TLS 1.2"},
+	{"bad ciphers", 0, 0, 0, 0, 0, 0, "NOPE", 0, SMTPS_EINVAL,
+	"ciphers 'NOPE': OpenSSL finds no TLS 1.2 cipher in it: no cipher match"},
+	{"bad suites", 0, 0, 0, 0, 0, 0, 0, "NOPE", SMTPS_EINVAL,
+	"ciphersuites 'NOPE': OpenSSL finds no TLS 1.3 cipher suite"},
+	{"no suites, TLS 1.3 only", 0, 0, 0, 0, 0, SMTPS_TLS_V1_3, 0, "",
+	SMTPS_EINVAL, "leaves TLS 1.3 no cipher suite"},
+	{"no suites, TLS 1.2 allowed", 0, 0, 0, 0, 0, 0, 0, "", SMTPS_OK, 0},
+	{"missing cert", 0, 0, "nonexistent.pem", 0, 0, 0, 0, 0, SMTPS_EINVAL,
+	"No such file or directory"},
+	{"cert file holds no certificate", 0, 0, "key.pem", 0, 0, 0, 0, 0,
+	SMTPS_EINVAL, "cannot load the certificate chain (PEM, the client "
+	"certificate first): no start line"},
+	{"no key in cert_file", 0, 0, "cert.pem", 0, 0, 0, 0, 0, SMTPS_EINVAL,
+	"cannot load a private key from it (give key_file"},
+	{"key of another certificate", 0, 0, "cert.pem", "key2.pem", 0, 0, 0,
+	0, SMTPS_EINVAL, "does not match the certificate of cert_file"},
+	{"encrypted key, no password", 0, 0, "cert.pem", "enc.pem", 0, 0, 0, 0,
+	SMTPS_EINVAL, "(if it is encrypted, give key_password)"},
+	{"encrypted key, wrong password", 0, 0, "cert.pem", "enc.pem", "wrong",
+	0, 0, 0, SMTPS_EINVAL, "(wrong key_password?)"},
+	{"key without cert", 0, 0, 0, "key.pem", 0, 0, 0, 0, SMTPS_EINVAL,
+	"key_file needs cert_file"},
+	{"password without cert", 0, 0, 0, 0, "x", 0, 0, 0, SMTPS_EINVAL,
+	"key_password needs cert_file"},
+	{"CA file of junk", "junk.pem", 0, 0, 0, 0, 0, 0, 0, SMTPS_EINVAL,
+	"ca_file '"},
+	{"missing CA file", "nonexistent.pem", 0, 0, 0, 0, 0, 0, 0,
+	SMTPS_EINVAL, "No such file or directory"},
+	{"CA directory not hashed", 0, "empty", 0, 0, 0, 0, 0, 0, SMTPS_EINVAL,
+	"run 'openssl rehash' on it"},
+	{"missing CA directory", 0, "nonexistent", 0, 0, 0, 0, 0, 0,
+	SMTPS_EINVAL, "ca_path '"},
+    };
+    struct smtps_tls_settings ts;
+    struct smtps_tls_config *cfg;
+    char    msg[256], tiny[12];
+    size_t  i;
+    int     rc, ok = 0;
+
+    if (!make_files())
+	return (snprintf(why, WHY_MAX, "cannot write the test files"), 0);
+    /* "." for a CA directory: one with a hashed name in it. */
+    if (symlink("cert.pem", path("1a2b3c4d.0")) != 0)
+	return (snprintf(why, WHY_MAX, "cannot make a hashed name"), 0);
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+	ts = settings_of();
+	ts.ca_file = cases[i].ca_file ? path(cases[i].ca_file) : NULL;
+	ts.ca_path = cases[i].ca_path == NULL ? NULL :
+	    strcmp(cases[i].ca_path, ".") == 0 ? dir : path(cases[i].ca_path);
+	ts.cert_file = cases[i].cert ? path(cases[i].cert) : NULL;
+	ts.key_file = cases[i].key ? path(cases[i].key) : NULL;
+	ts.key_password = cases[i].pass;
+	ts.min_version = cases[i].min;
+	ts.ciphers = cases[i].ciphers;
+	ts.ciphersuites = cases[i].suites;
+	strcpy(msg, "(untouched)");
+	cfg = (struct smtps_tls_config *) &ts;	/* must be overwritten */
+	rc = smtps_tls_config_make(&ts, &cfg, msg, sizeof(msg));
+	if (rc != cases[i].rc || (rc == SMTPS_OK) != (cfg != NULL)
+	    || (cases[i].want ? strstr(msg, cases[i].want) == NULL : msg[0] != 0)
+	    || ERR_peek_error() != 0) {
+	    snprintf(why, WHY_MAX, "%s: rc %d, why \"%s\"", cases[i].label, rc,
+		     msg);
+	    smtps_tls_config_free(cfg);
+	    goto out;
+	}
+	smtps_tls_config_free(cfg);
+	/* A short buffer is cut, and still a string; none at all works too. */
+	memset(tiny, 'x', sizeof(tiny));
+	if (smtps_tls_config_make(&ts, &cfg, tiny, sizeof(tiny)) != rc
+	    || memchr(tiny, 0, sizeof(tiny)) == NULL) {
+	    snprintf(why, WHY_MAX, "%s: a short buffer overflows", cases[i].label);
+	    smtps_tls_config_free(cfg);
+	    goto out;
+	}
+	smtps_tls_config_free(cfg);
+	if (smtps_tls_config_make(&ts, &cfg, NULL, 0) != rc) {
+	    snprintf(why, WHY_MAX, "%s: no buffer, another result", cases[i].label);
+	    smtps_tls_config_free(cfg);
+	    goto out;
+	}
+	smtps_tls_config_free(cfg);
+    }
+    /* The ABI guard, and no settings at all. */
+    ts = settings_of();
+    ts.sizeof_settings = sizeof(size_t);
+    if (smtps_tls_config_make(&ts, &cfg, msg, sizeof(msg)) != SMTPS_EINVAL
+	|| cfg != NULL
+	|| smtps_tls_config_make(NULL, &cfg, msg, sizeof(msg)) != SMTPS_EINVAL
+	|| smtps_tls_config_make(&ts, NULL, msg, sizeof(msg)) != SMTPS_EINVAL) {
+	snprintf(why, WHY_MAX, "bad settings were taken");
+	goto out;
+    }
+    ok = 1;
+out:
+    unlink(path("1a2b3c4d.0"));
+    return ok;
+}
+
+/* starttls_up - an opportunistic STARTTLS session on cfg until TLS is up */
+
+static int starttls_up(struct smtps_tls_config *cfg)
+{
+    struct smtps_session *s = smtps_session_new(NULL, "client.example", NULL);
+    struct server *sv = server_new();
+    const char *data;
+    int     ok;
+
+    ok = s != NULL
+	&& smtps_session_set_tls(s, SMTPS_TLS_OPPORTUNISTIC, cfg, "localhost")
+	== SMTPS_OK && smtps_session_start(s, 0) == SMTPS_OK;
+    if (ok) {
+	smtps_session_feed(s, B("220 server.example\r\n"), 0);
+	smtps_session_consume(s, smtps_session_output(s, &data), 0);
+	smtps_session_feed(s, B("250-server.example\r\n250 STARTTLS\r\n"), 0);
+	smtps_session_consume(s, smtps_session_output(s, &data), 0);
+	smtps_session_feed(s, B("220 go\r\n"), 0);
+	ok = pump(sv, s, 1 << 20) && smtps_session_tls_active(s);
+    }
+    smtps_session_free(s);
+    server_free(sv);
+    return ok;
+}
+
+/*
+ * test_system_store_lazily - the system store is read by the first
+ * handshake that verifies, not before: a policy made and used for
+ * opportunistic TLS holds no CAs; CA files are read when it is made
+ */
+
+static int test_system_store_lazily(void)
+{
+    struct smtps_tls_config *cfg = smtps_tls_config_new(NULL, 0);
+    SSL_CTX *ctx = server_ctx(0, NULL, NULL);
+    struct smtps_session *s;
+    struct server *sv;
+    int     ok = 0;
+
+    if (cfg == NULL || smtps_tls_config_trusted(cfg)) {
+	snprintf(why, WHY_MAX, "the system store was read with the policy");
+	goto out;
+    }
+    if (!starttls_up(cfg) || smtps_tls_config_trusted(cfg)) {
+	snprintf(why, WHY_MAX, "opportunistic TLS: %s",
+		 smtps_tls_config_trusted(cfg) ? "read the system store" :
+		 "did not come up");
+	goto out;
+    }
+    /* Nobody vouches for the self-signed certificate: refused all the same. */
+    s = handshake(ctx, cfg, "localhost", NULL, &sv);
+    if (!done(s, sv, smtps_session_tls_active(s) == 0)
+	|| !smtps_tls_config_trusted(cfg)) {
+	snprintf(why, WHY_MAX, "verified TLS: %s", smtps_tls_config_trusted(cfg)
+		 ? "the certificate was taken" : "no store was read");
+	goto out;
+    }
+    why[0] = 0;
+    smtps_tls_config_free(cfg);
+    if ((cfg = smtps_tls_config_new(path("cert.pem"), 0)) == NULL
+	|| !smtps_tls_config_trusted(cfg)) {
+	snprintf(why, WHY_MAX, "a CA file was not read with the policy");
+	goto out;
+    }
+    ok = 1;
+out:
+    smtps_tls_config_free(cfg);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return ok;
+}
+
+/*
+ * client_cert - a server that requires a client certificate and trusts
+ * cert2's: with cert2 and key2 the session is up and the server saw that
+ * certificate; without one, the handshake fails
+ */
+
+static int client_cert(int version)
+{
+    struct smtps_tls_settings ts = settings_of();
+    struct smtps_tls_config *with = NULL, *without;
+    SSL_CTX *ctx = server_ctx(version, NULL, NULL);
+    struct smtps_session *s;
+    struct server *sv;
+    X509   *peer;
+    int     ok = 0, up;
+
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT,
+		       NULL);
+    X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx), cert2);
+    ts.insecure_no_verify = 1;			/* the server's is self-signed */
+    ts.cert_file = path("cert2.pem");
+    ts.key_file = path("key2.pem");
+    if (smtps_tls_config_make(&ts, &with, NULL, 0) != SMTPS_OK
+	|| (without = smtps_tls_config_new(NULL, 1)) == NULL) {
+	snprintf(why, WHY_MAX, "no policies");
+	smtps_tls_config_free(with);
+	SSL_CTX_free(ctx);
+	return 0;
+    }
+    s = handshake(ctx, with, "localhost", NULL, &sv);
+    peer = SSL_get1_peer_certificate(sv->ssl);
+    up = why[0] == 0 && peer != NULL && X509_cmp(peer, cert2) == 0;
+    X509_free(peer);
+    if (!done(s, sv, up)) {
+	if (why[0] == 0)
+	    snprintf(why, WHY_MAX, "the server did not get the certificate");
+	goto out;
+    }
+    /* TLS 1.3: the client is up before the server refuses; the EHLO fails. */
+    s = handshake(ctx, without, "localhost", NULL, &sv);
+    up = smtps_session_status(s) == SMTPS_SESS_IDLE;
+    if (!done(s, sv, !up)) {
+	snprintf(why, WHY_MAX, "no certificate, and still in");
+	goto out;
+    }
+    why[0] = 0;
+    ok = 1;
+out:
+    smtps_tls_config_free(with);
+    smtps_tls_config_free(without);
+    SSL_CTX_free(ctx);
+    ERR_clear_error();
+    return ok;
+}
+
+static int test_client_cert_tls12(void)
+{
+    return client_cert(TLS1_2_VERSION);
+}
+
+static int test_client_cert_tls13(void)
+{
+    return client_cert(TLS1_3_VERSION);
+}
+
 int     main(void)
 {
     static const struct {
@@ -808,6 +1149,11 @@ int     main(void)
 	{"resumption TLS 1.3", test_resumption_tls13},
 	{"resumption refused, then verification fails",
 	test_resumption_refused_then_verify_fails},
+	{"settings checked when the policy is made", test_settings},
+	{"system store read by the first verifying handshake",
+	test_system_store_lazily},
+	{"client certificate, TLS 1.2", test_client_cert_tls12},
+	{"client certificate, TLS 1.3", test_client_cert_tls13},
     };
     size_t  i;
     int     passed = 0, failed = 0;
@@ -823,6 +1169,7 @@ int     main(void)
 	    failed++;
 	}
     }
+    remove_files();
     X509_free(cert);
     EVP_PKEY_free(key);
     X509_free(cert2);
