@@ -100,6 +100,9 @@ def messages(domains: int, data: bytes) -> List[smtpstate.Message]:
     return [smtpstate.Message(SENDER, [f"bench@{domain(i)}"], data) for i in range(domains)]
 
 
+MTA_STS = True          # --mta-sts: Engine(mta_sts=True) or None
+
+
 def split_cpus() -> Tuple[Optional[List[int]], Optional[List[int]]]:
     """(peer CPUs, client CPUs) as run.py's "split": None on one CPU."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -136,7 +139,7 @@ def child_warm(spec: Dict[str, Any]) -> Dict[str, Any]:
     msgs = messages(domains, data)
     resolver = smtpstate.Resolver(local_records=records(domains, sites))
     engine = smtpstate.Engine(max_connections=conc, max_per_destination=conc, helo=HELO,
-                              resolver=resolver)
+                              resolver=resolver, mta_sts=spec["mta_sts"] or None)
     # Warm-up: one message per domain, the same way as measured.
     for msg in msgs:
         if routed:
@@ -177,7 +180,8 @@ def child_cold(spec: Dict[str, Any]) -> Dict[str, Any]:
     domains, sites, conc, port = spec["domains"], spec["sites"], spec["conc"], spec["port"]
     msgs = messages(domains, data)
     engine = smtpstate.Engine(max_connections=conc, max_per_destination=conc, helo=HELO,
-                              resolver=smtpstate.Resolver([spec["nameserver"]]))
+                              resolver=smtpstate.Resolver([spec["nameserver"]]),
+                              mta_sts=spec["mta_sts"] or None)
     results = []
     t_submit = time.time()
     for msg in msgs:
@@ -237,7 +241,7 @@ def warm(rounds: int, n: int, domains: int, sites: int, conc: int,
             for mode in order:
                 if progress:
                     progress.step(f"routing warm {mode} round {k + 1}")
-                spec = {"kind": "warm", "mode": mode, "port": sink.port, "n": n, "conc": conc,
+                spec = {"kind": "warm", "mode": mode, "mta_sts": MTA_STS, "port": sink.port, "n": n, "conc": conc,
                         "domains": domains, "sites": sites, "cpus": client_cpus}
                 runs[mode].append(_finish(_spawn(spec), f"warm {mode}"))
     out: Dict[str, Any] = {"messages": n, "domains": domains, "sites": sites,
@@ -305,7 +309,7 @@ def cold(rounds: int, domains: int, sites: int, conc: int,
                 if progress:
                     progress.step(f"routing cold round {k + 1}")
                 base = _mx_queries(dns)
-                spec = {"kind": "cold", "port": sink.port, "conc": conc, "domains": domains,
+                spec = {"kind": "cold", "mta_sts": MTA_STS, "port": sink.port, "conc": conc, "domains": domains,
                         "sites": sites, "nameserver": dns.address, "cpus": client_cpus}
                 proc = _spawn(spec)
                 polls: List[Tuple[float, float, int]] = []
@@ -412,10 +416,14 @@ def main() -> int:
                     help="max_connections and max_per_destination (default 10)")
     ap.add_argument("--only", default="warm,cold")
     ap.add_argument("--json", help="write every figure, each round's too, to this file")
+    ap.add_argument("--mta-sts", choices=("on", "off"), default="on",
+                    help="the Engines' MTA-STS discovery (default on, as Engine() has it)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return _child_main(json.loads(args.child))
+    global MTA_STS
+    MTA_STS = args.mta_sts == "on"
     if not 1 <= args.sites <= args.domains <= 10000:
         raise SystemExit("need 1 <= --sites <= --domains <= 10000")
     if not find_program("smtp-sink"):
