@@ -387,6 +387,7 @@ int     smtps_engine_set_resolver(struct smtps_engine *e,
     copy.timeout_ms = c.timeout_ms;
     copy.attempts = c.attempts;
     copy.max_in_flight = c.max_in_flight;
+    copy.no_dnssec = c.no_dnssec;
     if (err) {
 	resolver_forget(&copy);
 	return SMTPS_ENOMEM;
@@ -408,6 +409,13 @@ int     smtps_engine_set_resolver(struct smtps_engine *e,
     if (e->dns_ms > SMTPS_TIMEOUT_MAX)
 	e->dns_ms = SMTPS_TIMEOUT_MAX;
     return SMTPS_OK;
+}
+
+/* smtps_engine_dnssec - SMTPS_DNSSEC_*: what the resolver validates */
+
+int     smtps_engine_dnssec(const struct smtps_engine *e)
+{
+    return e == NULL || e->dns == NULL ? SMTPS_DNSSEC_UNKNOWN : smtps_dns_dnssec(e->dns);
 }
 
 /* smtps_engine_set_limits - the traffic shaping rules of new destinations */

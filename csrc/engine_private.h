@@ -140,6 +140,7 @@ struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
 				        int64_t deadline_ms,
 				        char *why, size_t whylen);
 int     smtps_dns_fd(const struct smtps_dns *dns);
+int     smtps_dns_dnssec(const struct smtps_dns *dns);	/* SMTPS_DNSSEC_* */
 int     smtps_dns_query(struct smtps_dns *dns, const char *name, int rrtype,
 			        int priority, struct smtps_dns_req *req);
 void    smtps_dns_cancel(struct smtps_dns *dns, struct smtps_dns_req *req);

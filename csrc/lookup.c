@@ -69,13 +69,13 @@ struct smtps_lookup *smtps_lookup_new(const struct smtps_resolver_config *cfg,
 	    snprintf(why, whylen, "out of memory");
 	return NULL;
     }
-    if ((l->dns = smtps_dns_new(&copy, NULL, 0, why, whylen)) == NULL) {
-	free(l);
-	return NULL;
-    }
     /* As the engine's lookups: the timeout of each attempt, all of them. */
     l->timeout_ms = (copy.timeout_ms > 0 ? copy.timeout_ms : SMTPS_DNS_TIMEOUT_MS)
 	* (copy.attempts > 0 ? copy.attempts : SMTPS_DNS_ATTEMPTS);
+    if ((l->dns = smtps_dns_new(&copy, NULL, l->timeout_ms, why, whylen)) == NULL) {
+	free(l);
+	return NULL;
+    }
     return l;
 }
 

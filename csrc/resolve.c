@@ -137,6 +137,7 @@ struct smtps_dns {
     struct smtps_timer timer;		/* the oldest lookup's deadline */
     int64_t deadline_ms;		/* a lookup's, from when it is sent */
     size_t  max_sent;			/* lookups in flight at once */
+    int     dnssec;			/* SMTPS_DNSSEC_* */
     size_t  nsent;
     struct dns_list lists[DNS_LISTS];
 };
@@ -145,6 +146,28 @@ static const char *const private_zones[] = {
     "test. transparent",
     "home.arpa. transparent",
 };
+
+/*
+ * The root zone's trust anchors (IANA, data.iana.org/root-anchors): the
+ * DS records of KSK-2017 (tag 20326) and KSK-2024 (tag 38696), both in
+ * force while the root rolls over to the latter.
+ */
+static const char *const root_anchors[] = {
+    ". IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D",
+    ". IN DS 38696 8 2 683D2D0ACB8C9B712A1948B27F741219298D0A450D612C483AF444A4C0FB2B16",
+};
+
+/*
+ * Names no public zone delegates (RFC 6761, RFC 8375): the root's
+ * signed denial would make them bogus, so they are taken as unsigned
+ * under the root's anchors (an anchor given for one of them still
+ * counts: unbound lets trust anchors override domain-insecure).
+ */
+static const char *const insecure_zones[] = {
+    "test.", "home.arpa.", "localhost.", "invalid.", "local.",
+};
+
+#define DNS_PROBE_MS 3000		/* the root's keys, at most this long */
 
 static void dns_callback(void *mydata, int err, struct ub_result *result);
 
@@ -161,12 +184,12 @@ static struct smtps_dns *dns_fail(struct smtps_dns *dns, char *why,
     return NULL;
 }
 
-/* smtps_dns_new - a libunbound context with the caller's settings */
+/* dns_make - a libunbound context with the caller's settings; root: its anchors */
 
-struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
-				        struct smtps_timer_heap *timers,
-				        int64_t deadline_ms,
-				        char *why, size_t whylen)
+static struct smtps_dns *dns_make(const struct smtps_resolver_config *cfg,
+				          struct smtps_timer_heap *timers,
+				          int64_t deadline_ms, int root,
+				          char *why, size_t whylen)
 {
     struct smtps_dns *dns;
     size_t  i;
@@ -213,15 +236,78 @@ struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
     if (cfg != NULL && cfg->hosts_file
 	&& (rc = ub_ctx_hosts(dns->ctx, NULL)) != 0)
 	return dns_fail(dns, why, whylen, "/etc/hosts", NULL, rc);
-    for (i = 0; cfg != NULL && i < cfg->trust_anchors_count; i++)
+    for (i = 0; cfg != NULL && !cfg->no_dnssec && i < cfg->trust_anchors_count; i++)
 	if ((rc = ub_ctx_add_ta(dns->ctx, cfg->trust_anchors[i])) != 0)
 	    return dns_fail(dns, why, whylen, "trust anchor",
 			    cfg->trust_anchors[i], rc);
+    for (i = 0; root && i < sizeof(root_anchors) / sizeof(root_anchors[0]); i++)
+	if ((rc = ub_ctx_add_ta(dns->ctx, root_anchors[i])) != 0)
+	    return dns_fail(dns, why, whylen, "trust anchor", root_anchors[i], rc);
+    for (i = 0; i < sizeof(insecure_zones) / sizeof(insecure_zones[0]); i++)
+	if (!(cfg != NULL && cfg->no_dnssec)
+	    && (rc = ub_ctx_set_option(dns->ctx, "domain-insecure:",
+				       insecure_zones[i])) != 0)
+	    return dns_fail(dns, why, whylen, "insecure zone", insecure_zones[i], rc);
+    dns->dnssec = (cfg != NULL && cfg->no_dnssec) || (!root && (cfg == NULL
+				|| cfg->trust_anchors_count == 0)) ?
+	SMTPS_DNSSEC_OFF : SMTPS_DNSSEC_ON;
     for (i = 0; cfg != NULL && i < cfg->local_data_count; i++)
 	if ((rc = ub_ctx_data_add(dns->ctx, cfg->local_data[i])) != 0)
 	    return dns_fail(dns, why, whylen, "local record",
 			    cfg->local_data[i], rc);
     return dns;
+}
+
+/*
+ * dns_strips_dnssec - the name servers' answer for the root's keys fails
+ * validation: they strip DNSSEC (no signatures), and under the root's
+ * anchors every answer would be bogus. No answer in time proves nothing.
+ */
+
+static int dns_strips_dnssec(struct smtps_dns *dns, int64_t timeout_ms)
+{
+    struct smtps_dns_answer a;
+    int     stripped;
+
+    if (smtps_dns_lookup(dns, ".", ns_t_dnskey, timeout_ms < DNS_PROBE_MS ?
+			 timeout_ms : DNS_PROBE_MS, &a) != SMTPS_OK)
+	return 0;
+    stripped = a.status == SMTPS_DNS_BOGUS;
+    ub_resolve_free(a.ub);
+    return stripped;
+}
+
+/*
+ * smtps_dns_new - a libunbound context with the caller's settings. With
+ * neither trust anchors nor no_dnssec, the root's anchors validate; a
+ * context that will be asked (deadline_ms > 0) first asks for the root's
+ * keys, at most DNS_PROBE_MS, and when the name servers turn out to
+ * strip DNSSEC it is made again without them: mail must still flow
+ * through such a resolver, without DANE (SMTPS_DNSSEC_STRIPPED says so).
+ */
+
+struct smtps_dns *smtps_dns_new(const struct smtps_resolver_config *cfg,
+				        struct smtps_timer_heap *timers,
+				        int64_t deadline_ms,
+				        char *why, size_t whylen)
+{
+    struct smtps_dns *dns;
+    int     root = cfg == NULL || (!cfg->no_dnssec && cfg->trust_anchors_count == 0);
+
+    if ((dns = dns_make(cfg, timers, deadline_ms, root, why, whylen)) == NULL
+	|| !root || deadline_ms <= 0 || !dns_strips_dnssec(dns, deadline_ms))
+	return dns;
+    smtps_dns_free(dns);
+    if ((dns = dns_make(cfg, timers, deadline_ms, 0, why, whylen)) != NULL)
+	dns->dnssec = SMTPS_DNSSEC_STRIPPED;
+    return dns;
+}
+
+/* smtps_dns_dnssec - SMTPS_DNSSEC_*: what this context validates */
+
+int     smtps_dns_dnssec(const struct smtps_dns *dns)
+{
+    return dns->dnssec;
 }
 
 /* smtps_dns_fd - readable when answers wait for smtps_dns_process() */
@@ -488,6 +574,7 @@ int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
     struct dns_wait w;
     struct ub_result *result;
     struct pollfd pfd;
+    sigset_t all, old;
     int64_t deadline = smtps_time_after(smtps_clock_ms(), timeout_ms), left;
     int     id, err, canceled = 0;
 
@@ -495,8 +582,12 @@ int     smtps_dns_lookup(struct smtps_dns *dns, const char *name, int rrtype,
     memset(&w, 0, sizeof(w));
     pthread_mutex_init(&w.lock, NULL);
     pthread_cond_init(&w.cond, NULL);
+    /* A first query starts libunbound's thread, as in dns_send(). */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     err = ub_resolve_async(dns->ctx, name, rrtype, 1 /* IN */ , &w,
 			   dns_wait_done, &id);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (err != 0) {
 	w.done = 1;
 	w.err = err;

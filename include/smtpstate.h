@@ -1065,7 +1065,22 @@ struct smtps_resolver_config {
     const char *const *local_data;
     size_t local_data_count;
     int max_in_flight;			/* lookups sent at once; 0: 100 */
+    int no_dnssec;			/* 1: validate nothing; 0: DNSSEC from
+					 * trust_anchors or, when there are
+					 * none, the root's (resolve.c) */
 };
+
+/*
+ * An engine's DNSSEC, once its resolver started (at the first lookup):
+ * SMTPS_DNSSEC_UNKNOWN before; _OFF; _ON; _STRIPPED: the root's anchors
+ * were dropped because the name servers strip DNSSEC (their answer for
+ * the root's keys failed validation), so nothing is validated.
+ */
+#define SMTPS_DNSSEC_UNKNOWN (-1)
+#define SMTPS_DNSSEC_OFF 0
+#define SMTPS_DNSSEC_ON 1
+#define SMTPS_DNSSEC_STRIPPED 2
+int smtps_engine_dnssec(const struct smtps_engine *e);
 
 /*
  * Traffic shaping, per destination (a site: the domains that share one

@@ -50,6 +50,8 @@ _DEST_CACHE_MAX = 1024
 _RUN_SLICE_MS = 500
 _STS_POLL_MS = 20          # how often held messages are looked at (run())
 _TLS_EVENTS_MAX = 65536    # TLS events C keeps until run() takes them
+_DNSSEC_STATES = {lib.SMTPS_DNSSEC_UNKNOWN: "unknown", lib.SMTPS_DNSSEC_OFF: "off",
+                  lib.SMTPS_DNSSEC_ON: "on", lib.SMTPS_DNSSEC_STRIPPED: "stripped"}
 # The levels whose messages wait for their domains' MTA-STS policies (None:
 # the default, "dane" by MX); the others are the caller's choice.
 _STS_LEVELS = frozenset({None, "dane", "dane-only", "mta-sts"})
@@ -489,6 +491,7 @@ class Engine:
         self._ptr = ptr
         self._tls_event = ffi.new("struct smtps_tls_event *")
         self._tls_dropped = 0
+        self._dnssec_told = False
         # MTA-STS discovery (sts_discovery.py): messages routed by MX wait
         # here, ticket given, until their domains' policies are known.
         # Made at the first message routed by MX (_sts_discovery()), so
@@ -809,6 +812,8 @@ class Engine:
                     n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
                     if next_tls_event(ptr, tls_event):
                         self._take_tls_events()
+                    if not self._dnssec_told:
+                        self._tell_dnssec()
                     if n <= 0:
                         if n == _EINTR or interrupt_pending():
                             # Ctrl-C (or sys.exit()) in a state: its connection
@@ -932,6 +937,18 @@ class Engine:
             log.warning("%d TLS event(s) were dropped: run() did not take them in time",
                         dropped - self._tls_dropped)
             self._tls_dropped = dropped
+
+    def _tell_dnssec(self) -> None:
+        """Once the resolver has started: a warning if it had to drop the
+        root's anchors (call with the guard)."""
+        state = lib.smtps_engine_dnssec(self._ptr)
+        if state == lib.SMTPS_DNSSEC_UNKNOWN:
+            return
+        self._dnssec_told = True
+        if state == lib.SMTPS_DNSSEC_STRIPPED:
+            log.warning("the name servers strip DNSSEC (their answer for the root's keys "
+                        "fails validation): nothing is validated, DANE does not apply; "
+                        "use a validating resolver, or Resolver(trust_anchors=()) to say so")
 
     def _sts_policy_of(self, domain: str) -> Tuple[str, Tuple[str, ...], Tuple[str, ...]]:
         """A domain's MTA-STS policy as a report describes it (RFC 8460
@@ -1134,6 +1151,17 @@ class Engine:
                                      f"{domain!r}: a name or pattern is not valid")
         check(rc, "set the MTA-STS policy")
         self._sts_policies[domain.lower().rstrip(".")] = policy
+
+    @property
+    def dnssec(self) -> str:
+        """What the engine's resolver validates: "unknown" (it starts at
+        the first lookup), "on", "off" (``Resolver(trust_anchors=())``), or
+        "stripped": under the root's anchors, the name servers' answer for
+        the root's keys failed validation (they strip DNSSEC), so nothing is
+        validated and DANE never applies."""
+        ptr = self._ptr
+        state = lib.smtps_engine_dnssec(ptr) if ptr is not None else lib.SMTPS_DNSSEC_UNKNOWN
+        return _DNSSEC_STATES[state]
 
     @property
     def closed(self) -> bool:

@@ -91,7 +91,14 @@ class Resolver:
             attempts`` in all before it fails for now.
         attempts: how many.
         trust_anchors: DS or DNSKEY records (or files of them) to validate
-            DNSSEC from; None: no validation.
+            DNSSEC from; None (the default): the root zone's (IANA's KSKs,
+            built in), with the names no public zone delegates ("test",
+            "home.arpa", "localhost", "invalid", "local") taken as
+            unsigned; an empty sequence: no validation (and no DANE).
+            Under the root's anchors the engine first asks for the root's
+            keys: name servers whose answer fails validation strip DNSSEC,
+            and the engine then validates nothing rather than fail every
+            lookup (``Engine.dnssec`` says "stripped", with a warning).
         local_records: zone-file lines answered without asking anyone
             (``"example.net. MX 10 mx.example.net."``), as unbound's
             ``local-data``: for tests, demos and overrides.
@@ -183,6 +190,7 @@ class Resolver:
         cfg.trust_anchors, cfg.trust_anchors_count = strings(self.trust_anchors)
         cfg.local_data, cfg.local_data_count = strings(self.local_records)
         cfg.max_in_flight = self.max_in_flight
+        cfg.no_dnssec = 1 if self.trust_anchors == () else 0
         keep.append(cfg)
         return cfg
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import threading
 import logging
 import math
 import time
@@ -100,13 +101,12 @@ class Discovery:
     def __init__(self, settings: MtaSts, resolver: Any) -> None:
         self.settings = settings
         self.cache = settings.cache if settings.cache is not None else PolicyCache()
-        keep: List[Any] = []
-        why = ffi.new("char[]", 512)
-        ptr = lib.smtps_lookup_new(resolver._config(keep), why, 512)
-        if ptr == ffi.NULL:
-            raise InvalidOptionError("MTA-STS lookups cannot start: "
-                                     + ffi.string(why).decode("utf-8", "replace"))
-        self._lookup = ffi.gc(ptr, lib.smtps_lookup_free)
+        # The lookup context is made by the first worker that needs it:
+        # under the root's trust anchors it first asks for the root's keys
+        # (resolve.c), which must not hold up the engine's thread.
+        self._resolver = resolver
+        self._lookup: Any = None
+        self._lookup_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             settings.workers, thread_name_prefix="smtpstate-mta-sts")
         self._decided: Dict[str, float] = {}          # domain -> look again after
@@ -196,9 +196,22 @@ class Discovery:
                  " ".join(policy.mx), policy.max_age)
         return policy
 
+    def _context(self) -> Any:
+        """The lookup context, made now if it was not (in a worker)."""
+        with self._lookup_lock:
+            if self._lookup is None:
+                keep: List[Any] = []
+                why = ffi.new("char[]", 512)
+                ptr = lib.smtps_lookup_new(self._resolver._config(keep), why, 512)
+                if ptr == ffi.NULL:
+                    raise OSError("MTA-STS lookups cannot start: "
+                                  + ffi.string(why).decode("utf-8", "replace"))
+                self._lookup = ffi.gc(ptr, lib.smtps_lookup_free)
+            return self._lookup
+
     def _txt(self, name: str) -> List[str]:
         buf = ffi.new("char[]", _TXT_MAX)
-        n = lib.smtps_lookup_txt(self._lookup, name.encode("idna"), buf, _TXT_MAX)
+        n = lib.smtps_lookup_txt(self._context(), name.encode("idna"), buf, _TXT_MAX)
         if n < 0:
             raise OSError(f"the TXT lookup of {name} failed: "
                           + ffi.string(lib.smtps_strerror(n)).decode())
@@ -206,7 +219,7 @@ class Discovery:
 
     def _address(self, name: str) -> str:
         buf = ffi.new("char[]", 64)
-        n = lib.smtps_lookup_address(self._lookup, name.encode("idna"), buf, 64)
+        n = lib.smtps_lookup_address(self._context(), name.encode("idna"), buf, 64)
         if n <= 0:
             raise OSError(f"{name} has no address" + (
                 "" if n == 0 else ": " + ffi.string(lib.smtps_strerror(n)).decode()))

@@ -525,6 +525,8 @@ class DnsServer:
 
     @staticmethod
     def _origin(origin: str) -> str:
+        if origin.strip() == ".":
+            return "."                            # the root zone (tests of anchors)
         origin = origin.strip().rstrip(".").lower()
         if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", origin) or any(
                 len(label) > 63 for label in origin.split(".")):
@@ -749,12 +751,13 @@ class DnsServer:
         with self._lock:
             self._serial += 1
             serial = self._serial
+        dot = "" if origin == "." else origin + "."      # "example." or the root's ""
         lines = [
-            "$ORIGIN %s." % origin,
+            "$ORIGIN %s" % (dot or "."),
             "$TTL %d" % ttl,
             # refresh retry expire minimum; minimum = negative-caching TTL.
-            "@ IN SOA ns.%s. hostmaster.%s. %d 3600 600 86400 %d" % (origin, origin, serial, ttl),
-            "@ IN NS ns.%s." % origin,
+            "@ IN SOA ns.%s hostmaster.%s %d 3600 600 86400 %d" % (dot, dot, serial, ttl),
+            "@ IN NS ns.%s" % dot,
             "ns IN A %s" % LOOPBACK,
         ]
         for record in records:

@@ -51,7 +51,14 @@ struct smtps_resolver_config {
     const char *const *local_data;
     size_t local_data_count;
     int max_in_flight;
+    int no_dnssec;
 };
+
+#define SMTPS_DNSSEC_UNKNOWN ...
+#define SMTPS_DNSSEC_OFF ...
+#define SMTPS_DNSSEC_ON ...
+#define SMTPS_DNSSEC_STRIPPED ...
+int smtps_engine_dnssec(const struct smtps_engine *e);
 
 struct smtps_limits {
     const char *pattern;
