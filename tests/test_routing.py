@@ -683,7 +683,10 @@ def test_ten_thousand_messages_cost_a_handful_of_queries(dns_server, dns_origin,
     statuses = collections.Counter(t.result.status for t in first + second)
     assert statuses == {"delivered": 2 * half}
     assert len(mx.server(A).messages) == 2 * half
-    assert 1 <= after_first - before <= 10, after_first - before
+    # MX, A, AAAA, the MTA-STS TXT record, and the root's keys asked by
+    # the engine's resolver and by the MTA-STS lookups' (NSD refuses the
+    # root, and libunbound asks again) -- not one per message.
+    assert 1 <= after_first - before <= 20, after_first - before
     assert after_second == after_first                  # all of it from what is known
 
 
