@@ -15,6 +15,7 @@
  *	void	smtps_collector_free(c)
  *	int	smtps_engine_collect(e, c, out, max)
  *	int	smtps_engine_run_collect(e, max_wait_ms, c, out, max)
+ *	int	smtps_engine_serve_collect(e, max_wait_ms, c, out, max)
  *	const struct smtps_result *smtps_collector_shape(c, slot)
  *	const struct smtps_result_reply *smtps_collector_reply(c, slot)
  * DESCRIPTION
@@ -73,7 +74,8 @@
  *
  *	smtps_engine_run_collect() is smtps_engine_run() followed by
  *	smtps_engine_collect(), one call instead of two per turn of the
- *	driver's loop.
+ *	driver's loop; smtps_engine_serve_collect() the same for
+ *	smtps_engine_serve().
  *
  *	A collector belongs to one caller and is used from one thread at a
  *	time, like the engine; it may serve several engines in turn.
@@ -588,6 +590,21 @@ int     smtps_engine_run_collect(struct smtps_engine *e, int64_t max_wait_ms,
     if (e == NULL || c == NULL || (out == NULL && max > 0))
 	return SMTPS_EINVAL;
     if ((rc = smtps_engine_run(e, max_wait_ms)) < 0)
+	return rc;
+    return smtps_engine_collect(e, c, out, max);
+}
+
+/* smtps_engine_serve_collect - serve (engine.c), then collect */
+
+int     smtps_engine_serve_collect(struct smtps_engine *e, int64_t max_wait_ms,
+				           struct smtps_collector *c,
+				           uint64_t *out, size_t max)
+{
+    int     rc;
+
+    if (e == NULL || c == NULL || (out == NULL && max > 0))
+	return SMTPS_EINVAL;
+    if ((rc = smtps_engine_serve(e, max_wait_ms)) < 0)
 	return rc;
     return smtps_engine_collect(e, c, out, max);
 }

@@ -518,6 +518,40 @@ struct smtps_message *smtps_dest_pop(struct smtps_dest *d)
     return m;
 }
 
+/*
+ * smtps_dest_cancel - every queued message of d with this tag fails now,
+ * not attempted (cancel.c); 1 when there was one
+ */
+
+int     smtps_dest_cancel(struct smtps_dest *d, uint64_t tag)
+{
+    struct smtps_message *m, *prev = NULL, *next;
+    int     found = 0;
+
+    for (m = d->qhead; m != NULL; m = next) {
+	next = m->qnext;
+	if (m->tag != tag) {
+	    prev = m;
+	    continue;
+	}
+	if (prev != NULL)
+	    prev->qnext = next;
+	else
+	    d->qhead = next;
+	if (d->qtail == m)
+	    d->qtail = prev;
+	m->qnext = NULL;
+	d->nqueued--;
+	d->ntaken++;				/* as if popped: covers stay right */
+	found = 1;
+	smtps_engine_fail_message(d->e, m, SMTPS_STATUS_TEMPFAIL,
+				  "not attempted: ", "cancelled by the caller");
+    }
+    if (found)
+	smtps_dest_dirty(d);			/* freed by the next run if empty */
+    return found;
+}
+
 /* smtps_dest_fail_queue - the first count queued messages of d fail now */
 
 void    smtps_dest_fail_queue(struct smtps_dest *d, uint64_t count, int status,

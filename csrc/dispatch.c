@@ -504,6 +504,20 @@ void    smtps_dispatch_reply(struct smtps_session *s, const struct smtps_reply *
     act = call_callback(s, e->state, r);
     e = &s->fifo[0];
     e->handled++;
+    /*
+     * The caller withdrew the live message (cancel.c) while none of its
+     * data had gone out: it fails here, as if this state had said so, and
+     * RSET clears it on the server. Settled first, without this reply, so
+     * that its result says why rather than quoting a 250.
+     */
+    if (s->tx != NULL && s->tx->cancelled && !s->tx->data_sent
+	&& s->tx->outcome == 0 && (act == SMTPS_ACT_NEXT
+				   || act == SMTPS_ACT_JUMP
+				   || act == SMTPS_ACT_RETRY)) {
+	smtps_tx_settle(s, s->tx, SMTPS_STATUS_TEMPFAIL, e->state, NULL,
+			"not sent: cancelled by the caller");
+	act = SMTPS_ACT_TEMPFAIL_TX;
+    }
     if (r->code == 421 && act != SMTPS_ACT_ABORT)	/* RFC 5321 3.8: closing */
 	act = SMTPS_ACT_FAIL_CONN;
     if (e->handled < e->awaiting && (act == SMTPS_ACT_NEXT

@@ -14,6 +14,7 @@
  *	int	smtps_engine_set_sources(e, sources, n, why, whylen)
  *	int	smtps_engine_submit(e, msg, dest, tag)
  *	int	smtps_engine_run(e, max_wait_ms)
+ *	int	smtps_engine_serve(e, max_wait_ms)
  *	struct smtps_result *smtps_engine_next_result(e)
  *	size_t	smtps_engine_pending(e)
  *	size_t	smtps_engine_connections(e)
@@ -40,8 +41,13 @@
  *	answers and socket events until a result is ready, nothing is
  *	pending, max_wait_ms has passed, a signal interrupted the wait or a
  *	state interrupted its session (SMTPS_EINTR: Ctrl-C in a Python
- *	state), so that the caller can handle it. Idle pooled connections
- *	are only timed out while it runs.
+ *	state), so that the caller can handle it, or smtps_engine_wake()
+ *	was called (wakeup.c). smtps_engine_serve() is the same loop that
+ *	does not stop when nothing is pending: a service keeps calling it,
+ *	so that idle pooled connections are timed out on time (they are
+ *	only timed out while one of the two runs); with max_wait_ms 0 it is
+ *	the non-blocking step another event loop calls when
+ *	smtps_engine_fileno() is readable or the next deadline passed.
  *
  *	Failures. Every submitted message ends in exactly one result. A
  *	message that never reached a session gets one made here (tempfail
@@ -65,11 +71,12 @@
  *	smtps_engine_new() returns NULL for a bad configuration or when
  *	epoll or memory is not available. smtps_engine_submit() returns
  *	SMTPS_EINVAL for a bad destination or message, SMTPS_ENOMEM.
- *	smtps_engine_run() returns the number of results ready, SMTPS_ESTATE
- *	when called from inside itself, SMTPS_ESYS when epoll fails.
+ *	smtps_engine_run() and smtps_engine_serve() return the number of
+ *	results ready (0: woken or out of time), SMTPS_ESTATE when called
+ *	from inside either, SMTPS_ESYS when epoll fails.
  * SEE ALSO
  *	dest.c, conn.c, route.c, limits.c, resolve.c, timers.c, session.c,
- *	epoll(7).
+ *	wakeup.c, cancel.c, epoll(7).
  *--*/
 
 #include <errno.h>
@@ -538,6 +545,11 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
 	free(e);
 	return NULL;
     }
+    if (smtps_wakeup_open(e) != SMTPS_OK) {
+	close(e->epfd);
+	free(e);
+	return NULL;
+    }
     e->max_conns = c.max_connections ? c.max_connections : DEF_MAX_CONNECTIONS;
     e->max_per_dest = c.max_per_destination ? c.max_per_destination :
 	DEF_MAX_PER_DEST;
@@ -607,6 +619,7 @@ void    smtps_engine_free(struct smtps_engine *e)
     resolver_forget(&e->dns_cfg);
     smtps_rules_free(e->rules);
     sources_free(e->sources, e->nsources);
+    smtps_wakeup_close(e);
     close(e->epfd);
     smtps_timers_free(&e->timers);
     free(e->buckets);
@@ -669,15 +682,20 @@ static void engine_dns_run(struct smtps_engine *e)
 	smtps_dns_process(e->dns);
 }
 
-/* smtps_engine_run - drive everything until a result is ready */
+/*
+ * engine_loop - drive everything until a result is ready, max_wait_ms
+ * passed, a wake-up came, a signal or a state interrupted; and, unless
+ * forever, until nothing is pending
+ */
 
-int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
+static int engine_loop(struct smtps_engine *e, int64_t max_wait_ms, int forever)
 {
     struct smtps_timer *t;
     struct smtps_conn *c;
     int64_t now, end, wait;
     uint32_t ev;
-    int     n, i, rc = SMTPS_OK, polled = 0;
+    void   *ptr;
+    int     n, i, rc = SMTPS_OK, polled = 0, woken = 0;
 
     if (e == NULL)
 	return SMTPS_EINVAL;
@@ -696,8 +714,13 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
 	    rc = SMTPS_EINTR;
 	    break;
 	}
-	/* Even with no time to wait, look at the sockets once. */
-	if (e->nresults > 0 || e->npending == 0 || (polled && end >= 0 && now >= end))
+	/*
+	 * Even with no time to wait, look at the sockets once. A wake-up
+	 * returns to the caller, who has something to hand over or wants
+	 * the loop to stop (wakeup.c).
+	 */
+	if (e->nresults > 0 || woken || (!forever && e->npending == 0)
+	    || (polled && end >= 0 && now >= end))
 	    break;
 	wait = end >= 0 ? (end > now ? end - now : 0) : -1;
 	if ((t = smtps_timers_first(&e->timers)) != NULL
@@ -717,10 +740,16 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
 	}
 	for (i = 0; i < n; i++) {
 	    ev = e->events[i].events;
-	    if ((c = e->events[i].data.ptr) == NULL) {
+	    if ((ptr = e->events[i].data.ptr) == NULL) {
 		engine_dns_run(e);
 		continue;
 	    }
+	    if (ptr == SMTPS_WAKEUP_MARK(e)) {
+		smtps_wakeup_drain(e);
+		woken = 1;
+		continue;
+	    }
+	    c = ptr;
 	    if (c->phase == CONN_DEAD)
 		continue;
 	    if (c->phase == CONN_CONNECTING) {
@@ -739,6 +768,23 @@ int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
     if (rc != SMTPS_OK)
 	return rc;
     return e->nresults > 0x7fffffff ? 0x7fffffff : (int) e->nresults;
+}
+
+/* smtps_engine_run - drive everything until a result is ready */
+
+int     smtps_engine_run(struct smtps_engine *e, int64_t max_wait_ms)
+{
+    return engine_loop(e, max_wait_ms, 0);
+}
+
+/*
+ * smtps_engine_serve - the same, but with nothing pending it goes on
+ * (idle connections timed out, DNS answered) until woken or max_wait_ms
+ */
+
+int     smtps_engine_serve(struct smtps_engine *e, int64_t max_wait_ms)
+{
+    return engine_loop(e, max_wait_ms, 1);
 }
 
 /* smtps_engine_next_result - take the oldest ready result */

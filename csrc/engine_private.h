@@ -398,6 +398,8 @@ struct smtps_engine {
     void   *trace_closure;
 
     int     epfd;
+    int     wakefd;			/* eventfd in epfd: smtps_engine_wake() (wakeup.c) */
+    char    wake_mark;			/* its epoll data.ptr points here */
     int     running;			/* inside smtps_engine_run() */
     int     interrupted;		/* a session's state asked to stop */
     struct smtps_timer_heap timers;
@@ -464,6 +466,12 @@ void    smtps_tlsrpt_sts_unmatched(struct smtps_engine *e, const char *domain);
 void    smtps_tlsrpt_end(struct smtps_conn *c);
 void    smtps_tlsrpt_free(struct smtps_engine *e);
 
+/* wakeup.c */
+int     smtps_wakeup_open(struct smtps_engine *e);
+void    smtps_wakeup_drain(struct smtps_engine *e);
+void    smtps_wakeup_close(struct smtps_engine *e);
+#define SMTPS_WAKEUP_MARK(e) ((void *) &(e)->wake_mark)
+
 /* engine.c */
 int     smtps_engine_reserve_timers(struct smtps_engine *e, size_t more);
 struct smtps_dns *smtps_engine_dns(struct smtps_engine *e, char *why,
@@ -477,6 +485,7 @@ void    smtps_engine_wake_starved(struct smtps_engine *e);
 uint64_t smtps_engine_random(struct smtps_engine *e);
 
 /* dest.c */
+int     smtps_dest_cancel(struct smtps_dest *d, uint64_t tag);
 uint64_t smtps_hash_str(uint64_t h, const char *s);
 char   *smtps_str_copy(const char *s, int *err);
 int     smtps_dest_check_key(const struct smtps_destination *k);

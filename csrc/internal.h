@@ -171,6 +171,8 @@ void smtps_session_set_hand_back(struct smtps_session *s);
 int smtps_session_set_helo(struct smtps_session *s, const char *helo);
 struct smtps_message *smtps_session_take_back(struct smtps_session *s,
 					      int *status);
+/* session.c, for cancel.c: withdraw message tag (SMTPS_CANCEL_*, ENOTFOUND) */
+int smtps_session_cancel(struct smtps_session *s, uint64_t tag);
 /*
  * tls.c, for engine.c: TLS failed before it was up (the handshake: a
  * certificate refused, a protocol broken), after which an opportunistic

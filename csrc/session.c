@@ -516,6 +516,50 @@ struct smtps_message *smtps_session_take_back(struct smtps_session *s,
     return m;
 }
 
+/*
+ * smtps_session_cancel - withdraw message tag (cancel.c): still queued,
+ * it fails at once, not attempted; live with no data sent, it is marked
+ * and fails at its next reply (dispatch.c); else too late
+ */
+
+int     smtps_session_cancel(struct smtps_session *s, uint64_t tag)
+{
+    struct smtps_message *m, *prev = NULL;
+    struct smtps_result *r;
+
+    if (s->in_dispatch)
+	return SMTPS_ESTATE;
+    for (m = s->queue; m != NULL; prev = m, m = m->qnext) {
+	if (m->tag != tag)
+	    continue;
+	if (prev != NULL)
+	    prev->qnext = m->qnext;
+	else
+	    s->queue = m->qnext;
+	if (s->queue_tail == m)
+	    s->queue_tail = prev;
+	s->nqueued--;
+	m->qnext = NULL;
+	r = m->qresult;
+	m->qresult = NULL;
+	(void) smtps_result_set_reason(r, "not attempted: cancelled by the caller");
+	smtps_result_settle(r, SMTPS_STATUS_TEMPFAIL, 1);
+	smtps_bounce_classify_result(r);
+	smtps_session_push_result(s, r);
+	smtps_message_free(m);
+	return SMTPS_CANCEL_DONE;
+    }
+    if (s->tx != NULL && s->tx->msg != NULL && s->tx->msg->tag == tag) {
+	if (s->tx->data_sent || s->tx->outcome != 0 || s->tx->final_replied)
+	    return SMTPS_CANCEL_TOO_LATE;
+	s->tx->cancelled = 1;
+	return SMTPS_CANCEL_PENDING;
+    }
+    if (s->prev != NULL && s->prev->msg != NULL && s->prev->msg->tag == tag)
+	return SMTPS_CANCEL_TOO_LATE;
+    return SMTPS_ENOTFOUND;
+}
+
 /* smtps_session_quit - end the connection once the queue is done */
 
 int     smtps_session_quit(struct smtps_session *s, int64_t now)

@@ -60,6 +60,8 @@ struct smtps_tx {
     int     state_verdict;		/* a state decided it, with no reply */
     int     final_replied;		/* the end-of-data reply arrived */
     int     data_sent;			/* DATA or BDAT was issued */
+    int     cancelled;			/* the caller withdrew it: fail it at
+					 * its next reply, before any data */
     int     data_mode;			/* 354 came: until the final dot is
 					 * taken, the server reads message data */
     uint64_t out_start;			/* out_produced when it began */

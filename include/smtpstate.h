@@ -1128,6 +1128,46 @@ struct smtps_result *smtps_engine_next_result(struct smtps_engine *e);
 size_t smtps_engine_pending(const struct smtps_engine *e);	/* submitted, no result taken */
 size_t smtps_engine_connections(const struct smtps_engine *e);	/* open now */
 
+/*
+ * The engine as a service (docs/service.md). smtps_engine_serve() is
+ * smtps_engine_run() that does not return because nothing is pending: it
+ * keeps connections, idle pools and DNS going and returns when a result
+ * is ready, when smtps_engine_wake() was called, or after max_wait_ms
+ * (0: do what is ready now, never block; the step of another event
+ * loop). smtps_engine_run() also returns (0) when woken.
+ *
+ * smtps_engine_fileno() is the engine's epoll descriptor: it is readable
+ * when a socket, the resolver or a wake-up has something, so that another
+ * event loop can watch it and call smtps_engine_serve(e, 0).
+ * smtps_engine_next_deadline() is the time in ms until the engine must
+ * run again without any descriptor being readable (its next timer; 0:
+ * now, work is ready; -1: no timer).
+ *
+ * Threads: smtps_engine_wake() alone may be called from any thread (or a
+ * signal handler) at any time; it writes to an eventfd. Everything else,
+ * smtps_engine_submit() included, belongs to the thread that runs the
+ * loop, or to a state running inside it (submit only queues); another
+ * thread hands its messages to that thread and wakes it, as the Python
+ * Engine does.
+ *
+ * smtps_engine_cancel() withdraws every part of the message submitted
+ * with tag: SMTPS_CANCEL_DONE when each was still queued (its result,
+ * tempfail "not attempted: cancelled", is ready now); SMTPS_CANCEL_PENDING
+ * when one is in a session before any of its data went out: it fails at
+ * its next reply with RSET, the connection's other messages untouched;
+ * SMTPS_CANCEL_TOO_LATE when one is in its data or past its final dot
+ * (its result comes as it will); SMTPS_ENOTFOUND when no part was found
+ * (done, or still waiting for its route's DNS).
+ */
+int smtps_engine_serve(struct smtps_engine *e, int64_t max_wait_ms);
+int smtps_engine_fileno(const struct smtps_engine *e);
+int64_t smtps_engine_next_deadline(const struct smtps_engine *e);
+int smtps_engine_wake(struct smtps_engine *e);
+#define SMTPS_CANCEL_DONE 0
+#define SMTPS_CANCEL_PENDING 1
+#define SMTPS_CANCEL_TOO_LATE 2
+int smtps_engine_cancel(struct smtps_engine *e, uint64_t tag);
+
 /* The trace function of every session the engine makes from now on. */
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
 			   void *closure);
@@ -1224,7 +1264,8 @@ void smtps_lookup_free(struct smtps_lookup *l);
  * SMTPS_COLLECT_SLOTS is new: read it with smtps_collector_shape() or
  * smtps_collector_reply() before the next call. Reply slot 0: no reply.
  * smtps_engine_run_collect() is smtps_engine_run() then
- * smtps_engine_collect(). A collector is used by one thread at a time.
+ * smtps_engine_collect(), smtps_engine_serve_collect() the same for
+ * smtps_engine_serve(). A collector is used by one thread at a time.
  */
 #define SMTPS_COLLECT_SLOTS 64
 #define SMTPS_COLLECT_MAX 32
@@ -1243,6 +1284,9 @@ int smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
 int smtps_engine_run_collect(struct smtps_engine *e, int64_t max_wait_ms,
 			     struct smtps_collector *c, uint64_t *out,
 			     size_t max);
+int smtps_engine_serve_collect(struct smtps_engine *e, int64_t max_wait_ms,
+			       struct smtps_collector *c, uint64_t *out,
+			       size_t max);
 const struct smtps_result *smtps_collector_shape(const struct smtps_collector *c,
 						 size_t slot);
 const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collector *c,

@@ -8,8 +8,16 @@ take the GIL back, and each sees a :class:`~smtpstate.session.Session` view
 of its own connection.
 
 Rule: every submitted message ends in exactly one :class:`Result`, handed
-out once by :meth:`Engine.run`, carrying the :class:`Ticket` that
-:meth:`Engine.submit` returned.
+out once by :meth:`Engine.run` (or :meth:`Engine.step`), carrying the
+:class:`Ticket` that :meth:`Engine.submit` returned.
+
+Rule: one thread drives C at a time (the guard's token); :meth:`Engine.submit`
+is the exception, safe from any thread at any time: when the token is taken
+(another thread is inside :meth:`Engine.run`, or a state running inside it
+submits) the message waits in the engine's inbox, C's loop is woken through
+its eventfd (``smtps_engine_wake()``, the one C call any thread may make),
+and the driving thread hands it to C at its next turn, at once. A lone
+thread never touches the inbox: the single-threaded path takes no lock.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import threading
 import time
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
@@ -59,6 +68,13 @@ _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
 _BUSY = ("this Engine is already in use (a call from one of its states, "
          "or another thread); one call at a time")
+# Tickets' ids (C's tags): one count for the process, so that an id is
+# unique among every Engine's tickets (aio.Engine's included).
+_TAGS = itertools.count(1)
+_CANCEL_OUTCOMES = {int(lib.SMTPS_CANCEL_DONE): "cancelled",
+                    int(lib.SMTPS_CANCEL_PENDING): "pending",
+                    int(lib.SMTPS_CANCEL_TOO_LATE): "too late",
+                    int(lib.SMTPS_ENOTFOUND): "not found"}
 
 
 class Ticket:
@@ -66,7 +82,9 @@ class Ticket:
     :class:`Result` carries it back.
 
     Attributes:
-        id: unique within the process.
+        id: unique within the process, over every Engine (a message held
+            while its domains' MTA-STS policies are looked for has 0 until
+            it leaves the hold).
         message: the :class:`~smtpstate.Message`.
         host, port: where it goes (host None: by its recipients' MX
             records, each MX host at that port).
@@ -438,7 +456,18 @@ class Engine:
         # _Guard). Taking it is list.pop(), atomic under the GIL, which
         # costs a third of a non-blocking Lock.acquire() and release().
         self._token: List[bool] = [True]
-        self._tags = itertools.count(1)
+        self._tags = _TAGS
+        # Messages submitted while the token was taken (another thread in
+        # run(), a state inside it): (ticket, entry) in order, handed to C
+        # by whoever drives next (_drain_inbox). deque.append/popleft are
+        # atomic under the GIL.
+        self._inbox: Deque[Tuple[Ticket, Any]] = collections.deque()
+        # Held for close() against the engine being freed under a wake-up.
+        self._wake_lock = threading.Lock()
+        self._stopping = False                 # stop(): run(forever) returns
+        self._close_requested = False          # close() from another thread
+        self._driver: Optional[int] = None     # thread id inside run()/step()
+        self._step_turn: Optional[Callable[[int, bool], int]] = None
         self._tickets: Dict[int, Ticket] = {}
         self._messages = _MessagesByTag(self._tickets)
         self._ready: Deque[Result] = collections.deque()
@@ -553,12 +582,15 @@ class Engine:
             entry = self._destination(host, port, options, source)
             if type(port) is not int:
                 port = int(port)                 # an int subclass, validated
-        # The guard, inline (see _Guard): one call at a time, none after close().
+        # The guard, inline (see _Guard): one call at a time, none after
+        # close(). Taken: the message waits in the inbox for the thread
+        # that drives C (another thread's run(), or this one's, when a
+        # state submits from inside it).
         token = self._token
         try:
             taken = token.pop()
         except IndexError:
-            raise LocalProtocolError(_BUSY) from None
+            return self._submit_later(message, host, port, entry)
         # entry holds the destination's strings too: it lives until the
         # C call below has copied them (an uncached one is nowhere else).
         dest = entry[0]
@@ -597,6 +629,68 @@ class Engine:
         finally:
             token.append(taken)
         return ticket
+
+    def _submit_later(self, message: Message, host: Optional[str], port: int,
+                      entry: Any) -> Ticket:
+        """submit() while another call holds the token: the ticket now,
+        the message in the inbox, and the loop woken so that whoever
+        drives C hands it over at once (_drain_inbox())."""
+        if self._ptr is None:
+            raise LocalProtocolError("this Engine is closed")
+        # What can be refused without C is refused here, in the caller.
+        if message._c_envelope is None:
+            message._envelope()
+        if host is None and message._body is not None and message._body.one_shot:
+            _one_domain(message)
+        ticket = Ticket(next(self._tags), message, host, port)
+        self._tickets[ticket.id] = ticket
+        self._inbox.append((ticket, entry))
+        self._wake()
+        return ticket
+
+    def _wake(self) -> None:
+        """End C's wait now (any thread): smtps_engine_wake(), under the
+        lock close() takes before the engine is freed."""
+        with self._wake_lock:
+            ptr = self._ptr
+            if ptr is not None:
+                lib.smtps_engine_wake(ptr)
+
+    def _submit_c(self, ptr: Any, message: Message, host: Optional[str], dest: Any,
+                  tag: int) -> None:
+        """The C call of submit() (call with the token)."""
+        envelope = message._c_envelope
+        if envelope is None:
+            envelope = message._envelope()
+        body = message._body
+        if body is None:
+            data = message.data
+            rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+        else:
+            body.claim()
+            rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
+            if rc:
+                body.release()
+        if rc:
+            check(rc, "submit the message")
+
+    def _drain_inbox(self) -> None:
+        """Hand C the messages other threads (or states) submitted while
+        the token was taken; call with the token. One C refuses gets its
+        one result, as a held message does (_sts_release())."""
+        inbox, ptr = self._inbox, self._ptr
+        while inbox:
+            ticket, entry = inbox.popleft()
+            message = ticket.message
+            try:
+                self._submit_c(ptr, message, ticket.host, entry[0], ticket.id)
+            except Exception as e:
+                log.error("a message submitted from another thread could not be queued: %s", e)
+                self._tickets.pop(ticket.id, None)
+                result = unsent_result(message, ticket, "permfail",
+                                       not_attempted(f"cannot submit it: {e}"))
+                ticket.result = result
+                self._ready.append(result)
 
     def _sts_hold(self, message: Message, port: int, source: Any,
                   options: Dict[str, Any]) -> Optional[Ticket]:
@@ -731,65 +825,209 @@ class Engine:
 
     # -- running -------------------------------------------------------------
 
-    def run(self, timeout: Optional[float] = None) -> Iterator[Result]:
+    def run(self, timeout: Optional[float] = None, *, forever: bool = False) -> Iterator[Result]:
         """Yield each :class:`Result` as it completes, until every message
         submitted (before or during the iteration) has its result.
 
         Args:
             timeout: seconds for the whole iteration; None: no limit.
+            forever: keep running when nothing is pending, as a service
+                does: idle connections are closed (QUIT) at
+                ``idle_timeout``, messages submitted from other threads
+                start at once, results are yielded as they complete. The
+                iteration ends only after :meth:`stop` or :meth:`close`
+                (from any thread), or after ``timeout`` (then without
+                TimeoutError).
 
         Raises:
-            TimeoutError: results are still pending after ``timeout``; the
-                deliveries go on with the next call.
-            LocalProtocolError: the engine is closed or busy elsewhere.
+            TimeoutError: results are still pending after ``timeout`` (not
+                with ``forever``); the deliveries go on with the next call.
+            LocalProtocolError: the engine is closed, or another thread is
+                running it (one run() or step() at a time).
         """
-        # The whole loop is here, not in helper methods: a generator keeps
-        # its locals between results, and at tens of thousands of results a
-        # second, what each turn of the loop sets up costs as much as the
-        # C work behind it. Each turn is one C call under the guard (run
-        # the loop, then describe the results ready; csrc/batch.c), then
-        # Results made from the descriptions (_Collector), then yields,
-        # outside the guard so that the caller may submit meanwhile.
         deadline = None if timeout is None else time.monotonic() + timeout
+        ready, tickets, turn = self._ready, self._tickets, self._make_turn()
+        told = self._tls_told
+        self._stopping = False
+        try:
+            while True:
+                if told:
+                    self._tell_tls_events()
+                while ready:
+                    yield ready.popleft()
+                if self._stopping or (forever and self._ptr is None):
+                    return
+                wait = _RUN_SLICE_MS
+                if self._held:
+                    # Messages waiting for MTA-STS policies: those found go now,
+                    # and the loop comes back soon for the others.
+                    self._sts_release()
+                    wait = _STS_POLL_MS
+                if not tickets and not self._inbox and not forever:
+                    if not self._held:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"{len(self._held)} message(s) still waiting for "
+                                           f"MTA-STS policies after {timeout} s")
+                    time.sleep(_STS_POLL_MS / 1000)
+                    continue
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        if forever:
+                            return
+                        raise TimeoutError(
+                            f"{len(tickets)} message(s) still pending after {timeout} s")
+                    wait = min(wait, max(1, int(left * 1000)))
+                turn(wait, forever)
+        finally:
+            if self._close_requested and self._ptr is not None:
+                self.close()
+
+    def serve(self, timeout: Optional[float] = None) -> Iterator[Result]:
+        """``run(timeout, forever=True)``: the engine as a service."""
+        return self.run(timeout, forever=True)
+
+    def stop(self) -> None:
+        """End :meth:`run` with ``forever`` (or a plain run()) at its next
+        turn, from any thread or from a state: the loop is woken now. The
+        engine stays open; results not handed out yet wait for the next
+        run() or step()."""
+        self._stopping = True
+        self._wake()
+
+    def step(self) -> List[Result]:
+        """Process what is ready without blocking, and return the results
+        that completed (possibly none): for an event loop that watches
+        :meth:`fileno` and calls this when it is readable or when
+        :meth:`next_deadline` has passed (``smtpstate.aio.Engine`` does).
+        Timers (connect and reply timeouts, idle connections, rates, DNS
+        deadlines) are run when due; messages held for MTA-STS policies
+        are released when theirs are known.
+
+        Raises:
+            LocalProtocolError: the engine is closed, or another call is
+                running (another thread's run() or step()).
+        """
+        ready, turn = self._ready, self._step_turn
+        if turn is None:
+            if self._ptr is None:
+                raise LocalProtocolError("this Engine is closed")
+            # Kept for the next steps; it refers to self, a cycle that
+            # close() breaks.
+            turn = self._step_turn = self._make_turn()
+        if self._held:
+            self._sts_release()
+        # At most SMTPS_COLLECT_MAX results per C call: again while full.
+        while turn(0, True) >= _COLLECT_MAX:
+            pass
+        if self._tls_told:
+            self._tell_tls_events()
+        out = list(ready)
+        ready.clear()
+        return out
+
+    def fileno(self) -> int:
+        """The engine's epoll descriptor: readable when a connection, the
+        resolver or a wake-up (submit() from another thread, stop()) has
+        something for :meth:`step`. It stays the same until close()."""
+        ptr = self._ptr
+        if ptr is None:
+            raise LocalProtocolError("this Engine is closed")
+        return int(lib.smtps_engine_fileno(ptr))
+
+    def next_deadline(self) -> Optional[float]:
+        """Seconds until :meth:`step` must be called although
+        :meth:`fileno` is not readable (the engine's next timer; 0: now),
+        or None when no timer is armed. While messages wait for MTA-STS
+        policies (found off the loop), at most 0.02 s.
+
+        Raises:
+            LocalProtocolError: closed, or another thread is inside run().
+        """
+        if self._ready or self._inbox:
+            return 0.0
+        with self._guard():
+            ms = int(lib.smtps_engine_next_deadline(self._ptr))
+        when = None if ms < 0 else ms / 1000.0
+        if self._held:
+            when = _STS_POLL_MS / 1000 if when is None else min(when, _STS_POLL_MS / 1000)
+        return when
+
+    def cancel(self, ticket: Ticket) -> str:
+        """Withdraw a submitted message as far as SMTP allows; it still
+        gets exactly one Result. Returns what happened:
+
+        - ``"cancelled"``: it was still queued (or held, or in the inbox);
+          its result, tempfail "not attempted: cancelled by the caller", is
+          handed out by the next run() or step();
+        - ``"pending"``: it is in a session and none of its data went
+          out: it fails at the server's next reply, RSET clears it, the
+          connection's other messages are not touched;
+        - ``"too late"``: its data is being sent or its final dot is out:
+          its result comes as it will (a delivery, possibly);
+        - ``"not found"``: it has its result already, or it still waits
+          for DNS (routing by MX): it goes on.
+
+        Raises:
+            LocalProtocolError: closed, or another call is running.
+        """
+        if ticket.result is not None:
+            return "not found"
+        for i, entry in enumerate(self._held):
+            if entry[0] is ticket:
+                del self._held[i]
+                self._settle_cancelled(ticket)
+                return "cancelled"
+        with self._guard():
+            for entry in list(self._inbox):
+                if entry[0] is ticket:
+                    self._inbox.remove(entry)
+                    self._tickets.pop(ticket.id, None)
+                    self._settle_cancelled(ticket)
+                    return "cancelled"
+            if ticket.id not in self._tickets:
+                return "not found"
+            rc = int(lib.smtps_engine_cancel(self._ptr, ticket.id))
+        if rc not in _CANCEL_OUTCOMES:
+            check(rc, "cancel the message")
+        return _CANCEL_OUTCOMES[rc]
+
+    def _settle_cancelled(self, ticket: Ticket) -> None:
+        """A message C never had, withdrawn: its one result, now."""
+        result = unsent_result(ticket.message, ticket, "tempfail",
+                               not_attempted("cancelled by the caller"))
+        ticket.result = result
+        self._ready.append(result)
+
+    def _make_turn(self) -> Callable[[int, bool], int]:
+        """The function that runs one turn: one C call under the guard
+        (run the loop up to ``wait`` ms, serving when nothing is pending if
+        ``serve``; then describe the results ready; csrc/batch.c), then
+        Results made from the descriptions (_Collector) into self._ready.
+        Returns how many results C described.
+
+        A closure, made once: at tens of thousands of results a second,
+        what each turn sets up costs as much as the C work behind it, and
+        the closure's cells are read as fast as a generator's locals.
+        """
         ready, tickets, errors_of, conn_errors = (self._ready, self._tickets, self._errors,
                                                   self._conn_errors)
-        coll, token = self._collector, self._token
+        coll, token, inbox = self._collector, self._token, self._inbox
         shapes, replies, new_shape, new_reply = (coll.shapes, coll.slot_replies,
                                                  coll.new_shape, coll.new_reply)
-        run_collect, cptr, out, views = lib.smtps_engine_run_collect, coll.ptr, coll.out, coll.views
+        run_collect, serve_collect = lib.smtps_engine_run_collect, lib.smtps_engine_serve_collect
+        cptr, out, views = coll.ptr, coll.out, coll.views
         slots, new, fast = _SLOTS, object.__new__, _FAST_RESULTS
         # Logger.isEnabledFor(), inline: the logger's own answer cache
         # (logging clears it in place whenever levels change), else the call.
         tlog, tlog_cache = transcript_log, _level_cache(transcript_log)
         rlog, rlog_cache = result_log, _level_cache(result_log)
         DEBUG, INFO = logging.DEBUG, logging.INFO
-        told, next_tls_event, tls_event = self._tls_told, lib.smtps_engine_next_tls_event, \
-            self._tls_event
-        while True:
-            if told:
-                self._tell_tls_events()
-            while ready:
-                yield ready.popleft()
-            wait = _RUN_SLICE_MS
-            if self._held:
-                # Messages waiting for MTA-STS policies: those found go now,
-                # and the loop comes back soon for the others.
-                self._sts_release()
-                wait = _STS_POLL_MS
-            if not tickets:
-                if not self._held:
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{len(self._held)} message(s) still waiting for "
-                                       f"MTA-STS policies after {timeout} s")
-                time.sleep(_STS_POLL_MS / 1000)
-                continue
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"{len(tickets)} message(s) still pending after {timeout} s")
-                wait = min(wait, max(1, int(left * 1000)))
+        next_tls_event, tls_event = lib.smtps_engine_next_tls_event, self._tls_event
+        get_ident = threading.get_ident
+
+        def turn(wait: int, serve: bool) -> int:
             # The guard, inline (see _Guard).
             try:
                 taken = token.pop()
@@ -799,6 +1037,9 @@ class Engine:
                 ptr = self._ptr
                 if ptr is None:
                     raise LocalProtocolError("this Engine is closed")
+                self._driver = get_ident()
+                if inbox:
+                    self._drain_inbox()
                 want = tlog_cache.get(DEBUG)
                 if want is None or tlog.disabled:
                     want = tlog.isEnabledFor(DEBUG)       # what Tracer.wanted() says
@@ -808,8 +1049,12 @@ class Engine:
                     # What an exception cut short last time, first: C's
                     # collector is as it left it until its next call.
                     vals, self._backlog = self._backlog, []
+                    n = len(vals)
                 else:
-                    n = run_collect(ptr, wait, cptr, out, _COLLECT_MAX)
+                    if ready and wait:
+                        wait = 0                          # results to hand out now
+                    n = (serve_collect if serve else run_collect)(ptr, wait, cptr, out,
+                                                                  _COLLECT_MAX)
                     if next_tls_event(ptr, tls_event):
                         self._take_tls_events()
                     if not self._dnssec_told:
@@ -822,7 +1067,7 @@ class Engine:
                             raise_interrupt()
                         elif n < 0:
                             check(n, "run the engine")
-                        continue
+                        return 0
                     vals = views[n].tolist()
 
                 log_failed = rlog_cache.get(INFO)
@@ -898,8 +1143,12 @@ class Engine:
                 # Ctrl-C in a free(), stage() or transcript C could not
                 # stop for: the caller of this run hears it, now.
                 raise_interrupt()
+                return n
             finally:
+                self._driver = None
                 token.append(taken)
+
+        return turn
 
     # -- TLS events and reports (RFC 8460) -------------------------------------
 
@@ -1171,28 +1420,67 @@ class Engine:
         """Close every connection (QUIT where it costs nothing) and free the
         engine. Messages without a result by now never get one (they are
         logged as dropped): call :meth:`run` to the end first, or leave a
-        ``with`` block without an exception, which does."""
+        ``with`` block without an exception, which does.
+
+        From any thread: while another thread is inside :meth:`run` (a
+        service's ``run(forever=True)``), that run is stopped and woken,
+        and this call waits (up to 30 s) for it to leave C, then closes.
+        From a state running inside run(), the run closes the engine on
+        its way out.
+
+        Raises:
+            LocalProtocolError: another call kept the engine for 30 s.
+        """
         if self._ptr is None:
             return
+        if not self._token and self._driver is not None:
+            if self._driver == threading.get_ident():
+                self._close_requested = True   # a state inside run()
+                self.stop()
+                return
+            self.stop()
+            deadline = time.monotonic() + 30.0
+            while True:
+                try:
+                    with self._guard(closing=True):
+                        self._close()
+                    break
+                except LocalProtocolError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.002)
+            raise_interrupt()
+            return
         with self._guard(closing=True):
-            if self._tickets:
-                self._log_dropped()
-            if self._held:
-                log.warning("%d message(s) dropped while waiting for MTA-STS policies",
-                            len(self._held))
-                self._held = []
-            if self._sts is not None:
-                self._sts.close()
-            if lib.smtps_engine_next_tls_event(self._ptr, self._tls_event):
-                self._take_tls_events()         # counted for tls_report()
-            ptr, self._ptr = self._ptr, None
-            lib.smtps_engine_free(ptr)
-            self._collector.close()
-            for csession, view in self._views.items():
-                _unbind(csession, view)
-                view._end()
-            self._views.clear()
+            self._close()
         raise_interrupt()                       # Ctrl-C in a state's free()
+
+    def _close(self) -> None:
+        """close(), with the token."""
+        if self._ptr is None:
+            return
+        if self._tickets:
+            self._log_dropped()
+        if self._held:
+            log.warning("%d message(s) dropped while waiting for MTA-STS policies",
+                        len(self._held))
+            self._held = []
+        if self._sts is not None:
+            self._sts.close()
+        if lib.smtps_engine_next_tls_event(self._ptr, self._tls_event):
+            self._take_tls_events()         # counted for tls_report()
+        self._inbox.clear()                    # their tickets were logged above
+        # Under the lock: a wake-up from another thread never reaches
+        # a freed engine.
+        with self._wake_lock:
+            ptr, self._ptr = self._ptr, None
+        self._step_turn = None              # the cycle step() made
+        lib.smtps_engine_free(ptr)
+        self._collector.close()
+        for csession, view in self._views.items():
+            _unbind(csession, view)
+            view._end()
+        self._views.clear()
 
     def _log_dropped(self, shown: int = 10) -> None:
         """One warning naming the tickets close() leaves without a result

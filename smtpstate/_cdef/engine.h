@@ -85,6 +85,14 @@ size_t smtps_engine_pending(const struct smtps_engine *e);
 size_t smtps_engine_connections(const struct smtps_engine *e);
 int smtps_engine_set_trace(struct smtps_engine *e, SMTPSTrace fn,
                            void *closure);
+int smtps_engine_serve(struct smtps_engine *e, int64_t max_wait_ms);
+int smtps_engine_fileno(const struct smtps_engine *e);
+int64_t smtps_engine_next_deadline(const struct smtps_engine *e);
+int smtps_engine_wake(struct smtps_engine *e);
+#define SMTPS_CANCEL_DONE ...
+#define SMTPS_CANCEL_PENDING ...
+#define SMTPS_CANCEL_TOO_LATE ...
+int smtps_engine_cancel(struct smtps_engine *e, uint64_t tag);
 int smtps_engine_set_resolver(struct smtps_engine *e,
                               const struct smtps_resolver_config *cfg,
                               char *why, size_t whylen);
@@ -112,6 +120,9 @@ int smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,
 int smtps_engine_run_collect(struct smtps_engine *e, int64_t max_wait_ms,
                              struct smtps_collector *c, uint64_t *out,
                              size_t max);
+int smtps_engine_serve_collect(struct smtps_engine *e, int64_t max_wait_ms,
+                               struct smtps_collector *c, uint64_t *out,
+                               size_t max);
 const struct smtps_result *smtps_collector_shape(const struct smtps_collector *c,
                                                  size_t slot);
 const struct smtps_result_reply *smtps_collector_reply(const struct smtps_collector *c,
