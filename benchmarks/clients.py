@@ -11,7 +11,8 @@ Clients: ``engine`` (smtpstate.Engine), ``engine_warm`` (the Engine over a
 pool opened beforehand), ``engine_py`` and ``engine_c``
 (the Engine with a no-op Python or C state after DATA), ``source``
 (Postfix smtp-source), ``smtplib`` (threads), ``aiosmtplib`` (asyncio
-tasks), ``idle`` (RSS of the Engine holding n idle connections), and for
+tasks), ``aio_engine`` (smtpstate.aio.Engine, conc sends in flight),
+``idle`` (RSS of the Engine holding n idle connections), and for
 the STARTTLS throughput ``engine_tls`` (the Engine, ``tls="verify"``, with
 or without TLS resumption) and ``aiosmtplib_tls`` (aiosmtplib with
 ``start_tls=True``, certificates verified), each sending ``per_conn``
@@ -232,6 +233,42 @@ def run_warm(port: int, n: int, conc: int, data: bytes) -> Tuple[float, float]:
     return wall, cpu
 
 
+def run_aio_engine(port: int, n: int, conc: int, data: bytes) -> Tuple[float, float]:
+    """smtpstate.aio.Engine: n messages, at most conc ``send()`` calls in
+    flight at once (a semaphore), over conc pooled connections, on one
+    asyncio loop; no thread."""
+    import asyncio
+
+    import smtpstate
+    from smtpstate import aio
+
+    msg = smtpstate.Message(SENDER, [RECIPIENT], data)
+
+    async def main() -> int:
+        bad = 0
+        async with aio.Engine(max_connections=conc, max_per_destination=conc,
+                              helo=HELO) as engine:
+            left = [n]
+
+            async def worker() -> None:
+                nonlocal bad
+                while left[0] > 0:
+                    left[0] -= 1
+                    r = await engine.send(msg, "127.0.0.1", port, timeout=60)
+                    if not r.ok:
+                        bad += 1
+
+            await asyncio.gather(*(worker() for _ in range(conc)))
+        return bad
+
+    c0, t0 = cpu_self(), time.perf_counter()
+    bad = asyncio.run(main())
+    wall, used = time.perf_counter() - t0, cpu_self() - c0
+    if bad:
+        raise RuntimeError(f"aio.Engine: {bad} of {n} not delivered")
+    return wall, used
+
+
 def main() -> int:
     spec = json.loads(sys.argv[1])
     if spec.get("cpus") is not None:
@@ -255,6 +292,8 @@ def main() -> int:
             wall, cpu = run_engine(port, n, conc, data, machine=noop_c_machine(spec["so"]))
         elif client == "smtplib":
             wall, cpu = run_smtplib(port, n, conc, data, per_connection=per_conn)
+        elif client == "aio_engine":
+            wall, cpu = run_aio_engine(port, n, conc, data)
         elif client == "aiosmtplib":
             wall, cpu = run_aiosmtplib(port, n, conc, data, per_connection=per_conn)
         elif client == "engine_tls":

@@ -24,6 +24,10 @@ can be handed to ``loop.call_at`` as it is.
 
 A session belongs to the loop that opened its connection: use a
 :class:`Client` from one event loop only.
+
+:class:`Engine` (``smtpstate._aio_engine``) is the other asyncio driver: the
+C engine itself (many connections, pools, routing by MX) watched by the
+event loop through its descriptor, for many concurrent ``send()`` calls.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from smtpstate.message import Message
 from smtpstate.options import Options, _check_count, check_host, check_port, unix_path
 from smtpstate.result import Result, not_attempted, unsent_result
 from smtpstate.session import Capabilities, Session
+from smtpstate._aio_engine import Engine
 
-__all__ = ["Client", "send", "deliver"]
+__all__ = ["Client", "Engine", "send", "deliver"]
 
 log = logging.getLogger("smtpstate.aio")
 

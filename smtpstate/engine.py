@@ -849,6 +849,7 @@ class Engine:
         ready, tickets, turn = self._ready, self._tickets, self._make_turn()
         told = self._tls_told
         self._stopping = False
+        self._driver = threading.get_ident()      # for close() from a state
         try:
             while True:
                 if told:
@@ -879,8 +880,14 @@ class Engine:
                         raise TimeoutError(
                             f"{len(tickets)} message(s) still pending after {timeout} s")
                     wait = min(wait, max(1, int(left * 1000)))
-                turn(wait, forever)
+                try:
+                    turn(wait, forever)
+                except LocalProtocolError:
+                    if forever and self._ptr is None:
+                        return                     # closed by another thread
+                    raise
         finally:
+            self._driver = None
             if self._close_requested and self._ptr is not None:
                 self.close()
 
@@ -919,8 +926,12 @@ class Engine:
         if self._held:
             self._sts_release()
         # At most SMTPS_COLLECT_MAX results per C call: again while full.
-        while turn(0, True) >= _COLLECT_MAX:
-            pass
+        self._driver = threading.get_ident()
+        try:
+            while turn(0, True) >= _COLLECT_MAX:
+                pass
+        finally:
+            self._driver = None
         if self._tls_told:
             self._tell_tls_events()
         out = list(ready)
@@ -947,8 +958,19 @@ class Engine:
         """
         if self._ready or self._inbox:
             return 0.0
-        with self._guard():
-            ms = int(lib.smtps_engine_next_deadline(self._ptr))
+        # The guard, inline (see _Guard): called after every step.
+        token = self._token
+        try:
+            taken = token.pop()
+        except IndexError:
+            raise LocalProtocolError(_BUSY) from None
+        try:
+            ptr = self._ptr
+            if ptr is None:
+                raise LocalProtocolError("this Engine is closed")
+            ms = lib.smtps_engine_next_deadline(ptr)
+        finally:
+            token.append(taken)
         when = None if ms < 0 else ms / 1000.0
         if self._held:
             when = _STS_POLL_MS / 1000 if when is None else min(when, _STS_POLL_MS / 1000)
@@ -1025,8 +1047,6 @@ class Engine:
         rlog, rlog_cache = result_log, _level_cache(result_log)
         DEBUG, INFO = logging.DEBUG, logging.INFO
         next_tls_event, tls_event = lib.smtps_engine_next_tls_event, self._tls_event
-        get_ident = threading.get_ident
-
         def turn(wait: int, serve: bool) -> int:
             # The guard, inline (see _Guard).
             try:
@@ -1037,7 +1057,6 @@ class Engine:
                 ptr = self._ptr
                 if ptr is None:
                     raise LocalProtocolError("this Engine is closed")
-                self._driver = get_ident()
                 if inbox:
                     self._drain_inbox()
                 want = tlog_cache.get(DEBUG)
@@ -1145,7 +1164,6 @@ class Engine:
                 raise_interrupt()
                 return n
             finally:
-                self._driver = None
                 token.append(taken)
 
         return turn
