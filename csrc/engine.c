@@ -35,7 +35,10 @@
  *	into one. Either way the result exists from the moment the message
  *	is taken, so that none can be lost. smtps_engine_submit() only
  *	queues (and may start DNS lookups), so it may even be called from a
- *	state running inside smtps_engine_run().
+ *	state running inside smtps_engine_run() (the Python Engine allows it
+ *	too, through its inbox). It is not for other threads: those hand
+ *	their messages to the loop's thread and call smtps_engine_wake()
+ *	(wakeup.c), the one call any thread may make.
  *
  *	smtps_engine_run() processes submissions, expired deadlines, DNS
  *	answers and socket events until a result is ready, nothing is

@@ -1111,13 +1111,17 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
 				      void *user);
 void smtps_engine_free(struct smtps_engine *e);	/* results not taken are freed */
 
-/* Queue msg for dest; the engine owns msg on SMTPS_OK only. */
+/*
+ * Queue msg for dest; the engine owns msg on SMTPS_OK only. From the
+ * thread that runs the loop, or from a state running inside it (it only
+ * queues); not from another thread (see smtps_engine_wake() below).
+ */
 int smtps_engine_submit(struct smtps_engine *e, struct smtps_message *msg,
 			const struct smtps_destination *dest, uint64_t tag);
 
 /*
- * Run the loop until at least one result is ready, nothing is pending, or
- * max_wait_ms passed (-1: no limit). Returns the number of results ready,
+ * Run the loop until at least one result is ready, nothing is pending,
+ * smtps_engine_wake() was called, or max_wait_ms passed (-1: no limit). Returns the number of results ready,
  * or a negative SMTPS_E* code: SMTPS_EINTR as soon as a state interrupted
  * its session (the rest waits for the next call). Call it without holding
  * the GIL (cffi releases it); Python states take it back when they are

@@ -348,7 +348,8 @@ class Engine:
             share a connection).
         messages_per_connection: QUIT after this many; 0: no limit.
         idle_timeout: seconds an unused connection stays open for the next
-            message (it is only closed while :meth:`run` runs, or by
+            message (closed with QUIT while :meth:`run` runs, by
+            ``run(forever=True)`` and :meth:`step` when idle, or by
             :meth:`close`).
         connect_timeout: seconds for each connection attempt and each DNS
             lookup (a destination's ``timeout`` option shortens it).
@@ -394,9 +395,11 @@ class Engine:
             setting, rule or source (one that cannot be bound).
         OSError: the engine could not be made (epoll, memory).
 
-    One thread at a time: a call made while another is running (from a
-    second thread, or from a state inside :meth:`run`) raises
-    LocalProtocolError instead of corrupting the loop.
+    One driver at a time: :meth:`run`, :meth:`step` and the other calls
+    that touch C, made while another is running (from a second thread,
+    or from a state inside :meth:`run`), raise LocalProtocolError instead
+    of corrupting the loop. :meth:`submit`, :meth:`stop` and
+    :meth:`close` are safe from any thread at any time (docs/service.md).
 
     As a context manager, the engine delivers before it closes: leaving
     the ``with`` block normally runs it until every message submitted has
@@ -559,9 +562,14 @@ class Engine:
         Raises:
             TypeError: not a Message, or an unknown option.
             InvalidOptionError: a bad host, port or option value.
-            InvalidMessageError: the message, refused by C's own checks.
-            LocalProtocolError: the engine is closed, or busy in another
-                call (another thread, or a state running inside run()).
+            InvalidMessageError: the message, refused by C's own checks
+                (submitted while another thread drives the engine, a
+                message only C refuses gets a permfail Result instead).
+            LocalProtocolError: the engine is closed.
+
+        Safe from any thread at any time, and from a state inside run():
+        while another call holds the engine, the message waits in its
+        inbox and the loop is woken to take it at once (docs/service.md).
         """
         if type(message) is not Message and not isinstance(message, Message):
             raise TypeError(f"submit() takes a smtpstate.Message, not {type(message).__name__}")
