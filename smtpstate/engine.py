@@ -468,7 +468,6 @@ class Engine:
         # Held for close() against the engine being freed under a wake-up.
         self._wake_lock = threading.Lock()
         self._stopping = False                 # stop(): run(forever) returns
-        self._close_requested = False          # close() from another thread
         self._driver: Optional[int] = None     # thread id inside run()/step()
         self._step_turn: Optional[Callable[[int, bool], int]] = None
         self._tickets: Dict[int, Ticket] = {}
@@ -896,8 +895,6 @@ class Engine:
                     raise
         finally:
             self._driver = None
-            if self._close_requested and self._ptr is not None:
-                self.close()
 
     def serve(self, timeout: Optional[float] = None) -> Iterator[Result]:
         """``run(timeout, forever=True)``: the engine as a service."""
@@ -1451,19 +1448,19 @@ class Engine:
         From any thread: while another thread is inside :meth:`run` (a
         service's ``run(forever=True)``), that run is stopped and woken,
         and this call waits (up to 30 s) for it to leave C, then closes.
-        From a state running inside run(), the run closes the engine on
-        its way out.
 
         Raises:
-            LocalProtocolError: another call kept the engine for 30 s.
+            LocalProtocolError: called from a state running inside run()
+                (use :meth:`stop`), or another call kept the engine for
+                30 s.
         """
         if self._ptr is None:
             return
         if not self._token and self._driver is not None:
             if self._driver == threading.get_ident():
-                self._close_requested = True   # a state inside run()
-                self.stop()
-                return
+                # A state inside run(): the engine would be freed under
+                # its own loop, and the message in hand lost.
+                raise LocalProtocolError(_BUSY)
             self.stop()
             deadline = time.monotonic() + 30.0
             while True:
