@@ -188,13 +188,17 @@ class Engine:
                 before anything was sent, as by ``submit()``.
             LocalProtocolError: the engine is closing or closed.
         """
-        loop = self._attach()
-        if self._closing:
-            raise LocalProtocolError("this aio.Engine is closing")
+        loop = self._loop
+        if loop is None or self._closing or asyncio.get_running_loop() is not loop:
+            loop = self._attach()
+            if self._closing:
+                raise LocalProtocolError("this aio.Engine is closing")
         ticket = self._engine.submit(message, host, port, **options)
         fut: "asyncio.Future[Result]" = loop.create_future()
         self._waiters[ticket] = fut
-        self._soon()
+        if not self._step_pending:              # _soon(), inline: once per burst
+            self._step_pending = True
+            loop.call_soon(self._step)
         try:
             return await fut
         except asyncio.CancelledError:

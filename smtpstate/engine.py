@@ -855,7 +855,6 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         ready, tickets, turn = self._ready, self._tickets, self._make_turn()
         told = self._tls_told
-        self._stopping = False
         self._driver = threading.get_ident()      # for close() from a state
         try:
             while True:
@@ -863,7 +862,10 @@ class Engine:
                     self._tell_tls_events()
                 while ready:
                     yield ready.popleft()
-                if self._stopping or (forever and self._ptr is None):
+                if self._stopping:
+                    self._stopping = False         # this run answers it
+                    return
+                if forever and self._ptr is None:
                     return
                 wait = _RUN_SLICE_MS
                 if self._held:
@@ -904,7 +906,8 @@ class Engine:
         """End :meth:`run` with ``forever`` (or a plain run()) at its next
         turn, from any thread or from a state: the loop is woken now. The
         engine stays open; results not handed out yet wait for the next
-        run() or step()."""
+        run() or step(). Called while no run() is going, it ends the next
+        one at once (as a set ``threading.Event`` would)."""
         self._stopping = True
         self._wake()
 
