@@ -388,3 +388,15 @@ def test_ticket_ids_are_unique_across_engines(aiosmtpd_server):
         ta = a.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port)
         tb = b.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port)
     assert ta.id != tb.id
+
+
+def test_stop_before_run_ends_the_next_run_at_once():
+    """A service thread that has not reached run() yet cannot miss stop()."""
+    with Engine(helo=HELO) as engine:
+        engine.stop()
+        t0 = time.monotonic()
+        assert list(engine.run(forever=True)) == []
+        assert time.monotonic() - t0 < 0.1
+        # Answered once: the next run is a normal one (nothing pending).
+        assert list(engine.run(timeout=0.2, forever=True)) == []
+        assert time.monotonic() - t0 >= 0.2
