@@ -233,10 +233,12 @@ def run_warm(port: int, n: int, conc: int, data: bytes) -> Tuple[float, float]:
     return wall, cpu
 
 
-def run_aio_engine(port: int, n: int, conc: int, data: bytes) -> Tuple[float, float]:
-    """smtpstate.aio.Engine: n messages, at most conc ``send()`` calls in
-    flight at once (a semaphore), over conc pooled connections, on one
-    asyncio loop; no thread."""
+def run_aio_engine(port: int, n: int, conc: int, data: bytes,
+                   connections: int = 0) -> Tuple[float, float]:
+    """smtpstate.aio.Engine: n messages, conc ``send()`` calls in flight
+    at once (conc tasks, each awaiting one send after the other), over
+    ``connections`` pooled connections (0: conc), on one asyncio loop; no
+    thread."""
     import asyncio
 
     import smtpstate
@@ -246,7 +248,8 @@ def run_aio_engine(port: int, n: int, conc: int, data: bytes) -> Tuple[float, fl
 
     async def main() -> int:
         bad = 0
-        async with aio.Engine(max_connections=conc, max_per_destination=conc,
+        conns = connections or conc
+        async with aio.Engine(max_connections=conns, max_per_destination=conns,
                               helo=HELO) as engine:
             left = [n]
 
@@ -282,6 +285,7 @@ def main() -> int:
         out = run_idle(spec, data)
     else:
         if client == "engine":
+            conc = spec.get("connections", conc)
             wall, cpu = run_engine(port, n, conc, data,
                                    messages_per_connection=1 if per_conn else 0)
         elif client == "engine_warm":
@@ -293,7 +297,7 @@ def main() -> int:
         elif client == "smtplib":
             wall, cpu = run_smtplib(port, n, conc, data, per_connection=per_conn)
         elif client == "aio_engine":
-            wall, cpu = run_aio_engine(port, n, conc, data)
+            wall, cpu = run_aio_engine(port, n, conc, data, spec.get("connections", 0))
         elif client == "aiosmtplib":
             wall, cpu = run_aiosmtplib(port, n, conc, data, per_connection=per_conn)
         elif client == "engine_tls":
