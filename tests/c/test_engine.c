@@ -24,7 +24,10 @@
  *	(tempfail, stage "not connected"); 421 greetings; a hang-up after
  *	the final dot (unknown); IPv6 literals; freeing an engine with work
  *	in flight; the argument checks; the deadline heap against a plain
- *	array.
+ *	array; the service calls (wakeup.c, cancel.c): a wake-up from
+ *	another thread ending a wait at once, smtps_engine_serve(e, 0)
+ *	driven by poll() on smtps_engine_fileno() until idle connections
+ *	quit, and cancelling queued messages by tag.
  *
  *	Build it with every C source and run it under ASan and UBSan:
  *
@@ -769,6 +772,188 @@ out:
     return ok;
 }
 
+/* waker - wake the engine from another thread after 100 ms */
+
+static void *waker(void *arg)
+{
+    struct timespec ts = {0, 100 * 1000 * 1000};
+
+    nanosleep(&ts, NULL);
+    (void) smtps_engine_wake((struct smtps_engine *) arg);
+    return NULL;
+}
+
+/* ms_since - milliseconds since t0 */
+
+static int64_t ms_since(const struct timespec *t0)
+{
+    struct timespec t1;
+
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (int64_t) (t1.tv_sec - t0->tv_sec) * 1000
+	+ (t1.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+/* test_wake - serve() with nothing pending returns when woken, at once */
+
+static int test_wake(void)
+{
+    struct smtps_engine *e = NULL;
+    struct timespec t0;
+    pthread_t tid;
+    int     ok = 0, rc, joined = 1;
+
+    CHECK((e = smtps_engine_new(NULL, NULL, NULL)) != NULL);
+    CHECK(smtps_engine_fileno(e) >= 0);
+    CHECK(smtps_engine_next_deadline(e) == -1);	/* nothing armed */
+    /* A wake-up before the wait is not lost. */
+    CHECK(smtps_engine_wake(e) == SMTPS_OK);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CHECK(smtps_engine_serve(e, 5000) == 0);
+    CHECK(ms_since(&t0) < 500);
+    /* Nothing pending: serve() waits (run() would return at once)... */
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    CHECK(smtps_engine_serve(e, 50) == 0);
+    CHECK(ms_since(&t0) >= 45);
+    /* ... until another thread wakes it. */
+    CHECK(pthread_create(&tid, NULL, waker, e) == 0);
+    joined = 0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    rc = smtps_engine_serve(e, 5000);
+    pthread_join(tid, NULL);
+    joined = 1;
+    CHECK(rc == 0);
+    CHECK(ms_since(&t0) >= 90 && ms_since(&t0) < 1000);
+    CHECK(smtps_engine_wake(NULL) == SMTPS_EINVAL);
+    ok = 1;
+out:
+    if (!joined)
+	pthread_join(tid, NULL);
+    smtps_engine_free(e);
+    return ok;
+}
+
+/*
+ * test_step - another event loop's way: poll() on the descriptor until
+ * the next deadline, then serve(e, 0); the results come, and the idle
+ * connections quit at idle_timeout with nothing pending
+ */
+
+static int test_step(void)
+{
+    struct smtps_engine_config cfg;
+    struct smtps_destination d;
+    struct smtps_engine *e = NULL;
+    struct smtps_message *m;
+    struct smtps_result *r;
+    struct server s;
+    struct pollfd p;
+    struct timespec t0;
+    int64_t wait;
+    int     i, count = 0, ok = 0, started, rc;
+
+    if (!(started = server_start(&s, B_ACCEPT, "127.0.0.1")))
+	return 0;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.sizeof_config = sizeof(cfg);
+    cfg.max_per_destination = 2;
+    cfg.idle_timeout_ms = 200;
+    cfg.helo = "client.test";
+    CHECK((e = smtps_engine_new(NULL, &cfg, NULL)) != NULL);
+    destination(&d, "127.0.0.1", s.port, 5000);
+    for (i = 1; i <= 10; i++) {
+	CHECK((m = message(i)) != NULL);
+	if (smtps_engine_submit(e, m, &d, (uint64_t) i) != SMTPS_OK) {
+	    smtps_message_free(m);
+	    CHECK(!"submit failed");
+	}
+    }
+    CHECK(smtps_engine_next_deadline(e) == 0);	/* work to start now */
+    p.fd = smtps_engine_fileno(e);
+    p.events = POLLIN;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while ((count < 10 || smtps_engine_connections(e) > 0) && ms_since(&t0) < 10000) {
+	wait = smtps_engine_next_deadline(e);
+	(void) poll(&p, 1, wait < 0 || wait > 1000 ? 1000 : (int) wait);
+	CHECK((rc = smtps_engine_serve(e, 0)) >= 0);
+	while ((r = smtps_engine_next_result(e)) != NULL) {
+	    if (r->status == SMTPS_STATUS_DELIVERED)
+		count++;
+	    smtps_result_free(r);
+	}
+    }
+    CHECK(count == 10);
+    CHECK(smtps_engine_connections(e) == 0);	/* quit while idle */
+    CHECK(smtps_engine_next_deadline(e) == -1);
+    smtps_engine_free(e);
+    e = NULL;
+    server_stop(&s);
+    started = 0;
+    CHECK(s.messages == 10 && s.quits >= 1);
+    ok = 1;
+out:
+    smtps_engine_free(e);
+    if (started)
+	server_stop(&s);
+    return ok;
+}
+
+/*
+ * test_cancel - one connection stalls after its greeting: the message it
+ * holds (not begun) and those queued behind it are withdrawn by tag,
+ * each with its result at once; an unknown tag is not found
+ */
+
+static int test_cancel(void)
+{
+    struct smtps_engine_config cfg;
+    struct smtps_destination d;
+    struct smtps_engine *e = NULL;
+    struct smtps_message *m;
+    struct smtps_result *r;
+    struct server s;
+    int     i, ok = 0, started, got = 0;
+
+    if (!(started = server_start(&s, B_STALL, "127.0.0.1")))
+	return 0;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.sizeof_config = sizeof(cfg);
+    cfg.max_per_destination = 1;
+    cfg.helo = "client.test";
+    CHECK((e = smtps_engine_new(NULL, &cfg, NULL)) != NULL);
+    destination(&d, "127.0.0.1", s.port, 5000);
+    for (i = 1; i <= 3; i++) {
+	CHECK((m = message(i)) != NULL);
+	if (smtps_engine_submit(e, m, &d, (uint64_t) i) != SMTPS_OK) {
+	    smtps_message_free(m);
+	    CHECK(!"submit failed");
+	}
+    }
+    /* Connected, the first message handed to the session, the greeting late. */
+    for (i = 0; i < 20 && smtps_engine_connections(e) == 0; i++)
+	CHECK(smtps_engine_serve(e, 20) >= 0);
+    CHECK(smtps_engine_serve(e, 100) >= 0);
+    CHECK(smtps_engine_cancel(e, 3) == SMTPS_CANCEL_DONE);	/* queued */
+    CHECK(smtps_engine_cancel(e, 1) == SMTPS_CANCEL_DONE);	/* in the session */
+    CHECK(smtps_engine_cancel(e, 3) == SMTPS_ENOTFOUND);	/* once */
+    CHECK(smtps_engine_cancel(e, 99) == SMTPS_ENOTFOUND);
+    CHECK(smtps_engine_cancel(NULL, 1) == SMTPS_EINVAL);
+    while ((r = smtps_engine_next_result(e)) != NULL) {
+	if ((r->tag == 1 || r->tag == 3) && r->status == SMTPS_STATUS_TEMPFAIL
+	    && strstr(r->reason, "cancelled") != NULL)
+	    got++;
+	smtps_result_free(r);
+    }
+    CHECK(got == 2);
+    CHECK(smtps_engine_pending(e) == 1);		/* the second goes on */
+    ok = 1;
+out:
+    smtps_engine_free(e);
+    if (started)
+	server_stop(&s);
+    return ok;
+}
+
 int     main(void)
 {
     static const struct {
@@ -785,6 +970,9 @@ int     main(void)
 	{"hang-up after the final dot: unknown", test_drop_dot},
 	{"IPv6 literal ::1", test_ipv6},
 	{"freed with work in flight", test_free_in_flight},
+	{"wake-up from another thread ends serve() at once", test_wake},
+	{"serve(e, 0) driven by poll(): results, then idle QUIT", test_step},
+	{"cancel by tag: queued and in a session before its greeting", test_cancel},
     };
     size_t  ntests = sizeof(tests) / sizeof(tests[0]);
     size_t  i;
