@@ -470,6 +470,7 @@ class Engine:
         self._stopping = False                 # stop(): run(forever) returns
         self._driver: Optional[int] = None     # thread id inside run()/step()
         self._step_turn: Optional[Callable[[int, bool], int]] = None
+        self._turning: Optional[int] = None    # thread id inside a turn (C's loop)
         self._tickets: Dict[int, Ticket] = {}
         self._messages = _MessagesByTag(self._tickets)
         self._ready: Deque[Result] = collections.deque()
@@ -1055,12 +1056,15 @@ class Engine:
         rlog, rlog_cache = result_log, _level_cache(result_log)
         DEBUG, INFO = logging.DEBUG, logging.INFO
         next_tls_event, tls_event = lib.smtps_engine_next_tls_event, self._tls_event
+        get_ident = threading.get_ident
         def turn(wait: int, serve: bool) -> int:
-            # The guard, inline (see _Guard).
+            # The guard, inline (see _Guard); held by a short call of
+            # another thread (a submit() in C), it is waited for.
             try:
                 taken = token.pop()
             except IndexError:
-                raise LocalProtocolError(_BUSY) from None
+                taken = self._wait_token()
+            self._turning = get_ident()
             try:
                 ptr = self._ptr
                 if ptr is None:
@@ -1172,9 +1176,28 @@ class Engine:
                 raise_interrupt()
                 return n
             finally:
+                self._turning = None
                 token.append(taken)
 
         return turn
+
+    def _wait_token(self) -> bool:
+        """The token for a turn, when another call holds it: a turn (this
+        thread's own, a state re-entering, or another thread's run()) is
+        refused at once; any other call (submit(), cancel(), a property,
+        from another thread) is short and is waited for, up to a second,
+        so that a service's run() never fails because a producer thread
+        was inside submit() just then."""
+        token, deadline = self._token, time.monotonic() + 1.0
+        while True:
+            if self._turning is not None:
+                raise LocalProtocolError(_BUSY)
+            time.sleep(0)                       # the holder finishes its call
+            try:
+                return token.pop()
+            except IndexError:
+                if time.monotonic() >= deadline:
+                    raise LocalProtocolError(_BUSY) from None
 
     # -- TLS events and reports (RFC 8460) -------------------------------------
 

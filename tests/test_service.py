@@ -400,3 +400,28 @@ def test_stop_before_run_ends_the_next_run_at_once():
         # Answered once: the next run is a normal one (nothing pending).
         assert list(engine.run(timeout=0.2, forever=True)) == []
         assert time.monotonic() - t0 >= 0.2
+
+
+def test_run_waits_for_a_short_call_of_another_thread(aiosmtpd_server):
+    """A producer thread inside submit()'s C call holds the engine's token
+    for microseconds; a run() turn starting just then waits for it instead
+    of failing the service (white-box: the token held by hand for 0.2 s)."""
+    engine = Engine(helo=HELO)
+    results: List[Any] = []
+    errors: List[BaseException] = []
+    t = engine.submit(msg(), aiosmtpd_server.host, aiosmtpd_server.port, timeout=30)
+    taken = engine._token.pop()                      # "another call" holds it
+
+    def serve() -> None:
+        try:
+            results.extend(engine.run(timeout=10))
+        except BaseException as e:                   # pragma: no cover - the failure
+            errors.append(e)
+
+    runner = threading.Thread(target=serve)
+    runner.start()
+    time.sleep(0.2)
+    engine._token.append(taken)
+    runner.join(10)
+    assert not errors and [r.ticket for r in results] == [t] and t.result.ok
+    engine.close()
