@@ -291,6 +291,24 @@ def _printable(text: str) -> str:
 _LOCAL_PERM_CODES = {"5.3.4": 552, "5.6.7": 553, "5.6.3": 554}
 
 
+def _without_prefix(reply: Reply) -> str:
+    """A reply's text without the enhanced code that starts its lines
+    (Reply.text keeps what the server wrote after the reply code)."""
+    if not reply.enhanced:
+        return reply.text
+    head = reply.enhanced + " "
+    return "\n".join(line[len(head):] if line.startswith(head)
+                     else "" if line == reply.enhanced else line
+                     for line in reply.text.split("\n"))
+
+
+def _relayed(code: int, reply: Reply) -> Reply:
+    """reply as ours to give with code, its enhanced code kept (X.0.0 when
+    it had none, of code's class), its text without that prefix."""
+    enhanced = reply.enhanced if reply.enhanced[:1] == str(code // 100) else ""
+    return Reply(code, enhanced or _default_enhanced(code), _without_prefix(reply))
+
+
 def _default_enhanced(code: int) -> str:
     """X.0.0 (other or undefined status) for a reply that has no code."""
     return f"{code // 100}.0.0"
@@ -311,17 +329,16 @@ def _message_reply(r: "Result") -> Reply:
                         and x.status == r.status), None)
     if r.status == "permfail":
         if failing is not None and failing.code >= 500:
-            return Reply(failing.code, failing.enhanced or _default_enhanced(failing.code),
-                         failing.text)
+            return _relayed(failing.code, failing)
         enhanced = r.enhanced or "5.0.0"
         return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
                      r.reason or "delivery failed")
     # tempfail, unknown: the client keeps the message and tries again.
     if failing is not None and failing.code < 500:
-        return Reply(451, failing.enhanced if failing.enhanced.startswith("4.")
-                     else "4.0.0", failing.text)
+        return _relayed(451, failing)
     enhanced = r.enhanced if r.enhanced.startswith("4.") else "4.0.0"
-    why = r.reason or (failing.text if failing is not None else "") or "try again later"
+    why = r.reason or (_without_prefix(failing) if failing is not None else "") \
+        or "try again later"
     if r.status == "unknown":
         why = f"delivery unknown: {why}"
     return Reply(451, enhanced, why)
@@ -337,13 +354,12 @@ def _recipient_reply(rr: "RecipientResult", r: Optional["Result"]) -> Reply:
     reason = r.reason if r is not None else ""
     if rr.status == "permfail":
         if own is not None and own.code >= 500:
-            return Reply(own.code, own.enhanced or _default_enhanced(own.code), own.text)
+            return _relayed(own.code, own)
         enhanced = rr.enhanced or (r.enhanced if r is not None else "") or "5.0.0"
         return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
                      reason or "delivery failed")
     if own is not None and own.code < 500:
-        return Reply(451, own.enhanced if own.enhanced.startswith("4.") else "4.0.0",
-                     own.text)
+        return _relayed(451, own)
     enhanced = rr.enhanced if rr.enhanced.startswith("4.") else "4.0.0"
     if rr.status == "not_sent":
         return Reply(451, enhanced, reason or "not sent: try again later")
