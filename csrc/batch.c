@@ -325,6 +325,7 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
     m->dsn_ret = envelope->dsn_ret;
     m->require_tls = envelope->require_tls;
     m->needs_smtputf8 = envelope->needs_smtputf8;
+    m->want_smtputf8 = envelope->want_smtputf8;
     m->body_flags = envelope->body_flags;
     if (body != NULL || len > 0) {
 	if ((*rc = smtps_message_set_body(m, body, len)) != SMTPS_OK)

@@ -548,6 +548,14 @@ int smtps_message_set_dsn(struct smtps_message *m, int ret,
  */
 int smtps_message_set_require_tls(struct smtps_message *m, int require);
 int smtps_message_require_tls(const struct smtps_message *m);	/* 1 or 0 */
+/*
+ * SMTPUTF8 (RFC 6531) on MAIL FROM even when every address is ASCII (on
+ * is 1 or 0): a relay that received the message with SMTPUTF8 keeps it.
+ * A server without the extension then gets no MAIL for it: the message
+ * fails for good (5.6.7), as one with a non-ASCII address does.
+ * SMTPS_EINVAL for another value.
+ */
+int smtps_message_set_smtputf8(struct smtps_message *m, int on);
 const char *smtps_message_sender(const struct smtps_message *m);
 size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
