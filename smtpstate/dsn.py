@@ -197,10 +197,13 @@ def build(result: Result, original: Union[Message, bytes, Any, None] = None, *,
         # reads such a part back, too).
         text = "".join(b.as_string(policy=block_policy.clone(linesep="\r\n"))
                        for b in blocks)
-        status.set_payload([email.message_from_bytes(text.encode("utf-8"), policy=policy)])
+        inner: List[Union[_Block, str]] = [
+            email.message_from_bytes(text.encode("utf-8"), policy=policy)]
+        status.set_payload(inner)
     else:
         status["Content-Type"] = "message/delivery-status"
-        status.set_payload(blocks)
+        payload: List[Union[_Block, str]] = list(blocks)
+        status.set_payload(payload)
     dsn.attach(status)
 
     returned = _returned(content, want_ret, policy, intl)
@@ -241,7 +244,8 @@ def _needs_utf8(m: Message) -> bool:
     """True when the message went (or had to go) with SMTPUTF8."""
     if getattr(m, "smtputf8", False):
         return True
-    texts = [m.sender, *m.recipients, *(r.orcpt or "" for r in m.recipient_options)]
+    texts = [m.sender, *(r.address for r in m.recipient_options),
+             *(r.orcpt or "" for r in m.recipient_options)]
     return not all(t.isascii() for t in texts)
 
 
