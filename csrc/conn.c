@@ -10,6 +10,9 @@
  *	int	smtps_conn_open(d, now)
  *	void	smtps_conn_update(c, now)
  *	...
+ *	const char *smtps_conn_host(c)
+ *	int	smtps_conn_tls_level(c)
+ *	int	smtps_conn_dane(c)
  * DESCRIPTION
  *	A connection belongs to one destination (dest.c) and moves bytes
  *	between its socket and its sans-I/O session (session.c).
@@ -125,8 +128,8 @@ struct smtps_dest_host *smtps_conn_dest_host(const struct smtps_conn *c)
 }
 
 /*
- * smtps_conn_dane - the session is authenticated by the host's TLSA records
- * (usable ones), or, with records none of which is usable, encrypted
+ * smtps_conn_dane - the session is authenticated by the host's TLSA
+ * records (usable ones), or, with records none of which is usable, encrypted
  * without authentication (RFC 7672 2.2) -- unless an MTA-STS policy is in
  * force: then the certificate is verified
  */
@@ -141,13 +144,14 @@ int     smtps_conn_dane(const struct smtps_conn *c)
 }
 
 /*
- * smtps_conn_tls_level - the TLS this connection uses: the destination's level,
- * made concrete for the host. DANE (RFC 7672 2.2) first: TLS
- * authenticated by its records (smtps_conn_dane()); else, under an MTA-STS
- * policy in force (RFC 8461 4.2), TLS verified against the MX host's
- * name; else opportunistic ("dane") or not at all ("dane-only": -1, as
- * for TLSA records that fail validation). A level given explicitly
- * ("opportunistic", "verify", ...) is the caller's choice and stays.
+ * smtps_conn_tls_level - the TLS this connection uses: the destination's
+ * level, made concrete for the host. DANE (RFC 7672 2.2) first: TLS
+ * authenticated by its records (smtps_conn_dane()); else, under an
+ * MTA-STS policy in force (RFC 8461 4.2), TLS verified against the MX
+ * host's name; else opportunistic ("dane") or not at all ("dane-only":
+ * -1, as for TLSA records that fail validation). "mta-sts" is the same
+ * without DANE. A level given explicitly ("opportunistic", "verify",
+ * ...) is the caller's choice and stays.
  */
 
 int     smtps_conn_tls_level(const struct smtps_conn *c)
