@@ -269,8 +269,9 @@ def _status_of(rr: RecipientResult, result: Result, action: str) -> Tuple[str, O
     if action in ("relayed", "delivered"):
         return "2.0.0", rr.reply if rr.reply is not None else result.reply
     reply = rr.reply if rr.reply is not None and rr.reply.code >= 400 else None
-    if reply is None and result.reply is not None and result.reply.code >= 400:
-        reply = result.reply
+    if (reply is None and not rr.enhanced and result.reply is not None
+            and result.reply.code >= 400):
+        reply = result.reply                  # its own local code comes first
     if reply is not None:
         digit = str(reply.code // 100)
         if reply.enhanced[:1] == digit:

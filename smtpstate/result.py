@@ -349,7 +349,10 @@ def _recipient_reply(rr: "RecipientResult", r: Optional["Result"]) -> Reply:
     if rr.status == "delivered":
         return Reply(250, "2.0.0", "Ok: delivered")
     own = rr.reply if rr.reply is not None and rr.reply.code >= 400 else None
-    if own is None and r is not None and r.reply is not None and r.reply.code >= 400:
+    # Its own local code (no route for it, say) before the reply of the
+    # message, which under MX routing may be another destination's.
+    if (own is None and not rr.enhanced and r is not None and r.reply is not None
+            and r.reply.code >= 400):
         own = r.reply
     reason = r.reason if r is not None else ""
     if rr.status == "permfail":

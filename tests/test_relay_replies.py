@@ -243,3 +243,32 @@ def test_as_smtp_formats_and_bounds_lines():
     long = Reply(451, "4.4.2", "\u00e9" * 600).as_smtp()
     assert len(long.encode("utf-8")) + 2 <= 512
     long.encode("utf-8").decode("utf-8")                   # not cut inside a character
+
+
+# -- routed by MX: parts joined, recipients that had no route -----------------------
+
+
+def test_routed_message_codes_survive_the_join(dns_server, dns_origin, mx_servers):
+    from smtpstate import Resolver
+    resolver = Resolver([dns_server.address], hosts_file=False, timeout=2, attempts=2)
+    a, b = "127.0.0.2", "127.0.0.3"
+    mx = mx_servers([a, b], {b: "rcpt_550"})
+    o = dns_origin
+    dns_server.add_zone(o, [r.format(o=o) for r in (
+        "a MX 10 mx1", "c MX 10 mx2", f"mx1 A {a}", f"mx2 A {b}")])
+    x, y, w = f"x@a.{o}", f"y@c.{o}", f"w@nowhere.{o}"
+    (result,) = smtpstate.deliver([Message(SENDER, [x, y, w], BODY)], port=mx.port,
+                                  resolver=resolver)
+    assert result.status == "partial", result
+    rx, ry, rw = result.recipients
+    assert (rx.enhanced, ry.enhanced) == ("", "")          # delivered; refused by a reply
+    assert rw.reply is None and rw.enhanced == "5.1.2", rw  # NXDOMAIN: no such system
+    assert result.enhanced == ""
+    assert result.smtp_reply().code == 250
+    assert rw.smtp_reply(result) == Reply(550, "5.1.2", result.reason)
+    assert ry.smtp_reply(result).enhanced == ry.reply.enhanced
+    # A message none of whose recipients can be routed.
+    (lost,) = smtpstate.deliver([Message(SENDER, [w], BODY)], port=mx.port,
+                                resolver=resolver)
+    assert lost.status == "permfail" and lost.enhanced == "5.1.2", lost
+    assert lost.smtp_reply() == Reply(550, "5.1.2", lost.reason)
