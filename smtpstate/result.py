@@ -21,6 +21,7 @@ answers).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -244,9 +245,10 @@ class Result:
         * ``"delivered"`` or ``"partial"``: 250 (the recipients that
           failed are the relay's to report, by DSN: :mod:`smtpstate.dsn`);
         * every recipient failed for good (``"permfail"``): the downstream
-          reply that refused it (a recipient's own when each was refused
-          at RCPT: the first one), else 5xx with the local enhanced code
-          (5.3.4 too big, 5.6.7 SMTPUTF8 not offered, 5.7.30 REQUIRETLS);
+          5xx reply that decided it (when each recipient was refused at
+          RCPT, the last refusal, as ``reply`` says), else 5xx with the
+          local enhanced code (5.3.4 too big, 5.6.7 SMTPUTF8 not offered,
+          5.7.30 REQUIRETLS) and the reason;
         * anything failed for now (``"tempfail"``), or might have been
           delivered (``"unknown"``: the client then keeps the message and
           may send it twice rather than lose it, RFC 1047): 451, with the
@@ -314,6 +316,25 @@ def _default_enhanced(code: int) -> str:
     return f"{code // 100}.0.0"
 
 
+_LEADING_CODE = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3} ")
+
+
+def _reason_text(reason: str, fallback: str) -> str:
+    """A reason as reply text: without the enhanced code our own reasons
+    may start with ("5.7.30 REQUIRETLS ..."), which the reply carries."""
+    return _LEADING_CODE.sub("", reason, count=1) or fallback
+
+
+def _failing(r: "Result", first: str) -> Optional[Reply]:
+    """The downstream reply (of class ``first``, "4" or "5") that decided
+    r: its own, else the first recipient's that failed so."""
+    if r.reply is not None and str(r.reply.code)[:1] == first:
+        return r.reply
+    return next((x.reply for x in r.recipients
+                 if x.reply is not None and str(x.reply.code)[:1] == first
+                 and x.status in _FAILED), None)
+
+
 def _message_reply(r: "Result") -> Reply:
     """Result.smtp_reply(): see there."""
     if r.status in ("delivered", "partial"):
@@ -321,24 +342,19 @@ def _message_reply(r: "Result") -> Reply:
         done = sum(1 for x in r.recipients if x.status == "delivered")
         text = "Ok: delivered" if done == n else f"Ok: delivered to {done} of {n} recipients"
         return Reply(250, "2.0.0", text)
-    failing = r.reply if r.reply is not None and r.reply.code >= 400 else None
-    if failing is None:
-        # Each recipient refused at RCPT: the first one's refusal speaks.
-        failing = next((x.reply for x in r.recipients
-                        if x.reply is not None and x.reply.code >= 400
-                        and x.status == r.status), None)
     if r.status == "permfail":
-        if failing is not None and failing.code >= 500:
+        failing = _failing(r, "5")
+        if failing is not None:
             return _relayed(failing.code, failing)
         enhanced = r.enhanced or "5.0.0"
         return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
-                     r.reason or "delivery failed")
+                     _reason_text(r.reason, "delivery failed"))
     # tempfail, unknown: the client keeps the message and tries again.
-    if failing is not None and failing.code < 500:
+    failing = _failing(r, "4")
+    if failing is not None and r.status == "tempfail":
         return _relayed(451, failing)
     enhanced = r.enhanced if r.enhanced.startswith("4.") else "4.0.0"
-    why = r.reason or (_without_prefix(failing) if failing is not None else "") \
-        or "try again later"
+    why = _reason_text(r.reason, "try again later")
     if r.status == "unknown":
         why = f"delivery unknown: {why}"
     return Reply(451, enhanced, why)
@@ -360,13 +376,13 @@ def _recipient_reply(rr: "RecipientResult", r: Optional["Result"]) -> Reply:
             return _relayed(own.code, own)
         enhanced = rr.enhanced or (r.enhanced if r is not None else "") or "5.0.0"
         return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
-                     reason or "delivery failed")
+                     _reason_text(reason, "delivery failed"))
     if own is not None and own.code < 500:
         return _relayed(451, own)
     enhanced = rr.enhanced if rr.enhanced.startswith("4.") else "4.0.0"
     if rr.status == "not_sent":
-        return Reply(451, enhanced, reason or "not sent: try again later")
-    why = reason or "try again later"
+        return Reply(451, enhanced, _reason_text(reason, "not sent: try again later"))
+    why = _reason_text(reason, "try again later")
     return Reply(451, enhanced, f"delivery unknown: {why}" if rr.status == "unknown" else why)
 
 

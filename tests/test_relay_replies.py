@@ -115,11 +115,14 @@ def test_anything_temporary_is_451(verdicts):
     assert (reply.code, reply.enhanced) == (451, "4.2.1")
     assert "mailbox busy" in reply.text
     # Some refused for good, others for now, none delivered: still 451,
-    # since the client may yet deliver to those.
-    mixed = send(verdicts, "bad@example.test", "later@example.test")
-    assert mixed.status in ("tempfail", "permfail")
-    if mixed.status == "tempfail":
-        assert mixed.smtp_reply().code == 451
+    # since the client may yet deliver to those; with the 4xx's words.
+    for order in (("bad@example.test", "later@example.test"),
+                  ("later@example.test", "bad@example.test")):
+        mixed = send(verdicts, *order)
+        assert mixed.status == "tempfail", mixed
+        reply = mixed.smtp_reply()
+        assert (reply.code, reply.enhanced) == (451, "4.2.1"), reply
+        assert reply.text == "<later@example.test>: mailbox busy, try later"
 
 
 # -- failures decided here -------------------------------------------------------
@@ -195,6 +198,12 @@ def test_requiretls_refusal_keeps_its_own_code():
                           "no TLS") == "5.7.30"
     assert local_enhanced("permfail", "not attempted: 5.1.10 example.test accepts "
                           "no mail") == "5.1.10"
+    m = Message(SENDER, ["a@example.test"], BODY, require_tls=True)
+    r = unsent_result(m, None, "permfail", "5.7.30 REQUIRETLS support required (RFC 8689): "
+                      "the connection is not encrypted (no TLS)")
+    assert r.smtp_reply() == Reply(550, "5.7.30", "REQUIRETLS support required (RFC 8689): "
+                                   "the connection is not encrypted (no TLS)")
+    assert r.smtp_reply().as_smtp().startswith("550 5.7.30 REQUIRETLS support")
 
 
 @pytest.mark.parametrize("status,reason,code", [
@@ -265,10 +274,11 @@ def test_routed_message_codes_survive_the_join(dns_server, dns_origin, mx_server
     assert rw.reply is None and rw.enhanced == "5.1.2", rw  # NXDOMAIN: no such system
     assert result.enhanced == ""
     assert result.smtp_reply().code == 250
-    assert rw.smtp_reply(result) == Reply(550, "5.1.2", result.reason)
+    assert rw.smtp_reply(result) == Reply(550, "5.1.2", result.reason[len("5.1.2 "):])
+    assert result.reason.startswith("5.1.2 ")         # the code is not said twice
     assert ry.smtp_reply(result).enhanced == ry.reply.enhanced
     # A message none of whose recipients can be routed.
     (lost,) = smtpstate.deliver([Message(SENDER, [w], BODY)], port=mx.port,
                                 resolver=resolver)
     assert lost.status == "permfail" and lost.enhanced == "5.1.2", lost
-    assert lost.smtp_reply() == Reply(550, "5.1.2", lost.reason)
+    assert lost.smtp_reply() == Reply(550, "5.1.2", lost.reason[len("5.1.2 "):])
