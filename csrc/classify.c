@@ -118,7 +118,9 @@ static int by_user_rules(int code, const struct enhanced *e, const char *text,
 static int known_class(int code);
 static int soften(int bounce_class, int temporary);
 static const char *skip_not_attempted(const char *reason);
+static size_t leading_code(const char *text);
 static void local_enhanced(int status, const char *reason, char *out);
+static int failed(int status);
 
 /*
  * What enhanced codes say, by subject and detail (RFC 3463 and the IANA
