@@ -132,9 +132,9 @@ def dsn_summary(messages: List[Any]) -> Optional[str]:
     for m in messages:
         if m["from"] not in ("", "<>"):
             continue
-        report = email.message_from_bytes(m["data"], policy=email.policy.default)
-        status = report.get_payload()[1]
-        blocks = status.get_payload()[1:]
+        report: Any = email.message_from_bytes(m["data"], policy=email.policy.default)
+        status: Any = report.get_payload()[1]
+        blocks: List[Any] = status.get_payload()[1:]       # after the per-message block
         return ", ".join(f"{b['Final-Recipient'].split(';')[1].strip()} {b['Action']} "
                          f"{b['Status']}" for b in blocks) + f" (to {', '.join(m['to'])})"
     return None
