@@ -210,6 +210,7 @@ static uint64_t hash_shape(const struct smtps_result *r, size_t *bytes)
     h = hash_int(h, (long long) r->nrcpt);
     len = strnlen(r->stage_name, sizeof(r->stage_name));
     h = hash_bytes(h, r->stage_name, len);
+    h = hash_bytes(h, r->enhanced, strnlen(r->enhanced, sizeof(r->enhanced)));
     len = strlen(text_of(r->reason));
     h = hash_int(h, (long long) len);
     h = hash_bytes(h, text_of(r->reason), len);
@@ -220,6 +221,8 @@ static uint64_t hash_shape(const struct smtps_result *r, size_t *bytes)
 	h = hash_int(h, r->rcpt[i].status);
 	h = hash_int(h, r->rcpt[i].bounce_class);
 	h = hash_int(h, r->rcpt[i].route);
+	h = hash_bytes(h, r->rcpt[i].enhanced,
+		       strnlen(r->rcpt[i].enhanced, sizeof(r->rcpt[i].enhanced)));
 	h = hash_reply(h, &r->rcpt[i].reply, bytes);
     }
     /* Where they went: a result per MX host and address. */
@@ -245,12 +248,15 @@ static int shape_equal(const struct smtps_result *a,
 	|| a->stage != b->stage || a->bounce_class != b->bounce_class
 	|| a->nrcpt != b->nrcpt
 	|| strncmp(a->stage_name, b->stage_name, sizeof(a->stage_name)) != 0
+	|| strncmp(a->enhanced, b->enhanced, sizeof(a->enhanced)) != 0
 	|| strcmp(text_of(a->reason), text_of(b->reason)) != 0)
 	return 0;
     for (i = 0; i < a->nrcpt; i++)
 	if (a->rcpt[i].status != b->rcpt[i].status
 	    || a->rcpt[i].bounce_class != b->rcpt[i].bounce_class
 	    || a->rcpt[i].route != b->rcpt[i].route
+	    || strncmp(a->rcpt[i].enhanced, b->rcpt[i].enhanced,
+		       sizeof(a->rcpt[i].enhanced)) != 0
 	    || !reply_equal(&a->rcpt[i].reply, &b->rcpt[i].reply))
 	    return 0;
     if (a->nroute != b->nroute)
@@ -321,6 +327,7 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
     m->dsn_ret = envelope->dsn_ret;
     m->require_tls = envelope->require_tls;
     m->needs_smtputf8 = envelope->needs_smtputf8;
+    m->want_smtputf8 = envelope->want_smtputf8;
     m->body_flags = envelope->body_flags;
     if (body != NULL || len > 0) {
 	if ((*rc = smtps_message_set_body(m, body, len)) != SMTPS_OK)

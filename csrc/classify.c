@@ -9,6 +9,7 @@
  *
  *	int	smtps_bounce_classify(code, enhanced, text, text_len)
  *	int	smtps_bounce_classify_reason(status, reason)
+ *	int	smtps_bounce_local_enhanced(status, reason, out, cap)
  *	void	smtps_bounce_classify_result(r)
  *	int	smtps_bounce_class_name(bounce_class, out, cap)
  *	int	smtps_bounce_register_class(code, name)
@@ -43,6 +44,14 @@
  *	that reply, any other recipient of a failed message by the message's
  *	class, delivered ones and those the message was not sent to not at
  *	all (0). A partial delivery takes its first failed recipient's class.
+ *
+ *	A failure decided here, without a failing reply, also gets the
+ *	RFC 3463 enhanced code a reply would have carried (4.4.1 for a
+ *	connection refused or not answered, 4.4.2 for one lost, 5.3.4 for a
+ *	message over the server's SIZE, 5.6.7 for a UTF-8 address and no
+ *	SMTPUTF8, ...): from the same reasons, by one table (local_codes),
+ *	so that relays can answer their own clients (and write DSNs) from
+ *	any driver's results alike.
  *
  *	The registered classes and rules are process-wide, guarded by one
  *	mutex; the built-in tables are constant.
@@ -79,6 +88,13 @@ struct text_rule {
     int     bounce_class;
 };
 
+/* One of our own reasons: both needles, and its code's subject.detail. */
+struct local_rule {
+    const char *a;
+    const char *b;				/* NULL: a alone */
+    const char *detail;				/* "4.1": X.4.1 */
+};
+
 /* A caller's rule, copied. */
 struct user_rule {
     int     bounce_class;
@@ -101,6 +117,10 @@ static int by_user_rules(int code, const struct enhanced *e, const char *text,
 			 size_t len, int reason_only);
 static int known_class(int code);
 static int soften(int bounce_class, int temporary);
+static const char *skip_not_attempted(const char *reason);
+static size_t leading_code(const char *text);
+static void local_enhanced(int status, const char *reason, char *out);
+static int failed(int status);
 
 /*
  * What enhanced codes say, by subject and detail (RFC 3463 and the IANA
@@ -275,7 +295,8 @@ static const struct text_rule text_rules[] = {
 
 /*
  * Our own reasons, for failures without a reply (session.c, engine.c,
- * states.c, tls.c, resolve.c say these): the first match wins.
+ * states.c, tls.c, resolve.c say these): their bounce class, the first
+ * match wins.
  */
 static const struct text_rule reason_rules[] = {
     {"resolve", 0, SMTPS_BOUNCE_DNS_FAILURE},
@@ -292,6 +313,75 @@ static const struct text_rule reason_rules[] = {
     {"timed out", 0, SMTPS_BOUNCE_TIMEOUT},
     {"timeout", 0, SMTPS_BOUNCE_TIMEOUT},
     {"size limit", 0, SMTPS_BOUNCE_TOO_LARGE},
+    /*
+     * The server cannot take the message as it is (states.c refuses it
+     * before MAIL): a bounce for this destination, not an act of ours.
+     */
+    {"needs smtputf8", 0, SMTPS_BOUNCE_GENERIC_BOUNCE},
+    {"needs 8bitmime", 0, SMTPS_BOUNCE_GENERIC_BOUNCE},
+};
+
+/*
+ * The same reasons' RFC 3463 enhanced codes: the one list every driver's
+ * results take them from (smtps_bounce_local_enhanced()). Each row gives
+ * the subject.detail that follows the status's class digit; the first
+ * match wins, so specific rows come first: a connect that timed out is
+ * "no answer" (X.4.1), any other timeout a conversation that broke
+ * (X.4.2), as Postfix words them (smtp_trouble.c); a DNS lookup that
+ * timed out is the DNS failing (X.4.3); "certificate has expired" is TLS
+ * (X.7.5), not a delivery time that expired (X.4.7). A reason that
+ * starts with a code of its own (route.c's "4.4.4 cannot route ...",
+ * states.c's "5.7.30 REQUIRETLS ...") keeps it, and no row is read.
+ */
+static const struct local_rule local_codes[] = {
+    /* The DNS failing: names that do not resolve, no MX host address. */
+    {"resolve", 0, "4.3"},
+    {"name or service not known", 0, "4.3"},
+    {"no address", 0, "4.3"},
+    {"no mx host of", 0, "4.3"},
+    {"cannot look up", 0, "4.3"},
+    {"cannot route", 0, "4.4"},			/* unable to route */
+    /* What the server cannot take: refused before MAIL, nothing sent. */
+    {"size limit", 0, "3.4"},			/* too big for the system */
+    {"needs smtputf8", 0, "6.7"},		/* RFC 6531 3.5 */
+    {"needs 8bitmime", 0, "6.3"},		/* conversion not supported */
+    /* Session timeouts (session.c's "timeout: ..."), TLS or not. */
+    {"timeout:", 0, "4.2"},
+    /* TLS I/O failing mid-conversation is the connection breaking. */
+    {"tls read failed", 0, "4.2"},
+    {"tls write failed", 0, "4.2"},
+    {"connection lost", 0, "4.2"},
+    /* TLS required but not there (X.7.4), or not working (X.7.5). */
+    {"tls is required", 0, "7.4"},
+    {"does not offer starttls", 0, "7.4"},
+    {"plaintext auth", 0, "7.4"},
+    {"tls", "handshake", "7.5"},
+    {"tls not verified", 0, "7.5"},
+    {"cannot start tls", 0, "7.5"},
+    {"cannot set up tls", 0, "7.5"},
+    {"tlsa", 0, "7.5"},
+    {"dane", 0, "7.5"},
+    {"certificate", 0, "7.5"},
+    /* No connection: refused, unreachable, or no answer in time. */
+    {"connect to", 0, "4.1"},			/* and "cannot connect to" */
+    {"expired", 0, "4.7"},			/* delivery time expired */
+    {"timed out", 0, "4.2"},
+    {"timeout", 0, "4.2"},
+    /* The connection ended under the message. */
+    {"closed the connection", 0, "4.2"},
+    {"ended the connection", 0, "4.2"},
+    {"connection closed", 0, "4.2"},
+    {"connection reset", 0, "4.2"},
+    {"broken pipe", 0, "4.2"},
+    {"replied to", "before it was sent", "5.0"},	/* protocol error */
+    {"protocol error", 0, "5.0"},
+    /* Our own trouble: memory, a state of the caller's, an interrupt. */
+    {"out of memory", 0, "3.0"},
+    {"internal error", 0, "3.0"},
+    {"could not start", 0, "3.0"},
+    {"interrupted", 0, "3.0"},
+    {"cannot submit", 0, "3.0"},
+    {"cancel", 0, "3.0"},
 };
 
 #define X_BUILTIN_NAME(n, v, s) {v, s},
@@ -495,15 +585,108 @@ int     smtps_bounce_classify_reason(int status, const char *reason)
 	SMTPS_BOUNCE_TRANSIENT_FAILURE;
 }
 
+/* skip_not_attempted - a queued message's reason, without its prefix */
+
+static const char *skip_not_attempted(const char *reason)
+{
+    static const char prefix[] = "not attempted: ";
+
+    return strncmp(reason, prefix, sizeof(prefix) - 1) == 0 ?
+	reason + sizeof(prefix) - 1 : reason;
+}
+
+/*
+ * leading_code - the length of an enhanced code that starts text and is
+ * followed by a space or the end ("4.4.4 cannot route"), else 0
+ */
+
+static size_t leading_code(const char *text)
+{
+    size_t  n = 0;
+    int     part, digits;
+
+    if (text[0] != '2' && text[0] != '4' && text[0] != '5')
+	return 0;
+    n = 1;
+    for (part = 0; part < 2; part++) {
+	if (text[n++] != '.')
+	    return 0;
+	for (digits = 0; text[n] >= '0' && text[n] <= '9'; n++)
+	    if (++digits > 3)
+		return 0;
+	if (digits == 0)
+	    return 0;
+    }
+    return text[n] == ' ' || text[n] == 0 ? n : 0;
+}
+
+/*
+ * local_enhanced - out (16 bytes) gets the enhanced code of a failure
+ * without a reply: a code the reason starts with, else the first row of
+ * local_codes that matches, else X.0.0 (other or undefined status); the
+ * class digit always the status's (RFC 3463 2: 4 persistent transient,
+ * 5 permanent), so that a code never contradicts the reply it goes with
+ */
+
+static void local_enhanced(int status, const char *reason, char *out)
+{
+    char    digit = status == SMTPS_STATUS_PERMFAIL ? '5' : '4';
+    const char *why = skip_not_attempted(reason != NULL ? reason : "");
+    const char *detail = "0.0";
+    size_t  len = strlen(why), n, i;
+
+    if ((n = leading_code(why)) != 0 && n < 16) {
+	memcpy(out, why, n);
+	out[n] = 0;
+	out[0] = digit;
+	return;
+    }
+    for (i = 0; i < NELEM(local_codes); i++)
+	if (ci_contains(why, len, local_codes[i].a)
+	    && (local_codes[i].b == NULL
+		|| ci_contains(why, len, local_codes[i].b))) {
+	    detail = local_codes[i].detail;
+	    break;
+	}
+    snprintf(out, 16, "%c.%s", digit, detail);
+}
+
+/* smtps_bounce_local_enhanced - the enhanced code of a failure without a reply */
+
+int     smtps_bounce_local_enhanced(int status, const char *reason, char *out,
+				            size_t cap)
+{
+    if (out == NULL || cap < 16)
+	return SMTPS_EINVAL;
+    out[0] = 0;
+    if (status == SMTPS_STATUS_TEMPFAIL || status == SMTPS_STATUS_PERMFAIL
+	|| status == SMTPS_STATUS_UNKNOWN)
+	local_enhanced(status, reason, out);
+    return SMTPS_OK;
+}
+
+/* failed - 1 for a status that is a failure (UNKNOWN too: maybe one) */
+
+static int failed(int status)
+{
+    return status == SMTPS_STATUS_TEMPFAIL || status == SMTPS_STATUS_PERMFAIL
+	|| status == SMTPS_STATUS_UNKNOWN;
+}
+
 /* smtps_bounce_classify_result - classify a result and its recipients */
 
 void    smtps_bounce_classify_result(struct smtps_result *r)
 {
     struct smtps_result_rcpt *rc;
     size_t  i;
+    /* No failing reply decided the message: we did, and say so. */
+    int     local = r != NULL && r->reply.code < 400;
 
     if (r == NULL)
 	return;
+    r->enhanced[0] = 0;
+    if (local && failed(r->status))
+	local_enhanced(r->status, r->reason, r->enhanced);
     if (r->status == SMTPS_STATUS_DELIVERED || r->status == SMTPS_STATUS_PARTIAL)
 	r->bounce_class = SMTPS_BOUNCE_NONE;	/* a partial: see below */
     else if (r->status == SMTPS_STATUS_UNKNOWN)
@@ -516,6 +699,15 @@ void    smtps_bounce_classify_result(struct smtps_result *r)
 	r->bounce_class = smtps_bounce_classify_reason(r->status, r->reason);
     for (i = 0; i < r->nrcpt; i++) {
 	rc = &r->rcpt[i];
+	/*
+	 * A recipient that failed with no failing reply of its own nor the
+	 * message's (accepted at RCPT, then the connection was lost; never
+	 * answered when the connect failed): the message's reason is its
+	 * reason, with its own status's class digit.
+	 */
+	rc->enhanced[0] = 0;
+	if (failed(rc->status) && rc->reply.code < 400 && local)
+	    local_enhanced(rc->status, r->reason, rc->enhanced);
 	switch (rc->status) {
 	case SMTPS_STATUS_TEMPFAIL:
 	case SMTPS_STATUS_PERMFAIL:

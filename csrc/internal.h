@@ -84,7 +84,9 @@ struct smtps_message {
     void *body_closure;
     int dsn_ret;			/* SMTPS_DSN_RET_* */
     char *envid;			/* NULL when not given */
-    int needs_smtputf8;			/* a non-ASCII address (RFC 6531) */
+    int needs_smtputf8;			/* a non-ASCII address (RFC 6531), or asked */
+    int want_smtputf8;			/* SMTPUTF8 asked for, ASCII or not: a
+					 * relay that received it so keeps it */
     int require_tls;			/* REQUIRETLS (RFC 8689) */
     int is_8bit;			/* a body byte >= 0x80 (RFC 6152); -1: unknown */
     uint64_t tag;

@@ -17,6 +17,7 @@
  *	int	smtps_message_set_body_source(m, read, closure, size, is_8bit)
  *	int	smtps_message_set_dsn(m, ret, envid, envid_len)
  *	int	smtps_message_set_require_tls(m, require)
+ *	int	smtps_message_set_smtputf8(m, on)
  *	int	smtps_message_require_tls(m)
  * DESCRIPTION
  *	A message is built before it is submitted and never changes after.
@@ -158,6 +159,8 @@ struct smtps_message *smtps_message_part(const struct smtps_message *m,
 	    goto nomem;
     p->dsn_ret = m->dsn_ret;
     p->require_tls = m->require_tls;		/* every part keeps it */
+    p->want_smtputf8 = m->want_smtputf8;	/* and SMTPUTF8 asked for */
+    p->needs_smtputf8 |= m->want_smtputf8;
     p->body = m->body;
     p->body_len = m->body_len;
     p->body_owned = 0;
@@ -349,6 +352,23 @@ int     smtps_message_set_require_tls(struct smtps_message *m, int require)
     if (m == NULL || (require != 0 && require != 1))
 	return SMTPS_EINVAL;
     m->require_tls = require;
+    return SMTPS_OK;
+}
+
+/*
+ * smtps_message_set_smtputf8 - SMTPUTF8 (RFC 6531) on MAIL FROM even for
+ * an ASCII envelope: a relay that received the message with it must not
+ * take it off (the content may be UTF-8), so a server without it gets no
+ * MAIL for it (states.c), as for a non-ASCII address
+ */
+
+int     smtps_message_set_smtputf8(struct smtps_message *m, int on)
+{
+    if (m == NULL || (on != 0 && on != 1))
+	return SMTPS_EINVAL;
+    m->want_smtputf8 = on;
+    if (on)
+	m->needs_smtputf8 = 1;
     return SMTPS_OK;
 }
 

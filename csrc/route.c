@@ -768,6 +768,25 @@ static void join_finish(struct smtps_engine *e, struct smtps_join *j)
 	}
 	smtps_result_free(d);
     }
+    /*
+     * The enhanced codes of failures decided here (classify.c's table, as
+     * every result has them): the message's when no failing reply decided
+     * it, and a failed recipient's that no part or route gave one (out of
+     * memory before it was placed).
+     */
+    r->enhanced[0] = 0;
+    if (r->reply.code < 400)
+	(void) smtps_bounce_local_enhanced(r->status, r->reason, r->enhanced,
+					   sizeof(r->enhanced));
+    for (i = 0; i < r->nrcpt; i++)
+	if ((r->rcpt[i].status == SMTPS_STATUS_TEMPFAIL
+	     || r->rcpt[i].status == SMTPS_STATUS_PERMFAIL
+	     || r->rcpt[i].status == SMTPS_STATUS_UNKNOWN)
+	    && r->rcpt[i].reply.code < 400 && r->rcpt[i].enhanced[0] == 0
+	    && r->reply.code < 400)
+	    (void) smtps_bounce_local_enhanced(r->rcpt[i].status, r->reason,
+					       r->rcpt[i].enhanced,
+					       sizeof(r->rcpt[i].enhanced));
     /* The message's class: the first failed recipient's, as for any. */
     r->bounce_class = SMTPS_BOUNCE_NONE;
     if (r->status == SMTPS_STATUS_UNKNOWN)
@@ -834,6 +853,9 @@ static void settle_unrouted(struct smtps_result *r, size_t i,
     rc->bounce_class = smtps_bounce_classify(rc->status == SMTPS_STATUS_PERMFAIL ?
 					     550 : 450, enhanced_of(text, code),
 					     text, strlen(text));
+    /* No server said it: the code our own reason starts with, or the table's. */
+    (void) smtps_bounce_local_enhanced(rc->status, text, rc->enhanced,
+				       sizeof(rc->enhanced));
 }
 
 /*
@@ -965,6 +987,7 @@ int     smtps_route_result(struct smtps_engine *e, struct smtps_result *r)
 	src = &r->rcpt[i];
 	dst->status = src->status;
 	dst->bounce_class = src->bounce_class;
+	memcpy(dst->enhanced, src->enhanced, sizeof(dst->enhanced));
 	smtps_result_copy_reply(&dst->reply, &src->reply);
 	k = src->route;
 	dst->route = k >= 0 && (size_t) k < r->nroute && k < SMTPS_ADDR_MAX ?

@@ -77,6 +77,7 @@ struct builtin_info {
 
 static int builtin_stage(struct smtps_session *, int, void *);
 static size_t xtext(char *out, size_t cap, const char *in);
+static size_t utf8_xtext(char *out, size_t cap, const char *in);
 static size_t rcpt_line(const struct smtps_session *, size_t, char *, size_t);
 static int protocol_error(struct smtps_session *, const struct smtps_reply *,
 			  const char *what);
@@ -331,6 +332,62 @@ static size_t xtext(char *out, size_t cap, const char *in)
 }
 
 /*
+ * utf8_xtext - RFC 6533 3 utf-8-addr-xtext of a UTF-8 address: printable
+ * ASCII as itself but for the plus, equals and backslash signs; any other
+ * character as \x{HEX} (its code point, upper-case hex without leading
+ * zeros, two digits at least). Returns the length, 0 if no room or not
+ * UTF-8.
+ */
+
+static size_t utf8_xtext(char *out, size_t cap, const char *in)
+{
+    const unsigned char *p = (const unsigned char *) in;
+    unsigned long cp;
+    size_t  n = 0, need, k;
+    int     w;
+
+    for (; *p; p += need) {
+	/* One code point; overlong forms and surrogates are refused. */
+	if (*p < 0x80) {
+	    cp = *p;
+	    need = 1;
+	} else if ((*p & 0xE0) == 0xC0 && *p >= 0xC2) {
+	    cp = *p & 0x1Fu;
+	    need = 2;
+	} else if ((*p & 0xF0) == 0xE0) {
+	    cp = *p & 0x0Fu;
+	    need = 3;
+	} else if ((*p & 0xF8) == 0xF0 && *p <= 0xF4) {
+	    cp = *p & 0x07u;
+	    need = 4;
+	} else
+	    return 0;
+	for (k = 1; k < need; k++) {
+	    if ((p[k] & 0xC0) != 0x80)
+		return 0;
+	    cp = (cp << 6) | (p[k] & 0x3Fu);
+	}
+	if ((need == 3 && (cp < 0x800 || (cp >= 0xD800 && cp <= 0xDFFF)))
+	    || (need == 4 && (cp < 0x10000 || cp > 0x10FFFF)))
+	    return 0;
+	if (cp >= 0x21 && cp <= 0x7E && cp != '+' && cp != '=' && cp != '\\') {
+	    if (n + 2 > cap)
+		return 0;
+	    out[n++] = (char) cp;
+	    continue;
+	}
+	if (n + 11 > cap)			/* \x{10FFFF} and the NUL */
+	    return 0;
+	w = snprintf(out + n, cap - n, "\\x{%02lX}", cp);
+	if (w < 0 || (size_t) w >= cap - n)
+	    return 0;
+	n += (size_t) w;
+    }
+    out[n] = 0;
+    return n;
+}
+
+/*
  * requiretls_refuse - a message that requires TLS (RFC 8689) may go on
  * this connection only when TLS is up, authenticated the server (4.2.1:
  * a verified certificate, or DANE) and the EHLO after it offered
@@ -386,7 +443,11 @@ int     smtps_mail_setup(struct smtps_session *s, void *closure)
 	return SMTPS_ETOOBIG;
     }
     if (m->needs_smtputf8 && !(ext & SMTPS_EXT_SMTPUTF8)) {
-	smtps_session_set_reason(s, "a non-ASCII address needs SMTPUTF8, "
+	/* (Both say "needs SMTPUTF8": classify.c gives them 5.6.7.) */
+	smtps_session_set_reason(s, m->want_smtputf8 ?
+				 "the message needs SMTPUTF8 (asked for), "
+				 "which the server does not offer" :
+				 "a non-ASCII address needs SMTPUTF8, "
 				 "which the server does not offer");
 	return SMTPS_EINVAL;
     }
@@ -440,8 +501,9 @@ static size_t rcpt_line(const struct smtps_session *s, size_t i, char *line,
 			        size_t cap)
 {
     const struct smtps_rcpt *rc = &s->tx->msg->rcpt[i];
-    char    orcpt[SMTPS_ADDRESS_MAX * 3 + 1];
-    size_t  n;
+    /* xtext: 3 bytes per byte at most; utf-8-addr-xtext 6 ("\x{2B}"). */
+    char    orcpt[SMTPS_ADDRESS_MAX * 6 + 1];
+    size_t  n, k;
     int     non_ascii = 0;
 
     n = (size_t) snprintf(line, cap, "RCPT TO:<%s>", rc->addr);
@@ -457,14 +519,20 @@ static size_t rcpt_line(const struct smtps_session *s, size_t i, char *line,
 	line[--n] = 0;
 
     /*
-     * XXX A non-ASCII ORCPT needs RFC 6533's utf-8 address type; until
-     * that is written, such an ORCPT is left out rather than mangled.
+     * A non-ASCII ORCPT takes RFC 6533's utf-8 address type, in its
+     * utf-8-addr-xtext form (pure ASCII, so valid with SMTPUTF8 or
+     * without); one that cannot be encoded is left out, never mangled.
      */
     if (rc->orcpt != NULL && n < cap
 	&& smtps_check_text(rc->orcpt, strlen(rc->orcpt), SMTPS_ADDRESS_MAX,
-			    &non_ascii) == SMTPS_OK && !non_ascii
-	&& xtext(orcpt, sizeof(orcpt), rc->orcpt) > 0)
-	n += (size_t) snprintf(line + n, cap - n, " ORCPT=rfc822;%s", orcpt);
+			    &non_ascii) == SMTPS_OK) {
+	k = non_ascii ? utf8_xtext(orcpt, sizeof(orcpt), rc->orcpt) :
+	    xtext(orcpt, sizeof(orcpt), rc->orcpt);
+	/* One past the line's bound makes n >= cap: refused whole, not cut. */
+	if (k > 0)
+	    n += (size_t) snprintf(line + n, cap - n, " ORCPT=%s;%s",
+				   non_ascii ? "utf-8" : "rfc822", orcpt);
+    }
     return n;
 }
 

@@ -221,6 +221,19 @@ void    smtps_tx_settle(struct smtps_session *s, struct smtps_tx *tx,
 	smtps_dispatch_set_stage(s, r, id, reply != NULL
 				 || status == SMTPS_STATUS_UNKNOWN
 				 || smtps_dispatch_awaiting(s, id));
+
+	/*
+	 * MAIL refused the message before sending anything (too large for
+	 * the server's SIZE, UTF-8 without SMTPUTF8, REQUIRETLS that
+	 * cannot be met): no transaction was ever open, so "after MAIL
+	 * FROM" would say what did not happen.
+	 */
+	if (id == SMTPS_STATE_MAIL && reply == NULL
+	    && s->out_produced == tx->out_start) {
+	    r->stage = SMTPS_STAGE_BEFORE_MAIL;
+	    snprintf(r->stage_name, sizeof(r->stage_name), "%s",
+		     smtps_stage_name(r->stage));
+	}
     }
     /* Keep the first reason: it is the cause, later ones are effects. */
     if (why != NULL && why[0] != 0 && r->reason[0] == 0)

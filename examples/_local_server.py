@@ -3,7 +3,8 @@ without ``--server``: aiosmtpd (``pip install 'smtpstate[demo]'``) in a
 thread, on a port the kernel picks. Not an example itself.
 
 It takes mail for anybody but ``unknown*@...`` (550 5.1.1, as the Postfix
-in the tests does) and remembers what it received.
+in the tests does) and ``later*@...`` (450 4.2.0), and remembers what it
+received.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class RecordingHandler:
                           address: str, rcpt_options: List[str]) -> str:
         if address.startswith("unknown"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        if address.startswith("later"):
+            return f"450 4.2.0 <{address}>: Recipient address rejected: try again later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 

@@ -146,7 +146,8 @@ enum smtps_builtin_state {
     X(XCLIENT_DONE, 20, "after XCLIENT") \
     X(UNKNOWN, 22, "unknown") \
     X(AUTH, 23, "sending AUTH") \
-    X(AUTH_DONE, 24, "after AUTH")
+    X(AUTH_DONE, 24, "after AUTH") \
+    X(BEFORE_MAIL, 25, "before MAIL FROM (nothing sent)")
 
 #define SMTPS_X_STAGE(n, v, s) SMTPS_STAGE_##n = v,
 enum smtps_stage {
@@ -547,6 +548,14 @@ int smtps_message_set_dsn(struct smtps_message *m, int ret,
  */
 int smtps_message_set_require_tls(struct smtps_message *m, int require);
 int smtps_message_require_tls(const struct smtps_message *m);	/* 1 or 0 */
+/*
+ * SMTPUTF8 (RFC 6531) on MAIL FROM even when every address is ASCII (on
+ * is 1 or 0): a relay that received the message with SMTPUTF8 keeps it.
+ * A server without the extension then gets no MAIL for it: the message
+ * fails for good (5.6.7), as one with a non-ASCII address does.
+ * SMTPS_EINVAL for another value.
+ */
+int smtps_message_set_smtputf8(struct smtps_message *m, int on);
 const char *smtps_message_sender(const struct smtps_message *m);
 size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
@@ -603,6 +612,10 @@ struct smtps_result_rcpt {
 					 * reply that failed the message */
     int bounce_class;			/* enum smtps_bounce_class; 0: not failed */
     int route;				/* its index in route[]; -1: none */
+    char enhanced[16];			/* RFC 3463 code of a failure decided
+					 * here, without a failing reply of
+					 * its own or the message's ("4.4.2");
+					 * "" otherwise */
 };
 
 /*
@@ -632,6 +645,9 @@ struct smtps_result {
     size_t nroute;
     struct smtps_result_route *route;
     void *owner;			/* the engine's (a part of a message); ignore */
+    char enhanced[16];			/* RFC 3463 code of a failure decided
+					 * here, no failing reply ("4.4.1",
+					 * "5.3.4"); "" otherwise */
 };
 
 void smtps_result_free(struct smtps_result *r);
@@ -710,7 +726,23 @@ int smtps_bounce_classify(int code, const char *enhanced, const char *text,
  */
 int smtps_bounce_classify_reason(int status, const char *reason);
 
-/* Set r->bounce_class and each recipient's from what r says. */
+/*
+ * The RFC 3463 enhanced code of a failure decided here, without a reply
+ * (status SMTPS_STATUS_*, reason the result's reason): "4.4.1" for a
+ * connection refused or not answered, "5.3.4" for a message over the
+ * server's SIZE, ... (classify.c has the one list). A code at the start
+ * of the reason ("5.7.30 REQUIRETLS ...") is taken as it is. The class
+ * digit is the status's: 5 for PERMFAIL, else 4. Writes "" for a status
+ * that is no failure. SMTPS_OK, SMTPS_EINVAL for a NULL out or cap < 16.
+ */
+int smtps_bounce_local_enhanced(int status, const char *reason, char *out,
+				size_t cap);
+
+/*
+ * Set r->bounce_class and each recipient's from what r says, and the
+ * enhanced codes of failures decided here (r->enhanced, each
+ * recipient's enhanced).
+ */
 void smtps_bounce_classify_result(struct smtps_result *r);
 
 /*

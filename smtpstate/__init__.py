@@ -12,7 +12,7 @@ Quick start::
 The C core stays reachable for C-level use as ``smtpstate._core`` (``ffi``,
 ``lib``); nothing in the Python API needs it.
 
-``smtpstate.aio`` (and ``mta_sts``, ``cli``, ``demo``, ``bench``) are
+``smtpstate.aio`` (and ``dsn``, ``mta_sts``, ``cli``, ``demo``, ``bench``) are
 imported on first use, not with the package: ``import smtpstate`` then
 ``smtpstate.aio.send(...)`` works, and a program that never touches asyncio
 (or MTA-STS, which brings ``ssl`` and ``http.client``) does not pay for it.
@@ -88,7 +88,7 @@ __version__ = "0.1.0"
 # Submodules imported when first used, not here: aio imports asyncio, which
 # costs more at start-up than the whole package, mta_sts ssl and http.client,
 # and the others are the command line's.
-_LAZY_SUBMODULES = frozenset({"aio", "bench", "cli", "demo", "mta_sts"})
+_LAZY_SUBMODULES = frozenset({"aio", "bench", "cli", "demo", "dsn", "mta_sts"})
 
 
 def __getattr__(name: str) -> Any:

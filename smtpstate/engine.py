@@ -250,7 +250,8 @@ class _Collector:
         info = tuple((_STATUS_NAMES[rcpt[i].status], self.reply(rcpt[i].reply),
                       int(rcpt[i].bounce_class),
                       *(routes[rcpt[i].route] if 0 <= rcpt[i].route < len(routes)
-                        else (None, None)))
+                        else (None, None)),
+                      ffi.string(rcpt[i].enhanced).decode("ascii", "replace"))
                      for i in range(c.nrcpt))
         bounce = int(c.bounce_class)
         # Every field, in the dataclass's order, the four that differ per
@@ -258,7 +259,8 @@ class _Collector:
         # (no insertion, no resize) and four replacements.
         fields = {"status": status, "reply": None, "recipients": (), "stage": stage,
                   "stage_code": int(c.stage), "state": self.state(c.state), "reason": reason,
-                  "error": None, "ticket": None, "message": None, "bounce_class": None}
+                  "error": None, "ticket": None, "message": None, "bounce_class": None,
+                  "enhanced": ffi.string(c.enhanced).decode("ascii", "replace")}
         delivered = status == "delivered"
         by_address: Dict[Any, Tuple[RecipientResult, ...]] = {}
         # __post_init__ does nothing unless a failure has no class from C;
@@ -272,8 +274,8 @@ class _Collector:
         """The RecipientResults of a shape for these addresses (kept)."""
         naddr = len(addresses)
         rcpts = tuple(RecipientResult(addresses[i] if i < naddr else "", status, reply, _of(b),
-                                      mx, ip)
-                      for i, (status, reply, b, mx, ip) in enumerate(proto[1]))
+                                      mx, ip, enhanced)
+                      for i, (status, reply, b, mx, ip, enhanced) in enumerate(proto[1]))
         cache = proto[2]
         if len(cache) >= self.RCPTS_MAX:
             cache.clear()
@@ -298,7 +300,7 @@ def _fast_results() -> bool:
 
 
 _RESULT_FIELDS = {"status", "reply", "recipients", "stage", "stage_code", "state", "reason",
-                  "message", "bounce_class", "error", "ticket"}
+                  "message", "bounce_class", "error", "ticket", "enhanced"}
 _FAST_RESULTS = _fast_results()
 
 

@@ -64,6 +64,7 @@ class Stage(enum.IntEnum):
     UNKNOWN = 22
     AUTH = 23
     AUTH_DONE = 24
+    BEFORE_MAIL = 25
 
 
 # Action.NEXT looked up once: an enum member read from its class goes

@@ -69,6 +69,33 @@ class Recipient:
     notify: Tuple[str, ...] = ()
     orcpt: Optional[str] = None
 
+    @classmethod
+    def from_smtp(cls, address: str, params: Iterable[str] = ()) -> "Recipient":
+        """A recipient as an SMTP server received it: its address and the
+        parameters of its ``RCPT TO`` as written there (``"NOTIFY=FAILURE,DELAY"``,
+        ``"ORCPT=rfc822;bob+2Bx@example.net"``: what aiosmtpd's
+        ``handle_RCPT`` gets as ``rcpt_options``), so that a relay passes
+        them on (RFC 3461 says it must).
+
+        ORCPT is decoded (xtext, or RFC 6533's utf-8-addr-xtext and
+        -unitext for the ``utf-8`` type) and sent again encoded for its
+        address: ``rfc822`` when ASCII, else ``utf-8``.
+
+        Raises:
+            InvalidMessageError (a ValueError): a parameter other than NOTIFY
+                and ORCPT (it says which are supported), one given twice,
+                an ORCPT of another address type or badly encoded, a bad
+                NOTIFY value.
+        """
+        values = _params("RCPT", params, _RCPT_PARAMS)
+        notify: Tuple[str, ...] = ()
+        if "NOTIFY" in values:
+            notify = tuple(v for v in (values["NOTIFY"] or "").split(",") if v)
+            if not notify:
+                raise InvalidMessageError("RCPT parameter NOTIFY needs a value")
+        orcpt = _decode_orcpt(values["ORCPT"]) if "ORCPT" in values else None
+        return cls(address, notify=notify, orcpt=orcpt)
+
     def __post_init__(self) -> None:
         _check_text("recipient address", self.address)
         if isinstance(self.notify, (str, bytes)) or not isinstance(self.notify, (tuple, list)):
@@ -119,6 +146,12 @@ class Message:
             "5.7.30 REQUIRETLS support required" and saying what was
             missing). It cannot be combined with a ``TLS-Required:``
             header field (RFC 8689 4.1), which asks for the opposite.
+        smtputf8: True to send SMTPUTF8 (RFC 6531) on MAIL FROM even when
+            every address is ASCII, as a relay must when it received the
+            message with it (its header fields may be UTF-8); a server
+            without SMTPUTF8 then gets no MAIL for it and it fails for good
+            (5.6.7), as a message with a non-ASCII address does. A
+            non-ASCII address asks for SMTPUTF8 by itself.
 
     A body is checked when the Message is made: a NUL byte (which a lenient
     server may drop, reading what follows as the end of the data), or a
@@ -143,6 +176,7 @@ class Message:
     envid: Optional[str] = None
     long_lines: str = "refuse"
     require_tls: bool = False
+    smtputf8: bool = False
     _rcpts: Tuple[Recipient, ...] = field(init=False, repr=False, compare=False)
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
@@ -194,6 +228,9 @@ class Message:
         if not isinstance(self.require_tls, bool):
             raise InvalidMessageError(
                 f"require_tls must be True or False, not {self.require_tls!r}")
+        if not isinstance(self.smtputf8, bool):
+            raise InvalidMessageError(
+                f"smtputf8 must be True or False, not {self.smtputf8!r}")
         if self.require_tls:
             value = _tls_required_field(self.data if self._body is None else self._body)
             if value is not None:
@@ -203,6 +240,60 @@ class Message:
                     "header asks that TLS requirements be relaxed for this "
                     "message, require_tls that they be enforced. Remove the "
                     "header, or send without require_tls")
+
+    @classmethod
+    def from_smtp(cls, sender: str, recipients: Sequence[Union[str, Recipient]],
+                  data: Any, mail_params: Iterable[str] = (), **kwargs: Any) -> "Message":
+        """A message as an SMTP server received it, to pass on as a relay:
+        the parameters of its ``MAIL FROM`` as written there (what
+        aiosmtpd gives as ``envelope.mail_options``) become the Message's
+        options, and the recipients keep theirs (make each with
+        :meth:`Recipient.from_smtp` from its ``RCPT TO`` parameters).
+
+        MAIL parameters: ``SMTPUTF8`` (kept: ``smtputf8=True``), ``RET``,
+        ``ENVID`` (xtext, decoded; sent encoded again), ``REQUIRETLS``;
+        ``BODY=7BIT`` or ``BODY=8BITMIME`` and ``SIZE`` are taken and not
+        copied (each hop declares its own, from the content it sends), and
+        so is ``AUTH`` (RFC 4954 5: the identity a client gave this hop is
+        not ours to vouch for downstream).
+
+        Args:
+            sender, recipients, data: as for :class:`Message`.
+            mail_params: the MAIL FROM parameters, ``"KEY=value"`` or
+                ``"KEY"`` each.
+            **kwargs: other Message options (``long_lines``...); the ones
+                the parameters set may not be given too.
+
+        Raises:
+            InvalidMessageError (a ValueError): a parameter not in that list
+                (the error names the supported ones; ``BODY=BINARYMIME``
+                too, which this client does not send), one given twice or
+                also as a keyword, a bad value.
+        """
+        values = _params("MAIL", mail_params, _MAIL_PARAMS)
+        options: Dict[str, Any] = {}
+        if "SMTPUTF8" in values:
+            _no_value("SMTPUTF8", values)
+            options["smtputf8"] = True
+        if "REQUIRETLS" in values:
+            _no_value("REQUIRETLS", values)
+            options["require_tls"] = True
+        if "RET" in values:
+            options["dsn_ret"] = (values["RET"] or "").upper()
+        if "ENVID" in values:
+            options["envid"] = _xtext_decode("ENVID", values["ENVID"] or "")
+        body = (values.get("BODY") or "").upper() if "BODY" in values else None
+        if body is not None and body not in ("7BIT", "8BITMIME"):
+            raise InvalidMessageError(
+                f"MAIL parameter BODY={body} is not supported: BODY=7BIT and "
+                "BODY=8BITMIME are (BINARYMIME is not sent by this client)")
+        if "SIZE" in values and not (values["SIZE"] or "").isdigit():
+            raise InvalidMessageError(f"MAIL parameter SIZE={values['SIZE']} is not a number")
+        both = sorted(set(options) & set(kwargs))
+        if both:
+            raise InvalidMessageError(
+                f"{', '.join(both)} given both as a MAIL parameter and as a keyword")
+        return cls(sender, recipients, data, **options, **kwargs)
 
     @property
     def recipient_options(self) -> Tuple[Recipient, ...]:
@@ -255,7 +346,7 @@ class Message:
                               f"recipient {r.address!r}"))
             envid = self.envid.encode("ascii") if self.envid is not None else None
             enc = (self.sender.encode("utf-8"), tuple(rcpts), _RET_VALUES[self.dsn_ret], envid,
-                   1 if self.require_tls else 0)
+                   1 if self.require_tls else 0, 1 if self.smtputf8 else 0)
             object.__setattr__(self, "_c_encoded", enc)   # frozen: not a field
         return enc  # type: ignore[no-any-return]
 
@@ -268,7 +359,7 @@ class Message:
         env = self._c_envelope
         if env is not None:
             return env
-        sender, rcpts, ret, envid, require_tls = self._encoded()
+        sender, rcpts, ret, envid, require_tls, smtputf8 = self._encoded()
         m = ffi.gc(lib.smtps_message_new(), lib.smtps_message_free)
         if m == ffi.NULL:
             raise MemoryError("cannot allocate a message")
@@ -292,6 +383,8 @@ class Message:
                   "DSN options")
         if require_tls:
             check(lib.smtps_message_set_require_tls(m, require_tls), "REQUIRETLS")
+        if smtputf8:
+            check(lib.smtps_message_set_smtputf8(m, smtputf8), "SMTPUTF8")
         object.__setattr__(self, "_c_envelope", m)            # frozen: not a field
         return m
 
@@ -320,6 +413,76 @@ class Message:
         state = dict(self.__dict__)
         state.pop("_c_envelope", None)
         return state
+
+
+# MAIL and RCPT parameters a relay may pass on (from_smtp()): what each is.
+_MAIL_PARAMS = {
+    "SMTPUTF8": "kept",
+    "RET": "kept",
+    "ENVID": "kept",
+    "REQUIRETLS": "kept",
+    "BODY": "7BIT or 8BITMIME, declared again from the content",
+    "SIZE": "declared again from the content",
+    "AUTH": "not passed on",
+}
+_RCPT_PARAMS = {"NOTIFY": "kept", "ORCPT": "kept"}
+_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
+_UTF8_ESCAPE = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
+
+
+def _params(command: str, params: Iterable[str],
+            known: Dict[str, str]) -> Dict[str, Optional[str]]:
+    """``["RET=HDRS", "SMTPUTF8"]`` as ``{"RET": "HDRS", "SMTPUTF8": None}``,
+    keywords upper case; an unknown or repeated one is an error."""
+    if isinstance(params, (str, bytes)):
+        raise InvalidMessageError(
+            f"{command} parameters must be a list of strings such as ['RET=HDRS'], "
+            f"not {params!r}")
+    out: Dict[str, Optional[str]] = {}
+    for p in params:
+        if not isinstance(p, str) or not p or any(ord(c) < 33 or ord(c) == 127 for c in p):
+            raise InvalidMessageError(f"bad {command} parameter {p!r}")
+        key, sep, value = p.partition("=")
+        key = key.upper()
+        if key not in known:
+            supported = ", ".join(f"{k} ({v})" for k, v in known.items())
+            raise InvalidMessageError(
+                f"{command} parameter {p!r} is not supported; supported are: {supported}")
+        if key in out:
+            raise InvalidMessageError(f"{command} parameter {key} given twice")
+        out[key] = value if sep else None
+    return out
+
+
+def _no_value(key: str, values: Dict[str, Optional[str]]) -> None:
+    if values[key] is not None:
+        raise InvalidMessageError(f"MAIL parameter {key} takes no value")
+
+
+def _xtext_decode(what: str, value: str) -> str:
+    """RFC 3461 4 xtext to text: ``+2B`` is "+"."""
+    if any(ord(c) < 33 or ord(c) > 126 or c == "=" for c in value) or re.search(
+            r"\+(?![0-9A-F]{2})", value):
+        raise InvalidMessageError(f"{what} {value!r} is not xtext (RFC 3461 4)")
+    return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _decode_orcpt(value: Optional[str]) -> str:
+    """ORCPT's ``addr-type;value`` to the address: rfc822 (xtext) or utf-8
+    (RFC 6533 3: utf-8-addr-xtext, or -unitext with raw UTF-8)."""
+    kind, sep, addr = (value or "").partition(";")
+    if not sep or not addr:
+        raise InvalidMessageError(f"ORCPT={value} is not addr-type;address (RFC 3461 4.2)")
+    kind = kind.strip().lower()
+    if kind == "rfc822":
+        return _xtext_decode("ORCPT", addr)
+    if kind == "utf-8":
+        try:
+            return _UTF8_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), addr)
+        except (ValueError, OverflowError):
+            raise InvalidMessageError(f"ORCPT={value}: a bad \\x{{...}} escape") from None
+    raise InvalidMessageError(
+        f"ORCPT address type {kind!r} is not supported: rfc822 and utf-8 are")
 
 
 # A line and its end (CR LF, LF or CR: line endings may be any of them).

@@ -21,6 +21,7 @@ answers).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -28,7 +29,8 @@ from smtpstate._ffi import ffi, lib
 from smtpstate.classify import BounceClass, _of, classify_failure
 from smtpstate.errors import DeliveryError
 
-__all__ = ["Reply", "RecipientResult", "Result", "STATUSES", "RECIPIENT_STATUSES"]
+__all__ = ["Reply", "RecipientResult", "Result", "STATUSES", "RECIPIENT_STATUSES",
+           "local_enhanced"]
 
 #: A message's statuses, and a recipient's.
 STATUSES = ("delivered", "partial", "tempfail", "permfail", "unknown")
@@ -45,6 +47,19 @@ _STATUS_NAMES = {
 
 
 _FAILED = ("tempfail", "permfail", "unknown")
+_STATUS_CODES = {v: k for k, v in _STATUS_NAMES.items()}
+
+
+def local_enhanced(status: str, reason: str) -> str:
+    """The RFC 3463 code of a failure decided here, without a reply, by
+    C's one table (``smtps_bounce_local_enhanced()``, csrc/classify.c):
+    ``"4.4.1"`` for ``("tempfail", "connect to ...: Connection
+    refused")``; ``""`` for a status that is no failure."""
+    out = ffi.new("char[16]")
+    lib.smtps_bounce_local_enhanced(_STATUS_CODES.get(status, 0),
+                                    reason.encode("utf-8", "replace"), out, 16)
+    return ffi.string(out).decode("ascii")
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -67,6 +82,24 @@ class Reply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
+
+    def as_smtp(self) -> str:
+        """The reply as a server writes it: ``"451-4.4.1 a\r\n451 4.4.1
+        b"`` (no final CRLF; aiosmtpd's handlers return such strings).
+        Control characters become spaces, and each line is cut to fit in
+        512 octets with its code and CRLF (RFC 5321 4.5.3.1.5)."""
+        prefix = f"{self.code}"
+        lines = [_printable(line) for line in (self.text or "").split("\n")] or [""]
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            head = f"{prefix}{sep}{self.enhanced} " if self.enhanced else f"{prefix}{sep}"
+            room = 510 - len(head.encode("utf-8"))
+            raw = line.encode("utf-8")
+            if len(raw) > room:
+                line = raw[:room].decode("utf-8", "ignore")
+            out.append(head + line if line else head.rstrip(" "))
+        return "\r\n".join(out)
 
     @classmethod
     def _from_parsed(cls, c: Any) -> "Reply":
@@ -103,6 +136,10 @@ class RecipientResult:
     ``mx`` is the host it was delivered to or last tried (an MX host, or
     the host given), and ``ip`` that host's address; None when no
     connection was made for it.
+    ``enhanced`` is the RFC 3463 enhanced status code of a failure decided
+    here rather than by a reply (``"4.4.1"``: no connection; ``"4.4.2"``:
+    the connection was lost; see docs/relay.md), ``""`` when a failing
+    reply decided it (its own, or the message's) or it did not fail.
     """
 
     address: str
@@ -111,10 +148,22 @@ class RecipientResult:
     bounce_class: Optional[BounceClass] = None
     mx: Optional[str] = None
     ip: Optional[str] = None
+    enhanced: str = ""
 
     @property
     def ok(self) -> bool:
         return self.status == "delivered"
+
+    def smtp_reply(self, result: Optional["Result"] = None) -> "Reply":
+        """The reply to give an upstream client for this recipient, as an
+        LMTP server answers per recipient after the data (RFC 2033 4.2):
+        250 when delivered, its own failing reply when it has one (else
+        the message's, when ``result`` is given), else a 451 or 550 with
+        its local enhanced code. A recipient not sent (a state ended the
+        transaction) and one whose fate is unknown get 451: the client
+        keeps the message and tries again.
+        """
+        return _recipient_reply(self, result)
 
 
 @dataclass(frozen=True)
@@ -137,6 +186,11 @@ class Result:
         bounce_class: the :class:`~smtpstate.classify.BounceClass` of a
             failure (``.code`` 10, ``.name`` "invalid recipient"); None
             when delivered.
+        enhanced: the RFC 3463 enhanced status code of a failure decided
+            here, without a failing reply (``"4.4.1"`` connection refused
+            or not answered, ``"5.3.4"`` too big for the server's SIZE,
+            ``"5.6.7"`` SMTPUTF8 not offered; docs/relay.md has the
+            table); ``""`` when a reply decided it or nothing failed.
     """
 
     status: str
@@ -150,10 +204,23 @@ class Result:
     ticket: Any = None
     message: Any = field(default=None, repr=False, compare=False)
     bounce_class: Optional[BounceClass] = None
+    enhanced: str = ""
 
     def __post_init__(self) -> None:
         # Results made in Python (a connect that failed before any C
-        # session) are classified here, as C classifies its own.
+        # session) get their enhanced codes and classes here, by C's
+        # tables, as C gives its own.
+        if self.status not in ("delivered", "partial") and not self.enhanced and (
+                self.reply is None or self.reply.code < 400):
+            local = local_enhanced(self.status, self.reason)
+            object.__setattr__(self, "enhanced", local)
+            if any(r.status in _FAILED and not r.enhanced
+                   and (r.reply is None or r.reply.code < 400) for r in self.recipients):
+                object.__setattr__(self, "recipients", tuple(
+                    dataclasses.replace(r, enhanced=local_enhanced(r.status, self.reason))
+                    if r.status in _FAILED and not r.enhanced
+                    and (r.reply is None or r.reply.code < 400) else r
+                    for r in self.recipients))
         if self.status in ("delivered", "partial") or self.bounce_class is not None:
             return
         cls = classify_failure(self.status, self.reply, self.reason)
@@ -170,6 +237,31 @@ class Result:
         """True when the message was delivered to every recipient (a
         ``"partial"`` delivery is not ok)."""
         return self.status == "delivered"
+
+    def smtp_reply(self) -> Reply:
+        """The reply to give the upstream client that handed us this
+        message (a relay answering the end of its DATA).
+
+        * ``"delivered"`` or ``"partial"``: 250 (the recipients that
+          failed are the relay's to report, by DSN: :mod:`smtpstate.dsn`);
+        * every recipient failed for good (``"permfail"``): the downstream
+          5xx reply that decided it (when each recipient was refused at
+          RCPT, the last refusal, as ``reply`` says), else 5xx with the
+          local enhanced code (5.3.4 too big, 5.6.7 SMTPUTF8 not offered,
+          5.7.30 REQUIRETLS) and the reason;
+        * anything failed for now (``"tempfail"``), or might have been
+          delivered (``"unknown"``: the client then keeps the message and
+          may send it twice rather than lose it, RFC 1047): 451, with the
+          downstream reply's enhanced code and text when one decided it,
+          else the local code (4.4.1 no connection, 4.4.2 connection
+          lost, 4.4.7 expired, ...).
+
+        Returns:
+            a :class:`Reply` whose ``text`` has no enhanced-code prefix
+            (an SMTP server adds it, as aiosmtpd's ``"250 OK"`` strings
+            are made by ``f"{code} {enhanced} {text}"``).
+        """
+        return _message_reply(self)
 
     def raise_for_status(self) -> "Result":
         """Return the result when delivered to every recipient; raise
@@ -188,6 +280,110 @@ class Result:
     def __str__(self) -> str:
         why = str(self.reply) if self.reply else self.reason
         return f"{self.status} ({self.stage}): {why}"
+
+
+def _printable(text: str) -> str:
+    """text with control characters (CR, LF, TAB, NUL...) as spaces."""
+    return "".join(" " if ord(ch) < 32 or ord(ch) == 127 else ch for ch in text)
+
+
+# Local permanent failures answered upstream with the code RFCs name for
+# them: too big (RFC 1870 6.1, 552), a UTF-8 address the next hop cannot
+# take (RFC 6531 3.5, 553), 8-bit content it cannot take (RFC 6152, 554).
+_LOCAL_PERM_CODES = {"5.3.4": 552, "5.6.7": 553, "5.6.3": 554}
+
+
+def _without_prefix(reply: Reply) -> str:
+    """A reply's text without the enhanced code that starts its lines
+    (Reply.text keeps what the server wrote after the reply code)."""
+    if not reply.enhanced:
+        return reply.text
+    head = reply.enhanced + " "
+    return "\n".join(line[len(head):] if line.startswith(head)
+                     else "" if line == reply.enhanced else line
+                     for line in reply.text.split("\n"))
+
+
+def _relayed(code: int, reply: Reply) -> Reply:
+    """reply as ours to give with code, its enhanced code kept (X.0.0 when
+    it had none, of code's class), its text without that prefix."""
+    enhanced = reply.enhanced if reply.enhanced[:1] == str(code // 100) else ""
+    return Reply(code, enhanced or _default_enhanced(code), _without_prefix(reply))
+
+
+def _default_enhanced(code: int) -> str:
+    """X.0.0 (other or undefined status) for a reply that has no code."""
+    return f"{code // 100}.0.0"
+
+
+_LEADING_CODE = re.compile(r"^[245]\.[0-9]{1,3}\.[0-9]{1,3} ")
+
+
+def _reason_text(reason: str, fallback: str) -> str:
+    """A reason as reply text: without the enhanced code our own reasons
+    may start with ("5.7.30 REQUIRETLS ..."), which the reply carries."""
+    return _LEADING_CODE.sub("", reason, count=1) or fallback
+
+
+def _failing(r: "Result", first: str) -> Optional[Reply]:
+    """The downstream reply (of class ``first``, "4" or "5") that decided
+    r: its own, else the first recipient's that failed so."""
+    if r.reply is not None and str(r.reply.code)[:1] == first:
+        return r.reply
+    return next((x.reply for x in r.recipients
+                 if x.reply is not None and str(x.reply.code)[:1] == first
+                 and x.status in _FAILED), None)
+
+
+def _message_reply(r: "Result") -> Reply:
+    """Result.smtp_reply(): see there."""
+    if r.status in ("delivered", "partial"):
+        n = len(r.recipients)
+        done = sum(1 for x in r.recipients if x.status == "delivered")
+        text = "Ok: delivered" if done == n else f"Ok: delivered to {done} of {n} recipients"
+        return Reply(250, "2.0.0", text)
+    if r.status == "permfail":
+        failing = _failing(r, "5")
+        if failing is not None:
+            return _relayed(failing.code, failing)
+        enhanced = r.enhanced or "5.0.0"
+        return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
+                     _reason_text(r.reason, "delivery failed"))
+    # tempfail, unknown: the client keeps the message and tries again.
+    failing = _failing(r, "4")
+    if failing is not None and r.status == "tempfail":
+        return _relayed(451, failing)
+    enhanced = r.enhanced if r.enhanced.startswith("4.") else "4.0.0"
+    why = _reason_text(r.reason, "try again later")
+    if r.status == "unknown":
+        why = f"delivery unknown: {why}"
+    return Reply(451, enhanced, why)
+
+
+def _recipient_reply(rr: "RecipientResult", r: Optional["Result"]) -> Reply:
+    """RecipientResult.smtp_reply(): see there."""
+    if rr.status == "delivered":
+        return Reply(250, "2.0.0", "Ok: delivered")
+    own = rr.reply if rr.reply is not None and rr.reply.code >= 400 else None
+    # Its own local code (no route for it, say) before the reply of the
+    # message, which under MX routing may be another destination's.
+    if (own is None and not rr.enhanced and r is not None and r.reply is not None
+            and r.reply.code >= 400):
+        own = r.reply
+    reason = r.reason if r is not None else ""
+    if rr.status == "permfail":
+        if own is not None and own.code >= 500:
+            return _relayed(own.code, own)
+        enhanced = rr.enhanced or (r.enhanced if r is not None else "") or "5.0.0"
+        return Reply(_LOCAL_PERM_CODES.get(enhanced, 550), enhanced,
+                     _reason_text(reason, "delivery failed"))
+    if own is not None and own.code < 500:
+        return _relayed(451, own)
+    enhanced = rr.enhanced if rr.enhanced.startswith("4.") else "4.0.0"
+    if rr.status == "not_sent":
+        return Reply(451, enhanced, _reason_text(reason, "not sent: try again later"))
+    why = _reason_text(reason, "try again later")
+    return Reply(451, enhanced, f"delivery unknown: {why}" if rr.status == "unknown" else why)
 
 
 def _route(c: Any, k: int) -> Tuple[Optional[str], Optional[str]]:
@@ -214,6 +410,7 @@ def result_from_c(
             Reply._from_result(c.rcpt[i].reply),
             _of(int(c.rcpt[i].bounce_class)),
             *(_route(c, int(c.rcpt[i].route)) if c.nroute else where),
+            ffi.string(c.rcpt[i].enhanced).decode("ascii", "replace"),
         )
         for i in range(c.nrcpt)
     )
@@ -226,6 +423,7 @@ def result_from_c(
         state=state_name,
         reason=ffi.string(c.reason).decode("utf-8", "replace"),
         bounce_class=_of(int(c.bounce_class)),
+        enhanced=ffi.string(c.enhanced).decode("ascii", "replace"),
         **extra,
     )
 

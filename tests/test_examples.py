@@ -58,6 +58,26 @@ def test_send_email_message_to_postfix(postfix_server):
     assert "audit@example.test" in got[0].rcpt_tos and b"Bcc" not in got[0].data
 
 
+def test_relay():
+    out = ok(run_example("relay.py"))
+    lines = out.splitlines()
+    assert lines[0] == "some delivered: relay answered 250 2.0.0 Ok: delivered to 1 of 3 recipients"
+    assert lines[1].startswith("none for good: relay answered 550 5.1.1 <unknown")
+    assert lines[2] == ("DSN: unknown@example.test failed 5.1.1, later@example.test failed "
+                        "4.2.0 (to alice@client.example)")
+    assert lines[3].startswith("next hop down: relay answered 451 4.4.1 cannot connect to ")
+
+
+def test_relay_to_smtp_sink(smtp_sink_server):
+    out = ok(run_example("relay.py", "--server",
+                         f"{smtp_sink_server.host}:{smtp_sink_server.port}"))
+    assert out.startswith("some delivered: relay answered 250 2.0.0 Ok: delivered\n")
+    got = smtp_sink_server.wait_for_messages(2)
+    assert [m.rcpt_tos for m in got] == [
+        ["ok@example.test", "unknown@example.test", "later@example.test"],
+        ["unknown1@example.test", "unknown2@example.test"]]
+
+
 def test_proxy_protocol():
     out = ok(run_example("proxy_protocol.py"))
     assert out.startswith("state order: PROXY -> BANNER -> EHLO")

@@ -105,7 +105,7 @@ def assert_refused(r, why):
     assert r["reason"].startswith(why), r["reason"]
     assert r["code"] == 0                       # no server said it: we did
     assert r["rcpts"] == [("permfail", 0)]
-    assert r["state"] == "MAIL" and r["stage"] == 3        # nothing was awaited
+    assert r["state"] == "MAIL" and r["stage"] == 25       # before MAIL FROM: nothing sent
 
 
 @pytest.mark.parametrize("split", SPLITS)
@@ -251,7 +251,7 @@ def assert_result_refused(result, why):
     assert result.reason.startswith(why), result.reason
     assert result.reply is None
     assert [r.status for r in result.recipients] == ["permfail", "permfail"]
-    assert result.stage_code == 3 and result.state == "MAIL"      # after MAIL FROM
+    assert result.stage_code == 25 and result.state == "MAIL"     # before MAIL FROM
     with pytest.raises(smtpstate.DeliveryError):
         result.raise_for_status()
 

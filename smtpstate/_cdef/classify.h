@@ -45,6 +45,8 @@ struct smtps_bounce_rule {
 int smtps_bounce_classify(int code, const char *enhanced, const char *text,
                           size_t text_len);
 int smtps_bounce_classify_reason(int status, const char *reason);
+int smtps_bounce_local_enhanced(int status, const char *reason, char *out,
+                                size_t cap);
 void smtps_bounce_classify_result(struct smtps_result *r);
 int smtps_bounce_class_name(int bounce_class, char *out, size_t cap);
 int smtps_bounce_register_class(int code, const char *name);

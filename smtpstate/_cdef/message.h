@@ -37,6 +37,7 @@ int smtps_message_set_dsn(struct smtps_message *m, int ret,
                           const char *envid, size_t envid_len);
 int smtps_message_set_require_tls(struct smtps_message *m, int require);
 int smtps_message_require_tls(const struct smtps_message *m);
+int smtps_message_set_smtputf8(struct smtps_message *m, int on);
 const char *smtps_message_sender(const struct smtps_message *m);
 size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);

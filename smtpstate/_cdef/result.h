@@ -25,6 +25,7 @@ struct smtps_result_rcpt {
     struct smtps_result_reply reply;
     int bounce_class;
     int route;
+    char enhanced[16];
 };
 
 #define SMTPS_RESULT_HOST_MAX ...
@@ -48,6 +49,7 @@ struct smtps_result {
     size_t nroute;
     struct smtps_result_route *route;
     void *owner;
+    char enhanced[16];
 };
 
 void smtps_result_free(struct smtps_result *r);

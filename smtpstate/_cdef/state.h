@@ -60,7 +60,8 @@ enum smtps_stage {
     SMTPS_STAGE_UNKNOWN = 22,
     SMTPS_STAGE_AUTH = 23,
     SMTPS_STAGE_AUTH_DONE = 24,
-    SMTPS_STAGE__COUNT = 25
+    SMTPS_STAGE_BEFORE_MAIL = 25,
+    SMTPS_STAGE__COUNT = 26
 };
 
 const char *smtps_stage_name(int stage);

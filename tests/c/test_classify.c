@@ -94,8 +94,44 @@ static const struct reason_case reason_cases[] = {
     {"timeout", SMTPS_STATUS_TEMPFAIL, "timeout: no reply in state RCPT", SMTPS_BOUNCE_TIMEOUT},
     {"SIZE", SMTPS_STATUS_PERMFAIL, "message of 9 bytes exceeds the server's SIZE limit of 3", SMTPS_BOUNCE_TOO_LARGE},
     {"lost", SMTPS_STATUS_TEMPFAIL, "connection lost: reset", SMTPS_BOUNCE_TRANSIENT_FAILURE},
-    {"our refusal", SMTPS_STATUS_PERMFAIL, "8-bit content needs 8BITMIME", SMTPS_BOUNCE_ADMIN_FAILURE},
+    {"our refusal", SMTPS_STATUS_PERMFAIL, "a state said no", SMTPS_BOUNCE_ADMIN_FAILURE},
+    {"no 8BITMIME", SMTPS_STATUS_PERMFAIL, "8-bit content needs 8BITMIME", SMTPS_BOUNCE_GENERIC_BOUNCE},
+    {"no SMTPUTF8", SMTPS_STATUS_PERMFAIL, "a non-ASCII address needs SMTPUTF8, which the server does not offer", SMTPS_BOUNCE_GENERIC_BOUNCE},
     {"NULL reason", SMTPS_STATUS_TEMPFAIL, NULL, SMTPS_BOUNCE_TRANSIENT_FAILURE},
+};
+
+/* The RFC 3463 code of a failure without a reply (smtps_bounce_local_enhanced). */
+struct local_case {
+    const char *label;
+    int     status;
+    const char *reason;
+    const char *want;
+};
+
+static const struct local_case local_cases[] = {
+    {"refused", SMTPS_STATUS_TEMPFAIL, "connect to a[192.0.2.1]:25: Connection refused", "4.4.1"},
+    {"connect timed out", SMTPS_STATUS_TEMPFAIL, "connect to a[192.0.2.1]:25: timed out", "4.4.1"},
+    {"queued behind it", SMTPS_STATUS_TEMPFAIL, "not attempted: connect to a: refused", "4.4.1"},
+    {"reply timeout", SMTPS_STATUS_TEMPFAIL, "timeout: no reply in state RCPT", "4.4.2"},
+    {"handshake timeout", SMTPS_STATUS_TEMPFAIL, "timeout: the TLS handshake did not complete", "4.4.2"},
+    {"lost", SMTPS_STATUS_TEMPFAIL, "connection lost: reset", "4.4.2"},
+    {"unknown", SMTPS_STATUS_UNKNOWN, "connection lost after the final dot", "4.4.2"},
+    {"DNS", SMTPS_STATUS_TEMPFAIL, "cannot resolve x: timed out", "4.4.3"},
+    {"route.c's own", SMTPS_STATUS_TEMPFAIL, "4.4.4 cannot route x: no MX", "4.4.4"},
+    {"own code, digit from status", SMTPS_STATUS_TEMPFAIL, "5.7.30 REQUIRETLS", "4.7.30"},
+    {"not a code", SMTPS_STATUS_PERMFAIL, "5.7.3000 x", "5.0.0"},
+    {"code alone", SMTPS_STATUS_PERMFAIL, "5.1.10", "5.1.10"},
+    {"expired", SMTPS_STATUS_TEMPFAIL, "delivery time expired", "4.4.7"},
+    {"certificate expired is TLS", SMTPS_STATUS_TEMPFAIL, "TLS handshake failed: certificate has expired", "4.7.5"},
+    {"TLS not offered", SMTPS_STATUS_TEMPFAIL, "TLS is required, but the server does not offer STARTTLS", "4.7.4"},
+    {"SIZE", SMTPS_STATUS_PERMFAIL, "message of 9 bytes exceeds the server's SIZE limit of 3", "5.3.4"},
+    {"SMTPUTF8", SMTPS_STATUS_PERMFAIL, "a non-ASCII address needs SMTPUTF8, which the server does not offer", "5.6.7"},
+    {"SMTPUTF8 asked", SMTPS_STATUS_PERMFAIL, "the message needs SMTPUTF8 (asked for), which the server does not offer", "5.6.7"},
+    {"8BITMIME", SMTPS_STATUS_PERMFAIL, "8-bit content needs 8BITMIME", "5.6.3"},
+    {"anything else", SMTPS_STATUS_PERMFAIL, "a state said no", "5.0.0"},
+    {"NULL reason", SMTPS_STATUS_TEMPFAIL, NULL, "4.0.0"},
+    {"delivered", SMTPS_STATUS_DELIVERED, "connect to", ""},
+    {"partial", SMTPS_STATUS_PARTIAL, "connect to", ""},
 };
 
 /* report - print PASS or FAIL and count it */
@@ -311,6 +347,29 @@ int     main(void)
 	got = smtps_bounce_classify_reason(c->status, c->reason);
 	snprintf(why, sizeof(why), "%d, want %d", got, c->want);
 	report(label, got == c->want, why, &pass, &fail);
+    }
+    for (i = 0; i < NITEMS(local_cases); i++) {
+	const struct local_case *c = local_cases + i;
+	char    code[16];
+
+	snprintf(label, sizeof(label), "local code: %s", c->label);
+	printf("RUN %s\n", label);
+	memset(code, 'x', sizeof(code));
+	got = smtps_bounce_local_enhanced(c->status, c->reason, code, sizeof(code));
+	snprintf(why, sizeof(why), "%d \"%.15s\", want \"%s\"", got, code, c->want);
+	report(label, got == SMTPS_OK && memchr(code, 0, sizeof(code)) != NULL
+	       && strcmp(code, c->want) == 0, why, &pass, &fail);
+    }
+    {
+	char    small[8];
+
+	printf("RUN local code bounds\n");
+	report("local code bounds",
+	       smtps_bounce_local_enhanced(SMTPS_STATUS_TEMPFAIL, "x", small,
+					   sizeof(small)) == SMTPS_EINVAL
+	       && smtps_bounce_local_enhanced(SMTPS_STATUS_TEMPFAIL, "x", NULL,
+					      16) == SMTPS_EINVAL,
+	       "a short buffer accepted", &pass, &fail);
     }
     printf("RUN names\n");
     report("names", smtps_bounce_class_name(SMTPS_BOUNCE_RELAYING_DENIED, name,
