@@ -8,6 +8,9 @@ hop, and the client that handed it over hears what became of it.
   message reached some recipients, the next hop's refusal when it reached
   none for good, 451 (with an RFC 3463 code such as 4.4.1 when the next hop
   did not answer) when the client should try again;
+* messages go on through one ``aio.Engine`` on aiosmtpd's own event loop:
+  the connections to the next hop are pooled and reused across incoming
+  sessions (closed with QUIT once idle), with no thread of its own;
 * for recipients that failed after the client was told 250, the relay
   writes a DSN (``smtpstate.dsn.build``) and sends it with a null reverse
   path to the sender. This relay keeps no queue, so it gives up at once
@@ -52,6 +55,19 @@ class Relay:
 
     def __init__(self, next_hop: Tuple[str, int]) -> None:
         self.next_hop = next_hop
+        self.engine: Optional[aio.Engine] = None
+
+    def out(self) -> aio.Engine:
+        """The engine that sends on, made on aiosmtpd's loop at first use."""
+        if self.engine is None:
+            self.engine = aio.Engine(helo=REPORTING_MTA, max_per_destination=10,
+                                     idle_timeout=5.0)
+        return self.engine
+
+    async def aclose(self) -> None:
+        """Finish what is in flight, QUIT the next hop's connections."""
+        if self.engine is not None:
+            await self.engine.aclose()
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
                           rcpt_options: List[str]) -> str:
@@ -74,7 +90,7 @@ class Relay:
         except InvalidMessageError as e:
             return f"555 5.5.4 {e}"
         host, port = self.next_hop
-        result = await aio.send(message, host, port, timeout=30)
+        result = await self.out().send(message, host, port, timeout=30)
         reply = result.smtp_reply()
         log.info("%s: %s", result.status, reply)
         if result.status == "partial":
@@ -89,9 +105,9 @@ class Relay:
         if report is None:                   # a null sender, or NOTIFY=NEVER
             return
         host, port = self.next_hop
-        sent = await aio.send(Message.from_email(report, sender="",
-                                                 recipients=[message.sender]),
-                              host, port, timeout=30)
+        sent = await self.out().send(Message.from_email(report, sender="",
+                                                        recipients=[message.sender]),
+                                     host, port, timeout=30)
         log.info("DSN to %s: %s", message.sender, sent.status)
 
 
@@ -103,12 +119,15 @@ def running_relay(next_hop: Tuple[str, int]) -> Iterator[Tuple[str, int]]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    controller = Controller(Relay(next_hop), hostname="127.0.0.1", port=port,
+    relay = Relay(next_hop)
+    controller = Controller(relay, hostname="127.0.0.1", port=port,
                             server_hostname=REPORTING_MTA)
     controller.start()
     try:
         yield "127.0.0.1", port
     finally:
+        # The engine belongs to aiosmtpd's loop: closed there, then the loop.
+        asyncio.run_coroutine_threadsafe(relay.aclose(), controller.loop).result(60)
         controller.stop()
 
 
