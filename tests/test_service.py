@@ -425,3 +425,28 @@ def test_run_waits_for_a_short_call_of_another_thread(aiosmtpd_server):
     runner.join(10)
     assert not errors and [r.ticket for r in results] == [t] and t.result.ok
     engine.close()
+
+
+def test_aio_send_routes_by_mx_when_no_host_is_given(dns_server, dns_origin, mx_servers):
+    """No host: each recipient where its domain's MX records say, the DNS
+    answers and their deadlines handled by step() on the loop (the
+    resolver's descriptor is in the engine's epoll set). MTA-STS discovery
+    is off: this zone publishes no policy to look for."""
+    from smtpstate import Resolver
+
+    a, b = "127.0.0.2", "127.0.0.3"
+    mx = mx_servers([a, b])
+    dns_server.add_zone(dns_origin, [f"@ MX 10 mx1.{dns_origin}.", f"@ MX 20 mx2.{dns_origin}.",
+                                     f"mx1 A {a}", f"mx2 A {b}"])
+    resolver = Resolver([dns_server.address], hosts_file=False, timeout=2, attempts=2)
+
+    async def main() -> List[Any]:
+        async with aio.Engine(resolver=resolver, helo=HELO, mta_sts=False) as e:
+            return await asyncio.gather(*(
+                e.send(Message(SENDER, [f"r{i}@{dns_origin}"], b"Subject: mx\r\n\r\nhi\r\n"),
+                       port=mx.port, timeout=30) for i in range(5)))
+
+    results = asyncio.run(main())
+    assert [r.status for r in results] == ["delivered"] * 5, results
+    assert {r.recipients[0].mx for r in results} == {f"mx1.{dns_origin}"}
+    assert mx.server(a).accepted == 5 and mx.server(b).accepted == 0
