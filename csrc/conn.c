@@ -56,6 +56,19 @@
  *	we send it more, which keeps "lost before the final dot" apart from
  *	"lost after it" (RFC 1047).
  *
+ *	TLS handshakes take turns: at most the engine's max_tls_handshakes
+ *	run at once, and a connection whose handshake would begin beyond
+ *	that (at the 220 to STARTTLS) waits, first come first served, until
+ *	one ends (up, failed or closed): smtps_conn_tls_turns() gives the
+ *	turns that came free at the top of every round of the loop. A
+ *	handshake holds up to some 80 KiB of OpenSSL's at its peak, an
+ *	established connection under 20 KiB: thousands of handshakes at
+ *	once leave the heap full of holes between the connections that
+ *	stay, which the allocator cannot give back (docs/tls.md, "Memory").
+ *	In turns, the next handshakes reuse the same memory. A waiting
+ *	connection holds nothing of OpenSSL's yet, and when its turn comes
+ *	it may resume the TLS session that one before it left.
+ *
  *	Every connection has one timer in the engine's heap: the connect
  *	deadline while connecting, the session's own smtps_session_deadline()
  *	while it talks, the idle deadline in the pool, and a linger deadline
@@ -85,6 +98,8 @@ static void conn_connected(struct smtps_conn *c, int64_t now);
 static void conn_close(struct smtps_conn *c, int64_t now);
 static void conn_want(struct smtps_conn *c, uint32_t events);
 static struct smtps_message *conn_feed(struct smtps_session *s, void *closure);
+static int conn_tls_gate(struct smtps_session *s, void *closure);
+static void conn_turn_release(struct smtps_conn *c);
 
 /* conn_why_errno - record why a connection failed: "what: strerror" */
 
@@ -241,6 +256,8 @@ static int conn_setup(struct smtps_conn *c)
 	/* The host's last session, if made under the same policy (tls.c). */
 	if (rc == SMTPS_OK && e->tls_resume && h != NULL)
 	    rc = smtps_session_set_tls_resume(c->s, &h->tls_resume);
+	if (rc == SMTPS_OK)
+	    rc = smtps_session_set_tls_gate(c->s, conn_tls_gate, c);
 	if (rc != SMTPS_OK) {
 	    snprintf(c->why, sizeof(c->why), "cannot set up TLS: %s",
 		     smtps_strerror(rc));
@@ -601,6 +618,79 @@ static struct smtps_message *conn_feed(struct smtps_session *s, void *closure)
     return m;
 }
 
+/*
+ * conn_tls_gate - the session's handshake would begin: now, if a turn is
+ * free and nobody waits for one (1), else in its turn (0)
+ */
+
+static int conn_tls_gate(struct smtps_session *s, void *closure)
+{
+    struct smtps_conn *c = closure;
+    struct smtps_engine *e = c->e;
+
+    SMTPS_UNUSED(s);
+    if (c->tls_turn != TURN_NONE)		/* one handshake per session */
+	return c->tls_turn == TURN_HELD;
+    if (e->turns == NULL && e->ntls_hs < e->max_tls_hs) {
+	c->tls_turn = TURN_HELD;
+	e->ntls_hs++;
+	return 1;
+    }
+    c->tls_turn = TURN_WAITING;
+    c->turn_next = NULL;
+    c->turn_prev = e->turns_tail;
+    if (e->turns_tail != NULL)
+	e->turns_tail->turn_next = c;
+    else
+	e->turns = c;
+    e->turns_tail = c;
+    return 0;
+}
+
+/* conn_turn_release - c needs its turn no more, held or waited for */
+
+static void conn_turn_release(struct smtps_conn *c)
+{
+    struct smtps_engine *e = c->e;
+
+    if (c->tls_turn == TURN_HELD) {
+	e->ntls_hs--;
+    } else if (c->tls_turn == TURN_WAITING) {
+	if (c->turn_prev != NULL)
+	    c->turn_prev->turn_next = c->turn_next;
+	else
+	    e->turns = c->turn_next;
+	if (c->turn_next != NULL)
+	    c->turn_next->turn_prev = c->turn_prev;
+	else
+	    e->turns_tail = c->turn_prev;
+	c->turn_prev = c->turn_next = NULL;
+    }
+    c->tls_turn = TURN_NONE;
+}
+
+/*
+ * smtps_conn_tls_turns - turns that came free go to those waiting, first
+ * come first served; each begins its handshake now. Not from inside a
+ * connection's update (a failure there would close connections under
+ * it): the engine's loop calls this at the top of every round.
+ */
+
+void    smtps_conn_tls_turns(struct smtps_engine *e, int64_t now)
+{
+    struct smtps_conn *c;
+
+    while ((c = e->turns) != NULL && e->ntls_hs < e->max_tls_hs) {
+	conn_turn_release(c);			/* off the list */
+	if (!smtps_session_tls_in_handshake(c->s))
+	    continue;				/* it ended while it waited */
+	c->tls_turn = TURN_HELD;
+	e->ntls_hs++;
+	(void) smtps_session_tls_proceed(c->s, now);
+	smtps_conn_update(c, now);		/* the ClientHello goes out */
+    }
+}
+
 /* conn_route - say on a result where its recipients went */
 
 static void conn_route(struct smtps_conn *c, struct smtps_result *r)
@@ -800,6 +890,9 @@ void    smtps_conn_update(struct smtps_conn *c, int64_t now)
 
     if (c->tls_event)
 	smtps_tlsrpt_conn(c, 0);		/* as soon as TLS is settled */
+    /* The handshake is over (or will not run): its turn is someone else's. */
+    if (c->tls_turn != TURN_NONE && !smtps_session_tls_in_handshake(c->s))
+	conn_turn_release(c);
     for (;;) {
 	(void) conn_flush(c, now);
 	conn_collect(c);
@@ -944,6 +1037,7 @@ static void conn_close(struct smtps_conn *c, int64_t now)
 	close(c->fd);				/* leaves the epoll set too */
 	c->fd = -1;
     }
+    conn_turn_release(c);
     if (c->s != NULL) {
 	if (smtps_session_status(c->s) != SMTPS_SESS_CLOSED)
 	    smtps_session_closed(c->s, c->why[0] ? c->why : "closed", now);
@@ -1032,5 +1126,6 @@ void    smtps_conn_teardown(struct smtps_conn *c)
     /* Its timer must leave the heap: later cancels move heap entries. */
     smtps_timer_cancel(&c->e->timers, &c->timer);
     smtps_tlsrpt_end(c);
+    conn_turn_release(c);
     free(c);
 }

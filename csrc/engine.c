@@ -67,7 +67,8 @@
  *	flight; the resolver itself (libunbound) starts at the first lookup.
  *
  *	Memory: no global mutable state; one 64 KiB read buffer per engine;
- *	output is bounded by the sessions; results wait in one list.
+ *	output is bounded by the sessions; results wait in one list; at most
+ *	max_tls_handshakes TLS handshakes run at once (conn.c).
  *	RLIMIT_NOFILE's soft limit is raised to the hard limit when it is
  *	below max_connections + 64.
  * DIAGNOSTICS
@@ -100,6 +101,7 @@
 #define DEF_IDLE_MS 5000
 #define DEF_CONNECT_MS 30000
 #define DEF_ADDRESS_LIMIT 5		/* Postfix's smtp_mx_address_limit */
+#define DEF_TLS_HANDSHAKES 100		/* conn.c, conn_tls_gate() */
 
 /* The smallest ABI sizes accepted: callers older than these are refused. */
 #define DEST_MIN_SIZE \
@@ -534,6 +536,7 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
     if (c.max_connections < 0 || c.max_per_destination < 0
 	|| c.messages_per_connection < 0 || c.idle_timeout_ms < 0
 	|| c.connect_timeout_ms < 0 || c.mx_address_limit < 0
+	|| c.max_tls_handshakes < 0
 	|| c.mx_address_limit > SMTPS_ADDR_MAX
 	|| (c.inet_protocols != SMTPS_INET_ALL && c.inet_protocols != SMTPS_INET_IPV4
 	    && c.inet_protocols != SMTPS_INET_IPV6)
@@ -564,6 +567,8 @@ struct smtps_engine *smtps_engine_new(struct smtps_machine *m,
     e->inet_protocols = c.inet_protocols;
     e->address_preference = c.address_preference;
     e->tls_resume = !c.tls_no_resumption;
+    e->max_tls_hs = c.max_tls_handshakes ? c.max_tls_handshakes :
+	DEF_TLS_HANDSHAKES;
     /* Longer than anything can wait: cut, so that deadlines cannot overflow. */
     if (e->idle_ms > SMTPS_TIMEOUT_MAX)
 	e->idle_ms = SMTPS_TIMEOUT_MAX;
@@ -710,6 +715,7 @@ static int engine_loop(struct smtps_engine *e, int64_t max_wait_ms, int forever)
     for (;;) {
 	/* Deadlines first: an expired idle connection is not reused. */
 	engine_timers_run(e, now);
+	smtps_conn_tls_turns(e, now);		/* before new connections */
 	engine_dirty_run(e, now);
 	engine_bury(e);
 	if (e->interrupted) {

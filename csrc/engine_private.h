@@ -231,6 +231,13 @@ enum conn_phase {
     CONN_DEAD				/* closed; freed after this round */
 };
 
+/* A connection's turn for a TLS handshake (conn.c, conn_tls_gate()). */
+enum conn_tls_turn {
+    TURN_NONE,				/* no handshake, or it is over */
+    TURN_WAITING,			/* on e->turns: its handshake waits */
+    TURN_HELD				/* its handshake runs: one of max_tls_hs */
+};
+
 enum addr_state {
     ADDR_NONE,				/* not known */
     ADDR_RESOLVING,			/* lookups in flight */
@@ -262,6 +269,8 @@ struct smtps_conn {
     int     in_idle;			/* in the destination's pool */
     int     quitting;			/* we asked for QUIT */
     int     lingering;			/* CLOSING, flushing output */
+    int     tls_turn;			/* enum conn_tls_turn */
+    struct smtps_conn *turn_prev, *turn_next;	/* e->turns, first come first */
     char    addrtext[64];		/* numeric address in use */
     int     tls_event;			/* a TLS event is due (tlsrpt.c) */
     char   *tls_domains;		/* the domains it is for, so far */
@@ -393,6 +402,8 @@ struct smtps_engine {
     int     inet_protocols;		/* SMTPS_INET_* */
     int     address_preference;		/* SMTPS_INET_* */
     int     tls_resume;			/* resume TLS sessions (tls.c) */
+    int     max_tls_hs;			/* TLS handshakes at once (conn.c) */
+    int     ntls_hs;			/* turns held now */
     char    helo[SMTPS_HELO_MAX + 1];
     SMTPSTrace trace;			/* given to each new session; NULL: none */
     void   *trace_closure;
@@ -432,6 +443,7 @@ struct smtps_engine {
     struct smtps_conn *conns;		/* every live connection */
     struct smtps_conn *dead;		/* closed this round */
     struct smtps_conn *lru, *lru_tail;	/* idle connections, oldest first */
+    struct smtps_conn *turns, *turns_tail;	/* waiting for a TLS handshake */
     size_t  nconns;
     size_t  nquitting;
 
@@ -541,6 +553,7 @@ void    smtps_conn_quit(struct smtps_conn *c, int64_t now);
 void    smtps_conn_timer(struct smtps_conn *c, int64_t now);
 void    smtps_conn_idle_remove(struct smtps_conn *c);
 void    smtps_conn_teardown(struct smtps_conn *c);
+void    smtps_conn_tls_turns(struct smtps_engine *e, int64_t now);
 
 /* route.c */
 int     smtps_route_submit(struct smtps_engine *e, struct smtps_message *m,

@@ -220,6 +220,26 @@ struct smtps_tls_resume {
 int smtps_session_set_tls_resume(struct smtps_session *s,
 				 struct smtps_tls_resume *slot);
 void smtps_tls_resume_clear(struct smtps_tls_resume *slot);
+/*
+ * session.c and tls.c, for engine.c: a driver's turns for TLS
+ * handshakes. A handshake holds far more memory while it runs than the
+ * connection keeps once TLS is up (record buffers, key shares, the
+ * certificate being checked), so a driver with many connections may
+ * bound how many run at once. With a gate set (before start), the
+ * session asks fn when its handshake would begin (the 220 to STARTTLS;
+ * the start, for implicit TLS): 1 lets it begin now, 0 makes it wait --
+ * no SSL object made, no byte sent, the EHLO that follows held back --
+ * until the driver calls smtps_session_tls_proceed(). fn must not call
+ * the session.
+ * smtps_session_tls_in_handshake() says whether the session still needs
+ * its turn (the handshake waits or runs on a live connection: not up,
+ * not failed, not closing). Drivers that set no gate are not concerned.
+ */
+typedef int (*SMTPSTlsGate) (struct smtps_session *s, void *closure);
+int smtps_session_set_tls_gate(struct smtps_session *s, SMTPSTlsGate fn,
+			       void *closure);
+int smtps_session_tls_proceed(struct smtps_session *s, int64_t now);
+int smtps_session_tls_in_handshake(const struct smtps_session *s);
 /* smtps_session_submit() for a message whose qresult was made for it */
 int smtps_session_submit_prepared(struct smtps_session *s,
 				  struct smtps_message *msg, int64_t now);

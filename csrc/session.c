@@ -21,6 +21,12 @@
  *	int	smtps_session_quit(s, now)
  *	size_t	smtps_session_pending(s)
  *	struct smtps_result *smtps_session_next_result(s)
+ *
+ *	#include "internal.h"
+ *
+ *	int	smtps_session_set_tls_gate(s, fn, closure)
+ *	int	smtps_session_tls_proceed(s, now)
+ *	int	smtps_session_tls_in_handshake(s)
  * DESCRIPTION
  *	A session runs one connection on a snapshot of its machine's order.
  *	It never touches a socket: the driver feeds received bytes, sends
@@ -41,7 +47,14 @@
  *	still queue plaintext in s->out, which every call that runs the loop
  *	encrypts before it returns (settle()). out_consumed then counts the
  *	plaintext whose ciphertext the driver has taken, so "the final dot
- *	was sent" keeps its meaning.
+ *	was sent" keeps its meaning. A driver may ration handshakes: with a
+ *	gate (smtps_session_set_tls_gate()), a handshake whose turn has not
+ *	come waits, holding nothing of OpenSSL's, until
+ *	smtps_session_tls_proceed().
+ *
+ *	Memory. An IDLE session gives back its output buffer and its body
+ *	stage once nothing waits in them (release_idle(), at the end of
+ *	every call): an idle pooled connection keeps no buffer of its own.
  *
  *	Nothing is lost: every submitted message ends in exactly one result,
  *	and a session that closes settles all it holds (dispatch.c).
@@ -62,6 +75,7 @@
 static int64_t clock_in(int64_t now);
 static void settle(struct smtps_session *s);
 static int wake(struct smtps_session *s, int64_t now);
+static void release_idle(struct smtps_session *s);
 
 /* clock_in - a driver's reading of its clock (never below 0) */
 
@@ -175,12 +189,36 @@ int     smtps_session_set_timeout(struct smtps_session *s, int state_id,
     return SMTPS_OK;
 }
 
-/* settle - before a call returns: encrypt what the states queued */
+/*
+ * release_idle - an IDLE session gives back the buffers it can make
+ * again: the output buffer once empty (the body pump grew it to 16 KiB
+ * and more; wiped first if credentials passed through it) and the body
+ * source's stage. An idle connection then holds no buffer of its own,
+ * and the next message makes them anew, at the cost of one malloc.
+ */
+
+static void release_idle(struct smtps_session *s)
+{
+    if (s->out.data != NULL && s->out.start == s->out.end) {
+	smtps_session_wipe_output(s);
+	free(s->out.data);
+	s->out.data = NULL;
+	s->out.start = s->out.end = s->out.cap = 0;
+    }
+    if (s->stage != NULL && s->tx == NULL) {
+	free(s->stage);
+	s->stage = NULL;
+    }
+}
+
+/* settle - before a call returns: encrypt what the states queued; trim */
 
 static void settle(struct smtps_session *s)
 {
     if (smtps_tls_engaged(s))
 	(void) smtps_tls_flush(s);
+    if (s->status == SMTPS_SESS_IDLE)
+	release_idle(s);
 }
 
 /* smtps_session_start - the connection is up: enter the first state */
@@ -496,6 +534,59 @@ void    smtps_session_set_runahead(struct smtps_session *s, SMTPSFeeder fn,
 void    smtps_session_set_hand_back(struct smtps_session *s)
 {
     s->hand_back = 1;
+}
+
+/* smtps_session_set_tls_gate - ask fn before a TLS handshake begins */
+
+int     smtps_session_set_tls_gate(struct smtps_session *s, SMTPSTlsGate fn,
+				           void *closure)
+{
+    if (s == NULL)
+	return SMTPS_EINVAL;
+    if (s->status != SMTPS_SESS_NEW)
+	return SMTPS_ESTATE;
+    s->tls_gate = fn;
+    s->tls_gate_closure = fn != NULL ? closure : NULL;
+    return SMTPS_OK;
+}
+
+/*
+ * smtps_session_tls_proceed - the driver's turn for a handshake came:
+ * begin it (the ClientHello is in the output on return). The time spent
+ * waiting was ours, not the server's: the reply deadline starts again.
+ */
+
+int     smtps_session_tls_proceed(struct smtps_session *s, int64_t now)
+{
+    int     rc;
+
+    if (s == NULL)
+	return SMTPS_EINVAL;
+    if (s->in_dispatch || (s->status != SMTPS_SESS_ACTIVE
+			   && s->status != SMTPS_SESS_IDLE))
+	return SMTPS_ESTATE;
+    s->now = clock_in(now);
+    s->in_dispatch = 1;
+    /* SMTPS_ESTATE: no handshake waits (any more); nothing was done. */
+    if ((rc = smtps_tls_proceed(s)) != SMTPS_ESTATE) {
+	if (s->status == SMTPS_SESS_ACTIVE || s->status == SMTPS_SESS_IDLE)
+	    smtps_dispatch_refresh_deadline(s);
+	settle(s);
+    }
+    s->in_dispatch = 0;
+    return rc;
+}
+
+/*
+ * smtps_session_tls_in_handshake - the handshake runs or waits for its
+ * turn on a live connection: begun, neither up nor failed, not closing
+ */
+
+int     smtps_session_tls_in_handshake(const struct smtps_session *s)
+{
+    return s != NULL && (s->status == SMTPS_SESS_ACTIVE
+			 || s->status == SMTPS_SESS_IDLE)
+	&& smtps_tls_in_handshake(s);
 }
 
 /* smtps_session_take_back - a held message, once the connection failed */

@@ -185,6 +185,8 @@ struct smtps_session {
     struct smtps_tls *tls;		/* tls.c */
     struct smtps_credentials *cred;	/* session_info.c; read by auth.c */
     int     tls_reehlo;			/* EHLO again after STARTTLS, then skip it */
+    SMTPSTlsGate tls_gate;		/* the driver's turns for handshakes; NULL: none */
+    void   *tls_gate_closure;
     int     fail_state;			/* queued messages' state when the */
     int     fail_stage;			/* connection part fails; -1: none */
 
@@ -290,6 +292,8 @@ int     smtps_tls_handshaking(const struct smtps_session *s);
 int     smtps_tls_verified(const struct smtps_session *s);	/* up, server
 								 * authenticated */
 int     smtps_tls_begin(struct smtps_session *s);
+int     smtps_tls_proceed(struct smtps_session *s);	/* the turn came */
+int     smtps_tls_in_handshake(const struct smtps_session *s);
 int     smtps_tls_feed(struct smtps_session *s, const char *data, size_t len);
 int     smtps_tls_flush(struct smtps_session *s);
 size_t  smtps_tls_output(struct smtps_session *s, const char **data);

@@ -24,6 +24,8 @@
  *	#include "session_private.h"
  *
  *	int	smtps_tls_begin(s)
+ *	int	smtps_tls_proceed(s)
+ *	int	smtps_tls_in_handshake(s)
  *	int	smtps_tls_verified(s)
  *	int	smtps_tls_feed(s, data, len)
  *	int	smtps_tls_flush(s)
@@ -49,10 +51,14 @@
  *	stack. docs/tls.md ("Memory") has the figures.
  *
  *	Phases: OFF until smtps_tls_begin() (at the 220 to STARTTLS, or at
- *	start for implicit TLS); HANDSHAKE, during which plaintext the states
- *	queue (the second EHLO) waits in s->out; UP; FAILED, after which
- *	nothing is encrypted or read again. From HANDSHAKE on, output() never
- *	returns plaintext again: a failure can only close the connection.
+ *	start for implicit TLS); WAITING, while the driver's gate
+ *	(smtps_session_set_tls_gate()) holds the handshake back until its
+ *	turn (smtps_tls_proceed(); no SSL exists yet, and any byte the server
+ *	sends is clear text that fails the connection); HANDSHAKE, during
+ *	which plaintext the states queue (the second EHLO) waits in s->out;
+ *	UP; FAILED, after which nothing is encrypted or read again. From
+ *	WAITING on, output() never returns plaintext again: a failure can
+ *	only close the connection.
  *
  *	"The final dot was sent" must still mean "the driver took it". Each
  *	SSL_write leaves a mark: the plaintext total it completed and the
@@ -157,7 +163,10 @@
 
 enum tls_phase {
     TLS_OFF,				/* clear text */
-    TLS_HANDSHAKE,			/* begun; plaintext waits */
+    TLS_WAITING,			/* begun, waiting for the driver's turn
+					 * (smtps_session_set_tls_gate()): no
+					 * SSL yet; plaintext waits */
+    TLS_HANDSHAKE,			/* handshaking; plaintext waits */
     TLS_UP,				/* encrypting */
     TLS_FAILED				/* broken: nothing goes out any more */
 };
@@ -231,6 +240,7 @@ static int tls_new_session(SSL *ssl, SSL_SESSION *sess);
 static int tls_policy(struct smtps_tls *t);
 static void tls_offer(struct smtps_tls *t);
 static void tls_mark(struct smtps_session *s);
+static int tls_start(struct smtps_session *s);
 static int tls_handshake(struct smtps_session *s);
 static int tls_read(struct smtps_session *s);
 static int tls_fail(struct smtps_session *s, const char *what);
@@ -846,7 +856,9 @@ int     smtps_tls_mode(const struct smtps_session *s)
 
 /*
  * smtps_tls_handshake_failed - TLS failed before it was up: refused by
- * either side, or the connection ended in the middle of the handshake
+ * either side, or the connection ended in the middle of the handshake.
+ * Not a connection that ended while it waited for its turn (WAITING):
+ * it never tried, and clear text would be no answer to that.
  */
 
 int     smtps_tls_handshake_failed(const struct smtps_session *s)
@@ -866,8 +878,20 @@ int     smtps_tls_engaged(const struct smtps_session *s)
 
 int     smtps_tls_handshaking(const struct smtps_session *s)
 {
-    return s->tls != NULL && (s->tls->phase == TLS_HANDSHAKE
+    return s->tls != NULL && (s->tls->phase == TLS_WAITING
+			      || s->tls->phase == TLS_HANDSHAKE
 			      || s->tls->phase == TLS_FAILED);
+}
+
+/*
+ * smtps_tls_in_handshake - the handshake runs or waits for its turn:
+ * begun, neither up nor failed
+ */
+
+int     smtps_tls_in_handshake(const struct smtps_session *s)
+{
+    return s->tls != NULL && (s->tls->phase == TLS_WAITING
+			      || s->tls->phase == TLS_HANDSHAKE);
 }
 
 /*
@@ -1175,13 +1199,14 @@ static int tls_names(struct smtps_tls *t)
     return SSL_set1_host(t->ssl, name) == 1;
 }
 
-/* smtps_tls_begin - start the client handshake now */
+/*
+ * smtps_tls_begin - TLS from now on: the handshake starts now, or, when
+ * the driver's gate says so, once its turn comes (smtps_tls_proceed())
+ */
 
 int     smtps_tls_begin(struct smtps_session *s)
 {
     struct smtps_tls *t = s->tls;
-    BIO    *bio = NULL;
-    X509_STORE *cas;
     size_t  pending;
 
     if (t == NULL || t->phase != TLS_OFF)
@@ -1190,6 +1215,58 @@ int     smtps_tls_begin(struct smtps_session *s)
     s->fail_state = t->mode == SMTPS_TLS_IMPLICIT ? s->cur :
 	SMTPS_STATE_STARTTLS;
     s->fail_stage = SMTPS_STAGE_TLS_HANDSHAKE;
+
+    /*
+     * Bytes still queued were queued in clear, before TLS (a PROXY header
+     * before implicit TLS): they go out first, as they are.
+     */
+    pending = s->out.end - s->out.start;
+    if (pending > 0) {
+	if (smtps_buf_reserve(&t->wire, pending) != SMTPS_OK) {
+	    t->phase = TLS_HANDSHAKE;		/* so that tls_fail() blames it */
+	    return tls_fail(s, "cannot start TLS");
+	}
+	memcpy(t->wire.data + t->wire.end, s->out.data + s->out.start, pending);
+	t->wire.end += pending;
+	t->wire_produced += pending;
+	s->out.start = s->out.end = 0;
+	tls_mark(s);
+    }
+
+    /* RFC 3207 4.2: forget everything learned in clear. */
+    memset(&s->caps, 0, sizeof(s->caps));
+    s->pipelining = 0;
+
+    /*
+     * From here on nothing leaves in clear. A handshake that must wait
+     * for its turn makes nothing yet: a waiting connection costs no
+     * OpenSSL memory, and it offers, when its turn comes, the session
+     * a handshake that ended meanwhile left in the slot.
+     */
+    t->phase = TLS_WAITING;
+    if (s->tls_gate != NULL && !s->tls_gate(s, s->tls_gate_closure))
+	return SMTPS_OK;
+    return tls_start(s);
+}
+
+/* smtps_tls_proceed - the driver's turn came: start the handshake */
+
+int     smtps_tls_proceed(struct smtps_session *s)
+{
+    if (s->tls == NULL || s->tls->phase != TLS_WAITING)
+	return SMTPS_ESTATE;
+    return tls_start(s);
+}
+
+/* tls_start - make the SSL, offer a session to resume, send the ClientHello */
+
+static int tls_start(struct smtps_session *s)
+{
+    struct smtps_tls *t = s->tls;
+    BIO    *bio = NULL;
+    X509_STORE *cas;
+
+    t->phase = TLS_HANDSHAKE;			/* failures below are the handshake's */
     ERR_clear_error();
     if ((t->ssl = SSL_new(t->cfg->ctx)) == NULL
 	|| (bio = BIO_new(t->cfg->bio)) == NULL)
@@ -1217,31 +1294,10 @@ int     smtps_tls_begin(struct smtps_session *s)
 	else
 	    tls_offer(t);
     }
-
-    /*
-     * Bytes still queued were queued in clear, before TLS (a PROXY header
-     * before implicit TLS): they go out first, as they are.
-     */
-    pending = s->out.end - s->out.start;
-    if (pending > 0) {
-	if (smtps_buf_reserve(&t->wire, pending) != SMTPS_OK)
-	    goto err;
-	memcpy(t->wire.data + t->wire.end, s->out.data + s->out.start, pending);
-	t->wire.end += pending;
-	t->wire_produced += pending;
-	s->out.start = s->out.end = 0;
-	tls_mark(s);
-    }
-    t->phase = TLS_HANDSHAKE;
-
-    /* RFC 3207 4.2: forget everything learned in clear. */
-    memset(&s->caps, 0, sizeof(s->caps));
-    s->pipelining = 0;
     return tls_handshake(s);			/* the ClientHello */
 
 err:
     BIO_free(bio);
-    t->phase = TLS_HANDSHAKE;			/* so that tls_fail() blames it */
     return tls_fail(s, "cannot start TLS");
 }
 
@@ -1336,6 +1392,20 @@ int     smtps_tls_feed(struct smtps_session *s, const char *data, size_t len)
 {
     struct smtps_tls *t = s->tls;
     int     rc = SMTPS_OK;
+
+    /*
+     * Nothing may come before our ClientHello: after the 220 to STARTTLS,
+     * what arrives in clear may be a man in the middle's (RFC 3207 5), as
+     * session.c says of what comes with the 220.
+     */
+    if (t->phase == TLS_WAITING && len > 0
+	&& (s->status == SMTPS_SESS_ACTIVE || s->status == SMTPS_SESS_IDLE)) {
+	smtps_tls_discard(s);
+	smtps_session_fail_now(s, s->fail_state, s->fail_stage,
+			       "the server sent data before the TLS "
+			       "handshake began (response injection?)");
+	return SMTPS_EPROTO;
+    }
 
     /*
      * OpenSSL reads data in place, through the BIO, for as long as this

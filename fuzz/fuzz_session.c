@@ -47,8 +47,16 @@
  *		bytes taken, 3 d clock + d s (0xff: to the deadline) and
  *		tick, 4 submit another message, 5 quit, 6 the server
  *		misbehaves (model) or 2-byte-length raw bytes, 7 b hang up
- *		when b >= 0xf0. The model server reads a byte per reply it
- *		makes (0 or >= 0x40: correct; else a fault) and per EHLO.
+ *		when b >= 0xf0, the driver's turn for a TLS handshake
+ *		(smtps_session_tls_proceed()) when 0xe0 <= b < 0xf0. The
+ *		model server reads a byte per reply it makes (0 or >= 0x40:
+ *		correct; else a fault) and per EHLO.
+ *
+ *	With TLS (raw), the session has a driver's gate for handshakes, as
+ *	the engine gives it (smtps_session_set_tls_gate()): a handshake
+ *	that would begin while the clock's seconds are odd waits for its
+ *	turn (op 7, or the end of the input), and the bytes that come
+ *	meanwhile are fuzzed too.
  *
  *	FUZZ_TRACE=1 prints the dialogue ("S:" and "C:" lines).
  *
@@ -156,6 +164,16 @@ struct fuzz {
 
 static struct smtps_tls_config *tls_cfg;
 static int trace;			/* FUZZ_TRACE set: print the dialogue */
+
+/* tls_gate - a driver's turns: none free while the seconds are odd */
+
+static int tls_gate(struct smtps_session *s, void *closure)
+{
+    struct fuzz *f = closure;
+
+    (void) s;
+    return (f->now / 1000) % 2 == 0;
+}
 
 static struct smtps_message *make_message(struct fuzz *f, int i);
 static void submit(struct fuzz *f);
@@ -965,9 +983,11 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     FUZZ_CHECK(f.s != NULL);
     FUZZ_CHECK(smtps_session_set_addresses(f.s, "192.0.2.1", 25, "192.0.2.2",
 					   40000) == 0);
-    if (f.raw && (hdr >> 1 & 3) != SMTPS_TLS_NONE && tls_cfg != NULL)
+    if (f.raw && (hdr >> 1 & 3) != SMTPS_TLS_NONE && tls_cfg != NULL) {
 	FUZZ_CHECK(smtps_session_set_tls(f.s, (int) (hdr >> 1 & 3), tls_cfg,
 					 "mx.fz.example") == 0);
+	FUZZ_CHECK(smtps_session_set_tls_gate(f.s, tls_gate, &f) == 0);
+    }
     f.check_wire = !(f.raw && (hdr >> 1 & 3) != SMTPS_TLS_NONE);
     if (hdr & 0x08)
 	FUZZ_CHECK(smtps_session_set_auth(f.s, "user", "secret",
@@ -1047,9 +1067,11 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	    }
 	    break;
 	default:
-	    if (fz_u8(&f.rd) >= 0xf0) {
+	    if ((n = fz_u8(&f.rd)) >= 0xf0) {
 		closed(&f, "the driver hung up");
 		done = 1;
+	    } else if (n >= 0xe0) {		/* SMTPS_ESTATE unless it waits */
+		(void) smtps_session_tls_proceed(f.s, f.now);
 	    }
 	    break;
 	}
@@ -1063,6 +1085,7 @@ int     LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * nothing moves, and the client is asked to quit once idle.
      */
     for (ops = 0; ops < 200 && !done; ops++) {
+	(void) smtps_session_tls_proceed(f.s, f.now);	/* a turn, if waiting */
 	still = !round_trip(&f);
 	if ((done = settle(&f)))
 	    break;

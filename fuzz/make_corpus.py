@@ -77,10 +77,10 @@ ROUND = b"\x00"        # a full round trip
 QUIT = b"\x05"
 
 
-def _raw(header: int, replies, shape: int = 0) -> bytes:
+def _raw(header: int, replies, shape: int = 0, before: bytes = b"") -> bytes:
     """A raw-mode dialogue: one message (shape 0: one recipient; 2: three;
-    the first fixed body)."""
-    prog = bytes([header, 0, shape, 0])
+    the first fixed body), after the operations in ``before``."""
+    prog = bytes([header, 0, shape, 0]) + before
     for r in replies:
         prog += ROUND + _feed(r)
     return prog + ROUND
@@ -118,6 +118,15 @@ SESSIONS = {
     "raw-starttls": _raw(0x05, [
         b"220 mx\r\n", b"250-mx\r\n250 STARTTLS\r\n",
         b"220 go ahead\r\n\x16\x03\x03\x00\x02\x02\x28"]),
+    # The handshake waits for the driver's turn (the clock's seconds odd:
+    # op 3 moves it 1 s), then gets it (op 7 0xe0); or the server speaks
+    # while it waits.
+    "raw-starttls-turn": _raw(0x05, [
+        b"220 mx\r\n", b"250-mx\r\n250 STARTTLS\r\n", b"220 go ahead\r\n"],
+        before=b"\x03\x01") + b"\x07\xe0" + ROUND + _feed(b"\x16\x03\x03\x00\x02\x02\x28"),
+    "raw-starttls-turn-injected": _raw(0x05, [
+        b"220 mx\r\n", b"250-mx\r\n250 STARTTLS\r\n", b"220 go ahead\r\n",
+        b"250 injected\r\n"], before=b"\x03\x01"),
     "raw-421": _raw(0x01, [b"220 mx\r\n", b"421 4.3.2 going down\r\n"]),
     # LMTP (header bit 7): three recipients (shape 2), one reply each.
     "model-lmtp-one-message": b"\x80\x00\x02\x00",

@@ -814,6 +814,10 @@ int smtps_session_set_timeout(struct smtps_session *s, int state_id, int64_t ms)
 int smtps_session_start(struct smtps_session *s, int64_t now);	/* connected */
 int smtps_session_feed(struct smtps_session *s, const char *data, size_t len,
 		       int64_t now);
+/*
+ * The bytes to send, in *data: valid until the next call on s (consume()
+ * may free the buffer, as an idle session keeps none).
+ */
 size_t smtps_session_output(struct smtps_session *s, const char **data);
 void smtps_session_consume(struct smtps_session *s, size_t n, int64_t now);
 int64_t smtps_session_deadline(const struct smtps_session *s);	/* -1: none */
@@ -1069,6 +1073,9 @@ struct smtps_engine_config {
     int tls_no_resumption;		/* 1: a full TLS handshake every time;
 					 * 0: resume the last TLS session with
 					 * each host (one kept per host) */
+    int max_tls_handshakes;		/* TLS handshakes running at once, in
+					 * all; others wait for their turn
+					 * after the 220 to STARTTLS; 0: 100 */
 };
 
 #define SMTPS_INET_ALL 0

@@ -378,6 +378,12 @@ class Engine:
             a host on the next connection to it (one session kept per host
             of a destination, only under the same TLS policy and server
             name; docs/tls.md). False: a full handshake every time.
+        max_tls_handshakes: TLS handshakes running at once, in all; a
+            connection whose handshake would begin beyond that waits for
+            its turn after the server's reply to STARTTLS. A handshake
+            holds several times the memory of an established TLS
+            connection while it runs, and thousands at once leave the
+            heap fragmented for good (docs/tls.md, "Memory").
         mta_sts: find the MTA-STS policies (RFC 8461) of the domains
             routed by MX at a level that uses them (the default, "dane",
             "dane-only", "mta-sts"), off the loop, holding their messages
@@ -418,7 +424,7 @@ class Engine:
                  sources: Optional[Sequence[Source]] = None, mx_address_limit: int = 5,
                  inet_protocols: str = "all", address_preference: str = "any",
                  protocol: str = "smtp", tls_resumption: bool = True,
-                 mta_sts: Any = True,
+                 max_tls_handshakes: int = 100, mta_sts: Any = True,
                  on_tls_event: Optional[Callable[[Any], None]] = None,
                  tls_report_retention: float = 2 * 86400.0) -> None:
         _check_count(max_connections, "max_connections")
@@ -427,6 +433,7 @@ class Engine:
         _check_seconds(idle_timeout, "idle_timeout")
         _check_seconds(connect_timeout, "connect_timeout")
         _check_count(mx_address_limit, "mx_address_limit")
+        _check_count(max_tls_handshakes, "max_tls_handshakes")
         if mx_address_limit > 16:
             raise InvalidOptionError(f"mx_address_limit must be at most 16, not {mx_address_limit}")
         if inet_protocols not in INET_PROTOCOLS:
@@ -498,6 +505,7 @@ class Engine:
         cfg.inet_protocols = INET_PROTOCOLS[inet_protocols]
         cfg.address_preference = ADDRESS_PREFERENCES[address_preference]
         cfg.tls_no_resumption = 0 if tls_resumption else 1
+        cfg.max_tls_handshakes = max_tls_handshakes
         # C would stop at a NUL and take "a" for "a\0b": check it here.
         chelo = _printable_name("HELO name", self.helo, lib.SMTPS_HELO_MAX).encode("ascii")
         chelo_c = ffi.new("char[]", chelo)      # lives until engine_new copied it

@@ -703,6 +703,34 @@ def test_parallel_connections_resume_and_deliver(resuming_server, tls_ca_file):
     assert len(reused) == 12 and reused.count(True) >= 1, reused
 
 
+def test_handshakes_take_turns(resuming_server, tls_ca_file):
+    """max_tls_handshakes=1: eight connections at once, one message each,
+    so seven handshakes wait for their turn: all delivered. Each begins
+    once the one before it is up, so under TLS 1.2 (whose session is
+    kept when the handshake ends) every one after the first resumes it;
+    all eight at once could not have (the first session comes too late
+    for the others). A TLS 1.3 ticket arrives after the handshake and
+    is used once: some resume."""
+    server = resuming_server
+    with smtpstate.Engine(max_per_destination=8, messages_per_connection=1,
+                          max_tls_handshakes=1) as engine:
+        tickets = [engine.submit(msg(i), server.host, server.port, tls="verify",
+                                 ca_file=tls_ca_file, timeout=20) for i in range(8)]
+    assert all(t.result.status == "delivered" for t in tickets), [t.result for t in tickets]
+    assert len(server.connections) == 8
+    reused = [server.handler.reused[subject(i)] for i in range(8)]
+    if server.version == "TLSv1.2":
+        assert reused == [False] + [True] * 7, reused
+    else:
+        assert reused.count(True) >= 1, reused
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "10"])
+def test_max_tls_handshakes_is_checked(value):
+    with pytest.raises(InvalidOptionError, match="max_tls_handshakes"):
+        smtpstate.Engine(max_tls_handshakes=value)
+
+
 # -- a scripted TCP server, for what real servers do not do ---------------------
 
 

@@ -33,6 +33,7 @@ struct smtps_engine_config {
     int inet_protocols;
     int address_preference;
     int tls_no_resumption;
+    int max_tls_handshakes;
 };
 
 #define SMTPS_INET_ALL ...

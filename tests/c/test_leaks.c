@@ -39,6 +39,12 @@
  *		amount per connection still open (still saying QUIT when the
  *		batch ends), within SLACK.
  *
+ *	idle	a session that delivered a body of 150,000 bytes (its output
+ *		buffer grew past 16 KiB for it) holds, once IDLE with its
+ *		output taken, no more than IDLE_MAX bytes beyond what it
+ *		held before its first message: an idle pooled connection
+ *		keeps no buffer of its own (session.c, release_idle()).
+ *
  *	Each line "memory: ..." shows the numbers. A count more than
  *	SLACK bytes above the baseline fails.
  * DIAGNOSTICS
@@ -82,6 +88,7 @@ size_t  __sanitizer_get_current_allocated_bytes(void);
 #define MAX_SCONN 64
 #define SBUF 8192
 #define MAX_BATCHES 100
+#define IDLE_MAX 2048			/* bytes an idle session may keep for a message */
 
 #define CHECK(cond) do { \
 	if (!(cond)) { \
@@ -306,6 +313,53 @@ out:
 	printf("memory: sessions: baseline %ld, now %ld\n", base, in_use());
     smtps_tls_config_free(tls_cfg);
     free(big_body);
+    return ok;
+}
+
+/*
+ * test_idle - what a session holds once IDLE after a big message, against
+ * what it held before its first: no output buffer, no body stage
+ */
+
+static int test_idle(void)
+{
+    struct smtps_session *s = NULL;
+    struct smtps_result *r;
+    long    fresh = 0, idle = 0, i;
+    int64_t now = 1000;
+    int     ok = 0;
+
+    big_len = 150000;
+    if ((big_body = malloc(big_len)) == NULL)
+	return fail("malloc");
+    for (i = 0; i < (long) big_len; i++)
+	big_body[i] = i % 61 == 60 ? '\n' : i % 61 == 0 ? '.' : 'x';
+    CHECK((s = smtps_session_new(NULL, "client.test", NULL)) != NULL);
+    CHECK(smtps_session_start(s, now) == SMTPS_OK);
+    feed(s, "220 mx.test ESMTP\r\n", now);
+    feed(s, "250 mx.test\r\n", now);
+    CHECK(smtps_session_status(s) == SMTPS_SESS_IDLE);
+    fresh = in_use();
+    CHECK(submit(s, 1, 1, now));
+    drain_out(s, now);				/* MAIL */
+    feed(s, "250 ok\r\n", now);
+    feed(s, "250 ok\r\n", now);
+    feed(s, "250 ok\r\n", now);
+    feed(s, "354 go\r\n", now);			/* the body, all taken */
+    feed(s, "250 queued\r\n", now);
+    CHECK(smtps_session_status(s) == SMTPS_SESS_IDLE);
+    CHECK((r = smtps_session_next_result(s)) != NULL);
+    CHECK(r->status == SMTPS_STATUS_DELIVERED);
+    smtps_result_free(r);
+    idle = in_use();
+    printf("memory: idle: %+ld bytes after a %zu-byte message\n",
+	   idle - fresh, big_len);
+    CHECK(idle - fresh <= IDLE_MAX);
+    ok = 1;
+out:
+    smtps_session_free(s);
+    free(big_body);
+    big_body = NULL;
     return ok;
 }
 
@@ -666,6 +720,7 @@ int     main(int argc, char **argv)
 	int     (*fn) (void);
     }       tests[] = {
 	{"sessions: memory back to the baseline", test_sessions},
+	{"idle: a session keeps no buffer between messages", test_idle},
 	{"engine: memory back to the baseline", test_engine},
     };
     size_t  i;

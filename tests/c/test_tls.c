@@ -26,6 +26,14 @@
 /*	handshake; a session freed in the middle of its handshake. Leaks of
 /*	any SSL object show up in LeakSanitizer.
 /*
+/*	Turns (smtps_session_set_tls_gate()): a handshake whose turn has
+/*	not come sends nothing, not even the EHLO behind it, until
+/*	smtps_session_tls_proceed(), and then a whole delivery works; data
+/*	from the server while it waits is refused (it can only be clear
+/*	text); a connection lost while waiting is not a failed handshake;
+/*	and a handshake that waited offers the session a handshake that
+/*	ended meanwhile left in the slot (TLS 1.2 and 1.3).
+/*
 /*	Resumption, in TLS 1.2 and TLS 1.3: sessions sharing a slot resume
 /*	(client and server both say so); another server name, a server
 /*	that forgot the session and a session without a slot do not; a
@@ -1131,6 +1139,204 @@ static int test_client_cert_tls13(void)
     return client_cert(TLS1_3_VERSION);
 }
 
+/* ------------------------------------------------------------------ */
+/* Turns: a driver's gate before the handshake                         */
+/* ------------------------------------------------------------------ */
+
+static int gate_calls;
+
+/* gate_wait - the driver's gate: not now */
+
+static int gate_wait(struct smtps_session *s, void *closure)
+{
+    (void) s;
+    (void) closure;
+    gate_calls++;
+    return 0;
+}
+
+/* waiting_at_220 - a STARTTLS session whose handshake waits for its turn */
+
+static struct smtps_session *waiting_at_220(void)
+{
+    struct smtps_message *m;
+    struct smtps_session *s = session(SMTPS_TLS_STARTTLS, 1);
+    const char *data;
+    char   *body;
+
+    gate_calls = 0;
+    if (smtps_session_set_tls_gate(s, gate_wait, NULL) != SMTPS_OK) {
+	fprintf(stderr, "smtps_session_set_tls_gate failed\n");
+	exit(2);
+    }
+    m = message(10, &body);
+    free(body);
+    smtps_session_submit(s, m, 1, 0);
+    smtps_session_start(s, 0);
+    smtps_session_feed(s, B("220 server.example\r\n"), 0);
+    smtps_session_consume(s, smtps_session_output(s, &data), 0);
+    smtps_session_feed(s, B("250-server.example\r\n250 STARTTLS\r\n"), 0);
+    smtps_session_consume(s, smtps_session_output(s, &data), 0);
+    smtps_session_feed(s, B("220 go ahead\r\n"), 0);
+    return s;
+}
+
+/*
+ * test_turn_waits - nothing leaves before the turn comes (no ClientHello,
+ * no EHLO in clear); then the handshake and a delivery work
+ */
+
+static int test_turn_waits(void)
+{
+    struct smtps_session *s = waiting_at_220();
+    struct server *sv = server_new();
+    struct smtps_result *r;
+    const char *data;
+    size_t  from = 0;
+    int     ok = 0;
+
+    if (gate_calls != 1 || smtps_session_output(s, &data) != 0
+	|| smtps_session_status(s) != SMTPS_SESS_ACTIVE
+	|| !smtps_session_tls_in_handshake(s) || smtps_session_tls_active(s)) {
+	snprintf(why, WHY_MAX, "while waiting: gate called %d times, %zu bytes "
+		 "out, status %d", gate_calls, smtps_session_output(s, &data),
+		 smtps_session_status(s));
+	goto out;
+    }
+    if (smtps_session_tls_proceed(s, 0) != SMTPS_OK
+	|| smtps_session_output(s, &data) == 0 || data[0] != 0x16
+	|| smtps_session_tls_proceed(s, 0) != SMTPS_ESTATE) {
+	snprintf(why, WHY_MAX, "no ClientHello when the turn came");
+	goto out;
+    }
+    if (!pump(sv, s, 50) || !smtps_session_tls_active(s)
+	|| smtps_session_tls_in_handshake(s) || gate_calls != 1
+	|| !expect_plain(sv, &from, B("EHLO client.example\r\n"))
+	|| !server_say(sv, s, "250 server.example\r\n") || !pump(sv, s, 1000)
+	|| !expect_plain(sv, &from, B("MAIL FROM:<a@client.example>\r\n"))
+	|| !server_say(sv, s, "250 ok\r\n") || !pump(sv, s, 1000)
+	|| !expect_plain(sv, &from, B("RCPT TO:<b@server.example>\r\n"))
+	|| !server_say(sv, s, "250 ok\r\n") || !pump(sv, s, 1000)
+	|| !expect_plain(sv, &from, B("DATA\r\n"))
+	|| !server_say(sv, s, "354 go\r\n") || !pump(sv, s, 1000)) {
+	if (why[0] == 0)
+	    snprintf(why, WHY_MAX, "after the turn: %s", smtps_session_reason(s));
+	goto out;
+    }
+    if (!server_say(sv, s, "250 2.0.0 queued\r\n")
+	|| (r = smtps_session_next_result(s)) == NULL) {
+	snprintf(why, WHY_MAX, "no result");
+	goto out;
+    }
+    ok = r->status == SMTPS_STATUS_DELIVERED;
+    if (!ok)
+	snprintf(why, WHY_MAX, "not delivered: %s", r->reason);
+    smtps_result_free(r);
+out:
+    smtps_session_free(s);
+    server_free(sv);
+    return ok;
+}
+
+/* test_turn_data_refused - the server speaks while we wait: clear text */
+
+static int test_turn_data_refused(void)
+{
+    struct smtps_session *s = waiting_at_220();
+    const char *data;
+    int     ok;
+
+    ok = smtps_session_feed(s, B("250 injected\r\n"), 0) == SMTPS_EPROTO
+	&& smtps_session_status(s) == SMTPS_SESS_CLOSING
+	&& smtps_session_output(s, &data) == 0
+	&& !smtps_session_tls_in_handshake(s)
+	&& smtps_session_tls_proceed(s, 0) == SMTPS_ESTATE
+	&& !smtps_tls_handshake_failed(s)
+	&& one_result(s, SMTPS_STATUS_TEMPFAIL, "before the TLS handshake "
+		      "began", SMTPS_STAGE_TLS_HANDSHAKE);
+    smtps_session_free(s);
+    return ok;
+}
+
+/*
+ * test_turn_lost - the connection ends while the handshake waits: said
+ * so, and not a failed handshake (opportunistic TLS would go in clear)
+ */
+
+static int test_turn_lost(void)
+{
+    struct smtps_session *s = waiting_at_220();
+    int     ok;
+
+    smtps_session_closed(s, "the server closed the connection", 0);
+    ok = !smtps_tls_handshake_failed(s) && !smtps_session_tls_in_handshake(s)
+	&& smtps_session_tls_proceed(s, 0) == SMTPS_ESTATE
+	&& one_result(s, SMTPS_STATUS_TEMPFAIL, "during the TLS handshake",
+		      SMTPS_STAGE_TLS_HANDSHAKE);
+    smtps_session_free(s);
+    return ok;
+}
+
+/*
+ * turn_resumes - a handshake that waited for its turn offers what a
+ * handshake that ended meanwhile put in the slot (which was empty when
+ * the waiting one began)
+ */
+
+static int turn_resumes(int version)
+{
+    struct smtps_tls_config *cfg = smtps_tls_config_new(NULL, 1);
+    struct smtps_tls_resume slot = {0};
+    SSL_CTX *ctx = server_ctx(version, NULL, NULL);
+    struct smtps_session *s, *waiting;
+    struct server *sv, *sv2;
+    const char *data;
+    int     ok = 0;
+
+    waiting = smtps_session_new(NULL, "client.example", NULL);
+    SSL_CTX_up_ref(ctx);
+    sv2 = server_on(ctx);
+    if (waiting == NULL
+	|| smtps_session_set_tls(waiting, SMTPS_TLS_IMPLICIT, cfg, "localhost")
+	|| smtps_session_set_tls_resume(waiting, &slot)
+	|| smtps_session_set_tls_gate(waiting, gate_wait, NULL)
+	|| smtps_session_start(waiting, 0) != SMTPS_OK
+	|| smtps_session_output(waiting, &data) != 0) {
+	snprintf(why, WHY_MAX, "the implicit handshake did not wait");
+	goto out;
+    }
+    s = handshake(ctx, cfg, "localhost", &slot, &sv);
+    if (!done(s, sv, why[0] == 0 && resumed(s, sv, 0)) || slot.sess == NULL) {
+	if (why[0] == 0)
+	    snprintf(why, WHY_MAX, "nothing kept after the first handshake");
+	goto out;
+    }
+    if (smtps_session_tls_proceed(waiting, 0) != SMTPS_OK
+	|| !pump(sv2, waiting, 100) || !smtps_session_tls_active(waiting)) {
+	snprintf(why, WHY_MAX, "no handshake in turn: %s",
+		 smtps_session_reason(waiting));
+	goto out;
+    }
+    ok = resumed(waiting, sv2, 1);
+out:
+    smtps_session_free(waiting);
+    server_free(sv2);
+    smtps_tls_resume_clear(&slot);
+    smtps_tls_config_free(cfg);
+    SSL_CTX_free(ctx);
+    return ok;
+}
+
+static int test_turn_resumes_tls12(void)
+{
+    return turn_resumes(TLS1_2_VERSION);
+}
+
+static int test_turn_resumes_tls13(void)
+{
+    return turn_resumes(TLS1_3_VERSION);
+}
+
 int     main(void)
 {
     static const struct {
@@ -1145,6 +1351,11 @@ int     main(void)
 	{"garbage after 220", test_garbage_after_220},
 	{"injection refused", test_injection_refused},
 	{"free mid-handshake", test_free_mid_handshake},
+	{"a handshake waits for its turn", test_turn_waits},
+	{"data while waiting for the turn refused", test_turn_data_refused},
+	{"connection lost while waiting for the turn", test_turn_lost},
+	{"a handshake in turn resumes, TLS 1.2", test_turn_resumes_tls12},
+	{"a handshake in turn resumes, TLS 1.3", test_turn_resumes_tls13},
 	{"resumption TLS 1.2", test_resumption_tls12},
 	{"resumption TLS 1.3", test_resumption_tls13},
 	{"resumption refused, then verification fails",
