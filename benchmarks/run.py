@@ -184,6 +184,10 @@ class Runner:
         if spec.get("idle"):
             out.update(rss0=r["rss0_kib"], rss1=r["rss1_kib"], connections=r["connections"],
                        undelivered=r.get("undelivered", 0))
+            # Where the memory is (glibc only): heap in use, free heap, OpenSSL's.
+            for k in ("heap", "free", "ossl"):
+                if f"{k}1_kib" in r:
+                    out.update({f"{k}0": r[f"{k}0_kib"], f"{k}1": r[f"{k}1_kib"]})
         return out
 
 
@@ -941,6 +945,14 @@ def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
                             + (f", {int(resumed)} resumed" if resumed is not None else "") + ")")
                     t.add(sec, name, per, "KiB/conn", "", None, None, tgt,
                           (per < limit if kind == "plain" else per <= limit) if tgt else None)
+                    if client == "engine_load" and "heap1" in r:
+                        # Where it is (benchmarks/c/engine_load.c, glibc).
+                        n = max(1, r["connections"])
+                        t.add(sec, "  heap in use", (r["heap1"] - r["heap0"]) / n, "KiB/conn")
+                        t.add(sec, "    of which OpenSSL's", (r["ossl1"] - r["ossl0"]) / n,
+                              "KiB/conn")
+                        t.add(sec, "  free heap (held, not in use)",
+                              (r["free1"] - r["free0"]) / n, "KiB/conn")
                     if client == "engine" and ctl:
                         net = (r["rss1"] - r["rss0"] - (ctl["rss1"] - ctl["rss0"])) / max(
                             1, r["connections"] - ctl["connections"])

@@ -22,7 +22,13 @@
  *	the engine was made and after every result was in (rss0_kib,
  *	rss1_kib, KiB from /proc/self/status) and the connections then open.
  *	In idle mode a few undelivered messages (at most 5%: connects lost
- *	to a full accept queue) are reported, not fatal.
+ *	to a full accept queue) are reported, not fatal. With glibc 2.33 or
+ *	later it also says where the memory is, before and after (KiB):
+ *	heap0/heap1_kib, bytes in use in the heap (mallinfo2() uordblks);
+ *	free0/free1_kib, free bytes the heap holds (fordblks: what the
+ *	allocator cannot return to the system); ossl0/ossl1_kib, bytes in
+ *	use that OpenSSL allocated (counted through
+ *	CRYPTO_set_mem_functions(), with malloc_usable_size()).
  *	With tls=CA_FILE, every connection uses STARTTLS, verifying the
  *	server against CA_FILE with the name 127.0.0.1.
  * DIAGNOSTICS
@@ -34,6 +40,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 33)
+#define HAVE_MALLINFO2 1
+#include <malloc.h>
+#include <openssl/crypto.h>
+#endif
 
 #include "smtpstate.h"
 #include "bench.h"
@@ -69,6 +81,71 @@ static long rss_kib(void)
     return kib;
 }
 
+#ifdef HAVE_MALLINFO2
+
+/*
+ * OpenSSL's allocations go through these (set before its first), so that
+ * what it holds can be told from what smtpstate holds.
+ */
+static size_t ossl_bytes;
+
+/* ossl_malloc - malloc, counted */
+
+static void *ossl_malloc(size_t n, const char *file, int line)
+{
+    void   *p = malloc(n);
+
+    (void) file;
+    (void) line;
+    if (p != NULL)
+	ossl_bytes += malloc_usable_size(p);
+    return p;
+}
+
+/* ossl_realloc - realloc, counted */
+
+static void *ossl_realloc(void *p, size_t n, const char *file, int line)
+{
+    size_t  old = p != NULL ? malloc_usable_size(p) : 0;
+    void   *q = realloc(p, n);
+
+    (void) file;
+    (void) line;
+    if (q != NULL)
+	ossl_bytes = ossl_bytes - old + malloc_usable_size(q);
+    else if (n == 0)				/* freed */
+	ossl_bytes -= old;
+    return q;
+}
+
+/* ossl_free - free, counted */
+
+static void ossl_free(void *p, const char *file, int line)
+{
+    (void) file;
+    (void) line;
+    if (p != NULL)
+	ossl_bytes -= malloc_usable_size(p);
+    free(p);
+}
+
+/* heap_report - where the memory is now: in use, free, OpenSSL's */
+
+static void heap_report(const char *when)
+{
+    struct mallinfo2 mi = mallinfo2();
+    char    name[32];
+
+    snprintf(name, sizeof(name), "heap%s_kib", when);
+    bench_report(name, mi.uordblks / 1024.0, "KiB");
+    snprintf(name, sizeof(name), "free%s_kib", when);
+    bench_report(name, mi.fordblks / 1024.0, "KiB");
+    snprintf(name, sizeof(name), "ossl%s_kib", when);
+    bench_report(name, ossl_bytes / 1024.0, "KiB");
+}
+
+#endif
+
 /* read_file - the whole file, or die */
 
 static char *read_file(const char *path, size_t *len)
@@ -100,6 +177,9 @@ int     main(int argc, char **argv)
     char   *data;
     double  t0, c0;
 
+#ifdef HAVE_MALLINFO2
+    (void) CRYPTO_set_mem_functions(ossl_malloc, ossl_realloc, ossl_free);
+#endif
     if (argc < 6) {
 	fprintf(stderr, "usage: %s host port messages concurrency message-file"
 		" [idle] [tls=CA_FILE]\n", argv[0]);
@@ -133,6 +213,10 @@ int     main(int argc, char **argv)
 	d.tls_servername = "127.0.0.1";
     }
     rss0 = rss_kib();
+#ifdef HAVE_MALLINFO2
+    if (idle)
+	heap_report("0");
+#endif
 
     t0 = bench_now();
     c0 = rusage_cpu();
@@ -165,6 +249,9 @@ int     main(int argc, char **argv)
     if (idle) {
 	bench_report("rss0_kib", (double) rss0, "KiB");
 	bench_report("rss1_kib", (double) rss_kib(), "KiB");
+#ifdef HAVE_MALLINFO2
+	heap_report("1");
+#endif
 	bench_report("connections", (double) smtps_engine_connections(e), "");
 	bench_report("undelivered", (double) bad, "");
 	/* A few lost to an overflowing accept queue only cost their time. */
