@@ -193,6 +193,7 @@ struct smtps_tls {
     int     verify;			/* check the certificate and name */
     int     phase;			/* enum tls_phase */
     int     handshake_failed;		/* FAILED before it was up */
+    int     was_up;			/* it was UP once */
     int     refusal;			/* SMTPS_TLSO_NOT_OFFERED or _REFUSED */
     int     observe;			/* check, do not enforce (for reports) */
     long    verify_err;			/* X509_V_*: why the handshake failed */
@@ -720,6 +721,7 @@ int     smtps_session_set_tls(struct smtps_session *s, int mode,
     t->verify = mode != SMTPS_TLS_OPPORTUNISTIC && !cfg->insecure;
     t->phase = TLS_OFF;
     t->handshake_failed = 0;
+    t->was_up = 0;
     t->refusal = 0;
     t->observe = 0;
     t->verify_err = X509_V_OK;
@@ -970,7 +972,12 @@ int     smtps_tls_outcome(const struct smtps_session *s, int over,
     case TLS_UP:
 	return SMTPS_TLSO_UP;
     case TLS_FAILED:
-	if (!t->handshake_failed)
+	/*
+	 * Broken after it was up; not before (a handshake that failed, or
+	 * ended by a timeout or by clear text where the handshake should
+	 * be: smtps_tls_discard(), which says no more).
+	 */
+	if (!t->handshake_failed && t->was_up)
 	    return SMTPS_TLSO_UP;
 	*verify_err = t->verify_err;
 	return SMTPS_TLSO_FAILED;
@@ -1335,6 +1342,7 @@ static int tls_handshake(struct smtps_session *s)
 	return tls_fail(s, "TLS handshake failed: output buffer full");
     if (rc == 1) {
 	t->phase = TLS_UP;
+	t->was_up = 1;
 	s->fail_state = -1;			/* failures are ordinary again */
 	s->fail_stage = -1;
 	if (s->trace != NULL) {

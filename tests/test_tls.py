@@ -790,6 +790,23 @@ def starttls_script(after_starttls: bytes):
     return answer
 
 
+def test_injected_reply_is_a_failed_tls_session_in_reports(tls_ca_file):
+    """A reply injected with the 220 to STARTTLS fails the connection before
+    TLS was ever up: its TLS report event is a failure, not "success" (as
+    for clear text while a handshake waits for its turn)."""
+    server = ScriptedServer(starttls_script(b"220 go\r\n250 injected\r\n"))
+    seen = []
+    try:
+        with smtpstate.Engine(on_tls_event=seen.append) as engine:
+            ticket = engine.submit(msg(), "127.0.0.1", server.port, tls="verify",
+                                   ca_file=tls_ca_file, timeout=10)
+    finally:
+        server.close()
+    assert ticket.result.status == "tempfail"
+    assert "response injection" in ticket.result.reason
+    assert [ev.result_type for ev in seen] == ["validation-failure"], seen
+
+
 @pytest.mark.parametrize("reply", [b"454 4.7.0 TLS not available now\r\n",
                                    b"220 go\r\n250 injected\r\n"],
                          ids=["refused", "injected"])
