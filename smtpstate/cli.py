@@ -659,6 +659,78 @@ def _send_parser(sub: Any) -> None:
     send.set_defaults(func=_cmd_send, subparser=send)
 
 
+def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """smtpstate worker: consume delivery jobs from a broker (smtpstate.queue)."""
+    from smtpstate.errors import InvalidOptionError
+    from smtpstate.queue import run_workers
+    from smtpstate.routing import Resolver
+
+    try:
+        schedule = tuple(float(s) for s in args.retry_schedule.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--retry-schedule must be seconds separated by commas, "
+                     f"not {args.retry_schedule!r}")
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    options: Dict[str, Any] = {
+        "queue": args.queue, "schedule": schedule, "max_age": args.max_age,
+        "max_connections": args.max_connections,
+        "max_per_destination": args.max_per_destination,
+    }
+    if args.prefetch is not None:
+        options["prefetch"] = args.prefetch
+    if args.helo:
+        options["helo"] = args.helo
+    if args.nameserver:
+        options["resolver"] = Resolver(args.nameserver)
+    if args.print_results:
+        def show(result: Dict[str, Any]) -> None:
+            print(json.dumps(result, sort_keys=True), flush=True)
+        options["on_result"] = show
+    logging.getLogger("smtpstate.queue").setLevel(
+        logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return run_workers(args.broker, args.processes, **options)
+    except InvalidOptionError as e:
+        parser.error(str(e))
+    return 2
+
+
+def _worker_parser(sub: Any) -> None:
+    worker = sub.add_parser(
+        "worker", help="deliver jobs from a RabbitMQ or Redis queue (docs/queue.md)",
+        description="Consume delivery jobs that smtpstate.queue.enqueue() published, "
+                    "deliver them through one long-lived Engine per process, publish "
+                    "each final result to QUEUE.results. SIGTERM stops cleanly.")
+    worker.add_argument("--broker", required=True, metavar="URL",
+                        help="kombu URL: amqp://user:pass@host:5672// or redis://host:6379/0")
+    worker.add_argument("--queue", default="smtpstate", metavar="Q",
+                        help="the job queue (default smtpstate)")
+    worker.add_argument("--processes", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="worker processes (default: the number of cores)")
+    worker.add_argument("--prefetch", type=int, metavar="N",
+                        help="unacknowledged jobs per process (default: 2 x "
+                             "--max-connections, at most 1000)")
+    worker.add_argument("--max-connections", type=int, default=200, metavar="N",
+                        help="connections per process (default 200)")
+    worker.add_argument("--max-per-destination", type=int, default=10, metavar="N",
+                        help="connections per destination per process (default 10)")
+    worker.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]",
+                        help="ask this name server for MX records (repeat; default: "
+                             "those of /etc/resolv.conf)")
+    worker.add_argument("--helo", metavar="NAME", help="the EHLO name (default: this host's)")
+    worker.add_argument("--retry-schedule", default="300,600,1200,2400,4000",
+                        metavar="S,S,...",
+                        help="seconds before each retry, the last repeating "
+                             "(default 300,600,1200,2400,4000)")
+    worker.add_argument("--max-age", type=float, default=5 * 86400.0, metavar="SECONDS",
+                        help="give up (permfail 5.4.7, expired) this long after the first "
+                             "enqueue (default 5 days)")
+    worker.add_argument("--print-results", action="store_true",
+                        help="also print each final result as a JSON line")
+    worker.set_defaults(func=_cmd_worker, subparser=worker)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code."""
     parser = _Parser(prog="smtpstate",
@@ -667,6 +739,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="send: print the dialogue; other commands: log at DEBUG")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _send_parser(sub)
+    _worker_parser(sub)
     states = sub.add_parser("states", help="print a machine's state order and stages")
     states.add_argument("--load", action="append", default=[],
                         metavar="MODULE[:ATTR] | FILE.py[:ATTR]",

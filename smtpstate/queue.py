@@ -1,0 +1,733 @@
+"""Delivery through a durable broker queue: jobs, enqueue(), Worker.
+
+This module owns the wire formats between smtpstate and a message broker
+(RabbitMQ or Redis, through kombu) and the worker loop that turns jobs into
+deliveries. Rules:
+
+* Everything on the broker is JSON (never pickle): a job must not be able
+  to run code in a worker. Jobs and results carry a ``version``; a job of
+  another version, or malformed in any way, is dead-lettered with the
+  reason, never guessed at.
+* A job is acknowledged only after what follows from it is on the broker
+  (confirmed): its final result, or the job carrying its pending
+  recipients into a delay queue. A worker that dies before that leaves the
+  job unacknowledged, and the broker hands it to another worker.
+* Temporary failures wait in the broker, not in memory: one delay queue
+  per step of the retry schedule, whose messages expire (per-queue TTL)
+  into the main queue through RabbitMQ's dead-lettering.
+
+The topology for a queue named ``Q`` (every name derived from it):
+
+==================  ======================================================
+``Q``               jobs (RabbitMQ: a durable quorum queue)
+``Q.results``       one JSON result per job that reached its end
+``Q.dead``          jobs that could not be read, with the reason
+``Q.delay.<secs>``  jobs waiting for their next attempt (RabbitMQ only)
+==================  ======================================================
+
+docs/queue.md describes the formats, the retry schedule and the delivery
+guarantee.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import queue as _stdqueue
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from smtpstate.errors import InvalidOptionError
+from smtpstate.message import Message, Recipient
+
+__all__ = [
+    "JOB_VERSION",
+    "RESULT_VERSION",
+    "DEFAULT_SCHEDULE",
+    "DEFAULT_MAX_AGE",
+    "Job",
+    "JobError",
+    "enqueue",
+    "read_results",
+    "Worker",
+]
+
+log = logging.getLogger("smtpstate.queue")
+
+JOB_VERSION = 1
+RESULT_VERSION = 1
+JOB_CONTENT_TYPE = "application/vnd.smtpstate.job+json"
+RESULT_CONTENT_TYPE = "application/vnd.smtpstate.result+json"
+DEAD_CONTENT_TYPE = "application/vnd.smtpstate.dead+json"
+
+#: Seconds between attempts, as Postfix: 5 minutes, doubling, at most
+#: 4000 s (~67 minutes) apart; the last step repeats.
+DEFAULT_SCHEDULE: Tuple[float, ...] = (300.0, 600.0, 1200.0, 2400.0, 4000.0)
+#: A job still pending this long after it was first enqueued expires.
+DEFAULT_MAX_AGE = 5 * 86400.0
+
+# Options a job may carry: JSON-safe values only, checked here and again
+# by the Engine (Options) when the worker submits. Credentials (auth,
+# key_password) and files of the enqueuing machine are left out on
+# purpose: a job is readable by anyone who can read the queue.
+_OPTION_TYPES: Dict[str, Tuple[type, ...]] = {
+    "tls": (str,),
+    "timeout": (int, float),
+    "helo": (str,),
+    "server_hostname": (str,),
+    "dangerously_skip_certificate_verification": (bool,),
+    "tls_min_version": (str,),
+    "ciphers": (str,),
+    "ciphersuites": (str,),
+    "protocol": (str,),
+}
+_TLS_LEVELS = ("none", "opportunistic", "verify", "starttls", "implicit", "dane",
+               "dane-only", "mta-sts")
+_MESSAGE_OPTIONS = ("dsn_ret", "envid", "long_lines", "require_tls", "smtputf8")
+_JOB_KEYS = {"version", "id", "sender", "recipients", "data", "message_options", "host",
+             "port", "options", "attempts", "first_enqueued", "settled"}
+_RECIPIENT_KEYS = {"address", "notify", "orcpt", "index"}
+
+
+class JobError(ValueError):
+    """A job that cannot be read or made: the text says which field and
+    what it should be."""
+
+
+# ---------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One delivery job, as it travels through the broker.
+
+    Attributes:
+        id: a UUID (str), the same through every retry of the message.
+        sender: the reverse-path.
+        recipients: the recipients still to be tried, each a dict with
+            ``address``, ``notify`` (list), ``orcpt`` (str or None) and
+            ``index`` (its place in the original message).
+        data: the raw message (bytes; base64 in JSON).
+        message_options: ``dsn_ret``, ``envid``, ``long_lines``,
+            ``require_tls``, ``smtputf8`` (those that differ from the
+            defaults).
+        host: the smart host, or None to route by MX.
+        port: the TCP port.
+        options: delivery options (``tls``, ``timeout``, ``helo`` ...).
+        attempts: attempts made so far (0 when first enqueued).
+        first_enqueued: Unix time of the first enqueue.
+        settled: per-recipient results already final from earlier
+            attempts (result format), so that the final result names
+            every recipient.
+    """
+
+    id: str
+    sender: str
+    recipients: List[Dict[str, Any]]
+    data: bytes
+    message_options: Dict[str, Any] = field(default_factory=dict)
+    host: Optional[str] = None
+    port: int = 25
+    options: Dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    first_enqueued: float = 0.0
+    settled: List[Dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_message(cls, message: Message, host: Optional[str] = None, port: int = 25,
+                     **options: Any) -> "Job":
+        """A new job for ``message`` (its data must be bytes).
+
+        Raises:
+            JobError: data that is not bytes (a file or stream cannot be
+                queued: read it first), an option a job cannot carry or a
+                bad value.
+        """
+        if not isinstance(message, Message):
+            raise JobError(f"enqueue() takes smtpstate.Message objects, not "
+                           f"{type(message).__name__}")
+        if not isinstance(message.data, bytes):
+            raise JobError("a queued message needs its data as bytes (a file or stream "
+                           "cannot travel through a broker: read it first)")
+        mopts: Dict[str, Any] = {}
+        for name in _MESSAGE_OPTIONS:
+            value = getattr(message, name)
+            if value != getattr(Message, name, None) and value not in (None, False, "refuse"):
+                mopts[name] = value
+        rcpts = [{"address": r.address, "notify": list(r.notify), "orcpt": r.orcpt,
+                  "index": i} for i, r in enumerate(message.recipient_options)]
+        job = cls(id=str(uuid.uuid4()), sender=message.sender, recipients=rcpts,
+                  data=message.data, message_options=mopts, host=host, port=port,
+                  options=dict(options), attempts=0, first_enqueued=time.time())
+        job._check()
+        return job
+
+    def to_json(self) -> bytes:
+        """The job as UTF-8 JSON (the format of docs/queue.md)."""
+        return json.dumps({
+            "version": JOB_VERSION,
+            "id": self.id,
+            "sender": self.sender,
+            "recipients": self.recipients,
+            "data": base64.b64encode(self.data).decode("ascii"),
+            "message_options": self.message_options,
+            "host": self.host,
+            "port": self.port,
+            "options": self.options,
+            "attempts": self.attempts,
+            "first_enqueued": self.first_enqueued,
+            "settled": self.settled,
+        }, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, raw: Any) -> "Job":
+        """Parse a job strictly.
+
+        Raises:
+            JobError: not UTF-8 JSON, another version, a missing or unknown
+                field, a field of the wrong type, bad base64, a message the
+                job's fields cannot make (bad address ...).
+        """
+        if isinstance(raw, (bytes, bytearray, memoryview)):
+            try:
+                raw = bytes(raw).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JobError(f"a job must be UTF-8 JSON: {e}") from None
+        if not isinstance(raw, str):
+            raise JobError(f"a job must be JSON text, not {type(raw).__name__}")
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise JobError(f"a job must be JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise JobError("a job must be a JSON object")
+        version = obj.get("version")
+        if version != JOB_VERSION:
+            raise JobError(f"job version {version!r} is not supported (this worker reads "
+                           f"version {JOB_VERSION})")
+        missing = sorted(_JOB_KEYS - set(obj))
+        if missing:
+            raise JobError(f"job field(s) missing: {', '.join(missing)}")
+        unknown = sorted(set(obj) - _JOB_KEYS)
+        if unknown:
+            raise JobError(f"unknown job field(s): {', '.join(unknown)}")
+        _want(obj, "id", str)
+        _want(obj, "sender", str)
+        _want(obj, "recipients", list)
+        _want(obj, "data", str)
+        _want(obj, "message_options", dict)
+        _want(obj, "options", dict)
+        _want(obj, "settled", list)
+        if obj["host"] is not None:
+            _want(obj, "host", str)
+        if type(obj["port"]) is not int:
+            raise JobError(f"job field port must be an int, not {obj['port']!r}")
+        if type(obj["attempts"]) is not int or obj["attempts"] < 0:
+            raise JobError(f"job field attempts must be an int >= 0, not {obj['attempts']!r}")
+        if type(obj["first_enqueued"]) not in (int, float):
+            raise JobError("job field first_enqueued must be a number (Unix time)")
+        try:
+            uuid.UUID(obj["id"])
+        except ValueError:
+            raise JobError(f"job id {obj['id']!r} is not a UUID") from None
+        try:
+            data = base64.b64decode(obj["data"].encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as e:
+            raise JobError(f"job field data must be base64: {e}") from None
+        for r in obj["recipients"]:
+            if not isinstance(r, dict) or set(r) != _RECIPIENT_KEYS:
+                raise JobError(f"each job recipient must be an object with exactly "
+                               f"{sorted(_RECIPIENT_KEYS)}, not {r!r}")
+            if (not isinstance(r["address"], str) or not isinstance(r["notify"], list)
+                    or (r["orcpt"] is not None and not isinstance(r["orcpt"], str))
+                    or type(r["index"]) is not int):
+                raise JobError(f"job recipient has a field of the wrong type: {r!r}")
+        for s in obj["settled"]:
+            if not isinstance(s, dict) or not isinstance(s.get("address"), str) \
+                    or not isinstance(s.get("status"), str):
+                raise JobError(f"job field settled holds a bad entry: {s!r}")
+        job = cls(id=obj["id"], sender=obj["sender"], recipients=obj["recipients"],
+                  data=data, message_options=obj["message_options"], host=obj["host"],
+                  port=obj["port"], options=obj["options"], attempts=obj["attempts"],
+                  first_enqueued=float(obj["first_enqueued"]), settled=obj["settled"])
+        job._check()
+        return job
+
+    def _check(self) -> None:
+        if not self.recipients:
+            raise JobError("a job needs at least one pending recipient")
+        if not 1 <= self.port <= 65535:
+            raise JobError(f"job port must be 1-65535, not {self.port}")
+        unknown = sorted(set(self.message_options) - set(_MESSAGE_OPTIONS))
+        if unknown:
+            raise JobError(f"unknown message option(s) {', '.join(unknown)}; a job carries "
+                           f"{', '.join(_MESSAGE_OPTIONS)}")
+        for name, value in self.options.items():
+            types = _OPTION_TYPES.get(name)
+            if types is None:
+                raise JobError(f"option {name!r} cannot travel in a job; a job carries "
+                               f"{', '.join(sorted(_OPTION_TYPES))} (credentials and local "
+                               "files belong to the worker, not the queue)")
+            if value is not None and (not isinstance(value, types)
+                                      or (bool not in types and isinstance(value, bool))):
+                raise JobError(f"option {name} must be {'/'.join(t.__name__ for t in types)}"
+                               f", not {value!r}")
+        if self.options.get("tls") not in (None,) + _TLS_LEVELS:
+            raise JobError(f"option tls must be one of {', '.join(_TLS_LEVELS)}, "
+                           f"not {self.options['tls']!r}")
+        try:
+            self.message()
+        except ValueError as e:
+            raise JobError(f"the job's message cannot be made: {e}") from None
+
+    def message(self) -> Message:
+        """The :class:`~smtpstate.Message` for the pending recipients."""
+        rcpts = [Recipient(r["address"], notify=tuple(r["notify"]), orcpt=r["orcpt"])
+                 for r in self.recipients]
+        return Message(self.sender, rcpts, self.data, **self.message_options)
+
+
+def _want(obj: Dict[str, Any], key: str, kind: type) -> None:
+    if not isinstance(obj[key], kind):
+        raise JobError(f"job field {key} must be a {kind.__name__}, not "
+                       f"{type(obj[key]).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# The broker: names, declarations, publishing
+# ---------------------------------------------------------------------------
+
+
+def _kombu() -> Any:
+    try:
+        import kombu
+    except ImportError:
+        raise ImportError("smtpstate.queue needs kombu: pip install 'smtpstate[queue]'") from None
+    return kombu
+
+
+def _is_amqp(conn: Any) -> bool:
+    return getattr(conn.transport, "driver_type", "") == "amqp"
+
+
+def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
+           back_to: Optional[str] = None) -> Any:
+    """A kombu Queue on the default exchange (routing key = its name):
+    durable; on RabbitMQ a quorum queue, or, for a delay queue, a classic
+    one whose messages expire after ``delay`` seconds into ``back_to``."""
+    kombu = _kombu()
+    args: Dict[str, Any] = {}
+    if _is_amqp(conn):
+        if delay is None:
+            args = {"x-queue-type": "quorum"}
+        else:
+            args = {"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": back_to}
+    return kombu.Queue(name, exchange=kombu.Exchange(""), routing_key=name, durable=True,
+                       auto_delete=False, queue_arguments=args or None)
+
+
+def _connect(broker_url: str) -> Any:
+    kombu = _kombu()
+    # confirm_publish: py-amqp waits for the broker's ack of every publish
+    # (publisher confirms); publish() raises if the broker nacks. Redis has
+    # no confirms: kombu's publish is an LPUSH that returns once Redis has
+    # the message in memory (durable only as Redis's own persistence).
+    return kombu.Connection(broker_url, transport_options={"confirm_publish": True})
+
+
+def _publish(producer: Any, body: bytes, queue: Any, content_type: str,
+             headers: Optional[Dict[str, Any]] = None) -> None:
+    producer.publish(body, exchange="", routing_key=queue.name, declare=[queue],
+                     content_type=content_type, content_encoding="binary",
+                     delivery_mode=2, headers=headers or {}, retry=True,
+                     retry_policy={"max_retries": 3, "interval_start": 0.5})
+
+
+def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstate",
+            host: Optional[str] = None, port: int = 25, **options: Any) -> List[str]:
+    """Publish one delivery job per message; return their job ids.
+
+    Args:
+        messages: :class:`~smtpstate.Message` objects whose data is bytes.
+        broker_url: a kombu URL (``amqp://guest:guest@localhost:5672//``,
+            ``redis://localhost:6379/0``).
+        queue: the queue's name (the results go to ``<queue>.results``).
+        host: None to route by MX (as ``Engine.submit``), else a smart host.
+        port: the TCP port.
+        **options: delivery options a job can carry: ``tls``, ``timeout``,
+            ``helo``, ``server_hostname``, ``tls_min_version``, ``ciphers``,
+            ``ciphersuites``, ``protocol``,
+            ``dangerously_skip_certificate_verification``.
+
+    Every job is checked before the first is published. On RabbitMQ each
+    publish waits for the broker's confirm, so a returned id is a job the
+    broker has (in a durable quorum queue).
+
+    Raises:
+        JobError (a ValueError): a message or option a job cannot carry.
+        kombu/amqp errors: the broker cannot be reached or refused a job
+            (those before it were published; their ids are lost with the
+            exception, so enqueue again what matters, at-least-once).
+    """
+    jobs = [Job.from_message(m, host, port, **options) for m in messages]
+    conn = _connect(broker_url)
+    try:
+        q = _queue(conn, queue)
+        producer = conn.Producer()
+        for job in jobs:
+            _publish(producer, job.to_json(), q, JOB_CONTENT_TYPE)
+        log.info("enqueued %d job(s) on %s", len(jobs), queue)
+    finally:
+        conn.release()
+    return [j.id for j in jobs]
+
+
+def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 1.0,
+                 limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """Consume results from ``<queue>.results``, acknowledging each once
+    yielded (the next one is read after the loop asks for it); stop after
+    ``limit`` results, or when none came for ``timeout`` seconds."""
+    conn = _connect(broker_url)
+    try:
+        q = _queue(conn, queue + ".results")
+        got: List[Any] = []
+        consumer = conn.Consumer([q], on_message=got.append, prefetch_count=100,
+                                 accept=[RESULT_CONTENT_TYPE])
+        count = 0
+        with consumer:
+            while limit is None or count < limit:
+                if not got:
+                    try:
+                        conn.drain_events(timeout=timeout)
+                    except socket.timeout:
+                        return
+                    continue
+                msg = got.pop(0)
+                count += 1
+                yield json.loads(msg.body)
+                msg.ack()
+    finally:
+        conn.release()
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+def _reply(reply: Any) -> Optional[Dict[str, Any]]:
+    if reply is None:
+        return None
+    return {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}
+
+
+def _expired(entry: Dict[str, Any], age: float) -> Dict[str, Any]:
+    last = entry.get("reply")
+    why = f"{last['code']} {last['text']}" if last else entry.get("reason") or "tempfail"
+    return dict(entry, status="permfail", enhanced="5.4.7",
+                reason=f"expired: still failing after {age / 3600:.1f} h (last: {why})")
+
+
+# ---------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------
+
+
+class Worker:
+    """Consume jobs from a queue and deliver them through one long-lived
+    :class:`~smtpstate.Engine` (one worker per process; run several
+    processes, or ``smtpstate worker --processes N``, for more cores).
+
+    Args:
+        broker_url: the kombu URL of the broker.
+        queue: the job queue's name.
+        on_result: called with each final result (a dict in the result
+            format) after it was published and before its job is
+            acknowledged; what it raises is logged.
+        prefetch: jobs held unacknowledged at once (the window that keeps
+            the engine's connections busy); default: twice
+            ``max_connections``, at most 1000.
+        schedule: seconds before each retry (the last repeats).
+        max_age: seconds after the first enqueue when a job still pending
+            gives up: its pending recipients become ``permfail`` 5.4.7.
+        drain_timeout: on stop, seconds to wait for the deliveries in
+            flight before leaving the rest unacknowledged (the broker then
+            gives them to another worker).
+        **engine_options: for :class:`~smtpstate.Engine` (``max_connections``,
+            ``max_per_destination``, ``helo``, ``resolver``, ``limits`` ...).
+
+    The Engine runs ``run(forever=True)`` in a thread of its own, so that
+    it answers its sockets and timers at once; the broker connection and
+    everything done on it (consume, publish, ack) stays in the thread that
+    called :meth:`run` (kombu channels are not thread-safe). Results pass
+    from one to the other through a queue.
+
+    Raises:
+        InvalidOptionError: a bad schedule, prefetch or engine option.
+    """
+
+    def __init__(self, broker_url: str, queue: str = "smtpstate", *,
+                 on_result: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 prefetch: Optional[int] = None,
+                 schedule: Sequence[float] = DEFAULT_SCHEDULE,
+                 max_age: float = DEFAULT_MAX_AGE, drain_timeout: float = 60.0,
+                 **engine_options: Any) -> None:
+        schedule = tuple(float(s) for s in schedule)
+        if not schedule or any(s <= 0 for s in schedule):
+            raise InvalidOptionError(f"schedule must be positive seconds, not {schedule!r}")
+        if max_age <= 0:
+            raise InvalidOptionError(f"max_age must be positive seconds, not {max_age!r}")
+        if prefetch is None:
+            prefetch = min(1000, 2 * int(engine_options.get("max_connections", 1000)))
+        if type(prefetch) is not int or not 1 <= prefetch <= 65535:
+            raise InvalidOptionError(f"prefetch must be an int from 1 to 65535, not {prefetch!r}")
+        self.broker_url = broker_url
+        self.queue = queue
+        self.on_result = on_result
+        self.prefetch = prefetch
+        self.schedule = schedule
+        self.max_age = float(max_age)
+        self.drain_timeout = drain_timeout
+        self._engine_options = engine_options
+        self._stop = threading.Event()
+        self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
+        self._inflight: Dict[int, Tuple[Any, Job, bool]] = {}
+        self.processed = 0
+
+    def stop(self) -> None:
+        """Stop consuming; :meth:`run` finishes what is in flight and
+        returns. Safe from any thread and from a signal handler."""
+        self._stop.set()
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Consume and deliver until :meth:`stop` (or SIGTERM/SIGINT when
+        ``handle_signals`` and called from the main thread)."""
+        from smtpstate.engine import Engine
+
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        engine = Engine(**self._engine_options)
+        driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
+                                  daemon=True)
+        conn = _connect(self.broker_url)
+        try:
+            self._topology(conn)
+            producer = conn.Producer()
+            consumer = conn.Consumer([self._q], on_message=self._on_job(engine, producer),
+                                     prefetch_count=self.prefetch, accept=[])
+            driver.start()
+            consumer.consume()
+            log.info("worker consuming %s (prefetch %d)", self.queue, self.prefetch)
+            while not self._stop.is_set():
+                self._wait(conn)
+                self._settle(producer)
+            # Stop taking jobs; what was delivered to us but not submitted
+            # is given back (requeued) by _on_job; finish the rest.
+            consumer.cancel()
+            deadline = time.monotonic() + self.drain_timeout
+            while self._inflight and time.monotonic() < deadline:
+                self._wait(conn)
+                self._settle(producer)
+            if self._inflight:
+                log.warning("%d job(s) still in flight after %.0f s: left unacknowledged "
+                            "(the broker redelivers them)", len(self._inflight),
+                            self.drain_timeout)
+        finally:
+            engine.close()
+            conn.release()
+        log.info("worker stopped after %d job(s)", self.processed)
+
+    # -- inside run() --------------------------------------------------------
+
+    def _topology(self, conn: Any) -> None:
+        q = self.queue
+        self._q = _queue(conn, q)
+        self._results_q = _queue(conn, q + ".results")
+        self._dead_q = _queue(conn, q + ".dead")
+        self._delay_qs = {s: _queue(conn, f"{q}.delay.{s:g}", delay=s, back_to=q)
+                          for s in sorted(set(self.schedule))}
+        for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
+            kq(conn.default_channel).declare()
+
+    def _drive(self, engine: Any) -> None:
+        try:
+            for result in engine.run(forever=True):
+                self._done.put(result)
+        except Exception:                                     # a bug: say so and stop
+            log.exception("the engine's loop failed; the worker stops")
+            self._stop.set()
+
+    def _wait(self, conn: Any) -> None:
+        # Broker events for up to 50 ms, or until a result is ready (the
+        # engine thread cannot wake kombu's socket wait; 50 ms bounds the
+        # delay before a result is published and its job acknowledged).
+        try:
+            conn.drain_events(timeout=0.05 if self._done.empty() else 0)
+        except socket.timeout:
+            pass
+
+    def _on_job(self, engine: Any, producer: Any) -> Callable[[Any], None]:
+        def on_job(msg: Any) -> None:
+            if self._stop.is_set():
+                msg.requeue()
+                return
+            try:
+                job = Job.from_json(msg.body)
+            except JobError as e:
+                self._dead(producer, msg, str(e))
+                return
+            redelivered = bool(msg.delivery_info.get("redelivered"))
+            try:
+                ticket = engine.submit(job.message(), job.host, job.port, **job.options)
+            except (ValueError, TypeError) as e:
+                self._dead(producer, msg, f"the engine refused the job: {e}")
+                return
+            self._inflight[ticket.id] = (msg, job, redelivered)
+        return on_job
+
+    def _dead(self, producer: Any, msg: Any, reason: str) -> None:
+        log.warning("job dead-lettered to %s: %s", self._dead_q.name, reason)
+        body = bytes(msg.body) if not isinstance(msg.body, str) else msg.body.encode()
+        record = {"version": RESULT_VERSION, "reason": reason, "queue": self.queue,
+                  "time": time.time(), "body": base64.b64encode(body).decode("ascii")}
+        _publish(producer, json.dumps(record).encode(), self._dead_q, DEAD_CONTENT_TYPE,
+                 {"x-smtpstate-reason": reason[:200]})
+        msg.ack()
+
+    def _settle(self, producer: Any) -> None:
+        while True:
+            try:
+                result = self._done.get_nowait()
+            except _stdqueue.Empty:
+                return
+            entry = self._inflight.pop(result.ticket.id, None) if result.ticket else None
+            if entry is None:
+                log.error("a result for no job in flight: %s", result)
+                continue
+            msg, job, redelivered = entry
+            self._finish(producer, msg, job, redelivered, result)
+            self.processed += 1
+
+    def _finish(self, producer: Any, msg: Any, job: Job, redelivered: bool,
+                result: Any) -> None:
+        """Publish what follows from one attempt, then ack the job."""
+        attempts = job.attempts + 1
+        now = time.time()
+        age = now - job.first_enqueued
+        settled = list(job.settled)
+        pending: List[Dict[str, Any]] = []
+        pending_entries: List[Dict[str, Any]] = []
+        for rcpt, rr in zip(job.recipients, result.recipients):
+            entry = {"address": rcpt["address"], "index": rcpt["index"],
+                     "status": rr.status, "reply": _reply(rr.reply),
+                     "enhanced": rr.enhanced, "mx": rr.mx, "attempts": attempts}
+            if rr.status != "delivered" and result.reason:
+                entry["reason"] = result.reason
+            if rr.status == "tempfail":
+                pending.append(rcpt)
+                pending_entries.append(entry)
+            else:
+                settled.append(entry)
+        if pending:
+            delay = self.schedule[min(attempts - 1, len(self.schedule) - 1)]
+            if age + delay <= self.max_age:
+                retry = Job(id=job.id, sender=job.sender, recipients=pending, data=job.data,
+                            message_options=job.message_options, host=job.host,
+                            port=job.port, options=job.options, attempts=attempts,
+                            first_enqueued=job.first_enqueued, settled=settled)
+                _publish(producer, retry.to_json(), self._delay_qs[delay], JOB_CONTENT_TYPE)
+                log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
+                         len(pending), delay, attempts)
+                msg.ack()
+                return
+            settled.extend(_expired(e, age) for e in pending_entries)
+        settled.sort(key=lambda e: e["index"])
+        statuses = {e["status"] for e in settled}
+        if statuses == {"delivered"}:
+            status = "delivered"
+        elif "delivered" in statuses:
+            status = "partial"
+        elif "unknown" in statuses:
+            status = "unknown"
+        elif statuses <= {"permfail", "not_sent"} or "permfail" in statuses:
+            status = "permfail"
+        else:
+            status = sorted(statuses)[0]
+        final = {
+            "version": RESULT_VERSION, "job": job.id, "status": status, "final": True,
+            "attempts": attempts, "first_enqueued": job.first_enqueued, "finished": now,
+            "reply": _reply(result.reply), "reason": result.reason,
+            "recipients": settled,
+            # A job handed out again after a worker died may have been
+            # delivered by that worker (and its result published): a result
+            # marked so may duplicate an earlier one.
+            "redelivered": redelivered,
+            # Lost after the final dot: maybe delivered; never retried here.
+            "needs_decision": "unknown" in statuses,
+        }
+        _publish(producer, json.dumps(final, separators=(",", ":")).encode("utf-8"),
+                 self._results_q, RESULT_CONTENT_TYPE)
+        if self.on_result is not None:
+            try:
+                self.on_result(final)
+            except Exception:
+                log.exception("on_result raised for job %s (ignored)", job.id)
+        msg.ack()
+
+
+def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:
+    """Run ``processes`` Worker processes (forked children) until SIGTERM or
+    SIGINT, which is passed on to each; return 0 when all stopped cleanly.
+    With one process, the worker runs in this one."""
+    if processes <= 1:
+        Worker(broker_url, **worker_options).run()
+        return 0
+    children: List[int] = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:                      # the child: nothing of the parent's broker state
+            code = 1
+            try:
+                Worker(broker_url, **worker_options).run()
+                code = 0
+            except BaseException:
+                log.exception("worker process failed")
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for pid in children:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                code = 0
+                break
+            except InterruptedError:
+                continue
+        if code != 0:
+            status = 1
+    return status
