@@ -533,6 +533,8 @@ class Worker:
             while not self._stop.is_set():
                 self._wait(conn)
                 self._settle(producer)
+                if self._delayed is not None:
+                    self._delayed.move_due(producer, self._q)
             # Stop taking jobs; what was delivered to us but not submitted
             # is given back (requeued) by _on_job; finish the rest.
             consumer.cancel()
@@ -558,6 +560,11 @@ class Worker:
         self._dead_q = _queue(conn, q + ".dead")
         self._delay_qs = {s: _queue(conn, f"{q}.delay.{s:g}", delay=s, back_to=q)
                           for s in sorted(set(self.schedule))}
+        self._delayed: Optional[_RedisDelayed] = None
+        if not _is_amqp(conn):
+            # No per-queue TTL or dead-lettering outside AMQP: a sorted set.
+            self._delayed = _RedisDelayed(self.broker_url, q)
+            self._delay_qs = {}
         for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
             kq(conn.default_channel).declare()
 
@@ -647,7 +654,11 @@ class Worker:
                             message_options=job.message_options, host=job.host,
                             port=job.port, options=job.options, attempts=attempts,
                             first_enqueued=job.first_enqueued, settled=settled)
-                _publish(producer, retry.to_json(), self._delay_qs[delay], JOB_CONTENT_TYPE)
+                if self._delayed is not None:
+                    self._delayed.add(retry.to_json(), time.time() + delay)
+                else:
+                    _publish(producer, retry.to_json(), self._delay_qs[delay],
+                             JOB_CONTENT_TYPE)
                 log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
                          len(pending), delay, attempts)
                 msg.ack()
@@ -685,6 +696,46 @@ class Worker:
             except Exception:
                 log.exception("on_result raised for job %s (ignored)", job.id)
         msg.ack()
+
+
+class _RedisDelayed:
+    """Jobs waiting for their next attempt on Redis, which kombu gives no
+    delayed delivery: a sorted set ``<queue>.delayed`` scored by the time
+    each is due, polled by every worker (at most once a second).
+
+    Moving a due job takes three steps, so that a worker dying at any
+    point loses nothing: a Lua script *claims* due jobs atomically by
+    re-scoring them ``LEASE`` seconds later (another worker skips them);
+    the claimant publishes each to the job queue; then removes it from the
+    set. A worker that dies after claiming leaves jobs that come due again
+    when the lease ends. One that dies between publishing and removing
+    makes the job run twice: Redis's at-least-once boundary (docs/queue.md).
+    """
+
+    LEASE = 60.0
+    _CLAIM = (
+        "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3]) "
+        "for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end "
+        "return due")
+
+    def __init__(self, broker_url: str, queue: str) -> None:
+        import redis
+        self._redis = redis.Redis.from_url(broker_url)
+        self.key = queue + ".delayed"
+        self._claim = self._redis.register_script(self._CLAIM)
+        self._next_poll = 0.0
+
+    def add(self, body: bytes, due: float) -> None:
+        self._redis.zadd(self.key, {body: due})
+
+    def move_due(self, producer: Any, target: Any) -> None:
+        now = time.time()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + 1.0
+        for body in self._claim(keys=[self.key], args=[now, now + self.LEASE, 100]):
+            _publish(producer, body, target, JOB_CONTENT_TYPE)
+            self._redis.zrem(self.key, body)
 
 
 def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:

@@ -310,3 +310,51 @@ def lmtp_server(lmtp_factory):
     """An LMTP server on 127.0.0.1 (``.host``, ``.port``) answering
     "250 2.0.0 Ok" for every recipient."""
     return lmtp_factory()
+
+
+# ---------------------------------------------------------------------------
+# Message brokers (brokers.py): a private RabbitMQ node and redis-server
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq():
+    """A private RabbitMQ node for the session (``.url``); tests name their
+    own queues (``queue_name``). Starting it takes 5-20 s."""
+    from brokers import BrokerError, RabbitServer
+    why = RabbitServer.unavailable()
+    if why:
+        helpers.missing(why)
+    server = RabbitServer()
+    try:
+        server.start()
+    except BrokerError as e:
+        pytest.fail(f"private RabbitMQ did not start: {e}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_broker():
+    """A private redis-server for the session (``.url``)."""
+    from brokers import BrokerError, RedisServer
+    why = RedisServer.unavailable()
+    if why:
+        helpers.missing(why)
+    server = RedisServer()
+    try:
+        server.start()
+    except BrokerError as e:
+        pytest.fail(f"private redis-server did not start: {e}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def queue_name(request):
+    """A queue name of this test's own, so that tests sharing a broker
+    never see each other's jobs."""
+    import re
+    import uuid
+    return "t-%s-%s" % (re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:30],
+                        uuid.uuid4().hex[:8])

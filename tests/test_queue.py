@@ -1,0 +1,397 @@
+"""smtpstate.queue: the job format, and real worker processes against a
+private RabbitMQ node and redis-server (brokers.py) delivering to real
+SMTP servers (smtp-sink, aiosmtpd).
+
+The issue asks for 10,000 messages through 2 workers; this suite sends
+2,000 to keep CI's time (the code path is the same at any count).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+import helpers
+from helpers import RecordingHandler
+
+import smtpstate
+from smtpstate import queue as sq
+
+
+def _messages(n, rcpts=("bob@example.net",), tag=b""):
+    return [smtpstate.Message("alice@example.org", list(rcpts),
+                              b"Subject: queued %d\n\nbody %s\n" % (i, tag))
+            for i in range(n)]
+
+
+def _worker(url, queue, *extra):
+    """A real worker process (the CLI), its output in a file."""
+    cmd = [sys.executable, "-m", "smtpstate", "worker", "--broker", url, "--queue", queue,
+           "--processes", "1", "--max-connections", "20", *extra]
+    return _spawn(cmd)
+
+
+def _spawn(cmd):
+    # stderr to a file, not a pipe nobody reads while it runs (a full pipe
+    # would stall the worker); _log(proc) reads it.
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=err)
+    proc.err_file = err
+    return proc
+
+
+def _log(proc):
+    proc.err_file.seek(0)
+    return proc.err_file.read().decode(errors="replace")
+
+
+def _stop(proc, sig=signal.SIGTERM, timeout=60):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the worker did not stop within %d s" % timeout)
+    return proc.returncode
+
+
+def _collect(url, queue, want, timeout=90.0, quiet=3.0):
+    """Read results until every job in ``want`` has one and none came for
+    ``quiet`` seconds (so that duplicates would be seen), or ``timeout``."""
+    results = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = list(sq.read_results(url, queue, timeout=quiet))
+        results.extend(got)
+        if not got and {r["job"] for r in results} >= set(want):
+            break
+    return results
+
+
+# ---------------------------------------------------------------------------
+# The job format (no broker)
+# ---------------------------------------------------------------------------
+
+
+def test_job_round_trip_keeps_envelope_dsn_and_bytes():
+    data = b"Subject: x\r\n\r\n\x80 raw 8-bit\r\n.leading dot\r\n"
+    msg = smtpstate.Message("a@example.org",
+                            ["b@example.net",
+                             smtpstate.Recipient("c@example.net", notify=("FAILURE", "DELAY"),
+                                                 orcpt="c@example.net")],
+                            data, dsn_ret="HDRS", envid="env-1")
+    job = sq.Job.from_message(msg, "mx.example.net", 2525, tls="verify", timeout=30)
+    raw = job.to_json()
+    obj = json.loads(raw)
+    assert obj["version"] == sq.JOB_VERSION
+    assert base64.b64decode(obj["data"]) == data
+    back = sq.Job.from_json(raw)
+    assert back == job
+    m = back.message()
+    assert m.data == data and m.sender == "a@example.org"
+    assert m.recipient_options[1].notify == ("FAILURE", "DELAY")
+    assert m.recipient_options[1].orcpt == "c@example.net"
+    assert (m.dsn_ret, m.envid) == ("HDRS", "env-1")
+    assert uuid.UUID(back.id) and back.attempts == 0 and back.first_enqueued > 0
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda o: o.update(version=2), "version 2 is not supported"),
+    (lambda o: o.pop("sender"), "missing: sender"),
+    (lambda o: o.update(extra=1), "unknown job field(s): extra"),
+    (lambda o: o.update(data="%%%"), "data must be base64"),
+    (lambda o: o.update(port="25"), "port must be an int"),
+    (lambda o: o.update(id="nope"), "not a UUID"),
+    (lambda o: o.update(recipients=[]), "at least one pending recipient"),
+    (lambda o: o.update(recipients=[{"address": "x"}]), "exactly"),
+    (lambda o: o["options"].update(auth=["u", "p"]), "cannot travel in a job"),
+    (lambda o: o["options"].update(tls="maybe"), "option tls must be one of"),
+    (lambda o: o["options"].update(timeout="5"), "option timeout must be"),
+    (lambda o: o.update(sender="a\r\nRCPT TO:<x>"), "message cannot be made"),
+])
+def test_job_parsing_is_strict(mutate, words):
+    obj = json.loads(sq.Job.from_message(_messages(1)[0], "127.0.0.1").to_json())
+    mutate(obj)
+    with pytest.raises(sq.JobError) as e:
+        sq.Job.from_json(json.dumps(obj))
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b"\xff\xfe", "UTF-8"), (b"{", "must be JSON"), (b"[1]", "JSON object"),
+    (b"\x80\x04\x95pickle", "UTF-8"),
+])
+def test_job_parsing_refuses_what_is_not_a_json_job(raw, words):
+    with pytest.raises(sq.JobError, match=words):
+        sq.Job.from_json(raw)
+
+
+def test_enqueue_refuses_a_stream_and_a_credential_before_publishing():
+    stream = smtpstate.Message("a@example.org", ["b@example.net"], iter([b"x\n"]))
+    with pytest.raises(sq.JobError, match="as bytes"):
+        sq.enqueue([stream], "amqp://127.0.0.1:1//")
+    with pytest.raises(sq.JobError, match="cannot travel"):
+        sq.enqueue(_messages(1), "amqp://127.0.0.1:1//", auth=("u", "p"))
+
+
+# ---------------------------------------------------------------------------
+# RabbitMQ
+# ---------------------------------------------------------------------------
+
+
+def test_many_messages_two_worker_processes_one_result_each(rabbitmq, queue_name,
+                                                            smtp_sink_server):
+    n = 2000
+    ids = sq.enqueue(_messages(n), rabbitmq.url, queue_name, host=smtp_sink_server.host,
+                     port=smtp_sink_server.port, tls="none")
+    assert len(set(ids)) == n
+    cmd = [sys.executable, "-m", "smtpstate", "worker", "--broker", rabbitmq.url,
+           "--queue", queue_name, "--processes", "2", "--max-connections", "20"]
+    workers = _spawn(cmd)
+    try:
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=120)
+    finally:
+        code = _stop(workers)
+    err = _log(workers)
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids), err[-2000:]
+    assert max(counts.values()) == 1
+    assert {r["status"] for r in results} == {"delivered"}
+    assert all(r["final"] and r["attempts"] == 1 and not r["redelivered"] for r in results)
+    assert code == 0, err[-2000:]
+    # Both processes took jobs (the log says how many each did).
+    done = [int(line.rsplit(" after ", 1)[1].split()[0]) for line in err.splitlines()
+            if "worker stopped after" in line]
+    assert len(done) == 2 and sum(done) == n and min(done) > 0, err[-2000:]
+
+
+def test_sigkill_mid_run_loses_nothing(rabbitmq, queue_name, aiosmtpd_factory):
+    # A server slow enough that the kill lands with jobs in flight.
+    class Slow(RecordingHandler):
+        async def handle_DATA(self, server, session, envelope):
+            import asyncio
+            await asyncio.sleep(0.01)
+            return await super().handle_DATA(server, session, envelope)
+
+    server = aiosmtpd_factory(Slow())
+    n = 600
+    ids = sq.enqueue(_messages(n), rabbitmq.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    victim = _worker(rabbitmq.url, queue_name)
+    survivor = _worker(rabbitmq.url, queue_name)
+    try:
+        helpers.wait_until(lambda: len(server.handler.messages) >= 100, 60,
+                           what="100 messages delivered")
+        victim.kill()                                # SIGKILL: no goodbye
+        victim.wait()
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=120)
+    finally:
+        _stop(victim)
+        code = _stop(survivor)
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids)
+    # Exactly one result per job that is not marked as a possible duplicate.
+    plain = collections.Counter(r["job"] for r in results if not r["redelivered"])
+    assert max(plain.values(), default=0) <= 1
+    dups = [j for j, c in counts.items() if c > 1]
+    assert all(plain[j] <= 1 for j in dups)
+    assert {r["status"] for r in results} == {"delivered"}
+    # Something was in flight in the victim and went to the survivor.
+    assert any(r["redelivered"] for r in results)
+    assert len(server.handler.messages) >= n
+    assert code == 0
+
+
+def test_451_at_first_is_retried_after_the_delay_and_delivered(rabbitmq, queue_name,
+                                                               aiosmtpd_factory):
+    class GreylistFirst(RecordingHandler):
+        def __init__(self):
+            super().__init__()
+            self.refused = 0
+            self.until = time.monotonic() + 1.0
+
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            if address.startswith("grey") and time.monotonic() < self.until:
+                self.refused += 1
+                return "451 4.7.1 greylisted, come back later"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+    handler = GreylistFirst()
+    server = aiosmtpd_factory(handler)
+    ids = sq.enqueue(_messages(5, rcpts=("ok@example.net", "grey@example.net")),
+                     rabbitmq.url, queue_name, host=server.host, port=server.port, tls="none")
+    worker = _worker(rabbitmq.url, queue_name, "--retry-schedule", "2")
+    try:
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=60)
+    finally:
+        assert _stop(worker) == 0
+    assert handler.refused == 5
+    assert sorted(r["job"] for r in results) == sorted(ids)
+    for r in results:
+        assert r["status"] == "delivered" and r["attempts"] == 2, r
+        ok, grey = r["recipients"]
+        assert (ok["address"], ok["attempts"]) == ("ok@example.net", 1)
+        assert (grey["address"], grey["attempts"], grey["status"]) == \
+            ("grey@example.net", 2, "delivered")
+        assert r["finished"] - r["first_enqueued"] >= 2.0
+    # The first attempt delivered to ok@ only; the retry to grey@ only.
+    rcpt_sets = sorted(tuple(m.rcpt_tos) for m in handler.messages)
+    assert rcpt_sets == [("grey@example.net",)] * 5 + [("ok@example.net",)] * 5
+
+
+def test_tempfail_until_max_age_expires_as_permfail_547(rabbitmq, queue_name,
+                                                       aiosmtpd_factory):
+    class AlwaysLater(RecordingHandler):
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            return "451 4.3.0 try again later"
+
+    server = aiosmtpd_factory(AlwaysLater())
+    ids = sq.enqueue(_messages(2), rabbitmq.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    worker = _worker(rabbitmq.url, queue_name, "--retry-schedule", "1", "--max-age", "2.5")
+    try:
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=60)
+    finally:
+        assert _stop(worker) == 0
+    assert sorted(r["job"] for r in results) == sorted(ids)
+    for r in results:
+        assert r["status"] == "permfail" and r["attempts"] >= 2, r
+        (rcpt,) = r["recipients"]
+        assert rcpt["enhanced"] == "5.4.7" and rcpt["reason"].startswith("expired"), rcpt
+        assert "451 4.3.0 try again later" in rcpt["reason"]
+
+
+def test_sigterm_stops_cleanly_and_nothing_is_lost(rabbitmq, queue_name, aiosmtpd_factory):
+    class Slow(RecordingHandler):
+        async def handle_DATA(self, server, session, envelope):
+            import asyncio
+            await asyncio.sleep(0.02)
+            return await super().handle_DATA(server, session, envelope)
+
+    server = aiosmtpd_factory(Slow())
+    n = 300
+    ids = sq.enqueue(_messages(n), rabbitmq.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    worker = _worker(rabbitmq.url, queue_name)
+    helpers.wait_until(lambda: len(server.handler.messages) >= 30, 60, what="30 delivered")
+    assert _stop(worker, signal.SIGTERM, timeout=60) == 0
+    err = _log(worker)
+    assert "worker stopped after" in err, err[-2000:]
+    first = list(sq.read_results(rabbitmq.url, queue_name, timeout=1))
+    assert 30 <= len(first) < n
+    # Everything it delivered has its result: nothing it finished was left.
+    assert len(server.handler.messages) == len(first)
+    # The rest waits in the queue for the next worker, each exactly once.
+    worker = _worker(rabbitmq.url, queue_name)
+    try:
+        rest = _collect(rabbitmq.url, queue_name,
+                        set(ids) - {r["job"] for r in first}, timeout=90)
+    finally:
+        assert _stop(worker) == 0
+    counts = collections.Counter(r["job"] for r in first + rest)
+    assert set(counts) == set(ids) and max(counts.values()) == 1
+    assert len(server.handler.messages) == n
+
+
+def test_malformed_job_is_dead_lettered_with_its_reason(rabbitmq, queue_name,
+                                                       aiosmtpd_server):
+    import kombu
+
+    good = sq.Job.from_message(_messages(1)[0], aiosmtpd_server.host, aiosmtpd_server.port,
+                               tls="none").to_json()
+    wrong_version = json.loads(good)
+    wrong_version["version"] = 99
+    wrong_version["id"] = str(uuid.uuid4())
+    bodies = [b"not json at all", json.dumps(wrong_version).encode(), good]
+    with kombu.Connection(rabbitmq.url) as conn:
+        q = sq._queue(conn, queue_name)
+        producer = conn.Producer()
+        for body in bodies:
+            producer.publish(body, exchange="", routing_key=queue_name, declare=[q],
+                             content_type="application/json", content_encoding="binary")
+    worker = _worker(rabbitmq.url, queue_name)
+    try:
+        results = _collect(rabbitmq.url, queue_name, [json.loads(good)["id"]], timeout=60)
+    finally:
+        assert _stop(worker) == 0
+    assert [r["status"] for r in results] == ["delivered"]     # it kept going
+    dead = []
+    with kombu.Connection(rabbitmq.url) as conn:
+        got = []
+        with conn.Consumer([sq._queue(conn, queue_name + ".dead")], on_message=got.append,
+                           accept=[]):
+            deadline = time.monotonic() + 10
+            while len(got) < 2 and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except Exception:
+                    pass
+        for m in got:
+            dead.append(json.loads(m.body))
+            m.ack()
+    assert len(dead) == 2
+    dead.sort(key=lambda d: d["reason"])
+    assert "must be JSON" in dead[0]["reason"]
+    assert base64.b64decode(dead[0]["body"]) == b"not json at all"
+    assert "version 99 is not supported" in dead[1]["reason"]
+    assert json.loads(base64.b64decode(dead[1]["body"]))["version"] == 99
+
+
+# ---------------------------------------------------------------------------
+# Redis: the same code through kombu's Redis transport
+# ---------------------------------------------------------------------------
+
+
+def test_redis_enqueue_worker_result(redis_broker, queue_name, aiosmtpd_server):
+    ids = sq.enqueue(_messages(50), redis_broker.url, queue_name, host=aiosmtpd_server.host,
+                     port=aiosmtpd_server.port, tls="none")
+    worker = _worker(redis_broker.url, queue_name)
+    try:
+        results = _collect(redis_broker.url, queue_name, ids, timeout=60, quiet=2)
+    finally:
+        assert _stop(worker) == 0
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids) and max(counts.values()) == 1
+    assert {r["status"] for r in results} == {"delivered"}
+    assert len(aiosmtpd_server.messages) == 50
+
+
+def test_redis_tempfail_waits_in_the_sorted_set_then_delivers(redis_broker, queue_name,
+                                                             aiosmtpd_factory):
+    class GreylistFirst(RecordingHandler):
+        until = time.monotonic() + 1.0
+
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            if time.monotonic() < self.until:
+                return "451 4.7.1 greylisted"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+    handler = GreylistFirst()
+    handler.until = time.monotonic() + 1.0
+    server = aiosmtpd_factory(handler)
+    ids = sq.enqueue(_messages(3), redis_broker.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    worker = _worker(redis_broker.url, queue_name, "--retry-schedule", "2")
+    try:
+        results = _collect(redis_broker.url, queue_name, ids, timeout=60, quiet=2)
+    finally:
+        assert _stop(worker) == 0
+    assert sorted(r["job"] for r in results) == sorted(ids)
+    assert all(r["status"] == "delivered" and r["attempts"] == 2 for r in results), results
+    import redis
+    assert redis.Redis.from_url(redis_broker.url).zcard(queue_name + ".delayed") == 0
