@@ -68,7 +68,7 @@ def _stop(proc, sig=signal.SIGTERM, timeout=60):
     return proc.returncode
 
 
-def _collect(url, queue, want, timeout=90.0, quiet=3.0):
+def _collect(url, queue, want, timeout=90.0, quiet=2.0):
     """Read results until every job in ``want`` has one and none came for
     ``quiet`` seconds (so that duplicates would be seen), or ``timeout``."""
     results = []
