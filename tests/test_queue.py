@@ -275,6 +275,29 @@ def test_tempfail_until_max_age_expires_as_permfail_547(rabbitmq, queue_name,
         assert "451 4.3.0 try again later" in rcpt["reason"]
 
 
+def test_unknown_is_final_marked_and_never_retried(rabbitmq, queue_name, aiosmtpd_factory):
+    class LoseTheReply(RecordingHandler):
+        async def handle_DATA(self, server, session, envelope):
+            await super().handle_DATA(server, session, envelope)
+            server.transport.abort()            # the final dot's reply is lost
+            return "250 OK"
+
+    handler = LoseTheReply()
+    server = aiosmtpd_factory(handler)
+    ids = sq.enqueue(_messages(2), rabbitmq.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    worker = _worker(rabbitmq.url, queue_name, "--retry-schedule", "1")
+    try:
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=60, quiet=3)
+    finally:
+        assert _stop(worker) == 0
+    assert sorted(r["job"] for r in results) == sorted(ids)
+    for r in results:
+        assert (r["status"], r["needs_decision"], r["attempts"]) == ("unknown", True, 1), r
+        assert r["recipients"][0]["status"] == "unknown"
+    assert len(handler.messages) == 2           # delivered once each, not again
+
+
 def test_sigterm_stops_cleanly_and_nothing_is_lost(rabbitmq, queue_name, aiosmtpd_factory):
     class Slow(RecordingHandler):
         async def handle_DATA(self, server, session, envelope):
