@@ -38,7 +38,12 @@ def _check_text(what: str, value: Any, *, allow_empty: bool = False,
     except UnicodeEncodeError:
         raise InvalidMessageError(
             f"{what} {value!r} is not valid Unicode (a lone surrogate?)") from None
-    for ch in value:
+    # One compiled scan finds the first character that is not allowed
+    # (the common case: none); only then is it told apart, in the order
+    # the checks are documented in: a control, an angle bracket, non-ASCII.
+    bad = (_NOT_ASCII_TEXT if ascii_only else _NOT_TEXT).search(value)
+    if bad is not None:
+        ch = bad.group()
         o = ord(ch)
         if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
             raise InvalidMessageError(
@@ -48,11 +53,16 @@ def _check_text(what: str, value: Any, *, allow_empty: bool = False,
             raise InvalidMessageError(
                 f"{what} {value!r} contains {ch!r}; give the bare address, "
                 "without angle brackets")
-        if ascii_only and o > 0x7E:
-            raise InvalidMessageError(f"{what} {value!r} must be ASCII")
+        raise InvalidMessageError(f"{what} {value!r} must be ASCII")
     if size > limit:
         raise InvalidMessageError(f"{what} is longer than {limit} bytes")
     return value
+
+
+# What _check_text() refuses: C0 and C1 controls, DEL, angle brackets; and,
+# where only ASCII goes, everything above "~" too.
+_NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f<>]")
+_NOT_ASCII_TEXT = re.compile("[^\x20-\x7e]|[<>]")
 
 
 @dataclass(frozen=True)
@@ -177,7 +187,9 @@ class Message:
     long_lines: str = "refuse"
     require_tls: bool = False
     smtputf8: bool = False
-    _rcpts: Tuple[Recipient, ...] = field(init=False, repr=False, compare=False)
+    # None while every recipient is a plain address (recipient_options
+    # makes their Recipient objects when asked).
+    _rcpts: Optional[Tuple[Recipient, ...]] = field(init=False, repr=False, compare=False)
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
     _c_envelope: ClassVar[Any] = None
@@ -191,20 +203,28 @@ class Message:
             raise InvalidMessageError(
                 "recipients must be a list of addresses, not a single string")
         try:
-            iter(self.recipients)
+            items = tuple(self.recipients)
         except TypeError:
             raise InvalidMessageError(
                 f"recipients must be a list of addresses, not "
                 f"{type(self.recipients).__name__}") from None
-        rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r)
-                      for r in self.recipients)
-        if not rcpts:
+        if not items:
             raise InvalidMessageError("a message needs at least one recipient")
-        if len(rcpts) > lib.SMTPS_MAX_RECIPIENTS:
+        if len(items) > lib.SMTPS_MAX_RECIPIENTS:
             raise InvalidMessageError(
                 f"more than {lib.SMTPS_MAX_RECIPIENTS} recipients; split the message")
-        object.__setattr__(self, "_rcpts", rcpts)
-        object.__setattr__(self, "recipients", tuple(r.address for r in rcpts))
+        # Plain addresses (the usual case) are checked as Recipient would
+        # check them, and Recipient objects are made only if asked for
+        # (recipient_options): a message is built once per send.
+        if all(type(r) is str for r in items):
+            for address in items:
+                _check_text("recipient address", address)
+            object.__setattr__(self, "_rcpts", None)
+            object.__setattr__(self, "recipients", items)
+        else:
+            rcpts = tuple(r if isinstance(r, Recipient) else Recipient(r) for r in items)
+            object.__setattr__(self, "_rcpts", rcpts)
+            object.__setattr__(self, "recipients", tuple(r.address for r in rcpts))
         flags = scan_flags(self.long_lines)
         if isinstance(self.data, str):
             try:
@@ -298,7 +318,11 @@ class Message:
     @property
     def recipient_options(self) -> Tuple[Recipient, ...]:
         """The recipients with their DSN options."""
-        return self._rcpts
+        rcpts = self._rcpts
+        if rcpts is None:
+            rcpts = tuple(Recipient(a) for a in self.recipients)
+            object.__setattr__(self, "_rcpts", rcpts)
+        return rcpts
 
     @classmethod
     def from_email(cls, msg: Any, sender: Optional[str] = None,
@@ -337,7 +361,10 @@ class Message:
         enc = self.__dict__.get("_c_encoded")
         if enc is None:
             rcpts = []
-            for r in self._rcpts:
+            if self._rcpts is None:             # plain addresses: no options
+                rcpts = [(a.encode("utf-8"), 0, None, f"recipient {a!r}")
+                         for a in self.recipients]
+            for r in self._rcpts or ():
                 notify = 0
                 for n in r.notify:
                     notify |= NOTIFY_VALUES[n]

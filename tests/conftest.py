@@ -13,6 +13,7 @@ lifetimes:
   ``smtp_sink_factory(options=[...])`` for variants;
 * ``tls_ca`` -- a ``trustme.CA`` for the session, to build TLS contexts;
   ``broken_tls_context`` -- a server context whose handshake ours fails;
+* ``make`` -- scripted sessions (``scripted.py``) for exact protocol cases;
 * ``dns_server`` -- one private NSD for the whole session (``dns_server.py``);
   each test adds zones of its own, named by ``dns_origin``;
   ``silent_nameserver`` -- an address that never answers;
@@ -32,6 +33,7 @@ import pytest
 import helpers
 from dns_server import DnsServer, DnsServerError, SilentNameserver
 from mx_servers import LmtpServer, MxServers
+from scripted import ScriptedSession
 
 
 def pytest_configure(config):
@@ -73,6 +75,23 @@ def tls_server_context(tls_ca):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls_ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
     return ctx
+
+
+@pytest.fixture
+def make():
+    """make(split="whole"): a new scripted session (scripted.py), its
+    clock at 1,000,000 ms; each is finished after the test. (Test files
+    whose sessions need more set-up define a ``make`` of their own.)"""
+    made = []
+
+    def factory(split="whole"):
+        s = ScriptedSession(split=split, now=1_000_000)
+        made.append(s)
+        return s
+
+    yield factory
+    for s in made:
+        s.finish()
 
 
 @pytest.fixture

@@ -34,9 +34,8 @@ from smtpstate._core import lib
 from smtpstate.errors import InvalidMessageError
 
 from helpers import RecordingHandler, import_or_missing
-from scripted import SPLITS, ScriptedSession, TLSPeer, tls_config
+from scripted import SPLITS, TLSPeer, tls_config
 
-T0 = 1_000_000
 BANNER = b"220 server.example ESMTP\r\n"
 EHLO = b"EHLO client.example\r\n"
 RCPT = b"RCPT TO:<rcpt@server.example>\r\n"
@@ -64,20 +63,6 @@ def rt_message(require_tls: bool = True, **kwargs) -> Message:
 # ---------------------------------------------------------------------------
 # Scripted: exact bytes
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make():
-    made = []
-
-    def factory(split="whole"):
-        s = ScriptedSession(split=split, now=T0)
-        made.append(s)
-        return s
-
-    yield factory
-    for s in made:
-        s.finish()
 
 
 def over_tls(s, cfg, tls_server_context, *, mode="starttls", clear=("STARTTLS",),

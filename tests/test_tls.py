@@ -30,7 +30,7 @@ from smtpstate._core import ffi, lib
 from smtpstate.errors import InvalidOptionError
 
 from helpers import RecordingHandler
-from scripted import SPLITS, ScriptedSession, TLSPeer, tls_config
+from scripted import SPLITS, TLSPeer, tls_config
 
 T0 = 1_000_000
 BANNER = b"220 server.example ESMTP\r\n"
@@ -53,20 +53,6 @@ def ehlo(*keywords: str) -> bytes:
 # ---------------------------------------------------------------------------
 # Scripted sessions (certificates: tls_ca_file, tls_server_context in conftest)
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def make(request):
-    made = []
-
-    def factory(split="whole"):
-        s = ScriptedSession(split=split, now=T0)
-        made.append(s)
-        return s
-
-    yield factory
-    for s in made:
-        s.finish()
 
 
 def to_starttls(s, cfg, *, mode="starttls", offer=("STARTTLS",), servername="localhost"):
