@@ -679,6 +679,8 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     }
     if args.prefetch is not None:
         options["prefetch"] = args.prefetch
+    if args.visibility_timeout is not None:
+        options["visibility_timeout"] = args.visibility_timeout
     if args.helo:
         options["helo"] = args.helo
     if args.nameserver:
@@ -726,6 +728,9 @@ def _worker_parser(sub: Any) -> None:
     worker.add_argument("--max-age", type=float, default=5 * 86400.0, metavar="SECONDS",
                         help="give up (permfail 5.4.7, expired) this long after the first "
                              "enqueue (default 5 days)")
+    worker.add_argument("--visibility-timeout", type=float, metavar="SECONDS",
+                        help="Redis only: hand a job a dead worker held to another after "
+                             "this long (default kombu's 3600; longer than any delivery)")
     worker.add_argument("--print-results", action="store_true",
                         help="also print each final result as a JSON line")
     worker.set_defaults(func=_cmd_worker, subparser=worker)

@@ -337,13 +337,19 @@ def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
                        auto_delete=False, queue_arguments=args or None)
 
 
-def _connect(broker_url: str) -> Any:
+def _connect(broker_url: str, visibility_timeout: Optional[float] = None) -> Any:
     kombu = _kombu()
     # confirm_publish: py-amqp waits for the broker's ack of every publish
     # (publisher confirms); publish() raises if the broker nacks. Redis has
     # no confirms: kombu's publish is an LPUSH that returns once Redis has
     # the message in memory (durable only as Redis's own persistence).
-    return kombu.Connection(broker_url, transport_options={"confirm_publish": True})
+    options: Dict[str, Any] = {"confirm_publish": True}
+    if visibility_timeout is not None:
+        # Redis: seconds after which a job taken by a consumer and not
+        # acknowledged is handed out again (AMQP needs none: a dead
+        # consumer's connection closes and the broker requeues).
+        options["visibility_timeout"] = visibility_timeout
+    return kombu.Connection(broker_url, transport_options=options)
 
 
 def _publish(producer: Any, body: bytes, queue: Any, content_type: str,
@@ -464,6 +470,10 @@ class Worker:
         drain_timeout: on stop, seconds to wait for the deliveries in
             flight before leaving the rest unacknowledged (the broker then
             gives them to another worker).
+        visibility_timeout: Redis only: seconds after which a job a
+            worker took and did not acknowledge (it died) is given to
+            another; kombu's default is 3600. It must be longer than any
+            delivery takes, or a slow job is delivered twice.
         **engine_options: for :class:`~smtpstate.Engine` (``max_connections``,
             ``max_per_destination``, ``helo``, ``resolver``, ``limits`` ...).
 
@@ -482,6 +492,7 @@ class Worker:
                  prefetch: Optional[int] = None,
                  schedule: Sequence[float] = DEFAULT_SCHEDULE,
                  max_age: float = DEFAULT_MAX_AGE, drain_timeout: float = 60.0,
+                 visibility_timeout: Optional[float] = None,
                  **engine_options: Any) -> None:
         schedule = tuple(float(s) for s in schedule)
         if not schedule or any(s <= 0 for s in schedule):
@@ -499,6 +510,10 @@ class Worker:
         self.schedule = schedule
         self.max_age = float(max_age)
         self.drain_timeout = drain_timeout
+        if visibility_timeout is not None and visibility_timeout <= 0:
+            raise InvalidOptionError(f"visibility_timeout must be positive seconds, "
+                                     f"not {visibility_timeout!r}")
+        self.visibility_timeout = visibility_timeout
         self._engine_options = engine_options
         self._stop = threading.Event()
         self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
@@ -521,7 +536,7 @@ class Worker:
         engine = Engine(**self._engine_options)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
-        conn = _connect(self.broker_url)
+        conn = _connect(self.broker_url, self.visibility_timeout)
         try:
             self._topology(conn)
             producer = conn.Producer()
