@@ -44,6 +44,7 @@ class RabbitServer:
         self.root: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
+        self.epmd_port = 0
         self.url = ""
 
     @classmethod
@@ -64,6 +65,10 @@ class RabbitServer:
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(helpers.free_port()),
+            # An epmd of its own (Erlang's port mapper, which the node
+            # starts), stopped with the node: nothing left running after
+            # the tests, and no clash with a system RabbitMQ's.
+            "ERL_EPMD_PORT": str(self.epmd_port),
             "RABBITMQ_MNESIA_BASE": os.path.join(self.root, "mnesia"),
             "RABBITMQ_LOG_BASE": os.path.join(self.root, "log"),
             "RABBITMQ_PID_FILE": os.path.join(self.root, "pid"),
@@ -84,6 +89,7 @@ class RabbitServer:
             f.write("[].\n")
         os.chmod(os.path.join(self.root, "enabled_plugins"), 0o666)
         self.port = helpers.free_port()
+        self.epmd_port = helpers.free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.log_path = os.path.join(self.root, "server.out")
         prog = helpers.find_program("rabbitmq-server", *self.SBIN)
@@ -122,6 +128,11 @@ class RabbitServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
             self.proc = None
+        epmd = helpers.find_program("epmd", "/usr/lib/erlang/bin", "/usr/bin")
+        if self.epmd_port and epmd:
+            env = dict(os.environ, ERL_EPMD_PORT=str(self.epmd_port))
+            subprocess.run([epmd, "-kill"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=10, check=False)
         if self.root:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
