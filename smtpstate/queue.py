@@ -14,7 +14,8 @@ deliveries. Rules:
   job unacknowledged, and the broker hands it to another worker.
 * Temporary failures wait in the broker, not in memory: one delay queue
   per step of the retry schedule, whose messages expire (per-queue TTL)
-  into the main queue through RabbitMQ's dead-lettering.
+  into the main queue through RabbitMQ's dead-lettering; on Redis, a
+  sorted set the workers poll (:class:`_RedisDelayed`).
 
 The topology for a queue named ``Q`` (every name derived from it):
 
@@ -22,7 +23,8 @@ The topology for a queue named ``Q`` (every name derived from it):
 ``Q``               jobs (RabbitMQ: a durable quorum queue)
 ``Q.results``       one JSON result per job that reached its end
 ``Q.dead``          jobs that could not be read, with the reason
-``Q.delay.<secs>``  jobs waiting for their next attempt (RabbitMQ only)
+``Q.delay.<secs>``  jobs waiting for their next attempt (RabbitMQ)
+``Q.delayed``       the same on Redis: a sorted set
 ==================  ======================================================
 
 docs/queue.md describes the formats, the retry schedule and the delivery
@@ -323,16 +325,21 @@ def _is_amqp(conn: Any) -> bool:
 def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
            back_to: Optional[str] = None) -> Any:
     """A kombu Queue on the default exchange (routing key = its name):
-    durable; on RabbitMQ a quorum queue, or, for a delay queue, a classic
-    one whose messages expire after ``delay`` seconds into ``back_to``."""
+    durable; on RabbitMQ a quorum queue, and for a delay queue one whose
+    messages expire after ``delay`` seconds into ``back_to``."""
     kombu = _kombu()
     args: Dict[str, Any] = {}
     if _is_amqp(conn):
-        if delay is None:
-            args = {"x-queue-type": "quorum"}
-        else:
-            args = {"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": back_to}
+        args = {"x-queue-type": "quorum"}
+        if delay is not None:
+            # Expired jobs go back to the job queue by dead-lettering, which
+            # a quorum queue does at least once (RabbitMQ 3.10+: the
+            # "at-least-once" strategy, which needs reject-publish overflow);
+            # a classic queue's dead-lettering could lose a job in a crash.
+            args.update({"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
+                         "x-dead-letter-routing-key": back_to,
+                         "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
     return kombu.Queue(name, exchange=kombu.Exchange(""), routing_key=name, durable=True,
                        auto_delete=False, queue_arguments=args or None)
 
