@@ -193,6 +193,8 @@ struct smtps_tlsa {
     unsigned char *data;
 };
 void smtps_tlsa_free(struct smtps_tlsa *recs, size_t n);
+int smtps_tlsa_copy(const struct smtps_tlsa *recs, size_t n,
+		    struct smtps_tlsa **out);
 /*
  * tls.c, for engine.c: authenticate this session's TLS with DANE (RFC
  * 7672) against recs (copied), the server's name its reference

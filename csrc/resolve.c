@@ -21,6 +21,7 @@
  *	size_t	smtps_dns_addresses(answer, port, addr, max)
  *	int	smtps_dns_tlsa(answer, &recs, &n, &seen)
  *	void	smtps_tlsa_free(recs, n)
+ *	int	smtps_tlsa_copy(recs, n, &out)
  * DESCRIPTION
  *	Every name the engine looks up goes through one libunbound context
  *	per engine: it caches answers for their TTLs, asks the name servers
@@ -727,6 +728,31 @@ void    smtps_tlsa_free(struct smtps_tlsa *recs, size_t n)
     for (i = 0; recs != NULL && i < n; i++)
 	free(recs[i].data);
     free(recs);
+}
+
+/* smtps_tlsa_copy - a copy of n records in *out (NULL for none); SMTPS_ENOMEM */
+
+int     smtps_tlsa_copy(const struct smtps_tlsa *recs, size_t n,
+			        struct smtps_tlsa **out)
+{
+    struct smtps_tlsa *copy;
+    size_t  i;
+
+    *out = NULL;
+    if (n == 0)
+	return SMTPS_OK;
+    if ((copy = calloc(n, sizeof(*copy))) == NULL)
+	return SMTPS_ENOMEM;
+    for (i = 0; i < n; i++) {
+	copy[i] = recs[i];
+	if ((copy[i].data = malloc(recs[i].len > 0 ? recs[i].len : 1)) == NULL) {
+	    smtps_tlsa_free(copy, i);
+	    return SMTPS_ENOMEM;
+	}
+	memcpy(copy[i].data, recs[i].data, recs[i].len);
+    }
+    *out = copy;
+    return SMTPS_OK;
 }
 
 /* tlsa_usable - a record RFC 7672 lets SMTP use (3.1, 3.2) */

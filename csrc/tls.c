@@ -766,7 +766,6 @@ int     smtps_session_set_dane(struct smtps_session *s,
 			               const struct smtps_tlsa *recs, size_t n)
 {
     struct smtps_tls *t;
-    size_t  i;
 
     if (s == NULL || (t = s->tls) == NULL || (n > 0 && recs == NULL)
 	|| t->mode == SMTPS_TLS_OPPORTUNISTIC || t->mode == SMTPS_TLS_NONE)
@@ -774,23 +773,10 @@ int     smtps_session_set_dane(struct smtps_session *s,
     if (s->status != SMTPS_SESS_NEW)
 	return SMTPS_ESTATE;
     smtps_tlsa_free(t->tlsa, t->ntlsa);
-    t->tlsa = NULL;
     t->ntlsa = 0;
-    if (n > 0 && (t->tlsa = calloc(n, sizeof(*t->tlsa))) == NULL)
+    if (smtps_tlsa_copy(recs, n, &t->tlsa) != SMTPS_OK)
 	return SMTPS_ENOMEM;
-    for (i = 0; i < n; i++) {
-	if ((t->tlsa[i].data = malloc(recs[i].len)) == NULL) {
-	    smtps_tlsa_free(t->tlsa, i);
-	    t->tlsa = NULL;
-	    return SMTPS_ENOMEM;
-	}
-	memcpy(t->tlsa[i].data, recs[i].data, recs[i].len);
-	t->tlsa[i].len = recs[i].len;
-	t->tlsa[i].usage = recs[i].usage;
-	t->tlsa[i].selector = recs[i].selector;
-	t->tlsa[i].mtype = recs[i].mtype;
-	t->ntlsa++;
-    }
+    t->ntlsa = n;
     t->dane = 1;
     /* The records authenticate, not the CAs; none at all: no one does. */
     t->verify = n > 0;
