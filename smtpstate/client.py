@@ -206,9 +206,19 @@ class Client:
             peer: Tuple[str, int] = ("", 0)
             local: Tuple[str, int] = ("", 0)
         else:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = sock.getpeername()[:2]
-            local = sock.getsockname()[:2]
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = sock.getpeername()[:2]
+                local = sock.getsockname()[:2]
+            except OSError as exc:
+                # The server reset the connection as soon as it was made,
+                # before we could even look at it (ENOTCONN): a failed
+                # connection like any other, with the socket's own error.
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or exc.errno
+                sock.close()
+                raise ConnectError(err or errno.ECONNRESET,
+                                   f"cannot connect to {self._where}: the connection was "
+                                   f"reset as soon as it was made ({exc})") from exc
         keep: List[Any] = []
         try:
             session = Session(self.machine, self.helo, peer=peer, local=local)
