@@ -481,6 +481,12 @@ class Worker:
             worker took and did not acknowledge (it died) is given to
             another; kombu's default is 3600. It must be longer than any
             delivery takes, or a slow job is delivered twice.
+        shared_limits: a Redis URL (``redis://host:6379/1``): the
+            ``message_rate`` of each domain key of ``limits`` (and of
+            ``"*"``, each domain on its own) holds for every worker using
+            that Redis together, not per process; a job over it waits in
+            the worker, unacknowledged, until its turn
+            (:mod:`smtpstate.shared_limits`, docs/queue.md).
         **engine_options: for :class:`~smtpstate.Engine` (``max_connections``,
             ``max_per_destination``, ``helo``, ``resolver``, ``limits`` ...).
 
@@ -500,6 +506,7 @@ class Worker:
                  schedule: Sequence[float] = DEFAULT_SCHEDULE,
                  max_age: float = DEFAULT_MAX_AGE, drain_timeout: float = 60.0,
                  visibility_timeout: Optional[float] = None,
+                 shared_limits: Optional[str] = None,
                  **engine_options: Any) -> None:
         schedule = tuple(float(s) for s in schedule)
         if not schedule or any(s <= 0 for s in schedule):
@@ -521,6 +528,9 @@ class Worker:
             raise InvalidOptionError(f"visibility_timeout must be positive seconds, "
                                      f"not {visibility_timeout!r}")
         self.visibility_timeout = visibility_timeout
+        self.shared_limits = shared_limits
+        self._shared_rates = _shared_rates(shared_limits, engine_options.get("limits"))
+        self._held: Optional[Any] = None
         self._engine_options = engine_options
         self._stop = threading.Event()
         self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
@@ -541,6 +551,9 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         engine = Engine(**self._engine_options)
+        if self._shared_rates:
+            from smtpstate.shared_limits import HeldJobs, RateLimiter
+            self._held = HeldJobs(RateLimiter(str(self.shared_limits)), self._shared_rates)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
         conn = _connect(self.broker_url, self.visibility_timeout)
@@ -555,11 +568,13 @@ class Worker:
             while not self._stop.is_set():
                 self._wait(conn)
                 self._settle(producer)
+                self._release_held(engine, producer)
                 if self._delayed is not None:
                     self._delayed.move_due(producer, self._q)
             # Stop taking jobs; what was delivered to us but not submitted
             # is given back (requeued) by _on_job; finish the rest.
             consumer.cancel()
+            self._give_back_held()
             deadline = time.monotonic() + self.drain_timeout
             while self._inflight and time.monotonic() < deadline:
                 self._wait(conn)
@@ -618,13 +633,34 @@ class Worker:
                 self._dead(producer, msg, str(e))
                 return
             redelivered = bool(msg.delivery_info.get("redelivered"))
-            try:
-                ticket = engine.submit(job.message(), job.host, job.port, **job.options)
-            except (ValueError, TypeError) as e:
-                self._dead(producer, msg, f"the engine refused the job: {e}")
-                return
-            self._inflight[ticket.id] = (msg, job, redelivered)
+            if self._held is not None and not self._held.admit(_limit_domain(job),
+                                                               (msg, job, redelivered)):
+                return                  # over its shared rate: _release_held submits it
+            self._submit(engine, producer, msg, job, redelivered)
         return on_job
+
+    def _submit(self, engine: Any, producer: Any, msg: Any, job: Job,
+                redelivered: bool) -> None:
+        try:
+            ticket = engine.submit(job.message(), job.host, job.port, **job.options)
+        except (ValueError, TypeError) as e:
+            self._dead(producer, msg, f"the engine refused the job: {e}")
+            return
+        self._inflight[ticket.id] = (msg, job, redelivered)
+
+    def _release_held(self, engine: Any, producer: Any) -> None:
+        # Jobs whose shared rate lets them go now. The loop comes here at
+        # least every 50 ms (_wait), which bounds how late one goes.
+        if self._held is not None:
+            for msg, job, redelivered in self._held.due():
+                self._submit(engine, producer, msg, job, redelivered)
+
+    def _give_back_held(self) -> None:
+        # Stopping: jobs held for their shared rate were never started;
+        # requeue them for another worker rather than wait their turn.
+        if self._held is not None:
+            for msg, _job, _redelivered in self._held.drain():
+                msg.requeue()
 
     def _dead(self, producer: Any, msg: Any, reason: str) -> None:
         log.warning("job dead-lettered to %s: %s", self._dead_q.name, reason)
@@ -718,6 +754,30 @@ class Worker:
             except Exception:
                 log.exception("on_result raised for job %s (ignored)", job.id)
         msg.ack()
+
+
+def _shared_rates(url: Optional[str], limits: Any) -> Dict[str, float]:
+    """The rates Worker(shared_limits=url) shares, checked at once."""
+    if url is None:
+        return {}
+    from smtpstate.shared_limits import RateLimiter, shared_rates
+    if not isinstance(url, str) or not url:
+        raise InvalidOptionError(f"shared_limits must be a Redis URL, not {url!r}")
+    RateLimiter(url).close()                    # a URL redis-py refuses, said now
+    rates = shared_rates(limits)
+    if not rates:
+        raise InvalidOptionError(
+            "shared_limits needs limits with a message_rate for a domain or '*' (the "
+            "rate shared through Redis); mx: keys cannot be shared")
+    return rates
+
+
+def _limit_domain(job: Job) -> str:
+    """The name a job's shared rate is kept under: its first pending
+    recipient's domain (a job is one message, and its first recipient's
+    domain stands for it), lower case; "" without one."""
+    address = job.recipients[0]["address"]
+    return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
 class _RedisDelayed:
