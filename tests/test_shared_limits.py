@@ -392,3 +392,30 @@ def test_redis_away_jobs_wait_unacknowledged_and_go_back_on_stop(redis_broker, q
     counts = collections.Counter(r["job"] for r in results)
     assert set(counts) == set(ids) and max(counts.values()) == 1
     assert len(aiosmtpd_server.messages) == 3
+
+
+# ---------------------------------------------------------------------------
+# --resolver and the DNS options
+# ---------------------------------------------------------------------------
+
+
+def test_worker_resolver_option_routes_by_mx_through_that_server(redis_broker, queue_name,
+                                                                 dns_server, dns_origin,
+                                                                 mx_servers):
+    # The zone exists only in the private NSD: a delivery by MX proves the
+    # worker asked it, not the system's resolver.
+    servers = mx_servers(["127.0.0.2"])
+    dns_server.add_zone(dns_origin, ["@ MX 10 mx1", "mx1 A 127.0.0.2"])
+    ids = sq.enqueue(_messages(2, rcpts=(f"bob@{dns_origin}",)), redis_broker.url,
+                     queue_name, port=servers.port, tls="none")
+    worker = _workers(redis_broker.url, queue_name, 1, "--resolver", dns_server.address,
+                      "--no-dnssec", "--dns-timeout", "2", "--dns-attempts", "2")
+    try:
+        results = _collect(redis_broker.url, queue_name, ids, timeout=60)
+    finally:
+        assert _stop(worker) == 0, _log(worker)[-2000:]
+    assert sorted(r["job"] for r in results) == sorted(ids)
+    for r in results:
+        assert r["status"] == "delivered", r
+        assert r["recipients"][0]["mx"] == f"mx1.{dns_origin}", r
+    assert len(servers.server("127.0.0.2").wait_for_messages(2)) == 2
