@@ -15,7 +15,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import ffi, lib
 from smtpstate.errors import InvalidOptionError
@@ -247,7 +247,7 @@ _LIMITS_FIELDS: Dict[str, Tuple[type, ...]] = {
 }
 
 
-def load_limits(path: "str | os.PathLike[str]") -> Dict[str, Limits]:
+def load_limits(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Limits]:
     """Read limits from a JSON file: an object mapping each limits key (a
     recipient domain, ``"mx:<glob>"`` or ``"*"``) to an object of
     :class:`Limits` fields, for example::

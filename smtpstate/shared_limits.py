@@ -195,6 +195,8 @@ class HeldJobs(Generic[T]):
 
     def __init__(self, limiter: RateLimiter, rates: Mapping[str, float], *, burst: int = 1,
                  clock: Any = time.monotonic) -> None:
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise InvalidOptionError(f"burst must be an int >= 1, not {burst!r}")
         self.limiter = limiter
         self.rates = {k.lower(): float(v) for k, v in rates.items()}
         self.burst = burst
