@@ -60,6 +60,8 @@ __all__ = [
     "enqueue",
     "read_results",
     "Worker",
+    "Outcome",
+    "outcome",
 ]
 
 log = logging.getLogger("smtpstate.queue")
@@ -452,6 +454,77 @@ def _expired(entry: Dict[str, Any], age: float) -> Dict[str, Any]:
                 reason=f"expired: still failing after {age / 3600:.1f} h (last: {why})")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What follows from one attempt at a job: either ``retry`` (the job
+    with its pending recipients, to run again after ``delay`` seconds) or
+    ``final`` (the result record, docs/queue.md)."""
+
+    retry: Optional[Job] = None
+    delay: float = 0.0
+    final: Optional[Dict[str, Any]] = None
+
+
+def outcome(job: Job, result: Any, *, schedule: Sequence[float] = DEFAULT_SCHEDULE,
+            max_age: float = DEFAULT_MAX_AGE, redelivered: bool = False,
+            now: Optional[float] = None) -> Outcome:
+    """Decide what follows from ``result`` (an Engine Result for
+    ``job.message()``): recipients that failed temporarily are retried
+    after the schedule's next step unless that would pass ``max_age``
+    (then they expire as ``permfail`` 5.4.7); otherwise the job is final.
+    ``unknown`` is final, never retried. Pure: publishes nothing."""
+    attempts = job.attempts + 1
+    now = time.time() if now is None else now
+    age = now - job.first_enqueued
+    settled = list(job.settled)
+    pending: List[Dict[str, Any]] = []
+    pending_entries: List[Dict[str, Any]] = []
+    for rcpt, rr in zip(job.recipients, result.recipients):
+        entry = {"address": rcpt["address"], "index": rcpt["index"],
+                 "status": rr.status, "reply": _reply(rr.reply),
+                 "enhanced": rr.enhanced, "mx": rr.mx, "attempts": attempts}
+        if rr.status != "delivered" and result.reason:
+            entry["reason"] = result.reason
+        if rr.status == "tempfail":
+            pending.append(rcpt)
+            pending_entries.append(entry)
+        else:
+            settled.append(entry)
+    if pending:
+        delay = schedule[min(attempts - 1, len(schedule) - 1)]
+        if age + delay <= max_age:
+            retry = Job(id=job.id, sender=job.sender, recipients=pending, data=job.data,
+                        message_options=job.message_options, host=job.host,
+                        port=job.port, options=job.options, attempts=attempts,
+                        first_enqueued=job.first_enqueued, settled=settled)
+            return Outcome(retry=retry, delay=delay)
+        settled.extend(_expired(e, age) for e in pending_entries)
+    settled.sort(key=lambda e: e["index"])
+    statuses = {e["status"] for e in settled}
+    if statuses == {"delivered"}:
+        status = "delivered"
+    elif "delivered" in statuses:
+        status = "partial"
+    elif "unknown" in statuses:
+        status = "unknown"
+    elif statuses <= {"permfail", "not_sent"} or "permfail" in statuses:
+        status = "permfail"
+    else:
+        status = sorted(statuses)[0]
+    return Outcome(final={
+        "version": RESULT_VERSION, "job": job.id, "status": status, "final": True,
+        "attempts": attempts, "first_enqueued": job.first_enqueued, "finished": now,
+        "reply": _reply(result.reply), "reason": result.reason,
+        "recipients": settled,
+        # A job handed out again after a worker died may have been
+        # delivered by that worker (and its result published): a result
+        # marked so may duplicate an earlier one.
+        "redelivered": redelivered,
+        # Lost after the final dot: maybe delivered; never retried here.
+        "needs_decision": "unknown" in statuses,
+    })
+
+
 # ---------------------------------------------------------------------------
 # The worker
 # ---------------------------------------------------------------------------
@@ -688,69 +761,24 @@ class Worker:
     def _finish(self, producer: Any, msg: Any, job: Job, redelivered: bool,
                 result: Any) -> None:
         """Publish what follows from one attempt, then ack the job."""
-        attempts = job.attempts + 1
-        now = time.time()
-        age = now - job.first_enqueued
-        settled = list(job.settled)
-        pending: List[Dict[str, Any]] = []
-        pending_entries: List[Dict[str, Any]] = []
-        for rcpt, rr in zip(job.recipients, result.recipients):
-            entry = {"address": rcpt["address"], "index": rcpt["index"],
-                     "status": rr.status, "reply": _reply(rr.reply),
-                     "enhanced": rr.enhanced, "mx": rr.mx, "attempts": attempts}
-            if rr.status != "delivered" and result.reason:
-                entry["reason"] = result.reason
-            if rr.status == "tempfail":
-                pending.append(rcpt)
-                pending_entries.append(entry)
+        step = outcome(job, result, schedule=self.schedule, max_age=self.max_age,
+                       redelivered=redelivered)
+        if step.retry is not None:
+            if self._delayed is not None:
+                self._delayed.add(step.retry.to_json(), time.time() + step.delay)
             else:
-                settled.append(entry)
-        if pending:
-            delay = self.schedule[min(attempts - 1, len(self.schedule) - 1)]
-            if age + delay <= self.max_age:
-                retry = Job(id=job.id, sender=job.sender, recipients=pending, data=job.data,
-                            message_options=job.message_options, host=job.host,
-                            port=job.port, options=job.options, attempts=attempts,
-                            first_enqueued=job.first_enqueued, settled=settled)
-                if self._delayed is not None:
-                    self._delayed.add(retry.to_json(), time.time() + delay)
-                else:
-                    _publish(producer, retry.to_json(), self._delay_qs[delay],
-                             JOB_CONTENT_TYPE)
-                log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
-                         len(pending), delay, attempts)
-                msg.ack()
-                return
-            settled.extend(_expired(e, age) for e in pending_entries)
-        settled.sort(key=lambda e: e["index"])
-        statuses = {e["status"] for e in settled}
-        if statuses == {"delivered"}:
-            status = "delivered"
-        elif "delivered" in statuses:
-            status = "partial"
-        elif "unknown" in statuses:
-            status = "unknown"
-        elif statuses <= {"permfail", "not_sent"} or "permfail" in statuses:
-            status = "permfail"
-        else:
-            status = sorted(statuses)[0]
-        final = {
-            "version": RESULT_VERSION, "job": job.id, "status": status, "final": True,
-            "attempts": attempts, "first_enqueued": job.first_enqueued, "finished": now,
-            "reply": _reply(result.reply), "reason": result.reason,
-            "recipients": settled,
-            # A job handed out again after a worker died may have been
-            # delivered by that worker (and its result published): a result
-            # marked so may duplicate an earlier one.
-            "redelivered": redelivered,
-            # Lost after the final dot: maybe delivered; never retried here.
-            "needs_decision": "unknown" in statuses,
-        }
-        _publish(producer, json.dumps(final, separators=(",", ":")).encode("utf-8"),
+                _publish(producer, step.retry.to_json(), self._delay_qs[step.delay],
+                         JOB_CONTENT_TYPE)
+            log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
+                     len(step.retry.recipients), step.delay, step.retry.attempts)
+            msg.ack()
+            return
+        assert step.final is not None
+        _publish(producer, json.dumps(step.final, separators=(",", ":")).encode("utf-8"),
                  self._results_q, RESULT_CONTENT_TYPE)
         if self.on_result is not None:
             try:
-                self.on_result(final)
+                self.on_result(step.final)
             except Exception:
                 log.exception("on_result raised for job %s (ignored)", job.id)
         msg.ack()
