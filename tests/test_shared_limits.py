@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -190,6 +190,7 @@ def test_held_jobs_wait_while_redis_is_away_and_go_when_it_is_back(caplog):
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _pings(redis, port):
