@@ -327,7 +327,9 @@ def test_limits_file_applies_per_process(redis_broker, queue_name, aiosmtpd_fact
         assert _stop(worker) == 0, _log(worker)[-2000:]
     assert sorted(r["job"] for r in results) == sorted(ids)
     assert {r["status"] for r in results} == {"delivered"}
-    assert _rate(handler.times) <= 5 * 1.15, handler.times
+    # Unlimited, 12 messages over loopback take milliseconds; the margin is
+    # for a first message delayed by its connection on a busy machine.
+    assert _rate(handler.times) <= 5 * 1.5, handler.times
 
 
 def test_shared_rate_holds_across_two_worker_processes(redis_broker, queue_name,
