@@ -42,7 +42,7 @@ from smtpstate.machine import BUILTIN_STATES, Action, Machine, Stage, State, def
 from smtpstate.message import Message, Recipient
 from smtpstate.options import Auth, Options
 from smtpstate.result import RecipientResult, Reply, Result
-from smtpstate.routing import Limits, Resolver, Source
+from smtpstate.routing import Limits, Resolver, Source, load_limits
 from smtpstate.session import Capabilities, Session
 
 __all__ = [
@@ -81,6 +81,7 @@ __all__ = [
     "classify_reply",
     "default_machine",
     "deliver",
+    "load_limits",
 ]
 
 __version__ = "0.1.0"

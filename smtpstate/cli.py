@@ -317,7 +317,60 @@ def _as_json(result: Any) -> Dict[str, Any]:
     }
 
 
-def _send_by_mx(message: Any, port: int, nameservers: List[str], options: Dict[str, Any],
+def _resolver_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose how names are looked up (send by MX, worker)."""
+    p.add_argument("--resolver", metavar="system|IP[:PORT],...",
+                   help="the name servers to ask: 'system' (those of /etc/resolv.conf, "
+                        "the default) or addresses separated by commas")
+    p.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]",
+                   help="ask this name server (repeat; the same as --resolver with a list)")
+    p.add_argument("--trust-anchor", action="append", default=[], metavar="FILE|RECORD",
+                   help="validate DNSSEC from these DS or DNSKEY records (a file of them, "
+                        "or one record; repeat) instead of the root zone's built-in ones")
+    p.add_argument("--no-dnssec", action="store_true",
+                   help="validate no DNSSEC (and so no DANE)")
+    p.add_argument("--dns-timeout", type=float, metavar="SECONDS",
+                   help="seconds for one DNS attempt (default 5)")
+    p.add_argument("--dns-attempts", type=int, metavar="N",
+                   help="DNS attempts before a lookup fails for now (default 2)")
+
+
+def _resolver(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The Resolver the options of :func:`_resolver_arguments` ask for;
+    None when they ask for nothing but the defaults."""
+    from smtpstate.errors import InvalidOptionError
+    from smtpstate.routing import Resolver
+
+    servers: Optional[List[str]] = list(args.nameserver) or None
+    if args.resolver is not None:
+        if args.nameserver:
+            parser.error("give the name servers with --resolver or --nameserver, not both")
+        choice = args.resolver.strip()
+        if choice != "system":
+            servers = [s.strip() for s in choice.split(",") if s.strip()]
+            if not servers:
+                parser.error("--resolver must be 'system' or name server addresses "
+                             "separated by commas")
+    if args.no_dnssec and args.trust_anchor:
+        parser.error("--trust-anchor and --no-dnssec contradict each other")
+    settings: Dict[str, Any] = {}
+    if args.trust_anchor:
+        settings["trust_anchors"] = args.trust_anchor
+    if args.no_dnssec:
+        settings["trust_anchors"] = ()
+    if args.dns_timeout is not None:
+        settings["timeout"] = args.dns_timeout
+    if args.dns_attempts is not None:
+        settings["attempts"] = args.dns_attempts
+    if servers is None and not settings:
+        return None
+    try:
+        return Resolver(servers, **settings)
+    except InvalidOptionError as e:
+        parser.error(str(e))
+
+
+def _send_by_mx(message: Any, port: int, resolver: Any, options: Dict[str, Any],
                 tls: List[Dict[str, Any]]) -> Any:
     """One message routed by its recipients' MX records (an Engine: the
     Client talks to one server); what TLS each connection used goes on
@@ -333,9 +386,8 @@ def _send_by_mx(message: Any, port: int, nameservers: List[str], options: Dict[s
                         "version": ev.tls_version, "verified": ev.verified,
                         "resumed": ev.resumed, "policy": ev.policy_type})
 
-    resolver = Resolver(nameservers or None)
     helo = options.pop("helo")
-    with Engine(resolver=resolver, helo=helo, on_tls_event=seen) as engine:
+    with Engine(resolver=resolver or Resolver(), helo=helo, on_tls_event=seen) as engine:
         ticket = engine.submit(message, port=port, **options)
     return ticket.result
 
@@ -392,7 +444,7 @@ def _cmd_send(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                             "verified": bool(version) and level in VERIFYING
                             and not args.insecure})
         else:
-            result = _send_by_mx(message, port, args.nameserver, options, tls)
+            result = _send_by_mx(message, port, _resolver(args, parser), options, tls)
             if args.tls == "none":
                 tls.append({"level": "none", "result": "none"})
     except (InvalidMessageError, InvalidOptionError) as exc:
@@ -592,9 +644,6 @@ def _send_parser(sub: Any) -> None:
                            "default: each recipient's MX hosts")
     send.add_argument("--port", type=int, default=25, metavar="PORT",
                       help="without --server: the port of every MX host (default 25)")
-    send.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]",
-                      help="without --server: ask this name server (repeat; default: "
-                           "those of /etc/resolv.conf)")
     send.add_argument("--protocol", choices=("smtp", "lmtp"), default="smtp",
                       help="LMTP (RFC 2033) needs --server (default smtp)")
     send.add_argument("--from", "-f", dest="sender", metavar="ADDR",
@@ -653,6 +702,8 @@ def _send_parser(sub: Any) -> None:
     send.add_argument("--require-tls", action="store_true",
                       help="REQUIRETLS (RFC 8689): only over verified TLS to a server "
                            "that offers it")
+    dns = send.add_argument_group("DNS, without --server")
+    _resolver_arguments(dns)
     send.add_argument("--json", action="store_true", help="print the result as JSON")
     send.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                       help="print the dialogue on stderr (credentials redacted)")
@@ -663,7 +714,7 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     """smtpstate worker: consume delivery jobs from a broker (smtpstate.queue)."""
     from smtpstate.errors import InvalidOptionError
     from smtpstate.queue import run_workers
-    from smtpstate.routing import Resolver
+    from smtpstate.routing import load_limits
 
     try:
         schedule = tuple(float(s) for s in args.retry_schedule.split(",") if s.strip())
@@ -683,8 +734,24 @@ def _cmd_worker(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         options["visibility_timeout"] = args.visibility_timeout
     if args.helo:
         options["helo"] = args.helo
-    if args.nameserver:
-        options["resolver"] = Resolver(args.nameserver)
+    resolver = _resolver(args, parser)
+    if resolver is not None:
+        options["resolver"] = resolver
+    # Checked here, before any process starts: a child's error would only
+    # be logged, and the command would not say what to fix.
+    try:
+        if args.limits is not None:
+            options["limits"] = load_limits(args.limits)
+        if args.shared_limits is not None:
+            from smtpstate.shared_limits import RateLimiter, shared_rates
+            if not shared_rates(options.get("limits")):
+                parser.error("--shared-limits needs --limits FILE with a message_rate for a "
+                             "domain or '*' (the rate shared through Redis; mx: keys "
+                             "cannot be shared)")
+            RateLimiter(args.shared_limits).close()      # a URL redis-py refuses
+            options["shared_limits"] = args.shared_limits
+    except InvalidOptionError as e:
+        parser.error(str(e))
     if args.print_results:
         def show(result: Dict[str, Any]) -> None:
             print(json.dumps(result, sort_keys=True), flush=True)
@@ -717,9 +784,14 @@ def _worker_parser(sub: Any) -> None:
                         help="connections per process (default 200)")
     worker.add_argument("--max-per-destination", type=int, default=10, metavar="N",
                         help="connections per destination per process (default 10)")
-    worker.add_argument("--nameserver", action="append", default=[], metavar="IP[:PORT]",
-                        help="ask this name server for MX records (repeat; default: "
-                             "those of /etc/resolv.conf)")
+    worker.add_argument("--limits", metavar="FILE",
+                        help="per-process limits per destination, from a JSON file: "
+                             '{"example.com": {"connections": 5, "message_rate": 20}, '
+                             '"mx:*.outlook.com": {...}, "*": {...}} (docs/queue.md)')
+    worker.add_argument("--shared-limits", metavar="URL",
+                        help="a Redis URL (redis://host:6379/1): the message_rate of "
+                             "--limits' domain keys and '*' holds for every worker "
+                             "using it together, not per process")
     worker.add_argument("--helo", metavar="NAME", help="the EHLO name (default: this host's)")
     worker.add_argument("--retry-schedule", default="300,600,1200,2400,4000",
                         metavar="S,S,...",
@@ -733,6 +805,7 @@ def _worker_parser(sub: Any) -> None:
                              "this long (default kombu's 3600; longer than any delivery)")
     worker.add_argument("--print-results", action="store_true",
                         help="also print each final result as a JSON line")
+    _resolver_arguments(worker.add_argument_group("DNS"))
     worker.set_defaults(func=_cmd_worker, subparser=worker)
 
 

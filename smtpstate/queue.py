@@ -592,6 +592,30 @@ def outcome(job: Job, result: Any, *, schedule: Sequence[float] = DEFAULT_SCHEDU
 # ---------------------------------------------------------------------------
 
 
+def _shared_rates(url: Optional[str], limits: Any) -> Dict[str, float]:
+    """The rates Worker(shared_limits=url) shares, checked at once."""
+    if url is None:
+        return {}
+    from smtpstate.shared_limits import RateLimiter, shared_rates
+    if not isinstance(url, str) or not url:
+        raise InvalidOptionError(f"shared_limits must be a Redis URL, not {url!r}")
+    RateLimiter(url).close()                    # a URL redis-py refuses, said now
+    rates = shared_rates(limits)
+    if not rates:
+        raise InvalidOptionError(
+            "shared_limits needs limits with a message_rate for a domain or '*' (the "
+            "rate shared through Redis); mx: keys cannot be shared")
+    return rates
+
+
+def _limit_domain(job: Job) -> str:
+    """The name a job's shared rate is kept under: its first pending
+    recipient's domain (a job is one message, and its first recipient's
+    domain stands for it), lower case; "" without one."""
+    address = job.recipients[0]["address"]
+    return address.rpartition("@")[2].lower() if "@" in address else ""
+
+
 class _AmqpTransport:
     """The worker's broker on RabbitMQ (AMQP, through kombu): jobs from a
     quorum queue with a prefetch window, results and dead letters
@@ -691,6 +715,12 @@ class Worker:
             died are handed to another this long after (default 30 s).
             RabbitMQ needs none: a dead worker's connection closes and the
             broker requeues its jobs at once.
+        shared_limits: a Redis URL (``redis://host:6379/1``): the
+            ``message_rate`` of each domain key of ``limits`` (and of
+            ``"*"``, each domain on its own) holds for every worker using
+            that Redis together, not per process; a job over it waits in
+            the worker, unacknowledged, until its turn
+            (:mod:`smtpstate.shared_limits`, docs/queue.md).
         **engine_options: for :class:`~smtpstate.Engine` (``max_connections``,
             ``max_per_destination``, ``helo``, ``resolver``, ``limits`` ...).
 
@@ -710,6 +740,7 @@ class Worker:
                  schedule: Sequence[float] = DEFAULT_SCHEDULE,
                  max_age: float = DEFAULT_MAX_AGE, drain_timeout: float = 60.0,
                  visibility_timeout: Optional[float] = None,
+                 shared_limits: Optional[str] = None,
                  **engine_options: Any) -> None:
         schedule = tuple(float(s) for s in schedule)
         if not schedule or any(s <= 0 for s in schedule):
@@ -731,6 +762,9 @@ class Worker:
             raise InvalidOptionError(f"visibility_timeout must be positive seconds, "
                                      f"not {visibility_timeout!r}")
         self.visibility_timeout = visibility_timeout
+        self.shared_limits = shared_limits
+        self._shared_rates = _shared_rates(shared_limits, engine_options.get("limits"))
+        self._held: Optional[Any] = None
         self._engine_options = engine_options
         self._stop = threading.Event()
         self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
@@ -752,6 +786,9 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         engine = Engine(**self._engine_options)
+        if self._shared_rates:
+            from smtpstate.shared_limits import HeldJobs, RateLimiter
+            self._held = HeldJobs(RateLimiter(str(self.shared_limits)), self._shared_rates)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
         transport: Any = None
@@ -767,10 +804,12 @@ class Worker:
             while not self._stop.is_set():
                 self._take(engine, transport)
                 self._settle(transport)
+                self._release_held(engine, transport)
                 transport.housekeeping()
             # Stop taking jobs; what was delivered to us but not submitted
             # is given back; finish the rest.
             transport.stop_taking()
+            self._give_back_held(transport)
             deadline = time.monotonic() + self.drain_timeout
             while self._inflight and time.monotonic() < deadline:
                 self._take(engine, transport)
@@ -782,6 +821,8 @@ class Worker:
                             self.drain_timeout)
         finally:
             engine.close()
+            if self._held is not None:
+                self._held.limiter.close()
             if transport is not None:
                 transport.close()
         log.info("worker stopped after %d job(s)", self.processed)
@@ -804,7 +845,9 @@ class Worker:
         engine thread cannot wake a wait on the broker's socket, so 50 ms
         bounds the delay before a result is published)."""
         idle = self._done.empty()
-        deliveries = transport.poll(0.05 if idle else 0, self.prefetch - len(self._inflight))
+        held = len(self._held) if self._held is not None else 0
+        deliveries = transport.poll(0.05 if idle else 0,
+                                    self.prefetch - len(self._inflight) - held)
         if not deliveries:
             if idle and not transport.blocks:
                 self._ready.wait(0.05)
@@ -819,12 +862,33 @@ class Worker:
             except JobError as e:
                 self._dead(transport, handle, body, str(e))
                 continue
-            try:
-                ticket = engine.submit(job.message(), job.host, job.port, **job.options)
-            except (ValueError, TypeError) as e:
-                self._dead(transport, handle, body, f"the engine refused the job: {e}")
-                continue
-            self._inflight[ticket.id] = (handle, job, redelivered)
+            if self._held is not None and not self._held.admit(
+                    _limit_domain(job), (handle, body, job, redelivered)):
+                continue                # over its shared rate: _release_held submits it
+            self._submit(engine, transport, handle, body, job, redelivered)
+
+    def _submit(self, engine: Any, transport: Any, handle: Any, body: bytes, job: Job,
+                redelivered: bool) -> None:
+        try:
+            ticket = engine.submit(job.message(), job.host, job.port, **job.options)
+        except (ValueError, TypeError) as e:
+            self._dead(transport, handle, body, f"the engine refused the job: {e}")
+            return
+        self._inflight[ticket.id] = (handle, job, redelivered)
+
+    def _release_held(self, engine: Any, transport: Any) -> None:
+        # Jobs whose shared rate lets them go now. The loop comes here at
+        # least every 50 ms (_take), which bounds how late one goes.
+        if self._held is not None:
+            for handle, body, job, redelivered in self._held.due():
+                self._submit(engine, transport, handle, body, job, redelivered)
+
+    def _give_back_held(self, transport: Any) -> None:
+        # Stopping: jobs held for their shared rate were never started;
+        # give them back for another worker rather than wait their turn.
+        if self._held is not None:
+            for handle, _body, _job, _redelivered in self._held.drain():
+                transport.give_back(handle)
 
     def _dead(self, transport: Any, handle: Any, body: bytes, reason: str) -> None:
         log.warning("job dead-lettered to %s.dead: %s", self.queue, reason)

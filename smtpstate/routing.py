@@ -10,17 +10,19 @@ sites, limits, back-off).
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from smtpstate._ffi import ffi, lib
 from smtpstate.errors import InvalidOptionError
 from smtpstate.options import _printable_name
 
-__all__ = ["Resolver", "Limits", "Source", "INET_PROTOCOLS", "ADDRESS_PREFERENCES"]
+__all__ = ["Resolver", "Limits", "Source", "load_limits", "INET_PROTOCOLS",
+           "ADDRESS_PREFERENCES"]
 
 #: Postfix's names: which address families are used, and which goes first.
 INET_PROTOCOLS = {"all": 0, "ipv4": 4, "ipv6": 6}
@@ -235,6 +237,90 @@ def _limits_key(key: Any) -> str:
     if key != "*":
         _printable_name("limits key", name, 253)
     return key
+
+
+_LIMITS_FIELDS: Dict[str, Tuple[type, ...]] = {
+    "connections": (int,),
+    "messages_per_connection": (int,),
+    "connection_rate": (int, float, type(None)),
+    "message_rate": (int, float, type(None)),
+}
+
+
+def load_limits(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Limits]:
+    """Read limits from a JSON file: an object mapping each limits key (a
+    recipient domain, ``"mx:<glob>"`` or ``"*"``) to an object of
+    :class:`Limits` fields, for example::
+
+        {"example.com": {"connections": 5, "message_rate": 20},
+         "mx:*.outlook.com": {"connections": 10},
+         "*": {"connections": 20, "messages_per_connection": 100}}
+
+    A field left out keeps its default; the keys keep the file's order
+    (the first matching ``mx:`` glob wins, docs/routing.md).
+
+    Returns:
+        ``{key: Limits(...)}``, ready for ``Engine(limits=...)``.
+
+    Raises:
+        InvalidOptionError: the file cannot be read or is not JSON, a key
+            appears twice, a key or field is unknown, or a value has the
+            wrong type or range; the message names the file, the key and
+            the field.
+    """
+    name = os.fspath(path)
+    try:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidOptionError(f"limits file {name}: cannot be read: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
+
+    def unique(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        # json.loads would keep the last of two equal keys in silence: a
+        # typo'd copy of a rule would override the rule without a word.
+        out: Dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise InvalidOptionError(f"limits file {name}: key {k!r} appears twice")
+            out[k] = v
+        return out
+
+    try:
+        obj = json.loads(text, object_pairs_hook=unique)
+    except ValueError as e:
+        if isinstance(e, InvalidOptionError):
+            raise
+        raise InvalidOptionError(f"limits file {name}: not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidOptionError(f"limits file {name}: must hold a JSON object mapping keys "
+                                 f"to limits, not a {type(obj).__name__}")
+    limits: Dict[str, Limits] = {}
+    for key, fields in obj.items():
+        where = f"limits file {name}: key {key!r}"
+        try:
+            _limits_key(key)
+        except InvalidOptionError as e:
+            raise InvalidOptionError(f"{where}: {e}") from None
+        if not isinstance(fields, dict):
+            raise InvalidOptionError(f"{where}: must map to an object of fields "
+                                     f"({', '.join(_LIMITS_FIELDS)}), not {fields!r}")
+        for field, value in fields.items():
+            types = _LIMITS_FIELDS.get(field)
+            if types is None:
+                raise InvalidOptionError(f"{where}: unknown field {field!r} (known: "
+                                         f"{', '.join(_LIMITS_FIELDS)})")
+            # JSON true is a Python bool, which is an int: refuse it here,
+            # where the file and field can be named.
+            if isinstance(value, bool) or not isinstance(value, types):
+                want = "an integer" if types == (int,) else "a number or null"
+                raise InvalidOptionError(f"{where}: field {field!r} must be {want}, "
+                                         f"not {json.dumps(value)}")
+        try:
+            limits[key] = Limits(**fields)
+        except InvalidOptionError as e:
+            raise InvalidOptionError(f"{where}: {e}") from None
+    return limits
 
 
 def apply_limits(engine_ptr: Any, limits: Mapping[str, Limits]) -> None:

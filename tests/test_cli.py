@@ -410,3 +410,20 @@ def test_send_lmtp_needs_a_server(capsys):
     assert exc.value.code == 2
     assert "--protocol lmtp needs --server" in capsys.readouterr().err
 
+
+
+def test_send_resolver_option_names_the_name_servers(dns_server, dns_origin, mx_servers,
+                                                     capsys):
+    servers = mx_servers(["127.0.0.2"])
+    dns_server.add_zone(dns_origin, ["@ MX 10 mx1", "mx1 A 127.0.0.2"])
+    rc = main(["send", "-t", f"bob@{dns_origin}", "-f", "me@client.test",
+               "--resolver", dns_server.address, "--no-dnssec", "--dns-timeout", "2",
+               "--port", str(servers.port), "--helo", "client.test", "--timeout", "10"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"delivered via mx1.{dns_origin}[127.0.0.2]" in out
+    with pytest.raises(SystemExit) as exc:
+        main(["send", "-t", f"bob@{dns_origin}", "--resolver", "system",
+              "--nameserver", dns_server.address])
+    assert exc.value.code == 2
+    assert "not both" in capsys.readouterr().err
