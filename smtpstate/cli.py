@@ -801,8 +801,9 @@ def _worker_parser(sub: Any) -> None:
                         help="give up (permfail 5.4.7, expired) this long after the first "
                              "enqueue (default 5 days)")
     worker.add_argument("--visibility-timeout", type=float, metavar="SECONDS",
-                        help="Redis only: hand a job a dead worker held to another after "
-                             "this long (default kombu's 3600; longer than any delivery)")
+                        help="Redis only: a worker's lease, renewed while it lives; the "
+                             "jobs of a worker that died are handed out again this long "
+                             "after (default 30)")
     worker.add_argument("--print-results", action="store_true",
                         help="also print each final result as a JSON line")
     _resolver_arguments(worker.add_argument_group("DNS"))

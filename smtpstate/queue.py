@@ -1,8 +1,9 @@
 """Delivery through a durable broker queue: jobs, enqueue(), Worker.
 
 This module owns the wire formats between smtpstate and a message broker
-(RabbitMQ or Redis, through kombu) and the worker loop that turns jobs into
-deliveries. Rules:
+(RabbitMQ through kombu here; Redis through smtpstate._redis_queue), the
+worker loop that turns jobs into deliveries, and the supervisor of worker
+processes. Rules:
 
 * Everything on the broker is JSON (never pickle): a job must not be able
   to run code in a worker. Jobs and results carry a ``version``; a job of
@@ -15,12 +16,17 @@ deliveries. Rules:
 * Temporary failures wait in the broker, not in memory: one delay queue
   per step of the retry schedule, whose messages expire (per-queue TTL)
   into the main queue through RabbitMQ's dead-lettering; on Redis, a
-  sorted set the workers poll (:class:`_RedisDelayed`).
+  sorted set the workers poll.
+* The Worker drives either broker through one small interface
+  (``poll``, ``finish``, ``retry``, ``dead``, ``give_back``,
+  ``housekeeping``, ``close``): :class:`_AmqpTransport` here,
+  ``_redis_queue.RedisTransport`` there.
 
 The topology for a queue named ``Q`` (every name derived from it):
 
 ==================  ======================================================
-``Q``               jobs (RabbitMQ: a durable quorum queue)
+``Q``               jobs (RabbitMQ: a durable quorum queue with a
+                    delivery limit; Redis: a list)
 ``Q.results``       one JSON result per job that reached its end
 ``Q.dead``          jobs that could not be read, with the reason
 ``Q.delay.<secs>``  jobs waiting for their next attempt (RabbitMQ)
@@ -769,7 +775,10 @@ class Worker:
         self._stop = threading.Event()
         self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
         self._ready = threading.Event()
-        self._inflight: Dict[int, Tuple[Any, Job, bool]] = {}
+        # Keyed by the Ticket itself: a ticket's id is 0 while its message
+        # waits for its domains' MTA-STS policies, and the Result carries
+        # back the same object.
+        self._inflight: Dict[Any, Tuple[Any, Job, bool]] = {}
         self.processed = 0
 
     def stop(self) -> None:
@@ -874,7 +883,7 @@ class Worker:
         except (ValueError, TypeError) as e:
             self._dead(transport, handle, body, f"the engine refused the job: {e}")
             return
-        self._inflight[ticket.id] = (handle, job, redelivered)
+        self._inflight[ticket] = (handle, job, redelivered)
 
     def _release_held(self, engine: Any, transport: Any) -> None:
         # Jobs whose shared rate lets them go now. The loop comes here at
@@ -902,7 +911,7 @@ class Worker:
                 result = self._done.get_nowait()
             except _stdqueue.Empty:
                 return
-            entry = self._inflight.pop(result.ticket.id, None) if result.ticket else None
+            entry = self._inflight.pop(result.ticket, None) if result.ticket else None
             if entry is None:
                 log.error("a result for no job in flight: %s", result)
                 continue

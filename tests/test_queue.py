@@ -638,3 +638,24 @@ def test_supervisor_gives_up_on_options_the_engine_refuses(rabbitmq, queue_name)
     proc = _spawn(cmd)
     assert _stop(proc, sig=0, timeout=60) == 2
     assert "max_per_destination" in _log(proc)
+
+
+def test_jobs_by_mx_held_for_their_mta_sts_policy_each_get_their_result(
+        rabbitmq, queue_name, dns_server, dns_origin, mx_servers):
+    # The default TLS by MX looks for each domain's MTA-STS policy first;
+    # messages held for it have no ticket id yet (docs/service.md), and
+    # the worker must still match every result to its job.
+    servers = mx_servers(["127.0.0.2"])
+    dns_server.add_zone(dns_origin, ["@ MX 10 mx1", "mx1 A 127.0.0.2"])
+    ids = sq.enqueue(_messages(5, rcpts=(f"bob@{dns_origin}",)), rabbitmq.url, queue_name,
+                     port=servers.port)
+    worker = _worker(rabbitmq.url, queue_name, "--resolver", dns_server.address,
+                     "--no-dnssec")
+    try:
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=60)
+    finally:
+        assert _stop(worker) == 0
+    assert "a result for no job in flight" not in _log(worker)
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids) and max(counts.values()) == 1, _log(worker)[-2000:]
+    assert {r["status"] for r in results} == {"delivered"}
