@@ -331,7 +331,6 @@ def register(app: "Celery", name: str = DEFAULT_TASK_NAME, *,
     deliver.__doc__ = "Deliver a batch of smtpstate jobs (smtpstate.celery.register)."
     task = app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True,
                     serializer="json", typing=False)(deliver)
-    task._smtpstate_binding = binding
     return task
 
 
