@@ -203,3 +203,27 @@ def test_worker_process_killed_mid_task_redelivers_it_marked(worker, client,
     assert len(subjects) == 10
     assert len(server.messages) >= 10
 
+
+
+@pytest.mark.parametrize("pool, at_start", [("solo", True), ("threads", False)])
+def test_one_engine_in_the_worker_process_without_prefork(pool, at_start, worker_env, client,
+                                                          aiosmtpd_server):
+    # solo: Celery sends worker_process_init in the worker's own process,
+    # which makes the Engine as it starts. threads: no such signal; the
+    # first task makes it, and the tasks running at once in other threads
+    # share it. Either way, one Engine, closed at worker shutdown.
+    w = celery_worker_app.CeleryWorker("celery_worker_app", HERE, worker_env, pool=pool,
+                                       concurrency=2).wait_ready()
+    try:
+        assert _engine_pids(w.log()) == ([str(w.proc.pid)] if at_start else [])
+        sent = [sc.send_batch(client, _messages(4, tag=f"s{b}"), aiosmtpd_server.host,
+                              aiosmtpd_server.port, tls="none") for b in range(3)]
+        records = [rec for r in sent for rec in sc.collect(r, timeout=60)]
+    finally:
+        code = w.stop()
+    assert code == 0
+    assert [r["status"] for r in records] == ["delivered"] * 12
+    assert len(aiosmtpd_server.messages) == 12
+    assert _engine_pids(w.log()) == [str(w.proc.pid)], w.log()[-3000:]
+    assert _engine_pids(w.log(), "closed") == [str(w.proc.pid)], w.log()[-3000:]
+    assert len(aiosmtpd_server.connections) == 1
