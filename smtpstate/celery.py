@@ -45,9 +45,11 @@ from smtpstate.message import Message
 from smtpstate.queue import DEFAULT_MAX_AGE, DEFAULT_SCHEDULE, Job, JobError, outcome
 from smtpstate.result import not_attempted, unsent_result
 
-if TYPE_CHECKING:                       # Celery has no type information of its own
-    from celery import Celery, Task
-    from celery.result import AsyncResult
+if TYPE_CHECKING:
+    # Celery ships no type information: these names are Any to a checker,
+    # and the annotations say what is meant.
+    from celery import Celery, Task  # type: ignore[import-untyped]
+    from celery.result import AsyncResult  # type: ignore[import-untyped]
 
 __all__ = ["DEFAULT_TASK_NAME", "TASK_RESULT_VERSION", "register", "send_batch", "collect"]
 
