@@ -202,7 +202,14 @@ class _Binding:
             return self._current
 
     def start(self, **_: Any) -> None:
-        self.engine()
+        # Raising here would fail the pool process as it starts, and Celery
+        # would start another, and another: log it, and let the first task
+        # try again and fail with the reason, where Celery records it.
+        try:
+            self.engine()
+        except Exception:
+            log.exception("%s: no engine in process %d; tasks will retry making it",
+                          self.name, os.getpid())
 
     def close(self, **_: Any) -> None:
         with self._lock:

@@ -173,6 +173,9 @@ def test_tempfail_is_sent_again_after_the_schedule_and_delivered(worker, client,
     # The first attempt delivered to ok@ only, the retry to grey@ only.
     rcpt_sets = sorted(tuple(m.rcpt_tos) for m in handler.messages)
     assert rcpt_sets == [("grey@example.net",)] * 5 + [("ok@example.net",)] * 5
+    # on_result saw each final record in the worker, from the retry task.
+    seen = re.findall(r"on_result: job (\S+) (\w+) after (\d+) attempt", worker.log())
+    assert sorted(seen) == sorted((r["job"], "delivered", "2") for r in records)
 
 
 def test_worker_process_killed_mid_task_redelivers_it_marked(worker, client,
