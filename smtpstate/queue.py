@@ -47,6 +47,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from smtpstate import _redis_queue
 from smtpstate.errors import InvalidOptionError
 from smtpstate.message import Message, Recipient
 
@@ -324,26 +325,44 @@ def _is_amqp(conn: Any) -> bool:
     return getattr(conn.transport, "driver_type", "") == "amqp"
 
 
+#: Deliveries of one job without an acknowledgement (its worker died each
+#: time, or gave it back) after which RabbitMQ dead-letters it to
+#: ``Q.dead`` as it is: a job that kills every worker taking it must not
+#: go round for ever.
+DELIVERY_LIMIT = 20
+
+
 def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
-           back_to: Optional[str] = None) -> Any:
+           back_to: Optional[str] = None, dead_to: Optional[str] = None) -> Any:
     """A kombu Queue on the default exchange (routing key = its name):
-    durable; on RabbitMQ a quorum queue, and for a delay queue one whose
-    messages expire after ``delay`` seconds into ``back_to``."""
+    durable; on RabbitMQ a quorum queue; for a delay queue one whose
+    messages expire after ``delay`` seconds into ``back_to``; for a job
+    queue one that dead-letters into ``dead_to`` after DELIVERY_LIMIT."""
     kombu = _kombu()
     args: Dict[str, Any] = {}
     if _is_amqp(conn):
         args = {"x-queue-type": "quorum"}
+        # Dead-lettering out of a quorum queue is done at least once only
+        # with the "at-least-once" strategy (RabbitMQ 3.10+), which needs
+        # reject-publish overflow; otherwise a crash could lose the job.
         if delay is not None:
-            # Expired jobs go back to the job queue by dead-lettering, which
-            # a quorum queue does at least once (RabbitMQ 3.10+: the
-            # "at-least-once" strategy, which needs reject-publish overflow);
-            # a classic queue's dead-lettering could lose a job in a crash.
             args.update({"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
                          "x-dead-letter-routing-key": back_to,
                          "x-dead-letter-strategy": "at-least-once",
                          "x-overflow": "reject-publish"})
+        elif dead_to is not None:
+            args.update({"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": "",
+                         "x-dead-letter-routing-key": dead_to,
+                         "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
     return kombu.Queue(name, exchange=kombu.Exchange(""), routing_key=name, durable=True,
                        auto_delete=False, queue_arguments=args or None)
+
+
+def _job_queue(conn: Any, name: str) -> Any:
+    """The job queue ``name`` as every producer and consumer declares it
+    (RabbitMQ refuses a second declaration with other arguments)."""
+    return _queue(conn, name, dead_to=name + ".dead")
 
 
 def _connect(broker_url: str, visibility_timeout: Optional[float] = None) -> Any:
@@ -396,9 +415,20 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
             exception, so enqueue again what matters, at-least-once).
     """
     jobs = [Job.from_message(m, host, port, **options) for m in messages]
+    if _redis_queue.is_redis_url(broker_url):
+        r = _redis_queue.client(broker_url)
+        try:
+            _redis_queue.push(r, queue, [job.to_json() for job in jobs])
+        finally:
+            r.close()
+        log.info("enqueued %d job(s) on %s", len(jobs), queue)
+        return [j.id for j in jobs]
     conn = _connect(broker_url)
     try:
-        q = _queue(conn, queue)
+        q = _job_queue(conn, queue)
+        # The dead-letter queue exists before any job could be sent there
+        # (RabbitMQ keeps a job whose dead-letter target is missing).
+        _queue(conn, queue + ".dead")(conn.default_channel).declare()
         producer = conn.Producer()
         for job in jobs:
             _publish(producer, job.to_json(), q, JOB_CONTENT_TYPE)
@@ -412,7 +442,12 @@ def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 
                  limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
     """Consume results from ``<queue>.results``, acknowledging each once
     yielded (the next one is read after the loop asks for it); stop after
-    ``limit`` results, or when none came for ``timeout`` seconds."""
+    ``limit`` results, or when none came for ``timeout`` seconds. A result
+    yielded and not yet acknowledged when the reader dies (or breaks out of
+    the loop) is handed out again."""
+    if _redis_queue.is_redis_url(broker_url):
+        yield from _read_redis_results(broker_url, queue, timeout, limit)
+        return
     conn = _connect(broker_url)
     try:
         q = _queue(conn, queue + ".results")
@@ -434,6 +469,33 @@ def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 
                 msg.ack()
     finally:
         conn.release()
+
+
+def _read_redis_results(broker_url: str, queue: str, timeout: float,
+                        limit: Optional[int]) -> Iterator[Dict[str, Any]]:
+    r = _redis_queue.client(broker_url)
+    results = _redis_queue.ReliableList(r, queue + ".results")
+    try:
+        count = 0
+        idle_since = time.monotonic()
+        while limit is None or count < limit:
+            results.housekeeping()
+            got = results.take(min(100, limit - count) if limit is not None else 100)
+            if not got:
+                if time.monotonic() - idle_since >= timeout:
+                    return
+                time.sleep(0.02)
+                continue
+            for body, _again in got:
+                count += 1
+                yield json.loads(body)
+                results.ack(body)
+            idle_since = time.monotonic()
+    finally:
+        try:
+            results.leave()
+        finally:
+            r.close()
 
 
 # ---------------------------------------------------------------------------
@@ -530,13 +592,87 @@ def outcome(job: Job, result: Any, *, schedule: Sequence[float] = DEFAULT_SCHEDU
 # ---------------------------------------------------------------------------
 
 
+class _AmqpTransport:
+    """The worker's broker on RabbitMQ (AMQP, through kombu): jobs from a
+    quorum queue with a prefetch window, results and dead letters
+    published with confirms, retries through the delay queues."""
+
+    #: poll() waits in the broker connection for up to its timeout.
+    blocks = True
+
+    def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
+                 prefetch: int) -> None:
+        self.conn = _connect(broker_url)
+        q = queue
+        self._q = _job_queue(self.conn, q)
+        self._results_q = _queue(self.conn, q + ".results")
+        self._dead_q = _queue(self.conn, q + ".dead")
+        self._delay_qs = {s: _queue(self.conn, f"{q}.delay.{s:g}", delay=s, back_to=q)
+                          for s in sorted(set(schedule))}
+        for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
+            kq(self.conn.default_channel).declare()
+        self.producer = self.conn.Producer()
+        self._got: List[Any] = []
+        self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
+                                           prefetch_count=prefetch, accept=[])
+        self.consumer.consume()
+
+    def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
+        """Jobs the broker delivered (within the prefetch window, so
+        ``room`` is the broker's to keep), waiting up to ``timeout`` s."""
+        del room
+        if not self._got:
+            try:
+                self.conn.drain_events(timeout=timeout)
+            except socket.timeout:
+                pass
+        got, self._got[:] = list(self._got), []
+        return [(_body_bytes(m.body), bool(m.delivery_info.get("redelivered")), m)
+                for m in got]
+
+    def housekeeping(self) -> None:
+        pass
+
+    def stop_taking(self) -> None:
+        self.consumer.cancel()
+
+    def finish(self, msg: Any, result: bytes,
+               before_ack: Optional[Callable[[], None]] = None) -> None:
+        _publish(self.producer, result, self._results_q, RESULT_CONTENT_TYPE)
+        if before_ack is not None:
+            before_ack()
+        msg.ack()
+
+    def retry(self, msg: Any, retry: bytes, delay: float) -> None:
+        _publish(self.producer, retry, self._delay_qs[delay], JOB_CONTENT_TYPE)
+        msg.ack()
+
+    def dead(self, msg: Any, record: bytes, reason: str) -> None:
+        _publish(self.producer, record, self._dead_q, DEAD_CONTENT_TYPE,
+                 {"x-smtpstate-reason": reason[:200]})
+        msg.ack()
+
+    def give_back(self, msg: Any) -> None:
+        msg.requeue()
+
+    def close(self) -> None:
+        # What is still unacknowledged is requeued by the broker when the
+        # connection closes.
+        self.conn.release()
+
+
+def _body_bytes(body: Any) -> bytes:
+    return body.encode() if isinstance(body, str) else bytes(body)
+
+
 class Worker:
     """Consume jobs from a queue and deliver them through one long-lived
     :class:`~smtpstate.Engine` (one worker per process; run several
     processes, or ``smtpstate worker --processes N``, for more cores).
 
     Args:
-        broker_url: the kombu URL of the broker.
+        broker_url: the broker's URL: ``amqp://...`` (RabbitMQ, through
+            kombu) or ``redis://...`` (through redis-py).
         queue: the job queue's name.
         on_result: called with each final result (a dict in the result
             format) after it was published and before its job is
@@ -550,10 +686,11 @@ class Worker:
         drain_timeout: on stop, seconds to wait for the deliveries in
             flight before leaving the rest unacknowledged (the broker then
             gives them to another worker).
-        visibility_timeout: Redis only: seconds after which a job a
-            worker took and did not acknowledge (it died) is given to
-            another; kombu's default is 3600. It must be longer than any
-            delivery takes, or a slow job is delivered twice.
+        visibility_timeout: Redis only: the worker's lease, renewed every
+            sixth of it while the worker lives; the jobs of a worker that
+            died are handed to another this long after (default 30 s).
+            RabbitMQ needs none: a dead worker's connection closes and the
+            broker requeues its jobs at once.
         **engine_options: for :class:`~smtpstate.Engine` (``max_connections``,
             ``max_per_destination``, ``helo``, ``resolver``, ``limits`` ...).
 
@@ -597,6 +734,7 @@ class Worker:
         self._engine_options = engine_options
         self._stop = threading.Event()
         self._done: "_stdqueue.Queue[Any]" = _stdqueue.Queue()
+        self._ready = threading.Event()
         self._inflight: Dict[int, Tuple[Any, Job, bool]] = {}
         self.processed = 0
 
@@ -616,99 +754,85 @@ class Worker:
         engine = Engine(**self._engine_options)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
-        conn = _connect(self.broker_url, self.visibility_timeout)
+        transport: Any = None
         try:
-            self._topology(conn)
-            producer = conn.Producer()
-            consumer = conn.Consumer([self._q], on_message=self._on_job(engine, producer),
-                                     prefetch_count=self.prefetch, accept=[])
+            if _redis_queue.is_redis_url(self.broker_url):
+                transport = _redis_queue.RedisTransport(self.broker_url, self.queue,
+                                                        self.visibility_timeout)
+            else:
+                transport = _AmqpTransport(self.broker_url, self.queue, self.schedule,
+                                           self.prefetch)
             driver.start()
-            consumer.consume()
             log.info("worker consuming %s (prefetch %d)", self.queue, self.prefetch)
             while not self._stop.is_set():
-                self._wait(conn)
-                self._settle(producer)
-                if self._delayed is not None:
-                    self._delayed.move_due(producer, self._q)
+                self._take(engine, transport)
+                self._settle(transport)
+                transport.housekeeping()
             # Stop taking jobs; what was delivered to us but not submitted
-            # is given back (requeued) by _on_job; finish the rest.
-            consumer.cancel()
+            # is given back; finish the rest.
+            transport.stop_taking()
             deadline = time.monotonic() + self.drain_timeout
             while self._inflight and time.monotonic() < deadline:
-                self._wait(conn)
-                self._settle(producer)
+                self._take(engine, transport)
+                self._settle(transport)
+                transport.housekeeping()
             if self._inflight:
                 log.warning("%d job(s) still in flight after %.0f s: left unacknowledged "
                             "(the broker redelivers them)", len(self._inflight),
                             self.drain_timeout)
         finally:
             engine.close()
-            conn.release()
+            if transport is not None:
+                transport.close()
         log.info("worker stopped after %d job(s)", self.processed)
 
     # -- inside run() --------------------------------------------------------
-
-    def _topology(self, conn: Any) -> None:
-        q = self.queue
-        self._q = _queue(conn, q)
-        self._results_q = _queue(conn, q + ".results")
-        self._dead_q = _queue(conn, q + ".dead")
-        self._delay_qs = {s: _queue(conn, f"{q}.delay.{s:g}", delay=s, back_to=q)
-                          for s in sorted(set(self.schedule))}
-        self._delayed: Optional[_RedisDelayed] = None
-        if not _is_amqp(conn):
-            # No per-queue TTL or dead-lettering outside AMQP: a sorted set.
-            self._delayed = _RedisDelayed(self.broker_url, q)
-            self._delay_qs = {}
-        for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
-            kq(conn.default_channel).declare()
 
     def _drive(self, engine: Any) -> None:
         try:
             for result in engine.run(forever=True):
                 self._done.put(result)
+                self._ready.set()
         except Exception:                                     # a bug: say so and stop
             log.exception("the engine's loop failed; the worker stops")
             self._stop.set()
+            self._ready.set()
 
-    def _wait(self, conn: Any) -> None:
-        # Broker events for up to 50 ms, or until a result is ready (the
-        # engine thread cannot wake kombu's socket wait; 50 ms bounds the
-        # delay before a result is published and its job acknowledged).
-        try:
-            conn.drain_events(timeout=0.05 if self._done.empty() else 0)
-        except socket.timeout:
-            pass
-
-    def _on_job(self, engine: Any, producer: Any) -> Callable[[Any], None]:
-        def on_job(msg: Any) -> None:
+    def _take(self, engine: Any, transport: Any) -> None:
+        """Take what the broker has for us (up to the prefetch window) and
+        submit it; wait up to 50 ms when there is nothing to do (the
+        engine thread cannot wake a wait on the broker's socket, so 50 ms
+        bounds the delay before a result is published)."""
+        idle = self._done.empty()
+        deliveries = transport.poll(0.05 if idle else 0, self.prefetch - len(self._inflight))
+        if not deliveries:
+            if idle and not transport.blocks:
+                self._ready.wait(0.05)
+            self._ready.clear()
+            return
+        for body, redelivered, handle in deliveries:
             if self._stop.is_set():
-                msg.requeue()
-                return
+                transport.give_back(handle)
+                continue
             try:
-                job = Job.from_json(msg.body)
+                job = Job.from_json(body)
             except JobError as e:
-                self._dead(producer, msg, str(e))
-                return
-            redelivered = bool(msg.delivery_info.get("redelivered"))
+                self._dead(transport, handle, body, str(e))
+                continue
             try:
                 ticket = engine.submit(job.message(), job.host, job.port, **job.options)
             except (ValueError, TypeError) as e:
-                self._dead(producer, msg, f"the engine refused the job: {e}")
-                return
-            self._inflight[ticket.id] = (msg, job, redelivered)
-        return on_job
+                self._dead(transport, handle, body, f"the engine refused the job: {e}")
+                continue
+            self._inflight[ticket.id] = (handle, job, redelivered)
 
-    def _dead(self, producer: Any, msg: Any, reason: str) -> None:
-        log.warning("job dead-lettered to %s: %s", self._dead_q.name, reason)
-        body = bytes(msg.body) if not isinstance(msg.body, str) else msg.body.encode()
+    def _dead(self, transport: Any, handle: Any, body: bytes, reason: str) -> None:
+        log.warning("job dead-lettered to %s.dead: %s", self.queue, reason)
         record = {"version": RESULT_VERSION, "reason": reason, "queue": self.queue,
                   "time": time.time(), "body": base64.b64encode(body).decode("ascii")}
-        _publish(producer, json.dumps(record).encode(), self._dead_q, DEAD_CONTENT_TYPE,
-                 {"x-smtpstate-reason": reason[:200]})
-        msg.ack()
+        transport.dead(handle, json.dumps(record).encode(), reason)
 
-    def _settle(self, producer: Any) -> None:
+    def _settle(self, transport: Any) -> None:
         while True:
             try:
                 result = self._done.get_nowait()
@@ -718,117 +842,155 @@ class Worker:
             if entry is None:
                 log.error("a result for no job in flight: %s", result)
                 continue
-            msg, job, redelivered = entry
-            self._finish(producer, msg, job, redelivered, result)
+            handle, job, redelivered = entry
+            self._finish(transport, handle, job, redelivered, result)
             self.processed += 1
 
-    def _finish(self, producer: Any, msg: Any, job: Job, redelivered: bool,
+    def _finish(self, transport: Any, handle: Any, job: Job, redelivered: bool,
                 result: Any) -> None:
-        """Publish what follows from one attempt, then ack the job."""
+        """Publish what follows from one attempt and ack the job."""
         step = outcome(job, result, schedule=self.schedule, max_age=self.max_age,
                        redelivered=redelivered)
         if step.retry is not None:
-            if self._delayed is not None:
-                self._delayed.add(step.retry.to_json(), time.time() + step.delay)
-            else:
-                _publish(producer, step.retry.to_json(), self._delay_qs[step.delay],
-                         JOB_CONTENT_TYPE)
+            transport.retry(handle, step.retry.to_json(), step.delay)
             log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
                      len(step.retry.recipients), step.delay, step.retry.attempts)
-            msg.ack()
             return
-        assert step.final is not None
-        _publish(producer, json.dumps(step.final, separators=(",", ":")).encode("utf-8"),
-                 self._results_q, RESULT_CONTENT_TYPE)
-        if self.on_result is not None:
+        final = step.final
+        assert final is not None
+        on_result = self.on_result
+
+        def call_on_result() -> None:
+            assert on_result is not None and final is not None
             try:
-                self.on_result(step.final)
+                on_result(final)
             except Exception:
                 log.exception("on_result raised for job %s (ignored)", job.id)
-        msg.ack()
+        transport.finish(handle, json.dumps(final, separators=(",", ":")).encode("utf-8"),
+                         call_on_result if on_result is not None else None)
 
 
-class _RedisDelayed:
-    """Jobs waiting for their next attempt on Redis, which kombu gives no
-    delayed delivery: a sorted set ``<queue>.delayed`` scored by the time
-    each is due, polled by every worker (at most once a second).
+#: A worker process's exit status when its options are wrong: the
+#: supervisor does not restart it (it would fail the same way).
+_EXIT_BAD_OPTIONS = 3
+#: Restart delays for a worker process that keeps dying: doubling from
+#: the first, reset once a process has lived ``_STEADY`` seconds.
+_RESTART_FIRST, _RESTART_MOST, _STEADY = 1.0, 60.0, 30.0
 
-    Moving a due job takes three steps, so that a worker dying at any
-    point loses nothing: a Lua script *claims* due jobs atomically by
-    re-scoring them ``LEASE`` seconds later (another worker skips them);
-    the claimant publishes each to the job queue; then removes it from the
-    set. A worker that dies after claiming leaves jobs that come due again
-    when the lease ends. One that dies between publishing and removing
-    makes the job run twice: Redis's at-least-once boundary (docs/queue.md).
-    """
 
-    LEASE = 60.0
-    _CLAIM = (
-        "local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3]) "
-        "for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end "
-        "return due")
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies (so a supervisor
+    killed with SIGKILL leaves no orphaned workers; they stop cleanly and
+    their jobs are requeued). Elsewhere a no-op."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, broker_url: str, queue: str) -> None:
-        import redis
-        self._redis = redis.Redis.from_url(broker_url)
-        self.key = queue + ".delayed"
-        self._claim = self._redis.register_script(self._CLAIM)
-        self._next_poll = 0.0
 
-    def add(self, body: bytes, due: float) -> None:
-        self._redis.zadd(self.key, {body: due})
-
-    def move_due(self, producer: Any, target: Any) -> None:
-        now = time.time()
-        if now < self._next_poll:
-            return
-        self._next_poll = now + 1.0
-        for body in self._claim(keys=[self.key], args=[now, now + self.LEASE, 100]):
-            _publish(producer, body, target, JOB_CONTENT_TYPE)
-            self._redis.zrem(self.key, body)
+def _worker_process(broker_url: str, parent: int, worker_options: Dict[str, Any]) -> None:
+    """The body of a forked worker process; never returns."""
+    code = 1
+    try:
+        _die_with_parent()
+        if os.getppid() != parent:          # the parent died before prctl
+            os._exit(0)
+        try:
+            # The engine's options are checked when run() creates it.
+            Worker(broker_url, **worker_options).run()
+        except InvalidOptionError as e:
+            log.error("worker options refused: %s", e)
+            os._exit(_EXIT_BAD_OPTIONS)
+        code = 0
+    except BaseException:
+        log.exception("worker process failed")
+    finally:
+        os._exit(code)
 
 
 def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:
-    """Run ``processes`` Worker processes (forked children) until SIGTERM or
-    SIGINT, which is passed on to each; return 0 when all stopped cleanly.
-    With one process, the worker runs in this one."""
+    """Run and supervise ``processes`` Worker processes (forked children)
+    until SIGTERM or SIGINT, which is passed on to each; return 0 when all
+    stopped cleanly. A child that dies (killed, crashed) is started again,
+    after 1 s, doubling up to 60 s while it keeps dying young; its jobs
+    went back to the broker when it died. With one process, the worker
+    runs in this one (a process manager restarts it).
+
+    Raises:
+        InvalidOptionError: worker options refused (checked here first,
+            then by each child for the engine's).
+    """
     if processes <= 1:
         Worker(broker_url, **worker_options).run()
         return 0
-    children: List[int] = []
-    for _ in range(processes):
-        pid = os.fork()
-        if pid == 0:                      # the child: nothing of the parent's broker state
-            code = 1
-            try:
-                Worker(broker_url, **worker_options).run()
-                code = 0
-            except BaseException:
-                log.exception("worker process failed")
-            finally:
-                os._exit(code)
-        children.append(pid)
+    Worker(broker_url, **worker_options)              # refuse bad options up front
+    me = os.getpid()
+    stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
+    children: Dict[int, Tuple[int, float]] = {}       # pid -> (slot, started)
+    backoff = {slot: _RESTART_FIRST for slot in range(processes)}
+    due: Dict[int, float] = {slot: 0.0 for slot in range(processes)}   # slots to start
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     status = 0
-    for pid in children:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except ChildProcessError:
-                code = 0
-                break
-            except InterruptedError:
+    while children or (due and not stopping):
+        now = time.monotonic()
+        for slot, when in list(due.items()):
+            if stopping or when > now:
                 continue
-        if code != 0:
-            status = 1
+            del due[slot]
+            # Signals wait until the child has its own handlers and the
+            # parent knows the child's pid (forward() must see it).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+            pid = os.fork()
+            if pid == 0:                      # the child: nothing of the parent's broker state
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+                _worker_process(broker_url, me, worker_options)
+            children[pid] = (slot, now)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid, code = 0, 0
+        if pid == 0:
+            time.sleep(0.2)
+            continue
+        slot, started = children.pop(pid)
+        if stopping:
+            if code != 0:
+                status = max(status, 1)
+            continue
+        if os.WIFEXITED(code) and os.WEXITSTATUS(code) == _EXIT_BAD_OPTIONS:
+            log.error("a worker process refused its options: stopping")
+            status = 2
+            forward(signal.SIGTERM, None)
+            continue
+        lived = time.monotonic() - started
+        if lived >= _STEADY:
+            backoff[slot] = _RESTART_FIRST
+        wait = backoff[slot]
+        backoff[slot] = min(_RESTART_MOST, wait * 2)
+        log.warning("worker process %d %s after %.0f s; starting another in %.0f s", pid,
+                    _how_it_ended(code), lived, wait)
+        due[slot] = time.monotonic() + wait
     return status
+
+
+def _how_it_ended(code: int) -> str:
+    if os.WIFSIGNALED(code):
+        return f"was killed by signal {os.WTERMSIG(code)}"
+    return f"exited with status {os.WEXITSTATUS(code)}"

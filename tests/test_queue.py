@@ -341,7 +341,7 @@ def test_malformed_job_is_dead_lettered_with_its_reason(rabbitmq, queue_name,
     wrong_version["id"] = str(uuid.uuid4())
     bodies = [b"not json at all", json.dumps(wrong_version).encode(), good]
     with kombu.Connection(rabbitmq.url) as conn:
-        q = sq._queue(conn, queue_name)
+        q = sq._job_queue(conn, queue_name)
         producer = conn.Producer()
         for body in bodies:
             producer.publish(body, exchange="", routing_key=queue_name, declare=[q],
@@ -375,7 +375,7 @@ def test_malformed_job_is_dead_lettered_with_its_reason(rabbitmq, queue_name,
 
 
 # ---------------------------------------------------------------------------
-# Redis: the same code through kombu's Redis transport
+# Redis: reliable lists through redis-py (smtpstate/_redis_queue.py)
 # ---------------------------------------------------------------------------
 
 
@@ -420,12 +420,6 @@ def test_redis_tempfail_waits_in_the_sorted_set_then_delivers(redis_broker, queu
     assert redis.Redis.from_url(redis_broker.url).zcard(queue_name + ".delayed") == 0
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "kombu's Redis transport pops a message (BRPOP) before it records it as "
-    "unacknowledged (MULTI ZADD/HSET), so a SIGKILL between the two loses the "
-    "job; and a consumer killed while holding kombu's restore mutex delays "
-    "every restore by up to 5 minutes. Seen once in a full-suite run; see "
-    "docs/queue.md. RabbitMQ has neither window."))
 def test_redis_sigkill_mid_run_loses_nothing(redis_broker, queue_name, aiosmtpd_factory):
     class Slow(RecordingHandler):
         async def handle_DATA(self, server, session, envelope):
@@ -437,8 +431,8 @@ def test_redis_sigkill_mid_run_loses_nothing(redis_broker, queue_name, aiosmtpd_
     n = 300
     ids = sq.enqueue(_messages(n), redis_broker.url, queue_name, host=server.host,
                      port=server.port, tls="none")
-    # Jobs a dead worker held come back after the visibility timeout (kombu
-    # restores them on Redis; RabbitMQ needs no timeout).
+    # Jobs a dead worker held come back when its lease (the visibility
+    # timeout) has run out; RabbitMQ needs no timeout.
     victim = _worker(redis_broker.url, queue_name, "--visibility-timeout", "4")
     survivor = _worker(redis_broker.url, queue_name, "--visibility-timeout", "4")
     try:
@@ -457,3 +451,190 @@ def test_redis_sigkill_mid_run_loses_nothing(redis_broker, queue_name, aiosmtpd_
     assert {r["status"] for r in results} == {"delivered"}
     assert any(r["redelivered"] for r in results)
     assert code == 0
+
+
+def _redis(url):
+    import redis
+    return redis.Redis.from_url(url)
+
+
+def test_redis_reliable_list_take_ack_give_back_and_reap(redis_broker, queue_name):
+    from smtpstate import _redis_queue as rq
+
+    r = _redis(redis_broker.url)
+    rq.push(r, queue_name, [b"one", b"two", b"three"])
+    dead = rq.ReliableList(r, queue_name, lease=0.5)
+    alive = rq.ReliableList(r, queue_name, lease=30)
+    assert dead.take(2) == [(b"one", False), (b"two", False)]     # oldest first
+    assert r.llen(queue_name) == 1 and r.llen(dead.taken_key) == 2
+    dead.ack(b"one")
+    assert r.lrange(dead.taken_key, 0, -1) == [b"two"]
+    # The first consumer stops renewing its lease (it died): while the
+    # lease runs, its message stays with it; after, another hands it out
+    # again, marked, before the messages never taken.
+    assert alive.housekeeping(force=True) == 0
+    time.sleep(0.7)
+    assert alive.housekeeping(force=True) == 1
+    assert r.sismember(queue_name + ".consumers", dead.id) == 0
+    assert alive.take(5) == [(b"two", True), (b"three", False)]
+    alive.give_back(b"three")                           # next to be taken
+    assert r.lrange(queue_name, 0, -1) == [b"three"]
+    assert alive.take(1) == [(b"three", False)]
+    alive.leave()                                       # a clean exit gives back at once
+    other = rq.ReliableList(r, queue_name)
+    assert sorted(other.take(5)) == [(b"three", True), (b"two", True)]
+    other.ack(b"two")
+    other.ack(b"three")
+    assert r.llen(other.taken_key) == 0 and r.llen(queue_name) == 0
+
+
+def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
+        redis_broker, queue_name):
+    from smtpstate import _redis_queue as rq
+
+    r = _redis(redis_broker.url)
+    rq.push(r, queue_name, [b"job"])
+    transport = rq.RedisTransport(redis_broker.url, queue_name, lease=30)
+    try:
+        [(body, again, handle)] = transport.poll(0, 10)
+        assert (body, again) == (b"job", False)
+        transport.retry(handle, b"job, attempt 2", 1.0)
+        assert r.llen(transport.jobs.taken_key) == 0     # acknowledged with the retry
+        [(member, due)] = r.zrange(queue_name + ".delayed", 0, -1, withscores=True)
+        seconds, micros = r.time()
+        assert member == b"job, attempt 2"
+        assert 0.5 < due - (seconds + micros / 1e6) <= 1.0
+        transport.housekeeping()
+        assert r.llen(queue_name) == 0                   # not due yet
+        time.sleep(1.1)
+        transport._next_due = 0.0
+        transport.housekeeping()
+        assert r.lrange(queue_name, 0, -1) == [b"job, attempt 2"]
+        assert r.zcard(queue_name + ".delayed") == 0
+        [(body, again, handle)] = transport.poll(0, 10)
+        transport.finish(handle, b"result")
+        assert r.lrange(queue_name + ".results", 0, -1) == [b"result"]
+        assert r.llen(transport.jobs.taken_key) == 0
+    finally:
+        transport.close()
+
+
+def test_redis_sigterm_stops_cleanly_and_nothing_is_lost(redis_broker, queue_name,
+                                                        aiosmtpd_factory):
+    class Slow(RecordingHandler):
+        async def handle_DATA(self, server, session, envelope):
+            import asyncio
+            await asyncio.sleep(0.02)
+            return await super().handle_DATA(server, session, envelope)
+
+    server = aiosmtpd_factory(Slow())
+    ids = sq.enqueue(_messages(200), redis_broker.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    first = _worker(redis_broker.url, queue_name, "--prefetch", "20")
+    helpers.wait_until(lambda: len(server.handler.messages) >= 20, 60,
+                       what="20 messages delivered")
+    assert _stop(first) == 0, _log(first)
+    assert "worker stopped after" in _log(first)
+    r = _redis(redis_broker.url)
+    assert r.scard(queue_name + ".consumers") == 0        # it left, holding nothing
+    second = _worker(redis_broker.url, queue_name)
+    try:
+        results = _collect(redis_broker.url, queue_name, ids, timeout=60, quiet=2)
+    finally:
+        assert _stop(second) == 0
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids) and max(counts.values()) == 1
+    assert not any(r["redelivered"] for r in results)
+    assert len(server.handler.messages) == 200
+
+
+def test_a_job_delivered_too_many_times_goes_to_the_dead_queue(rabbitmq, queue_name):
+    """A job whose every taker dies (it crashes the worker) is not handed
+    out for ever: after DELIVERY_LIMIT returns, RabbitMQ dead-letters it."""
+    import kombu
+
+    ids = sq.enqueue(_messages(1), rabbitmq.url, queue_name, host="127.0.0.1", port=25)
+    returns = 0
+    with kombu.Connection(rabbitmq.url) as conn:
+        got = []
+        with conn.Consumer([sq._job_queue(conn, queue_name)], on_message=got.append,
+                           accept=[], prefetch_count=1):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=0.5)
+                except Exception:
+                    if returns > sq.DELIVERY_LIMIT:
+                        break
+                    continue
+                while got:
+                    got.pop().requeue()          # as a worker that died with it
+                    returns += 1
+        dead = []
+        with conn.Consumer([sq._queue(conn, queue_name + ".dead")], on_message=dead.append,
+                           accept=[]):
+            try:
+                conn.drain_events(timeout=10)
+            except Exception:
+                pass
+        assert returns == sq.DELIVERY_LIMIT + 1
+        assert len(dead) == 1
+        assert json.loads(dead[0].body)["id"] == ids[0]
+        assert dead[0].headers["x-death"][0]["reason"] == "delivery_limit"
+        dead[0].ack()
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _running(pid):
+    """Alive and not a zombie (a container's init may not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_supervisor_restarts_a_killed_worker_and_workers_stop_with_it(
+        rabbitmq, queue_name, aiosmtpd_server):
+    cmd = [sys.executable, "-m", "smtpstate", "worker", "--broker", rabbitmq.url,
+           "--queue", queue_name, "--processes", "2", "--max-connections", "5"]
+    supervisor = _spawn(cmd)
+    try:
+        helpers.wait_until(lambda: len(_children(supervisor.pid)) == 2, 30,
+                           what="two worker processes")
+        victim = _children(supervisor.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        helpers.wait_until(lambda: len(_children(supervisor.pid)) == 2
+                           and victim not in _children(supervisor.pid), 30,
+                           what="a new worker process in the killed one's place")
+        ids = sq.enqueue(_messages(40), rabbitmq.url, queue_name, host=aiosmtpd_server.host,
+                         port=aiosmtpd_server.port, tls="none")
+        results = _collect(rabbitmq.url, queue_name, ids, timeout=60)
+        counts = collections.Counter(r["job"] for r in results)
+        assert set(counts) == set(ids) and max(counts.values()) == 1
+        assert f"worker process {victim} was killed by signal 9" in _log(supervisor)
+        # The supervisor itself killed with SIGKILL: its workers notice
+        # (the parent-death signal) and stop cleanly, no orphans left.
+        workers = _children(supervisor.pid)
+        supervisor.kill()
+        supervisor.wait()
+        helpers.wait_until(lambda: not any(_running(w) for w in workers), 30,
+                           what="the orphaned workers to stop")
+        assert _log(supervisor).count("worker stopped after") >= 2
+    finally:
+        _stop(supervisor)
+
+
+def test_supervisor_gives_up_on_options_the_engine_refuses(rabbitmq, queue_name):
+    cmd = [sys.executable, "-m", "smtpstate", "worker", "--broker", rabbitmq.url,
+           "--queue", queue_name, "--processes", "2", "--max-per-destination", "0"]
+    proc = _spawn(cmd)
+    assert _stop(proc, sig=0, timeout=60) == 2
+    assert "max_per_destination" in _log(proc)
