@@ -193,9 +193,27 @@ def test_c_state_listed_with_its_own_stage():
     assert " count     30 counting                    30 counting  (custom)" in out
 
 
+def test_celery_app(rabbitmq, queue_name):
+    pytest.importorskip("celery", reason="Celery is not installed (pip install '.[test]')")
+    from celery_worker_app import CeleryWorker
+    env = {"SMTPSTATE_BROKER": rabbitmq.url, "SMTPSTATE_CELERY_QUEUE": queue_name}
+    worker = CeleryWorker("celery_app", EXAMPLES, env).wait_ready()
+    try:
+        p = subprocess.run([sys.executable, os.path.join(EXAMPLES, "celery_app.py"),
+                            "--count", "6"], capture_output=True, text=True, timeout=120,
+                           cwd=ROOT, env=dict(os.environ, **env))
+    finally:
+        code = worker.stop()
+    out = ok(p)
+    assert out.startswith("sent 6 messages as task ")
+    assert "partial: bob@example.test delivered 250, unknown0@example.test permfail 550" in out
+    assert out.endswith("results: {'delivered': 4, 'partial': 2}\n")
+    assert code == 0, worker.log()[-3000:]
+
+
 # The names test_every_example_is_listed_and_tested looks for:
 RUN = ["send_email_message.py", "proxy_protocol.py", "xclient.py", "verify_addresses.py",
-       "metrics_state.py", "c_state/count_state.py"]
+       "metrics_state.py", "c_state/count_state.py", "celery_app.py"]
 
 
 def test_docs_are_generated_from_the_code():
