@@ -124,6 +124,12 @@ def client(broker_url: str) -> Any:
     return redis.Redis.from_url(broker_url)
 
 
+def connection_errors() -> Tuple[type, ...]:
+    """What redis-py raises when Redis cannot be reached."""
+    import redis
+    return (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
 def is_redis_url(broker_url: str) -> bool:
     return broker_url.split(":", 1)[0].lower() in ("redis", "rediss", "redis+socket")
 
@@ -219,6 +225,9 @@ class RedisTransport:
 
     #: poll() returns at once; the worker does the waiting.
     blocks = False
+    #: redis-py reconnects by itself, and what this worker took stays in
+    #: its own list, its handles still good.
+    survives_reconnect = True
 
     def __init__(self, broker_url: str, queue: str, lease: Optional[float]) -> None:
         self.redis = client(broker_url)
@@ -271,6 +280,9 @@ class RedisTransport:
 
     def give_back(self, body: bytes) -> None:
         self.jobs.give_back(body)
+
+    def ack(self, body: bytes) -> None:
+        self.jobs.ack(body)
 
     def close(self) -> None:
         """Give back what is still held (its deliveries were abandoned

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import hashlib
 import json
 import logging
 import os
@@ -51,7 +53,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from smtpstate import _redis_queue
 from smtpstate.errors import InvalidOptionError
@@ -387,10 +389,13 @@ def _connect(broker_url: str, visibility_timeout: Optional[float] = None) -> Any
 
 
 def _publish(producer: Any, body: bytes, queue: Any, content_type: str,
-             headers: Optional[Dict[str, Any]] = None) -> None:
+             headers: Optional[Dict[str, Any]] = None, retry: bool = True) -> None:
+    # retry: kombu reconnects and publishes again. The worker says no: a
+    # connection revived under it would leave its consumer on a dead
+    # channel; it reconnects everything itself (Worker._lost).
     producer.publish(body, exchange="", routing_key=queue.name, declare=[queue],
                      content_type=content_type, content_encoding="binary",
-                     delivery_mode=2, headers=headers or {}, retry=True,
+                     delivery_mode=2, headers=headers or {}, retry=retry,
                      retry_policy={"max_retries": 3, "interval_start": 0.5})
 
 
@@ -629,6 +634,8 @@ class _AmqpTransport:
 
     #: poll() waits in the broker connection for up to its timeout.
     blocks = True
+    #: A lost connection loses the deliveries (their tags die with it).
+    survives_reconnect = False
 
     def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
                  prefetch: int) -> None:
@@ -646,6 +653,11 @@ class _AmqpTransport:
         self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
                                            prefetch_count=prefetch, accept=[])
         self.consumer.consume()
+        # What a lost broker raises: the transport's own errors, and
+        # kombu's OperationalError, which it raises for them on reconnect.
+        self.errors: Tuple[type, ...] = (tuple(self.conn.connection_errors)
+                                         + tuple(self.conn.channel_errors)
+                                         + (_kombu().exceptions.OperationalError, OSError))
 
     def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
         """Jobs the broker delivered (within the prefetch window, so
@@ -666,21 +678,28 @@ class _AmqpTransport:
     def stop_taking(self) -> None:
         self.consumer.cancel()
 
+    # msg None: a job whose delivery died with an earlier connection
+    # (Worker._lost): publish what follows, nothing to acknowledge.
+
     def finish(self, msg: Any, result: bytes,
                before_ack: Optional[Callable[[], None]] = None) -> None:
-        _publish(self.producer, result, self._results_q, RESULT_CONTENT_TYPE)
+        _publish(self.producer, result, self._results_q, RESULT_CONTENT_TYPE, retry=False)
         if before_ack is not None:
             before_ack()
-        msg.ack()
+        self.ack(msg)
 
     def retry(self, msg: Any, retry: bytes, delay: float) -> None:
-        _publish(self.producer, retry, self._delay_qs[delay], JOB_CONTENT_TYPE)
-        msg.ack()
+        _publish(self.producer, retry, self._delay_qs[delay], JOB_CONTENT_TYPE, retry=False)
+        self.ack(msg)
 
     def dead(self, msg: Any, record: bytes, reason: str) -> None:
         _publish(self.producer, record, self._dead_q, DEAD_CONTENT_TYPE,
-                 {"x-smtpstate-reason": reason[:200]})
-        msg.ack()
+                 {"x-smtpstate-reason": reason[:200]}, retry=False)
+        self.ack(msg)
+
+    def ack(self, msg: Any) -> None:
+        if msg is not None:
+            msg.ack()
 
     def give_back(self, msg: Any) -> None:
         msg.requeue()
@@ -693,6 +712,33 @@ class _AmqpTransport:
 
 def _body_bytes(body: Any) -> bytes:
     return body.encode() if isinstance(body, str) else bytes(body)
+
+
+@dataclass(frozen=True)
+class _Orphan:
+    """The handle of a job whose delivery died with a broker connection."""
+
+    digest: bytes
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except Exception as e:                 # closing what already failed
+        log.debug("closing the broker connection: %s", e)
+
+
+#: Seconds before reconnecting to a lost broker: doubling up to the most.
+_RECONNECT_FIRST, _RECONNECT_MOST = 1.0, 30.0
+#: Seconds a finished orphan's digest is remembered for its copy to come.
+_ORPHAN_MEMORY = 600.0
+#: Seconds an acknowledged job's digest is kept in case the ack is lost
+#: with the connection (an AMQP ack has no confirm).
+_RECENT = 30.0
 
 
 class Worker:
@@ -779,6 +825,16 @@ class Worker:
         # waits for its domains' MTA-STS policies, and the Result carries
         # back the same object.
         self._inflight: Dict[Any, Tuple[Any, Job, bool]] = {}
+        # AMQP after a lost connection, by digest of the job's body: jobs
+        # still in flight whose deliveries died with it (their copies come
+        # back), and jobs finished whose copies may come back (finished
+        # since, or shortly before: an ack is not confirmed and may have
+        # been lost), with when; _take acknowledges those copies unsent.
+        self._orphans: Dict[bytes, Any] = {}
+        self._finished_orphans: Dict[bytes, float] = {}
+        self._recent: Deque[Tuple[float, bytes]] = collections.deque()
+        self._broker_errors: Tuple[type, ...] = (OSError,)
+        self._unsettled: List[Any] = []
         self.processed = 0
 
     def stop(self) -> None:
@@ -800,41 +856,97 @@ class Worker:
             self._held = HeldJobs(RateLimiter(str(self.shared_limits)), self._shared_rates)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
-        transport: Any = None
+        transport: Any = self._open()           # the first connection must work
         try:
-            if _redis_queue.is_redis_url(self.broker_url):
-                transport = _redis_queue.RedisTransport(self.broker_url, self.queue,
-                                                        self.visibility_timeout)
-            else:
-                transport = _AmqpTransport(self.broker_url, self.queue, self.schedule,
-                                           self.prefetch)
             driver.start()
             log.info("worker consuming %s (prefetch %d)", self.queue, self.prefetch)
-            while not self._stop.is_set():
-                self._take(engine, transport)
-                self._settle(transport)
-                self._release_held(engine, transport)
-                transport.housekeeping()
-            # Stop taking jobs; what was delivered to us but not submitted
-            # is given back; finish the rest.
-            transport.stop_taking()
-            self._give_back_held(transport)
-            deadline = time.monotonic() + self.drain_timeout
-            while self._inflight and time.monotonic() < deadline:
-                self._take(engine, transport)
-                self._settle(transport)
-                transport.housekeeping()
-            if self._inflight:
-                log.warning("%d job(s) still in flight after %.0f s: left unacknowledged "
-                            "(the broker redelivers them)", len(self._inflight),
-                            self.drain_timeout)
+            pause = _RECONNECT_FIRST
+            gave_up: Optional[float] = None
+            while True:
+                try:
+                    if transport is None:
+                        transport = self._open()
+                        log.warning("connected to the broker again; consuming %s",
+                                    self.queue)
+                    self._serve(engine, transport)
+                    break
+                except self._broker_errors as e:
+                    log.warning("lost the broker (%s: %s); %d job(s) in flight, retrying in "
+                                "%.0f s", type(e).__name__, e, len(self._inflight), pause)
+                    transport = self._lost(transport)
+                    if self._stop.wait(pause):
+                        if gave_up is None:
+                            gave_up = time.monotonic() + self.drain_timeout
+                        if not self._inflight or time.monotonic() > gave_up:
+                            break           # unacknowledged: the broker hands them out
+                    pause = min(_RECONNECT_MOST, pause * 2)
         finally:
             engine.close()
             if self._held is not None:
                 self._held.limiter.close()
             if transport is not None:
-                transport.close()
+                _quietly(transport.close)
         log.info("worker stopped after %d job(s)", self.processed)
+
+    def _open(self) -> Any:
+        if _redis_queue.is_redis_url(self.broker_url):
+            self._broker_errors = _redis_queue.connection_errors()
+            return _redis_queue.RedisTransport(self.broker_url, self.queue,
+                                               self.visibility_timeout)
+        transport = _AmqpTransport(self.broker_url, self.queue, self.schedule, self.prefetch)
+        self._broker_errors = transport.errors
+        return transport
+
+    def _serve(self, engine: Any, transport: Any) -> None:
+        """Take, deliver and settle jobs until stopped and drained."""
+        while not self._stop.is_set():
+            self._take(engine, transport)
+            self._settle(transport)
+            self._release_held(engine, transport)
+            transport.housekeeping()
+        # Stop taking jobs; what was delivered to us but not submitted
+        # is given back; finish the rest.
+        transport.stop_taking()
+        self._give_back_held(transport)
+        deadline = time.monotonic() + self.drain_timeout
+        while self._inflight and time.monotonic() < deadline:
+            self._take(engine, transport)
+            self._settle(transport)
+            transport.housekeeping()
+        if self._inflight:
+            log.warning("%d job(s) still in flight after %.0f s: left unacknowledged "
+                        "(the broker redelivers them)", len(self._inflight),
+                        self.drain_timeout)
+
+    def _lost(self, transport: Any) -> Any:
+        """The broker connection failed. The deliveries in flight go on
+        (an SMTP transaction cannot be taken back), but their jobs may be
+        handed to another worker meanwhile: their results are marked
+        ``redelivered``. Returns the transport to go on with, or None to
+        reconnect from scratch."""
+        if transport is None:                # a reconnection that failed
+            return None
+        for ticket, (handle, job, _redelivered) in list(self._inflight.items()):
+            self._inflight[ticket] = (handle, job, True)
+        if transport.survives_reconnect:
+            return transport                # Redis: our taken list is still ours
+        # AMQP: the broker requeued every job of the dead channel; those in
+        # flight are finished here and their requeued copies recognised
+        # (_take) and acknowledged without a second delivery; held ones
+        # are simply left to come back.
+        for ticket, (handle, job, _redelivered) in list(self._inflight.items()):
+            if not isinstance(handle, _Orphan):
+                handle = _Orphan(_digest(_body_bytes(handle.body)))
+            self._inflight[ticket] = (handle, job, True)
+            self._orphans[handle.digest] = ticket
+        now = time.monotonic()
+        while self._recent:
+            _when, digest = self._recent.popleft()
+            self._finished_orphans[digest] = now
+        if self._held is not None:
+            self._held.drain()
+        _quietly(transport.close)
+        return None
 
     # -- inside run() --------------------------------------------------------
 
@@ -863,6 +975,8 @@ class Worker:
             self._ready.clear()
             return
         for body, redelivered, handle in deliveries:
+            if self._copy_of_orphan(transport, body, handle):
+                continue
             if self._stop.is_set():
                 transport.give_back(handle)
                 continue
@@ -875,6 +989,30 @@ class Worker:
                     _limit_domain(job), (handle, body, job, redelivered)):
                 continue                # over its shared rate: _release_held submits it
             self._submit(engine, transport, handle, body, job, redelivered)
+
+    def _copy_of_orphan(self, transport: Any, body: bytes, handle: Any) -> bool:
+        """True when ``body`` is the broker's copy of a job this worker was
+        delivering when its connection died: the copy replaces the dead
+        delivery (acknowledged once the result is published) or, if that
+        is done already, is acknowledged at once."""
+        if not self._orphans and not self._finished_orphans:
+            return False
+        digest = _digest(body)
+        ticket = self._orphans.pop(digest, None)
+        if ticket is not None and ticket in self._inflight:
+            _old, job, _redelivered = self._inflight[ticket]
+            self._inflight[ticket] = (handle, job, True)
+            return True
+        if self._finished_orphans.pop(digest, None) is not None:
+            log.info("a job finished before the broker connection was lost came back: "
+                     "acknowledged, not delivered again")
+            transport.ack(handle)
+            return True
+        now = time.monotonic()
+        for old, when in list(self._finished_orphans.items()):
+            if now - when > _ORPHAN_MEMORY:
+                del self._finished_orphans[old]
+        return False
 
     def _submit(self, engine: Any, transport: Any, handle: Any, body: bytes, job: Job,
                 redelivered: bool) -> None:
@@ -907,29 +1045,59 @@ class Worker:
 
     def _settle(self, transport: Any) -> None:
         while True:
-            try:
-                result = self._done.get_nowait()
-            except _stdqueue.Empty:
-                return
-            entry = self._inflight.pop(result.ticket, None) if result.ticket else None
+            if self._unsettled:
+                result = self._unsettled.pop(0)
+            else:
+                try:
+                    result = self._done.get_nowait()
+                except _stdqueue.Empty:
+                    return
+            entry = self._inflight.get(result.ticket) if result.ticket else None
             if entry is None:
                 log.error("a result for no job in flight: %s", result)
                 continue
             handle, job, redelivered = entry
-            self._finish(transport, handle, job, redelivered, result)
+            try:
+                self._finish(transport, handle, job, redelivered, result)
+            except BaseException:
+                self._unsettled.insert(0, result)   # settled after reconnecting
+                raise
+            del self._inflight[result.ticket]
             self.processed += 1
+            if not transport.survives_reconnect and not isinstance(handle, _Orphan):
+                self._remember(handle)
 
     def _finish(self, transport: Any, handle: Any, job: Job, redelivered: bool,
                 result: Any) -> None:
         """Publish what follows from one attempt and ack the job."""
         step = outcome(job, result, schedule=self.schedule, max_age=self.max_age,
                        redelivered=redelivered)
+        orphan = handle.digest if isinstance(handle, _Orphan) else None
+        if orphan is not None:
+            handle = None                   # nothing to acknowledge on this connection
         if step.retry is not None:
             transport.retry(handle, step.retry.to_json(), step.delay)
             log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
                      len(step.retry.recipients), step.delay, step.retry.attempts)
-            return
-        final = step.final
+        else:
+            self._publish_final(transport, handle, job, step.final)
+        if orphan is not None:
+            # Its copy, when the broker hands it to us, is acknowledged
+            # without a second delivery (_copy_of_orphan).
+            self._orphans.pop(orphan, None)
+            self._finished_orphans[orphan] = time.monotonic()
+
+    def _remember(self, msg: Any) -> None:
+        """Keep the digest of a job just acknowledged on AMQP for
+        _RECENT seconds: if the connection dies, its ack may not have
+        reached the broker, which then hands the job out again."""
+        now = time.monotonic()
+        self._recent.append((now, _digest(_body_bytes(msg.body))))
+        while self._recent and now - self._recent[0][0] > _RECENT:
+            self._recent.popleft()
+
+    def _publish_final(self, transport: Any, handle: Any, job: Job,
+                       final: Optional[Dict[str, Any]]) -> None:
         assert final is not None
         on_result = self.on_result
 

@@ -81,8 +81,6 @@ class RabbitServer:
         why = self.unavailable()
         if why:
             raise BrokerError(why)
-        import kombu
-
         self.root = helpers._private_tempdir("smtpstate-rabbit-")   # rabbitmq user reaches it
         os.chmod(self.root, 0o777)
         with open(os.path.join(self.root, "enabled_plugins"), "w") as f:
@@ -92,8 +90,22 @@ class RabbitServer:
         self.epmd_port = helpers.free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
         self.log_path = os.path.join(self.root, "server.out")
+        return self._launch(timeout)
+
+    def restart(self, down: float = 0.0, timeout: float = 90.0) -> "RabbitServer":
+        """Stop the node cleanly, stay down ``down`` seconds, start it
+        again on the same port with the same database (durable queues and
+        their messages survive)."""
+        self._stop_node()
+        time.sleep(down)
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "RabbitServer":
+        import kombu
+
+        assert self.root is not None
         prog = helpers.find_program("rabbitmq-server", *self.SBIN)
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([prog], env=self._env(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -114,6 +126,17 @@ class RabbitServer:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        self._stop_node()
+        epmd = helpers.find_program("epmd", "/usr/lib/erlang/bin", "/usr/bin")
+        if self.epmd_port and epmd:
+            env = dict(os.environ, ERL_EPMD_PORT=str(self.epmd_port))
+            subprocess.run([epmd, "-kill"], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=10, check=False)
+        if self.root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def _stop_node(self) -> None:
         # The node (beam.smp) writes its pid file; SIGTERM stops it cleanly.
         if self.root:
             try:
@@ -128,14 +151,6 @@ class RabbitServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
             self.proc = None
-        epmd = helpers.find_program("epmd", "/usr/lib/erlang/bin", "/usr/bin")
-        if self.epmd_port and epmd:
-            env = dict(os.environ, ERL_EPMD_PORT=str(self.epmd_port))
-            subprocess.run([epmd, "-kill"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=10, check=False)
-        if self.root:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
 
 
 class RedisServer:
