@@ -177,17 +177,31 @@ class RedisServer:
         why = self.unavailable()
         if why:
             raise BrokerError(why)
-        import redis
-
         self.root = tempfile.mkdtemp(prefix="smtpstate-redis-")
         self.port = helpers.free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.log_path = os.path.join(self.root, "server.out")
+        return self._launch(timeout)
+
+    def restart(self, down: float = 0.0, timeout: float = 20.0) -> "RedisServer":
+        """Stop redis-server (SIGTERM), stay down ``down`` seconds, start it
+        again on the same port from its append-only file."""
+        self._stop_server()
+        time.sleep(down)
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> "RedisServer":
+        import redis
+
+        assert self.root is not None
         prog = helpers.find_program("redis-server", "/usr/bin", "/usr/sbin")
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
+            # Persistent as docs/queue.md asks of a queue's Redis: every
+            # write in the append-only file before it is answered.
             self.proc = subprocess.Popen(
                 [prog, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.root,
-                 "--save", "", "--appendonly", "no", "--daemonize", "no"],
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                 "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while True:
@@ -205,6 +219,12 @@ class RedisServer:
             time.sleep(0.1)
 
     def stop(self) -> None:
+        self._stop_server()
+        if self.root:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def _stop_server(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
             try:
@@ -213,6 +233,3 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-        if self.root:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None

@@ -691,3 +691,33 @@ def test_rabbitmq_restart_mid_run_loses_nothing_and_the_worker_reconnects(
     # their requeued copies acknowledged, not sent again.
     assert len(server.handler.messages) == n, (len(server.handler.messages), n)
     assert code == 0, err[-3000:]
+
+
+def test_redis_restart_mid_run_loses_nothing_and_the_worker_goes_on(
+        redis_broker, queue_name, aiosmtpd_factory):
+    class Slow(RecordingHandler):
+        async def handle_DATA(self, server, session, envelope):
+            import asyncio
+            await asyncio.sleep(0.02)
+            return await super().handle_DATA(server, session, envelope)
+
+    server = aiosmtpd_factory(Slow())
+    n = 300
+    ids = sq.enqueue(_messages(n), redis_broker.url, queue_name, host=server.host,
+                     port=server.port, tls="none")
+    worker = _worker(redis_broker.url, queue_name, "--prefetch", "40")
+    try:
+        helpers.wait_until(lambda: len(server.handler.messages) >= 40, 60,
+                           what="40 messages delivered")
+        redis_broker.restart(down=2)
+        results = _collect(redis_broker.url, queue_name, ids, timeout=90, quiet=3)
+        assert worker.poll() is None, _log(worker)[-3000:]      # it never exited
+    finally:
+        code = _stop(worker)
+    err = _log(worker)
+    assert "lost the broker" in err, err[-3000:]
+    counts = collections.Counter(r["job"] for r in results)
+    assert set(counts) == set(ids) and max(counts.values()) == 1, err[-3000:]
+    assert {r["status"] for r in results} == {"delivered"}
+    assert len(server.handler.messages) == n
+    assert code == 0, err[-3000:]
