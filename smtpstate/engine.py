@@ -44,7 +44,7 @@ from smtpstate.routing import (ADDRESS_PREFERENCES, INET_PROTOCOLS, Limits, Reso
                                apply_limits, apply_sources)
 from smtpstate.session import Session, _bind, _unbind
 
-__all__ = ["Engine", "Ticket", "deliver"]
+__all__ = ["Engine", "Ticket", "deliver", "deliver_iter"]
 
 log = logging.getLogger("smtpstate.engine")
 
@@ -1629,6 +1629,12 @@ def deliver(messages: Iterable[Message], host: Optional[str] = None, port: int =
     """Deliver ``messages`` over up to ``concurrency`` connections per
     destination; return their results in the same order.
 
+    For a batch whose results you want as a list: it takes the whole input
+    first (``tuple(messages)``) and keeps every message and Result until it
+    returns, so memory grows with the count. For a stream (a generator, a
+    million messages), use :func:`deliver_iter`, which holds a bounded
+    window.
+
     Args:
         messages: :class:`~smtpstate.Message` objects.
         host, port: the server; host None: where each recipient's domain's
@@ -1660,3 +1666,143 @@ def deliver(messages: Iterable[Message], host: Optional[str] = None, port: int =
         assert t.result is not None            # run() ends only when all are in
         out.append(t.result)
     return out
+
+
+# deliver_iter()'s window per connection, by default: one message on the
+# wire and three queued in C behind it, so that a connection that finishes
+# one finds the next already there, while Python collects results and
+# takes more from the input in batches (one turn hands out many results).
+# Fewer starves connections between turns; more buys no speed and only
+# holds more messages (benchmarks/README.md, "Streams").
+_WINDOW_PER_CONNECTION = 4
+
+
+def deliver_iter(messages: Iterable[Message], host: Optional[str] = None, port: int = 25, *,
+                 window: Optional[int] = None, concurrency: int = 10,
+                 resolver: Optional[Resolver] = None,
+                 limits: Optional[Mapping[str, Limits]] = None,
+                 sources: Optional[Sequence[Source]] = None,
+                 **options: Any) -> Iterator[Result]:
+    """Deliver ``messages`` as they come, yielding each :class:`Result` as
+    it completes, in bounded memory: for streams (a generator of a million
+    messages) where :func:`deliver` would hold them all.
+
+    Messages are taken from ``messages`` lazily, only while fewer than
+    ``window`` are submitted and not yet yielded; so at most ``window``
+    messages are held (with their Results), and the input is never read
+    more than ``window`` ahead of what the caller has been given. Results
+    come in completion order; each carries its :class:`Ticket` and its
+    message (``result.ticket``, ``result.message``) so the caller knows
+    which it is. Nothing keeps a message or Result once it is yielded.
+
+    The engine is made on the first ``next()`` and closed when the
+    iteration ends. Stopping early (``break``, or ``close()`` on the
+    returned generator) closes it at once: its connections get QUIT where
+    nothing is in flight and are closed otherwise, and the messages taken
+    and not yielded get no Result (they may or may not have been
+    delivered; the engine logs them as dropped). ``break`` closes it when
+    the generator is collected, at once in CPython; call ``close()`` (or
+    use ``contextlib.closing``) to be sure.
+
+    When the input itself raises, nothing more is taken from it; the
+    messages already taken are finished and their Results yielded, then
+    the exception propagates: every message the input handed over gets its
+    Result, so none is left in doubt.
+
+    Args:
+        messages: any iterable of :class:`~smtpstate.Message` (read once,
+            lazily).
+        host, port: the server; host None: where each recipient's domain's
+            MX records say (port: of every MX host).
+        window: messages submitted and not yet yielded, at most; default
+            4 per connection (4 x ``concurrency`` to one host, 4 x 1000 by
+            MX), which keeps every connection busy.
+        concurrency: connections at once, per destination.
+        resolver, limits, sources: as for :class:`Engine`.
+        **options: as for :meth:`Engine.submit`.
+
+    Returns:
+        A generator of Results.
+
+    Raises:
+        TypeError: an unknown option (now), or an item that is not a
+            Message (when it is reached; the messages taken before it are
+            finished first, as for any exception from the input).
+        InvalidOptionError: a bad host, port, window or option (now).
+    """
+    _check_count(concurrency, "concurrency")
+    # Refused now, before the engine exists and before anything is read.
+    if host is not None:
+        check_host(host)
+    check_port(port)
+    Options.make(**options)
+    # Routed, the messages may go to many sites: per site, concurrency.
+    total = concurrency if host is not None else max(concurrency, 1000)
+    if window is None:
+        window = _WINDOW_PER_CONNECTION * total
+    else:
+        _check_count(window, "window")
+    engine_args: Dict[str, Any] = dict(max_connections=total, max_per_destination=concurrency,
+                                       resolver=resolver, limits=limits, sources=sources)
+    return _stream(iter(messages), host, port, window, engine_args, options)
+
+
+def _stream(source: Iterator[Message], host: Optional[str], port: int, window: int,
+            engine_args: Dict[str, Any], options: Dict[str, Any]) -> Iterator[Result]:
+    """deliver_iter()'s generator. The count of messages out (submitted,
+    not yet yielded) is its own, not engine.pending: a message held for
+    MTA-STS policies is not in the engine's count but is out all the same."""
+    engine = Engine(**engine_args)
+    out = 0
+    ended = False                                # the input is exhausted or failed
+    failure: Optional[BaseException] = None
+
+    def take() -> None:
+        """Submit from the input until ``window`` are out or it ends."""
+        nonlocal out, ended, failure
+        submit = engine.submit
+        while out < window:
+            try:
+                message = next(source)
+                if not isinstance(message, Message):
+                    raise TypeError("deliver_iter() takes smtpstate.Message items, "
+                                    f"not {type(message).__name__}")
+                submit(message, host, port, **options)
+            except StopIteration:
+                ended = True
+                return
+            except Exception as e:
+                # Nothing more is taken; the messages out are finished
+                # first (their Results are owed), then e is raised.
+                ended, failure = True, e
+                return
+            out += 1
+
+    runner: Optional[Iterator[Result]] = None
+    try:
+        take()
+        # run() goes on while anything is out; each Result yielded makes
+        # room for one more, taken before run()'s next turn, so the
+        # connections do not wait for the input. The outer loop is for a
+        # run() that ended just as a refill came too late for it.
+        while out:
+            runner = engine.run()
+            for result in runner:
+                out -= 1
+                yield result
+                # Nothing here keeps a Result once the caller has it.
+                del result
+                if not ended:
+                    take()
+            runner = None
+            if not ended:
+                take()
+    finally:
+        # Normal end: nothing is pending, and close() only says QUIT. An
+        # early end (GeneratorExit from close() or collection, an
+        # exception): close() drops what is out, QUIT where idle.
+        if runner is not None:
+            runner.close()                        # type: ignore[attr-defined]
+        engine.close()
+    if failure is not None:
+        raise failure
