@@ -1719,19 +1719,22 @@ def deliver_iter(messages: Iterable[Message], host: Optional[str] = None, port: 
     message (``result.ticket``, ``result.message``) so the caller knows
     which it is. Nothing keeps a message or Result once it is yielded.
 
-    The engine is made on the first ``next()`` and closed when the
-    iteration ends. Stopping early (``break``, or ``close()`` on the
-    returned generator) closes it at once: its connections get QUIT where
-    nothing is in flight and are closed otherwise, and the messages taken
-    and not yielded get no Result (they may or may not have been
-    delivered; the engine logs them as dropped). ``break`` closes it when
-    the generator is collected, at once in CPython; call ``close()`` (or
-    use ``contextlib.closing``) to be sure.
+    One :class:`Engine`, driven by :meth:`Engine.run`: the next messages
+    are submitted between the Results it yields. It is made on the first
+    ``next()`` and closed when the iteration ends, with QUIT on every
+    connection. Stopping early (``break``, or ``close()`` on the returned
+    generator) withdraws the messages out (:meth:`Engine.cancel`), lets
+    those already past their DATA finish (at most 5 s), and closes: every
+    connection gets QUIT. Their Results are not handed out, and those that
+    were past DATA may have been delivered. ``break`` closes the generator
+    when it is collected, at once in CPython; call ``close()`` (or use
+    ``contextlib.closing``) to be sure.
 
-    When the input itself raises, nothing more is taken from it; the
-    messages already taken are finished and their Results yielded, then
-    the exception propagates: every message the input handed over gets its
-    Result, so none is left in doubt.
+    When the input itself raises (or gives an item that is not a Message,
+    or one :meth:`Engine.submit` refuses), nothing more is taken from it;
+    the messages already taken are finished and their Results yielded,
+    then the exception propagates: every message the input handed over
+    gets its Result, so none is left in doubt.
 
     Args:
         messages: any iterable of :class:`~smtpstate.Message` (read once,
@@ -1753,6 +1756,8 @@ def deliver_iter(messages: Iterable[Message], host: Optional[str] = None, port: 
             Message (when it is reached; the messages taken before it are
             finished first, as for any exception from the input).
         InvalidOptionError: a bad host, port, window or option (now).
+        Exception: whatever the input raised, after the Results of the
+            messages it gave.
     """
     _check_count(concurrency, "concurrency")
     # Refused now, before the engine exists and before anything is read.
@@ -1803,7 +1808,7 @@ def _stream(source: Iterator[Message], host: Optional[str], port: int, window: i
                 return
             out += 1
 
-    runner: Optional[Iterator[Result]] = None
+    runner: Any = None                           # engine.run()'s generator
     try:
         take()
         # run() goes on while anything is out; each Result yielded makes
@@ -1827,15 +1832,16 @@ def _stream(source: Iterator[Message], host: Optional[str], port: int, window: i
         # withdrawn, so that the connections end with QUIT, not in the
         # middle of a transaction.
         if runner is not None:
-            runner.close()                        # type: ignore[attr-defined]
+            runner.close()
             runner = None
         _withdraw(engine)
         raise
     finally:
-        # Normal end: nothing is pending, and close() only says QUIT.
-        # Otherwise close() drops what is still out (QUIT where idle).
+        # Normal end, or withdrawn: nothing is pending, and close() only
+        # says QUIT. Otherwise (Ctrl-C, an error in the loop) close() drops
+        # what is still out and logs it, QUIT where idle.
         if runner is not None:
-            runner.close()                        # type: ignore[attr-defined]
+            runner.close()
         engine.close()
     if failure is not None:
         raise failure
