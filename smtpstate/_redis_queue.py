@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 log = logging.getLogger("smtpstate.queue")
 
@@ -124,7 +124,7 @@ def client(broker_url: str) -> Any:
     return redis.Redis.from_url(broker_url)
 
 
-def connection_errors() -> Tuple[type, ...]:
+def connection_errors() -> Tuple[Type[BaseException], ...]:
     """What redis-py raises when Redis cannot be reached."""
     import redis
     return (redis.ConnectionError, redis.TimeoutError, OSError)

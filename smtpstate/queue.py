@@ -53,7 +53,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple, Type)
 
 from smtpstate import _redis_queue
 from smtpstate.errors import InvalidOptionError
@@ -640,7 +641,13 @@ class _AmqpTransport:
     def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
                  prefetch: int) -> None:
         self.conn = _connect(broker_url)
-        q = queue
+        try:
+            self._setup(queue, schedule, prefetch)
+        except BaseException:
+            _quietly(self.conn.release)
+            raise
+
+    def _setup(self, q: str, schedule: Sequence[float], prefetch: int) -> None:
         self._q = _job_queue(self.conn, q)
         self._results_q = _queue(self.conn, q + ".results")
         self._dead_q = _queue(self.conn, q + ".dead")
@@ -655,7 +662,7 @@ class _AmqpTransport:
         self.consumer.consume()
         # What a lost broker raises: the transport's own errors, and
         # kombu's OperationalError, which it raises for them on reconnect.
-        self.errors: Tuple[type, ...] = (tuple(self.conn.connection_errors)
+        self.errors: Tuple[Type[BaseException], ...] = (tuple(self.conn.connection_errors)
                                          + tuple(self.conn.channel_errors)
                                          + (_kombu().exceptions.OperationalError, OSError))
 
@@ -833,7 +840,7 @@ class Worker:
         self._orphans: Dict[bytes, Any] = {}
         self._finished_orphans: Dict[bytes, float] = {}
         self._recent: Deque[Tuple[float, bytes]] = collections.deque()
-        self._broker_errors: Tuple[type, ...] = (OSError,)
+        self._broker_errors: Tuple[Type[BaseException], ...] = (OSError,)
         self._unsettled: List[Any] = []
         self.processed = 0
 
