@@ -120,8 +120,8 @@ class _StreamTicket(Ticket):
     weakly. A strong link both ways is a reference cycle, which leaves
     every finished message and Result to the cyclic garbage collector, and
     in a stream that garbage piles up (survivors of young collections
-    wait for a full one): about 15 KiB per message in the window, measured,
-    where freeing each as the caller drops it costs nothing."""
+    wait for a full one): about 17 KiB per message in a window of 1,000,
+    measured, where freeing each as the caller drops it costs nothing."""
 
     __slots__ = ("_result",)
 
