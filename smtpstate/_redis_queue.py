@@ -38,10 +38,12 @@ one Redis server (with its replicas), not on Redis Cluster.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Type
 
 log = logging.getLogger("smtpstate.queue")
 
@@ -50,54 +52,90 @@ log = logging.getLogger("smtpstate.queue")
 #: this long after it died.
 DEFAULT_LEASE = 30.0
 
-# KEYS: list, reaped, taken, alive, consumers. ARGV: most, id, lease ms.
+# KEYS: list, reaped, taken, alive, consumers, returns. ARGV: most, id,
+# lease ms. Returns triples: "1" if from reaped else "0", how many times
+# the message was reaped, the message.
 _TAKE = """
 redis.call('SADD', KEYS[5], ARGV[2])
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
 local out = {}
 for i = 1, tonumber(ARGV[1]) do
   local m = redis.call('LMOVE', KEYS[2], KEYS[3], 'RIGHT', 'LEFT')
-  local again = '1'
-  if not m then
+  local again, returns = '1', 0
+  if m then
+    returns = tonumber(redis.call('HGET', KEYS[6], redis.sha1hex(m)) or '0')
+  else
     m = redis.call('LMOVE', KEYS[1], KEYS[3], 'RIGHT', 'LEFT')
     again = '0'
   end
   if not m then break end
   out[#out + 1] = again
+  out[#out + 1] = returns
   out[#out + 1] = m
 end
 return out
 """
 
-# KEYS: consumers, reaped. ARGV: alive prefix, taken prefix.
+# KEYS: consumers, reaped, returns. ARGV: alive prefix, taken prefix.
+# Counts each reaped message's returns (a job that kills every worker
+# taking it is dead-lettered after DELIVERY_LIMIT of them).
 _REAP = """
 local n = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. id) == 0 then
     local taken = ARGV[2] .. id
-    while redis.call('LMOVE', taken, KEYS[2], 'RIGHT', 'LEFT') do n = n + 1 end
+    while true do
+      local m = redis.call('LMOVE', taken, KEYS[2], 'RIGHT', 'LEFT')
+      if not m then break end
+      redis.call('HINCRBY', KEYS[3], redis.sha1hex(m), 1)
+      n = n + 1
+    end
     redis.call('SREM', KEYS[1], id)
   end
 end
 return n
 """
 
-# KEYS: taken, list. ARGV: message. Gives one message back, to be next.
+# KEYS: taken, list, reaped. ARGV: message, "1" if it came from reaped.
+# Gives one message back, to be taken next, keeping its mark.
 _GIVE_BACK = """
 if redis.call('LREM', KEYS[1], -1, ARGV[1]) > 0 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+  if ARGV[2] == '1' then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+  else
+    redis.call('RPUSH', KEYS[2], ARGV[1])
+  end
 end
 return 0
 """
 
-# KEYS: delayed, taken. ARGV: job, seconds, retry body. Schedules the
-# retry by Redis's clock and acknowledges the job, atomically.
+# KEYS: taken, target, returns. ARGV: message, what to push while it is
+# still held, what to push if it is not (a worker paused past its lease:
+# the message was reaped and handed out again), its sha1. Pushes and
+# acknowledges atomically; returns 1 if it was still held.
+_FINISH = """
+local held = redis.call('LREM', KEYS[1], -1, ARGV[1])
+if held > 0 then
+  redis.call('LPUSH', KEYS[2], ARGV[2])
+else
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+end
+redis.call('HDEL', KEYS[3], ARGV[4])
+return held
+"""
+
+# KEYS: delayed, taken, returns. ARGV: job, seconds, retry body while
+# held, retry body if not, its sha1. Schedules the retry by Redis's clock
+# and acknowledges the job, atomically.
 _DELAY = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('LREM', KEYS[2], -1, ARGV[1])
-return 0
+local held = redis.call('LREM', KEYS[2], -1, ARGV[1])
+local body = ARGV[3]
+if held == 0 then body = ARGV[4] end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), body)
+redis.call('HDEL', KEYS[3], ARGV[5])
+return held
 """
 
 # KEYS: delayed, list. ARGV: most. Moves due jobs to the job list.
@@ -124,7 +162,7 @@ def client(broker_url: str) -> Any:
     return redis.Redis.from_url(broker_url)
 
 
-def connection_errors() -> Tuple[type, ...]:
+def connection_errors() -> Tuple[Type[BaseException], ...]:
     """What redis-py raises when Redis cannot be reached."""
     import redis
     return (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -140,14 +178,31 @@ def push(redis_client: Any, name: str, bodies: List[bytes]) -> None:
         redis_client.lpush(name, *bodies)
 
 
+class Taken:
+    """A message a consumer holds: its body, whether it was handed out
+    again (taken from ``reaped``), and how many times it was reaped."""
+
+    __slots__ = ("body", "redelivered", "returns")
+
+    def __init__(self, body: bytes, redelivered: bool, returns: int) -> None:
+        self.body = body
+        self.redelivered = redelivered
+        self.returns = returns
+
+    @property
+    def sha1(self) -> str:
+        return hashlib.sha1(self.body).hexdigest()
+
+
 class ReliableList:
     """One consumer of a Redis list that loses nothing when it dies.
 
-    ``take(n)`` returns up to ``n`` ``(body, redelivered)`` pairs, each held
-    in this consumer's ``taken`` list until ``ack``/``give_back`` (or an
-    ``ack_with_*`` that acknowledges together with what follows).
-    ``housekeeping()`` must be called at least every ``lease / 6`` seconds:
-    it renews the lease and reaps dead consumers.
+    ``take(n)`` returns up to ``n`` :class:`Taken` messages, each held in
+    this consumer's ``taken`` list until acknowledged (``ack``, or
+    ``finish`` that pushes what follows in the same step) or given back.
+    ``renew()`` must run at least every ``lease / 2`` seconds (it does
+    every ``lease / 6`` from :meth:`start_renewing`'s thread) and
+    ``reap()`` every few seconds.
     """
 
     def __init__(self, redis_client: Any, name: str, lease: float = DEFAULT_LEASE) -> None:
@@ -158,70 +213,113 @@ class ReliableList:
         self.lease = float(lease)
         self.id = uuid.uuid4().hex
         self._keys = [name, name + ".reaped", f"{name}.taken.{self.id}",
-                      f"{name}.alive.{self.id}", name + ".consumers"]
+                      f"{name}.alive.{self.id}", name + ".consumers", name + ".returns"]
         self._take = redis_client.register_script(_TAKE)
         self._reap = redis_client.register_script(_REAP)
         self._give_back = redis_client.register_script(_GIVE_BACK)
-        self._next_housekeeping = 0.0
+        self._finish = redis_client.register_script(_FINISH)
+        self._next_reap = 0.0
+        self._renewing: Optional[threading.Event] = None
 
     @property
     def taken_key(self) -> str:
         return self._keys[2]
 
-    def take(self, most: int) -> List[Tuple[bytes, bool]]:
+    @property
+    def returns_key(self) -> str:
+        return self._keys[5]
+
+    def take(self, most: int) -> List[Taken]:
         if most <= 0:
             return []
         flat = self._take(keys=self._keys, args=[most, self.id, int(self.lease * 1000)])
-        return [(flat[i + 1], flat[i] == b"1") for i in range(0, len(flat), 2)]
+        return [Taken(flat[i + 2], flat[i] == b"1", int(flat[i + 1]))
+                for i in range(0, len(flat), 3)]
 
-    def ack(self, body: bytes) -> None:
-        self.redis.lrem(self.taken_key, -1, body)
-
-    def give_back(self, body: bytes) -> None:
-        """Return one message to the list's front (it is taken next)."""
-        self._give_back(keys=[self.taken_key, self.name], args=[body])
-
-    def ack_with_push(self, body: bytes, target: str, message: bytes) -> None:
-        """Push ``message`` on list ``target`` and acknowledge ``body``,
-        atomically."""
+    def ack(self, taken: Taken) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(target, message)
-            pipe.lrem(self.taken_key, -1, body)
+            pipe.lrem(self.taken_key, -1, taken.body)
+            if taken.redelivered:
+                pipe.hdel(self.returns_key, taken.sha1)
             pipe.execute()
 
-    def housekeeping(self, force: bool = False) -> int:
-        """Renew the lease and reap dead consumers (at most every
-        ``lease / 6`` seconds unless ``force``); return how many messages
-        were reaped."""
-        now = time.monotonic()
-        if not force and now < self._next_housekeeping:
-            return 0
-        self._next_housekeeping = now + self.lease / 6
+    def give_back(self, taken: Taken) -> None:
+        """Return one message to be taken next, marked as it was."""
+        self._give_back(keys=[self.taken_key, self.name, self._keys[1]],
+                        args=[taken.body, "1" if taken.redelivered else "0"])
+
+    def finish(self, taken: Taken, target: str, message: bytes,
+               if_lost: Optional[bytes] = None) -> bool:
+        """Push ``message`` on list ``target`` and acknowledge ``taken``,
+        atomically; if this consumer no longer held it (its lease ran out
+        and it was handed out again), push ``if_lost`` instead. Return
+        True if it was still held."""
+        held = self._finish(keys=[self.taken_key, target, self.returns_key],
+                            args=[taken.body, message,
+                                  message if if_lost is None else if_lost, taken.sha1])
+        return bool(held)
+
+    def renew(self) -> None:
+        """Renew the lease (and the registration a reaper may have ended)."""
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.sadd(self._keys[4], self.id)
             pipe.set(self._keys[3], b"1", px=int(self.lease * 1000))
             pipe.execute()
-        reaped = int(self._reap(keys=[self._keys[4], self._keys[1]],
+
+    def start_renewing(self) -> None:
+        """Renew the lease every ``lease / 6`` seconds from a thread of its
+        own, so that a busy loop (a slow callback) does not lose it; only a
+        stopped process does."""
+        if self._renewing is not None:
+            return
+        stop = self._renewing = threading.Event()
+
+        def renew_forever() -> None:
+            while not stop.wait(self.lease / 6):
+                try:
+                    self.renew()
+                except Exception as e:      # Redis away: the main loop says so
+                    log.debug("%s: renewing the lease failed: %s", self.name, e)
+        threading.Thread(target=renew_forever, name="smtpstate-lease", daemon=True).start()
+
+    def stop_renewing(self) -> None:
+        if self._renewing is not None:
+            self._renewing.set()
+            self._renewing = None
+
+    def reap(self, force: bool = False) -> int:
+        """Hand out again the messages of consumers whose lease ran out (at
+        most every ``lease / 6`` seconds unless ``force``); return how
+        many."""
+        now = time.monotonic()
+        if not force and now < self._next_reap:
+            return 0
+        self._next_reap = now + self.lease / 6
+        reaped = int(self._reap(keys=[self._keys[4], self._keys[1], self.returns_key],
                                 args=[self.name + ".alive.", self.name + ".taken."]))
         if reaped:
             log.warning("%s: %d message(s) of a consumer that stopped renewing its lease "
                         "handed out again", self.name, reaped)
-        return int(reaped)
+        return reaped
+
+    def housekeeping(self, force: bool = False) -> int:
+        """renew() and reap(), for a consumer without a renewing thread."""
+        if force or time.monotonic() >= self._next_reap:
+            self.renew()
+        return self.reap(force)
 
     def leave(self) -> None:
         """Give back everything held and end the lease (a clean exit):
         what is left is handed out at once, not after the lease."""
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys[3])
-            pipe.execute()
-        self._reap(keys=[self._keys[4], self._keys[1]],
-                   args=[self.name + ".alive.", self.name + ".taken."])
+        self.stop_renewing()
+        self.redis.delete(self._keys[3])
+        self.reap(force=True)
 
 
 class RedisTransport:
     """The worker's broker on Redis: jobs from ``Q`` (a ReliableList),
     results to ``Q.results``, dead letters to ``Q.dead``, retries through
-    the ``Q.delayed`` sorted set."""
+    the ``Q.delayed`` sorted set. Handles are :class:`Taken`."""
 
     #: poll() returns at once; the worker does the waiting.
     blocks = False
@@ -234,6 +332,8 @@ class RedisTransport:
         self.redis.ping()
         self.queue = queue
         self.jobs = ReliableList(self.redis, queue, DEFAULT_LEASE if lease is None else lease)
+        self.jobs.renew()
+        self.jobs.start_renewing()
         self.results = queue + ".results"
         self.dead_name = queue + ".dead"
         self.delayed = queue + ".delayed"
@@ -250,10 +350,10 @@ class RedisTransport:
         del timeout
         self.housekeeping()
         got = self.jobs.take(room) if self._taking else []
-        return [(body, again, body) for body, again in got]
+        return [(t.body, t.redelivered, t) for t in got]
 
     def housekeeping(self) -> None:
-        self.jobs.housekeeping()
+        self.jobs.reap()
         now = time.monotonic()
         if now >= self._next_due:
             self._next_due = now + 1.0
@@ -262,27 +362,33 @@ class RedisTransport:
     def stop_taking(self) -> None:
         self._taking = False
 
-    def finish(self, body: bytes, result: bytes,
-               before_ack: Optional[Callable[[], None]] = None) -> None:
-        if before_ack is None:
-            self.jobs.ack_with_push(body, self.results, result)
-            return
-        self.redis.lpush(self.results, result)
-        before_ack()
-        self.jobs.ack(body)
+    def finish(self, taken: Taken, result: bytes,
+               before_ack: Optional[Callable[[], None]] = None,
+               if_lost: Optional[bytes] = None) -> None:
+        # The result and the acknowledgement are one step here; the
+        # callback comes right after it.
+        if not self.jobs.finish(taken, self.results, result, if_lost):
+            log.warning("%s: a job was handed to another worker while this one delivered "
+                        "it (its lease ran out): its result is marked redelivered",
+                        self.queue)
+        if before_ack is not None:
+            before_ack()
 
-    def retry(self, body: bytes, retry: bytes, delay: float) -> None:
-        self._delay(keys=[self.delayed, self.jobs.taken_key], args=[body, delay, retry])
+    def retry(self, taken: Taken, retry: bytes, delay: float,
+              if_lost: Optional[bytes] = None) -> None:
+        self._delay(keys=[self.delayed, self.jobs.taken_key, self.jobs.returns_key],
+                    args=[taken.body, delay, retry, retry if if_lost is None else if_lost,
+                          taken.sha1])
 
-    def dead(self, body: bytes, record: bytes, reason: str) -> None:
+    def dead(self, taken: Taken, record: bytes, reason: str) -> None:
         del reason                          # in the record; Redis has no headers
-        self.jobs.ack_with_push(body, self.dead_name, record)
+        self.jobs.finish(taken, self.dead_name, record)
 
-    def give_back(self, body: bytes) -> None:
-        self.jobs.give_back(body)
+    def give_back(self, taken: Taken) -> None:
+        self.jobs.give_back(taken)
 
-    def ack(self, body: bytes) -> None:
-        self.jobs.ack(body)
+    def ack(self, taken: Taken) -> None:
+        self.jobs.ack(taken)
 
     def close(self) -> None:
         """Give back what is still held (its deliveries were abandoned

@@ -42,9 +42,11 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import queue as _stdqueue
 import signal
@@ -53,7 +55,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple, Type)
 
 from smtpstate import _redis_queue
 from smtpstate.errors import InvalidOptionError
@@ -107,6 +110,7 @@ _TLS_LEVELS = ("none", "opportunistic", "verify", "starttls", "implicit", "dane"
 _MESSAGE_OPTIONS = ("dsn_ret", "envid", "long_lines", "require_tls", "smtputf8")
 _JOB_KEYS = {"version", "id", "sender", "recipients", "data", "message_options", "host",
              "port", "options", "attempts", "first_enqueued", "settled"}
+_OPTIONAL_JOB_KEYS = {"redelivered"}
 _RECIPIENT_KEYS = {"address", "notify", "orcpt", "index"}
 
 
@@ -142,6 +146,9 @@ class Job:
         settled: per-recipient results already final from earlier
             attempts (result format), so that the final result names
             every recipient.
+        redelivered: an earlier attempt of this job was handed out again
+            after its worker died (so it may have been delivered then);
+            kept through retries so the final result says so.
     """
 
     id: str
@@ -155,6 +162,7 @@ class Job:
     attempts: int = 0
     first_enqueued: float = 0.0
     settled: List[Dict[str, Any]] = field(default_factory=list)
+    redelivered: bool = False
 
     @classmethod
     def from_message(cls, message: Message, host: Optional[str] = None, port: int = 25,
@@ -200,6 +208,7 @@ class Job:
             "attempts": self.attempts,
             "first_enqueued": self.first_enqueued,
             "settled": self.settled,
+            **({"redelivered": True} if self.redelivered else {}),
         }, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
     @classmethod
@@ -220,7 +229,7 @@ class Job:
             raise JobError(f"a job must be JSON text, not {type(raw).__name__}")
         try:
             obj = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
             raise JobError(f"a job must be JSON: {e}") from None
         if not isinstance(obj, dict):
             raise JobError("a job must be a JSON object")
@@ -231,7 +240,7 @@ class Job:
         missing = sorted(_JOB_KEYS - set(obj))
         if missing:
             raise JobError(f"job field(s) missing: {', '.join(missing)}")
-        unknown = sorted(set(obj) - _JOB_KEYS)
+        unknown = sorted(set(obj) - _JOB_KEYS - _OPTIONAL_JOB_KEYS)
         if unknown:
             raise JobError(f"unknown job field(s): {', '.join(unknown)}")
         _want(obj, "id", str)
@@ -247,8 +256,11 @@ class Job:
             raise JobError(f"job field port must be an int, not {obj['port']!r}")
         if type(obj["attempts"]) is not int or obj["attempts"] < 0:
             raise JobError(f"job field attempts must be an int >= 0, not {obj['attempts']!r}")
-        if type(obj["first_enqueued"]) not in (int, float):
+        if type(obj["first_enqueued"]) not in (int, float) \
+                or not 0 <= obj["first_enqueued"] < 1e11:      # also refuses NaN, huge ints
             raise JobError("job field first_enqueued must be a number (Unix time)")
+        if type(obj.get("redelivered", False)) is not bool:
+            raise JobError("job field redelivered must be true or false")
         try:
             uuid.UUID(obj["id"])
         except ValueError:
@@ -266,13 +278,16 @@ class Job:
                     or type(r["index"]) is not int):
                 raise JobError(f"job recipient has a field of the wrong type: {r!r}")
         for s in obj["settled"]:
+            # Every field outcome() reads from a settled entry, checked.
             if not isinstance(s, dict) or not isinstance(s.get("address"), str) \
-                    or not isinstance(s.get("status"), str):
-                raise JobError(f"job field settled holds a bad entry: {s!r}")
+                    or not isinstance(s.get("status"), str) \
+                    or type(s.get("index")) is not int:
+                raise JobError(f"job field settled holds a bad entry: {str(s)[:200]}")
         job = cls(id=obj["id"], sender=obj["sender"], recipients=obj["recipients"],
                   data=data, message_options=obj["message_options"], host=obj["host"],
                   port=obj["port"], options=obj["options"], attempts=obj["attempts"],
-                  first_enqueued=float(obj["first_enqueued"]), settled=obj["settled"])
+                  first_enqueued=float(obj["first_enqueued"]), settled=obj["settled"],
+                  redelivered=obj.get("redelivered", False))
         job._check()
         return job
 
@@ -490,17 +505,18 @@ def _read_redis_results(broker_url: str, queue: str, timeout: float,
         count = 0
         idle_since = time.monotonic()
         while limit is None or count < limit:
-            results.housekeeping()
-            got = results.take(min(100, limit - count) if limit is not None else 100)
+            results.reap()
+            # One at a time: taking renews the lease, so a reader slow on
+            # one result does not lose the others to another reader.
+            got = results.take(1)
             if not got:
                 if time.monotonic() - idle_since >= timeout:
                     return
                 time.sleep(0.02)
                 continue
-            for body, _again in got:
-                count += 1
-                yield json.loads(body)
-                results.ack(body)
+            count += 1
+            yield json.loads(got[0].body)
+            results.ack(got[0])
             idle_since = time.monotonic()
     finally:
         try:
@@ -547,15 +563,22 @@ def outcome(job: Job, result: Any, *, schedule: Sequence[float] = DEFAULT_SCHEDU
     (then they expire as ``permfail`` 5.4.7); otherwise the job is final.
     ``unknown`` is final, never retried. Pure: publishes nothing."""
     attempts = job.attempts + 1
+    redelivered = redelivered or job.redelivered
     now = time.time() if now is None else now
     age = now - job.first_enqueued
     settled = list(job.settled)
     pending: List[Dict[str, Any]] = []
     pending_entries: List[Dict[str, Any]] = []
     for rcpt, rr in zip(job.recipients, result.recipients):
+        # A recipient accepted at RCPT whose message then failed (at DATA,
+        # or the connection) failed by the message's reply, not its 250.
+        reply, enhanced = rr.reply, rr.enhanced
+        if rr.status != "delivered" and (reply is None or 200 <= reply.code < 300) \
+                and result.reply is not None:
+            reply, enhanced = result.reply, result.enhanced
         entry = {"address": rcpt["address"], "index": rcpt["index"],
-                 "status": rr.status, "reply": _reply(rr.reply),
-                 "enhanced": rr.enhanced, "mx": rr.mx, "attempts": attempts}
+                 "status": rr.status, "reply": _reply(reply),
+                 "enhanced": enhanced, "mx": rr.mx, "attempts": attempts}
         if rr.status != "delivered" and result.reason:
             entry["reason"] = result.reason
         if rr.status == "tempfail":
@@ -569,7 +592,8 @@ def outcome(job: Job, result: Any, *, schedule: Sequence[float] = DEFAULT_SCHEDU
             retry = Job(id=job.id, sender=job.sender, recipients=pending, data=job.data,
                         message_options=job.message_options, host=job.host,
                         port=job.port, options=job.options, attempts=attempts,
-                        first_enqueued=job.first_enqueued, settled=settled)
+                        first_enqueued=job.first_enqueued, settled=settled,
+                        redelivered=redelivered)
             return Outcome(retry=retry, delay=delay)
         settled.extend(_expired(e, age) for e in pending_entries)
     settled.sort(key=lambda e: e["index"])
@@ -640,11 +664,18 @@ class _AmqpTransport:
     def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
                  prefetch: int) -> None:
         self.conn = _connect(broker_url)
-        q = queue
+        try:
+            self._setup(queue, schedule, prefetch)
+        except BaseException:
+            _quietly(self.conn.release)
+            raise
+
+    def _setup(self, q: str, schedule: Sequence[float], prefetch: int) -> None:
         self._q = _job_queue(self.conn, q)
         self._results_q = _queue(self.conn, q + ".results")
         self._dead_q = _queue(self.conn, q + ".dead")
-        self._delay_qs = {s: _queue(self.conn, f"{q}.delay.{s:g}", delay=s, back_to=q)
+        self._delay_qs = {s: _queue(self.conn, f"{q}.delay.{_seconds_name(s)}", delay=s,
+                                    back_to=q)
                           for s in sorted(set(schedule))}
         for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
             kq(self.conn.default_channel).declare()
@@ -655,7 +686,7 @@ class _AmqpTransport:
         self.consumer.consume()
         # What a lost broker raises: the transport's own errors, and
         # kombu's OperationalError, which it raises for them on reconnect.
-        self.errors: Tuple[type, ...] = (tuple(self.conn.connection_errors)
+        self.errors: Tuple[Type[BaseException], ...] = (tuple(self.conn.connection_errors)
                                          + tuple(self.conn.channel_errors)
                                          + (_kombu().exceptions.OperationalError, OSError))
 
@@ -682,13 +713,17 @@ class _AmqpTransport:
     # (Worker._lost): publish what follows, nothing to acknowledge.
 
     def finish(self, msg: Any, result: bytes,
-               before_ack: Optional[Callable[[], None]] = None) -> None:
+               before_ack: Optional[Callable[[], None]] = None,
+               if_lost: Optional[bytes] = None) -> None:
+        del if_lost                         # a channel's deliveries cannot be lost alive
         _publish(self.producer, result, self._results_q, RESULT_CONTENT_TYPE, retry=False)
         if before_ack is not None:
             before_ack()
         self.ack(msg)
 
-    def retry(self, msg: Any, retry: bytes, delay: float) -> None:
+    def retry(self, msg: Any, retry: bytes, delay: float,
+              if_lost: Optional[bytes] = None) -> None:
+        del if_lost
         _publish(self.producer, retry, self._delay_qs[delay], JOB_CONTENT_TYPE, retry=False)
         self.ack(msg)
 
@@ -708,6 +743,12 @@ class _AmqpTransport:
         # What is still unacknowledged is requeued by the broker when the
         # connection closes.
         self.conn.release()
+
+
+def _seconds_name(seconds: float) -> str:
+    """A delay queue's name for a step: its milliseconds in seconds,
+    exactly (300 -> "300", 1.5 -> "1.5"), as its TTL is."""
+    return f"{round(seconds * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
 
 
 def _body_bytes(body: Any) -> bytes:
@@ -795,9 +836,10 @@ class Worker:
                  shared_limits: Optional[str] = None,
                  **engine_options: Any) -> None:
         schedule = tuple(float(s) for s in schedule)
-        if not schedule or any(s <= 0 for s in schedule):
-            raise InvalidOptionError(f"schedule must be positive seconds, not {schedule!r}")
-        if max_age <= 0:
+        if not schedule or not all(math.isfinite(s) and 0.001 <= s <= 1e8 for s in schedule):
+            raise InvalidOptionError(f"schedule must be seconds from 0.001 to 1e8, "
+                                     f"not {schedule!r}")
+        if not (math.isfinite(max_age) and max_age > 0):
             raise InvalidOptionError(f"max_age must be positive seconds, not {max_age!r}")
         if prefetch is None:
             prefetch = min(1000, 2 * int(engine_options.get("max_connections", 1000)))
@@ -810,8 +852,9 @@ class Worker:
         self.schedule = schedule
         self.max_age = float(max_age)
         self.drain_timeout = drain_timeout
-        if visibility_timeout is not None and visibility_timeout <= 0:
-            raise InvalidOptionError(f"visibility_timeout must be positive seconds, "
+        if visibility_timeout is not None and not (math.isfinite(visibility_timeout)
+                                                   and visibility_timeout >= 1):
+            raise InvalidOptionError(f"visibility_timeout must be at least 1 second, "
                                      f"not {visibility_timeout!r}")
         self.visibility_timeout = visibility_timeout
         self.shared_limits = shared_limits
@@ -833,8 +876,9 @@ class Worker:
         self._orphans: Dict[bytes, Any] = {}
         self._finished_orphans: Dict[bytes, float] = {}
         self._recent: Deque[Tuple[float, bytes]] = collections.deque()
-        self._broker_errors: Tuple[type, ...] = (OSError,)
+        self._broker_errors: Tuple[Type[BaseException], ...] = (OSError,)
         self._unsettled: List[Any] = []
+        self._engine_failed = False
         self.processed = 0
 
     def stop(self) -> None:
@@ -886,6 +930,9 @@ class Worker:
                 self._held.limiter.close()
             if transport is not None:
                 _quietly(transport.close)
+        if self._engine_failed:
+            raise RuntimeError("the worker's engine failed (logged above); its jobs in flight "
+                               "were left to the broker")
         log.info("worker stopped after %d job(s)", self.processed)
 
     def _open(self) -> Any:
@@ -909,7 +956,7 @@ class Worker:
         transport.stop_taking()
         self._give_back_held(transport)
         deadline = time.monotonic() + self.drain_timeout
-        while self._inflight and time.monotonic() < deadline:
+        while self._inflight and time.monotonic() < deadline and not self._engine_failed:
             self._take(engine, transport)
             self._settle(transport)
             transport.housekeeping()
@@ -957,6 +1004,7 @@ class Worker:
                 self._ready.set()
         except Exception:                                     # a bug: say so and stop
             log.exception("the engine's loop failed; the worker stops")
+            self._engine_failed = True
             self._stop.set()
             self._ready.set()
 
@@ -980,10 +1028,20 @@ class Worker:
             if self._stop.is_set():
                 transport.give_back(handle)
                 continue
+            returns = getattr(handle, "returns", 0)
+            if returns > DELIVERY_LIMIT:
+                self._dead(transport, handle, body,
+                           f"handed out {returns + 1} times without being acknowledged (each "
+                           "worker taking it died): not handed out again")
+                continue
             try:
                 job = Job.from_json(body)
             except JobError as e:
                 self._dead(transport, handle, body, str(e))
+                continue
+            except Exception as e:          # a defect of ours: that job, not the worker
+                log.exception("reading a job failed")
+                self._dead(transport, handle, body, f"the job could not be read: {e!r}")
                 continue
             if self._held is not None and not self._held.admit(
                     _limit_domain(job), (handle, body, job, redelivered)):
@@ -1020,6 +1078,10 @@ class Worker:
             ticket = engine.submit(job.message(), job.host, job.port, **job.options)
         except (ValueError, TypeError) as e:
             self._dead(transport, handle, body, f"the engine refused the job: {e}")
+            return
+        except Exception as e:              # a defect of ours: that job, not the worker
+            log.exception("submitting job %s failed", job.id)
+            self._dead(transport, handle, body, f"the engine failed on the job: {e!r}")
             return
         self._inflight[ticket] = (handle, job, redelivered)
 
@@ -1059,9 +1121,18 @@ class Worker:
             handle, job, redelivered = entry
             try:
                 self._finish(transport, handle, job, redelivered, result)
-            except BaseException:
+            except self._broker_errors:
                 self._unsettled.insert(0, result)   # settled after reconnecting
                 raise
+            except Exception as e:
+                # A defect of ours deciding what follows: dead-letter the job
+                # (its attempt is over, maybe delivered) rather than die and
+                # have it delivered again by each worker taking it.
+                log.exception("settling job %s failed", job.id)
+                self._dead(transport, None if isinstance(handle, _Orphan) else handle,
+                           job.to_json(), f"settling the job after attempt "
+                           f"{job.attempts + 1} failed ({e!r}): it may have been "
+                           f"delivered; not retried")
             del self._inflight[result.ticket]
             self.processed += 1
             if not transport.survives_reconnect and not isinstance(handle, _Orphan):
@@ -1076,7 +1147,10 @@ class Worker:
         if orphan is not None:
             handle = None                   # nothing to acknowledge on this connection
         if step.retry is not None:
-            transport.retry(handle, step.retry.to_json(), step.delay)
+            # if_lost: what to publish instead should the broker say this
+            # worker no longer held the job (Redis: a lease run out).
+            lost = dataclasses.replace(step.retry, redelivered=True).to_json()
+            transport.retry(handle, step.retry.to_json(), step.delay, lost)
             log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
                      len(step.retry.recipients), step.delay, step.retry.attempts)
         else:
@@ -1107,8 +1181,10 @@ class Worker:
                 on_result(final)
             except Exception:
                 log.exception("on_result raised for job %s (ignored)", job.id)
+        lost = dict(final, redelivered=True)
         transport.finish(handle, json.dumps(final, separators=(",", ":")).encode("utf-8"),
-                         call_on_result if on_result is not None else None)
+                         call_on_result if on_result is not None else None,
+                         json.dumps(lost, separators=(",", ":")).encode("utf-8"))
 
 
 #: A worker process's exit status when its options are wrong: the
@@ -1133,15 +1209,22 @@ def _die_with_parent() -> None:
 
 
 def _worker_process(broker_url: str, parent: int, worker_options: Dict[str, Any]) -> None:
-    """The body of a forked worker process; never returns."""
+    """The body of a forked worker process, entered with SIGTERM and SIGINT
+    blocked; never returns."""
     code = 1
     try:
         _die_with_parent()
         if os.getppid() != parent:          # the parent died before prctl
             os._exit(0)
         try:
+            worker = Worker(broker_url, **worker_options)
+            # A stop asked for while the child starts is kept, not lost: the
+            # handlers exist before the signals are let in.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: worker.stop())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
             # The engine's options are checked when run() creates it.
-            Worker(broker_url, **worker_options).run()
+            worker.run()
         except InvalidOptionError as e:
             log.error("worker options refused: %s", e)
             os._exit(_EXIT_BAD_OPTIONS)
@@ -1197,16 +1280,10 @@ def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             pid = os.fork()
             if pid == 0:                      # the child: nothing of the parent's broker state
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
                 _worker_process(broker_url, me, worker_options)
             children[pid] = (slot, now)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            pid, code = 0, 0
+        pid, code = _reap_one(children)       # only ours: the caller may have others
         if pid == 0:
             time.sleep(0.2)
             continue
@@ -1229,6 +1306,18 @@ def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:
                     _how_it_ended(code), lived, wait)
         due[slot] = time.monotonic() + wait
     return status
+
+
+def _reap_one(children: Dict[int, Any]) -> Tuple[int, int]:
+    """(pid, wait status) of one of ``children`` that ended, or (0, 0)."""
+    for pid in list(children):
+        try:
+            done, code = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:          # reaped elsewhere: count it as gone
+            return pid, 0
+        if done:
+            return done, code
+    return 0, 0
 
 
 def _how_it_ended(code: int) -> str:

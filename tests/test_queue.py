@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -135,6 +136,66 @@ def test_job_parsing_is_strict(mutate, words):
 def test_job_parsing_refuses_what_is_not_a_json_job(raw, words):
     with pytest.raises(sq.JobError, match=words):
         sq.Job.from_json(raw)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    # Each of these once got past parsing and crashed the worker.
+    (lambda o: o.update(settled=[{"address": "x@example.net", "status": "delivered"}]),
+     "settled holds a bad entry"),
+    (lambda o: o.update(first_enqueued=10 ** 400), "first_enqueued must be a number"),
+    (lambda o: o.update(first_enqueued=float("nan")), "first_enqueued must be a number"),
+    (lambda o: o.update(redelivered="yes"), "redelivered must be true or false"),
+])
+def test_job_parsing_refuses_what_once_crashed_a_worker(mutate, words):
+    obj = json.loads(sq.Job.from_message(_messages(1)[0], "127.0.0.1").to_json())
+    mutate(obj)
+    with pytest.raises(sq.JobError, match=words):
+        sq.Job.from_json(json.dumps(obj))
+    with pytest.raises(sq.JobError, match="must be JSON"):
+        sq.Job.from_json(b"[" * 100000 + b"]" * 100000)     # nested too deep
+
+
+def _attempt(status, rcpt_reply, reply):
+    from smtpstate.result import RecipientResult, Reply, Result
+    r = Reply(rcpt_reply[0], "", rcpt_reply[1]) if rcpt_reply else None
+    return Result(status=status, reply=Reply(reply[0], "", reply[1]), stage="", stage_code=0,
+                  state=None,
+                  recipients=(RecipientResult("bob@example.net", status, r),))
+
+
+def test_outcome_keeps_the_redelivered_mark_through_retries_and_names_the_deciding_reply():
+    job = sq.Job.from_message(_messages(1)[0], "127.0.0.1")
+    job = dataclasses.replace(job, redelivered=False)
+    # Accepted at RCPT, refused with 451 after DATA: the 451 decides.
+    step = sq.outcome(job, _attempt("tempfail", (250, "OK"), (451, "try later")),
+                      schedule=(1.0,), redelivered=True)
+    assert step.retry is not None and step.retry.redelivered
+    back = sq.Job.from_json(step.retry.to_json())
+    assert back.redelivered and back.settled == []
+    # The next attempt is not redelivered, yet its result says the job was.
+    final = sq.outcome(back, _attempt("delivered", (250, "OK"), (250, "queued")))
+    assert final.final["redelivered"] is True and final.final["status"] == "delivered"
+    # Expiring, the recipient's reply and reason are the 451's.
+    old = dataclasses.replace(job, first_enqueued=time.time() - 10)
+    expired = sq.outcome(old, _attempt("tempfail", (250, "OK"), (451, "try later")),
+                         schedule=(5.0,), max_age=10)
+    [entry] = expired.final["recipients"]
+    assert entry["reply"]["code"] == 451 and "last: 451 try later" in entry["reason"]
+
+
+@pytest.mark.parametrize("option", [["--retry-schedule", "nan"], ["--retry-schedule", "1,inf"],
+                                    ["--max-age", "nan"], ["--visibility-timeout", "0.01"]])
+def test_worker_refuses_non_finite_schedules_and_ages(option):
+    proc = subprocess.run([sys.executable, "-m", "smtpstate", "worker", "--broker",
+                           "amqp://127.0.0.1:1//", "--processes", "2", *option],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "must be" in proc.stderr
+
+
+def test_delay_queue_names_are_exact():
+    assert [sq._seconds_name(s) for s in (300.0, 1.5, 1234567.0, 1234568.0, 0.001)] == \
+        ["300", "1.5", "1234567", "1234568", "0.001"]
 
 
 def test_enqueue_refuses_a_stream_and_a_credential_before_publishing():
@@ -456,6 +517,10 @@ def _redis(url):
     return redis.Redis.from_url(url)
 
 
+def _pairs(taken):
+    return [(t.body, t.redelivered) for t in taken]
+
+
 def test_redis_reliable_list_take_ack_give_back_and_reap(redis_broker, queue_name):
     from smtpstate import _redis_queue as rq
 
@@ -463,27 +528,76 @@ def test_redis_reliable_list_take_ack_give_back_and_reap(redis_broker, queue_nam
     rq.push(r, queue_name, [b"one", b"two", b"three"])
     dead = rq.ReliableList(r, queue_name, lease=0.5)
     alive = rq.ReliableList(r, queue_name, lease=30)
-    assert dead.take(2) == [(b"one", False), (b"two", False)]     # oldest first
+    one, two = dead.take(2)
+    assert _pairs([one, two]) == [(b"one", False), (b"two", False)]     # oldest first
     assert r.llen(queue_name) == 1 and r.llen(dead.taken_key) == 2
-    dead.ack(b"one")
+    dead.ack(one)
     assert r.lrange(dead.taken_key, 0, -1) == [b"two"]
     # The first consumer stops renewing its lease (it died): while the
     # lease runs, its message stays with it; after, another hands it out
-    # again, marked, before the messages never taken.
+    # again, marked and counted, before the messages never taken.
     assert alive.housekeeping(force=True) == 0
     time.sleep(0.7)
     assert alive.housekeeping(force=True) == 1
     assert r.sismember(queue_name + ".consumers", dead.id) == 0
-    assert alive.take(5) == [(b"two", True), (b"three", False)]
-    alive.give_back(b"three")                           # next to be taken
+    again, three = alive.take(5)
+    assert _pairs([again, three]) == [(b"two", True), (b"three", False)]
+    assert again.returns == 1 and three.returns == 0
+    alive.give_back(three)                              # next to be taken
+    alive.give_back(again)                              # ... after this, still marked
     assert r.lrange(queue_name, 0, -1) == [b"three"]
-    assert alive.take(1) == [(b"three", False)]
+    assert _pairs(alive.take(2)) == [(b"two", True), (b"three", False)]
     alive.leave()                                       # a clean exit gives back at once
     other = rq.ReliableList(r, queue_name)
-    assert sorted(other.take(5)) == [(b"three", True), (b"two", True)]
-    other.ack(b"two")
-    other.ack(b"three")
+    got = other.take(5)
+    assert sorted(_pairs(got)) == [(b"three", True), (b"two", True)]
+    assert sorted(t.returns for t in got) == [1, 2]
+    for t in got:
+        other.ack(t)
     assert r.llen(other.taken_key) == 0 and r.llen(queue_name) == 0
+    assert r.hlen(queue_name + ".returns") == 0         # counts end with the message
+
+
+def test_redis_a_worker_past_its_lease_publishes_its_result_marked(redis_broker, queue_name):
+    from smtpstate import _redis_queue as rq
+
+    r = _redis(redis_broker.url)
+    rq.push(r, queue_name, [b"job"])
+    slow = rq.ReliableList(r, queue_name, lease=0.3)
+    [taken] = slow.take(1)
+    time.sleep(0.5)                         # paused past its lease: reaped
+    other = rq.ReliableList(r, queue_name)
+    assert other.reap(force=True) == 1
+    assert slow.finish(taken, queue_name + ".results", b"plain", b"marked") is False
+    [copy] = other.take(1)
+    assert (copy.body, copy.redelivered) == (b"job", True)
+    assert other.finish(copy, queue_name + ".results", b"plain", b"marked") is True
+    assert sorted(r.lrange(queue_name + ".results", 0, -1)) == [b"marked", b"plain"]
+
+
+def test_redis_a_job_that_kills_every_worker_is_dead_lettered(redis_broker, queue_name,
+                                                             aiosmtpd_server):
+    from smtpstate import _redis_queue as rq
+
+    ids = sq.enqueue(_messages(1), redis_broker.url, queue_name, host=aiosmtpd_server.host,
+                     port=aiosmtpd_server.port, tls="none")
+    r = _redis(redis_broker.url)
+    for _ in range(sq.DELIVERY_LIMIT + 1):        # each taker dies holding it
+        victim = rq.ReliableList(r, queue_name, lease=0.05)
+        assert len(victim.take(1)) == 1
+        time.sleep(0.1)
+        assert rq.ReliableList(r, queue_name).reap(force=True) == 1
+    worker = _worker(redis_broker.url, queue_name)
+    try:
+        helpers.wait_until(lambda: r.llen(queue_name + ".dead") == 1, 30,
+                           what="the job dead-lettered")
+    finally:
+        assert _stop(worker) == 0
+    record = json.loads(r.lindex(queue_name + ".dead", 0))
+    assert "handed out 22 times" in record["reason"], record["reason"]
+    assert json.loads(base64.b64decode(record["body"]))["id"] == ids[0]
+    assert not aiosmtpd_server.messages
+    assert r.hlen(queue_name + ".returns") == 0
 
 
 def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
@@ -721,3 +835,30 @@ def test_redis_restart_mid_run_loses_nothing_and_the_worker_goes_on(
     assert {r["status"] for r in results} == {"delivered"}
     assert len(server.handler.messages) == n
     assert code == 0, err[-3000:]
+
+
+def test_supervisor_stopped_as_it_starts_exits_cleanly(rabbitmq, queue_name):
+    # A SIGTERM passed on while a worker process is still starting is kept
+    # (its handler exists before the signal is let in), not a kill.
+    cmd = [sys.executable, "-m", "smtpstate", "worker", "--broker", rabbitmq.url,
+           "--queue", queue_name, "--processes", "2"]
+    for delay in (0.0, 0.1, 0.3):
+        proc = _spawn(cmd)
+        helpers.wait_until(lambda: _children(proc.pid), 30, what="a worker process forked")
+        time.sleep(delay)
+        assert _stop(proc) == 0, (delay, _log(proc)[-2000:])
+
+
+def test_supervisor_leaves_the_callers_other_children_alone(rabbitmq, queue_name):
+    script = f"""
+import os, signal, subprocess, sys, threading
+from smtpstate.queue import run_workers
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+code = run_workers({rabbitmq.url!r}, 2, queue={queue_name!r})
+other.wait()
+sys.exit(code)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
