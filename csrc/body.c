@@ -75,6 +75,12 @@
  *	which smtps_body_scan_finish() completes. Line endings count as the
  *	encoder treats them, a CR LF split between two pieces included.
  *
+ *	smtps_body_check() gives the problem smtps_body_scan() would find
+ *	in a whole body (0: none). A body without NUL whose LFs are never
+ *	more than SMTPS_LINE_OCTETS_MAX octets apart, the usual one, is
+ *	settled by memchr() and a step back from every 999th octet to the
+ *	LF before it, without the scan; any other is scanned.
+ *
  *	Invariant: after smtps_body_finish(), the output holds no CR or LF
  *	outside a CR LF pair, and no line other than the final one is a
  *	lone ".". So no body, however hostile (for example "\n.\n" or

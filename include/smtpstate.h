@@ -361,7 +361,10 @@ int smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len);
 /* The end of the body: completes sc->size; returns sc->problem. */
 int smtps_body_scan_finish(struct smtps_body_scan *sc);
 
-/* A whole body in memory at once: init, scan, finish; returns the problem. */
+/*
+ * A whole body in memory at once: the problem init, scan and finish would
+ * find (0: none); the usual body is settled without the scan (body.c).
+ */
 int smtps_body_check(const char *in, size_t len, unsigned flags);
 
 /* ------------------------------------------------------------------ */

@@ -206,12 +206,12 @@ class Message:
                  envid: Optional[str] = None, long_lines: str = "refuse",
                  require_tls: bool = False, smtputf8: bool = False) -> None:
         # The fast path. A Message is made once per send, and the frozen
-        # dataclass's way (an object.__setattr__ per field, then each check
-        # in __post_init__, a call into C for each address and the body)
-        # cost several times what the Engine spends sending it. The usual
-        # message (a bytes body, plain ASCII addresses, every option left
-        # as it is) is checked in one C call, and only the fields that
-        # differ from their class defaults are stored.
+        # dataclass's way (an object.__setattr__ per field, then the checks
+        # of __post_init__ one by one) cost more than the Engine's own
+        # Python per message. The usual message (a bytes body, plain ASCII
+        # addresses, every option left as it is) is checked in one C call,
+        # and only the fields that differ from their class defaults are
+        # stored.
         #
         # It must accept nothing that __post_init__ refuses: C says only
         # "certainly fine" (printable ASCII without angle brackets, 1024
