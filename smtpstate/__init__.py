@@ -24,7 +24,7 @@ from typing import Any, List
 from smtpstate.classify import BounceClass
 from smtpstate.classify import classify as classify_reply
 from smtpstate.client import Client
-from smtpstate.engine import Engine, Ticket, deliver
+from smtpstate.engine import Engine, Ticket, deliver, deliver_iter
 from smtpstate.errors import (
     ConnectError,
     DeliveryError,
@@ -81,6 +81,7 @@ __all__ = [
     "classify_reply",
     "default_machine",
     "deliver",
+    "deliver_iter",
     "load_limits",
 ]
 

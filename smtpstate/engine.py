@@ -27,6 +27,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Set, Tuple)
 
@@ -44,7 +45,7 @@ from smtpstate.routing import (ADDRESS_PREFERENCES, INET_PROTOCOLS, Limits, Reso
                                apply_limits, apply_sources)
 from smtpstate.session import Session, _bind, _unbind
 
-__all__ = ["Engine", "Ticket", "deliver"]
+__all__ = ["Engine", "Ticket", "deliver", "deliver_iter"]
 
 log = logging.getLogger("smtpstate.engine")
 
@@ -111,6 +112,27 @@ class Ticket:
         state = self.result.status if self.result is not None else "pending"
         where = f"{self.host}:{self.port}" if self.host is not None else f"MX:{self.port}"
         return f"<Ticket {self.id} {where} {state}>"
+
+
+class _StreamTicket(Ticket):
+    """A ticket of :func:`deliver_iter`, whose caller reaches it only
+    through its Result (``result.ticket``): it refers back to that Result
+    weakly. A strong link both ways is a reference cycle, which leaves
+    every finished message and Result to the cyclic garbage collector, and
+    in a stream that garbage piles up (survivors of young collections
+    wait for a full one): about 17 KiB per message in a window of 1,000,
+    measured, where freeing each as the caller drops it costs nothing."""
+
+    __slots__ = ("_result",)
+
+    @property  # type: ignore[override]
+    def result(self) -> Optional[Result]:
+        ref = self._result
+        return ref() if ref is not None else None
+
+    @result.setter
+    def result(self, value: Optional[Result]) -> None:
+        self._result = weakref.ref(value) if value is not None else None
 
 
 class _MessagesByTag(Dict[int, Message]):
@@ -481,6 +503,8 @@ class Engine:
         self._step_turn: Optional[Callable[[int, bool], int]] = None
         self._turning: Optional[int] = None    # thread id inside a turn (C's loop)
         self._tickets: Dict[int, Ticket] = {}
+        # What submit() makes: deliver_iter() sets _StreamTicket.
+        self._ticket_type: type = Ticket
         self._messages = _MessagesByTag(self._tickets)
         self._ready: Deque[Result] = collections.deque()
         self._errors: Dict[int, List[str]] = {}
@@ -637,7 +661,7 @@ class Engine:
             if rc:
                 check(rc, "submit the message")
             # Ticket(tag, message, host, port), without the call to __init__.
-            ticket = _new(Ticket)
+            ticket = _new(self._ticket_type)
             ticket.id = tag
             ticket.message = message
             ticket.host = host
@@ -660,7 +684,7 @@ class Engine:
             message._envelope()
         if host is None and message._body is not None and message._body.one_shot:
             _one_domain(message)
-        ticket = Ticket(next(self._tags), message, host, port)
+        ticket = self._ticket_type(next(self._tags), message, host, port)
         self._tickets[ticket.id] = ticket
         self._inbox.append((ticket, entry))
         self._wake()
@@ -728,7 +752,7 @@ class Engine:
             message._envelope()
         if message._body is not None and message._body.one_shot:
             _one_domain(message)
-        ticket = Ticket(0, message, None, port)
+        ticket = self._ticket_type(0, message, None, port)
         self._held.append((ticket, message, port, source, options, waiting))
         return ticket
 
@@ -1629,6 +1653,12 @@ def deliver(messages: Iterable[Message], host: Optional[str] = None, port: int =
     """Deliver ``messages`` over up to ``concurrency`` connections per
     destination; return their results in the same order.
 
+    For a batch whose results you want as a list: it takes the whole input
+    first (``tuple(messages)``) and keeps every message and Result until it
+    returns, so memory grows with the count. For a stream (a generator, a
+    million messages), use :func:`deliver_iter`, which holds a bounded
+    window.
+
     Args:
         messages: :class:`~smtpstate.Message` objects.
         host, port: the server; host None: where each recipient's domain's
@@ -1660,3 +1690,186 @@ def deliver(messages: Iterable[Message], host: Optional[str] = None, port: int =
         assert t.result is not None            # run() ends only when all are in
         out.append(t.result)
     return out
+
+
+# deliver_iter()'s window per connection, by default: one message on the
+# wire and three queued in C behind it, so that a connection that finishes
+# one finds the next already there, while Python collects results and
+# takes more from the input in batches (one turn hands out many results).
+# Fewer starves connections between turns; more buys no speed and only
+# holds more messages (benchmarks/README.md, "Streams").
+_WINDOW_PER_CONNECTION = 4
+
+
+def deliver_iter(messages: Iterable[Message], host: Optional[str] = None, port: int = 25, *,
+                 window: Optional[int] = None, concurrency: int = 10,
+                 resolver: Optional[Resolver] = None,
+                 limits: Optional[Mapping[str, Limits]] = None,
+                 sources: Optional[Sequence[Source]] = None,
+                 **options: Any) -> Iterator[Result]:
+    """Deliver ``messages`` as they come, yielding each :class:`Result` as
+    it completes, in bounded memory: for streams (a generator of a million
+    messages) where :func:`deliver` would hold them all.
+
+    Messages are taken from ``messages`` lazily, only while fewer than
+    ``window`` are submitted and not yet yielded; so at most ``window``
+    messages are held (with their Results), and the input is never read
+    more than ``window`` ahead of what the caller has been given. Results
+    come in completion order; each carries its :class:`Ticket` and its
+    message (``result.ticket``, ``result.message``) so the caller knows
+    which it is. Nothing keeps a message or Result once it is yielded.
+
+    One :class:`Engine`, driven by :meth:`Engine.run`: the next messages
+    are submitted between the Results it yields. It is made on the first
+    ``next()`` and closed when the iteration ends, with QUIT on every
+    connection. Stopping early (``break``, or ``close()`` on the returned
+    generator) withdraws the messages out (:meth:`Engine.cancel`), lets
+    those already past their DATA finish (at most 5 s), and closes: every
+    connection gets QUIT. Their Results are not handed out, and those that
+    were past DATA may have been delivered. ``break`` closes the generator
+    when it is collected, at once in CPython; call ``close()`` (or use
+    ``contextlib.closing``) to be sure.
+
+    When the input itself raises (or gives an item that is not a Message,
+    or one :meth:`Engine.submit` refuses), nothing more is taken from it;
+    the messages already taken are finished and their Results yielded,
+    then the exception propagates: every message the input handed over
+    gets its Result, so none is left in doubt.
+
+    Args:
+        messages: any iterable of :class:`~smtpstate.Message` (read once,
+            lazily).
+        host, port: the server; host None: where each recipient's domain's
+            MX records say (port: of every MX host).
+        window: messages submitted and not yet yielded, at most; default
+            4 per connection (4 x ``concurrency`` to one host, 4 x 1000 by
+            MX), which keeps every connection busy.
+        concurrency: connections at once, per destination.
+        resolver, limits, sources: as for :class:`Engine`.
+        **options: as for :meth:`Engine.submit`.
+
+    Returns:
+        A generator of Results.
+
+    Raises:
+        TypeError: an unknown option (now), or an item that is not a
+            Message (when it is reached; the messages taken before it are
+            finished first, as for any exception from the input).
+        InvalidOptionError: a bad host, port, window or option (now).
+        Exception: whatever the input raised, after the Results of the
+            messages it gave.
+    """
+    _check_count(concurrency, "concurrency")
+    # Refused now, before the engine exists and before anything is read.
+    if host is not None:
+        check_host(host)
+    check_port(port)
+    Options.make(**options)
+    # Routed, the messages may go to many sites: per site, concurrency.
+    total = concurrency if host is not None else max(concurrency, 1000)
+    if window is None:
+        window = _WINDOW_PER_CONNECTION * total
+    else:
+        _check_count(window, "window")
+    engine_args: Dict[str, Any] = dict(max_connections=total, max_per_destination=concurrency,
+                                       resolver=resolver, limits=limits, sources=sources)
+    return _stream(iter(messages), host, port, window, engine_args, options)
+
+
+def _stream(source: Iterator[Message], host: Optional[str], port: int, window: int,
+            engine_args: Dict[str, Any], options: Dict[str, Any]) -> Iterator[Result]:
+    """deliver_iter()'s generator. The count of messages out (submitted,
+    not yet yielded) is its own, not engine.pending: a message held for
+    MTA-STS policies is not in the engine's count but is out all the same."""
+    engine = Engine(**engine_args)
+    engine._ticket_type = _StreamTicket
+    out = 0
+    ended = False                                # the input is exhausted or failed
+    failure: Optional[BaseException] = None
+
+    def take() -> None:
+        """Submit from the input until ``window`` are out or it ends."""
+        nonlocal out, ended, failure
+        submit = engine.submit
+        while out < window:
+            try:
+                message = next(source)
+                if not isinstance(message, Message):
+                    raise TypeError("deliver_iter() takes smtpstate.Message items, "
+                                    f"not {type(message).__name__}")
+                submit(message, host, port, **options)
+            except StopIteration:
+                ended = True
+                return
+            except Exception as e:
+                # Nothing more is taken; the messages out are finished
+                # first (their Results are owed), then e is raised.
+                ended, failure = True, e
+                return
+            out += 1
+
+    runner: Any = None                           # engine.run()'s generator
+    try:
+        take()
+        # run() goes on while anything is out; each Result yielded makes
+        # room for one more, taken before run()'s next turn, so the
+        # connections do not wait for the input. The outer loop is for a
+        # run() that ended just as a refill came too late for it.
+        while out:
+            runner = engine.run()
+            for result in runner:
+                out -= 1
+                yield result
+                # Nothing here keeps a Result once the caller has it.
+                del result
+                if not ended:
+                    take()
+            runner = None
+            if not ended:
+                take()
+    except GeneratorExit:
+        # The caller stopped early (break, close()): what is out is
+        # withdrawn, so that the connections end with QUIT, not in the
+        # middle of a transaction.
+        if runner is not None:
+            runner.close()
+            runner = None
+        _withdraw(engine)
+        raise
+    finally:
+        # Normal end, or withdrawn: nothing is pending, and close() only
+        # says QUIT. Otherwise (Ctrl-C, an error in the loop) close() drops
+        # what is still out and logs it, QUIT where idle.
+        if runner is not None:
+            runner.close()
+        engine.close()
+    if failure is not None:
+        raise failure
+
+
+# How long deliver_iter(), stopped early, waits for the transactions already
+# past the point of no return (data sent) to end, before it closes anyway.
+_WITHDRAW_GRACE = 5.0
+
+
+def _withdraw(engine: Engine) -> None:
+    """Cancel every message the engine has not finished, then run it until
+    their results are in (the cancelled at once; those whose data is out
+    finish: cancel() is "too late" for them), at most _WITHDRAW_GRACE
+    seconds, and drop the results: nobody asked for them. Connections are
+    then idle, and close() ends each with QUIT."""
+    if engine.closed:
+        return
+    tickets = list(engine._tickets.values()) + [entry[0] for entry in engine._held]
+    try:
+        for ticket in tickets:
+            engine.cancel(ticket)
+        for _ in engine.run(timeout=_WITHDRAW_GRACE):
+            pass
+    except TimeoutError:
+        log.warning("deliver_iter() stopped early: %d message(s) still in transaction "
+                    "after %.0f s, closed without their results", engine.pending,
+                    _WITHDRAW_GRACE)
+    except LocalProtocolError:
+        pass                                      # closed or busy: close() decides
+    del tickets

@@ -59,6 +59,7 @@ from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Option
                     Tuple, Type)
 
 from smtpstate import _redis_queue
+from smtpstate._confirms import BrokerRefusedError
 from smtpstate.errors import InvalidOptionError
 from smtpstate.message import Message, Recipient
 
@@ -69,6 +70,7 @@ __all__ = [
     "DEFAULT_MAX_AGE",
     "Job",
     "JobError",
+    "BrokerRefusedError",
     "enqueue",
     "read_results",
     "Worker",
@@ -388,30 +390,14 @@ def _job_queue(conn: Any, name: str) -> Any:
     return _queue(conn, name, dead_to=name + ".dead")
 
 
-def _connect(broker_url: str, visibility_timeout: Optional[float] = None) -> Any:
+def _connect(broker_url: str, *, confirm_publish: bool = True) -> Any:
     kombu = _kombu()
     # confirm_publish: py-amqp waits for the broker's ack of every publish
-    # (publisher confirms); publish() raises if the broker nacks. Redis has
-    # no confirms: kombu's publish is an LPUSH that returns once Redis has
-    # the message in memory (durable only as Redis's own persistence).
-    options: Dict[str, Any] = {"confirm_publish": True}
-    if visibility_timeout is not None:
-        # Redis: seconds after which a job taken by a consumer and not
-        # acknowledged is handed out again (AMQP needs none: a dead
-        # consumer's connection closes and the broker requeues).
-        options["visibility_timeout"] = visibility_timeout
-    return kombu.Connection(broker_url, transport_options=options)
-
-
-def _publish(producer: Any, body: bytes, queue: Any, content_type: str,
-             headers: Optional[Dict[str, Any]] = None, retry: bool = True) -> None:
-    # retry: kombu reconnects and publishes again. The worker says no: a
-    # connection revived under it would leave its consumer on a dead
-    # channel; it reconnects everything itself (Worker._lost).
-    producer.publish(body, exchange="", routing_key=queue.name, declare=[queue],
-                     content_type=content_type, content_encoding="binary",
-                     delivery_mode=2, headers=headers or {}, retry=retry,
-                     retry_policy={"max_retries": 3, "interval_start": 0.5})
+    # (publisher confirms); publish() raises if the broker nacks. enqueue()
+    # and the worker turn it off and confirm on a channel of their own
+    # instead (_confirms.ConfirmedPublisher): many publishes, one wait.
+    return kombu.Connection(broker_url,
+                            transport_options={"confirm_publish": confirm_publish})
 
 
 def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstate",
@@ -430,15 +416,17 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
             ``ciphersuites``, ``protocol``,
             ``dangerously_skip_certificate_verification``.
 
-    Every job is checked before the first is published. On RabbitMQ each
-    publish waits for the broker's confirm, so a returned id is a job the
-    broker has (in a durable quorum queue).
+    Every job is checked before the first is published. On RabbitMQ the
+    broker confirms every publish before this returns (the publishes are
+    sent back to back and their confirms awaited together), so a returned
+    id is a job the broker has (in a durable quorum queue).
 
     Raises:
         JobError (a ValueError): a message or option a job cannot carry.
-        kombu/amqp errors: the broker cannot be reached or refused a job
-            (those before it were published; their ids are lost with the
-            exception, so enqueue again what matters, at-least-once).
+        BrokerRefusedError, kombu/amqp errors: the broker cannot be
+            reached, refused a job or the connection failed (some jobs may
+            be on the broker; their ids are lost with the exception, so
+            enqueue again what matters, at-least-once).
     """
     jobs = [Job.from_message(m, host, port, **options) for m in messages]
     if _redis_queue.is_redis_url(broker_url):
@@ -449,15 +437,23 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
             r.close()
         log.info("enqueued %d job(s) on %s", len(jobs), queue)
         return [j.id for j in jobs]
-    conn = _connect(broker_url)
+    from smtpstate._confirms import ConfirmedPublisher
+
+    conn = _connect(broker_url, confirm_publish=False)
     try:
         q = _job_queue(conn, queue)
+        publisher = ConfirmedPublisher(conn, True)
+        q(publisher.channel).declare()
         # The dead-letter queue exists before any job could be sent there
         # (RabbitMQ keeps a job whose dead-letter target is missing).
-        _queue(conn, queue + ".dead")(conn.default_channel).declare()
-        producer = conn.Producer()
+        _queue(conn, queue + ".dead")(publisher.channel).declare()
         for job in jobs:
-            _publish(producer, job.to_json(), q, JOB_CONTENT_TYPE)
+            publisher.publish(job.to_json(), q.name, JOB_CONTENT_TYPE)
+            # Bounded: the broker's confirms are awaited after at most this
+            # many unconfirmed publishes (memory on both sides stays small).
+            if publisher.pending >= 1000:
+                publisher.wait()
+        publisher.wait()
         log.info("enqueued %d job(s) on %s", len(jobs), queue)
     finally:
         conn.release()
@@ -654,7 +650,15 @@ def _limit_domain(job: Job) -> str:
 class _AmqpTransport:
     """The worker's broker on RabbitMQ (AMQP, through kombu): jobs from a
     quorum queue with a prefetch window, results and dead letters
-    published with confirms, retries through the delay queues."""
+    published with confirms, retries through the delay queues.
+
+    ``finish``, ``retry`` and ``dead`` publish at once but acknowledge
+    later: :meth:`housekeeping` (once per turn of the worker's loop) waits
+    for the broker's confirms of everything published in the turn, then
+    acknowledges those jobs. One wait per turn instead of one round trip
+    per job, and still no job acknowledged before what follows from it is
+    confirmed. What a lost connection leaves unconfirmed,
+    :meth:`unconfirmed` hands back to be published again."""
 
     #: poll() waits in the broker connection for up to its timeout.
     blocks = True
@@ -663,7 +667,7 @@ class _AmqpTransport:
 
     def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
                  prefetch: int) -> None:
-        self.conn = _connect(broker_url)
+        self.conn = _connect(broker_url, confirm_publish=False)
         try:
             self._setup(queue, schedule, prefetch)
         except BaseException:
@@ -671,6 +675,8 @@ class _AmqpTransport:
             raise
 
     def _setup(self, q: str, schedule: Sequence[float], prefetch: int) -> None:
+        from smtpstate._confirms import ConfirmedPublisher
+
         self._q = _job_queue(self.conn, q)
         self._results_q = _queue(self.conn, q + ".results")
         self._dead_q = _queue(self.conn, q + ".dead")
@@ -679,16 +685,20 @@ class _AmqpTransport:
                           for s in sorted(set(schedule))}
         for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
             kq(self.conn.default_channel).declare()
-        self.producer = self.conn.Producer()
+        self.publisher = ConfirmedPublisher(self.conn, True)
+        # Jobs whose result, retry or dead letter is published and not yet
+        # confirmed: (the job's message or None, what to call before its
+        # ack, what was published).
+        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], _Published]] = []
         self._got: List[Any] = []
         self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
                                            prefetch_count=prefetch, accept=[])
         self.consumer.consume()
         # What a lost broker raises: the transport's own errors, and
         # kombu's OperationalError, which it raises for them on reconnect.
-        self.errors: Tuple[Type[BaseException], ...] = (tuple(self.conn.connection_errors)
-                                         + tuple(self.conn.channel_errors)
-                                         + (_kombu().exceptions.OperationalError, OSError))
+        self.errors: Tuple[Type[BaseException], ...] = (
+            tuple(self.conn.connection_errors) + tuple(self.conn.channel_errors)
+            + (_kombu().exceptions.OperationalError, OSError))
 
     def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
         """Jobs the broker delivered (within the prefetch window, so
@@ -704,10 +714,33 @@ class _AmqpTransport:
                 for m in got]
 
     def housekeeping(self) -> None:
-        pass
+        """Wait for the confirms of what this turn published, then
+        acknowledge the jobs it settled (deliveries that arrive meanwhile
+        are kept for the next poll())."""
+        if not self._unacked:
+            return
+        self.publisher.wait()
+        done, self._unacked = self._unacked, []
+        for msg, before_ack, _what in done:
+            if before_ack is not None:
+                before_ack()
+            if msg is not None:
+                msg.ack()
 
     def stop_taking(self) -> None:
         self.consumer.cancel()
+
+    def send(self, what: "_Published") -> None:
+        """Publish a result, retry or dead letter; acknowledge nothing."""
+        kind, body, delay, reason = what
+        if kind == "results":
+            self.publisher.publish(body, self._results_q.name, RESULT_CONTENT_TYPE)
+        elif kind == "delay":
+            assert delay is not None
+            self.publisher.publish(body, self._delay_qs[delay].name, JOB_CONTENT_TYPE)
+        else:
+            self.publisher.publish(body, self._dead_q.name, DEAD_CONTENT_TYPE,
+                                   {"x-smtpstate-reason": reason[:200]})
 
     # msg None: a job whose delivery died with an earlier connection
     # (Worker._lost): publish what follows, nothing to acknowledge.
@@ -716,21 +749,27 @@ class _AmqpTransport:
                before_ack: Optional[Callable[[], None]] = None,
                if_lost: Optional[bytes] = None) -> None:
         del if_lost                         # a channel's deliveries cannot be lost alive
-        _publish(self.producer, result, self._results_q, RESULT_CONTENT_TYPE, retry=False)
-        if before_ack is not None:
-            before_ack()
-        self.ack(msg)
+        what: _Published = ("results", result, None, "")
+        self.send(what)
+        self._unacked.append((msg, before_ack, what))
 
     def retry(self, msg: Any, retry: bytes, delay: float,
               if_lost: Optional[bytes] = None) -> None:
         del if_lost
-        _publish(self.producer, retry, self._delay_qs[delay], JOB_CONTENT_TYPE, retry=False)
-        self.ack(msg)
+        what: _Published = ("delay", retry, delay, "")
+        self.send(what)
+        self._unacked.append((msg, None, what))
 
     def dead(self, msg: Any, record: bytes, reason: str) -> None:
-        _publish(self.producer, record, self._dead_q, DEAD_CONTENT_TYPE,
-                 {"x-smtpstate-reason": reason[:200]}, retry=False)
-        self.ack(msg)
+        what: _Published = ("dead", record, None, reason)
+        self.send(what)
+        self._unacked.append((msg, None, what))
+
+    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], "_Published"]]:
+        """What was published and not known to be confirmed when the
+        connection died, with the job each was for: to publish again."""
+        pending, self._unacked = self._unacked, []
+        return pending
 
     def ack(self, msg: Any) -> None:
         if msg is not None:
@@ -745,10 +784,27 @@ class _AmqpTransport:
         self.conn.release()
 
 
+#: What a transport publishes for a job: (kind, body, delay, reason), kind
+#: "results", "delay" or "dead".
+_Published = Tuple[str, bytes, Optional[float], str]
+
+
 def _seconds_name(seconds: float) -> str:
     """A delay queue's name for a step: its milliseconds in seconds,
     exactly (300 -> "300", 1.5 -> "1.5"), as its TTL is."""
     return f"{round(seconds * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
+
+
+def _marked(what: _Published) -> _Published:
+    """A result or retry published again after a lost connection, marked
+    redelivered (the first may have reached the broker)."""
+    kind, body, delay, reason = what
+    if kind == "results":
+        body = json.dumps(dict(json.loads(body), redelivered=True),
+                          separators=(",", ":")).encode("utf-8")
+    elif kind == "delay":
+        body = dataclasses.replace(Job.from_json(body), redelivered=True).to_json()
+    return kind, body, delay, reason
 
 
 def _body_bytes(body: Any) -> bytes:
@@ -878,6 +934,8 @@ class Worker:
         self._recent: Deque[Tuple[float, bytes]] = collections.deque()
         self._broker_errors: Tuple[Type[BaseException], ...] = (OSError,)
         self._unsettled: List[Any] = []
+        # AMQP: what a lost connection left unconfirmed, to publish again.
+        self._again: List[Tuple[Any, Optional[Callable[[], None]]]] = []
         self._engine_failed = False
         self.processed = 0
 
@@ -946,6 +1004,7 @@ class Worker:
 
     def _serve(self, engine: Any, transport: Any) -> None:
         """Take, deliver and settle jobs until stopped and drained."""
+        self._publish_again(transport)
         while not self._stop.is_set():
             self._take(engine, transport)
             self._settle(transport)
@@ -960,10 +1019,27 @@ class Worker:
             self._take(engine, transport)
             self._settle(transport)
             transport.housekeeping()
+        transport.housekeeping()            # the last confirms and acks
         if self._inflight:
             log.warning("%d job(s) still in flight after %.0f s: left unacknowledged "
                         "(the broker redelivers them)", len(self._inflight),
                         self.drain_timeout)
+
+    def _publish_again(self, transport: Any) -> None:
+        """After reconnecting: publish again what the lost connection left
+        unconfirmed (marked redelivered: it may have reached the broker),
+        and wait for it to be confirmed."""
+        if not self._again:
+            return
+        for what, _before_ack in self._again:
+            transport.send(_marked(what))
+        transport.publisher.wait()
+        again, self._again = self._again, []
+        for _what, before_ack in again:
+            if before_ack is not None:
+                before_ack()
+        log.warning("published again %d result(s) or retries the lost connection had left "
+                    "unconfirmed", len(again))
 
     def _lost(self, transport: Any) -> Any:
         """The broker connection failed. The deliveries in flight go on
@@ -990,6 +1066,13 @@ class Worker:
         while self._recent:
             _when, digest = self._recent.popleft()
             self._finished_orphans[digest] = now
+        # Settled jobs whose result (or retry) was not confirmed yet: it is
+        # published again once connected; the broker's copies of those
+        # jobs are acknowledged without a new delivery.
+        for msg, before_ack, what in transport.unconfirmed():
+            if msg is not None:
+                self._finished_orphans[_digest(_body_bytes(msg.body))] = now
+            self._again.append((what, before_ack))
         if self._held is not None:
             self._held.drain()
         _quietly(transport.close)
