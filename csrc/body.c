@@ -75,6 +75,12 @@
  *	which smtps_body_scan_finish() completes. Line endings count as the
  *	encoder treats them, a CR LF split between two pieces included.
  *
+ *	smtps_body_check() gives the problem smtps_body_scan() would find
+ *	in a whole body (0: none). A body without NUL whose LFs are never
+ *	more than SMTPS_LINE_OCTETS_MAX octets apart, the usual one, is
+ *	settled by memchr() and a step back from every 999th octet to the
+ *	LF before it, without the scan; any other is scanned.
+ *
  *	Invariant: after smtps_body_finish(), the output holds no CR or LF
  *	outside a CR LF pair, and no line other than the final one is a
  *	lone ".". So no body, however hostile (for example "\n.\n" or
@@ -117,6 +123,7 @@ static const char *body_special(const char *p, const char *end, int *hi);
 static void scan_problem(struct smtps_body_scan *sc, int kind,
 			 uint64_t offset);
 static void scan_line_end(struct smtps_body_scan *sc);
+static int body_surely_fine(const char *in, size_t len, uint64_t limit);
 
 /* body_eol - first CR or LF in [p, lim), or lim */
 
@@ -482,12 +489,49 @@ int     smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len)
     return (sc->problem);
 }
 
+/*
+ * body_surely_fine - no NUL byte, and no line over limit octets: 1; 0 when
+ * it cannot tell so quickly
+ *
+ * A line ends at a CR or an LF, so a body in which no run of more than
+ * limit octets is without an LF has no line over limit either, whatever
+ * its line endings. The window of limit + 1 octets after each LF found
+ * must hold another LF (its last one is taken, so that a body of short
+ * lines is crossed about limit octets at a time), until what is left is
+ * no longer than limit. Never 1 where smtps_body_scan() finds a problem;
+ * 0 sends a body with bare CR line endings, or a long line, to the scan.
+ */
+
+static int body_surely_fine(const char *in, size_t len, uint64_t limit)
+{
+    size_t  off = 0, i;
+
+    if (len == 0)
+	return (1);
+    if (memchr(in, 0, len) != NULL)
+	return (0);
+    while ((uint64_t) (len - off) > limit) {
+	i = off + (size_t) limit;		/* the window: [off, i] */
+	while (i > off && in[i] != '\n')
+	    i--;
+	if (in[i] != '\n')
+	    return (0);
+	off = i + 1;
+    }
+    return (1);
+}
+
 /* smtps_body_check - scan a whole body at once: 0, or its first problem */
 
 int     smtps_body_check(const char *in, size_t len, unsigned flags)
 {
     struct smtps_body_scan sc;
 
+    /* The usual body: one quick look, no line counting. */
+    if (in != NULL
+	&& body_surely_fine(in, len, (flags & SMTPS_BODY_ALLOW_LONG_LINES) ?
+			    UINT64_MAX : SMTPS_LINE_OCTETS_MAX))
+	return (0);
     smtps_body_scan_init(&sc, flags);
     (void) smtps_body_scan(&sc, in, len);
     return (smtps_body_scan_finish(&sc));

@@ -19,6 +19,9 @@
  *	int	smtps_message_set_require_tls(m, require)
  *	int	smtps_message_set_smtputf8(m, on)
  *	int	smtps_message_require_tls(m)
+ *
+ *	int	smtps_message_check_plain(sender, sender_len, rcpts, rcpts_len,
+ *					  nrcpt, body, body_len)
  * DESCRIPTION
  *	A message is built before it is submitted and never changes after.
  *	Everything that will be written into a command line is checked here,
@@ -31,6 +34,14 @@
  *	caller) and checked here: no NUL byte, no line over 998 octets unless
  *	the body options allow it (smtps_body_scan(), body.c). Or it is a
  *	source, read while it is sent, and checked as it goes (transaction.c).
+ *
+ *	smtps_message_check_plain() is for a binding's fast path: 1 when a
+ *	sender, nrcpt recipients (rcpts: joined by one LF each) and an
+ *	in-memory body are certainly acceptable as they are, else 0. Every
+ *	address is then printable ASCII without angle brackets, at most
+ *	SMTPS_ADDRESS_MAX bytes, a recipient not empty; the body passes
+ *	smtps_body_check() with no option. It never says why: 0 means only
+ *	"not this way", and the caller checks again, in full, to find out.
  * DIAGNOSTICS
  *	SMTPS_EINVAL for refused input, SMTPS_ENOMEM, SMTPS_EFULL past
  *	SMTPS_MAX_RECIPIENTS.
@@ -72,6 +83,56 @@ int smtps_check_text(const char *s, size_t len, size_t max, int *non_ascii)
 	    *non_ascii = 1;
     }
     return SMTPS_OK;
+}
+
+/* plain_address - printable ASCII, no angle bracket, 1 to SMTPS_ADDRESS_MAX */
+
+static int plain_address(const unsigned char *s, size_t len)
+{
+    size_t  i;
+
+    if (len == 0 || len > SMTPS_ADDRESS_MAX)
+	return 0;
+    for (i = 0; i < len; i++)
+	if (s[i] < 0x20 || s[i] > 0x7e || s[i] == '<' || s[i] == '>')
+	    return 0;
+    return 1;
+}
+
+/*
+ * smtps_message_check_plain - an envelope and body certainly fine as they are
+ *
+ * One call instead of one per address and one for the body: a binding
+ * pays for each call across (cffi releases and takes back the GIL), more
+ * than this costs for a usual message. The recipients come joined by LF,
+ * which no plain address holds; counting them is what tells an LF between
+ * two of them from one inside an address.
+ */
+
+int     smtps_message_check_plain(const char *sender, size_t sender_len,
+				          const char *rcpts, size_t rcpts_len,
+				          size_t nrcpt, const char *body,
+				          size_t body_len)
+{
+    const unsigned char *p = (const unsigned char *) rcpts, *end, *lf;
+    size_t  n = 0;
+
+    if ((sender_len > 0 && (sender == NULL
+			    || !plain_address((const unsigned char *) sender,
+					      sender_len)))
+	|| rcpts == NULL || nrcpt == 0 || nrcpt > SMTPS_MAX_RECIPIENTS
+	|| (body_len > 0 && body == NULL))
+	return 0;
+    end = p + rcpts_len;
+    for (;;) {
+	lf = memchr(p, '\n', (size_t) (end - p));
+	if (!plain_address(p, (size_t) ((lf ? lf : end) - p)) || ++n > nrcpt)
+	    return 0;
+	if (lf == NULL)
+	    break;
+	p = lf + 1;
+    }
+    return (n == nrcpt && smtps_body_check(body, body_len, 0) == 0);
 }
 
 /* smtps_message_new - an empty message */

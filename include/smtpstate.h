@@ -361,7 +361,10 @@ int smtps_body_scan(struct smtps_body_scan *sc, const char *in, size_t len);
 /* The end of the body: completes sc->size; returns sc->problem. */
 int smtps_body_scan_finish(struct smtps_body_scan *sc);
 
-/* A whole body in memory at once: init, scan, finish; returns the problem. */
+/*
+ * A whole body in memory at once: the problem init, scan and finish would
+ * find (0: none); the usual body is settled without the scan (body.c).
+ */
 int smtps_body_check(const char *in, size_t len, unsigned flags);
 
 /* ------------------------------------------------------------------ */
@@ -561,6 +564,18 @@ size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
 uint64_t smtps_message_size(const struct smtps_message *m);	/* body bytes; UINT64_MAX: a source */
 uint64_t smtps_message_tag(const struct smtps_message *m);	/* set at submit */
+/*
+ * 1 when sender, the nrcpt recipients in rcpts (joined by one LF each,
+ * none after the last) and an in-memory body are certainly acceptable as
+ * they are: every address printable ASCII without angle brackets, at most
+ * SMTPS_ADDRESS_MAX bytes, a recipient not empty, at most
+ * SMTPS_MAX_RECIPIENTS of them, and the body passes smtps_body_check()
+ * with no option. Else 0, which says only "check in full": a binding's
+ * fast path, one call for what is usually all fine.
+ */
+int smtps_message_check_plain(const char *sender, size_t sender_len,
+			      const char *rcpts, size_t rcpts_len,
+			      size_t nrcpt, const char *body, size_t body_len);
 
 /*
  * A new message with the sender, recipients, DSN, REQUIRETLS and body

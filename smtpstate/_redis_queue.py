@@ -38,6 +38,7 @@ one Redis server (with its replicas), not on Redis Cluster.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import threading
@@ -386,6 +387,21 @@ class RedisTransport:
 
     def give_back(self, taken: Taken) -> None:
         self.jobs.give_back(taken)
+
+    def resume(self, known: List[Taken]) -> None:
+        """After a lost connection: give back what this worker's ``taken``
+        list holds beyond the ``known`` messages it is working on. A take
+        whose reply was lost with the connection left its messages there,
+        unknown to the worker; the renewed lease would keep them from
+        everyone else."""
+        unknown = collections.Counter(self.redis.lrange(self.jobs.taken_key, 0, -1))
+        unknown.subtract(t.body for t in known)
+        lost = list(unknown.elements())
+        for body in lost:
+            self.jobs.give_back(Taken(body, False, 0))
+        if lost:
+            log.warning("%s: %d job(s) taken as the connection was lost given back",
+                        self.queue, len(lost))
 
     def ack(self, taken: Taken) -> None:
         self.jobs.ack(taken)

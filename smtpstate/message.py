@@ -63,6 +63,9 @@ def _check_text(what: str, value: Any, *, allow_empty: bool = False,
 # where only ASCII goes, everything above "~" too.
 _NOT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f<>]")
 _NOT_ASCII_TEXT = re.compile("[^\x20-\x7e]|[<>]")
+# Message's fast path: one C call says whether a sender, recipients and a
+# bytes body are certainly fine (the C function, not a Python wrapper).
+_check_plain = lib.smtps_message_check_plain
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,7 @@ class Recipient:
             _check_text("ORCPT", self.orcpt)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Message:
     """One message: who from, who to, and the content.
 
@@ -189,7 +192,8 @@ class Message:
     smtputf8: bool = False
     # None while every recipient is a plain address (recipient_options
     # makes their Recipient objects when asked).
-    _rcpts: Optional[Tuple[Recipient, ...]] = field(init=False, repr=False, compare=False)
+    _rcpts: Optional[Tuple[Recipient, ...]] = field(default=None, init=False, repr=False,
+                                                    compare=False)
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
     _c_envelope: ClassVar[Any] = None
@@ -197,7 +201,64 @@ class Message:
     # set in the instance when there is one; not a field.
     _body: ClassVar[Any] = None
 
+    def __init__(self, sender: str, recipients: Sequence[Union[str, Recipient]],
+                 data: Union[bytes, str], dsn_ret: Optional[str] = None,
+                 envid: Optional[str] = None, long_lines: str = "refuse",
+                 require_tls: bool = False, smtputf8: bool = False) -> None:
+        # The fast path. A Message is made once per send, and the frozen
+        # dataclass's way (an object.__setattr__ per field, then the checks
+        # of __post_init__ one by one) cost more than the Engine's own
+        # Python per message. The usual message (a bytes body, plain ASCII
+        # addresses, every option left as it is) is checked in one C call,
+        # and only the fields that differ from their class defaults are
+        # stored.
+        #
+        # It must accept nothing that __post_init__ refuses: C says only
+        # "certainly fine" (printable ASCII without angle brackets, 1024
+        # bytes at most, a recipient not empty; no NUL byte, no line over
+        # 998 octets), and whatever it is not sure of, good or bad, goes
+        # the general way, which makes every check and words every error
+        # (tests/test_message_fast.py gives both ways the same inputs).
+        if (type(data) is bytes and dsn_ret is None and envid is None
+                and require_tls is False and smtputf8 is False
+                and type(long_lines) is str and long_lines == "refuse"
+                and type(self) is Message and type(sender) is str
+                and (type(recipients) is list or type(recipients) is tuple)):
+            # A tuple first: what is checked is what is kept, even if
+            # another thread changes the list while C checks (the GIL is
+            # released then).
+            rcpts = tuple(recipients)
+            try:
+                # LF joins them (no plain address has one; C counts them).
+                joined = "\n".join(rcpts).encode()
+                encoded = sender.encode()
+            except (TypeError, UnicodeEncodeError):
+                pass                                   # not all str; a lone surrogate
+            else:
+                if _check_plain(encoded, len(encoded), joined, len(joined), len(rcpts),
+                                data, len(data)):
+                    fields = self.__dict__             # not __setattr__: frozen
+                    fields["sender"] = sender
+                    fields["recipients"] = rcpts
+                    fields["data"] = data
+                    return
+        # The general way: the fields as given, then every check.
+        setattr_ = object.__setattr__
+        setattr_(self, "sender", sender)
+        setattr_(self, "recipients", recipients)
+        setattr_(self, "data", data)
+        setattr_(self, "dsn_ret", dsn_ret)
+        setattr_(self, "envid", envid)
+        setattr_(self, "long_lines", long_lines)
+        setattr_(self, "require_tls", require_tls)
+        setattr_(self, "smtputf8", smtputf8)
+        self.__post_init__()
+
     def __post_init__(self) -> None:
+        """Every check of a Message, and the fields made canonical (a tuple
+        of addresses, bytes data, RET upper case). The general way for
+        :meth:`__init__`, and what a dataclass subclass's own ``__init__``
+        calls."""
         _check_text("sender", self.sender, allow_empty=True)
         if isinstance(self.recipients, (str, bytes)):
             raise InvalidMessageError(

@@ -713,6 +713,9 @@ class _AmqpTransport:
         return [(_body_bytes(m.body), bool(m.delivery_info.get("redelivered")), m)
                 for m in got]
 
+    def resume(self, known: List[Any]) -> None:
+        del known                           # a new channel: nothing of the old one
+
     def housekeeping(self) -> None:
         """Wait for the confirms of what this turn published, then
         acknowledge the jobs it settled (deliveries that arrive meanwhile
@@ -937,6 +940,7 @@ class Worker:
         # AMQP: what a lost connection left unconfirmed, to publish again.
         self._again: List[Tuple[Any, Optional[Callable[[], None]]]] = []
         self._engine_failed = False
+        self._resumed = False
         self.processed = 0
 
     def stop(self) -> None:
@@ -1004,6 +1008,12 @@ class Worker:
 
     def _serve(self, engine: Any, transport: Any) -> None:
         """Take, deliver and settle jobs until stopped and drained."""
+        if self._resumed:
+            known = [h for h, _job, _r in self._inflight.values()]
+            if self._held is not None:
+                known += [h for h, _body, _job, _r in self._held.peek()]
+            transport.resume(known)
+            self._resumed = False
         self._publish_again(transport)
         while not self._stop.is_set():
             self._take(engine, transport)
@@ -1047,6 +1057,7 @@ class Worker:
         handed to another worker meanwhile: their results are marked
         ``redelivered``. Returns the transport to go on with, or None to
         reconnect from scratch."""
+        self._resumed = True
         if transport is None:                # a reconnection that failed
             return None
         for ticket, (handle, job, _redelivered) in list(self._inflight.items()):

@@ -267,6 +267,10 @@ class HeldJobs(Generic[T]):
                 del self._waiting[domain]
         return out
 
+    def peek(self) -> List[T]:
+        """Every held job, still held."""
+        return [job for queue in self._waiting.values() for job in queue]
+
     def drain(self) -> List[T]:
         """Every held job (the worker gives them back when it stops)."""
         out = [job for queue in self._waiting.values() for job in queue]

@@ -15,7 +15,7 @@ import pytest
 import helpers
 from helpers import RecordingHandler
 
-celery = pytest.importorskip("celery", reason="Celery is not installed (pip install '.[test]')")
+celery = helpers.import_or_missing("celery")
 
 import smtpstate                                        # noqa: E402
 import smtpstate.celery as sc                           # noqa: E402

@@ -831,7 +831,11 @@ def test_redis_restart_mid_run_loses_nothing_and_the_worker_goes_on(
     err = _log(worker)
     assert "lost the broker" in err, err[-3000:]
     counts = collections.Counter(r["job"] for r in results)
-    assert set(counts) == set(ids) and max(counts.values()) == 1, err[-3000:]
+    assert set(counts) == set(ids), err[-3000:]
+    # A result whose acknowledgement's reply was lost with the connection
+    # is published again, marked: duplicates only among marked ones.
+    plain = collections.Counter(r["job"] for r in results if not r["redelivered"])
+    assert max(plain.values(), default=0) <= 1, err[-3000:]
     assert {r["status"] for r in results} == {"delivered"}
     assert len(server.handler.messages) == n
     assert code == 0, err[-3000:]

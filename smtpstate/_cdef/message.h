@@ -43,5 +43,8 @@ size_t smtps_message_recipient_count(const struct smtps_message *m);
 const char *smtps_message_recipient(const struct smtps_message *m, size_t i);
 uint64_t smtps_message_size(const struct smtps_message *m);
 uint64_t smtps_message_tag(const struct smtps_message *m);
+int smtps_message_check_plain(const char *sender, size_t sender_len,
+                              const char *rcpts, size_t rcpts_len,
+                              size_t nrcpt, const char *body, size_t body_len);
 struct smtps_message *smtps_message_copy(const struct smtps_message *envelope,
                                          const char *body, size_t len);
