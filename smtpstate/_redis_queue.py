@@ -9,13 +9,16 @@ leaves Redis's keeper before it is acknowledged:
 * **Taking** moves a message atomically (``LMOVE`` inside a script) from
   the list into the consumer's own ``taken`` list, and in the same script
   renews the consumer's lease (a key that expires) and registers it.
-* **Acknowledging** removes it from the ``taken`` list, in one
-  ``MULTI`` with whatever follows from it (the result pushed, the retry
-  scheduled), so the two cannot be separated by a crash.
+* **Acknowledging** removes it from the ``taken`` list, in one script
+  with whatever follows from it (the result pushed, the retry
+  scheduled), so the two cannot be separated by a crash; the script also
+  says whether the consumer still held it (if not, what it pushes is the
+  variant marked redelivered).
 * **Reaping**: any consumer, every few seconds, moves back the ``taken``
   lists of consumers whose lease has expired (they died) into the
-  ``reaped`` list, which is taken before the main list; a message taken
-  from there is marked redelivered.
+  ``reaped`` list, which is taken before the main list, counting each
+  message's returns; a message taken from there is marked redelivered.
+  A thread of each consumer renews its lease.
 * **Delayed jobs** wait in a sorted set scored by Redis's own clock (so
   workers with skewed clocks agree) and are moved to the job list by one
   script, atomically.
@@ -28,6 +31,7 @@ Keys, for a list ``L`` (the job queue ``Q``, or ``Q.results``):
 ``L.consumers``        a set of consumer ids
 ``L.alive.<id>``       a consumer's lease (expires)
 ``L.taken.<id>``       what a consumer holds unacknowledged
+``L.returns``          how many times each reaped message (SHA-1) came back
 ``Q.delayed``          jobs waiting for their next attempt (sorted set)
 ``Q.dead``             dead-letter records
 =====================  ===================================================

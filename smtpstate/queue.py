@@ -962,8 +962,9 @@ class Worker:
             self._held = HeldJobs(RateLimiter(str(self.shared_limits)), self._shared_rates)
         driver = threading.Thread(target=self._drive, args=(engine,), name="smtpstate-engine",
                                   daemon=True)
-        transport: Any = self._open()           # the first connection must work
+        transport: Any = None
         try:
+            transport = self._open()            # the first connection must work
             driver.start()
             log.info("worker consuming %s (prefetch %d)", self.queue, self.prefetch)
             pause = _RECONNECT_FIRST
