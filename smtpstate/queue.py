@@ -1,9 +1,11 @@
 """Delivery through a durable broker queue: jobs, enqueue(), Worker.
 
 This module owns the wire formats between smtpstate and a message broker
-(RabbitMQ through kombu here; Redis through smtpstate._redis_queue), the
-worker loop that turns jobs into deliveries, and the supervisor of worker
-processes. Rules:
+(the job and the result), enqueue() and read_results(), and the worker
+loop that turns jobs into deliveries. The brokers' sides are
+smtpstate._amqp_queue (RabbitMQ through kombu) and smtpstate._redis_queue
+(Redis through redis-py); forking and supervising worker processes is
+smtpstate._supervisor's. Rules:
 
 * Everything on the broker is JSON (never pickle): a job must not be able
   to run code in a worker. Jobs and results carry a ``version``; a job of
@@ -19,8 +21,8 @@ processes. Rules:
   sorted set the workers poll.
 * The Worker drives either broker through one small interface
   (``poll``, ``finish``, ``retry``, ``dead``, ``give_back``,
-  ``housekeeping``, ``close``): :class:`_AmqpTransport` here,
-  ``_redis_queue.RedisTransport`` there.
+  ``housekeeping``, ``resume``, ``close``): ``_amqp_queue.AmqpTransport``
+  and ``_redis_queue.RedisTransport``.
 
 The topology for a queue named ``Q`` (every name derived from it):
 
@@ -43,6 +45,7 @@ import base64
 import binascii
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -58,7 +61,10 @@ from dataclasses import dataclass, field
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
                     Tuple, Type)
 
-from smtpstate import _redis_queue
+from smtpstate import _redis_queue, _supervisor
+from smtpstate._amqp_queue import (DELIVERY_LIMIT, JOB_CONTENT_TYPE, RESULT_CONTENT_TYPE,
+                                   AmqpTransport, Published, _connect, _job_queue, _queue,
+                                   body_bytes, quietly)
 from smtpstate._confirms import BrokerRefusedError
 from smtpstate.errors import InvalidOptionError
 from smtpstate.message import Message, Recipient
@@ -82,9 +88,6 @@ log = logging.getLogger("smtpstate.queue")
 
 JOB_VERSION = 1
 RESULT_VERSION = 1
-JOB_CONTENT_TYPE = "application/vnd.smtpstate.job+json"
-RESULT_CONTENT_TYPE = "application/vnd.smtpstate.result+json"
-DEAD_CONTENT_TYPE = "application/vnd.smtpstate.dead+json"
 
 #: Seconds between attempts, as Postfix: 5 minutes, doubling, at most
 #: 4000 s (~67 minutes) apart; the last step repeats.
@@ -331,73 +334,6 @@ def _want(obj: Dict[str, Any], key: str, kind: type) -> None:
     if not isinstance(obj[key], kind):
         raise JobError(f"job field {key} must be a {kind.__name__}, not "
                        f"{type(obj[key]).__name__}")
-
-
-# ---------------------------------------------------------------------------
-# The broker: names, declarations, publishing
-# ---------------------------------------------------------------------------
-
-
-def _kombu() -> Any:
-    try:
-        import kombu
-    except ImportError:
-        raise ImportError("smtpstate.queue needs kombu: pip install 'smtpstate[queue]'") from None
-    return kombu
-
-
-def _is_amqp(conn: Any) -> bool:
-    return getattr(conn.transport, "driver_type", "") == "amqp"
-
-
-#: Deliveries of one job without an acknowledgement (its worker died each
-#: time, or gave it back) after which RabbitMQ dead-letters it to
-#: ``Q.dead`` as it is: a job that kills every worker taking it must not
-#: go round for ever.
-DELIVERY_LIMIT = 20
-
-
-def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
-           back_to: Optional[str] = None, dead_to: Optional[str] = None) -> Any:
-    """A kombu Queue on the default exchange (routing key = its name):
-    durable; on RabbitMQ a quorum queue; for a delay queue one whose
-    messages expire after ``delay`` seconds into ``back_to``; for a job
-    queue one that dead-letters into ``dead_to`` after DELIVERY_LIMIT."""
-    kombu = _kombu()
-    args: Dict[str, Any] = {}
-    if _is_amqp(conn):
-        args = {"x-queue-type": "quorum"}
-        # Dead-lettering out of a quorum queue is done at least once only
-        # with the "at-least-once" strategy (RabbitMQ 3.10+), which needs
-        # reject-publish overflow; otherwise a crash could lose the job.
-        if delay is not None:
-            args.update({"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
-                         "x-dead-letter-routing-key": back_to,
-                         "x-dead-letter-strategy": "at-least-once",
-                         "x-overflow": "reject-publish"})
-        elif dead_to is not None:
-            args.update({"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": "",
-                         "x-dead-letter-routing-key": dead_to,
-                         "x-dead-letter-strategy": "at-least-once",
-                         "x-overflow": "reject-publish"})
-    return kombu.Queue(name, exchange=kombu.Exchange(""), routing_key=name, durable=True,
-                       auto_delete=False, queue_arguments=args or None)
-
-
-def _job_queue(conn: Any, name: str) -> Any:
-    """The job queue ``name`` as every producer and consumer declares it
-    (RabbitMQ refuses a second declaration with other arguments)."""
-    return _queue(conn, name, dead_to=name + ".dead")
-
-
-def _connect(broker_url: str, *, confirm_publish: bool = True) -> Any:
-    kombu = _kombu()
-    # confirm_publish: py-amqp waits for the broker's ack of every publish
-    # (publisher confirms); publish() raises if the broker nacks. enqueue()
-    # and the worker turn it off and confirm on a channel of their own
-    # instead (_confirms.ConfirmedPublisher): many publishes, one wait.
-    return kombu.Connection(broker_url,
-                            transport_options={"confirm_publish": confirm_publish})
 
 
 def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstate",
@@ -647,158 +583,7 @@ def _limit_domain(job: Job) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
-class _AmqpTransport:
-    """The worker's broker on RabbitMQ (AMQP, through kombu): jobs from a
-    quorum queue with a prefetch window, results and dead letters
-    published with confirms, retries through the delay queues.
-
-    ``finish``, ``retry`` and ``dead`` publish at once but acknowledge
-    later: :meth:`housekeeping` (once per turn of the worker's loop) waits
-    for the broker's confirms of everything published in the turn, then
-    acknowledges those jobs. One wait per turn instead of one round trip
-    per job, and still no job acknowledged before what follows from it is
-    confirmed. What a lost connection leaves unconfirmed,
-    :meth:`unconfirmed` hands back to be published again."""
-
-    #: poll() waits in the broker connection for up to its timeout.
-    blocks = True
-    #: A lost connection loses the deliveries (their tags die with it).
-    survives_reconnect = False
-
-    def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
-                 prefetch: int) -> None:
-        self.conn = _connect(broker_url, confirm_publish=False)
-        try:
-            self._setup(queue, schedule, prefetch)
-        except BaseException:
-            _quietly(self.conn.release)
-            raise
-
-    def _setup(self, q: str, schedule: Sequence[float], prefetch: int) -> None:
-        from smtpstate._confirms import ConfirmedPublisher
-
-        self._q = _job_queue(self.conn, q)
-        self._results_q = _queue(self.conn, q + ".results")
-        self._dead_q = _queue(self.conn, q + ".dead")
-        self._delay_qs = {s: _queue(self.conn, f"{q}.delay.{_seconds_name(s)}", delay=s,
-                                    back_to=q)
-                          for s in sorted(set(schedule))}
-        for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
-            kq(self.conn.default_channel).declare()
-        self.publisher = ConfirmedPublisher(self.conn, True)
-        # Jobs whose result, retry or dead letter is published and not yet
-        # confirmed: (the job's message or None, what to call before its
-        # ack, what was published).
-        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], _Published]] = []
-        self._got: List[Any] = []
-        self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
-                                           prefetch_count=prefetch, accept=[])
-        self.consumer.consume()
-        # What a lost broker raises: the transport's own errors, and
-        # kombu's OperationalError, which it raises for them on reconnect.
-        self.errors: Tuple[Type[BaseException], ...] = (
-            tuple(self.conn.connection_errors) + tuple(self.conn.channel_errors)
-            + (_kombu().exceptions.OperationalError, OSError))
-
-    def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
-        """Jobs the broker delivered (within the prefetch window, so
-        ``room`` is the broker's to keep), waiting up to ``timeout`` s."""
-        del room
-        if not self._got:
-            try:
-                self.conn.drain_events(timeout=timeout)
-            except socket.timeout:
-                pass
-        got, self._got[:] = list(self._got), []
-        return [(_body_bytes(m.body), bool(m.delivery_info.get("redelivered")), m)
-                for m in got]
-
-    def resume(self, known: List[Any]) -> None:
-        del known                           # a new channel: nothing of the old one
-
-    def housekeeping(self) -> None:
-        """Wait for the confirms of what this turn published, then
-        acknowledge the jobs it settled (deliveries that arrive meanwhile
-        are kept for the next poll())."""
-        if not self._unacked:
-            return
-        self.publisher.wait()
-        done, self._unacked = self._unacked, []
-        for msg, before_ack, _what in done:
-            if before_ack is not None:
-                before_ack()
-            if msg is not None:
-                msg.ack()
-
-    def stop_taking(self) -> None:
-        self.consumer.cancel()
-
-    def send(self, what: "_Published") -> None:
-        """Publish a result, retry or dead letter; acknowledge nothing."""
-        kind, body, delay, reason = what
-        if kind == "results":
-            self.publisher.publish(body, self._results_q.name, RESULT_CONTENT_TYPE)
-        elif kind == "delay":
-            assert delay is not None
-            self.publisher.publish(body, self._delay_qs[delay].name, JOB_CONTENT_TYPE)
-        else:
-            self.publisher.publish(body, self._dead_q.name, DEAD_CONTENT_TYPE,
-                                   {"x-smtpstate-reason": reason[:200]})
-
-    # msg None: a job whose delivery died with an earlier connection
-    # (Worker._lost): publish what follows, nothing to acknowledge.
-
-    def finish(self, msg: Any, result: bytes,
-               before_ack: Optional[Callable[[], None]] = None,
-               if_lost: Optional[bytes] = None) -> None:
-        del if_lost                         # a channel's deliveries cannot be lost alive
-        what: _Published = ("results", result, None, "")
-        self.send(what)
-        self._unacked.append((msg, before_ack, what))
-
-    def retry(self, msg: Any, retry: bytes, delay: float,
-              if_lost: Optional[bytes] = None) -> None:
-        del if_lost
-        what: _Published = ("delay", retry, delay, "")
-        self.send(what)
-        self._unacked.append((msg, None, what))
-
-    def dead(self, msg: Any, record: bytes, reason: str) -> None:
-        what: _Published = ("dead", record, None, reason)
-        self.send(what)
-        self._unacked.append((msg, None, what))
-
-    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], "_Published"]]:
-        """What was published and not known to be confirmed when the
-        connection died, with the job each was for: to publish again."""
-        pending, self._unacked = self._unacked, []
-        return pending
-
-    def ack(self, msg: Any) -> None:
-        if msg is not None:
-            msg.ack()
-
-    def give_back(self, msg: Any) -> None:
-        msg.requeue()
-
-    def close(self) -> None:
-        # What is still unacknowledged is requeued by the broker when the
-        # connection closes.
-        self.conn.release()
-
-
-#: What a transport publishes for a job: (kind, body, delay, reason), kind
-#: "results", "delay" or "dead".
-_Published = Tuple[str, bytes, Optional[float], str]
-
-
-def _seconds_name(seconds: float) -> str:
-    """A delay queue's name for a step: its milliseconds in seconds,
-    exactly (300 -> "300", 1.5 -> "1.5"), as its TTL is."""
-    return f"{round(seconds * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
-
-
-def _marked(what: _Published) -> _Published:
+def _marked(what: Published) -> Published:
     """A result or retry published again after a lost connection, marked
     redelivered (the first may have reached the broker)."""
     kind, body, delay, reason = what
@@ -810,10 +595,6 @@ def _marked(what: _Published) -> _Published:
     return kind, body, delay, reason
 
 
-def _body_bytes(body: Any) -> bytes:
-    return body.encode() if isinstance(body, str) else bytes(body)
-
-
 @dataclass(frozen=True)
 class _Orphan:
     """The handle of a job whose delivery died with a broker connection."""
@@ -823,13 +604,6 @@ class _Orphan:
 
 def _digest(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=16).digest()
-
-
-def _quietly(close: Callable[[], None]) -> None:
-    try:
-        close()
-    except Exception as e:                 # closing what already failed
-        log.debug("closing the broker connection: %s", e)
 
 
 #: Seconds before reconnecting to a lost broker: doubling up to the most.
@@ -992,7 +766,7 @@ class Worker:
             if self._held is not None:
                 self._held.limiter.close()
             if transport is not None:
-                _quietly(transport.close)
+                quietly(transport.close)
         if self._engine_failed:
             raise RuntimeError("the worker's engine failed (logged above); its jobs in flight "
                                "were left to the broker")
@@ -1003,7 +777,7 @@ class Worker:
             self._broker_errors = _redis_queue.connection_errors()
             return _redis_queue.RedisTransport(self.broker_url, self.queue,
                                                self.visibility_timeout)
-        transport = _AmqpTransport(self.broker_url, self.queue, self.schedule, self.prefetch)
+        transport = AmqpTransport(self.broker_url, self.queue, self.schedule, self.prefetch)
         self._broker_errors = transport.errors
         return transport
 
@@ -1071,7 +845,7 @@ class Worker:
         # are simply left to come back.
         for ticket, (handle, job, _redelivered) in list(self._inflight.items()):
             if not isinstance(handle, _Orphan):
-                handle = _Orphan(_digest(_body_bytes(handle.body)))
+                handle = _Orphan(_digest(body_bytes(handle.body)))
             self._inflight[ticket] = (handle, job, True)
             self._orphans[handle.digest] = ticket
         now = time.monotonic()
@@ -1083,11 +857,11 @@ class Worker:
         # jobs are acknowledged without a new delivery.
         for msg, before_ack, what in transport.unconfirmed():
             if msg is not None:
-                self._finished_orphans[_digest(_body_bytes(msg.body))] = now
+                self._finished_orphans[_digest(body_bytes(msg.body))] = now
             self._again.append((what, before_ack))
         if self._held is not None:
             self._held.drain()
-        _quietly(transport.close)
+        quietly(transport.close)
         return None
 
     # -- inside run() --------------------------------------------------------
@@ -1261,7 +1035,7 @@ class Worker:
         _RECENT seconds: if the connection dies, its ack may not have
         reached the broker, which then hands the job out again."""
         now = time.monotonic()
-        self._recent.append((now, _digest(_body_bytes(msg.body))))
+        self._recent.append((now, _digest(body_bytes(msg.body))))
         while self._recent and now - self._recent[0][0] > _RECENT:
             self._recent.popleft()
 
@@ -1281,34 +1055,12 @@ class Worker:
                          call_on_result if on_result is not None else None,
                          json.dumps(lost, separators=(",", ":")).encode("utf-8"))
 
-
-#: A worker process's exit status when its options are wrong: the
-#: supervisor does not restart it (it would fail the same way).
-_EXIT_BAD_OPTIONS = 3
-#: Restart delays for a worker process that keeps dying: doubling from
-#: the first, reset once a process has lived ``_STEADY`` seconds.
-_RESTART_FIRST, _RESTART_MOST, _STEADY = 1.0, 60.0, 30.0
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies (so a supervisor
-    killed with SIGKILL leaves no orphaned workers; they stop cleanly and
-    their jobs are requeued). Elsewhere a no-op."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker_process(broker_url: str, parent: int, worker_options: Dict[str, Any]) -> None:
-    """The body of a forked worker process, entered with SIGTERM and SIGINT
-    blocked; never returns."""
+def _worker_process(broker_url: str, worker_options: Dict[str, Any], parent: int) -> None:
+    """The body of a forked worker process (_supervisor.supervise), entered
+    with SIGTERM and SIGINT blocked; never returns."""
     code = 1
     try:
-        _die_with_parent()
+        _supervisor.die_with_parent()
         if os.getppid() != parent:          # the parent died before prctl
             os._exit(0)
         try:
@@ -1317,12 +1069,12 @@ def _worker_process(broker_url: str, parent: int, worker_options: Dict[str, Any]
             # handlers exist before the signals are let in.
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: worker.stop())
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            _supervisor.unblock_stop_signals()
             # The engine's options are checked when run() creates it.
             worker.run()
         except InvalidOptionError as e:
             log.error("worker options refused: %s", e)
-            os._exit(_EXIT_BAD_OPTIONS)
+            os._exit(_supervisor.EXIT_BAD_OPTIONS)
         code = 0
     except BaseException:
         log.exception("worker process failed")
@@ -1346,76 +1098,5 @@ def run_workers(broker_url: str, processes: int, **worker_options: Any) -> int:
         Worker(broker_url, **worker_options).run()
         return 0
     Worker(broker_url, **worker_options)              # refuse bad options up front
-    me = os.getpid()
-    stopping = False
-
-    def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    children: Dict[int, Tuple[int, float]] = {}       # pid -> (slot, started)
-    backoff = {slot: _RESTART_FIRST for slot in range(processes)}
-    due: Dict[int, float] = {slot: 0.0 for slot in range(processes)}   # slots to start
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    status = 0
-    while children or (due and not stopping):
-        now = time.monotonic()
-        for slot, when in list(due.items()):
-            if stopping or when > now:
-                continue
-            del due[slot]
-            # Signals wait until the child has its own handlers and the
-            # parent knows the child's pid (forward() must see it).
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-            pid = os.fork()
-            if pid == 0:                      # the child: nothing of the parent's broker state
-                _worker_process(broker_url, me, worker_options)
-            children[pid] = (slot, now)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        pid, code = _reap_one(children)       # only ours: the caller may have others
-        if pid == 0:
-            time.sleep(0.2)
-            continue
-        slot, started = children.pop(pid)
-        if stopping:
-            if code != 0:
-                status = max(status, 1)
-            continue
-        if os.WIFEXITED(code) and os.WEXITSTATUS(code) == _EXIT_BAD_OPTIONS:
-            log.error("a worker process refused its options: stopping")
-            status = 2
-            forward(signal.SIGTERM, None)
-            continue
-        lived = time.monotonic() - started
-        if lived >= _STEADY:
-            backoff[slot] = _RESTART_FIRST
-        wait = backoff[slot]
-        backoff[slot] = min(_RESTART_MOST, wait * 2)
-        log.warning("worker process %d %s after %.0f s; starting another in %.0f s", pid,
-                    _how_it_ended(code), lived, wait)
-        due[slot] = time.monotonic() + wait
-    return status
-
-
-def _reap_one(children: Dict[int, Any]) -> Tuple[int, int]:
-    """(pid, wait status) of one of ``children`` that ended, or (0, 0)."""
-    for pid in list(children):
-        try:
-            done, code = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:          # reaped elsewhere: count it as gone
-            return pid, 0
-        if done:
-            return done, code
-    return 0, 0
-
-
-def _how_it_ended(code: int) -> str:
-    if os.WIFSIGNALED(code):
-        return f"was killed by signal {os.WTERMSIG(code)}"
-    return f"exited with status {os.WEXITSTATUS(code)}"
+    return _supervisor.supervise(
+        processes, functools.partial(_worker_process, broker_url, worker_options))

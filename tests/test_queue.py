@@ -194,7 +194,8 @@ def test_worker_refuses_non_finite_schedules_and_ages(option):
 
 
 def test_delay_queue_names_are_exact():
-    assert [sq._seconds_name(s) for s in (300.0, 1.5, 1234567.0, 1234568.0, 0.001)] == \
+    from smtpstate._amqp_queue import _seconds_name
+    assert [_seconds_name(s) for s in (300.0, 1.5, 1234567.0, 1234568.0, 0.001)] == \
         ["300", "1.5", "1234567", "1234568", "0.001"]
 
 
@@ -492,11 +493,17 @@ def test_redis_sigkill_mid_run_loses_nothing(redis_broker, queue_name, aiosmtpd_
                      port=server.port, tls="none")
     # Jobs a dead worker held come back when its lease (the visibility
     # timeout) has run out; RabbitMQ needs no timeout.
+    r = _redis(redis_broker.url)
     victim = _worker(redis_broker.url, queue_name, "--visibility-timeout", "4")
+    # The victim holds jobs before the survivor starts (so the kill lands
+    # on jobs in flight however slow the machine is).
+    helpers.wait_until(lambda: r.keys(queue_name + ".taken.*"), 60, what="the victim's jobs")
+    [victims_list] = r.keys(queue_name + ".taken.*")
     survivor = _worker(redis_broker.url, queue_name, "--visibility-timeout", "4")
     try:
-        helpers.wait_until(lambda: len(server.handler.messages) >= 50, 60,
-                           what="50 messages delivered")
+        helpers.wait_until(lambda: len(server.handler.messages) >= 50
+                           and r.llen(victims_list) > 0, 60,
+                           what="50 messages delivered, the victim holding jobs")
         victim.kill()
         victim.wait()
         results = _collect(redis_broker.url, queue_name, ids, timeout=40, quiet=3)

@@ -1,0 +1,245 @@
+"""The RabbitMQ side of smtpstate.queue, through kombu: queue names and
+declarations, connections, and the worker's transport.
+
+This module owns how jobs, results and dead letters sit on RabbitMQ:
+durable quorum queues on the default exchange, the job queue's delivery
+limit, the delay queues that expire back into it, publisher confirms
+(smtpstate._confirms), and :class:`AmqpTransport`, the worker's view of
+all that (the same interface as smtpstate._redis_queue.RedisTransport).
+The job and result formats are smtpstate.queue's.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+log = logging.getLogger("smtpstate.queue")
+
+JOB_CONTENT_TYPE = "application/vnd.smtpstate.job+json"
+RESULT_CONTENT_TYPE = "application/vnd.smtpstate.result+json"
+DEAD_CONTENT_TYPE = "application/vnd.smtpstate.dead+json"
+
+#: What a transport publishes for a job: (kind, body, delay, reason), kind
+#: "results", "delay" or "dead".
+Published = Tuple[str, bytes, Optional[float], str]
+
+
+def _kombu() -> Any:
+    try:
+        import kombu
+    except ImportError:
+        raise ImportError("smtpstate.queue needs kombu: pip install 'smtpstate[queue]'") from None
+    return kombu
+
+
+def _is_amqp(conn: Any) -> bool:
+    return getattr(conn.transport, "driver_type", "") == "amqp"
+
+
+#: Deliveries of one job without an acknowledgement (its worker died each
+#: time, or gave it back) after which RabbitMQ dead-letters it to
+#: ``Q.dead`` as it is: a job that kills every worker taking it must not
+#: go round for ever.
+DELIVERY_LIMIT = 20
+
+
+def _queue(conn: Any, name: str, *, delay: Optional[float] = None,
+           back_to: Optional[str] = None, dead_to: Optional[str] = None) -> Any:
+    """A kombu Queue on the default exchange (routing key = its name):
+    durable; on RabbitMQ a quorum queue; for a delay queue one whose
+    messages expire after ``delay`` seconds into ``back_to``; for a job
+    queue one that dead-letters into ``dead_to`` after DELIVERY_LIMIT."""
+    kombu = _kombu()
+    args: Dict[str, Any] = {}
+    if _is_amqp(conn):
+        args = {"x-queue-type": "quorum"}
+        # Dead-lettering out of a quorum queue is done at least once only
+        # with the "at-least-once" strategy (RabbitMQ 3.10+), which needs
+        # reject-publish overflow; otherwise a crash could lose the job.
+        if delay is not None:
+            args.update({"x-message-ttl": int(delay * 1000), "x-dead-letter-exchange": "",
+                         "x-dead-letter-routing-key": back_to,
+                         "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
+        elif dead_to is not None:
+            args.update({"x-delivery-limit": DELIVERY_LIMIT, "x-dead-letter-exchange": "",
+                         "x-dead-letter-routing-key": dead_to,
+                         "x-dead-letter-strategy": "at-least-once",
+                         "x-overflow": "reject-publish"})
+    return kombu.Queue(name, exchange=kombu.Exchange(""), routing_key=name, durable=True,
+                       auto_delete=False, queue_arguments=args or None)
+
+
+def _job_queue(conn: Any, name: str) -> Any:
+    """The job queue ``name`` as every producer and consumer declares it
+    (RabbitMQ refuses a second declaration with other arguments)."""
+    return _queue(conn, name, dead_to=name + ".dead")
+
+
+def _connect(broker_url: str, *, confirm_publish: bool = True) -> Any:
+    kombu = _kombu()
+    # confirm_publish: py-amqp waits for the broker's ack of every publish
+    # (publisher confirms); publish() raises if the broker nacks. enqueue()
+    # and the worker turn it off and confirm on a channel of their own
+    # instead (_confirms.ConfirmedPublisher): many publishes, one wait.
+    return kombu.Connection(broker_url,
+                            transport_options={"confirm_publish": confirm_publish})
+
+
+class AmqpTransport:
+    """The worker's broker on RabbitMQ (AMQP, through kombu): jobs from a
+    quorum queue with a prefetch window, results and dead letters
+    published with confirms, retries through the delay queues.
+
+    ``finish``, ``retry`` and ``dead`` publish at once but acknowledge
+    later: :meth:`housekeeping` (once per turn of the worker's loop) waits
+    for the broker's confirms of everything published in the turn, then
+    acknowledges those jobs. One wait per turn instead of one round trip
+    per job, and still no job acknowledged before what follows from it is
+    confirmed. What a lost connection leaves unconfirmed,
+    :meth:`unconfirmed` hands back to be published again."""
+
+    #: poll() waits in the broker connection for up to its timeout.
+    blocks = True
+    #: A lost connection loses the deliveries (their tags die with it).
+    survives_reconnect = False
+
+    def __init__(self, broker_url: str, queue: str, schedule: Sequence[float],
+                 prefetch: int) -> None:
+        self.conn = _connect(broker_url, confirm_publish=False)
+        try:
+            self._setup(queue, schedule, prefetch)
+        except BaseException:
+            quietly(self.conn.release)
+            raise
+
+    def _setup(self, q: str, schedule: Sequence[float], prefetch: int) -> None:
+        from smtpstate._confirms import ConfirmedPublisher
+
+        self._q = _job_queue(self.conn, q)
+        self._results_q = _queue(self.conn, q + ".results")
+        self._dead_q = _queue(self.conn, q + ".dead")
+        self._delay_qs = {s: _queue(self.conn, f"{q}.delay.{_seconds_name(s)}", delay=s,
+                                    back_to=q)
+                          for s in sorted(set(schedule))}
+        for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
+            kq(self.conn.default_channel).declare()
+        self.publisher = ConfirmedPublisher(self.conn, True)
+        # Jobs whose result, retry or dead letter is published and not yet
+        # confirmed: (the job's message or None, what to call before its
+        # ack, what was published).
+        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], Published]] = []
+        self._got: List[Any] = []
+        self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
+                                           prefetch_count=prefetch, accept=[])
+        self.consumer.consume()
+        # What a lost broker raises: the transport's own errors, and
+        # kombu's OperationalError, which it raises for them on reconnect.
+        self.errors: Tuple[Type[BaseException], ...] = (
+            tuple(self.conn.connection_errors) + tuple(self.conn.channel_errors)
+            + (_kombu().exceptions.OperationalError, OSError))
+
+    def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
+        """Jobs the broker delivered (within the prefetch window, so
+        ``room`` is the broker's to keep), waiting up to ``timeout`` s."""
+        del room
+        if not self._got:
+            try:
+                self.conn.drain_events(timeout=timeout)
+            except socket.timeout:
+                pass
+        got, self._got[:] = list(self._got), []
+        return [(body_bytes(m.body), bool(m.delivery_info.get("redelivered")), m)
+                for m in got]
+
+    def resume(self, known: List[Any]) -> None:
+        del known                           # a new channel: nothing of the old one
+
+    def housekeeping(self) -> None:
+        """Wait for the confirms of what this turn published, then
+        acknowledge the jobs it settled (deliveries that arrive meanwhile
+        are kept for the next poll())."""
+        if not self._unacked:
+            return
+        self.publisher.wait()
+        done, self._unacked = self._unacked, []
+        for msg, before_ack, _what in done:
+            if before_ack is not None:
+                before_ack()
+            if msg is not None:
+                msg.ack()
+
+    def stop_taking(self) -> None:
+        self.consumer.cancel()
+
+    def send(self, what: Published) -> None:
+        """Publish a result, retry or dead letter; acknowledge nothing."""
+        kind, body, delay, reason = what
+        if kind == "results":
+            self.publisher.publish(body, self._results_q.name, RESULT_CONTENT_TYPE)
+        elif kind == "delay":
+            assert delay is not None
+            self.publisher.publish(body, self._delay_qs[delay].name, JOB_CONTENT_TYPE)
+        else:
+            self.publisher.publish(body, self._dead_q.name, DEAD_CONTENT_TYPE,
+                                   {"x-smtpstate-reason": reason[:200]})
+
+    # msg None: a job whose delivery died with an earlier connection
+    # (Worker._lost): publish what follows, nothing to acknowledge.
+
+    def finish(self, msg: Any, result: bytes,
+               before_ack: Optional[Callable[[], None]] = None,
+               if_lost: Optional[bytes] = None) -> None:
+        del if_lost                         # a channel's deliveries cannot be lost alive
+        what: Published = ("results", result, None, "")
+        self.send(what)
+        self._unacked.append((msg, before_ack, what))
+
+    def retry(self, msg: Any, retry: bytes, delay: float,
+              if_lost: Optional[bytes] = None) -> None:
+        del if_lost
+        what: Published = ("delay", retry, delay, "")
+        self.send(what)
+        self._unacked.append((msg, None, what))
+
+    def dead(self, msg: Any, record: bytes, reason: str) -> None:
+        what: Published = ("dead", record, None, reason)
+        self.send(what)
+        self._unacked.append((msg, None, what))
+
+    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], Published]]:
+        """What was published and not known to be confirmed when the
+        connection died, with the job each was for: to publish again."""
+        pending, self._unacked = self._unacked, []
+        return pending
+
+    def ack(self, msg: Any) -> None:
+        if msg is not None:
+            msg.ack()
+
+    def give_back(self, msg: Any) -> None:
+        msg.requeue()
+
+    def close(self) -> None:
+        # What is still unacknowledged is requeued by the broker when the
+        # connection closes.
+        self.conn.release()
+
+
+def _seconds_name(seconds: float) -> str:
+    """A delay queue's name for a step: its milliseconds in seconds,
+    exactly (300 -> "300", 1.5 -> "1.5"), as its TTL is."""
+    return f"{round(seconds * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
+
+
+def body_bytes(body: Any) -> bytes:
+    return body.encode() if isinstance(body, str) else bytes(body)
+
+
+def quietly(close: Callable[[], None]) -> None:
+    try:
+        close()
+    except Exception as e:                 # closing what already failed
+        log.debug("closing the broker connection: %s", e)
