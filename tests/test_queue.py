@@ -67,6 +67,20 @@ def _stop(proc, sig=signal.SIGTERM, timeout=60):
     return proc.returncode
 
 
+class _Slow(RecordingHandler):
+    """Answers each final dot ``delay`` seconds late: slow enough that a
+    kill, a stop or a broker restart lands with jobs in flight."""
+
+    def __init__(self, delay):
+        super().__init__()
+        self.delay = delay
+
+    async def handle_DATA(self, server, session, envelope):
+        import asyncio
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(server, session, envelope)
+
+
 def _collect(url, queue, want, timeout=90.0, quiet=2.0):
     """Read results until every job in ``want`` has one and none came for
     ``quiet`` seconds (so that duplicates would be seen), or ``timeout``."""
@@ -239,14 +253,7 @@ def test_many_messages_two_worker_processes_one_result_each(rabbitmq, queue_name
 
 
 def test_sigkill_mid_run_loses_nothing(rabbitmq, queue_name, aiosmtpd_factory):
-    # A server slow enough that the kill lands with jobs in flight.
-    class Slow(RecordingHandler):
-        async def handle_DATA(self, server, session, envelope):
-            import asyncio
-            await asyncio.sleep(0.01)
-            return await super().handle_DATA(server, session, envelope)
-
-    server = aiosmtpd_factory(Slow())
+    server = aiosmtpd_factory(_Slow(0.01))
     n = 600
     ids = sq.enqueue(_messages(n), rabbitmq.url, queue_name, host=server.host,
                      port=server.port, tls="none")
@@ -359,13 +366,7 @@ def test_unknown_is_final_marked_and_never_retried(rabbitmq, queue_name, aiosmtp
 
 
 def test_sigterm_stops_cleanly_and_nothing_is_lost(rabbitmq, queue_name, aiosmtpd_factory):
-    class Slow(RecordingHandler):
-        async def handle_DATA(self, server, session, envelope):
-            import asyncio
-            await asyncio.sleep(0.02)
-            return await super().handle_DATA(server, session, envelope)
-
-    server = aiosmtpd_factory(Slow())
+    server = aiosmtpd_factory(_Slow(0.02))
     n = 300
     ids = sq.enqueue(_messages(n), rabbitmq.url, queue_name, host=server.host,
                      port=server.port, tls="none")
@@ -481,13 +482,7 @@ def test_redis_tempfail_waits_in_the_sorted_set_then_delivers(redis_broker, queu
 
 
 def test_redis_sigkill_mid_run_loses_nothing(redis_broker, queue_name, aiosmtpd_factory):
-    class Slow(RecordingHandler):
-        async def handle_DATA(self, server, session, envelope):
-            import asyncio
-            await asyncio.sleep(0.01)
-            return await super().handle_DATA(server, session, envelope)
-
-    server = aiosmtpd_factory(Slow())
+    server = aiosmtpd_factory(_Slow(0.01))
     n = 300
     ids = sq.enqueue(_messages(n), redis_broker.url, queue_name, host=server.host,
                      port=server.port, tls="none")
@@ -640,13 +635,7 @@ def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
 
 def test_redis_sigterm_stops_cleanly_and_nothing_is_lost(redis_broker, queue_name,
                                                         aiosmtpd_factory):
-    class Slow(RecordingHandler):
-        async def handle_DATA(self, server, session, envelope):
-            import asyncio
-            await asyncio.sleep(0.02)
-            return await super().handle_DATA(server, session, envelope)
-
-    server = aiosmtpd_factory(Slow())
+    server = aiosmtpd_factory(_Slow(0.02))
     ids = sq.enqueue(_messages(200), redis_broker.url, queue_name, host=server.host,
                      port=server.port, tls="none")
     first = _worker(redis_broker.url, queue_name, "--prefetch", "20")
@@ -785,13 +774,7 @@ def test_broker_restart_mid_run_loses_nothing_and_the_worker_goes_on(
         broker_fixture, request, queue_name, aiosmtpd_factory):
     broker = request.getfixturevalue(broker_fixture)
 
-    class Slow(RecordingHandler):
-        async def handle_DATA(self, server, session, envelope):
-            import asyncio
-            await asyncio.sleep(0.02)
-            return await super().handle_DATA(server, session, envelope)
-
-    server = aiosmtpd_factory(Slow())
+    server = aiosmtpd_factory(_Slow(0.02))
     n = 300
     ids = sq.enqueue(_messages(n), broker.url, queue_name, host=server.host,
                      port=server.port, tls="none")
