@@ -19,6 +19,19 @@
  *	char	*out;
  *	size_t	outcap;
  *
+ *	#include "internal.h"
+ *
+ *	size_t	smtps_body_step(e, in, inlen, in_used, out, outcap, limit,
+ *				verbatim)
+ *	struct smtps_body_encoder *e;
+ *	const char *in;
+ *	size_t	inlen;
+ *	size_t	*in_used;
+ *	char	*out;
+ *	size_t	outcap;
+ *	size_t	limit;
+ *	size_t	*verbatim;
+ *
  *	size_t	smtps_body_finish(e, out, outcap, end_dot)
  *	struct smtps_body_encoder *e;
  *	char	*out;
@@ -56,6 +69,18 @@
  *	than all input; with outcap >= SMTPS_BODY_STEP_MAX it consumes at
  *	least one byte of non-empty input. The output does not depend on
  *	how the input is split into calls.
+ *
+ *	smtps_body_step() is smtps_body_encode() for a sender that writes
+ *	from the caller's memory (writev): one step consumes *in_used input
+ *	bytes and stands for the bytes it wrote to out (what the encoder
+ *	adds or changes: a CR LF for a bare CR or LF, the extra dot of a
+ *	stuffed one) followed by the last *verbatim of those input bytes,
+ *	which go to the wire as they are. Its output, step after step, is
+ *	byte for byte smtps_body_encode()'s. A step's output (the written
+ *	bytes and the verbatim ones) is never more than limit octets (a
+ *	BDAT chunk's length); with outcap >= SMTPS_BODY_STEP_MAX and limit
+ *	>= SMTPS_BODY_STEP_MAX it consumes at least one byte of non-empty
+ *	input.
  *
  *	smtps_body_finish() completes an unterminated last line with CR
  *	LF and then, with end_dot, appends the end-of-data line ".\r\n".
@@ -95,7 +120,7 @@
 
 #include <string.h>
 
-#include "smtpstate.h"
+#include "internal.h"
 
 /*
  * Runs of ordinary bytes end at the next CR or LF. With SSE2 (every
@@ -279,6 +304,105 @@ size_t  smtps_body_encode(struct smtps_body_encoder *e, const char *in,
     e->after_cr = after_cr;
     e->out_total += (uint64_t) (op - out);
     *in_used = (size_t) (ip - in);
+    return ((size_t) (op - out));
+}
+
+/*
+ * smtps_body_step - one step of the encoding without copying the input:
+ * the bytes the encoder adds or changes into out, then a run of input
+ * bytes that go as they are
+ */
+
+size_t  smtps_body_step(struct smtps_body_encoder *e, const char *in,
+			        size_t inlen, size_t *in_used, char *out,
+			        size_t outcap, size_t limit, size_t *verbatim)
+{
+    const char *ip, *iend, *run, *lim;
+    char   *op, *oend;
+    int     at_line_start, after_cr;
+    struct body_scan scan;
+
+    if (in_used)
+	*in_used = 0;
+    if (verbatim)
+	*verbatim = 0;
+    if (e == 0 || in_used == 0 || verbatim == 0 || in == 0 || inlen == 0
+	|| (out == 0 && outcap > 0))
+	return (0);
+    ip = in;
+    iend = in + inlen;
+    op = out;
+    oend = out + (outcap < limit ? outcap : limit);
+    at_line_start = e->at_line_start;
+    after_cr = e->after_cr;
+    scan.next_cr = scan.next_lf = in;
+
+    /*
+     * First what cannot go as it is, by the rules of smtps_body_encode():
+     * a bare CR or LF becomes CR LF, the LF of a CR LF split across calls
+     * yields nothing, a dot at a line start is doubled. The first dot is
+     * written here and the second is the input's own, which then starts
+     * the verbatim run: the wire gets ".." either way.
+     */
+    while (ip < iend) {
+	unsigned char c = (unsigned char) *ip;
+
+	if (c == '\n' && after_cr) {
+	    ip++;
+	    after_cr = 0;
+	    continue;
+	}
+	if (c == '\n' || (c == '\r' && (iend - ip < 2 || ip[1] != '\n'))) {
+	    if (oend - op < 2)
+		break;
+	    *op++ = '\r';
+	    *op++ = '\n';
+	    at_line_start = 1;
+	    after_cr = (c == '\r');
+	    ip++;
+	    continue;
+	}
+	if (c == '.' && at_line_start && e->dot_stuff) {
+	    if (oend - op < 1)
+		break;
+	    *op++ = '.';
+	    at_line_start = 0;
+	}
+	break;
+    }
+
+    /*
+     * Then the run that goes as it is: ordinary bytes, CR LF pairs whole
+     * (a CR whose LF is not in this input is not taken: it may be bare),
+     * and dots not at a line start, up to what the limit leaves.
+     */
+    run = ip;
+    lim = iend;
+    if ((size_t) (lim - ip) > limit - (size_t) (op - out))
+	lim = ip + (limit - (size_t) (op - out));
+    while (ip < lim) {
+	unsigned char c = (unsigned char) *ip;
+
+	if (c == '\r') {
+	    if (lim - ip < 2 || ip[1] != '\n')
+		break;
+	    ip += 2;
+	    at_line_start = 1;
+	    after_cr = 0;
+	    continue;
+	}
+	if (c == '\n' || (c == '.' && at_line_start && e->dot_stuff))
+	    break;
+	ip = body_eol(&scan, ip, lim);
+	at_line_start = 0;
+	after_cr = 0;
+    }
+
+    e->at_line_start = at_line_start;
+    e->after_cr = after_cr;
+    *verbatim = (size_t) (ip - run);
+    *in_used = (size_t) (ip - in);
+    e->out_total += (uint64_t) (op - out) + *verbatim;
     return ((size_t) (op - out));
 }
 

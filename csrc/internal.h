@@ -124,6 +124,21 @@ struct smtps_buf {
 /* outbuf.c: room for need more bytes, within SMTPS_OUT_MAX */
 int smtps_buf_reserve(struct smtps_buf *b, size_t need);
 
+/*
+ * Output as an iovec array, for a driver that writes with writev() or
+ * sendmsg() (the engine): body runs then go from the message's memory
+ * (outbuf.c). The plain smtps_session_output() gives the first piece.
+ */
+struct iovec;
+void smtps_session_set_gather(struct smtps_session *s, int on);
+int smtps_session_output_iov(struct smtps_session *s, struct iovec *iov,
+			     int max);
+
+/* body.c: one encoder step that leaves unchanged input where it is */
+size_t smtps_body_step(struct smtps_body_encoder *e, const char *in,
+		       size_t inlen, size_t *in_used, char *out,
+		       size_t outcap, size_t limit, size_t *verbatim);
+
 #define SMTPS_OUT_HIGH 65536		/* stop producing body above this */
 #define SMTPS_OUT_MAX (1024 * 1024)	/* hard bound on queued output */
 #define SMTPS_REASON_MAX 512

@@ -347,6 +347,16 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 	return 0;
     if (smtps_tls_engaged(s))
 	return smtps_tls_output(s, data);	/* ciphertext */
+    if (s->nseg > 0) {				/* runs: the first piece */
+	const struct smtps_seg *g = &s->segs[s->seg_head];
+
+	if (g->gap > 0) {
+	    *data = s->out.data + s->out.start;
+	    return g->gap;
+	}
+	*data = g->data;
+	return g->len;
+    }
     if (s->out.data == NULL) {			/* nothing queued yet */
 	*data = "";
 	return 0;
@@ -371,13 +381,8 @@ void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
     if (smtps_tls_engaged(s)) {
 	/* n is ciphertext; this is the plaintext it finished carrying. */
 	n = smtps_tls_consume(s, n);
-    } else {
-	if (n > s->out.end - s->out.start)
-	    n = s->out.end - s->out.start;
-	s->out.start += n;
-	if (s->out.start == s->out.end)
-	    s->out.start = s->out.end = 0;
-    }
+    } else
+	n = smtps_session_take(s, n);		/* the buffer and the runs */
     s->out_consumed += n;
     s->in_dispatch = 1;
     s->state_reason[0] = 0;
