@@ -32,6 +32,13 @@
  *	size_t	limit;
  *	size_t	*verbatim;
  *
+ *	int	smtps_body_inspect(in, len, flags, size, is_8bit)
+ *	const char *in;
+ *	size_t	len;
+ *	unsigned flags;
+ *	uint64_t *size;
+ *	int	*is_8bit;
+ *
  *	size_t	smtps_body_finish(e, out, outcap, end_dot)
  *	struct smtps_body_encoder *e;
  *	char	*out;
@@ -81,6 +88,14 @@
  *	BDAT chunk's length); with outcap >= SMTPS_BODY_STEP_MAX and limit
  *	>= SMTPS_BODY_STEP_MAX it consumes at least one byte of non-empty
  *	input.
+ *
+ *	smtps_body_inspect() is smtps_body_scan() of a whole body for what
+ *	a message keeps of it: its first problem (0: none), and when there
+ *	is none its RFC 1870 size and whether it is 8-bit. The usual body
+ *	(smtps_body_check()'s quick case) is measured by counting CRs, LFs
+ *	and CR LF pairs, 16 bytes at a time with SSE2: the size is the
+ *	length plus one for every CR and every LF not in a pair, plus two
+ *	for an unterminated last line, which is what the scan adds up.
  *
  *	smtps_body_finish() completes an unterminated last line with CR
  *	LF and then, with end_dot, appends the end-of-data line ".\r\n".
@@ -149,6 +164,8 @@ static void scan_problem(struct smtps_body_scan *sc, int kind,
 			 uint64_t offset);
 static void scan_line_end(struct smtps_body_scan *sc);
 static int body_surely_fine(const char *in, size_t len, uint64_t limit);
+static void body_measure(const char *in, size_t len, uint64_t *size,
+			         int *is_8bit);
 
 /* body_eol - first CR or LF in [p, lim), or lim */
 
@@ -659,6 +676,80 @@ int     smtps_body_check(const char *in, size_t len, unsigned flags)
     smtps_body_scan_init(&sc, flags);
     (void) smtps_body_scan(&sc, in, len);
     return (smtps_body_scan_finish(&sc));
+}
+
+/*
+ * body_measure - size and 8-bit of a body without NUL: len, plus one for
+ * each CR and each LF that is not part of a CR LF pair (each becomes CR
+ * LF), plus two when the last line is unterminated
+ */
+
+static void body_measure(const char *in, size_t len, uint64_t *size,
+			         int *is_8bit)
+{
+    const unsigned char *p = (const unsigned char *) in;
+    const unsigned char *end = p + len;
+    uint64_t ncr = 0, nlf = 0, npair = 0;
+    unsigned prev_cr = 0, hi = 0;
+
+#ifdef BODY_USE_SSE2
+    const __m128i cr = _mm_set1_epi8('\r');
+    const __m128i lf = _mm_set1_epi8('\n');
+
+    while (end - p >= 16) {
+	__m128i v = _mm_loadu_si128((const __m128i *) p);
+	unsigned mcr = (unsigned) _mm_movemask_epi8(_mm_cmpeq_epi8(v, cr));
+	unsigned mlf = (unsigned) _mm_movemask_epi8(_mm_cmpeq_epi8(v, lf));
+
+	hi |= (unsigned) _mm_movemask_epi8(v);
+	ncr += (uint64_t) __builtin_popcount(mcr);
+	nlf += (uint64_t) __builtin_popcount(mlf);
+	/* A pair inside the block, and one across from the last block. */
+	npair += (uint64_t) __builtin_popcount(mcr & (mlf >> 1))
+	    + (prev_cr & mlf & 1u);
+	prev_cr = (mcr >> 15) & 1u;
+	p += 16;
+    }
+#endif
+    for (; p < end; p++) {
+	hi |= *p & 0x80;
+	if (*p == '\r') {
+	    ncr++;
+	    prev_cr = 1;
+	    continue;
+	}
+	if (*p == '\n') {
+	    nlf++;
+	    npair += prev_cr;
+	}
+	prev_cr = 0;
+    }
+    *size = (uint64_t) len + (ncr - npair) + (nlf - npair);
+    if (len > 0 && in[len - 1] != '\r' && in[len - 1] != '\n')
+	*size += 2;
+    *is_8bit = hi != 0;
+}
+
+/* smtps_body_inspect - a whole body's problem, or its size and 8-bit */
+
+int     smtps_body_inspect(const char *in, size_t len, unsigned flags,
+			           uint64_t *size, int *is_8bit)
+{
+    struct smtps_body_scan sc;
+
+    if (in != NULL
+	&& body_surely_fine(in, len, (flags & SMTPS_BODY_ALLOW_LONG_LINES) ?
+			    UINT64_MAX : SMTPS_LINE_OCTETS_MAX)) {
+	body_measure(in, len, size, is_8bit);
+	return (0);
+    }
+    smtps_body_scan_init(&sc, flags);
+    (void) smtps_body_scan(&sc, in, len);
+    if (smtps_body_scan_finish(&sc) != 0)
+	return (sc.problem);
+    *size = sc.size;
+    *is_8bit = sc.is_8bit;
+    return (0);
 }
 
 /* smtps_body_scan_finish - the body ended: complete its size */

@@ -76,6 +76,8 @@ struct smtps_message {
     char *body;				/* in memory: copied (body_owned) or not */
     size_t body_len;
     int body_owned;
+    int body_fixed;			/* a reference that never changes and
+					 * outlives every copy: copies share it */
     int body_shared;			/* another message's copy, which
 					 * outlives this one: checked already */
     unsigned body_flags;		/* SMTPS_BODY_ALLOW_* */
@@ -133,6 +135,10 @@ struct iovec;
 void smtps_session_set_gather(struct smtps_session *s, int on);
 int smtps_session_output_iov(struct smtps_session *s, struct iovec *iov,
 			     int max);
+
+/* body.c: a whole body's problem (0: none), else its size and 8-bit */
+int smtps_body_inspect(const char *in, size_t len, unsigned flags,
+		       uint64_t *size, int *is_8bit);
 
 /* body.c: one encoder step that leaves unchanged input where it is */
 size_t smtps_body_step(struct smtps_body_encoder *e, const char *in,

@@ -26,6 +26,11 @@
 /*	lost halfway through a body sent from the message's memory must
 /*	drop the rest and free nothing twice (AddressSanitizer watches).
 /*
+/*	smtps_body_inspect(), which measures the usual body instead of
+/*	scanning it, must agree with smtps_body_scan() (problem, size,
+/*	8-bit) on random bodies of every kind, with pairs cut at every
+/*	16-byte block edge.
+/*
 /*	Prints "RUN label", then "PASS label" or "FAIL label: why", and
 /*	finally "N passed, N failed".
 /* DIAGNOSTICS
@@ -63,6 +68,7 @@ static int run_session(const char *, size_t, int, int, uint64_t *,
 		               struct sink *);
 static int test_sessions(void);
 static int test_lost_midway(void);
+static int test_inspect(void);
 
 /* xmalloc - malloc or die: a test has nothing better to do */
 
@@ -514,6 +520,49 @@ static int test_lost_midway(void)
     return ok;
 }
 
+/* test_inspect - the quick measure and the scan agree */
+
+static int test_inspect(void)
+{
+    uint64_t rnd = UINT64_C(0x5851f42d4c957f2d);
+    struct smtps_body_scan sc;
+    uint64_t size;
+    char   *body;
+    size_t  len, i;
+    int     iter, hi, problem, want, ok = 1;
+    unsigned flags;
+
+    for (iter = 0; ok && iter < 3000; iter++) {
+	len = (size_t) (rnd_next(&rnd) % (iter < 2000 ? 80 : 5000));
+	body = random_body(&rnd, len, iter % 3 != 0, iter % 2 ? 995 : 500);
+	/* Now and then an 8-bit byte, or a CR LF cut at a block edge. */
+	if (len > 40 && iter % 5 == 0)
+	    body[rnd_next(&rnd) % len] = (char) 0xe9;
+	if (len > 40 && iter % 7 == 0) {
+	    i = 15 + 16 * (size_t) (rnd_next(&rnd) % (len / 16));
+	    if (i + 1 < len)
+		body[i] = '\r', body[i + 1] = '\n';
+	}
+	flags = iter % 11 == 0 ? SMTPS_BODY_ALLOW_LONG_LINES : 0;
+	smtps_body_scan_init(&sc, flags);
+	(void) smtps_body_scan(&sc, body, len);
+	want = smtps_body_scan_finish(&sc);
+	size = 0;
+	hi = -1;
+	problem = smtps_body_inspect(body, len, flags, &size, &hi);
+	if (problem != want
+	    || (want == 0 && (size != sc.size || hi != sc.is_8bit))) {
+	    snprintf(why, WHY_MAX, "iteration %d (%zu octets): problem %d/%d, "
+		     "size %llu/%llu, 8-bit %d/%d", iter, len, problem, want,
+		     (unsigned long long) size, (unsigned long long) sc.size,
+		     hi, sc.is_8bit);
+	    ok = 0;
+	}
+	free(body);
+    }
+    return ok;
+}
+
 /* main - run them all */
 
 int     main(void)
@@ -526,6 +575,7 @@ int     main(void)
 	{"step at its limits", test_step_limit},
 	{"iovec driver, same wire as the copying one", test_sessions},
 	{"connection lost with runs queued", test_lost_midway},
+	{"inspect agrees with the scan", test_inspect},
     };
     size_t  i;
     int     passed = 0, failed = 0;
