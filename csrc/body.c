@@ -690,39 +690,58 @@ static void body_measure(const char *in, size_t len, uint64_t *size,
     const unsigned char *p = (const unsigned char *) in;
     const unsigned char *end = p + len;
     uint64_t ncr = 0, nlf = 0, npair = 0;
-    unsigned prev_cr = 0, hi = 0;
+    unsigned hi = 0;
 
 #ifdef BODY_USE_SSE2
+
+    /*
+     * Per byte lane, a count in each of three accumulators: a match is
+     * -1, subtracted. A lane holds 255 at most, so every 255 blocks the
+     * lanes are summed (psadbw) and cleared. A pair is a CR whose next
+     * byte, read by the load one byte further on, is an LF: that load
+     * needs 17 bytes, so the blocks stop one byte short.
+     */
     const __m128i cr = _mm_set1_epi8('\r');
     const __m128i lf = _mm_set1_epi8('\n');
+    const __m128i zero = _mm_setzero_si128();
+    __m128i acr = zero, alf = zero, apair = zero, ahi = zero;
+    unsigned k = 0;
 
-    while (end - p >= 16) {
+    while (end - p >= 17) {
 	__m128i v = _mm_loadu_si128((const __m128i *) p);
-	unsigned mcr = (unsigned) _mm_movemask_epi8(_mm_cmpeq_epi8(v, cr));
-	unsigned mlf = (unsigned) _mm_movemask_epi8(_mm_cmpeq_epi8(v, lf));
+	__m128i w = _mm_loadu_si128((const __m128i *) (p + 1));
+	__m128i ccr = _mm_cmpeq_epi8(v, cr);
 
-	hi |= (unsigned) _mm_movemask_epi8(v);
-	ncr += (uint64_t) __builtin_popcount(mcr);
-	nlf += (uint64_t) __builtin_popcount(mlf);
-	/* A pair inside the block, and one across from the last block. */
-	npair += (uint64_t) __builtin_popcount(mcr & (mlf >> 1))
-	    + (prev_cr & mlf & 1u);
-	prev_cr = (mcr >> 15) & 1u;
+	acr = _mm_sub_epi8(acr, ccr);
+	alf = _mm_sub_epi8(alf, _mm_cmpeq_epi8(v, lf));
+	apair = _mm_sub_epi8(apair, _mm_and_si128(ccr, _mm_cmpeq_epi8(w, lf)));
+	ahi = _mm_or_si128(ahi, v);
 	p += 16;
+	if (++k == 255 || end - p < 17) {
+	    __m128i t;
+
+	    t = _mm_sad_epu8(acr, zero);
+	    ncr += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    t = _mm_sad_epu8(alf, zero);
+	    nlf += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    t = _mm_sad_epu8(apair, zero);
+	    npair += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    acr = alf = apair = zero;
+	    k = 0;
+	}
     }
+    hi = (unsigned) _mm_movemask_epi8(ahi);
 #endif
     for (; p < end; p++) {
 	hi |= *p & 0x80;
 	if (*p == '\r') {
 	    ncr++;
-	    prev_cr = 1;
-	    continue;
-	}
-	if (*p == '\n') {
+	    npair += (end - p >= 2 && p[1] == '\n');
+	} else if (*p == '\n')
 	    nlf++;
-	    npair += prev_cr;
-	}
-	prev_cr = 0;
     }
     *size = (uint64_t) len + (ncr - npair) + (nlf - npair);
     if (len > 0 && in[len - 1] != '\r' && in[len - 1] != '\n')
