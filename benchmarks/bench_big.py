@@ -12,6 +12,12 @@ smtp-source builds its own. The content is realistic text: headers, then
 lines of 60 to 78 octets ending in CR LF, one in 40 starting with "."
 (dot-stuffed on the wire), so the body encoder does its usual work.
 
+A third row is the floor any client pays here: one connection of this
+process writing the message already encoded (dot-stuffed, with its end
+line) with one ``sendall()`` after the 354, commands one at a time: the
+kernel's work to copy the bytes into the socket and hand them over the
+loopback, and little else.
+
 Figures are the client's own CPU time per message (getrusage: this
 process's for smtpstate, the child's for smtp-source) and messages per
 second, as medians over the rounds, each with its spread (the lowest and
@@ -77,6 +83,30 @@ def run_deliver(port: int, n: int, data: bytes) -> Tuple[float, float]:
     return wall, cpu
 
 
+def run_floor(port: int, n: int, data: bytes) -> Tuple[float, float]:
+    """n messages over one connection, each body one sendall() of its wire
+    bytes; (wall s, this process's CPU s)."""
+    import socket
+    lines = data[:-2].split(b"\r\n")
+    wire = b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n"
+                    for ln in lines) + b".\r\n"
+    c0, t0 = cpu_self(), time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s, s.makefile("rb") as f:
+        f.readline()
+        s.sendall(f"EHLO {HELO}\r\n".encode())
+        while f.readline()[3:4] != b" ":
+            pass
+        for _ in range(n):
+            s.sendall(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode())
+            replies = [f.readline() for _ in range(3)]
+            s.sendall(wire)
+            replies.append(f.readline())
+            if any(not r.startswith((b"250", b"354")) for r in replies):
+                raise RuntimeError(f"floor: the sink said {replies}")
+        s.sendall(b"QUIT\r\n")
+    return time.perf_counter() - t0, cpu_self() - c0
+
+
 def source_command(program: str, port: int, n: int, size: int) -> List[str]:
     """smtp-source -d: CONCURRENCY sessions, n messages of size body octets."""
     return [program, "-d", "-s", str(CONCURRENCY), "-m", str(n), "-l", str(size),
@@ -124,19 +154,24 @@ def main() -> int:
         for rnd in range(args.rounds):
             for size, n in zip(sizes, counts):
                 data = make_body(size)
-                order = ["deliver", "source"] if rnd % 2 == 0 else ["source", "deliver"]
+                order = ["deliver", "source", "floor"]
+                if rnd % 2:
+                    order.reverse()
                 for who in order:
                     if who == "deliver":
                         wall, cpu = run_deliver(sink.port, n, data)
-                    else:
+                    elif who == "source":
                         wall, cpu = run_source(program, sink.port, n, size)
+                    else:
+                        wall, cpu = run_floor(sink.port, n, data)
                     figs.setdefault((size, who), []).append((cpu / n * 1e6, n / wall))
             print(f"round {rnd + 1} of {args.rounds} done", file=sys.stderr)
     print()
     print(f"{'size':>9} {'client':<28} {'CPU us/msg (spread)':>26} {'msg/s (spread)':>24}")
     for size in sizes:
         for who, label in (("deliver", "smtpstate.deliver() c=10"),
-                           ("source", "smtp-source -d -s 10")):
+                           ("source", "smtp-source -d -s 10"),
+                           ("floor", "floor: sendall(), 1 conn")):
             rows = figs[(size, who)]
             cpus = [c for c, _ in rows]
             rates = [r for _, r in rows]
@@ -148,6 +183,10 @@ def main() -> int:
         print(f"{size:>9} ratio: CPU {cpu_r:.2f}x smtp-source (target <= {CPU_TARGET}x: "
               f"{'met' if cpu_r <= CPU_TARGET else 'missed'}), msg/s {rate_r:.2f}x "
               f"(target >= {RATE_TARGET}x: {'met' if rate_r >= RATE_TARGET else 'missed'})")
+        f = figs[(size, "floor")]
+        floor_r = statistics.median(a[0] / b[0] for a, b in zip(f, s))
+        print(f"{size:>9} the floor's CPU is {floor_r:.2f}x smtp-source's; deliver() spends "
+              f"{statistics.median(a[0] - b[0] for a, b in zip(d, f)):.0f} us/msg above it")
     return 0
 
 
