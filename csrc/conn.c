@@ -93,7 +93,7 @@
 #include "engine_private.h"
 
 #define LINGER_MS 10000			/* flushing the last output */
-#define CONN_IOV_MAX 64			/* pieces per sendmsg(): a session has at
+#define CONN_IOV_MAX 256			/* pieces per sendmsg(): a session has at
 					 * most 2 * SMTPS_SEG_MAX + 1, and the
 					 * next call takes the rest */
 

@@ -113,8 +113,11 @@ struct smtps_seg {
     const struct smtps_message *owner;
 };
 
-#define SMTPS_SEG_MAX 32		/* runs waiting at once: the pump stops
+#define SMTPS_SEG_MAX 128		/* runs waiting at once: the pump stops
 					 * there until the driver takes some */
+#define SMTPS_RUN_HIGH (4 * SMTPS_OUT_HIGH)	/* bytes in runs waiting: they
+					 * cost no memory, and a larger write
+					 * saves calls and wake-ups */
 #define SMTPS_GATHER_MIN 512		/* shorter runs are copied: an iovec
 					 * entry costs more than the copy */
 
@@ -177,7 +180,8 @@ struct smtps_session {
 					 * source, made when one is first sent */
     int     gather;			/* the driver takes output as iovecs:
 					 * body runs may stay in the message */
-    struct smtps_seg segs[SMTPS_SEG_MAX];	/* a ring, from seg_head */
+    struct smtps_seg *segs;		/* SMTPS_SEG_MAX, a ring from seg_head;
+					 * made with a body's first run */
     int     seg_head, nseg;
     size_t  seg_bytes;			/* in the runs, not yet taken */
     size_t  seg_gaps;			/* their gaps, summed */

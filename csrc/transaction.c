@@ -500,9 +500,11 @@ static int body_window(struct smtps_session *s, struct smtps_tx *tx,
  * changes goes into the output buffer, the runs it leaves as they are
  * stay in the message's memory (smtps_session_queue_run()), unless they
  * are too short to be worth an iovec entry. Only for a body that is the
- * message's own (a copy, or a part's share of one that outlives it):
- * its bytes cannot change after the check and live as long as the
- * message, which transaction.c keeps until its runs have gone. The
+ * message's own (a copy, a part's share of one that outlives it, fixed
+ * bytes its envelope shares): its bytes cannot change after the check
+ * and live as long as the message, which is not freed while its runs
+ * wait (smtps_tx_finish()). Up to SMTPS_RUN_HIGH bytes of runs wait at
+ * once, besides SMTPS_OUT_HIGH in the buffer. The
  * bytes on the wire are those of the copying pump, which is the same
  * encoder.
  */
@@ -515,8 +517,11 @@ static int pump_runs(struct smtps_session *s, struct smtps_tx *tx)
     uint64_t limit;
     int     rc;
 
-    while (tx->body_active && smtps_session_unsent(s) < SMTPS_OUT_HIGH
-	   && s->nseg < SMTPS_SEG_MAX) {
+    if (s->segs == NULL
+	&& (s->segs = malloc(SMTPS_SEG_MAX * sizeof(*s->segs))) == NULL)
+	return SMTPS_ENOMEM;
+    while (tx->body_active && s->out.end - s->out.start < SMTPS_OUT_HIGH
+	   && s->seg_bytes < SMTPS_RUN_HIGH && s->nseg < SMTPS_SEG_MAX) {
 	if ((rc = smtps_buf_reserve(&s->out, 1024)) != SMTPS_OK)
 	    return rc;
 	room = s->out.cap - s->out.end;
