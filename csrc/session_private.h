@@ -17,7 +17,8 @@
  *			them, pipelining, draining, failures, running ahead
  *	transaction.c	struct smtps_tx: one message on this connection,
  *			its recipients, its body, and the failure funnel
- *	outbuf.c	the output buffer and command lines
+ *	outbuf.c	the output buffer, command lines, and the runs of
+ *			a body sent from the message's own memory
  *	trace.c		the transcript
  *	session_info.c	what states and drivers read and set
  *	states.c	the built-in states

@@ -50,6 +50,10 @@
  *	SMTPS_OUT_HIGH and is called again as the driver takes output, so a
  *	large body is never queued whole. body_end marks where it ends in
  *	the output: once the driver has taken that much, the dot is sent.
+ *	For a driver that writes iovecs (the engine's), a body that is the
+ *	message's own and cannot change goes without the copy: the runs
+ *	that need no change are queued as references into the message
+ *	(pump_runs(), outbuf.c), which is then not freed while one waits.
  *
  *	A body in memory was checked when it was set (message.c); a copy
  *	of our own (or another message's that outlives this one, a part's)
