@@ -37,8 +37,11 @@
  *	may copy it at once. A body in bytes comes from the caller each
  *	time rather than from the envelope, so that a prepared envelope
  *	never holds a second copy of a large body; a body the envelope
- *	references (a mapped file) or reads as it goes (a source) is shared
- *	by every copy instead (body NULL), never copied.
+ *	references (a mapped file, fixed bytes) or reads as it goes (a
+ *	source) is shared by every copy instead (body NULL), never copied.
+ *	Fixed bytes (smtps_message_set_body_fixed()) are not scanned again:
+ *	shared, they go as checked (body_shared), and given back as body
+ *	(the same pointer and length) they are copied without a scan.
  *
  *	Collected results. smtps_engine_collect() takes up to max ready
  *	results of an engine (at most SMTPS_COLLECT_MAX) and describes each
@@ -329,7 +332,16 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
     m->needs_smtputf8 = envelope->needs_smtputf8;
     m->want_smtputf8 = envelope->want_smtputf8;
     m->body_flags = envelope->body_flags;
-    if (body != NULL || len > 0) {
+    if (envelope->body_fixed && body == envelope->body
+	&& len == envelope->body_len) {
+	/* The envelope's fixed bytes, copied: checked when it got them. */
+	if ((m->body = smtps_strndup(body, len)) == NULL)
+	    goto nomem;
+	m->body_len = len;
+	m->body_owned = 1;
+	m->body_size = envelope->body_size;
+	m->is_8bit = envelope->is_8bit;
+    } else if (body != NULL || len > 0) {
 	if ((*rc = smtps_message_set_body(m, body, len)) != SMTPS_OK)
 	    goto fail;
     } else if (envelope->body_read != NULL) {	/* a source: shared */
@@ -338,9 +350,14 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
 	m->body_size = envelope->body_size;
 	m->is_8bit = envelope->is_8bit;
     } else if (!envelope->body_owned && envelope->body != NULL) {
-	/* A reference: checked when the envelope got it. */
+	/*
+	 * A reference: checked when the envelope got it. Bytes that never
+	 * change and outlive the copy (body_fixed) are not scanned again
+	 * before they go, and may go from where they are (transaction.c).
+	 */
 	m->body = envelope->body;
 	m->body_len = envelope->body_len;
+	m->body_shared = envelope->body_fixed;
 	m->body_size = envelope->body_size;
 	m->is_8bit = envelope->is_8bit;
     } else if ((*rc = smtps_message_set_body(m, envelope->body,

@@ -649,8 +649,9 @@ class Engine:
             # that is not bytes is the envelope's own, shared (NULL, 0).
             body = message._body
             if body is None:
-                data = message.data
-                rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+                # The envelope refers to data (fixed bytes): the ticket
+                # keeps the message, and so its bytes, until C is done.
+                rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
             else:
                 if host is None and body.one_shot:
                     _one_domain(message)
@@ -705,9 +706,8 @@ class Engine:
         if envelope is None:
             envelope = message._envelope()
         body = message._body
-        if body is None:
-            data = message.data
-            rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+        if body is None:                       # data, shared: see submit()
+            rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
         else:
             body.claim()
             rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
