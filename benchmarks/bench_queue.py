@@ -30,9 +30,7 @@ broker/P  for P = 1 and 2 worker processes, on a fresh queue:
                    (the moment the last one was published). CPU: user+sys
                    of the worker processes (/proc/PID/stat) from the moment
                    every process logged "worker consuming" to the moment
-                   the N-th result is on the results queue, and the part
-                   of it in threads other than the main one, i.e. the
-                   Engine's (/proc/PID/task); the
+                   the N-th result is on the results queue; the
                    broker's own CPU (its beam.smp or redis-server) over
                    the same span. Every result is read back and checked: N results,
                    one per job, all delivered.
@@ -81,28 +79,6 @@ def proc_cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICK   # utime, stime
-
-
-def engine_cpu(pids: List[int]) -> float:
-    """CPU seconds of the threads other than the main one of these
-    processes: a worker's Engine thread (it has no other busy one; the
-    main thread does the broker, the jobs and the results)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            if tid == str(pid):                         # the main thread
-                continue
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
 
 
 def children(pid: int) -> List[int]:
@@ -252,7 +228,7 @@ def measure_broker(broker: Broker, port: int, n: int, conns: int, processes: int
         if not ready.wait(120):
             raise SystemExit("the workers did not start:\n" + "".join(log[-30:]))
         pids = [proc.pid] if processes == 1 else children(proc.pid)
-        w0, e0 = sum(proc_cpu(p) for p in pids), engine_cpu(pids)
+        w0 = sum(proc_cpu(p) for p in pids)
         b0 = broker.cpu()
         deadline = time.monotonic() + 900
         # Result messages: one per job, or one per batch (every job of a
@@ -263,7 +239,6 @@ def measure_broker(broker: Broker, port: int, n: int, conns: int, processes: int
                 raise SystemExit("the workers stopped or stalled:\n" + "".join(log[-30:]))
             time.sleep(0.1)
         worker_cpu = sum(proc_cpu(p) for p in pids) - w0
-        engine_thread = engine_cpu(pids) - e0
         broker_cpu = broker.cpu() - b0
     finally:
         if proc.poll() is None:
@@ -284,7 +259,7 @@ def measure_broker(broker: Broker, port: int, n: int, conns: int, processes: int
     wall = max(r["finished"] for r in results) - started[0]
     return {"enqueue_wall": enqueue_wall, "enqueue_cpu": enqueue_cpu,
             "enqueue_broker_cpu": enqueue_broker, "wall": wall, "cpu": worker_cpu,
-            "engine_cpu": engine_thread, "broker_cpu": broker_cpu}
+            "broker_cpu": broker_cpu}
 
 
 def med(xs: List[float]) -> float:
@@ -382,11 +357,7 @@ def main() -> int:
         print(f"worker --processes {procs}: per core {per_core:.0%} of direct (CPU per "
               f"message), per process {per_proc:.0%} of direct msg/s (target >= 50% per "
               f"core: {'met' if per_core >= 0.5 else 'MISSED'})")
-        print(f"worker --processes {procs}: of its {us(label):.1f} us CPU per message, "
-              f"{us(label, 'engine_cpu'):.1f} in the Engine thread, the rest in the main "
-              f"thread (broker, jobs, results)")
         summary[label] = {"msg_s": rate(label), "cpu_us": us(label),
-                          "engine_thread_cpu_us": us(label, "engine_cpu"),
                           "broker_cpu_us": us(label, "broker_cpu"),
                           "enqueue_msg_s": rate(label, "enqueue_wall"),
                           "enqueue_cpu_us": us(label, "enqueue_cpu"),

@@ -153,7 +153,7 @@ class AmqpTransport:
         # published and not yet confirmed: (the message or None, what to
         # call before its ack, what to publish again if the connection
         # dies first).
-        self._unacked: List[Tuple[Any, Optional[Callable[[], None]],
+        self._unacked: List[Tuple[Any, Optional[Callable[[bool], None]],
                                   Callable[[], Sequence[Published]], Any]] = []
         self._got: List[Any] = []
         self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
@@ -161,9 +161,12 @@ class AmqpTransport:
         self.consumer.consume()
         # What a lost broker raises: the transport's own errors, and
         # kombu's OperationalError, which it raises for them on reconnect.
+        # A refused publish (basic.nack) too: what the turn published is
+        # published again after reconnecting, marked, as after a loss.
+        from smtpstate._confirms import BrokerRefusedError
         self.errors: Tuple[Type[BaseException], ...] = (
             tuple(self.conn.connection_errors) + tuple(self.conn.channel_errors)
-            + (_kombu().exceptions.OperationalError, OSError))
+            + (_kombu().exceptions.OperationalError, OSError, BrokerRefusedError))
 
     def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
         """Jobs the broker delivered (within the prefetch window, so
@@ -184,9 +187,17 @@ class AmqpTransport:
         return int(self.conn.connection.sock.fileno())
 
     def pending(self) -> bool:
-        """Deliveries already read (while waiting for confirms), to poll()
-        although the socket has nothing new."""
-        return bool(self._got)
+        """Deliveries already read (while waiting for confirms), or bytes
+        read from the socket and not yet made into frames (TLS decrypts
+        whole records: the rest of one waits in the SSL object, the socket
+        not readable): poll() although the socket has nothing new."""
+        if self._got:
+            return True
+        transport = getattr(self.conn.connection, "transport", None)
+        sock = getattr(transport, "sock", None)
+        pending = getattr(sock, "pending", None)
+        return bool(getattr(transport, "_read_buffer", b"")) or (
+            pending is not None and pending() > 0)
 
     def resume(self, known: List[Any]) -> None:
         del known                           # a new channel: nothing of the old one
@@ -201,7 +212,7 @@ class AmqpTransport:
         done, self._unacked = self._unacked, []
         for msg, before_ack, _if_lost, _identity in done:
             if before_ack is not None:
-                before_ack()
+                before_ack(False)
             if msg is not None:
                 msg.ack()
 
@@ -222,7 +233,7 @@ class AmqpTransport:
 
     def settle(self, msg: Any, publish: Sequence[Published],
                if_lost: Callable[[], Sequence[Published]],
-               before_ack: Optional[Callable[[], None]] = None,
+               before_ack: Optional[Callable[[bool], None]] = None,
                identity: Any = None) -> None:
         """Publish what follows from broker message ``msg`` (None: one
         whose delivery died with an earlier connection, nothing to
@@ -230,13 +241,14 @@ class AmqpTransport:
         once the broker confirmed it all, after ``before_ack``.
         ``if_lost()``: the same marked redelivered, to publish instead
         should the connection die before the confirms (:meth:`unconfirmed`;
-        made only then). ``identity``: the caller's name for the message,
-        handed back by :meth:`unconfirmed`."""
+        made only then); ``before_ack(marked)`` is told which of the two
+        the broker has in the end. ``identity``: the caller's name for the
+        message, handed back by :meth:`unconfirmed`."""
         for what in publish:
             self.send(what)
         self._unacked.append((msg, before_ack, if_lost, identity))
 
-    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]],
+    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[bool], None]],
                                         Callable[[], Sequence[Published]]]]:
         """What was published and not known to be confirmed when the
         connection died, as (the identity of the message it was for, what

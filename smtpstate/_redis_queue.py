@@ -12,8 +12,8 @@ leaves Redis's keeper before it is acknowledged:
 * **Acknowledging** removes it from the ``taken`` list, in one script
   with whatever follows from it (the result pushed, the retry
   scheduled), so the two cannot be separated by a crash; the script also
-  says whether the consumer still held it (if not, what it pushes is the
-  variant marked redelivered).
+  says whether the consumer still held it (if not, it pushes nothing, and
+  the consumer pushes the variant marked redelivered instead).
 * **Reaping**: any consumer, every few seconds, moves back the ``taken``
   lists of consumers whose lease has expired (they died) into the
   ``reaped`` list, which is taken before the main list, counting each
@@ -51,6 +51,10 @@ import uuid
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 log = logging.getLogger("smtpstate.queue")
+
+#: Seconds between takes from a queue found empty (the most a new job
+#: waits for an idle worker to see it).
+_EMPTY_POLL = 0.05
 
 #: Default seconds a consumer's lease lasts; it renews it every sixth of
 #: that while alive, so a dead consumer's messages are handed out again
@@ -115,39 +119,36 @@ return 0
 """
 
 # KEYS: taken, returns, then one target per push. ARGV: the message (""
-# when there is nothing to acknowledge), its sha1, then per push: the
+# when there is nothing to acknowledge), its sha1 when it was reaped
+# before (its count of returns to forget; else ""), then per push: the
 # delay in seconds ("" for a list: LPUSH; else ZADD to a sorted set, due
-# by Redis's clock), what to push while the message is still held, what
-# to push if it is not (a worker paused past its lease: the message was
-# reaped and handed out again). Acknowledges and pushes atomically;
-# returns 1 if the message was still held.
+# by Redis's clock) and the body. Acknowledges and pushes atomically, if
+# the message is still held; if not (a worker paused past its lease: the
+# message was reaped and handed out again) pushes nothing and returns 0.
 _SETTLE = """
-local held = 1
 if ARGV[1] ~= '' then
-  held = redis.call('LREM', KEYS[1], -1, ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[2])
+  if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+  if ARGV[2] ~= '' then redis.call('HDEL', KEYS[2], ARGV[2]) end
 end
 local now = nil
 for i = 3, #KEYS do
-  local a = 3 + (i - 3) * 3
-  local body = ARGV[a + 1]
-  if held == 0 then body = ARGV[a + 2] end
+  local a = 3 + (i - 3) * 2
   if ARGV[a] == '' then
-    redis.call('LPUSH', KEYS[i], body)
+    redis.call('LPUSH', KEYS[i], ARGV[a + 1])
   else
     if not now then
       local t = redis.call('TIME')
       now = tonumber(t[1]) + tonumber(t[2]) / 1000000
     end
-    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[a]), body)
+    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[a]), ARGV[a + 1])
   end
 end
-return held
+return 1
 """
 
 #: One push of a settle: (target key, delay in seconds or None for a
-#: list, body while held, body if the message was no longer held).
-Push = Tuple[str, Optional[float], bytes, bytes]
+#: list, body).
+Push = Tuple[str, Optional[float], bytes]
 
 # KEYS: delayed, list. ARGV: most. Moves due jobs to the job list.
 _MOVE_DUE = """
@@ -265,20 +266,24 @@ class ReliableList:
         atomically; if this consumer no longer held it (its lease ran out
         and it was handed out again), push ``if_lost`` instead. Return
         True if it was still held."""
-        return self.settle(taken, [(target, None, message,
-                                    message if if_lost is None else if_lost)])
+        if self.settle(taken, [(target, None, message)]):
+            return True
+        self.settle(None, [(target, None, message if if_lost is None else if_lost)])
+        return False
 
     def settle(self, taken: Optional[Taken], pushes: List[Push]) -> bool:
-        """Acknowledge ``taken`` (None: nothing) and make every push, in
-        one atomic step; a push's ``if lost`` body replaces its body when
-        this consumer no longer held ``taken``. Return True if it was still
-        held."""
+        """Acknowledge ``taken`` and make every push, in one atomic step,
+        and return True; or, if this consumer no longer held ``taken``,
+        do nothing and return False. With ``taken`` None: just the
+        pushes."""
+        # Only a message reaped before has a count of returns to forget:
+        # the SHA-1 of a batch costs as much as a tenth of its jobs.
         args: List[Any] = [b"" if taken is None else taken.body,
-                           "" if taken is None else taken.sha1]
-        for _key, delay, body, lost in pushes:
-            args += ["" if delay is None else repr(float(delay)), body, lost]
+                           taken.sha1 if taken is not None and taken.redelivered else ""]
+        for _key, delay, body in pushes:
+            args += ["" if delay is None else repr(float(delay)), body]
         held = self._settle(keys=[self.taken_key, self.returns_key]
-                            + [key for key, _d, _b, _l in pushes], args=args)
+                            + [key for key, _d, _b in pushes], args=args)
         return bool(held)
 
     def renew(self) -> None:
@@ -359,6 +364,7 @@ class RedisTransport:
         self.delayed = queue + ".delayed"
         self._move_due = self.redis.register_script(_MOVE_DUE)
         self._next_due = 0.0
+        self._next_take = 0.0
         self._taking = True
 
     def fileno(self) -> Optional[int]:
@@ -372,10 +378,18 @@ class RedisTransport:
 
     def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
         """Up to ``room`` jobs as (body, redelivered, handle), at once
-        (this never waits)."""
+        (this never waits). After a take that found nothing, the next one
+        waits _EMPTY_POLL seconds: the worker calls this every turn of its
+        loop, and a round trip per turn to an empty queue cost more than a
+        sixth of a worker's CPU."""
         del timeout
         self.housekeeping()
-        got = self.jobs.take(room) if self._taking else []
+        now = time.monotonic()
+        if not self._taking or room <= 0 or now < self._next_take:
+            return []
+        got = self.jobs.take(room)
+        if not got:
+            self._next_take = now + _EMPTY_POLL
         return [(t.body, t.redelivered, t) for t in got]
 
     def housekeeping(self) -> None:
@@ -390,26 +404,35 @@ class RedisTransport:
 
     def settle(self, taken: Optional[Taken], publish: Sequence[Any],
                if_lost: Callable[[], Sequence[Any]],
-               before_ack: Optional[Callable[[], None]] = None, identity: Any = None) -> None:
+               before_ack: Optional[Callable[[bool], None]] = None,
+               identity: Any = None) -> None:
         """Push what follows from ``taken`` (smtpstate._amqp_queue.Published
         items: results, retries by Redis's clock, jobs, dead letters) and
         acknowledge it, in one step; if this worker no longer held it (its
-        lease ran out), push the ``if_lost()`` variants (marked redelivered).
-        ``before_ack`` is called right after (the step cannot be split).
+        lease ran out), push the ``if_lost()`` variants instead (marked
+        redelivered).
+        ``before_ack(marked)`` is called right after (the step cannot be
+        split), told whether the marked variants went.
         ``identity`` is not needed here (a lost connection loses nothing
         this worker holds)."""
         del identity
         targets = {"results": self.results, "delay": self.delayed, "jobs": self.queue,
                    "dead": self.dead_name}
-        pushes: List[Push] = [(targets[what.kind], what.delay if what.kind == "delay" else None,
-                               what.body, lost.body)
-                              for what, lost in zip(publish, if_lost())]
-        if not self.jobs.settle(taken, pushes):
+
+        def pushes(whats: Sequence[Any]) -> List[Push]:
+            return [(targets[w.kind], w.delay if w.kind == "delay" else None, w.body)
+                    for w in whats]
+        held = self.jobs.settle(taken, pushes(publish))
+        if not held:
+            # Handed out again meanwhile: ours may duplicate the other
+            # worker's, so it goes marked (made only now: the usual case
+            # does not pay for encoding everything twice).
+            self.jobs.settle(None, pushes(if_lost()))
             log.warning("%s: a job was handed to another worker while this one delivered "
                         "it (its lease ran out): what follows from it is marked redelivered",
                         self.queue)
         if before_ack is not None:
-            before_ack()
+            before_ack(not held)
 
     def give_back(self, taken: Taken) -> None:
         self.jobs.give_back(taken)

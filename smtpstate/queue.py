@@ -1055,7 +1055,7 @@ class Worker:
         self._recent: Deque[Tuple[float, Any]] = collections.deque()
         self._broker_errors: Tuple[Type[BaseException], ...] = (OSError,)
         # AMQP: what a lost connection left unconfirmed, to publish again.
-        self._again: List[Tuple[List[Published], Optional[Callable[[], None]]]] = []
+        self._again: List[Tuple[List[Published], Optional[Callable[[bool], None]]]] = []
         self._engine_failed = False
         self._resumed = False
         self.processed = 0
@@ -1095,17 +1095,20 @@ class Worker:
                     log.warning("lost the broker (%s: %s); %d job(s) in flight, retrying in "
                                 "%.0f s", type(e).__name__, e, len(self._inflight), pause)
                     transport = self._lost(transport)
-                    # The deliveries in flight go on meanwhile.
+                    # The deliveries in flight go on meanwhile, stopping or
+                    # not: a stop still waits for them (up to drain_timeout),
+                    # reconnecting at the same pace to settle them.
                     until = time.monotonic() + pause
-                    while time.monotonic() < until and not self._stop.is_set() \
-                            and not self._engine_failed:
+                    while time.monotonic() < until and not self._engine_failed:
+                        if self._stop.is_set():
+                            if gave_up is None:
+                                gave_up = time.monotonic() + self.drain_timeout
+                            if not self._carried or time.monotonic() > gave_up:
+                                break
                         self._turn(engine, None, until - time.monotonic())
-                    if self._stop.is_set() or self._engine_failed:
-                        if gave_up is None:
-                            gave_up = time.monotonic() + self.drain_timeout
-                        if not self._carried or time.monotonic() > gave_up \
-                                or self._engine_failed:
-                            break           # unacknowledged: the broker hands them out
+                    if self._engine_failed or (self._stop.is_set() and gave_up is not None and (
+                            not self._carried or time.monotonic() > gave_up)):
+                        break               # unacknowledged: the broker hands them out
                     pause = min(_RECONNECT_MOST, pause * 2)
         finally:
             engine.close()
@@ -1163,7 +1166,7 @@ class Worker:
         again, self._again = self._again, []
         for _publish, before_ack in again:
             if before_ack is not None:
-                before_ack()
+                before_ack(True)
         log.warning("published again what %d job message(s) came to (results, retries), "
                     "left unconfirmed by the lost connection", len(again))
 
@@ -1218,8 +1221,8 @@ class Worker:
         broker_fd = transport.fileno() if transport is not None else None
         if broker_fd is not None:
             fds.append(broker_fd)
-        if self._complete or (transport is not None and transport.pending()):
-            wait = 0.0
+        if transport is not None and (self._complete or transport.pending()):
+            wait = 0.0                      # something to publish or read now
         else:
             due = engine.next_deadline()
             wait = most if due is None else max(0.0, min(most, due))
@@ -1359,7 +1362,15 @@ class Worker:
     def _job_dead(self, carried: _Carried, job: Job, reason: str) -> None:
         """Dead-letter one job of ``carried`` with what follows from it."""
         log.warning("job %s dead-lettered to %s.dead: %s", job.id, self.queue, reason)
-        body = job.to_json() if carried.batch else carried.body
+        body = carried.body
+        if carried.batch:
+            try:
+                # In the batch's encoding: a msgpack job may hold what JSON
+                # cannot (bytes in a settled entry).
+                body = _encoding.encode(job.to_object(carried.binary), carried.binary)
+            except Exception as e:          # still dead-lettered, with the whole batch
+                log.exception("writing job %s for the dead letters failed", job.id)
+                reason = f"{reason} (the job could not be written alone: {e!r})"
         carried.dead.append((self._dead_record(body, reason), reason))
         self._job_done(carried)
 
@@ -1419,21 +1430,23 @@ class Worker:
         done, and acknowledge it (once confirmed, on RabbitMQ)."""
         orphan = isinstance(carried.handle, _Orphan)
         handle = None if orphan else carried.handle
-        finals = carried.finals
-        if carried.redelivered:
-            finals = [dict(f, redelivered=True) for f in finals]
         on_result = self.on_result
 
-        def call_on_result() -> None:
+        def call_on_result(marked: bool) -> None:
+            # marked: what was published in the end is the marked variant
+            # (published again after a lost connection, or on Redis after a
+            # lost lease): the callback gets what the broker has.
             assert on_result is not None
-            for final in finals:
+            for final in carried.finals:
+                if marked or carried.redelivered:
+                    final = dict(final, redelivered=True)
                 try:
                     on_result(final)
                 except Exception:
                     log.exception("on_result raised for job %s (ignored)", final["job"])
         transport.settle(handle, carried.what_follows(carried.redelivered),
                          functools.partial(carried.what_follows, True),
-                         call_on_result if on_result is not None and finals else None,
+                         call_on_result if on_result is not None and carried.finals else None,
                          carried.identity)
         self._carried.discard(carried)
         if orphan:
