@@ -3,7 +3,7 @@ run, with the targets of issue #4 checked in the output.
 
 Usage (from the source tree, with the package built or installed)::
 
-    python benchmarks/run.py [--rounds 3] [--placement split] [--json FILE]
+    python benchmarks/run.py [--rounds 5] [--placement split] [--json FILE]
                              [--only e2e,dispatch,parsers,scale,tls,tls-rate]
 
 Sections:
@@ -37,7 +37,8 @@ tls-rate  STARTTLS messages per second and client CPU per message, one
 
 Every client runs in a process of its own (benchmarks/clients.py), pinned
 per --placement; configurations are interleaved round by round; each figure
-is the best of its rounds, with the spread shown. Peers: Postfix
+is the median of its rounds (never the best round), with the spread
+(1 - min/max of the rounds) shown. Peers: Postfix
 smtp-sink and smtp-source (apt-get install postfix), aiosmtplib (pip
 install aiosmtplib); the TLS figure also needs aiosmtpd and trustme.
 """
@@ -191,18 +192,6 @@ class Runner:
         return out
 
 
-class Median(Figure):
-    """A Figure read by its median round instead of its best one."""
-
-    @property
-    def rate(self) -> float:
-        return self.messages / statistics.median(self.walls)
-
-    @property
-    def cpu_us(self) -> float:
-        return statistics.median(self.cpus) / self.messages * 1e6
-
-
 LABELS = {"engine": "Engine", "engine_load": "C engine (from C)", "source": "smtp-source",
           "aiosmtplib": "aiosmtplib", "smtplib": "smtplib", "engine_py": "Engine + Python state",
           "engine_c": "Engine + C state", "engine_warm": "Engine, pool opened first"}
@@ -354,10 +343,11 @@ def python_callbacks(tmp: str) -> Dict[str, float]:
     py_fn = int(ffi.cast("uintptr_t", lib.smtps_py_callback))
     bare_fn = int(mod.ffi.cast("uintptr_t", mod.lib.bench_bare))
     n = 300000
-    best_py = best_bare = 1e9
-    for _ in range(5):
-        best_bare = min(best_bare, mod.lib.bench_calls(bare_fn, addr, cl, n))
-        best_py = min(best_py, mod.lib.bench_calls(py_fn, addr, cl, n))
+    bare_runs, py_runs = [], []
+    for _ in range(5):                             # interleaved; medians
+        bare_runs.append(mod.lib.bench_calls(bare_fn, addr, cl, n))
+        py_runs.append(mod.lib.bench_calls(py_fn, addr, cl, n))
+    med_py, med_bare = statistics.median(py_runs), statistics.median(bare_runs)
 
     # Python state transitions in the real loop: a RETRY state at the front,
     # with a setup of its own (registered with smtpstate's setup trampoline,
@@ -404,7 +394,7 @@ def python_callbacks(tmp: str) -> Dict[str, float]:
                         for _ in range(5))
         return rounds[2] * 1e9
 
-    return {"python_callback_ns": best_py / n * 1e9, "bare_cffi_callback_ns": best_bare / n * 1e9,
+    return {"python_callback_ns": med_py / n * 1e9, "bare_cffi_callback_ns": med_bare / n * 1e9,
             "python_transition_ns": transition_ns(RetrySetup(), lib.smtps_py_setup),
             "python_transition_nosetup_ns": transition_ns(Retry(), ffi.NULL)}
 
@@ -759,7 +749,7 @@ def tls_rate(runner: Runner, args: argparse.Namespace) -> Dict[str, Any]:
                     m1, r1, s1 = sink.counts()        # ... and until it was done (Postfix)
                     if m1 - m0 != n:
                         raise RuntimeError(f"{key}: the sink took {m1 - m0} messages, not {n}")
-                    res_out["figures"].setdefault(key, Median()).add(n, r["wall"], r["cpu"])
+                    res_out["figures"].setdefault(key, Figure()).add(n, r["wall"], r["cpu"])
                     sk = res_out["sink"].setdefault(key, {"cpu": [], "resumed": [], "busy": []})
                     sk["cpu"].append(s1 - s0)
                     # aiosmtpd counts messages over a resumed session, Postfix
@@ -879,7 +869,7 @@ def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
             for name, x in (("Engine + Python state", py), ("Engine + C state", cst)):
                 t.add(sec, f"{name} msg/s", x.rate, "msg/s", "Engine", base.rate, x.rate_spread)
                 t.add(sec, f"{name} CPU", x.cpu_us, "us/msg", "Engine", base.cpu_us, x.cpu_spread)
-            # Differences of best-of CPU figures whose rounds spread by far
+            # Differences of median CPU figures whose rounds spread by far
             # more than a microsecond: shown, but the target is judged on
             # the dispatch section's in-loop figure.
             t.add(sec, "Python state adds (end to end, noisy)", py.cpu_us - base.cpu_us,
@@ -1039,11 +1029,12 @@ def to_json(data: Dict[str, Any]) -> Any:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="interleaved rounds; every figure is their median (default 5)")
     ap.add_argument("--messages", type=int, default=20000,
                     help="per run for Engine, C engine and smtp-source (default 20000)")
-    ap.add_argument("--slow-messages", type=int, default=5000,
-                    help="per run for smtplib and aiosmtplib (default 5000)")
+    ap.add_argument("--slow-messages", type=int, default=3000,
+                    help="per run for smtplib and aiosmtplib (default 3000)")
     ap.add_argument("--per-connection-messages", type=int, default=2000)
     ap.add_argument("--placement", default="split", choices=("split", "same", "none"),
                     help="split: sink on one CPU, client on another; same: both on one; "
@@ -1104,8 +1095,8 @@ def main() -> int:
               .replace(":0", ":PORT"))
     sink_cpus, client_cpus = placements(args.placement)
     print(f"placement {args.placement}: sink on CPUs {sink_cpus or 'any'}, clients on "
-          f"{client_cpus or 'any'}; best of {args.rounds} interleaved rounds; spread = "
-          "(best - worst) / best; ratio = smtpstate / peer")
+          f"{client_cpus or 'any'}; median of {args.rounds} interleaved rounds; spread = "
+          "1 - min/max of the rounds; ratio = smtpstate / peer")
     report(data, args).print()
     if "scale" in data:
         for note in data["scale"].get("notes", []):
