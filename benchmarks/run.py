@@ -14,7 +14,11 @@ e2e       msg/s and client CPU per message (user+sys of the client process;
           C (benchmarks/c/engine_load.c: the floor under the Python API),
           ``smtpstate.deliver()`` as the README calls it at 10 and 100 (and
           "build + deliver()" at 10: the Messages made inside the timer, as
-          smtp-source makes its own),
+          smtp-source makes its own), and deliver(), the C engine and
+          smtp-source -d again against benchmarks/c/unique_sink.c, whose
+          reply to every message is different, as a real MTA's (a queue
+          id), and the same sink giving every message the same reply
+          (what the unique replies cost),
           Postfix smtp-source -d, aiosmtplib and smtplib; one message per
           connection; the Engine with a no-op Python state and with a no-op
           C state after DATA; CPU placement (unpinned, split, same CPU).
@@ -110,6 +114,10 @@ def build(tmp: str) -> Dict[str, str]:
         subprocess.run([cc] + flags + [os.path.join(HERE, "c", prog + ".c")] + core
                        + ["-lssl", "-lcrypto", "-lunbound", "-lresolv", "-o", exe], check=True)
         out[prog] = exe
+    exe = os.path.join(tmp, "unique_sink")                 # a server: no engine in it
+    subprocess.run([cc] + flags + [os.path.join(HERE, "c", "unique_sink.c"), "-o", exe],
+                   check=True)
+    out["unique_sink"] = exe
     so = os.path.join(tmp, "noop_state.so")
     subprocess.run([cc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra",
                     "-I", os.path.join(ROOT, "include"),
@@ -202,6 +210,37 @@ LABELS = {"engine": "Engine", "engine_load": "C engine (from C)", "source": "smt
 DELIVER_CONC = (10, 100)                      # deliver() rows (issue 15, target 1)
 
 
+class UniqueSink:
+    """benchmarks/c/unique_sink.c (built by build()): a new queue id in
+    every reply to a message, or with ``same`` the same one for all."""
+
+    def __init__(self, program: str, same: bool, cpus: Optional[Sequence[int]]) -> None:
+        self.command = [program] + (["same"] if same else [])
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"unique_sink did not start: {line!r}")
+        self.port = int(line)
+        if cpus is not None:
+            os.sched_setaffinity(self.proc.pid, cpus)
+
+    def stop(self) -> int:
+        """Stop it; the messages it answered."""
+        self.proc.terminate()
+        said = self.proc.communicate(timeout=30)[0].decode().split()
+        return int(said[1]) if len(said) == 2 and said[0] == "messages" else -1
+
+
+# Against unique_sink: (client, concurrency) for each of its two modes.
+UNIQUE_CONFIGS = {"unique": (("deliver", 10), ("deliver", 100), ("engine_load", 10),
+                             ("engine_load", 100), ("source", 10), ("source", 100)),
+                  "same": (("deliver", 10), ("deliver", 100))}
+
+
 def e2e(runner: Runner, args: argparse.Namespace) -> Dict[str, Any]:
     """End to end: every client at every concurrency, interleaved."""
     sink_cpus, client_cpus = placements(args.placement)
@@ -231,24 +270,51 @@ def e2e(runner: Runner, args: argparse.Namespace) -> Dict[str, Any]:
         if place != args.placement and placements(place) != (None, None):
             configs += [("engine", 10, args.messages, False, place),
                         ("source", 10, args.messages, False, place)]
+    unique = [(client, conc, max(args.messages, 20 * conc), mode)
+              for mode, pairs in UNIQUE_CONFIGS.items() for client, conc in pairs]
     figures: Dict[str, Figure] = {}
-    progress = Progress(args.rounds * len(configs))
+    progress = Progress(args.rounds * (len(configs) + len(unique)))
+    answered = {mode: 0 for mode in UNIQUE_CONFIGS}
+    sent = {mode: 200 for mode in UNIQUE_CONFIGS}            # the warm-up's
     with Sink(cpus=sink_cpus) as sink:
-        runner.client({"client": "engine", "port": sink.port, "n": 200, "conc": 10,
-                       "cpus": client_cpus})                      # warm the sink up
-        for _ in range(args.rounds):
-            for client, conc, n, per_conn, place in configs:
-                key = f"{client}|{conc}|{int(per_conn)}|{place}"
-                progress.step(f"e2e {LABELS[client]} c={conc}"
-                              f"{' 1/conn' if per_conn else ''} {place}")
-                scpus, ccpus = placements(place)
-                sink.pin(scpus)
-                spec = {"client": client, "port": sink.port, "n": n, "conc": conc,
-                        "per_connection": per_conn, "cpus": ccpus, "so": runner.tools["noop_so"]}
-                r = runner.client(spec)
-                figures.setdefault(key, Figure()).add(n, r["wall"], r["cpu"])
+        usinks = {mode: UniqueSink(runner.tools["unique_sink"], mode == "same", sink_cpus)
+                  for mode in UNIQUE_CONFIGS}
+        try:
+            for us in [sink] + list(usinks.values()):              # warm the sinks up
+                runner.client({"client": "engine", "port": us.port, "n": 200, "conc": 10,
+                               "cpus": client_cpus})
+            for _ in range(args.rounds):
+                for client, conc, n, per_conn, place in configs:
+                    key = f"{client}|{conc}|{int(per_conn)}|{place}"
+                    progress.step(f"e2e {LABELS[client]} c={conc}"
+                                  f"{' 1/conn' if per_conn else ''} {place}")
+                    scpus, ccpus = placements(place)
+                    sink.pin(scpus)
+                    spec = {"client": client, "port": sink.port, "n": n, "conc": conc,
+                            "per_connection": per_conn, "cpus": ccpus,
+                            "so": runner.tools["noop_so"]}
+                    r = runner.client(spec)
+                    figures.setdefault(key, Figure()).add(n, r["wall"], r["cpu"])
+                sink.pin(sink_cpus)
+                for client, conc, n, mode in unique:
+                    key = f"{client}|{conc}|0|{args.placement}|{mode}"
+                    progress.step(f"e2e {LABELS[client]} c={conc} unique_sink {mode}")
+                    r = runner.client({"client": client, "port": usinks[mode].port, "n": n,
+                                       "conc": conc, "cpus": client_cpus})
+                    figures.setdefault(key, Figure()).add(n, r["wall"], r["cpu"])
+                    sent[mode] += n
+        finally:
+            for mode, us in usinks.items():
+                answered[mode] = us.stop()
     progress.finish()
+    for mode in UNIQUE_CONFIGS:
+        # Measured, not assumed: the sink answered every message sent to it.
+        if answered[mode] != sent[mode]:
+            raise RuntimeError(f"unique_sink {mode} answered {answered[mode]} messages "
+                               f"of {sent[mode]}")
     return {"figures": figures, "sink": " ".join(Sink().command),
+            "unique_sink": "benchmarks/c/unique_sink.c [same], on the sink's CPUs",
+            "unique_answered": answered,
             "source": " ".join(source_command(find_program("smtp-source") or "smtp-source",
                                               0, 0, 0))}
 
@@ -873,6 +939,40 @@ def report(data: Dict[str, Any], args: argparse.Namespace) -> Table:
                               x.cpu_spread, tgt, x.cpu_us <= 0.1 * aio.cpu_us if tgt else None)
                 else:
                     t.add(sec, name, x.cpu_us, "us/msg", "", None, x.cpu_spread)
+        sec = (f"unique replies: benchmarks/c/unique_sink.c, a new queue id per message "
+               f"(placement {args.placement})")
+
+        def u(client: str, conc: int, mode: str = "unique") -> Optional[Figure]:
+            return figs.get(f"{client}|{conc}|0|{args.placement}|{mode}")
+
+        for conc in (10, 100):
+            dlv, same = u("deliver", conc), u("deliver", conc, "same")
+            src, floor = u("source", conc), u("engine_load", conc)
+            if dlv and src:
+                t.add(sec, f"c={conc} deliver() msg/s", dlv.rate, "msg/s", "smtp-source -d",
+                      src.rate, dlv.rate_spread, ">= 2x smtp-source", dlv.rate >= 2 * src.rate)
+                t.add(sec, f"c={conc} deliver() CPU", dlv.cpu_us, "us/msg", "smtp-source -d",
+                      src.cpu_us, dlv.cpu_spread, "<= 0.4x smtp-source",
+                      dlv.cpu_us <= 0.4 * src.cpu_us)
+            if dlv and floor:
+                t.add(sec, f"c={conc} deliver() CPU", dlv.cpu_us, "us/msg", "C engine (from C)",
+                      floor.cpu_us, dlv.cpu_spread, "<= 1.2x C engine",
+                      dlv.cpu_us <= 1.2 * floor.cpu_us)
+            if dlv and same:
+                t.add(sec, f"c={conc} deliver() CPU, unique replies", dlv.cpu_us, "us/msg",
+                      "the same reply", same.cpu_us, dlv.cpu_spread)
+                t.add(sec, f"c={conc} deliver() CPU, the same reply", same.cpu_us, "us/msg",
+                      "", None, same.cpu_spread)
+            if floor and src:
+                t.add(sec, f"c={conc} C engine (from C) msg/s", floor.rate, "msg/s",
+                      "smtp-source -d", src.rate, floor.rate_spread)
+                t.add(sec, f"c={conc} C engine (from C) CPU", floor.cpu_us, "us/msg",
+                      "smtp-source -d", src.cpu_us, floor.cpu_spread)
+            if src:
+                t.add(sec, f"c={conc} smtp-source -d msg/s", src.rate, "msg/s", "", None,
+                      src.rate_spread)
+                t.add(sec, f"c={conc} smtp-source -d CPU", src.cpu_us, "us/msg", "", None,
+                      src.cpu_spread)
         sec = "one message per connection, c=10"
         src = f("source", 10, True)
         for client in ("engine", "source", "aiosmtplib", "smtplib"):
@@ -1111,6 +1211,8 @@ def main() -> int:
           "lines), 1 recipient; smtp-source sends its own four headers and -l 1024 body bytes")
     if "e2e" in data:
         print(f"sink: {data['e2e']['sink']}")
+        print(f"unique replies: {data['e2e']['unique_sink']}; messages it answered: "
+              + ", ".join(f"{k} {v}" for k, v in data["e2e"]["unique_answered"].items()))
         print(f"smtp-source: {data['e2e']['source']}".replace(" -s 0 -m 0 ",
                                                                " -s CONC -m N ")
               .replace(":0", ":PORT"))
