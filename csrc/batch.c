@@ -10,6 +10,8 @@
  *
  *	struct smtps_message *smtps_message_copy(envelope, body, len)
  *	int	smtps_engine_submit_copy(e, envelope, body, len, dest, tag)
+ *	int	smtps_engine_submit_plain(e, sender, slen, rcpts, rlen, nrcpt,
+ *					  body, len, dest, tag)
  *
  *	struct smtps_collector *smtps_collector_new(void)
  *	void	smtps_collector_free(c)
@@ -39,6 +41,18 @@
  *	never holds a second copy of a large body; a body the envelope
  *	references (a mapped file) or reads as it goes (a source) is shared
  *	by every copy instead (body NULL), never copied.
+ *
+ *	Plain messages. Most messages are sent once, with a sender, a few
+ *	recipients without options and a body in bytes; for them an
+ *	envelope is made, copied once and thrown away, which from Python
+ *	is five calls (each releasing and retaking the GIL) where one
+ *	would do. smtps_engine_submit_plain() makes the message from
+ *	sender (slen bytes), rcpts (rlen bytes: nrcpt addresses, one LF
+ *	between each two, as smtps_message_check_plain() takes them) and
+ *	a copy of body, as smtps_message_new(), smtps_message_set_sender(),
+ *	smtps_message_add_recipient() (no DSN options) and
+ *	smtps_message_set_body() would, with every check they make, and
+ *	submits it.
  *
  *	Collected results. smtps_engine_collect() takes up to max ready
  *	results of an engine (at most SMTPS_COLLECT_MAX) and describes each
@@ -84,7 +98,10 @@
  *	of memory (or, for the copy, for a NULL envelope or a body refused).
  *	smtps_engine_submit_copy() returns what smtps_engine_submit() does,
  *	SMTPS_EINVAL for a NULL envelope or a body refused, SMTPS_ENOMEM; the copy is
- *	freed when it was not taken. smtps_engine_collect() returns the
+ *	freed when it was not taken. smtps_engine_submit_plain() returns
+ *	the same, and what the setters return for an address or body they
+ *	refuse, or SMTPS_EINVAL when rcpts does not hold nrcpt addresses;
+ *	nothing is submitted then. smtps_engine_collect() returns the
  *	number of results described (0 when none is ready), SMTPS_EINVAL
  *	for a NULL argument; smtps_engine_run_collect() also returns
  *	smtps_engine_run()'s errors, and then collects nothing.
@@ -374,6 +391,54 @@ int     smtps_engine_submit_copy(struct smtps_engine *e,
 	return rc;
     if ((rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
 	smtps_message_free(m);
+    return rc;
+}
+
+/* smtps_engine_submit_plain - make a message without options, submit it */
+
+int     smtps_engine_submit_plain(struct smtps_engine *e, const char *sender,
+				          size_t slen, const char *rcpts,
+				          size_t rlen, size_t nrcpt,
+				          const char *body, size_t len,
+				          const struct smtps_destination *dest,
+				          uint64_t tag)
+{
+    struct smtps_message *m;
+    const char *p, *end, *lf;
+    size_t  n = 0;
+    int     rc;
+
+    if (e == NULL || sender == NULL || rcpts == NULL || dest == NULL
+	|| nrcpt == 0 || (len > 0 && body == NULL))
+	return SMTPS_EINVAL;
+    if ((m = smtps_message_new()) == NULL)
+	return SMTPS_ENOMEM;
+    if ((rc = smtps_message_set_sender(m, sender, slen)) != SMTPS_OK)
+	goto fail;
+    /* The count bounds the loop: an LF too many is refused, not split. */
+    for (p = rcpts, end = rcpts + rlen;; p = lf + 1) {
+	lf = memchr(p, '\n', (size_t) (end - p));
+	if (++n > nrcpt) {
+	    rc = SMTPS_EINVAL;
+	    goto fail;
+	}
+	rc = smtps_message_add_recipient(m, p, (size_t) ((lf ? lf : end) - p), 0, NULL, 0);
+	if (rc != SMTPS_OK)
+	    goto fail;
+	if (lf == NULL)
+	    break;
+    }
+    if (n != nrcpt) {
+	rc = SMTPS_EINVAL;
+	goto fail;
+    }
+    if ((rc = smtps_message_set_body(m, body, len)) != SMTPS_OK
+	|| (rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
+	goto fail;
+    return SMTPS_OK;
+
+fail:
+    smtps_message_free(m);
     return rc;
 }
 
