@@ -13,17 +13,29 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 log = logging.getLogger("smtpstate.queue")
 
 JOB_CONTENT_TYPE = "application/vnd.smtpstate.job+json"
 RESULT_CONTENT_TYPE = "application/vnd.smtpstate.result+json"
 DEAD_CONTENT_TYPE = "application/vnd.smtpstate.dead+json"
+#: Several jobs, or their results, in one broker message (enqueue(batch=)).
+BATCH_CONTENT_TYPE = "application/vnd.smtpstate.batch+json"
+RESULTS_CONTENT_TYPE = "application/vnd.smtpstate.results+json"
 
-#: What a transport publishes for a job: (kind, body, delay, reason), kind
-#: "results", "delay" or "dead".
-Published = Tuple[str, bytes, Optional[float], str]
+
+class Published(NamedTuple):
+    """One thing a worker publishes for a broker message it settles."""
+
+    #: "results" (Q.results), "delay" (a retry, after ``delay`` s),
+    #: "jobs" (back on the job queue) or "dead" (Q.dead, with ``reason``).
+    kind: str
+    body: bytes
+    delay: Optional[float] = None
+    reason: str = ""
+    #: The body holds a batch (of jobs or of results).
+    batch: bool = False
 
 
 def _kombu() -> Any:
@@ -93,8 +105,7 @@ class AmqpTransport:
     quorum queue with a prefetch window, results and dead letters
     published with confirms, retries through the delay queues.
 
-    ``finish``, ``retry`` and ``dead`` publish at once but acknowledge
-    later: :meth:`housekeeping` (once per turn of the worker's loop) waits
+    :meth:`settle` publishes at once but acknowledges later: :meth:`housekeeping` (once per turn of the worker's loop) waits
     for the broker's confirms of everything published in the turn, then
     acknowledges those jobs. One wait per turn instead of one round trip
     per job, and still no job acknowledged before what follows from it is
@@ -127,10 +138,11 @@ class AmqpTransport:
         for kq in [self._q, self._results_q, self._dead_q, *self._delay_qs.values()]:
             kq(self.conn.default_channel).declare()
         self.publisher = ConfirmedPublisher(self.conn, True)
-        # Jobs whose result, retry or dead letter is published and not yet
-        # confirmed: (the job's message or None, what to call before its
-        # ack, what was published).
-        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], Published]] = []
+        # Broker messages whose results, retries or dead letters are
+        # published and not yet confirmed: (the message or None, what to
+        # call before its ack, what to publish again if the connection
+        # dies first).
+        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], List[Published]]] = []
         self._got: List[Any] = []
         self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
                                            prefetch_count=prefetch, accept=[])
@@ -165,7 +177,7 @@ class AmqpTransport:
             return
         self.publisher.wait()
         done, self._unacked = self._unacked, []
-        for msg, before_ack, _what in done:
+        for msg, before_ack, _if_lost in done:
             if before_ack is not None:
                 before_ack()
             if msg is not None:
@@ -175,43 +187,35 @@ class AmqpTransport:
         self.consumer.cancel()
 
     def send(self, what: Published) -> None:
-        """Publish a result, retry or dead letter; acknowledge nothing."""
-        kind, body, delay, reason = what
-        if kind == "results":
-            self.publisher.publish(body, self._results_q.name, RESULT_CONTENT_TYPE)
-        elif kind == "delay":
-            assert delay is not None
-            self.publisher.publish(body, self._delay_qs[delay].name, JOB_CONTENT_TYPE)
+        """Publish a result, retry, job or dead letter; acknowledge nothing."""
+        if what.kind == "results":
+            self.publisher.publish(what.body, self._results_q.name,
+                                   RESULTS_CONTENT_TYPE if what.batch else RESULT_CONTENT_TYPE)
+        elif what.kind in ("delay", "jobs"):
+            target = self._q if what.delay is None else self._delay_qs[what.delay]
+            self.publisher.publish(what.body, target.name,
+                                   BATCH_CONTENT_TYPE if what.batch else JOB_CONTENT_TYPE)
         else:
-            self.publisher.publish(body, self._dead_q.name, DEAD_CONTENT_TYPE,
-                                   {"x-smtpstate-reason": reason[:200]})
+            self.publisher.publish(what.body, self._dead_q.name, DEAD_CONTENT_TYPE,
+                                   {"x-smtpstate-reason": what.reason[:200]})
 
-    # msg None: a job whose delivery died with an earlier connection
-    # (Worker._lost): publish what follows, nothing to acknowledge.
+    def settle(self, msg: Any, publish: Sequence[Published],
+               if_lost: Sequence[Published],
+               before_ack: Optional[Callable[[], None]] = None) -> None:
+        """Publish what follows from broker message ``msg`` (None: one
+        whose delivery died with an earlier connection, nothing to
+        acknowledge here) now, and acknowledge it in :meth:`housekeeping`
+        once the broker confirmed it all, after ``before_ack``.
+        ``if_lost``: the same marked redelivered, published instead should
+        the connection die before the confirms (:meth:`unconfirmed`)."""
+        for what in publish:
+            self.send(what)
+        self._unacked.append((msg, before_ack, list(if_lost)))
 
-    def finish(self, msg: Any, result: bytes,
-               before_ack: Optional[Callable[[], None]] = None,
-               if_lost: Optional[bytes] = None) -> None:
-        del if_lost                         # a channel's deliveries cannot be lost alive
-        what: Published = ("results", result, None, "")
-        self.send(what)
-        self._unacked.append((msg, before_ack, what))
-
-    def retry(self, msg: Any, retry: bytes, delay: float,
-              if_lost: Optional[bytes] = None) -> None:
-        del if_lost
-        what: Published = ("delay", retry, delay, "")
-        self.send(what)
-        self._unacked.append((msg, None, what))
-
-    def dead(self, msg: Any, record: bytes, reason: str) -> None:
-        what: Published = ("dead", record, None, reason)
-        self.send(what)
-        self._unacked.append((msg, None, what))
-
-    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], Published]]:
+    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], List[Published]]]:
         """What was published and not known to be confirmed when the
-        connection died, with the job each was for: to publish again."""
+        connection died, with the broker message each was for: to publish
+        again (the marked variants)."""
         pending, self._unacked = self._unacked, []
         return pending
 

@@ -48,7 +48,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Tuple, Type
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 log = logging.getLogger("smtpstate.queue")
 
@@ -114,34 +114,40 @@ end
 return 0
 """
 
-# KEYS: taken, target, returns. ARGV: message, what to push while it is
-# still held, what to push if it is not (a worker paused past its lease:
-# the message was reaped and handed out again), its sha1. Pushes and
-# acknowledges atomically; returns 1 if it was still held.
-_FINISH = """
-local held = redis.call('LREM', KEYS[1], -1, ARGV[1])
-if held > 0 then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-else
-  redis.call('LPUSH', KEYS[2], ARGV[3])
+# KEYS: taken, returns, then one target per push. ARGV: the message (""
+# when there is nothing to acknowledge), its sha1, then per push: the
+# delay in seconds ("" for a list: LPUSH; else ZADD to a sorted set, due
+# by Redis's clock), what to push while the message is still held, what
+# to push if it is not (a worker paused past its lease: the message was
+# reaped and handed out again). Acknowledges and pushes atomically;
+# returns 1 if the message was still held.
+_SETTLE = """
+local held = 1
+if ARGV[1] ~= '' then
+  held = redis.call('LREM', KEYS[1], -1, ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[2])
 end
-redis.call('HDEL', KEYS[3], ARGV[4])
+local now = nil
+for i = 3, #KEYS do
+  local a = 3 + (i - 3) * 3
+  local body = ARGV[a + 1]
+  if held == 0 then body = ARGV[a + 2] end
+  if ARGV[a] == '' then
+    redis.call('LPUSH', KEYS[i], body)
+  else
+    if not now then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    end
+    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[a]), body)
+  end
+end
 return held
 """
 
-# KEYS: delayed, taken, returns. ARGV: job, seconds, retry body while
-# held, retry body if not, its sha1. Schedules the retry by Redis's clock
-# and acknowledges the job, atomically.
-_DELAY = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local held = redis.call('LREM', KEYS[2], -1, ARGV[1])
-local body = ARGV[3]
-if held == 0 then body = ARGV[4] end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), body)
-redis.call('HDEL', KEYS[3], ARGV[5])
-return held
-"""
+#: One push of a settle: (target key, delay in seconds or None for a
+#: list, body while held, body if the message was no longer held).
+Push = Tuple[str, Optional[float], bytes, bytes]
 
 # KEYS: delayed, list. ARGV: most. Moves due jobs to the job list.
 _MOVE_DUE = """
@@ -222,7 +228,7 @@ class ReliableList:
         self._take = redis_client.register_script(_TAKE)
         self._reap = redis_client.register_script(_REAP)
         self._give_back = redis_client.register_script(_GIVE_BACK)
-        self._finish = redis_client.register_script(_FINISH)
+        self._settle = redis_client.register_script(_SETTLE)
         self._next_reap = 0.0
         self._renewing: Optional[threading.Event] = None
 
@@ -259,9 +265,20 @@ class ReliableList:
         atomically; if this consumer no longer held it (its lease ran out
         and it was handed out again), push ``if_lost`` instead. Return
         True if it was still held."""
-        held = self._finish(keys=[self.taken_key, target, self.returns_key],
-                            args=[taken.body, message,
-                                  message if if_lost is None else if_lost, taken.sha1])
+        return self.settle(taken, [(target, None, message,
+                                    message if if_lost is None else if_lost)])
+
+    def settle(self, taken: Optional[Taken], pushes: List[Push]) -> bool:
+        """Acknowledge ``taken`` (None: nothing) and make every push, in
+        one atomic step; a push's ``if lost`` body replaces its body when
+        this consumer no longer held ``taken``. Return True if it was still
+        held."""
+        args: List[Any] = [b"" if taken is None else taken.body,
+                           "" if taken is None else taken.sha1]
+        for _key, delay, body, lost in pushes:
+            args += ["" if delay is None else repr(float(delay)), body, lost]
+        held = self._settle(keys=[self.taken_key, self.returns_key]
+                            + [key for key, _d, _b, _l in pushes], args=args)
         return bool(held)
 
     def renew(self) -> None:
@@ -342,7 +359,6 @@ class RedisTransport:
         self.results = queue + ".results"
         self.dead_name = queue + ".dead"
         self.delayed = queue + ".delayed"
-        self._delay = self.redis.register_script(_DELAY)
         self._move_due = self.redis.register_script(_MOVE_DUE)
         self._next_due = 0.0
         self._taking = True
@@ -367,27 +383,24 @@ class RedisTransport:
     def stop_taking(self) -> None:
         self._taking = False
 
-    def finish(self, taken: Taken, result: bytes,
-               before_ack: Optional[Callable[[], None]] = None,
-               if_lost: Optional[bytes] = None) -> None:
-        # The result and the acknowledgement are one step here; the
-        # callback comes right after it.
-        if not self.jobs.finish(taken, self.results, result, if_lost):
+    def settle(self, taken: Optional[Taken], publish: Sequence[Any], if_lost: Sequence[Any],
+               before_ack: Optional[Callable[[], None]] = None) -> None:
+        """Push what follows from ``taken`` (smtpstate._amqp_queue.Published
+        items: results, retries by Redis's clock, jobs, dead letters) and
+        acknowledge it, in one step; if this worker no longer held it (its
+        lease ran out), push the ``if_lost`` variants (marked redelivered).
+        ``before_ack`` is called right after (the step cannot be split)."""
+        targets = {"results": self.results, "delay": self.delayed, "jobs": self.queue,
+                   "dead": self.dead_name}
+        pushes: List[Push] = [(targets[what.kind], what.delay if what.kind == "delay" else None,
+                               what.body, lost.body)
+                              for what, lost in zip(publish, if_lost)]
+        if not self.jobs.settle(taken, pushes):
             log.warning("%s: a job was handed to another worker while this one delivered "
-                        "it (its lease ran out): its result is marked redelivered",
+                        "it (its lease ran out): what follows from it is marked redelivered",
                         self.queue)
         if before_ack is not None:
             before_ack()
-
-    def retry(self, taken: Taken, retry: bytes, delay: float,
-              if_lost: Optional[bytes] = None) -> None:
-        self._delay(keys=[self.delayed, self.jobs.taken_key, self.jobs.returns_key],
-                    args=[taken.body, delay, retry, retry if if_lost is None else if_lost,
-                          taken.sha1])
-
-    def dead(self, taken: Taken, record: bytes, reason: str) -> None:
-        del reason                          # in the record; Redis has no headers
-        self.jobs.finish(taken, self.dead_name, record)
 
     def give_back(self, taken: Taken) -> None:
         self.jobs.give_back(taken)

@@ -59,12 +59,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence,
-                    Tuple, Type)
+                    Set, Tuple, Type)
 
 from smtpstate import _redis_queue, _supervisor
-from smtpstate._amqp_queue import (DELIVERY_LIMIT, JOB_CONTENT_TYPE, RESULT_CONTENT_TYPE,
-                                   AmqpTransport, Published, _connect, _job_queue, _queue,
-                                   body_bytes, quietly)
+from smtpstate._amqp_queue import (BATCH_CONTENT_TYPE, DELIVERY_LIMIT, JOB_CONTENT_TYPE,
+                                   RESULT_CONTENT_TYPE, RESULTS_CONTENT_TYPE, AmqpTransport,
+                                   Published, _connect, _job_queue, _queue, body_bytes,
+                                   quietly)
 from smtpstate._confirms import BrokerRefusedError
 from smtpstate.errors import InvalidOptionError
 from smtpstate.message import Message, Recipient
@@ -77,6 +78,8 @@ __all__ = [
     "Job",
     "JobError",
     "BrokerRefusedError",
+    "MAX_BATCH",
+    "parse_jobs",
     "enqueue",
     "read_results",
     "Worker",
@@ -88,6 +91,8 @@ log = logging.getLogger("smtpstate.queue")
 
 JOB_VERSION = 1
 RESULT_VERSION = 1
+#: At most this many jobs in one broker message (``enqueue(batch=)``).
+MAX_BATCH = 1000
 
 #: Seconds between attempts, as Postfix: 5 minutes, doubling, at most
 #: 4000 s (~67 minutes) apart; the last step repeats.
@@ -200,7 +205,13 @@ class Job:
 
     def to_json(self) -> bytes:
         """The job as UTF-8 JSON (the format of docs/queue.md)."""
-        return json.dumps({
+        return json.dumps(self.to_object(), separators=(",", ":"),
+                          sort_keys=True).encode("utf-8")
+
+    def to_object(self) -> Dict[str, Any]:
+        """The job as a dict ready for JSON (what :meth:`to_json` encodes;
+        a batch holds these)."""
+        return {
             "version": JOB_VERSION,
             "id": self.id,
             "sender": self.sender,
@@ -214,7 +225,7 @@ class Job:
             "first_enqueued": self.first_enqueued,
             "settled": self.settled,
             **({"redelivered": True} if self.redelivered else {}),
-        }, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        }
 
     @classmethod
     def from_json(cls, raw: Any) -> "Job":
@@ -225,17 +236,16 @@ class Job:
                 field, a field of the wrong type, bad base64, a message the
                 job's fields cannot make (bad address ...).
         """
-        if isinstance(raw, (bytes, bytearray, memoryview)):
-            try:
-                raw = bytes(raw).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise JobError(f"a job must be UTF-8 JSON: {e}") from None
-        if not isinstance(raw, str):
-            raise JobError(f"a job must be JSON text, not {type(raw).__name__}")
-        try:
-            obj = json.loads(raw)
-        except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
-            raise JobError(f"a job must be JSON: {e}") from None
+        return cls.from_object(_json_of(raw))
+
+    @classmethod
+    def from_object(cls, obj: Any) -> "Job":
+        """Parse a job already decoded from JSON (a dict), as strictly as
+        :meth:`from_json`.
+
+        Raises:
+            JobError: as :meth:`from_json`.
+        """
         if not isinstance(obj, dict):
             raise JobError("a job must be a JSON object")
         version = obj.get("version")
@@ -319,13 +329,17 @@ class Job:
             raise JobError(f"option tls must be one of {', '.join(_TLS_LEVELS)}, "
                            f"not {self.options['tls']!r}")
         try:
-            self.message()
+            # Kept: the worker submits this one rather than make it again.
+            self._message: Optional[Message] = self.message()
         except ValueError as e:
             raise JobError(f"the job's message cannot be made: {e}") from None
 
     def message(self) -> Message:
         """The :class:`~smtpstate.Message` for the pending recipients."""
+        # A recipient without DSN options is passed as its address: the
+        # same message, without a Recipient object to make and check.
         rcpts = [Recipient(r["address"], notify=tuple(r["notify"]), orcpt=r["orcpt"])
+                 if r["notify"] or r["orcpt"] is not None else r["address"]
                  for r in self.recipients]
         return Message(self.sender, rcpts, self.data, **self.message_options)
 
@@ -336,8 +350,60 @@ def _want(obj: Dict[str, Any], key: str, kind: type) -> None:
                        f"{type(obj[key]).__name__}")
 
 
+def _json_of(raw: Any) -> Any:
+    """A broker message's body decoded from UTF-8 JSON."""
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise JobError(f"a job must be UTF-8 JSON: {e}") from None
+    if not isinstance(raw, str):
+        raise JobError(f"a job must be JSON text, not {type(raw).__name__}")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:     # RecursionError: nested too deep
+        raise JobError(f"a job must be JSON: {e}") from None
+
+
+def parse_jobs(raw: Any) -> Tuple[List[Job], bool]:
+    """The jobs of one broker message: a single job (docs/queue.md's job
+    format), or a batch ``{"version": 1, "jobs": [job, ...]}`` as
+    ``enqueue(batch=N)`` and a worker's retries of a batch publish.
+    Returns (jobs, whether it was a batch).
+
+    Raises:
+        JobError: as :meth:`Job.from_json`; for a batch, which job (its
+            place) is wrong: a batch is read whole or not at all.
+    """
+    obj = _json_of(raw)
+    if not (isinstance(obj, dict) and "jobs" in obj):
+        return [Job.from_object(obj)], False
+    if obj.get("version") != JOB_VERSION or set(obj) != {"version", "jobs"}:
+        raise JobError(f"a batch must be exactly {{\"version\": {JOB_VERSION}, \"jobs\": "
+                       f"[...]}}, not one with field(s) {', '.join(sorted(obj))} and "
+                       f"version {obj.get('version')!r}")
+    items = obj["jobs"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise JobError(f"a batch's jobs must be a list of 1 to {MAX_BATCH} jobs")
+    jobs = []
+    for i, item in enumerate(items):
+        try:
+            jobs.append(Job.from_object(item))
+        except JobError as e:
+            raise JobError(f"job {i} of the batch: {e}") from None
+    return jobs, True
+
+
+def _batch_json(key: str, items: List[Dict[str, Any]]) -> bytes:
+    """A batch's body: ``{"version": 1, key: items}`` (key "jobs" or
+    "results")."""
+    return json.dumps({"version": JOB_VERSION, key: items},
+                      separators=(",", ":")).encode("utf-8")
+
+
 def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstate",
-            host: Optional[str] = None, port: int = 25, **options: Any) -> List[str]:
+            host: Optional[str] = None, port: int = 25, *, batch: int = 1,
+            **options: Any) -> List[str]:
     """Publish one delivery job per message; return their job ids.
 
     Args:
@@ -351,6 +417,14 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
             ``helo``, ``server_hostname``, ``tls_min_version``, ``ciphers``,
             ``ciphersuites``, ``protocol``,
             ``dangerously_skip_certificate_verification``.
+        batch: jobs per broker message, 1 to :data:`MAX_BATCH`. Above 1,
+            up to ``batch`` jobs travel as one batch (``{"version": 1,
+            "jobs": [...]}``): the broker stores, confirms and hands out
+            one message for them all, and a worker publishes their results
+            as one message and acknowledges the batch once every job in it
+            is done. Each job keeps its own id, retries and result; but a
+            batch is handed out again whole if its worker dies, so more
+            jobs may be delivered twice (marked; docs/queue.md).
 
     Every job is checked before the first is published. On RabbitMQ the
     broker confirms every publish before this returns (the publishes are
@@ -359,16 +433,25 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
 
     Raises:
         JobError (a ValueError): a message or option a job cannot carry.
+        InvalidOptionError: ``batch`` out of range.
         BrokerRefusedError, kombu/amqp errors: the broker cannot be
             reached, refused a job or the connection failed (some jobs may
             be on the broker; their ids are lost with the exception, so
             enqueue again what matters, at-least-once).
     """
+    if type(batch) is not int or not 1 <= batch <= MAX_BATCH:
+        raise InvalidOptionError(f"batch must be an int from 1 to {MAX_BATCH} (jobs per "
+                                 f"broker message), not {batch!r}")
     jobs = [Job.from_message(m, host, port, **options) for m in messages]
+    if batch == 1:
+        bodies = [job.to_json() for job in jobs]
+    else:
+        bodies = [_batch_json("jobs", [j.to_object() for j in jobs[i:i + batch]])
+                  for i in range(0, len(jobs), batch)]
     if _redis_queue.is_redis_url(broker_url):
         r = _redis_queue.client(broker_url)
         try:
-            _redis_queue.push(r, queue, [job.to_json() for job in jobs])
+            _redis_queue.push(r, queue, bodies)
         finally:
             r.close()
         log.info("enqueued %d job(s) on %s", len(jobs), queue)
@@ -383,8 +466,9 @@ def enqueue(messages: Iterable[Message], broker_url: str, queue: str = "smtpstat
         # The dead-letter queue exists before any job could be sent there
         # (RabbitMQ keeps a job whose dead-letter target is missing).
         _queue(conn, queue + ".dead")(publisher.channel).declare()
-        for job in jobs:
-            publisher.publish(job.to_json(), q.name, JOB_CONTENT_TYPE)
+        content_type = JOB_CONTENT_TYPE if batch == 1 else BATCH_CONTENT_TYPE
+        for body in bodies:
+            publisher.publish(body, q.name, content_type)
             # Bounded: the broker's confirms are awaited after at most this
             # many unconfirmed publishes (memory on both sides stays small).
             if publisher.pending >= 1000:
@@ -402,7 +486,13 @@ def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 
     yielded (the next one is read after the loop asks for it); stop after
     ``limit`` results, or when none came for ``timeout`` seconds. A result
     yielded and not yet acknowledged when the reader dies (or breaks out of
-    the loop) is handed out again."""
+    the loop) is handed out again.
+
+    The results of a batch (``enqueue(batch=)``) arrive as one broker
+    message; they are yielded one by one, and that message is
+    acknowledged after the last of them: stopping inside a batch
+    (``limit``, or leaving the loop) leaves the whole batch to be read
+    again."""
     if _redis_queue.is_redis_url(broker_url):
         yield from _read_redis_results(broker_url, queue, timeout, limit)
         return
@@ -411,7 +501,7 @@ def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 
         q = _queue(conn, queue + ".results")
         got: List[Any] = []
         consumer = conn.Consumer([q], on_message=got.append, prefetch_count=100,
-                                 accept=[RESULT_CONTENT_TYPE])
+                                 accept=[RESULT_CONTENT_TYPE, RESULTS_CONTENT_TYPE])
         count = 0
         with consumer:
             while limit is None or count < limit:
@@ -422,11 +512,22 @@ def read_results(broker_url: str, queue: str = "smtpstate", *, timeout: float = 
                         return
                     continue
                 msg = got.pop(0)
-                count += 1
-                yield json.loads(msg.body)
+                for result in _results_of(msg.body):
+                    if limit is not None and count >= limit:
+                        return
+                    count += 1
+                    yield result
                 msg.ack()
     finally:
         conn.release()
+
+
+def _results_of(body: Any) -> List[Dict[str, Any]]:
+    """The results in one message of ``Q.results``: one, or a batch's."""
+    obj = json.loads(body)
+    if isinstance(obj, dict) and "results" in obj and "job" not in obj:
+        return list(obj["results"])
+    return [obj]
 
 
 def _read_redis_results(broker_url: str, queue: str, timeout: float,
@@ -446,8 +547,11 @@ def _read_redis_results(broker_url: str, queue: str, timeout: float,
                     return
                 time.sleep(0.02)
                 continue
-            count += 1
-            yield json.loads(got[0].body)
+            for result in _results_of(got[0].body):
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield result
             results.ack(got[0])
             idle_since = time.monotonic()
     finally:
@@ -583,21 +687,58 @@ def _limit_domain(job: Job) -> str:
     return address.rpartition("@")[2].lower() if "@" in address else ""
 
 
-def _marked(what: Published) -> Published:
-    """A result or retry published again after a lost connection, marked
-    redelivered (the first may have reached the broker)."""
-    kind, body, delay, reason = what
-    if kind == "results":
-        body = json.dumps(dict(json.loads(body), redelivered=True),
-                          separators=(",", ":")).encode("utf-8")
-    elif kind == "delay":
-        body = dataclasses.replace(Job.from_json(body), redelivered=True).to_json()
-    return kind, body, delay, reason
+class _Carried:
+    """A broker message a worker works on, one job or a batch of them,
+    until every job in it is done; and what they came to. It is settled
+    (what follows published, then acknowledged) as one."""
+
+    __slots__ = ("handle", "body", "batch", "remaining", "redelivered", "finals",
+                 "retries", "back", "dead")
+
+    def __init__(self, handle: Any, body: bytes, batch: bool, jobs: int,
+                 redelivered: bool) -> None:
+        #: The transport's handle; an _Orphan once its connection died.
+        self.handle = handle
+        self.body = body
+        self.batch = batch
+        self.remaining = jobs
+        #: It may have been delivered elsewhere too: what follows from it
+        #: is published marked.
+        self.redelivered = redelivered
+        self.finals: List[Dict[str, Any]] = []
+        self.retries: Dict[float, List[Job]] = {}
+        #: Jobs of a batch never started (the worker stopped while they
+        #: waited for their shared rate): put back on the job queue.
+        self.back: List[Job] = []
+        self.dead: List[Tuple[bytes, str]] = []
+
+    def what_follows(self, marked: bool) -> List[Published]:
+        """What to publish for it: dead letters, results (a batch's in one
+        message), retries (a batch's as one batch per delay), jobs put
+        back; ``marked``: all marked redelivered."""
+        out = [Published("dead", record, reason=reason) for record, reason in self.dead]
+        finals = [dict(f, redelivered=True) for f in self.finals] if marked else self.finals
+        if finals and self.batch:
+            out.append(Published("results", _batch_json("results", finals), batch=True))
+        else:
+            out += [Published("results", json.dumps(f, separators=(",", ":")).encode("utf-8"))
+                    for f in finals]
+        for kind, delay, jobs in ([("delay", d, j) for d, j in self.retries.items()]
+                                  + ([("jobs", None, self.back)] if self.back else [])):
+            if marked:
+                jobs = [dataclasses.replace(j, redelivered=True) for j in jobs]
+            if self.batch:
+                out.append(Published(kind, _batch_json("jobs", [j.to_object() for j in jobs]),
+                                     delay, batch=True))
+            else:
+                out += [Published(kind, j.to_json(), delay) for j in jobs]
+        return out
 
 
 @dataclass(frozen=True)
 class _Orphan:
-    """The handle of a job whose delivery died with a broker connection."""
+    """The handle of a broker message whose delivery died with its
+    connection."""
 
     digest: bytes
 
@@ -700,19 +841,23 @@ class Worker:
         # Keyed by the Ticket itself: a ticket's id is 0 while its message
         # waits for its domains' MTA-STS policies, and the Result carries
         # back the same object.
-        self._inflight: Dict[Any, Tuple[Any, Job, bool]] = {}
-        # AMQP after a lost connection, by digest of the job's body: jobs
-        # still in flight whose deliveries died with it (their copies come
-        # back), and jobs finished whose copies may come back (finished
-        # since, or shortly before: an ack is not confirmed and may have
-        # been lost), with when; _take acknowledges those copies unsent.
-        self._orphans: Dict[bytes, Any] = {}
+        self._inflight: Dict[Any, Tuple[_Carried, Job]] = {}
+        # Broker messages taken and not settled yet; those whose jobs are
+        # all done, in order, to publish.
+        self._carried: Set[_Carried] = set()
+        self._complete: Deque[_Carried] = collections.deque()
+        # AMQP after a lost connection, by digest of the message's body:
+        # messages being worked on whose deliveries died with it (their
+        # copies come back), and messages settled whose copies may come
+        # back (settled since, or shortly before: an ack is not confirmed
+        # and may have been lost), with when; _take acknowledges those
+        # copies unsent.
+        self._orphans: Dict[bytes, _Carried] = {}
         self._finished_orphans: Dict[bytes, float] = {}
         self._recent: Deque[Tuple[float, bytes]] = collections.deque()
         self._broker_errors: Tuple[Type[BaseException], ...] = (OSError,)
-        self._unsettled: List[Any] = []
         # AMQP: what a lost connection left unconfirmed, to publish again.
-        self._again: List[Tuple[Any, Optional[Callable[[], None]]]] = []
+        self._again: List[Tuple[List[Published], Optional[Callable[[], None]]]] = []
         self._engine_failed = False
         self._resumed = False
         self.processed = 0
@@ -758,7 +903,7 @@ class Worker:
                     if self._stop.wait(pause):
                         if gave_up is None:
                             gave_up = time.monotonic() + self.drain_timeout
-                        if not self._inflight or time.monotonic() > gave_up:
+                        if not self._carried or time.monotonic() > gave_up:
                             break           # unacknowledged: the broker hands them out
                     pause = min(_RECONNECT_MOST, pause * 2)
         finally:
@@ -784,12 +929,11 @@ class Worker:
     def _serve(self, engine: Any, transport: Any) -> None:
         """Take, deliver and settle jobs until stopped and drained."""
         if self._resumed:
-            known = [h for h, _job, _r in self._inflight.values()]
-            if self._held is not None:
-                known += [h for h, _body, _job, _r in self._held.peek()]
-            transport.resume(known)
+            transport.resume([c.handle for c in self._carried
+                              if not isinstance(c.handle, _Orphan)])
             self._resumed = False
         self._publish_again(transport)
+        self._publish_complete(transport)
         while not self._stop.is_set():
             self._take(engine, transport)
             self._settle(transport)
@@ -800,7 +944,7 @@ class Worker:
         transport.stop_taking()
         self._give_back_held(transport)
         deadline = time.monotonic() + self.drain_timeout
-        while self._inflight and time.monotonic() < deadline and not self._engine_failed:
+        while self._carried and time.monotonic() < deadline and not self._engine_failed:
             self._take(engine, transport)
             self._settle(transport)
             transport.housekeeping()
@@ -816,51 +960,49 @@ class Worker:
         and wait for it to be confirmed."""
         if not self._again:
             return
-        for what, _before_ack in self._again:
-            transport.send(_marked(what))
+        for publish, _before_ack in self._again:
+            for what in publish:
+                transport.send(what)
         transport.publisher.wait()
         again, self._again = self._again, []
-        for _what, before_ack in again:
+        for _publish, before_ack in again:
             if before_ack is not None:
                 before_ack()
-        log.warning("published again %d result(s) or retries the lost connection had left "
-                    "unconfirmed", len(again))
+        log.warning("published again what %d job message(s) came to (results, retries), "
+                    "left unconfirmed by the lost connection", len(again))
 
     def _lost(self, transport: Any) -> Any:
         """The broker connection failed. The deliveries in flight go on
         (an SMTP transaction cannot be taken back), but their jobs may be
-        handed to another worker meanwhile: their results are marked
-        ``redelivered``. Returns the transport to go on with, or None to
-        reconnect from scratch."""
+        handed to another worker meanwhile: what follows from them is
+        marked ``redelivered``. Returns the transport to go on with, or
+        None to reconnect from scratch."""
         self._resumed = True
         if transport is None:                # a reconnection that failed
             return None
-        for ticket, (handle, job, _redelivered) in list(self._inflight.items()):
-            self._inflight[ticket] = (handle, job, True)
+        for carried in self._carried:
+            carried.redelivered = True
         if transport.survives_reconnect:
             return transport                # Redis: our taken list is still ours
-        # AMQP: the broker requeued every job of the dead channel; those in
-        # flight are finished here and their requeued copies recognised
-        # (_take) and acknowledged without a second delivery; held ones
-        # are simply left to come back.
-        for ticket, (handle, job, _redelivered) in list(self._inflight.items()):
-            if not isinstance(handle, _Orphan):
-                handle = _Orphan(_digest(body_bytes(handle.body)))
-            self._inflight[ticket] = (handle, job, True)
-            self._orphans[handle.digest] = ticket
+        # AMQP: the broker requeued every message of the dead channel; those
+        # being worked on are finished here (jobs held for their shared rate
+        # included) and their requeued copies recognised (_take) and
+        # acknowledged without a second delivery.
+        for carried in self._carried:
+            if not isinstance(carried.handle, _Orphan):
+                carried.handle = _Orphan(_digest(carried.body))
+            self._orphans[carried.handle.digest] = carried
         now = time.monotonic()
         while self._recent:
             _when, digest = self._recent.popleft()
             self._finished_orphans[digest] = now
-        # Settled jobs whose result (or retry) was not confirmed yet: it is
-        # published again once connected; the broker's copies of those
-        # jobs are acknowledged without a new delivery.
-        for msg, before_ack, what in transport.unconfirmed():
+        # Settled messages whose results (or retries) were not confirmed
+        # yet: published again once connected; the broker's copies of
+        # them are acknowledged without a new delivery.
+        for msg, before_ack, if_lost in transport.unconfirmed():
             if msg is not None:
                 self._finished_orphans[_digest(body_bytes(msg.body))] = now
-            self._again.append((what, before_ack))
-        if self._held is not None:
-            self._held.drain()
+            self._again.append((if_lost, before_ack))
         quietly(transport.close)
         return None
 
@@ -883,9 +1025,7 @@ class Worker:
         engine thread cannot wake a wait on the broker's socket, so 50 ms
         bounds the delay before a result is published)."""
         idle = self._done.empty()
-        held = len(self._held) if self._held is not None else 0
-        deliveries = transport.poll(0.05 if idle else 0,
-                                    self.prefetch - len(self._inflight) - held)
+        deliveries = transport.poll(0.05 if idle else 0, self.prefetch - len(self._carried))
         if not deliveries:
             if idle and not transport.blocks:
                 self._ready.wait(0.05)
@@ -904,31 +1044,33 @@ class Worker:
                            "worker taking it died): not handed out again")
                 continue
             try:
-                job = Job.from_json(body)
+                jobs, batch = parse_jobs(body)
             except JobError as e:
                 self._dead(transport, handle, body, str(e))
                 continue
-            except Exception as e:          # a defect of ours: that job, not the worker
+            except Exception as e:          # a defect of ours: that message, not the worker
                 log.exception("reading a job failed")
                 self._dead(transport, handle, body, f"the job could not be read: {e!r}")
                 continue
-            if self._held is not None and not self._held.admit(
-                    _limit_domain(job), (handle, body, job, redelivered)):
-                continue                # over its shared rate: _release_held submits it
-            self._submit(engine, transport, handle, body, job, redelivered)
+            carried = _Carried(handle, body, batch, len(jobs), redelivered)
+            self._carried.add(carried)
+            for job in jobs:
+                if self._held is not None and not self._held.admit(_limit_domain(job),
+                                                                   (carried, job)):
+                    continue            # over its shared rate: _release_held submits it
+                self._submit(engine, carried, job)
 
     def _copy_of_orphan(self, transport: Any, body: bytes, handle: Any) -> bool:
-        """True when ``body`` is the broker's copy of a job this worker was
-        delivering when its connection died: the copy replaces the dead
-        delivery (acknowledged once the result is published) or, if that
-        is done already, is acknowledged at once."""
+        """True when ``body`` is the broker's copy of a message this worker
+        was working on when its connection died: the copy takes the place
+        of the dead delivery (acknowledged once settled) or, if that is
+        settled already, is acknowledged at once."""
         if not self._orphans and not self._finished_orphans:
             return False
         digest = _digest(body)
-        ticket = self._orphans.pop(digest, None)
-        if ticket is not None and ticket in self._inflight:
-            _old, job, _redelivered = self._inflight[ticket]
-            self._inflight[ticket] = (handle, job, True)
+        carried = self._orphans.pop(digest, None)
+        if carried is not None and carried in self._carried:
+            carried.handle = handle
             return True
         if self._finished_orphans.pop(digest, None) is not None:
             log.info("a job finished before the broker connection was lost came back: "
@@ -941,119 +1083,156 @@ class Worker:
                 del self._finished_orphans[old]
         return False
 
-    def _submit(self, engine: Any, transport: Any, handle: Any, body: bytes, job: Job,
-                redelivered: bool) -> None:
+    def _submit(self, engine: Any, carried: _Carried, job: Job) -> None:
+        message = getattr(job, "_message", None) or job.message()
         try:
-            ticket = engine.submit(job.message(), job.host, job.port, **job.options)
+            ticket = engine.submit(message, job.host, job.port, **job.options)
         except (ValueError, TypeError) as e:
-            self._dead(transport, handle, body, f"the engine refused the job: {e}")
+            self._job_dead(carried, job, f"the engine refused the job: {e}")
             return
         except Exception as e:              # a defect of ours: that job, not the worker
             log.exception("submitting job %s failed", job.id)
-            self._dead(transport, handle, body, f"the engine failed on the job: {e!r}")
+            self._job_dead(carried, job, f"the engine failed on the job: {e!r}")
             return
-        self._inflight[ticket] = (handle, job, redelivered)
+        self._inflight[ticket] = (carried, job)
 
     def _release_held(self, engine: Any, transport: Any) -> None:
         # Jobs whose shared rate lets them go now. The loop comes here at
         # least every 50 ms (_take), which bounds how late one goes.
+        del transport
         if self._held is not None:
-            for handle, body, job, redelivered in self._held.due():
-                self._submit(engine, transport, handle, body, job, redelivered)
+            for carried, job in self._held.due():
+                self._submit(engine, carried, job)
 
     def _give_back_held(self, transport: Any) -> None:
         # Stopping: jobs held for their shared rate were never started;
-        # give them back for another worker rather than wait their turn.
-        if self._held is not None:
-            for handle, _body, _job, _redelivered in self._held.drain():
-                transport.give_back(handle)
+        # give them back for another worker rather than wait their turn: a
+        # message of one job as it is, a batch's jobs on the job queue when
+        # the batch is settled (a broker message cannot be given back in
+        # part).
+        if self._held is None:
+            return
+        for carried, job in self._held.drain():
+            if carried.batch:
+                carried.back.append(job)
+                self._job_done(carried)
+            elif isinstance(carried.handle, _Orphan):
+                self._carried.discard(carried)   # the broker has it; its copy comes back
+                self._orphans.pop(carried.handle.digest, None)
+            else:
+                self._carried.discard(carried)
+                transport.give_back(carried.handle)
+        self._publish_complete(transport)
+
+    def _dead_record(self, body: bytes, reason: str) -> bytes:
+        return json.dumps({"version": RESULT_VERSION, "reason": reason, "queue": self.queue,
+                           "time": time.time(),
+                           "body": base64.b64encode(body).decode("ascii")}).encode()
 
     def _dead(self, transport: Any, handle: Any, body: bytes, reason: str) -> None:
+        """Dead-letter a whole broker message (it could not be read)."""
         log.warning("job dead-lettered to %s.dead: %s", self.queue, reason)
-        record = {"version": RESULT_VERSION, "reason": reason, "queue": self.queue,
-                  "time": time.time(), "body": base64.b64encode(body).decode("ascii")}
-        transport.dead(handle, json.dumps(record).encode(), reason)
+        dead = [Published("dead", self._dead_record(body, reason), reason=reason)]
+        transport.settle(handle, dead, dead)
+
+    def _job_dead(self, carried: _Carried, job: Job, reason: str) -> None:
+        """Dead-letter one job of ``carried`` with what follows from it."""
+        log.warning("job %s dead-lettered to %s.dead: %s", job.id, self.queue, reason)
+        body = job.to_json() if carried.batch else carried.body
+        carried.dead.append((self._dead_record(body, reason), reason))
+        self._job_done(carried)
+
+    def _job_done(self, carried: _Carried) -> None:
+        carried.remaining -= 1
+        if carried.remaining == 0:
+            self._complete.append(carried)
 
     def _settle(self, transport: Any) -> None:
+        """Decide what follows from each result the engine handed over,
+        then publish it for every broker message whose jobs are all done."""
         while True:
-            if self._unsettled:
-                result = self._unsettled.pop(0)
-            else:
-                try:
-                    result = self._done.get_nowait()
-                except _stdqueue.Empty:
-                    return
-            entry = self._inflight.get(result.ticket) if result.ticket else None
+            try:
+                result = self._done.get_nowait()
+            except _stdqueue.Empty:
+                break
+            entry = self._inflight.pop(result.ticket, None) if result.ticket else None
             if entry is None:
                 log.error("a result for no job in flight: %s", result)
                 continue
-            handle, job, redelivered = entry
+            carried, job = entry
+            self.processed += 1
             try:
-                self._finish(transport, handle, job, redelivered, result)
-            except self._broker_errors:
-                self._unsettled.insert(0, result)   # settled after reconnecting
-                raise
+                step = outcome(job, result, schedule=self.schedule, max_age=self.max_age,
+                               redelivered=carried.redelivered)
             except Exception as e:
                 # A defect of ours deciding what follows: dead-letter the job
                 # (its attempt is over, maybe delivered) rather than die and
                 # have it delivered again by each worker taking it.
                 log.exception("settling job %s failed", job.id)
-                self._dead(transport, None if isinstance(handle, _Orphan) else handle,
-                           job.to_json(), f"settling the job after attempt "
-                           f"{job.attempts + 1} failed ({e!r}): it may have been "
-                           f"delivered; not retried")
-            del self._inflight[result.ticket]
-            self.processed += 1
-            if not transport.survives_reconnect and not isinstance(handle, _Orphan):
-                self._remember(handle)
+                self._job_dead(carried, job, f"settling the job after attempt "
+                               f"{job.attempts + 1} failed ({e!r}): it may have been "
+                               f"delivered; not retried")
+                continue
+            if step.retry is not None:
+                carried.retries.setdefault(step.delay, []).append(step.retry)
+                log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
+                         len(step.retry.recipients), step.delay, step.retry.attempts)
+            else:
+                assert step.final is not None
+                carried.finals.append(step.final)
+            self._job_done(carried)
+        self._publish_complete(transport)
 
-    def _finish(self, transport: Any, handle: Any, job: Job, redelivered: bool,
-                result: Any) -> None:
-        """Publish what follows from one attempt and ack the job."""
-        step = outcome(job, result, schedule=self.schedule, max_age=self.max_age,
-                       redelivered=redelivered)
-        orphan = handle.digest if isinstance(handle, _Orphan) else None
-        if orphan is not None:
-            handle = None                   # nothing to acknowledge on this connection
-        if step.retry is not None:
-            # if_lost: what to publish instead should the broker say this
-            # worker no longer held the job (Redis: a lease run out).
-            lost = dataclasses.replace(step.retry, redelivered=True).to_json()
-            transport.retry(handle, step.retry.to_json(), step.delay, lost)
-            log.info("job %s: %d recipient(s) retried in %g s (attempt %d)", job.id,
-                     len(step.retry.recipients), step.delay, step.retry.attempts)
-        else:
-            self._publish_final(transport, handle, job, step.final)
+    def _publish_complete(self, transport: Any) -> None:
+        while self._complete:
+            carried = self._complete[0]
+            try:
+                self._publish(transport, carried)
+            except self._broker_errors:
+                # Some of it may be on the broker already: when it is
+                # published again (after reconnecting), it is marked.
+                carried.redelivered = True
+                raise
+            self._complete.popleft()
+
+    def _publish(self, transport: Any, carried: _Carried) -> None:
+        """Publish what follows from a broker message whose jobs are all
+        done, and acknowledge it (once confirmed, on RabbitMQ)."""
+        orphan = carried.handle.digest if isinstance(carried.handle, _Orphan) else None
+        handle = None if orphan is not None else carried.handle
+        finals = carried.finals
+        if carried.redelivered:
+            finals = [dict(f, redelivered=True) for f in finals]
+        on_result = self.on_result
+
+        def call_on_result() -> None:
+            assert on_result is not None
+            for final in finals:
+                try:
+                    on_result(final)
+                except Exception:
+                    log.exception("on_result raised for job %s (ignored)", final["job"])
+        transport.settle(handle, carried.what_follows(carried.redelivered),
+                         carried.what_follows(True),
+                         call_on_result if on_result is not None and finals else None)
+        self._carried.discard(carried)
         if orphan is not None:
             # Its copy, when the broker hands it to us, is acknowledged
             # without a second delivery (_copy_of_orphan).
             self._orphans.pop(orphan, None)
             self._finished_orphans[orphan] = time.monotonic()
+        elif not transport.survives_reconnect:
+            self._remember(handle)
 
     def _remember(self, msg: Any) -> None:
-        """Keep the digest of a job just acknowledged on AMQP for
+        """Keep the digest of a message just acknowledged on AMQP for
         _RECENT seconds: if the connection dies, its ack may not have
-        reached the broker, which then hands the job out again."""
+        reached the broker, which then hands it out again."""
         now = time.monotonic()
         self._recent.append((now, _digest(body_bytes(msg.body))))
         while self._recent and now - self._recent[0][0] > _RECENT:
             self._recent.popleft()
 
-    def _publish_final(self, transport: Any, handle: Any, job: Job,
-                       final: Optional[Dict[str, Any]]) -> None:
-        assert final is not None
-        on_result = self.on_result
-
-        def call_on_result() -> None:
-            assert on_result is not None and final is not None
-            try:
-                on_result(final)
-            except Exception:
-                log.exception("on_result raised for job %s (ignored)", job.id)
-        lost = dict(final, redelivered=True)
-        transport.finish(handle, json.dumps(final, separators=(",", ":")).encode("utf-8"),
-                         call_on_result if on_result is not None else None,
-                         json.dumps(lost, separators=(",", ":")).encode("utf-8"))
 
 def _worker_process(broker_url: str, worker_options: Dict[str, Any], parent: int) -> None:
     """The body of a forked worker process (_supervisor.supervise), entered

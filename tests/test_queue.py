@@ -25,6 +25,7 @@ from helpers import RecordingHandler
 
 import smtpstate
 from smtpstate import queue as sq
+from smtpstate._amqp_queue import Published
 
 
 def _messages(n, rcpts=("bob@example.net",), tag=b""):
@@ -612,7 +613,8 @@ def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
     try:
         [(body, again, handle)] = transport.poll(0, 10)
         assert (body, again) == (b"job", False)
-        transport.retry(handle, b"job, attempt 2", 1.0)
+        retry = Published("delay", b"job, attempt 2", 1.0)
+        transport.settle(handle, [retry], [retry._replace(body=b"marked")])
         assert r.llen(transport.jobs.taken_key) == 0     # acknowledged with the retry
         [(member, due)] = r.zrange(queue_name + ".delayed", 0, -1, withscores=True)
         seconds, micros = r.time()
@@ -626,8 +628,10 @@ def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
         assert r.lrange(queue_name, 0, -1) == [b"job, attempt 2"]
         assert r.zcard(queue_name + ".delayed") == 0
         [(body, again, handle)] = transport.poll(0, 10)
-        transport.finish(handle, b"result")
+        transport.settle(handle, [Published("results", b"result"), Published("dead", b"x")],
+                         [Published("results", b"marked"), Published("dead", b"x")])
         assert r.lrange(queue_name + ".results", 0, -1) == [b"result"]
+        assert r.lrange(queue_name + ".dead", 0, -1) == [b"x"]
         assert r.llen(transport.jobs.taken_key) == 0
     finally:
         transport.close()
@@ -769,16 +773,18 @@ def test_jobs_by_mx_held_for_their_mta_sts_policy_each_get_their_result(
     assert {r["status"] for r in results} == {"delivered"}
 
 
-@pytest.mark.parametrize("broker_fixture", ["rabbitmq", "redis_broker"])
+@pytest.mark.parametrize("broker_fixture,batch", [("rabbitmq", 1), ("rabbitmq", 15),
+                                                  ("redis_broker", 1)])
 def test_broker_restart_mid_run_loses_nothing_and_the_worker_goes_on(
-        broker_fixture, request, queue_name, aiosmtpd_factory):
+        broker_fixture, batch, request, queue_name, aiosmtpd_factory):
     broker = request.getfixturevalue(broker_fixture)
 
     server = aiosmtpd_factory(_Slow(0.02))
     n = 300
     ids = sq.enqueue(_messages(n), broker.url, queue_name, host=server.host,
-                     port=server.port, tls="none")
-    worker = _worker(broker.url, queue_name, "--prefetch", "40")
+                     port=server.port, tls="none", batch=batch)
+    # (With batches, the prefetch counts broker messages: 3 of 15 jobs.)
+    worker = _worker(broker.url, queue_name, "--prefetch", str(40 // batch + 1))
     try:
         helpers.wait_until(lambda: len(server.handler.messages) >= 40, 60,
                            what="40 messages delivered")
