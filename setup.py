@@ -83,13 +83,13 @@ setup(
     cmdclass={"build_ext": BuildExtAlsoInPlace},
     extras_require={
         "demo": ["aiosmtpd"],
-        # smtpstate.queue and "smtpstate worker": kombu, and the redis
-        # client kombu's Redis transport uses (py-amqp comes with kombu).
-        "queue": ["kombu>=5.3", "redis>=4.5"],
+        # smtpstate.queue and "smtpstate worker": kombu (py-amqp comes
+        # with it), the redis client, msgpack for enqueue(encoding=).
+        "queue": ["kombu>=5.3", "redis>=4.5", "msgpack>=1.0"],
         # smtpstate.celery: the delivery task for a Celery app.
         "celery": ["celery>=5.3"],
         "test": ["pytest", "aiosmtpd", "trustme", "hypothesis", "kombu>=5.3", "redis>=4.5",
-                 "celery>=5.3"],
+                 "msgpack>=1.0", "celery>=5.3"],
         # benchmarks/run.py's peers and its STARTTLS sink (Postfix's
         # smtp-sink and smtp-source come from apt-get install postfix).
         "bench": ["aiosmtplib", "aiosmtpd", "trustme"],

@@ -189,7 +189,8 @@ class Broker:
 
 
 def count_results(url: str, queue: str) -> int:
-    """Results waiting on ``queue``.results, without taking any."""
+    """Broker messages waiting on ``queue``.results (a result each, or a
+    batch of them), without taking any."""
     if url.startswith("redis"):                     # a plain list (smtpstate/_redis_queue.py)
         import redis
         with redis.Redis.from_url(url) as r:
@@ -205,14 +206,20 @@ def count_results(url: str, queue: str) -> int:
 
 
 def measure_broker(broker: Broker, port: int, n: int, conns: int, processes: int,
-                   env: Dict[str, str], prefetch: Optional[int],
-                   kib: int) -> Dict[str, float]:
+                   env: Dict[str, str], prefetch: Optional[int], batch: int,
+                   encoding: str, kib: int) -> Dict[str, float]:
     queue = f"bench-{processes}-{uuid.uuid4().hex[:8]}"
     messages = bench_messages(n, kib)
     b0 = broker.cpu()
     t0 = time.perf_counter()
     c0 = os.times()
-    ids = sq.enqueue(messages, broker.url, queue, host="127.0.0.1", port=port, timeout=60)
+    # batch= only when batching, so that this file also measures a tree
+    # from before enqueue() had it (one job per broker message).
+    extra: Dict[str, Any] = {"batch": batch} if batch > 1 else {}
+    if encoding != "json":
+        extra["encoding"] = encoding
+    ids = sq.enqueue(messages, broker.url, queue, host="127.0.0.1", port=port, timeout=60,
+                     **extra)
     c1 = os.times()
     enqueue_wall = time.perf_counter() - t0
     enqueue_cpu = (c1.user + c1.system) - (c0.user + c0.system)
@@ -248,7 +255,10 @@ def measure_broker(broker: Broker, port: int, n: int, conns: int, processes: int
         w0, e0 = sum(proc_cpu(p) for p in pids), engine_cpu(pids)
         b0 = broker.cpu()
         deadline = time.monotonic() + 900
-        while count_results(broker.url, queue) < n:
+        # Result messages: one per job, or one per batch (every job of a
+        # batch to the sink ends at its first attempt).
+        want = n if batch == 1 else -(-n // batch)
+        while count_results(broker.url, queue) < want:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the workers stopped or stalled:\n" + "".join(log[-30:]))
             time.sleep(0.1)
@@ -296,6 +306,10 @@ def main() -> int:
                     help="SMTP connections of the Engine and of each worker process")
     ap.add_argument("--prefetch", type=int, default=0,
                     help="the workers' --prefetch (default: theirs, twice --connections)")
+    ap.add_argument("--batch", type=int, default=100,
+                    help="jobs per broker message (enqueue(batch=)); 1: one each")
+    ap.add_argument("--encoding", choices=("json", "msgpack"), default="json",
+                    help="the jobs' encoding (enqueue(encoding=))")
     ap.add_argument("--kib", type=int, default=0,
                     help="a body of this many KiB instead of the 1141-byte message")
     ap.add_argument("--broker", choices=("rabbitmq", "redis"), default="rabbitmq")
@@ -306,7 +320,8 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [
         p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     command = (f"python benchmarks/bench_queue.py --messages {n} --rounds {args.rounds} "
-               f"--connections {args.connections} --broker {args.broker}"
+               f"--connections {args.connections} --batch {args.batch} --encoding {args.encoding} "
+               f"--broker {args.broker}"
                + (f" --kib {args.kib}" if args.kib else "")
                + (f" --prefetch {args.prefetch}" if args.prefetch else ""))
     print(f"$ {command}")
@@ -322,7 +337,8 @@ def main() -> int:
                     out = measure_direct(sink.port, n, args.connections, args.kib, env)
                 else:
                     out = measure_broker(broker, sink.port, n, args.connections, procs, env,
-                                         args.prefetch or None, args.kib)
+                                         args.prefetch or None, args.batch, args.encoding,
+                                         args.kib)
                 raw[label].append(out)
                 extra = (f"  enqueue {n / out['enqueue_wall']:6.0f} msg/s" if procs else "")
                 print(f"  round {r + 1} {label:9s} {n / out['wall']:8.0f} msg/s "
@@ -338,7 +354,8 @@ def main() -> int:
         return med([o[key] for o in raw[label]]) / n * 1e6
 
     print(f"{n} messages of {len(message_data(args.kib))} bytes, 1 recipient, {args.connections} "
-          f"connections per process, smtp-sink; {args.broker} (private node); medians of "
+          f"connections per process, smtp-sink; {args.broker} (private node), {args.batch} "
+          f"job(s) per broker message in {args.encoding}; medians of "
           f"{args.rounds} interleaved rounds, spread = 1 - min/max")
     print(f"{'figure':34s} {'msg/s':>8s} {'spread':>6s} {'CPU us/msg':>10s} {'spread':>6s} "
           f"{'broker us/msg':>13s}")
@@ -356,6 +373,7 @@ def main() -> int:
     direct_rate, direct_us = rate("direct"), us("direct")
     summary: Dict[str, Any] = {"command": command, "messages": n, "rounds": args.rounds,
                                "connections": args.connections, "broker": args.broker,
+                               "batch": args.batch, "encoding": args.encoding,
                                "bytes": len(message_data(args.kib)),
                                "direct": {"msg_s": direct_rate, "cpu_us": direct_us}}
     for label, procs in configs[1:]:

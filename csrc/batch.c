@@ -39,8 +39,11 @@
  *	may copy it at once. A body in bytes comes from the caller each
  *	time rather than from the envelope, so that a prepared envelope
  *	never holds a second copy of a large body; a body the envelope
- *	references (a mapped file) or reads as it goes (a source) is shared
- *	by every copy instead (body NULL), never copied.
+ *	references (a mapped file, fixed bytes) or reads as it goes (a
+ *	source) is shared by every copy instead (body NULL), never copied.
+ *	Fixed bytes (smtps_message_set_body_fixed()) are not scanned again:
+ *	shared, they go as checked (body_shared), and given back as body
+ *	(the same pointer and length) they are copied without a scan.
  *
  *	Plain messages. Most messages are sent once, with a sender, a few
  *	recipients without options and a body in bytes; for them an
@@ -49,10 +52,12 @@
  *	would do. smtps_engine_submit_plain() makes the message from
  *	sender (slen bytes), rcpts (rlen bytes: nrcpt addresses, one LF
  *	between each two, as smtps_message_check_plain() takes them) and
- *	a copy of body, as smtps_message_new(), smtps_message_set_sender(),
+ *	body, as smtps_message_new(), smtps_message_set_sender(),
  *	smtps_message_add_recipient() (no DSN options) and
- *	smtps_message_set_body() would, with every check they make, and
- *	submits it.
+ *	smtps_message_set_body_fixed() would, with every check they make,
+ *	and submits it. The body is not copied: like the fixed bytes of an
+ *	envelope, it must stay alive and unchanged until the message's
+ *	result is out, and it is sent as checked here, from where it is.
  *
  *	Collected results. smtps_engine_collect() takes up to max ready
  *	results of an engine (at most SMTPS_COLLECT_MAX) and describes each
@@ -346,7 +351,16 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
     m->needs_smtputf8 = envelope->needs_smtputf8;
     m->want_smtputf8 = envelope->want_smtputf8;
     m->body_flags = envelope->body_flags;
-    if (body != NULL || len > 0) {
+    if (envelope->body_fixed && body == envelope->body
+	&& len == envelope->body_len) {
+	/* The envelope's fixed bytes, copied: checked when it got them. */
+	if ((m->body = smtps_strndup(body, len)) == NULL)
+	    goto nomem;
+	m->body_len = len;
+	m->body_owned = 1;
+	m->body_size = envelope->body_size;
+	m->is_8bit = envelope->is_8bit;
+    } else if (body != NULL || len > 0) {
 	if ((*rc = smtps_message_set_body(m, body, len)) != SMTPS_OK)
 	    goto fail;
     } else if (envelope->body_read != NULL) {	/* a source: shared */
@@ -355,9 +369,14 @@ static struct smtps_message *message_copy(const struct smtps_message *envelope,
 	m->body_size = envelope->body_size;
 	m->is_8bit = envelope->is_8bit;
     } else if (!envelope->body_owned && envelope->body != NULL) {
-	/* A reference: checked when the envelope got it. */
+	/*
+	 * A reference: checked when the envelope got it. Bytes that never
+	 * change and outlive the copy (body_fixed) are not scanned again
+	 * before they go, and may go from where they are (transaction.c).
+	 */
 	m->body = envelope->body;
 	m->body_len = envelope->body_len;
+	m->body_shared = envelope->body_fixed;
 	m->body_size = envelope->body_size;
 	m->is_8bit = envelope->is_8bit;
     } else if ((*rc = smtps_message_set_body(m, envelope->body,
@@ -432,8 +451,15 @@ int     smtps_engine_submit_plain(struct smtps_engine *e, const char *sender,
 	rc = SMTPS_EINVAL;
 	goto fail;
     }
-    if ((rc = smtps_message_set_body(m, body, len)) != SMTPS_OK
-	|| (rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
+    /*
+     * The body by reference, checked once here, then sent as checked and
+     * from where it is, as a copy of a fixed envelope is (body_shared):
+     * the caller's bytes never change and outlive the result.
+     */
+    if ((rc = smtps_message_set_body_ref(m, body, len)) != SMTPS_OK)
+	goto fail;
+    m->body_shared = 1;
+    if ((rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
 	goto fail;
     return SMTPS_OK;
 

@@ -19,6 +19,26 @@
  *	char	*out;
  *	size_t	outcap;
  *
+ *	#include "internal.h"
+ *
+ *	size_t	smtps_body_step(e, in, inlen, in_used, out, outcap, limit,
+ *				verbatim)
+ *	struct smtps_body_encoder *e;
+ *	const char *in;
+ *	size_t	inlen;
+ *	size_t	*in_used;
+ *	char	*out;
+ *	size_t	outcap;
+ *	size_t	limit;
+ *	size_t	*verbatim;
+ *
+ *	int	smtps_body_inspect(in, len, flags, size, is_8bit)
+ *	const char *in;
+ *	size_t	len;
+ *	unsigned flags;
+ *	uint64_t *size;
+ *	int	*is_8bit;
+ *
  *	size_t	smtps_body_finish(e, out, outcap, end_dot)
  *	struct smtps_body_encoder *e;
  *	char	*out;
@@ -56,6 +76,26 @@
  *	than all input; with outcap >= SMTPS_BODY_STEP_MAX it consumes at
  *	least one byte of non-empty input. The output does not depend on
  *	how the input is split into calls.
+ *
+ *	smtps_body_step() is smtps_body_encode() for a sender that writes
+ *	from the caller's memory (writev): one step consumes *in_used input
+ *	bytes and stands for the bytes it wrote to out (what the encoder
+ *	adds or changes: a CR LF for a bare CR or LF, the extra dot of a
+ *	stuffed one) followed by the last *verbatim of those input bytes,
+ *	which go to the wire as they are. Its output, step after step, is
+ *	byte for byte smtps_body_encode()'s. A step's output (the written
+ *	bytes and the verbatim ones) is never more than limit octets (a
+ *	BDAT chunk's length); with outcap >= SMTPS_BODY_STEP_MAX and limit
+ *	>= SMTPS_BODY_STEP_MAX it consumes at least one byte of non-empty
+ *	input.
+ *
+ *	smtps_body_inspect() is smtps_body_scan() of a whole body for what
+ *	a message keeps of it: its first problem (0: none), and when there
+ *	is none its RFC 1870 size and whether it is 8-bit. The usual body
+ *	(smtps_body_check()'s quick case) is measured by counting CRs, LFs
+ *	and CR LF pairs, 16 bytes at a time with SSE2: the size is the
+ *	length plus one for every CR and every LF not in a pair, plus two
+ *	for an unterminated last line, which is what the scan adds up.
  *
  *	smtps_body_finish() completes an unterminated last line with CR
  *	LF and then, with end_dot, appends the end-of-data line ".\r\n".
@@ -95,7 +135,7 @@
 
 #include <string.h>
 
-#include "smtpstate.h"
+#include "internal.h"
 
 /*
  * Runs of ordinary bytes end at the next CR or LF. With SSE2 (every
@@ -124,6 +164,8 @@ static void scan_problem(struct smtps_body_scan *sc, int kind,
 			 uint64_t offset);
 static void scan_line_end(struct smtps_body_scan *sc);
 static int body_surely_fine(const char *in, size_t len, uint64_t limit);
+static void body_measure(const char *in, size_t len, uint64_t *size,
+			         int *is_8bit);
 
 /* body_eol - first CR or LF in [p, lim), or lim */
 
@@ -279,6 +321,105 @@ size_t  smtps_body_encode(struct smtps_body_encoder *e, const char *in,
     e->after_cr = after_cr;
     e->out_total += (uint64_t) (op - out);
     *in_used = (size_t) (ip - in);
+    return ((size_t) (op - out));
+}
+
+/*
+ * smtps_body_step - one step of the encoding without copying the input:
+ * the bytes the encoder adds or changes into out, then a run of input
+ * bytes that go as they are
+ */
+
+size_t  smtps_body_step(struct smtps_body_encoder *e, const char *in,
+			        size_t inlen, size_t *in_used, char *out,
+			        size_t outcap, size_t limit, size_t *verbatim)
+{
+    const char *ip, *iend, *run, *lim;
+    char   *op, *oend;
+    int     at_line_start, after_cr;
+    struct body_scan scan;
+
+    if (in_used)
+	*in_used = 0;
+    if (verbatim)
+	*verbatim = 0;
+    if (e == 0 || in_used == 0 || verbatim == 0 || in == 0 || inlen == 0
+	|| (out == 0 && outcap > 0))
+	return (0);
+    ip = in;
+    iend = in + inlen;
+    op = out;
+    oend = out + (outcap < limit ? outcap : limit);
+    at_line_start = e->at_line_start;
+    after_cr = e->after_cr;
+    scan.next_cr = scan.next_lf = in;
+
+    /*
+     * First what cannot go as it is, by the rules of smtps_body_encode():
+     * a bare CR or LF becomes CR LF, the LF of a CR LF split across calls
+     * yields nothing, a dot at a line start is doubled. The first dot is
+     * written here and the second is the input's own, which then starts
+     * the verbatim run: the wire gets ".." either way.
+     */
+    while (ip < iend) {
+	unsigned char c = (unsigned char) *ip;
+
+	if (c == '\n' && after_cr) {
+	    ip++;
+	    after_cr = 0;
+	    continue;
+	}
+	if (c == '\n' || (c == '\r' && (iend - ip < 2 || ip[1] != '\n'))) {
+	    if (oend - op < 2)
+		break;
+	    *op++ = '\r';
+	    *op++ = '\n';
+	    at_line_start = 1;
+	    after_cr = (c == '\r');
+	    ip++;
+	    continue;
+	}
+	if (c == '.' && at_line_start && e->dot_stuff) {
+	    if (oend - op < 1)
+		break;
+	    *op++ = '.';
+	    at_line_start = 0;
+	}
+	break;
+    }
+
+    /*
+     * Then the run that goes as it is: ordinary bytes, CR LF pairs whole
+     * (a CR whose LF is not in this input is not taken: it may be bare),
+     * and dots not at a line start, up to what the limit leaves.
+     */
+    run = ip;
+    lim = iend;
+    if ((size_t) (lim - ip) > limit - (size_t) (op - out))
+	lim = ip + (limit - (size_t) (op - out));
+    while (ip < lim) {
+	unsigned char c = (unsigned char) *ip;
+
+	if (c == '\r') {
+	    if (lim - ip < 2 || ip[1] != '\n')
+		break;
+	    ip += 2;
+	    at_line_start = 1;
+	    after_cr = 0;
+	    continue;
+	}
+	if (c == '\n' || (c == '.' && at_line_start && e->dot_stuff))
+	    break;
+	ip = body_eol(&scan, ip, lim);
+	at_line_start = 0;
+	after_cr = 0;
+    }
+
+    e->at_line_start = at_line_start;
+    e->after_cr = after_cr;
+    *verbatim = (size_t) (ip - run);
+    *in_used = (size_t) (ip - in);
+    e->out_total += (uint64_t) (op - out) + *verbatim;
     return ((size_t) (op - out));
 }
 
@@ -535,6 +676,99 @@ int     smtps_body_check(const char *in, size_t len, unsigned flags)
     smtps_body_scan_init(&sc, flags);
     (void) smtps_body_scan(&sc, in, len);
     return (smtps_body_scan_finish(&sc));
+}
+
+/*
+ * body_measure - size and 8-bit of a body without NUL: len, plus one for
+ * each CR and each LF that is not part of a CR LF pair (each becomes CR
+ * LF), plus two when the last line is unterminated
+ */
+
+static void body_measure(const char *in, size_t len, uint64_t *size,
+			         int *is_8bit)
+{
+    const unsigned char *p = (const unsigned char *) in;
+    const unsigned char *end = p + len;
+    uint64_t ncr = 0, nlf = 0, npair = 0;
+    unsigned hi = 0;
+
+#ifdef BODY_USE_SSE2
+
+    /*
+     * Per byte lane, a count in each of three accumulators: a match is
+     * -1, subtracted. A lane holds 255 at most, so every 255 blocks the
+     * lanes are summed (psadbw) and cleared. A pair is a CR whose next
+     * byte, read by the load one byte further on, is an LF: that load
+     * needs 17 bytes, so the blocks stop one byte short.
+     */
+    const __m128i cr = _mm_set1_epi8('\r');
+    const __m128i lf = _mm_set1_epi8('\n');
+    const __m128i zero = _mm_setzero_si128();
+    __m128i acr = zero, alf = zero, apair = zero, ahi = zero;
+    unsigned k = 0;
+
+    while (end - p >= 17) {
+	__m128i v = _mm_loadu_si128((const __m128i *) p);
+	__m128i w = _mm_loadu_si128((const __m128i *) (p + 1));
+	__m128i ccr = _mm_cmpeq_epi8(v, cr);
+
+	acr = _mm_sub_epi8(acr, ccr);
+	alf = _mm_sub_epi8(alf, _mm_cmpeq_epi8(v, lf));
+	apair = _mm_sub_epi8(apair, _mm_and_si128(ccr, _mm_cmpeq_epi8(w, lf)));
+	ahi = _mm_or_si128(ahi, v);
+	p += 16;
+	if (++k == 255 || end - p < 17) {
+	    __m128i t;
+
+	    t = _mm_sad_epu8(acr, zero);
+	    ncr += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    t = _mm_sad_epu8(alf, zero);
+	    nlf += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    t = _mm_sad_epu8(apair, zero);
+	    npair += (uint64_t) _mm_cvtsi128_si32(t)
+		+ (uint64_t) _mm_cvtsi128_si32(_mm_srli_si128(t, 8));
+	    acr = alf = apair = zero;
+	    k = 0;
+	}
+    }
+    hi = (unsigned) _mm_movemask_epi8(ahi);
+#endif
+    for (; p < end; p++) {
+	hi |= *p & 0x80;
+	if (*p == '\r') {
+	    ncr++;
+	    npair += (end - p >= 2 && p[1] == '\n');
+	} else if (*p == '\n')
+	    nlf++;
+    }
+    *size = (uint64_t) len + (ncr - npair) + (nlf - npair);
+    if (len > 0 && in[len - 1] != '\r' && in[len - 1] != '\n')
+	*size += 2;
+    *is_8bit = hi != 0;
+}
+
+/* smtps_body_inspect - a whole body's problem, or its size and 8-bit */
+
+int     smtps_body_inspect(const char *in, size_t len, unsigned flags,
+			           uint64_t *size, int *is_8bit)
+{
+    struct smtps_body_scan sc;
+
+    if (in != NULL
+	&& body_surely_fine(in, len, (flags & SMTPS_BODY_ALLOW_LONG_LINES) ?
+			    UINT64_MAX : SMTPS_LINE_OCTETS_MAX)) {
+	body_measure(in, len, size, is_8bit);
+	return (0);
+    }
+    smtps_body_scan_init(&sc, flags);
+    (void) smtps_body_scan(&sc, in, len);
+    if (smtps_body_scan_finish(&sc) != 0)
+	return (sc.problem);
+    *size = sc.size;
+    *is_8bit = sc.is_8bit;
+    return (0);
 }
 
 /* smtps_body_scan_finish - the body ended: complete its size */

@@ -87,11 +87,15 @@
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 
 #include "engine_private.h"
 
 #define LINGER_MS 10000			/* flushing the last output */
+#define CONN_IOV_MAX 256			/* pieces per sendmsg(): a session has at
+					 * most 2 * SMTPS_SEG_MAX + 1, and the
+					 * next call takes the rest */
 
 static int conn_connect(struct smtps_conn *c, int64_t now);
 static void conn_connected(struct smtps_conn *c, int64_t now);
@@ -315,6 +319,8 @@ int     smtps_conn_open(struct smtps_dest *d, int64_t now)
 	free(c);
 	return -1;
     }
+    /* conn_flush() writes iovecs: a body goes from the message itself. */
+    smtps_session_set_gather(c->s, 1);
     if (e->trace != NULL)
 	(void) smtps_session_set_trace(c->s, e->trace, e->trace_closure);
     if (d->protocol == SMTPS_PROTO_SMTP)
@@ -812,21 +818,33 @@ void    smtps_conn_quit(struct smtps_conn *c, int64_t now)
     (void) smtps_session_quit(c->s, now);
 }
 
-/* conn_flush - write what the session has; -1 when the socket failed */
+/*
+ * conn_flush - write what the session has; -1 when the socket failed
+ *
+ * One sendmsg() takes the commands and the body's pieces together: the
+ * runs of a body that go unchanged are written from the message, and the
+ * session's buffer holds only what the encoder added between them (a
+ * stuffed dot, a CR LF, the final dot). A short write is taken as far as
+ * it went; the next call starts exactly there.
+ */
 
 static int conn_flush(struct smtps_conn *c, int64_t now)
 {
-    const char *data;
-    size_t  n;
+    struct iovec iov[CONN_IOV_MAX];
+    struct msghdr mh;
+    int     n;
     ssize_t w;
     char    buf[128];
 
     for (;;) {
 	if (smtps_session_status(c->s) == SMTPS_SESS_CLOSED)
 	    return -1;
-	if ((n = smtps_session_output(c->s, &data)) == 0)
+	if ((n = smtps_session_output_iov(c->s, iov, CONN_IOV_MAX)) == 0)
 	    return 0;
-	w = send(c->fd, data, n, MSG_NOSIGNAL);
+	memset(&mh, 0, sizeof(mh));
+	mh.msg_iov = iov;
+	mh.msg_iovlen = (size_t) n;
+	w = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
 	if (w > 0) {
 	    smtps_session_consume(c->s, (size_t) w, now);
 	    continue;

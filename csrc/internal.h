@@ -76,6 +76,8 @@ struct smtps_message {
     char *body;				/* in memory: copied (body_owned) or not */
     size_t body_len;
     int body_owned;
+    int body_fixed;			/* a reference that never changes and
+					 * outlives every copy: copies share it */
     int body_shared;			/* another message's copy, which
 					 * outlives this one: checked already */
     unsigned body_flags;		/* SMTPS_BODY_ALLOW_* */
@@ -123,6 +125,25 @@ struct smtps_buf {
 
 /* outbuf.c: room for need more bytes, within SMTPS_OUT_MAX */
 int smtps_buf_reserve(struct smtps_buf *b, size_t need);
+
+/*
+ * Output as an iovec array, for a driver that writes with writev() or
+ * sendmsg() (the engine): body runs then go from the message's memory
+ * (outbuf.c). The plain smtps_session_output() gives the first piece.
+ */
+struct iovec;
+void smtps_session_set_gather(struct smtps_session *s, int on);
+int smtps_session_output_iov(struct smtps_session *s, struct iovec *iov,
+			     int max);
+
+/* body.c: a whole body's problem (0: none), else its size and 8-bit */
+int smtps_body_inspect(const char *in, size_t len, unsigned flags,
+		       uint64_t *size, int *is_8bit);
+
+/* body.c: one encoder step that leaves unchanged input where it is */
+size_t smtps_body_step(struct smtps_body_encoder *e, const char *in,
+		       size_t inlen, size_t *in_used, char *out,
+		       size_t outcap, size_t limit, size_t *verbatim);
 
 #define SMTPS_OUT_HIGH 65536		/* stop producing body above this */
 #define SMTPS_OUT_MAX (1024 * 1024)	/* hard bound on queued output */

@@ -14,6 +14,7 @@
  *	int	smtps_message_set_body_options(m, flags)
  *	int	smtps_message_set_body(m, data, len)
  *	int	smtps_message_set_body_ref(m, data, len)
+ *	int	smtps_message_set_body_fixed(m, data, len)
  *	int	smtps_message_set_body_source(m, read, closure, size, is_8bit)
  *	int	smtps_message_set_dsn(m, ret, envid, envid_len)
  *	int	smtps_message_set_require_tls(m, require)
@@ -315,6 +316,7 @@ static void body_drop(struct smtps_message *m)
     m->body_len = 0;
     m->body_owned = 0;
     m->body_shared = 0;
+    m->body_fixed = 0;
     m->body_read = NULL;
     m->body_closure = NULL;
     m->body_size = 0;
@@ -329,14 +331,15 @@ static void body_drop(struct smtps_message *m)
 static int body_keep(struct smtps_message *m, const char *data, size_t len,
 		             int copy)
 {
-    struct smtps_body_scan sc;
     char   *kept = (char *) data;
+    uint64_t size = 0;
+    int     is_8bit = 0;
 
     if (m == NULL || (len > 0 && data == NULL))
 	return SMTPS_EINVAL;
-    smtps_body_scan_init(&sc, m->body_flags);
-    (void) smtps_body_scan(&sc, data, len);
-    if (smtps_body_scan_finish(&sc) != 0)
+    /* The usual body is measured in one quick pass, not scanned. */
+    if (len > 0 && smtps_body_inspect(data, len, m->body_flags, &size,
+				      &is_8bit) != 0)
 	return SMTPS_EINVAL;
     if (copy && (kept = smtps_strndup(data, len)) == NULL)
 	return SMTPS_ENOMEM;
@@ -344,8 +347,8 @@ static int body_keep(struct smtps_message *m, const char *data, size_t len,
     m->body = kept;
     m->body_len = len;
     m->body_owned = copy;
-    m->body_size = (int64_t) sc.size;
-    m->is_8bit = sc.is_8bit;
+    m->body_size = (int64_t) size;
+    m->is_8bit = is_8bit;
     return SMTPS_OK;
 }
 
@@ -363,6 +366,21 @@ int     smtps_message_set_body_ref(struct smtps_message *m, const char *data,
 				           size_t len)
 {
     return body_keep(m, data, len, 0);
+}
+
+/*
+ * smtps_message_set_body_fixed - the content, not copied, never changed:
+ * the copies made from this message share it as checked here
+ */
+
+int     smtps_message_set_body_fixed(struct smtps_message *m,
+				             const char *data, size_t len)
+{
+    int     rc;
+
+    if ((rc = body_keep(m, data, len, 0)) == SMTPS_OK)
+	m->body_fixed = 1;
+    return rc;
 }
 
 /* smtps_message_set_body_source - the content, read as it is sent */

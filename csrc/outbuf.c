@@ -14,12 +14,36 @@
  *	int	smtps_buf_reserve(b, need)
  *	int	smtps_session_queue_bytes(s, data, len)
  *	int	smtps_session_queue_secret(s, data, len)
+ *	void	smtps_session_queue_run(s, owner, data, len)
+ *	size_t	smtps_session_unsent(s)
+ *	size_t	smtps_session_take(s, n)
+ *	int	smtps_session_runs_of(s, owner)
  *	void	smtps_session_drop_output(s)
  *	void	smtps_session_wipe_output(s)
+ *
+ *	#include "internal.h"
+ *
+ *	void	smtps_session_set_gather(s, on)
+ *	int	smtps_session_output_iov(s, iov, max)
  * DESCRIPTION
  *	What the states queue waits in one buffer until the driver takes it
  *	(or, with TLS, until tls.c encrypts it). The buffer never holds more
  *	than SMTPS_OUT_MAX bytes; the body pump stops at SMTPS_OUT_HIGH.
+ *
+ *	Runs. A driver that writes with writev() or sendmsg() says so
+ *	(smtps_session_set_gather(), the engine does); then the body pump
+ *	(transaction.c) leaves the parts of a body in memory that go to the
+ *	wire unchanged where they are and queues them as runs
+ *	(smtps_session_queue_run()): the output is the buffer's bytes with
+ *	the runs between them, each run after the buffer bytes queued before
+ *	it (its gap). At most SMTPS_SEG_MAX runs wait at once.
+ *	smtps_session_output_iov() gives the output in that order, at most
+ *	max pieces; smtps_session_output() its first piece;
+ *	smtps_session_take() takes n bytes off its front, from buffer and
+ *	runs alike. A run points into its message: the message is not freed
+ *	while one of its runs waits (smtps_session_runs_of(), transaction.c).
+ *	With TLS nothing changes: SSL_write() needs the bytes in one place,
+ *	so the pump copies as before.
  *
  *	Command lines. smtps_session_send_line() refuses control bytes, so
  *	that nothing a state is given can inject a second command, and
@@ -39,6 +63,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 
 #include "session_private.h"
 
@@ -155,10 +180,152 @@ int     smtps_session_queue_secret(struct smtps_session *s, const char *data,
     return SMTPS_OK;
 }
 
+/* smtps_session_set_gather - the driver takes output as iovecs */
+
+void    smtps_session_set_gather(struct smtps_session *s, int on)
+{
+    /* Runs already queued stay valid either way: output() serves them. */
+    if (s != NULL)
+	s->gather = (on != 0);
+}
+
+/* smtps_session_queue_run - len bytes of owner's body, not copied */
+
+void    smtps_session_queue_run(struct smtps_session *s,
+				        const struct smtps_message *owner,
+				        const char *data, size_t len)
+{
+    struct smtps_seg *g;
+    size_t  buffered = s->out.end - s->out.start;
+
+    /* The pump checks nseg first: a full ring is a broken invariant. */
+    if (s->nseg >= SMTPS_SEG_MAX || len == 0)
+	abort();
+    g = &s->segs[(s->seg_head + s->nseg) % SMTPS_SEG_MAX];
+    g->data = data;
+    g->len = len;
+    g->gap = buffered - s->seg_gaps;	/* queued since the last run */
+    g->owner = owner;
+    s->nseg++;
+    s->seg_gaps += g->gap;
+    s->seg_bytes += len;
+    s->out_produced += len;
+}
+
+/* smtps_session_unsent - bytes queued and not taken (not under TLS) */
+
+size_t  smtps_session_unsent(const struct smtps_session *s)
+{
+    return s->out.end - s->out.start + s->seg_bytes;
+}
+
+/*
+ * smtps_session_take - the driver sent the first n bytes: off the buffer
+ * and the runs in output order; returns how many there were (<= n)
+ */
+
+size_t  smtps_session_take(struct smtps_session *s, size_t n)
+{
+    size_t  left = n, t;
+    struct smtps_seg *g;
+
+    while (left > 0 && s->nseg > 0) {
+	g = &s->segs[s->seg_head];
+	if (g->gap > 0) {			/* buffer bytes before the run */
+	    t = left < g->gap ? left : g->gap;
+	    s->out.start += t;
+	    g->gap -= t;
+	    s->seg_gaps -= t;
+	} else {
+	    t = left < g->len ? left : g->len;
+	    g->data += t;
+	    g->len -= t;
+	    s->seg_bytes -= t;
+	    if (g->len == 0) {
+		s->seg_head = (s->seg_head + 1) % SMTPS_SEG_MAX;
+		s->nseg--;
+	    }
+	}
+	left -= t;
+    }
+    if (s->nseg == 0)
+	s->seg_head = 0;
+    t = s->out.end - s->out.start;		/* after the last run */
+    if (t > left)
+	t = left;
+    s->out.start += t;
+    left -= t;
+    if (s->out.start == s->out.end)
+	s->out.start = s->out.end = 0;
+    return n - left;
+}
+
+/* smtps_session_runs_of - does a run of owner's body still wait */
+
+int     smtps_session_runs_of(const struct smtps_session *s,
+			              const struct smtps_message *owner)
+{
+    int     i;
+
+    for (i = 0; i < s->nseg; i++)
+	if (s->segs[(s->seg_head + i) % SMTPS_SEG_MAX].owner == owner)
+	    return 1;
+    return 0;
+}
+
+/*
+ * smtps_session_output_iov - the output as at most max pieces, in order:
+ * how many were filled (0: nothing to send). With TLS, the ciphertext.
+ */
+
+int     smtps_session_output_iov(struct smtps_session *s, struct iovec *iov,
+				         int max)
+{
+    const char *data;
+    const char *buf;
+    size_t  n, rest;
+    int     i, k = 0;
+    const struct smtps_seg *g;
+
+    if (s == NULL || iov == NULL || max <= 0)
+	return 0;
+    if (s->nseg == 0 || smtps_tls_engaged(s)) {
+	if ((n = smtps_session_output(s, &data)) == 0)
+	    return 0;
+	iov[0].iov_base = (void *) data;
+	iov[0].iov_len = n;
+	return 1;
+    }
+    buf = s->out.data != NULL ? s->out.data + s->out.start : NULL;
+    rest = s->out.end - s->out.start;
+    for (i = 0; i < s->nseg && k < max; i++) {
+	g = &s->segs[(s->seg_head + i) % SMTPS_SEG_MAX];
+	if (g->gap > 0) {
+	    iov[k].iov_base = (void *) buf;
+	    iov[k].iov_len = g->gap;
+	    buf += g->gap;
+	    rest -= g->gap;
+	    if (++k == max)
+		break;
+	}
+	iov[k].iov_base = (void *) g->data;
+	iov[k].iov_len = g->len;
+	k++;
+    }
+    if (i == s->nseg && k < max && rest > 0) {	/* after the last run */
+	iov[k].iov_base = (void *) buf;
+	iov[k].iov_len = rest;
+	k++;
+    }
+    return k;
+}
+
 /* smtps_session_drop_output - send nothing more of what is queued */
 
 void    smtps_session_drop_output(struct smtps_session *s)
 {
+    s->nseg = s->seg_head = 0;
+    s->seg_bytes = s->seg_gaps = 0;
     s->out.start = s->out.end = 0;
     if (s->tx != NULL)
 	s->tx->body_active = 0;

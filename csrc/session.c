@@ -168,6 +168,7 @@ void    smtps_session_free(struct smtps_session *s)
     smtps_session_wipe_output(s);
     smtps_credentials_free(s->cred);
     free(s->out.data);
+    free(s->segs);
     free(s->stage);
     free(s->local);
     free(s->local_made);
@@ -192,8 +193,8 @@ int     smtps_session_set_timeout(struct smtps_session *s, int state_id,
 /*
  * release_idle - an IDLE session gives back the buffers it can make
  * again: the output buffer once empty (the body pump grew it to 16 KiB
- * and more; wiped first if credentials passed through it) and the body
- * source's stage. An idle connection then holds no buffer of its own,
+ * and more; wiped first if credentials passed through it), the ring of
+ * body runs once empty, and the body source's stage. An idle connection then holds no buffer of its own,
  * and the next message makes them anew, at the cost of one malloc.
  */
 
@@ -204,6 +205,10 @@ static void release_idle(struct smtps_session *s)
 	free(s->out.data);
 	s->out.data = NULL;
 	s->out.start = s->out.end = s->out.cap = 0;
+    }
+    if (s->segs != NULL && s->nseg == 0) {
+	free(s->segs);
+	s->segs = NULL;
     }
     if (s->stage != NULL && s->tx == NULL) {
 	free(s->stage);
@@ -347,6 +352,16 @@ size_t  smtps_session_output(struct smtps_session *s, const char **data)
 	return 0;
     if (smtps_tls_engaged(s))
 	return smtps_tls_output(s, data);	/* ciphertext */
+    if (s->nseg > 0) {				/* runs: the first piece */
+	const struct smtps_seg *g = &s->segs[s->seg_head];
+
+	if (g->gap > 0) {
+	    *data = s->out.data + s->out.start;
+	    return g->gap;
+	}
+	*data = g->data;
+	return g->len;
+    }
     if (s->out.data == NULL) {			/* nothing queued yet */
 	*data = "";
 	return 0;
@@ -371,13 +386,8 @@ void    smtps_session_consume(struct smtps_session *s, size_t n, int64_t now)
     if (smtps_tls_engaged(s)) {
 	/* n is ciphertext; this is the plaintext it finished carrying. */
 	n = smtps_tls_consume(s, n);
-    } else {
-	if (n > s->out.end - s->out.start)
-	    n = s->out.end - s->out.start;
-	s->out.start += n;
-	if (s->out.start == s->out.end)
-	    s->out.start = s->out.end = 0;
-    }
+    } else
+	n = smtps_session_take(s, n);		/* the buffer and the runs */
     s->out_consumed += n;
     s->in_dispatch = 1;
     s->state_reason[0] = 0;

@@ -17,7 +17,8 @@
  *			them, pipelining, draining, failures, running ahead
  *	transaction.c	struct smtps_tx: one message on this connection,
  *			its recipients, its body, and the failure funnel
- *	outbuf.c	the output buffer and command lines
+ *	outbuf.c	the output buffer, command lines, and the runs of
+ *			a body sent from the message's own memory
  *	trace.c		the transcript
  *	session_info.c	what states and drivers read and set
  *	states.c	the built-in states
@@ -100,6 +101,27 @@ struct smtps_tx {
     struct smtps_body_scan scan;	/* what the pieces held so far */
 };
 
+/*
+ * A run of a message body that goes to the wire from the message's own
+ * memory (writev), not through the output buffer: after gap more bytes
+ * of the buffer, len bytes at data. owner is the message the bytes
+ * belong to, which must not be freed while the run waits (outbuf.c).
+ */
+struct smtps_seg {
+    const char *data;
+    size_t  len;
+    size_t  gap;			/* buffer bytes that go before it */
+    const struct smtps_message *owner;
+};
+
+#define SMTPS_SEG_MAX 128		/* runs waiting at once: the pump stops
+					 * there until the driver takes some */
+#define SMTPS_RUN_HIGH (4 * SMTPS_OUT_HIGH)	/* bytes in runs waiting: they
+					 * cost no memory, and a larger write
+					 * saves calls and wake-ups */
+#define SMTPS_GATHER_MIN 512		/* shorter runs are copied: an iovec
+					 * entry costs more than the copy */
+
 #define SMTPS_INFLIGHT_MAX 16		/* states pipelined at once */
 #define SMTPS_STAGE_MAX 16384		/* bytes read from a body source at once */
 
@@ -157,6 +179,13 @@ struct smtps_session {
     struct smtps_buf out;
     char   *stage;			/* SMTPS_STAGE_MAX bytes read from a body
 					 * source, made when one is first sent */
+    int     gather;			/* the driver takes output as iovecs:
+					 * body runs may stay in the message */
+    struct smtps_seg *segs;		/* SMTPS_SEG_MAX, a ring from seg_head;
+					 * made with a body's first run */
+    int     seg_head, nseg;
+    size_t  seg_bytes;			/* in the runs, not yet taken */
+    size_t  seg_gaps;			/* their gaps, summed */
     uint64_t out_produced;		/* bytes ever queued */
     uint64_t out_consumed;		/* bytes the driver took */
 
@@ -259,6 +288,13 @@ void    smtps_session_push_result(struct smtps_session *s,
 /* outbuf.c */
 int     smtps_session_queue_bytes(struct smtps_session *s, const char *data,
 				          size_t len);
+void    smtps_session_queue_run(struct smtps_session *s,
+				        const struct smtps_message *owner,
+				        const char *data, size_t len);
+size_t  smtps_session_unsent(const struct smtps_session *s);
+size_t  smtps_session_take(struct smtps_session *s, size_t n);
+int     smtps_session_runs_of(const struct smtps_session *s,
+			              const struct smtps_message *owner);
 void    smtps_session_drop_output(struct smtps_session *s);
 void    smtps_session_wipe_output(struct smtps_session *s);
 

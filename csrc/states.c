@@ -549,7 +549,7 @@ int     smtps_rcpt_setup(struct smtps_session *s, void *closure)
     while (tx->rcpt_next < tx->msg->nrcpt) {
 	/* A batch stays within the output bound; the rest comes next round. */
 	if (sent > 0 && (!s->pipelining
-			 || s->out.end - s->out.start >= SMTPS_OUT_HIGH))
+			 || smtps_session_unsent(s) >= SMTPS_OUT_HIGH))
 	    break;
 	n = rcpt_line(s, tx->rcpt_next, line, sizeof(line));
 	if (n >= sizeof(line))

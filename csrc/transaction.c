@@ -50,6 +50,10 @@
  *	SMTPS_OUT_HIGH and is called again as the driver takes output, so a
  *	large body is never queued whole. body_end marks where it ends in
  *	the output: once the driver has taken that much, the dot is sent.
+ *	For a driver that writes iovecs (the engine's), a body that is the
+ *	message's own and cannot change goes without the copy: the runs
+ *	that need no change are queued as references into the message
+ *	(pump_runs(), outbuf.c), which is then not freed while one waits.
  *
  *	A body in memory was checked when it was set (message.c); a copy
  *	of our own (or another message's that outlives this one, a part's)
@@ -291,6 +295,16 @@ void    smtps_tx_finish(struct smtps_session *s, struct smtps_tx *tx)
 			"transaction ended before the message was sent");
     smtps_result_settle(r, verdict, !tx->state_verdict || tx->data_sent);
     smtps_session_push_result(s, r);
+
+    /*
+     * A run of its body still queued would point into freed memory. It
+     * cannot be (a transaction ends mid-data only through
+     * smtps_tx_abandon(), which drops the output first, and otherwise
+     * after its final dot went), but if it were, the rest of its body
+     * must not go either: it would end in a dot for a settled message.
+     */
+    if (s->nseg > 0 && smtps_session_runs_of(s, tx->msg))
+	smtps_session_drop_output(s);
     smtps_message_free(tx->msg);
     memset(tx, 0, sizeof(*tx));
     if (s->tx == tx)
@@ -392,6 +406,8 @@ static int body_changed(struct smtps_session *s, struct smtps_tx *tx,
 
 /* scan_end - all of a body not ours was scanned: is it what was declared? */
 
+static int pump_runs(struct smtps_session *s, struct smtps_tx *tx);
+
 static int scan_end(struct smtps_session *s, struct smtps_tx *tx)
 {
     tx->source_done = 1;
@@ -483,6 +499,76 @@ static int body_window(struct smtps_session *s, struct smtps_tx *tx,
 }
 
 /*
+ * pump_runs - smtps_tx_pump_body() for a driver that writes iovecs: the
+ * encoder steps through the body (smtps_body_step()); what it adds or
+ * changes goes into the output buffer, the runs it leaves as they are
+ * stay in the message's memory (smtps_session_queue_run()), unless they
+ * are too short to be worth an iovec entry. Only for a body that is the
+ * message's own (a copy, a part's share of one that outlives it, fixed
+ * bytes its envelope shares): its bytes cannot change after the check
+ * and live as long as the message, which is not freed while its runs
+ * wait (smtps_tx_finish()). Up to SMTPS_RUN_HIGH bytes of runs wait at
+ * once, besides SMTPS_OUT_HIGH in the buffer. The
+ * bytes on the wire are those of the copying pump, which is the same
+ * encoder.
+ */
+
+static int pump_runs(struct smtps_session *s, struct smtps_tx *tx)
+{
+    struct smtps_message *m = tx->msg;
+    const char *in = NULL;
+    size_t  used, n, room, verbatim, left = 0;
+    uint64_t limit;
+    int     rc;
+
+    if (s->segs == NULL
+	&& (s->segs = malloc(SMTPS_SEG_MAX * sizeof(*s->segs))) == NULL)
+	return SMTPS_ENOMEM;
+    while (tx->body_active && s->out.end - s->out.start < SMTPS_OUT_HIGH
+	   && s->seg_bytes < SMTPS_RUN_HIGH && s->nseg < SMTPS_SEG_MAX) {
+	if ((rc = smtps_buf_reserve(&s->out, 1024)) != SMTPS_OK)
+	    return rc;
+	room = s->out.cap - s->out.end;
+	if ((rc = body_window(s, tx, &in, &left)) != SMTPS_OK)
+	    return rc;
+	/* A BDAT chunk: never a byte past its announced length. */
+	limit = tx->body_chunking ?
+	    (uint64_t) m->body_size - tx->enc.out_total : UINT64_MAX;
+	if (tx->body_chunking && left == 0
+	    && limit != (tx->enc.at_line_start ? 0 : 2))
+	    return body_changed(s, tx, (uint64_t) m->body_size - limit
+				+ (tx->enc.at_line_start ? 0 : 2), 0);
+	if (left == 0) {
+	    n = smtps_body_finish(&tx->enc, s->out.data + s->out.end, room,
+				  !tx->body_chunking);
+	    tx->body_active = 0;
+	    s->out.end += n;
+	    s->out_produced += n;
+	    tx->body_end = s->out_produced;
+	    break;
+	}
+	n = smtps_body_step(&tx->enc, in, left, &used, s->out.data + s->out.end,
+			    room, limit > SIZE_MAX ? SIZE_MAX : (size_t) limit,
+			    &verbatim);
+	if (used == 0 && n == 0)		/* only the limit can stop it */
+	    return body_changed(s, tx, (uint64_t) m->body_size, 1);
+	s->out.end += n;
+	s->out_produced += n;
+	tx->body_off += used;
+	if (verbatim == 0)
+	    continue;
+	in += used - verbatim;
+	if (verbatim >= SMTPS_GATHER_MIN) {
+	    smtps_session_queue_run(s, m, in, verbatim);
+	    continue;
+	}
+	if ((rc = smtps_session_queue_bytes(s, in, verbatim)) != SMTPS_OK)
+	    return rc;
+    }
+    return SMTPS_OK;
+}
+
+/*
  * smtps_tx_pump_body - queue body bytes up to the high-water mark. A
  * failure (a source that cannot be read, a body that holds what may not
  * go or changed since it was checked) says why in s->state_reason:
@@ -498,6 +584,9 @@ int     smtps_tx_pump_body(struct smtps_session *s, struct smtps_tx *tx)
     uint64_t announced;
     int     rc;
 
+    if (s->gather && m->body_read == NULL && (m->body_owned || m->body_shared)
+	&& !smtps_tls_engaged(s))
+	return pump_runs(s, tx);
     while (tx->body_active && s->out.end - s->out.start < SMTPS_OUT_HIGH) {
 	if ((rc = smtps_buf_reserve(&s->out, 16384)) != SMTPS_OK)
 	    return rc;

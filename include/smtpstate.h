@@ -517,6 +517,12 @@ int smtps_message_add_recipient(struct smtps_message *m, const char *addr,
  * smtps_message_set_body() copies data. smtps_message_set_body_ref()
  * keeps a pointer to it: the caller keeps it alive and unchanged until
  * the message's result is out (a mapped file, a large buffer: no copy).
+ * smtps_message_set_body_fixed() is set_body_ref() for bytes that can
+ * never change (a Python bytes object) and that the caller keeps alive
+ * until the results of every message copied from this one
+ * (smtps_message_copy() with body NULL) are out: the copies share them,
+ * checked once here, and a driver that writes iovecs sends them from
+ * where they are.
  * smtps_message_set_body_source() reads the content as it is sent (a
  * file, a stream): read(closure, offset, buf, cap, why, why_cap) fills
  * buf with up to cap bytes from offset and returns how many (0: the end),
@@ -537,6 +543,8 @@ int smtps_message_set_body(struct smtps_message *m, const char *data,
 			   size_t len);	/* copied */
 int smtps_message_set_body_ref(struct smtps_message *m, const char *data,
 			       size_t len);
+int smtps_message_set_body_fixed(struct smtps_message *m, const char *data,
+				 size_t len);	/* immutable, shared */
 int smtps_message_set_body_source(struct smtps_message *m, SMTPSBodyRead read,
 				  void *closure, int64_t size, int is_8bit);
 int smtps_message_set_dsn(struct smtps_message *m, int ret,
@@ -1314,8 +1322,10 @@ void smtps_lookup_free(struct smtps_lookup *l);
  * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits
  * smtps_message_copy(envelope, body, len) in one call.
  * smtps_engine_submit_plain() makes a message of sender, nrcpt recipient
- * addresses in rcpts (one LF between each two; no DSN options) and a copy
- * of body, with every check of the setters, and submits it in one call.
+ * addresses in rcpts (one LF between each two; no DSN options) and body,
+ * with every check of the setters, and submits it in one call; body is
+ * not copied: as for smtps_message_set_body_fixed(), it stays alive and
+ * unchanged until the message's result is out.
  *
  * smtps_engine_collect() takes up to max ready results (at most
  * SMTPS_COLLECT_MAX) and writes three numbers per result into out: its

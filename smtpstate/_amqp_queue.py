@@ -36,6 +36,19 @@ class Published(NamedTuple):
     reason: str = ""
     #: The body holds a batch (of jobs or of results).
     batch: bool = False
+    #: The body is msgpack, not JSON (smtpstate._encoding).
+    binary: bool = False
+
+
+def content_type(kind: str, batch: bool = False, binary: bool = False) -> str:
+    """The AMQP content type of what a Published of ``kind`` holds (for
+    people and tools looking at the queues: readers tell the encodings
+    apart by the body's first byte, as on Redis, which has no headers)."""
+    if kind == "dead":
+        return DEAD_CONTENT_TYPE
+    name = ("results" if batch else "result") if kind == "results" else \
+        ("batch" if batch else "job")
+    return f"application/vnd.smtpstate.{name}+{'msgpack' if binary else 'json'}"
 
 
 def _kombu() -> Any:
@@ -112,8 +125,6 @@ class AmqpTransport:
     confirmed. What a lost connection leaves unconfirmed,
     :meth:`unconfirmed` hands back to be published again."""
 
-    #: poll() waits in the broker connection for up to its timeout.
-    blocks = True
     #: A lost connection loses the deliveries (their tags die with it).
     survives_reconnect = False
 
@@ -142,7 +153,8 @@ class AmqpTransport:
         # published and not yet confirmed: (the message or None, what to
         # call before its ack, what to publish again if the connection
         # dies first).
-        self._unacked: List[Tuple[Any, Optional[Callable[[], None]], List[Published]]] = []
+        self._unacked: List[Tuple[Any, Optional[Callable[[], None]],
+                                  Callable[[], Sequence[Published]], Any]] = []
         self._got: List[Any] = []
         self.consumer = self.conn.Consumer([self._q], on_message=self._got.append,
                                            prefetch_count=prefetch, accept=[])
@@ -166,6 +178,16 @@ class AmqpTransport:
         return [(body_bytes(m.body), bool(m.delivery_info.get("redelivered")), m)
                 for m in got]
 
+    def fileno(self) -> Optional[int]:
+        """The broker connection's socket, for the worker's wait (py-amqp
+        reads whole frames from it, so readable means a frame has come)."""
+        return int(self.conn.connection.sock.fileno())
+
+    def pending(self) -> bool:
+        """Deliveries already read (while waiting for confirms), to poll()
+        although the socket has nothing new."""
+        return bool(self._got)
+
     def resume(self, known: List[Any]) -> None:
         del known                           # a new channel: nothing of the old one
 
@@ -177,7 +199,7 @@ class AmqpTransport:
             return
         self.publisher.wait()
         done, self._unacked = self._unacked, []
-        for msg, before_ack, _if_lost in done:
+        for msg, before_ack, _if_lost, _identity in done:
             if before_ack is not None:
                 before_ack()
             if msg is not None:
@@ -188,36 +210,40 @@ class AmqpTransport:
 
     def send(self, what: Published) -> None:
         """Publish a result, retry, job or dead letter; acknowledge nothing."""
+        kind = content_type(what.kind, what.batch, what.binary)
         if what.kind == "results":
-            self.publisher.publish(what.body, self._results_q.name,
-                                   RESULTS_CONTENT_TYPE if what.batch else RESULT_CONTENT_TYPE)
+            self.publisher.publish(what.body, self._results_q.name, kind)
         elif what.kind in ("delay", "jobs"):
             target = self._q if what.delay is None else self._delay_qs[what.delay]
-            self.publisher.publish(what.body, target.name,
-                                   BATCH_CONTENT_TYPE if what.batch else JOB_CONTENT_TYPE)
+            self.publisher.publish(what.body, target.name, kind)
         else:
             self.publisher.publish(what.body, self._dead_q.name, DEAD_CONTENT_TYPE,
                                    {"x-smtpstate-reason": what.reason[:200]})
 
     def settle(self, msg: Any, publish: Sequence[Published],
-               if_lost: Sequence[Published],
-               before_ack: Optional[Callable[[], None]] = None) -> None:
+               if_lost: Callable[[], Sequence[Published]],
+               before_ack: Optional[Callable[[], None]] = None,
+               identity: Any = None) -> None:
         """Publish what follows from broker message ``msg`` (None: one
         whose delivery died with an earlier connection, nothing to
         acknowledge here) now, and acknowledge it in :meth:`housekeeping`
         once the broker confirmed it all, after ``before_ack``.
-        ``if_lost``: the same marked redelivered, published instead should
-        the connection die before the confirms (:meth:`unconfirmed`)."""
+        ``if_lost()``: the same marked redelivered, to publish instead
+        should the connection die before the confirms (:meth:`unconfirmed`;
+        made only then). ``identity``: the caller's name for the message,
+        handed back by :meth:`unconfirmed`."""
         for what in publish:
             self.send(what)
-        self._unacked.append((msg, before_ack, list(if_lost)))
+        self._unacked.append((msg, before_ack, if_lost, identity))
 
-    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]], List[Published]]]:
+    def unconfirmed(self) -> List[Tuple[Any, Optional[Callable[[], None]],
+                                        Callable[[], Sequence[Published]]]]:
         """What was published and not known to be confirmed when the
-        connection died, with the broker message each was for: to publish
-        again (the marked variants)."""
+        connection died, as (the identity of the message it was for, what
+        to call before its ack, the marked variants to publish again)."""
         pending, self._unacked = self._unacked, []
-        return pending
+        return [(identity, before_ack, if_lost)
+                for _msg, before_ack, if_lost, identity in pending]
 
     def ack(self, msg: Any) -> None:
         if msg is not None:

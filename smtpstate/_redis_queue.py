@@ -343,8 +343,6 @@ class RedisTransport:
     results to ``Q.results``, dead letters to ``Q.dead``, retries through
     the ``Q.delayed`` sorted set. Handles are :class:`Taken`."""
 
-    #: poll() returns at once; the worker does the waiting.
-    blocks = False
     #: redis-py reconnects by itself, and what this worker took stays in
     #: its own list, its handles still good.
     survives_reconnect = True
@@ -363,11 +361,18 @@ class RedisTransport:
         self._next_due = 0.0
         self._taking = True
 
+    def fileno(self) -> Optional[int]:
+        """None: nothing to wait on. The worker polls every turn, and waits
+        for its engine (at most 50 ms) in between: a blocking take would
+        need a connection per list and could not watch the engine."""
+        return None
+
+    def pending(self) -> bool:
+        return False
+
     def poll(self, timeout: float, room: int) -> List[Tuple[bytes, bool, Any]]:
-        """Up to ``room`` jobs as (body, redelivered, handle), at once:
-        this never waits (``blocks`` is False), the worker waits for its
-        engine instead, then polls again (a blocking take would need a
-        connection per list and could not watch the engine)."""
+        """Up to ``room`` jobs as (body, redelivered, handle), at once
+        (this never waits)."""
         del timeout
         self.housekeeping()
         got = self.jobs.take(room) if self._taking else []
@@ -383,18 +388,22 @@ class RedisTransport:
     def stop_taking(self) -> None:
         self._taking = False
 
-    def settle(self, taken: Optional[Taken], publish: Sequence[Any], if_lost: Sequence[Any],
-               before_ack: Optional[Callable[[], None]] = None) -> None:
+    def settle(self, taken: Optional[Taken], publish: Sequence[Any],
+               if_lost: Callable[[], Sequence[Any]],
+               before_ack: Optional[Callable[[], None]] = None, identity: Any = None) -> None:
         """Push what follows from ``taken`` (smtpstate._amqp_queue.Published
         items: results, retries by Redis's clock, jobs, dead letters) and
         acknowledge it, in one step; if this worker no longer held it (its
-        lease ran out), push the ``if_lost`` variants (marked redelivered).
-        ``before_ack`` is called right after (the step cannot be split)."""
+        lease ran out), push the ``if_lost()`` variants (marked redelivered).
+        ``before_ack`` is called right after (the step cannot be split).
+        ``identity`` is not needed here (a lost connection loses nothing
+        this worker holds)."""
+        del identity
         targets = {"results": self.results, "delay": self.delayed, "jobs": self.queue,
                    "dead": self.dead_name}
         pushes: List[Push] = [(targets[what.kind], what.delay if what.kind == "delay" else None,
                                what.body, lost.body)
-                              for what, lost in zip(publish, if_lost)]
+                              for what, lost in zip(publish, if_lost())]
         if not self.jobs.settle(taken, pushes):
             log.warning("%s: a job was handed to another worker while this one delivered "
                         "it (its lease ran out): what follows from it is marked redelivered",

@@ -68,6 +68,7 @@ _STS_LEVELS = frozenset({None, "dane", "dane-only", "mta-sts"})
 _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
 _submit_plain = lib.smtps_engine_submit_plain
+_from_buffer = ffi.from_buffer
 _BUSY = ("this Engine is already in use (a call from one of its states, "
          "or another thread); one call at a time")
 # Tickets' ids (C's tags): one count for the process, so that an id is
@@ -655,16 +656,18 @@ class Engine:
             # cost four more C calls and Python around them, for every
             # message of a batch (benchmarks/README.md, deliver()). Once
             # only: a message submitted again (a newsletter to many
-            # servers) makes its envelope then, and later submits copy it.
+            # servers) makes its envelope then, and later submits share it.
+            # Either way C refers to data (fixed bytes), never copies it:
+            # the ticket keeps the message, and so its bytes, until C is
+            # done.
             if envelope is None:
                 sender, rcpts, count = plain
                 message.__dict__["_plain"] = None
                 data = message.data
                 rc = _submit_plain(ptr, sender, len(sender), rcpts, len(rcpts), count,
-                                   data, len(data), dest, tag)
+                                   _from_buffer(data), len(data), dest, tag)
             elif body is None:
-                data = message.data
-                rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+                rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
             else:
                 if host is None and body.one_shot:
                     _one_domain(message)
@@ -719,9 +722,8 @@ class Engine:
         if envelope is None:
             envelope = message._envelope()
         body = message._body
-        if body is None:
-            data = message.data
-            rc = _submit_copy(ptr, envelope, data, len(data), dest, tag)
+        if body is None:                       # data, shared: see submit()
+            rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
         else:
             body.claim()
             rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)

@@ -197,6 +197,9 @@ class Message:
     # The C envelope, made by the first _envelope() call and then kept in
     # the instance (a class default of None until then; not a field).
     _c_envelope: ClassVar[Any] = None
+    # The bytes body as C sees it (ffi.from_buffer of data), kept with the
+    # envelope that points into it; not a field.
+    _c_body: ClassVar[Any] = None
     # A body that is not bytes (smtpstate.body: a buffer, file or stream),
     # set in the instance when there is one; not a field.
     _body: ClassVar[Any] = None
@@ -448,8 +451,12 @@ class Message:
     def _envelope(self) -> Any:
         """The C message every submission copies (``smtps_message_copy``):
         sender, recipients, DSN options and REQUIRETLS, checked by C once per Message,
-        without the body, which C copies from ``data`` at each submission
-        (so that a large body is not held twice for the Message's life).
+        and the body. A bytes body is given by reference as fixed
+        (``smtps_message_set_body_fixed``): bytes never change, and the
+        Engine keeps the Message (its Ticket) until C is done with every
+        copy, so its submissions share ``data`` instead of copying it, and
+        the engine sends it from where it is. Drivers that do not keep the
+        Message that long (``_to_c()``) copy ``data`` instead.
         Kept in the instance: the fields of a frozen Message never change."""
         env = self._c_envelope
         if env is not None:
@@ -462,7 +469,11 @@ class Message:
             check(lib.smtps_message_set_body_options(m, scan_flags(self.long_lines)),
                   "body options")
         body = self._body
-        if isinstance(body, BufferBody):
+        if body is None:
+            buf = ffi.from_buffer(self.data)
+            check(lib.smtps_message_set_body_fixed(m, buf, len(self.data)), "body")
+            object.__setattr__(self, "_c_body", buf)          # frozen: not a field
+        elif isinstance(body, BufferBody):
             check(lib.smtps_message_set_body_ref(m, body.cdata, body.length), "body")
         elif body is not None:
             check(lib.smtps_message_set_body_source(m, lib.smtps_py_body_read, body.handle,
@@ -491,7 +502,10 @@ class Message:
         """
         body = self._body
         if body is None:
-            m = lib.smtps_message_copy(self._envelope(), self.data, len(self.data))
+            # The envelope's own pointer to data: C copies it without
+            # checking it again.
+            env = self._envelope()
+            m = lib.smtps_message_copy(env, self._c_body, len(self.data))
         else:
             body.claim()                       # a stream: once only
             m = lib.smtps_message_copy(self._envelope(), ffi.NULL, 0)
@@ -507,6 +521,7 @@ class Message:
                             "pickled or copied; give bytes")
         state = dict(self.__dict__)
         state.pop("_c_envelope", None)
+        state.pop("_c_body", None)
         return state
 
 

@@ -146,7 +146,8 @@ def test_job_parsing_is_strict(mutate, words):
 
 @pytest.mark.parametrize("raw, words", [
     (b"\xff\xfe", "UTF-8"), (b"{", "must be JSON"), (b"[1]", "JSON object"),
-    (b"\x80\x04\x95pickle", "UTF-8"),
+    # A pickle's first byte is a msgpack map's: read as msgpack, refused.
+    (b"\x80\x04\x95pickle", "not valid msgpack"),
 ])
 def test_job_parsing_refuses_what_is_not_a_json_job(raw, words):
     with pytest.raises(sq.JobError, match=words):
@@ -614,7 +615,7 @@ def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
         [(body, again, handle)] = transport.poll(0, 10)
         assert (body, again) == (b"job", False)
         retry = Published("delay", b"job, attempt 2", 1.0)
-        transport.settle(handle, [retry], [retry._replace(body=b"marked")])
+        transport.settle(handle, [retry], lambda: [retry._replace(body=b"marked")])
         assert r.llen(transport.jobs.taken_key) == 0     # acknowledged with the retry
         [(member, due)] = r.zrange(queue_name + ".delayed", 0, -1, withscores=True)
         seconds, micros = r.time()
@@ -629,7 +630,7 @@ def test_redis_retry_is_scheduled_by_redis_time_and_acknowledged_atomically(
         assert r.zcard(queue_name + ".delayed") == 0
         [(body, again, handle)] = transport.poll(0, 10)
         transport.settle(handle, [Published("results", b"result"), Published("dead", b"x")],
-                         [Published("results", b"marked"), Published("dead", b"x")])
+                         lambda: [Published("results", b"marked"), Published("dead", b"x")])
         assert r.lrange(queue_name + ".results", 0, -1) == [b"result"]
         assert r.lrange(queue_name + ".dead", 0, -1) == [b"x"]
         assert r.llen(transport.jobs.taken_key) == 0
@@ -773,16 +774,16 @@ def test_jobs_by_mx_held_for_their_mta_sts_policy_each_get_their_result(
     assert {r["status"] for r in results} == {"delivered"}
 
 
-@pytest.mark.parametrize("broker_fixture,batch", [("rabbitmq", 1), ("rabbitmq", 15),
-                                                  ("redis_broker", 1)])
+@pytest.mark.parametrize("broker_fixture, batch, encoding", [
+    ("rabbitmq", 1, "json"), ("rabbitmq", 15, "msgpack"), ("redis_broker", 1, "json")])
 def test_broker_restart_mid_run_loses_nothing_and_the_worker_goes_on(
-        broker_fixture, batch, request, queue_name, aiosmtpd_factory):
+        broker_fixture, batch, encoding, request, queue_name, aiosmtpd_factory):
     broker = request.getfixturevalue(broker_fixture)
 
     server = aiosmtpd_factory(_Slow(0.02))
     n = 300
     ids = sq.enqueue(_messages(n), broker.url, queue_name, host=server.host,
-                     port=server.port, tls="none", batch=batch)
+                     port=server.port, tls="none", batch=batch, encoding=encoding)
     # (With batches, the prefetch counts broker messages: 3 of 15 jobs.)
     worker = _worker(broker.url, queue_name, "--prefetch", str(40 // batch + 1))
     try:

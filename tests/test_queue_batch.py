@@ -96,8 +96,9 @@ def test_batches_through_two_workers_one_result_each(rabbitmq, queue_name,
     assert sum(bodies.values()) == n and max(bodies.values()) == 1
 
 
-@pytest.mark.parametrize("broker_fixture", ["rabbitmq", "redis_broker"])
-def test_batch_with_a_retry_and_a_refusal(broker_fixture, request, queue_name,
+@pytest.mark.parametrize("broker_fixture, encoding", [("rabbitmq", "msgpack"),
+                                                     ("redis_broker", "json")])
+def test_batch_with_a_retry_and_a_refusal(broker_fixture, encoding, request, queue_name,
                                           aiosmtpd_factory):
     broker = request.getfixturevalue(broker_fixture)
 
@@ -119,7 +120,7 @@ def test_batch_with_a_retry_and_a_refusal(broker_fixture, request, queue_name,
             + _messages(3, rcpts=("grey@example.net",), tag=b"grey")
             + _messages(2, rcpts=("nobody@example.net",), tag=b"nobody"))
     ids = sq.enqueue(msgs, broker.url, queue_name, host=server.host, port=server.port,
-                     batch=9, tls="none")
+                     batch=9, tls="none", encoding=encoding)
     worker = _worker(broker.url, queue_name, "--retry-schedule", "2")
     try:
         results = _collect(broker.url, queue_name, ids, timeout=60)
@@ -187,10 +188,10 @@ def test_sigkill_mid_batch_loses_nothing(rabbitmq, queue_name, aiosmtpd_factory)
     assert code == 0
 
 
-def test_redis_batch_enqueue_worker_results(redis_broker, queue_name, aiosmtpd_server):
+def test_redis_msgpack_batch_enqueue_worker_results(redis_broker, queue_name, aiosmtpd_server):
     ids = sq.enqueue(_messages(25), redis_broker.url, queue_name,
                      host=aiosmtpd_server.host, port=aiosmtpd_server.port, batch=10,
-                     tls="none")
+                     tls="none", encoding="msgpack")
     worker = _worker(redis_broker.url, queue_name)
     try:
         results = _collect(redis_broker.url, queue_name, ids, timeout=60)

@@ -31,6 +31,8 @@ int smtps_message_set_body(struct smtps_message *m, const char *data,
                            size_t len);
 int smtps_message_set_body_ref(struct smtps_message *m, const char *data,
                                size_t len);
+int smtps_message_set_body_fixed(struct smtps_message *m, const char *data,
+                                 size_t len);
 int smtps_message_set_body_source(struct smtps_message *m, SMTPSBodyRead read,
                                   void *closure, int64_t size, int is_8bit);
 int smtps_message_set_dsn(struct smtps_message *m, int ret,
