@@ -7,7 +7,9 @@ heap, and each can be pinned to its CPUs.
 SPEC is JSON: ``{"client": ..., "port": ..., "n": ..., "conc": ..., ...}``.
 Prints one JSON line: ``{"wall": s, "cpu": s, ...}``.
 
-Clients: ``engine`` (smtpstate.Engine), ``engine_warm`` (the Engine over a
+Clients: ``engine`` (smtpstate.Engine), ``deliver`` (``smtpstate.deliver()``
+as the README calls it, the Message list made before the timer),
+``deliver_build`` (the same with the Messages made inside it), ``engine_warm`` (the Engine over a
 pool opened beforehand), ``engine_py`` and ``engine_c``
 (the Engine with a no-op Python or C state after DATA), ``source``
 (Postfix smtp-source), ``smtplib`` (threads), ``aiosmtplib`` (asyncio
@@ -29,7 +31,8 @@ import time
 from typing import Any, Dict, Tuple
 
 from smtpstate.bench import (HELO, RECIPIENT, SENDER, cpu_self, find_program, make_message,
-                             raise_nofile, rss_kib, run_engine, run_smtplib, run_source)
+                             raise_nofile, rss_kib, run_deliver, run_engine, run_smtplib,
+                             run_source)
 
 
 def run_aiosmtplib(port: int, n: int, conc: int, data: bytes,
@@ -288,6 +291,8 @@ def main() -> int:
             conc = spec.get("connections", conc)
             wall, cpu = run_engine(port, n, conc, data,
                                    messages_per_connection=1 if per_conn else 0)
+        elif client in ("deliver", "deliver_build"):
+            wall, cpu = run_deliver(port, n, conc, data, build=client == "deliver_build")
         elif client == "engine_warm":
             wall, cpu = run_warm(port, n, conc, data)
         elif client == "engine_py":

@@ -10,6 +10,8 @@
  *
  *	struct smtps_message *smtps_message_copy(envelope, body, len)
  *	int	smtps_engine_submit_copy(e, envelope, body, len, dest, tag)
+ *	int	smtps_engine_submit_plain(e, sender, slen, rcpts, rlen, nrcpt,
+ *					  body, len, dest, tag)
  *
  *	struct smtps_collector *smtps_collector_new(void)
  *	void	smtps_collector_free(c)
@@ -42,6 +44,20 @@
  *	Fixed bytes (smtps_message_set_body_fixed()) are not scanned again:
  *	shared, they go as checked (body_shared), and given back as body
  *	(the same pointer and length) they are copied without a scan.
+ *
+ *	Plain messages. Most messages are sent once, with a sender, a few
+ *	recipients without options and a body in bytes; for them an
+ *	envelope is made, copied once and thrown away, which from Python
+ *	is five calls (each releasing and retaking the GIL) where one
+ *	would do. smtps_engine_submit_plain() makes the message from
+ *	sender (slen bytes), rcpts (rlen bytes: nrcpt addresses, one LF
+ *	between each two, as smtps_message_check_plain() takes them) and
+ *	body, as smtps_message_new(), smtps_message_set_sender(),
+ *	smtps_message_add_recipient() (no DSN options) and
+ *	smtps_message_set_body_fixed() would, with every check they make,
+ *	and submits it. The body is not copied: like the fixed bytes of an
+ *	envelope, it must stay alive and unchanged until the message's
+ *	result is out, and it is sent as checked here, from where it is.
  *
  *	Collected results. smtps_engine_collect() takes up to max ready
  *	results of an engine (at most SMTPS_COLLECT_MAX) and describes each
@@ -87,7 +103,10 @@
  *	of memory (or, for the copy, for a NULL envelope or a body refused).
  *	smtps_engine_submit_copy() returns what smtps_engine_submit() does,
  *	SMTPS_EINVAL for a NULL envelope or a body refused, SMTPS_ENOMEM; the copy is
- *	freed when it was not taken. smtps_engine_collect() returns the
+ *	freed when it was not taken. smtps_engine_submit_plain() returns
+ *	the same, and what the setters return for an address or body they
+ *	refuse, or SMTPS_EINVAL when rcpts does not hold nrcpt addresses;
+ *	nothing is submitted then. smtps_engine_collect() returns the
  *	number of results described (0 when none is ready), SMTPS_EINVAL
  *	for a NULL argument; smtps_engine_run_collect() also returns
  *	smtps_engine_run()'s errors, and then collects nothing.
@@ -391,6 +410,61 @@ int     smtps_engine_submit_copy(struct smtps_engine *e,
 	return rc;
     if ((rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
 	smtps_message_free(m);
+    return rc;
+}
+
+/* smtps_engine_submit_plain - make a message without options, submit it */
+
+int     smtps_engine_submit_plain(struct smtps_engine *e, const char *sender,
+				          size_t slen, const char *rcpts,
+				          size_t rlen, size_t nrcpt,
+				          const char *body, size_t len,
+				          const struct smtps_destination *dest,
+				          uint64_t tag)
+{
+    struct smtps_message *m;
+    const char *p, *end, *lf;
+    size_t  n = 0;
+    int     rc;
+
+    if (e == NULL || sender == NULL || rcpts == NULL || dest == NULL
+	|| nrcpt == 0 || (len > 0 && body == NULL))
+	return SMTPS_EINVAL;
+    if ((m = smtps_message_new()) == NULL)
+	return SMTPS_ENOMEM;
+    if ((rc = smtps_message_set_sender(m, sender, slen)) != SMTPS_OK)
+	goto fail;
+    /* The count bounds the loop: an LF too many is refused, not split. */
+    for (p = rcpts, end = rcpts + rlen;; p = lf + 1) {
+	lf = memchr(p, '\n', (size_t) (end - p));
+	if (++n > nrcpt) {
+	    rc = SMTPS_EINVAL;
+	    goto fail;
+	}
+	rc = smtps_message_add_recipient(m, p, (size_t) ((lf ? lf : end) - p), 0, NULL, 0);
+	if (rc != SMTPS_OK)
+	    goto fail;
+	if (lf == NULL)
+	    break;
+    }
+    if (n != nrcpt) {
+	rc = SMTPS_EINVAL;
+	goto fail;
+    }
+    /*
+     * The body by reference, checked once here, then sent as checked and
+     * from where it is, as a copy of a fixed envelope is (body_shared):
+     * the caller's bytes never change and outlive the result.
+     */
+    if ((rc = smtps_message_set_body_ref(m, body, len)) != SMTPS_OK)
+	goto fail;
+    m->body_shared = 1;
+    if ((rc = smtps_engine_submit(e, m, dest, tag)) != SMTPS_OK)
+	goto fail;
+    return SMTPS_OK;
+
+fail:
+    smtps_message_free(m);
     return rc;
 }
 

@@ -1321,6 +1321,11 @@ void smtps_lookup_free(struct smtps_lookup *l);
 /*
  * Fast paths for drivers (batch.c). smtps_engine_submit_copy() submits
  * smtps_message_copy(envelope, body, len) in one call.
+ * smtps_engine_submit_plain() makes a message of sender, nrcpt recipient
+ * addresses in rcpts (one LF between each two; no DSN options) and body,
+ * with every check of the setters, and submits it in one call; body is
+ * not copied: as for smtps_message_set_body_fixed(), it stays alive and
+ * unchanged until the message's result is out.
  *
  * smtps_engine_collect() takes up to max ready results (at most
  * SMTPS_COLLECT_MAX) and writes three numbers per result into out: its
@@ -1341,6 +1346,11 @@ struct smtps_collector;
 int smtps_engine_submit_copy(struct smtps_engine *e,
 			     const struct smtps_message *envelope,
 			     const char *body, size_t len,
+			     const struct smtps_destination *dest,
+			     uint64_t tag);
+int smtps_engine_submit_plain(struct smtps_engine *e, const char *sender,
+			     size_t slen, const char *rcpts, size_t rlen,
+			     size_t nrcpt, const char *body, size_t len,
 			     const struct smtps_destination *dest,
 			     uint64_t tag);
 struct smtps_collector *smtps_collector_new(void);

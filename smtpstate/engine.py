@@ -67,6 +67,8 @@ _DNSSEC_STATES = {lib.SMTPS_DNSSEC_UNKNOWN: "unknown", lib.SMTPS_DNSSEC_OFF: "of
 _STS_LEVELS = frozenset({None, "dane", "dane-only", "mta-sts"})
 _new = object.__new__
 _submit_copy = lib.smtps_engine_submit_copy
+_submit_plain = lib.smtps_engine_submit_plain
+_from_buffer = ffi.from_buffer
 _BUSY = ("this Engine is already in use (a call from one of its states, "
          "or another thread); one call at a time")
 # Tickets' ids (C's tags): one count for the process, so that an id is
@@ -641,16 +643,30 @@ class Engine:
             if ptr is None:
                 raise LocalProtocolError("this Engine is closed")
             envelope = message._c_envelope
-            if envelope is None:
+            body = message._body
+            plain = message._plain
+            if envelope is None and (body is not None or plain is None):
                 envelope = message._envelope()
             tag = next(self._tags)
             # One C call: a copy of the message's prepared envelope, with
             # the body, queued; nothing for Python to own or detach. A body
             # that is not bytes is the envelope's own, shared (NULL, 0).
-            body = message._body
-            if body is None:
-                # The envelope refers to data (fixed bytes): the ticket
-                # keeps the message, and so its bytes, until C is done.
+            # A plain message (Message's fast path) with no envelope yet
+            # goes to C whole instead: making an envelope to copy it once
+            # cost four more C calls and Python around them, for every
+            # message of a batch (benchmarks/README.md, deliver()). Once
+            # only: a message submitted again (a newsletter to many
+            # servers) makes its envelope then, and later submits share it.
+            # Either way C refers to data (fixed bytes), never copies it:
+            # the ticket keeps the message, and so its bytes, until C is
+            # done.
+            if envelope is None:
+                sender, rcpts, count = plain
+                message.__dict__["_plain"] = None
+                data = message.data
+                rc = _submit_plain(ptr, sender, len(sender), rcpts, len(rcpts), count,
+                                   _from_buffer(data), len(data), dest, tag)
+            elif body is None:
                 rc = _submit_copy(ptr, envelope, ffi.NULL, 0, dest, tag)
             else:
                 if host is None and body.one_shot:

@@ -203,6 +203,12 @@ class Message:
     # A body that is not bytes (smtpstate.body: a buffer, file or stream),
     # set in the instance when there is one; not a field.
     _body: ClassVar[Any] = None
+    # A message that took the fast path of __init__: (sender, recipients
+    # joined by LF, their count), encoded as C checked them, so that
+    # Engine.submit() hands them to C in the submit call itself
+    # (smtps_engine_submit_plain) instead of making an envelope first, the
+    # first time (it sets this back to None); in the instance; not a field.
+    _plain: ClassVar[Any] = None
 
     def __init__(self, sender: str, recipients: Sequence[Union[str, Recipient]],
                  data: Union[bytes, str], dsn_ret: Optional[str] = None,
@@ -244,6 +250,7 @@ class Message:
                     fields["sender"] = sender
                     fields["recipients"] = rcpts
                     fields["data"] = data
+                    fields["_plain"] = (encoded, joined, len(rcpts))
                     return
         # The general way: the fields as given, then every check.
         setattr_ = object.__setattr__

@@ -334,3 +334,53 @@ def test_a_fast_message_is_sent_as_a_general_one(aiosmtpd_server):
     got = aiosmtpd_server.messages[-1]
     assert got.mail_from == SENDER and list(got.rcpt_tos) == [RCPT, "b@server.test"]
     assert got.data == BODY
+
+
+SUBMITTED = ["usual", "null sender", "a tuple of recipients", "three recipients",
+             "spaces and quotes", "empty body", "998-octet lines", "bare CR line ends",
+             "8-bit body", "long body of short lines"]
+
+
+@pytest.mark.parametrize("name", SUBMITTED)
+def test_a_fast_message_is_submitted_whole_and_arrives_as_through_an_envelope(
+        name, aiosmtpd_server):
+    """Engine.submit() hands a fast-path Message to C in one call
+    (smtps_engine_submit_plain), without making its envelope; the server
+    gets from it what it gets from the same message copied from an
+    envelope (smtps_engine_submit_copy)."""
+    args, kwargs = PLAIN[name]
+    plain, enveloped = Message(*args, **kwargs), Message(*args, **kwargs)
+    enveloped._envelope()                         # the other way: copied from it
+    host, port = aiosmtpd_server.host, aiosmtpd_server.port
+    with smtpstate.Engine(max_connections=1) as engine:
+        tickets = [engine.submit(m, host, port, timeout=30, tls="none")
+                   for m in (plain, enveloped)]
+        results = {r.ticket.id: r for r in engine.run()}
+    assert plain._c_envelope is None, "an envelope was made for a plain message"
+    for t in tickets:
+        assert results[t.id].ok, results[t.id]
+    got = aiosmtpd_server.wait_for_messages(2)[-2:]
+    assert [(g.mail_from, list(g.rcpt_tos), g.mail_options, g.data) for g in got[:1]] == \
+        [(g.mail_from, list(g.rcpt_tos), g.mail_options, g.data) for g in got[1:]]
+    assert got[0].mail_from == (plain.sender or "<>")          # aiosmtpd says <> for ""
+    assert list(got[0].rcpt_tos) == list(plain.recipients)
+
+
+def test_a_message_submitted_again_is_copied_from_its_envelope(aiosmtpd_server):
+    """The one-call submit is for the first time: a message submitted
+    again gets its envelope then, which later submits copy."""
+    m = Message(SENDER, [RCPT, "b@server.test"], BODY)
+    host, port = aiosmtpd_server.host, aiosmtpd_server.port
+    with smtpstate.Engine(max_connections=1) as engine:
+        engine.submit(m, host, port, timeout=30, tls="none")
+        assert m._c_envelope is None
+        engine.submit(m, host, port, timeout=30, tls="none")
+        envelope = m._c_envelope
+        assert envelope is not None
+        engine.submit(m, host, port, timeout=30, tls="none")
+        assert m._c_envelope is envelope
+        assert all(r.ok for r in engine.run())
+    got = aiosmtpd_server.wait_for_messages(3)[-3:]
+    assert [(g.mail_from, list(g.rcpt_tos), g.data) for g in got] == \
+        [(SENDER, [RCPT, "b@server.test"], BODY)] * 3
+    assert m == Message(SENDER, [RCPT, "b@server.test"], BODY)

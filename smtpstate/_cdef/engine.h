@@ -114,6 +114,11 @@ int smtps_engine_submit_copy(struct smtps_engine *e,
                              const char *body, size_t len,
                              const struct smtps_destination *dest,
                              uint64_t tag);
+int smtps_engine_submit_plain(struct smtps_engine *e, const char *sender,
+                             size_t slen, const char *rcpts, size_t rlen,
+                             size_t nrcpt, const char *body, size_t len,
+                             const struct smtps_destination *dest,
+                             uint64_t tag);
 struct smtps_collector *smtps_collector_new(void);
 void smtps_collector_free(struct smtps_collector *c);
 int smtps_engine_collect(struct smtps_engine *e, struct smtps_collector *c,

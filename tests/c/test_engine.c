@@ -17,13 +17,15 @@
  *	127.0.0.1 (or ::1), with a behaviour: accept everything (offering
  *	PIPELINING), answer 421 at the greeting, stall after the greeting,
  *	or hang up after taking the final dot. They count connections,
- *	connections open at once, messages taken and QUITs.
+ *	connections open at once, messages taken, recipients and QUITs.
  *
  *	Covered: many messages over a bounded pool with
  *	messages_per_connection; connect refused and an unresolvable name
  *	(tempfail, stage "not connected"); 421 greetings; a hang-up after
  *	the final dot (unknown); IPv6 literals; freeing an engine with work
- *	in flight; the argument checks; the deadline heap against a plain
+ *	in flight; the argument checks; smtps_engine_submit_plain()
+ *	(batch.c): what it refuses, and every recipient of what it takes
+ *	delivered; the deadline heap against a plain
  *	array; the service calls (wakeup.c, cancel.c): a wake-up from
  *	another thread ending a wait at once, smtps_engine_serve(e, 0)
  *	driven by poll() on smtps_engine_fileno() until idle connections
@@ -93,7 +95,7 @@ struct server {
     int     stop[2];			/* a pipe: written to stop */
     pthread_t tid;
     struct sconn conn[MAX_SCONN];
-    int     connections, active, max_active, messages, quits;
+    int     connections, active, max_active, messages, quits, rcpts;
 };
 
 static char why[WHY_MAX];
@@ -272,6 +274,9 @@ static int server_line(struct server *s, struct sconn *c, const char *line)
     else if (strncmp(line, "DATA", 4) == 0) {
 	c->in_data = 1;
 	say(c, "354 go ahead\r\n");
+    } else if (strncmp(line, "RCPT", 4) == 0) {
+	s->rcpts++;
+	say(c, "250 2.1.5 ok\r\n");
     } else if (strncmp(line, "QUIT", 4) == 0) {
 	s->quits++;
 	say(c, "221 2.0.0 bye\r\n");
@@ -726,6 +731,80 @@ out:
     return ok;
 }
 
+/*
+ * test_submit_plain - smtps_engine_submit_plain() refuses what the setters
+ * refuse and a recipient list that does not hold nrcpt addresses, submits
+ * nothing then, and delivers what it takes to every recipient.
+ */
+static int test_submit_plain(void)
+{
+    static const char rcpts[] = "a@example.test\nb@example.test\nc@example.test";
+    static const char body[] = "Subject: plain\r\n\r\n.dot\r\n";
+    struct smtps_engine_config cfg;
+    struct smtps_destination d;
+    struct smtps_engine *e = NULL;
+    struct server s;
+    size_t  rlen = sizeof(rcpts) - 1, blen = sizeof(body) - 1;
+    int     i, count = 0, st[5] = {0}, ok = 0, started;
+
+    if (!(started = server_start(&s, B_ACCEPT, "127.0.0.1")))
+	return 0;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.sizeof_config = sizeof(cfg);
+    cfg.max_per_destination = 4;
+    cfg.helo = "client.test";
+    CHECK((e = smtps_engine_new(NULL, &cfg, NULL)) != NULL);
+    destination(&d, "127.0.0.1", s.port, 5000);
+    CHECK(smtps_engine_submit_plain(NULL, "s@c.test", 8, rcpts, rlen, 3, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, NULL, 8, rcpts, rlen, 3, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 0, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 3, NULL, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 3, body, blen, NULL, 1)
+	  == SMTPS_EINVAL);
+    /* Fewer or more addresses than said, an empty one: refused whole. */
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 2, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 4, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, "a@x.test\n", 9, 2, body, blen, &d, 1)
+	  != SMTPS_OK);
+    /* What the setters refuse: CR in an address, a NUL in the body. */
+    CHECK(smtps_engine_submit_plain(e, "s@c.test\r", 9, rcpts, rlen, 3, body, blen, &d, 1)
+	  != SMTPS_OK);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, "a@x\r.test", 9, 1, body, blen, &d, 1)
+	  != SMTPS_OK);
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 3, "a\0b", 3, &d, 1)
+	  != SMTPS_OK);
+    d.port = 0;
+    CHECK(smtps_engine_submit_plain(e, "s@c.test", 8, rcpts, rlen, 3, body, blen, &d, 1)
+	  == SMTPS_EINVAL);
+    d.port = s.port;
+    CHECK(smtps_engine_pending(e) == 0);
+    for (i = 1; i <= 40; i++)
+	CHECK(smtps_engine_submit_plain(e, "s@client.test", 13, rcpts, rlen, 3, body, blen,
+					&d, (uint64_t) i) == SMTPS_OK);
+    /* One recipient, and the null reverse-path as sender. */
+    CHECK(smtps_engine_submit_plain(e, "", 0, "z@example.test", 14, 1, body, blen,
+				    &d, 41) == SMTPS_OK);
+    CHECK(drain(e, &count, st, 20000, NULL, 0, NULL));
+    CHECK(count == 41 && st[SMTPS_STATUS_DELIVERED] == 41);
+    smtps_engine_free(e);
+    e = NULL;
+    server_stop(&s);
+    started = 0;
+    CHECK(s.messages == 41 && s.rcpts == 121);
+    ok = 1;
+out:
+    smtps_engine_free(e);
+    if (started)
+	server_stop(&s);
+    return ok;
+}
+
 /* test_timers - the heap agrees with a plain array under random use */
 
 static int test_timers(void)
@@ -962,6 +1041,7 @@ int     main(void)
     }       tests[] = {
 	{"timers: heap order under random set/cancel", test_timers},
 	{"arguments refused", test_arguments},
+	{"submit_plain: refusals, and every recipient delivered", test_submit_plain},
 	{"200 messages over at most 8 connections", test_pool},
 	{"connect refused: tempfail, not connected", test_refused},
 	{"unresolvable name: tempfail, not connected", test_unresolvable},
