@@ -5,7 +5,7 @@ This module owns the process side of running several workers: forking
 them, passing SIGTERM/SIGINT on, starting again one that dies (with a
 growing delay while it keeps dying young), stopping them all when one
 refuses its options, and, on Linux, making each die with the supervisor.
-What a child runs is the caller's (smtpstate.queue.run_workers).
+What a child runs is the caller's (smtpstate._worker.run_workers).
 """
 
 from __future__ import annotations

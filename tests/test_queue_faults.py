@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from smtpstate import _jobs, _worker
 from smtpstate import queue as q
 
 
@@ -45,7 +46,7 @@ def test_no_spin_while_reconnecting_with_a_message_to_publish():
     worker = q.Worker("redis://127.0.0.1:1/0")
     engine = _IdleEngine()
     try:
-        carried = q._Carried(None, None, b"{}", False, False, 1, False)
+        carried = _worker._Carried(None, None, b"{}", False, False, 1, False)
         carried.remaining = 0
         worker._complete.append(carried)
         until = time.monotonic() + 0.5
@@ -86,10 +87,10 @@ def test_a_refused_job_of_a_msgpack_batch_is_dead_lettered_not_raised():
     run(), and the worker dies (each next worker too)."""
     from smtpstate.engine import Engine
     body = _msgpack_batch_engine_refuses()
-    jobs, batch, binary = q._parse(body)          # read fine: a valid batch
+    jobs, batch, binary = _jobs._parse(body)          # read fine: a valid batch
     assert batch and binary and len(jobs) == 1
     worker = q.Worker("redis://127.0.0.1:1/0")
-    carried = q._Carried(None, None, body, True, True, 1, False)
+    carried = _worker._Carried(None, None, body, True, True, 1, False)
     engine = Engine()
     try:
         try:
@@ -166,7 +167,7 @@ def test_on_result_gets_the_mark_of_the_result_published_again():
     got = []
     worker = q.Worker("amqp://127.0.0.1:1//", on_result=got.append)
     ident = "0b5e3c1e-6c1c-4b43-9a1e-1e2c3d4e5f60"
-    carried = q._Carried(object(), ((ident,), (0,)), b"{}", False, False, 1, False)
+    carried = _worker._Carried(object(), ((ident,), (0,)), b"{}", False, False, 1, False)
     carried.finals.append({"version": 1, "job": ident, "status": "delivered",
                            "final": True, "redelivered": False})
     carried.remaining = 0
@@ -210,7 +211,7 @@ def test_a_stop_while_the_broker_is_down_does_not_hammer_it():
 
         def _serve(self, engine, transport):
             # The connection dies as the worker is stopped with a job carried.
-            self._carried.add(q._Carried(None, ("x",), b"{}", False, False, 1, False))
+            self._carried.add(_worker._Carried(None, ("x",), b"{}", False, False, 1, False))
             self.stop()
             raise ConnectionResetError("lost")
 

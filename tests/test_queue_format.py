@@ -16,7 +16,7 @@ import pytest
 import helpers
 
 import smtpstate
-from smtpstate import _encoding
+from smtpstate import _encoding, _jobs, _outcome
 from smtpstate import queue as sq
 from smtpstate.errors import InvalidOptionError
 from smtpstate.result import RecipientResult, Reply, Result
@@ -118,7 +118,7 @@ JSON_DATA = [
 
 
 def _agree(obj, binary):
-    fast = sq._usual_job(sq.Job, copy.deepcopy(obj), binary)
+    fast = _jobs._usual_job(sq.Job, copy.deepcopy(obj), binary)
     checked = _checked(obj, binary)
     if fast is not None:
         assert isinstance(checked, sq.Job), checked
@@ -146,7 +146,7 @@ def test_the_fast_way_agrees_with_the_full_checks(binary):
     else:
         obj = _job().to_object(True)
         obj["data"] = "text"                    # a str where msgpack has bytes
-        assert sq._usual_job(sq.Job, obj, True) is None
+        assert _jobs._usual_job(sq.Job, obj, True) is None
         assert "data must be a bytes" in _checked(obj, True)
     # The usual job and its harmless variants do take the fast way.
     assert accepted >= 6
@@ -245,19 +245,19 @@ def _result(status, rcpt_status, code=250, rcpt_reply=True, reason=""):
 def test_the_usual_outcome_made_directly_is_the_general_record(redelivered, rcpt_reply):
     for job in (_job(), _job(redelivered=True), _job(attempts=4)):
         result = _result("delivered", "delivered", rcpt_reply=rcpt_reply)
-        fast = sq._decide(job, result, sq.DEFAULT_SCHEDULE, sq.DEFAULT_MAX_AGE,
+        fast = _outcome._decide(job, result, sq.DEFAULT_SCHEDULE, sq.DEFAULT_MAX_AGE,
                           redelivered, now=1_700_000_100.0)
-        general = sq._decide_general(job, result, sq.DEFAULT_SCHEDULE, sq.DEFAULT_MAX_AGE,
+        general = _outcome._decide_general(job, result, sq.DEFAULT_SCHEDULE, sq.DEFAULT_MAX_AGE,
                                      redelivered, now=1_700_000_100.0)
         assert fast == general
         assert fast[2]["status"] == "delivered" and fast[0] is None
     assert sq.outcome(_job(), _result("delivered", "delivered"), now=1.0e9).final \
-        == sq._decide_general(_job(), _result("delivered", "delivered"), sq.DEFAULT_SCHEDULE,
+        == _outcome._decide_general(_job(), _result("delivered", "delivered"), sq.DEFAULT_SCHEDULE,
                               sq.DEFAULT_MAX_AGE, False, now=1.0e9)[2]
 
 
 def test_a_results_batch_is_read_as_its_results():
     finals = [{"job": str(i), "status": "delivered"} for i in range(3)]
     for binary in (False, True):
-        assert sq._results_of(sq._results_body(finals, binary)) == finals
+        assert sq._results_of(_jobs._results_body(finals, binary)) == finals
         assert sq._results_of(_encoding.encode(finals[0], binary)) == [finals[0]]
