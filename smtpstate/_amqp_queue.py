@@ -118,9 +118,10 @@ class AmqpTransport:
     quorum queue with a prefetch window, results and dead letters
     published with confirms, retries through the delay queues.
 
-    :meth:`settle` publishes at once but acknowledges later: :meth:`housekeeping` (once per turn of the worker's loop) waits
-    for the broker's confirms of everything published in the turn, then
-    acknowledges those jobs. One wait per turn instead of one round trip
+    :meth:`settle` publishes at once but acknowledges later:
+    :meth:`housekeeping` (once per turn of the worker's loop) waits for
+    the broker's confirms of everything published in the turn, then
+    acknowledges those messages. One wait per turn instead of one round trip
     per job, and still no job acknowledged before what follows from it is
     confirmed. What a lost connection leaves unconfirmed,
     :meth:`unconfirmed` hands back to be published again."""
@@ -182,8 +183,8 @@ class AmqpTransport:
                 for m in got]
 
     def fileno(self) -> Optional[int]:
-        """The broker connection's socket, for the worker's wait (py-amqp
-        reads whole frames from it, so readable means a frame has come)."""
+        """The broker connection's socket, for the worker's wait (what
+        py-amqp has read but not made into frames yet: :meth:`pending`)."""
         return int(self.conn.connection.sock.fileno())
 
     def pending(self) -> bool:
