@@ -53,9 +53,9 @@ import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from smtpstate import _encoding, _redis_queue
-from smtpstate._amqp_queue import (BATCH_CONTENT_TYPE, JOB_CONTENT_TYPE, RESULT_CONTENT_TYPE,
-                                   RESULTS_CONTENT_TYPE, _connect, _job_queue, _queue,
-                                   body_bytes, content_type)
+from smtpstate._amqp_queue import (BATCH_CONTENT_TYPE, DELIVERY_LIMIT, JOB_CONTENT_TYPE,
+                                   RESULT_CONTENT_TYPE, RESULTS_CONTENT_TYPE, _connect,
+                                   _job_queue, _queue, body_bytes, content_type)
 from smtpstate._confirms import BrokerRefusedError
 from smtpstate._jobs import (JOB_VERSION, MAX_BATCH, RESULT_VERSION, Job, JobError,
                              _jobs_body, parse_jobs)
@@ -78,6 +78,7 @@ __all__ = [
     "BATCH_CONTENT_TYPE",
     "RESULT_CONTENT_TYPE",
     "RESULTS_CONTENT_TYPE",
+    "DELIVERY_LIMIT",
     "enqueue",
     "read_results",
     "Worker",
