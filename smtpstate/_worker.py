@@ -154,11 +154,13 @@ class Worker:
             kombu) or ``redis://...`` (through redis-py).
         queue: the job queue's name.
         on_result: called with each final result (a dict in the result
-            format) after it was published and before its job is
-            acknowledged; what it raises is logged.
-        prefetch: jobs held unacknowledged at once (the window that keeps
-            the engine's connections busy); default: twice
-            ``max_connections``, at most 1000.
+            format, marked ``redelivered`` as the one the broker has)
+            after it was published (on RabbitMQ: confirmed) and before its
+            job is acknowledged; what it raises is logged.
+        prefetch: broker messages held unacknowledged at once (the
+            window that keeps the engine's connections busy; a batch of
+            jobs counts once); default: twice ``max_connections``, at
+            most 1000.
         schedule: seconds before each retry (the last repeats).
         max_age: seconds after the first enqueue when a job still pending
             gives up: its pending recipients become ``permfail`` 5.4.7.

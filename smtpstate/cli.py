@@ -778,7 +778,8 @@ def _worker_parser(sub: Any) -> None:
     worker.add_argument("--processes", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="worker processes (default: the number of cores)")
     worker.add_argument("--prefetch", type=int, metavar="N",
-                        help="unacknowledged jobs per process (default: 2 x "
+                        help="unacknowledged broker messages (a job or a batch) per "
+                             "process (default: 2 x "
                              "--max-connections, at most 1000)")
     worker.add_argument("--max-connections", type=int, default=200, metavar="N",
                         help="connections per process (default 200)")
