@@ -602,9 +602,7 @@ class Worker:
             else:
                 assert final is not None
                 carried.finals.append(final)
-            carried.remaining -= 1
-            if carried.remaining == 0:
-                self._complete.append(carried)
+            self._job_done(carried)
 
     def _publish_complete(self, transport: Any) -> None:
         while self._complete:
